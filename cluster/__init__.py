@@ -1,0 +1,1 @@
+"""Ray runtime, job primitives, the geodiff4d CLI and deploy manifests."""

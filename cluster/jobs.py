@@ -1,0 +1,180 @@
+"""Work-unit jobs on Ray actors: a queue of units, retries, atomic commit markers and resume.
+
+A job is any picklable object with ``setup()`` (once per actor: load models, open files) and
+``run(unit) -> stats``. ``run`` writes its outputs atomically (temp name + rename); the driver then
+writes the unit's commit marker. A rerun skips committed units, so an interrupted job resumes and a
+finished job does no work. A unit whose worker raises or dies is retried on a fresh actor up to
+``max_retries`` times and then reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One independently committable piece of work (a shard, a subject, a sequence)."""
+
+    id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class UnitJob(Protocol):
+    def setup(self) -> None: ...
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]: ...
+
+
+@dataclass
+class JobReport:
+    completed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [f"{len(self.completed)} done, {len(self.skipped)} already committed, {len(self.failed)} failed"]
+        lines += [f"  FAILED {unit_id}: {error}" for unit_id, error in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CommitLog:
+    """Commit markers ``{unit_id}.stats.json`` in one folder; a marker means the unit's outputs are final."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def marker(self, unit_id: str) -> Path:
+        return self.folder / f"{unit_id}.stats.json"
+
+    def is_committed(self, unit_id: str) -> bool:
+        return self.marker(unit_id).is_file()
+
+    def commit(self, unit_id: str, stats: dict[str, Any]) -> None:
+        write_json_atomic(self.marker(unit_id), stats)
+
+    def stats(self, unit_id: str) -> dict[str, Any]:
+        return json.loads(self.marker(unit_id).read_text())
+
+
+@ray.remote
+class _UnitWorker:
+    def __init__(self, job: UnitJob):
+        self.job = job
+        self.job.setup()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]:
+        return self.job.run(unit)
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, RayTaskError):
+        cause = error.cause if error.cause is not None else error
+        return f"{type(cause).__name__}: {cause}"
+    if isinstance(error, RayActorError):
+        return f"worker died: {error}".splitlines()[0]
+    return f"{type(error).__name__}: {error}"
+
+
+def run_units(
+    job: UnitJob,
+    units: Sequence[WorkUnit],
+    commits: CommitLog,
+    *,
+    workers: int = 1,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 0,
+    max_retries: int = 2,
+    desc: str = "units",
+    progress: bool = True,
+) -> JobReport:
+    """Run every uncommitted unit on a pool of ``workers`` Ray actors; commit each as it finishes.
+
+    Needs a connected Ray (:func:`geodiff4d.cluster.runtime.connect`).
+    """
+    ids = [u.id for u in units]
+    if len(set(ids)) != len(ids):
+        raise ValueError("work unit ids must be unique")
+    report = JobReport()
+    report.skipped = [u.id for u in units if commits.is_committed(u.id)]
+    pending = [u for u in units if not commits.is_committed(u.id)]
+    if not pending:
+        return report
+    attempts: dict[str, int] = {}
+    queue = list(reversed(pending))
+    options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0}
+
+    def new_worker() -> Any:
+        return _UnitWorker.options(**options).remote(job)
+
+    idle = [new_worker() for _ in range(min(workers, len(pending)))]
+    in_flight: dict[Any, tuple[Any, WorkUnit]] = {}
+    bar = tqdm(total=len(pending), desc=desc, unit="unit", disable=not progress)
+    try:
+        while queue or in_flight:
+            while queue and idle:
+                worker, unit = idle.pop(), queue.pop()
+                in_flight[worker.run.remote(unit)] = (worker, unit)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            worker, unit = in_flight.pop(done[0])
+            try:
+                stats = ray.get(done[0])
+            except (RayTaskError, RayActorError) as error:
+                if isinstance(error, RayActorError) or _worker_dead(worker):
+                    worker = new_worker()
+                idle.append(worker)
+                attempts[unit.id] = attempts.get(unit.id, 0) + 1
+                if attempts[unit.id] > max_retries:
+                    report.failed[unit.id] = _error_text(error)
+                    bar.update(1)
+                else:
+                    queue.append(unit)
+                continue
+            commits.commit(unit.id, stats)
+            report.completed.append(unit.id)
+            idle.append(worker)
+            bar.update(1)
+    finally:
+        bar.close()
+        for worker in idle + [w for w, _ in in_flight.values()]:
+            ray.kill(worker, no_restart=True)
+    return report
+
+
+def _worker_dead(worker: Any) -> bool:
+    try:
+        ray.get(worker.pid.remote(), timeout=30)
+        return False
+    except Exception:  # noqa: BLE001 - any failure to answer means we replace the worker
+        return True
+

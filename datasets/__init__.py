@@ -1,0 +1,1 @@
+"""Head model, cameras, rasterizer, readers, procedural data, packing and loaders."""

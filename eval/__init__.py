@@ -1,0 +1,1 @@
+"""Metrics, evaluation runs, leaderboards and reports. Imports nothing from gen or recon."""

@@ -1,0 +1,1 @@
+"""Joint image+normal diffusion: model, training, sampling."""

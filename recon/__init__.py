@@ -1,0 +1,1 @@
+"""FLAME-rigged 3D Gaussians: tracking, refinement, fitting, rendering, export."""

@@ -1,0 +1,85 @@
+"""Work-unit jobs: commit, resume, retry, failure reporting and a real worker kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units, write_json_atomic
+
+
+class _WriteFiles:
+    """Writes one file per unit; fails units listed in ``bad``; kills its own process on ``kill_once``."""
+
+    def __init__(self, out: Path, bad: set[str] = frozenset(), kill_once: str | None = None):
+        self.out, self.bad, self.kill_once = out, set(bad), kill_once
+
+    def setup(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def run(self, unit: WorkUnit) -> dict:
+        if unit.id in self.bad:
+            raise FileNotFoundError(f"input for {unit.id} is missing")
+        flag = self.out / f".killed-{unit.id}"
+        if unit.id == self.kill_once and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_json_atomic(self.out / f"{unit.id}.json", unit.payload)
+        return {"value": unit.payload["value"]}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Test-local job classes travel by value: Ray workers cannot import this test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _units(n: int) -> list[WorkUnit]:
+    return [WorkUnit(f"u{i:03d}", {"value": i}) for i in range(n)]
+
+
+def test_runs_commits_and_resumes(local_ray, tmp_path):
+    commits = CommitLog(tmp_path / "commits")
+    report = run_units(_WriteFiles(tmp_path / "out"), _units(6), commits, workers=2, progress=False)
+    assert sorted(report.completed) == [f"u{i:03d}" for i in range(6)] and report.ok
+    assert commits.stats("u004") == {"value": 4}
+    again = run_units(_WriteFiles(tmp_path / "out"), _units(6), commits, workers=2, progress=False)
+    assert again.completed == [] and len(again.skipped) == 6
+
+
+def test_failed_unit_is_reported_and_others_complete(local_ray, tmp_path):
+    commits = CommitLog(tmp_path / "commits")
+    job = _WriteFiles(tmp_path / "out", bad={"u002"})
+    report = run_units(job, _units(4), commits, workers=2, max_retries=1, progress=False)
+    assert not report.ok and list(report.failed) == ["u002"]
+    assert "input for u002 is missing" in report.failed["u002"]
+    assert sorted(report.completed) == ["u000", "u001", "u003"]
+    assert not commits.is_committed("u002")
+    assert "FAILED u002" in report.summary()
+
+
+def test_killed_worker_is_replaced_and_unit_retried(local_ray, tmp_path):
+    commits = CommitLog(tmp_path / "commits")
+    job = _WriteFiles(tmp_path / "out", kill_once="u001")
+    report = run_units(job, _units(3), commits, workers=1, max_retries=2, progress=False)
+    assert report.ok and sorted(report.completed) == ["u000", "u001", "u002"]
+    assert (tmp_path / "out" / ".killed-u001").exists()
+    assert json.loads((tmp_path / "out" / "u001.json").read_text()) == {"value": 1}
+
+
+def test_duplicate_unit_ids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        run_units(_WriteFiles(tmp_path), [WorkUnit("a"), WorkUnit("a")], CommitLog(tmp_path))
+
+
+def test_report_ok_flag():
+    assert JobReport().ok and not JobReport(failed={"x": "boom"}).ok
