@@ -1,0 +1,379 @@
+"""NeRSemble v2 layout: writer (for the procedural generator) and reader (for real and procedural data).
+
+``{pid:03d}/calibration/camera_params.json`` (``world_2_cam`` per serial, ``intrinsics`` shared in the raw
+release or per serial in the benchmark release), ``{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``,
+``.../alpha_maps/cam_{serial}.mp4`` and ``.../tracking/flame2023_tracking.npz``. An optional
+``calibration/color_calibration.json`` maps serial -> 3x4 affine colour correction on [0, 1] RGB.
+Every inconsistency raises ``NersembleError`` naming the file, because silent misalignment of cameras,
+frames or parameters would poison training data without any visible symptom.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from geodiff4d.datasets.cameras import Camera, CameraError
+from geodiff4d.datasets.exr import atomic_output, atomic_write_bytes
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.video import VideoError, iter_video, video_frame_count, video_size
+
+TRACKING_SHAPE_DIM, TRACKING_EXPR_DIM = 300, 100
+_PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes": 6}
+_SUBJECT_RE = re.compile(r"^\d{3}$")
+_VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
+
+
+class NersembleError(ValueError):
+    """Missing, malformed or inconsistent NeRSemble files; the message names the file."""
+
+
+@dataclass
+class NersembleTracking:
+    params: FlameParams  # [T] frames, shape/scale repeated per frame, truncated to the requested sizes
+    frames: np.ndarray  # [T] video frame index of each row
+
+
+@dataclass
+class NersembleFrame:
+    subject: str
+    sequence: str
+    frame: int
+    serial: str
+    rgb: np.ndarray  # uint8 [H, W, 3], colour-corrected when color_calibration.json exists
+    alpha: np.ndarray | None  # float32 [H, W] in [0, 1], None without an alpha_maps video
+    camera: Camera
+    flame: FlameParams | None  # B = 1 tracking row of this frame, None when the frame is not tracked
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def write_camera_params(
+    path: str | os.PathLike, cameras: Mapping[str, Camera], variant: Literal["benchmark", "raw"] = "benchmark"
+) -> None:
+    """camera_params.json: ``world_2_cam`` per serial; ``intrinsics`` per serial (benchmark) or shared (raw)."""
+    if variant not in ("benchmark", "raw"):
+        raise ValueError(f"variant must be 'benchmark' or 'raw', got {variant!r}")
+    data: dict[str, Any] = {
+        "world_2_cam": {serial: cam.world_to_cam.tolist() for serial, cam in cameras.items()}
+    }
+    if variant == "benchmark":
+        data["intrinsics"] = {serial: cam.K.tolist() for serial, cam in cameras.items()}
+    else:
+        shared = next(iter(cameras.values())).K
+        if any(not np.array_equal(cam.K, shared) for cam in cameras.values()):
+            raise ValueError(f"{path}: the raw variant stores one shared intrinsics matrix; cameras differ")
+        data["intrinsics"] = shared.tolist()
+    atomic_write_bytes(path, _json_bytes(data))
+
+
+def write_color_calibration(path: str | os.PathLike, affine: Mapping[str, np.ndarray]) -> None:
+    """color_calibration.json: serial -> 3x4 affine (corrected = A[:, :3] @ rgb + A[:, 3], rgb in [0, 1])."""
+    atomic_write_bytes(path, _json_bytes({s: np.asarray(a, np.float64).tolist() for s, a in affine.items()}))
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """np.savez without its wall-clock zip timestamps, so equal arrays give byte-identical files; atomic."""
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            archive.writestr(
+                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue()
+            )
+
+
+def _pad(values: np.ndarray, width: int, name: str) -> np.ndarray:
+    if values.shape[1] > width:
+        raise ValueError(f"{name} has {values.shape[1]} coefficients, the tracking format holds {width}")
+    return np.pad(values, ((0, 0), (0, width - values.shape[1])))
+
+
+def write_tracking_npz(path: str | os.PathLike, params: FlameParams, frames: np.ndarray) -> None:
+    """flame2023_tracking.npz with NeRSemble's names and shapes; shape/expression zero-padded to 300/100."""
+    arrays = params.to_numpy_dict()
+    frames = np.asarray(frames, dtype=np.int64)
+    if frames.shape != (params.batch_size,):
+        raise ValueError(f"{path}: frames must have shape ({params.batch_size},), got {frames.shape}")
+    arrays["shape"] = _pad(arrays["shape"], TRACKING_SHAPE_DIM, "shape")
+    arrays["expression"] = _pad(arrays["expression"], TRACKING_EXPR_DIM, "expression")
+    write_npz(path, {**arrays, "frames": frames})
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise NersembleError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NersembleError(f"{path}: malformed JSON: {exc}") from exc
+
+
+def _matrix(value: Any, shape: tuple[int, int], path: Path, field: str) -> np.ndarray:
+    try:
+        matrix = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise NersembleError(f"{path}: field {field} is not a numeric matrix: {exc}") from exc
+    if matrix.shape != shape:
+        raise NersembleError(f"{path}: field {field} must have shape {shape}, got {matrix.shape}")
+    return matrix
+
+
+def read_tracking_npz(path: Path, n_shape: int | None = None, n_expr: int | None = None) -> NersembleTracking:
+    """Tracking arrays -> FlameParams [T], shape/expression truncated (or zero-padded) to a model's sizes."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise NersembleError(f"{path}: unreadable tracking file: {exc}") from exc
+    missing = [
+        name for name in ("shape", "expression", "scale", "frames", *_PER_FRAME_WIDTH) if name not in arrays
+    ]
+    if missing:
+        raise NersembleError(f"{path}: missing array(s) {missing}")
+    n_frames = arrays["frames"].shape[0] if arrays["frames"].ndim else 0
+    n_shape_file, n_expr_file = (
+        arrays[name].shape[-1] if arrays[name].ndim else 0 for name in ("shape", "expression")
+    )
+    expected = {
+        "frames": (n_frames,),
+        "scale": (1, 1),
+        "shape": (1, n_shape_file),
+        "expression": (n_frames, n_expr_file),
+    }
+    expected |= {name: (n_frames, width) for name, width in _PER_FRAME_WIDTH.items()}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise NersembleError(f"{path}: array {name} must have shape {shape}, got {arrays[name].shape}")
+    params = FlameParams.from_numpy_dict(arrays, n_shape or n_shape_file, n_expr or n_expr_file)
+    return NersembleTracking(params=params, frames=arrays["frames"].astype(np.int64))
+
+
+def _apply_color(rgb: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    corrected = rgb.astype(np.float64) / 255.0 @ affine[:, :3].T + affine[:, 3]  # [H, W, 3]
+    return np.rint(np.clip(corrected, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class NersembleDataset:
+    """Subjects, sequences, cameras, tracking and frames of a NeRSemble v2 folder (raw or benchmark)."""
+
+    def __init__(self, root: str | os.PathLike, n_shape: int | None = None, n_expr: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise NersembleError(f"{self.root}: NeRSemble folder not found")
+        self.n_shape, self.n_expr = n_shape, n_expr
+        self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        self._frame_counts: dict[tuple[str, str], int] = {}
+
+    # --- layout
+    def subjects(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SUBJECT_RE.match(p.name))
+
+    def sequences(self, subject: str) -> list[str]:
+        """Sequences with an images/ folder (BACKGROUND and other extras are skipped)."""
+        folder = self.root / subject / "sequences"
+        if not folder.is_dir():
+            raise NersembleError(f"{folder}: sequences folder not found")
+        return sorted(p.name for p in folder.iterdir() if (p / "images").is_dir())
+
+    def camera_params_path(self, subject: str) -> Path:
+        return self.root / subject / "calibration" / "camera_params.json"
+
+    def video_path(self, subject: str, sequence: str, serial: str) -> Path:
+        return self.root / subject / "sequences" / sequence / "images" / f"cam_{serial}.mp4"
+
+    def alpha_path(self, subject: str, sequence: str, serial: str) -> Path:
+        return self.root / subject / "sequences" / sequence / "alpha_maps" / f"cam_{serial}.mp4"
+
+    def tracking_path(self, subject: str, sequence: str) -> Path:
+        return self.root / subject / "sequences" / sequence / "tracking" / "flame2023_tracking.npz"
+
+    # --- calibration
+    def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if subject not in self._calibration:
+            path = self.camera_params_path(subject)
+            data = _read_json(path)
+            if not isinstance(data, dict) or not isinstance(data.get("world_2_cam"), dict):
+                raise NersembleError(f"{path}: missing 'world_2_cam' (serial -> 4x4)")
+            if "intrinsics" not in data:
+                raise NersembleError(f"{path}: missing 'intrinsics'")
+            extrinsics = {
+                str(s): _matrix(m, (4, 4), path, f"world_2_cam[{s}]") for s, m in data["world_2_cam"].items()
+            }
+            if isinstance(data["intrinsics"], dict):  # benchmark release: one K per serial
+                missing = sorted(set(extrinsics) - set(map(str, data["intrinsics"])))
+                if missing:
+                    raise NersembleError(f"{path}: no intrinsics for serial(s) {missing}")
+                intrinsics = {
+                    s: _matrix(data["intrinsics"][s], (3, 3), path, f"intrinsics[{s}]") for s in extrinsics
+                }
+            else:  # raw release: one shared K
+                shared = _matrix(data["intrinsics"], (3, 3), path, "intrinsics")
+                intrinsics = {s: shared for s in extrinsics}
+            self._calibration[subject] = (extrinsics, intrinsics)
+        return self._calibration[subject]
+
+    def serials(self, subject: str) -> list[str]:
+        """Calibrated serials (camera_params.json)."""
+        return sorted(self._calibration_of(subject)[0])
+
+    def _camera(self, subject: str, serial: str, size: tuple[int, int]) -> Camera:
+        extrinsics, intrinsics = self._calibration_of(subject)
+        try:
+            return Camera(extrinsics[serial], intrinsics[serial], *size)
+        except CameraError as exc:
+            raise NersembleError(f"{self.camera_params_path(subject)}: serial {serial}: {exc}") from exc
+
+    def sequence_serials(self, subject: str, sequence: str) -> list[str]:
+        """Serials with a video in this sequence; every one must be calibrated."""
+        folder = self.video_path(subject, sequence, "x").parent
+        serials = sorted(m.group(1) for p in folder.iterdir() if (m := _VIDEO_RE.match(p.name)))
+        calibrated = set(self.serials(subject))
+        for serial in serials:
+            if serial not in calibrated:
+                raise NersembleError(
+                    f"{self.video_path(subject, sequence, serial)}: camera serial {serial} is missing from "
+                    f"{self.camera_params_path(subject)}"
+                )
+        return serials
+
+    def _video_size(self, path: Path) -> tuple[int, int]:
+        try:
+            return video_size(path)
+        except VideoError as exc:
+            raise NersembleError(str(exc)) from exc
+
+    def cameras(self, subject: str, sequence: str | None = None) -> dict[str, Camera]:
+        """Calibrated cameras sized by their videos (in ``sequence``, else the first sequence that has one).
+
+        A calibrated camera without any video (e.g. a withheld benchmark view) takes the rig's common size.
+        """
+        sizes: dict[str, tuple[int, int]] = {}
+        for seq in [sequence] if sequence is not None else self.sequences(subject):
+            for serial in self.sequence_serials(subject, seq):
+                sizes.setdefault(serial, self._video_size(self.video_path(subject, seq, serial)))
+        common = set(sizes.values())
+        cameras = {}
+        for serial in self.serials(subject):
+            if serial not in sizes and len(common) != 1:
+                raise NersembleError(
+                    f"{self.camera_params_path(subject)}: no video gives the image size of camera {serial}"
+                )
+            cameras[serial] = self._camera(subject, serial, sizes.get(serial) or next(iter(common)))
+        return cameras
+
+    def color_calibration(self, subject: str) -> dict[str, np.ndarray] | None:
+        """serial -> 3x4 affine from calibration/color_calibration.json, None when the file is absent."""
+        path = self.root / subject / "calibration" / "color_calibration.json"
+        if not path.exists():
+            return None
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise NersembleError(f"{path}: expected an object serial -> 3x4 matrix")
+        return {str(s): _matrix(m, (3, 4), path, f"[{s}]") for s, m in data.items()}
+
+    # --- frames and tracking
+    def frame_count(self, subject: str, sequence: str) -> int:
+        """Frames per camera; all colour and alpha videos of the sequence must agree."""
+        key = (subject, sequence)
+        if key not in self._frame_counts:
+            counts: dict[Path, int] = {}
+            for serial in self.sequence_serials(subject, sequence):
+                alpha = self.alpha_path(subject, sequence, serial)
+                for path in (
+                    self.video_path(subject, sequence, serial),
+                    *([alpha] if alpha.exists() else []),
+                ):
+                    try:
+                        counts[path] = video_frame_count(path)
+                    except VideoError as exc:
+                        raise NersembleError(str(exc)) from exc
+            if not counts:
+                raise NersembleError(f"{self.video_path(subject, sequence, 'x').parent}: no cam_*.mp4 videos")
+            majority = Counter(counts.values()).most_common(1)[0][0]
+            agreeing = next(path for path, count in counts.items() if count == majority)
+            for path, count in counts.items():
+                if count != majority:
+                    raise NersembleError(
+                        f"{path}: frame-count mismatch: {count} frames, but {agreeing} (and the majority of "
+                        f"the sequence's videos) has {majority}"
+                    )
+            self._frame_counts[key] = majority
+        return self._frame_counts[key]
+
+    def tracking(self, subject: str, sequence: str) -> NersembleTracking | None:
+        """FLAME tracking of the sequence (None when the file is absent), truncated to the dataset's sizes."""
+        path = self.tracking_path(subject, sequence)
+        if not path.exists():
+            return None
+        tracking = read_tracking_npz(path, self.n_shape, self.n_expr)
+        n_frames = self.frame_count(subject, sequence)
+        if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
+            raise NersembleError(f"{path}: tracked frame indices fall outside the videos' {n_frames} frames")
+        return tracking
+
+    def frames(self, subject: str, sequence: str, serial: str) -> Iterator[NersembleFrame]:
+        """Decoded frames of one camera with alpha, camera and the frame's tracking row."""
+        n_frames = self.frame_count(subject, sequence)
+        if serial not in self.sequence_serials(subject, sequence):
+            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
+        video = self.video_path(subject, sequence, serial)
+        camera = self._camera(subject, serial, self._video_size(video))
+        tracking = self.tracking(subject, sequence)
+        rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
+        colors = self.color_calibration(subject) or {}
+        alpha_path = self.alpha_path(subject, sequence, serial)
+        alphas = iter_video(alpha_path, gray=True) if alpha_path.exists() else None
+        try:
+            for index, rgb in enumerate(iter_video(video)):
+                alpha = next(alphas) if alphas is not None else None
+                if alpha is not None and alpha.shape != rgb.shape[:2]:
+                    raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
+                row = rows.get(index)
+                yield NersembleFrame(
+                    subject=subject,
+                    sequence=sequence,
+                    frame=index,
+                    serial=serial,
+                    rgb=_apply_color(rgb, colors[serial]) if serial in colors else rgb,
+                    alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
+                    camera=camera,
+                    flame=None if row is None else tracking.params[row],
+                )
+        except VideoError as exc:
+            raise NersembleError(str(exc)) from exc
+        except StopIteration as exc:
+            raise NersembleError(f"{alpha_path}: fewer frames than {video} ({n_frames})") from exc
+
+    def iter_frames(
+        self,
+        subjects: list[str] | None = None,
+        sequences: list[str] | None = None,
+        serials: list[str] | None = None,
+    ) -> Iterator[NersembleFrame]:
+        """Every frame of every camera, sequence and subject (optionally filtered), in sorted order."""
+        for subject in subjects or self.subjects():
+            for sequence in self.sequences(subject):
+                if sequences is not None and sequence not in sequences:
+                    continue
+                for serial in self.sequence_serials(subject, sequence):
+                    if serials is None or serial in serials:
+                        yield from self.frames(subject, sequence, serial)

@@ -1,0 +1,154 @@
+"""Normal maps in the project convention: camera space, x right, y up, z toward the camera.
+
+On disk a normal map is a 16-bit RGB PNG holding (n + 1) / 2 with background 0 (a unit normal can never
+encode to all zeros, so the foreground is recoverable); the alpha lives in a separate file. Normals derived
+from depth and the analytic sphere here are the ground truth every reader and renderer is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from geodiff4d.datasets.exr import atomic_write_bytes
+
+_U16_MAX = 65535.0
+
+
+class NormalMapError(ValueError):
+    """A normal map that cannot be decoded; the message names the source."""
+
+
+def _channel_last(normal: np.ndarray) -> np.ndarray:
+    normal = np.asarray(normal, dtype=np.float64)
+    if normal.ndim == 3 and normal.shape[-1] == 3:
+        return normal
+    if normal.ndim == 3 and normal.shape[0] == 3:
+        return normal.transpose(1, 2, 0)  # [3, H, W] -> [H, W, 3]
+    raise NormalMapError(f"normal map must be [H, W, 3] or [3, H, W], got shape {normal.shape}")
+
+
+def unit(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Normalize along the last axis; zero vectors stay zero."""
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.where(norm > eps, vectors / np.maximum(norm, eps), 0.0)
+
+
+def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
+    """normal [H, W, 3] or [3, H, W] (our convention), mask [H, W] -> 16-bit RGB PNG bytes."""
+    normal = _channel_last(normal)
+    mask = np.asarray(mask) > 0.5
+    if mask.shape != normal.shape[:2]:
+        raise NormalMapError(f"mask shape {mask.shape} does not match normal map {normal.shape[:2]}")
+    encoded = np.rint((np.clip(unit(normal), -1.0, 1.0) + 1.0) / 2.0 * _U16_MAX).astype(np.uint16)
+    encoded[~mask] = 0
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(encoded[..., ::-1]))  # OpenCV wants BGR
+    if not ok:
+        raise NormalMapError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """16-bit (or 8-bit) normal PNG -> (unit normals float32 [H, W, 3], mask bool [H, W])."""
+    name = "<bytes>" if isinstance(source, bytes | bytearray) else str(source)
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise NormalMapError(f"{name}: cannot read normal map: {exc}") from exc
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3 or image.shape[2] < 3:
+        raise NormalMapError(f"{name}: not an RGB PNG normal map")
+    scale = _U16_MAX if image.dtype == np.uint16 else 255.0
+    rgb = image[..., 2::-1].astype(np.float64)  # BGR(A) -> RGB
+    mask = np.any(rgb > 0, axis=-1)
+    normal = unit(rgb / scale * 2.0 - 1.0)
+    normal[~mask] = 0.0
+    return normal.astype(np.float32), mask
+
+
+def write_normal_png(path: str | os.PathLike, normal: np.ndarray, mask: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_normal_png(normal, mask))
+
+
+def opencv_to_ours(normal_opencv: np.ndarray) -> np.ndarray:
+    """OpenCV camera axes (y down, z forward) -> ours (y up, z toward the camera)."""
+    return normal_opencv * np.array([1.0, -1.0, -1.0])
+
+
+def backproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """z-depth [H, W] -> OpenCV camera-space points [H, W, 3] (pixel centres at integer coordinates)."""
+    height, width = depth.shape
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    rays = np.stack([u, v, np.ones_like(u)], axis=-1) @ np.linalg.inv(K).T  # [H, W, 3], z = 1
+    return rays * depth[..., None]
+
+
+def _tangent(points: np.ndarray, valid: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Difference of neighbours along ``axis`` (central where both exist, else one-sided) and its validity."""
+    ahead = np.roll(points, -1, axis=axis)
+    behind = np.roll(points, 1, axis=axis)
+    valid_ahead = np.roll(valid, -1, axis=axis)
+    valid_behind = np.roll(valid, 1, axis=axis)
+    edge = [slice(None)] * 2
+    edge[axis] = -1
+    valid_ahead[tuple(edge)] = False  # np.roll wraps around: the last row/column has no successor
+    edge[axis] = 0
+    valid_behind[tuple(edge)] = False
+    central = valid_ahead & valid_behind
+    tangent = np.where(
+        central[..., None],
+        ahead - behind,
+        np.where(valid_ahead[..., None], ahead - points, points - behind),
+    )
+    return tangent, valid & (valid_ahead | valid_behind)
+
+
+def normals_from_depth(depth: np.ndarray, K: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Unit normals [H, W, 3] in our convention from z-depth and K; zero where no neighbour pair exists.
+
+    Back-projects with K, takes the cross product of the image-column and image-row tangents.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    valid = depth > 0 if mask is None else (np.asarray(mask) > 0.5) & (depth > 0)
+    points = backproject(depth, K)
+    d_du, valid_u = _tangent(points, valid, axis=1)
+    d_dv, valid_v = _tangent(points, valid, axis=0)
+    # OpenCV: u right (x), v down (y); cross(d_dv, d_du) points back at the camera (-z).
+    normal = unit(np.cross(d_dv, d_du))
+    normal[~(valid_u & valid_v)] = 0.0
+    return opencv_to_ours(normal)
+
+
+def angular_error_deg(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel angle in degrees between normal maps [..., 3], over ``mask`` (default: both non-zero) -> [N]."""
+    a, b = unit(np.asarray(a, dtype=np.float64)), unit(np.asarray(b, dtype=np.float64))
+    if mask is None:
+        mask = (np.linalg.norm(a, axis=-1) > 0) & (np.linalg.norm(b, axis=-1) > 0)
+    cosine = np.clip(np.sum(a * b, axis=-1), -1.0, 1.0)
+    return np.degrees(np.arccos(cosine[np.asarray(mask) > 0.5]))
+
+
+def sphere_depth_and_normals(
+    K: np.ndarray, width: int, height: int, center: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ray-cast of a sphere (OpenCV camera space) -> (z-depth [H, W], normals ours [H, W, 3], mask [H, W]).
+
+    Analytic ground truth for renderers, readers and ``normals_from_depth``.
+    """
+    center = np.asarray(center, dtype=np.float64)
+    rays = backproject(np.ones((height, width)), K)  # [H, W, 3], z = 1
+    # |t r - c|^2 = R^2  ->  (r.r) t^2 - 2 (r.c) t + c.c - R^2 = 0; nearest root.
+    a = np.sum(rays * rays, axis=-1)
+    b = rays @ center
+    disc = b * b - a * (center @ center - radius * radius)
+    mask = disc > 0
+    t = np.where(mask, (b - np.sqrt(np.maximum(disc, 0.0))) / a, 0.0)
+    points = rays * t[..., None]
+    normal = np.where(mask[..., None], (points - center) / radius, 0.0)
+    return points[..., 2], opencv_to_ours(normal), mask

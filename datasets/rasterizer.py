@@ -1,0 +1,269 @@
+"""Vectorized z-buffer triangle rasterizer in plain PyTorch (inference path, no gradients).
+
+Why this shape: the CPU has no graphics pipeline we may rely on, and Python loops over triangles are far too
+slow. Every triangle's pixel bounding box is enumerated into (triangle, pixel) candidate pairs in one flat
+tensor (chunked to bound memory); edge functions at pixel centres decide coverage; depth and face index are
+packed into one int64 key so a single ``scatter_reduce(amin)`` is both the z-buffer and a deterministic
+tie-break (nearest depth, then smallest face index). Barycentrics are recomputed only for the winning
+fragments, then made perspective-correct (1/z is affine in screen space).
+
+Pixel centres sit at integer coordinates (OpenCV convention, see cameras.py). Triangles with any vertex
+closer than ``near`` are culled (no near-plane clipping); that drops everything behind the camera.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_EMPTY_KEY = torch.iinfo(torch.int64).max
+_FACE_BITS = 32
+_DEFAULT_MAX_PAIRS = 1 << 21  # candidate pairs per chunk: ~2M pairs, ~250 MB of temporaries
+
+
+@dataclass
+class Fragments:
+    """Per-pixel rasterization result for one view."""
+
+    face_index: Tensor  # [H, W] long, -1 where no triangle covers the pixel centre
+    bary: Tensor  # [H, W, 3] float32 barycentrics of the visible face (perspective-correct by default), 0 bg
+    depth: Tensor  # [H, W] float32 camera-space z of the visible surface, inf on background
+
+    @property
+    def mask(self) -> Tensor:
+        return self.face_index >= 0  # [H, W] bool
+
+
+def _check_inputs(vertices_cam: Tensor, faces: Tensor, K: Tensor) -> None:
+    if vertices_cam.ndim != 2 or vertices_cam.shape[1] != 3:
+        raise ValueError(f"rasterize: vertices_cam must be [V, 3], got {tuple(vertices_cam.shape)}")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"rasterize: faces must be [F, 3], got {tuple(faces.shape)}")
+    if K.shape != (3, 3):
+        raise ValueError(f"rasterize: K must be [3, 3], got {tuple(K.shape)}")
+    if faces.numel() and (faces.min() < 0 or faces.max() >= vertices_cam.shape[0]):
+        raise ValueError(f"rasterize: face indices out of range [0, {vertices_cam.shape[0]})")
+    if faces.shape[0] >= 1 << 31:
+        raise ValueError("rasterize: more than 2^31 faces do not fit the packed z-buffer key")
+
+
+def _screen_triangles(vertices_cam: Tensor, faces: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+    """Projected corners [F, 3, 2] (pixels) and camera z [F, 3], in float64 for stable setup."""
+    vertices = vertices_cam.detach().to(torch.float64)
+    K = K.detach().to(vertices)
+    projected = vertices @ K.T  # [V, 3]
+    pixels = projected[:, :2] / projected[:, 2:3].clamp_min(1e-12)
+    return pixels[faces], vertices[:, 2][faces]
+
+
+def _edge_coefficients(corners: Tensor, area2: Tensor, origin: Tensor) -> Tensor:
+    """Affine maps (a, b, c) with bary_i = a*dx + b*dy + c, dx/dy measured from ``origin`` [F, 2].
+
+    corners [F, 3, 2], area2 [F] (twice the signed area). Returns [F, 3 (bary index), 3 (a, b, c)].
+    """
+    nxt, prv = corners.roll(-1, dims=1), corners.roll(1, dims=1)  # vertex i+1 and i+2 (mod 3)
+    # bary_i is the edge function of the opposite edge (i+1 -> i+2), normalised by the full area
+    a = (nxt[..., 1] - prv[..., 1]) / area2[:, None]
+    b = (prv[..., 0] - nxt[..., 0]) / area2[:, None]
+    rel = nxt - origin[:, None, :]  # opposite edge passes through vertex i+1
+    c = -(a * rel[..., 0] + b * rel[..., 1])
+    return torch.stack([a, b, c], dim=-1)
+
+
+def rasterize(
+    vertices_cam: Tensor,
+    faces: Tensor,
+    K: Tensor,
+    height: int,
+    width: int,
+    near: float = 1e-3,
+    cull_backfaces: bool = False,
+    perspective_correct: bool = True,
+    max_pairs: int = _DEFAULT_MAX_PAIRS,
+) -> Fragments:
+    """Rasterize camera-space triangles (OpenCV camera, z forward) into ``height`` x ``width`` fragments.
+
+    ``cull_backfaces`` drops triangles whose corners appear clockwise on screen, i.e. whose
+    cross(v1-v0, v2-v0) normal points away from the camera (counter-clockwise-outward meshes like FLAME).
+    """
+    K = torch.as_tensor(K)
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertices_cam.device)
+    _check_inputs(vertices_cam, faces, K)
+    device = vertices_cam.device
+    with torch.no_grad():
+        corners, corner_z = _screen_triangles(vertices_cam, faces, K)
+        # image y points down, so a triangle that is counter-clockwise in the world appears with negative area
+        area2 = (corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1]) - (
+            corners[:, 2, 0] - corners[:, 0, 0]
+        ) * (corners[:, 1, 1] - corners[:, 0, 1])
+        keep = (corner_z > near).all(dim=1) & (area2.abs() > 1e-12)
+        if cull_backfaces:
+            keep &= area2 < 0
+        face_ids = keep.nonzero().squeeze(1)  # [Fk]
+        corners, corner_z, area2 = corners[face_ids], corner_z[face_ids], area2[face_ids]
+
+        # integer pixel boxes of the covered pixel centres, clamped to the image
+        lo = corners.amin(dim=1).ceil()
+        hi = corners.amax(dim=1).floor()
+        x0 = lo[:, 0].clamp(0, width - 1).long()
+        y0 = lo[:, 1].clamp(0, height - 1).long()
+        box_w = (hi[:, 0].clamp(max=width - 1).long() - x0 + 1).clamp_min(0)
+        box_h = (hi[:, 1].clamp(max=height - 1).long() - y0 + 1).clamp_min(0)
+        box_w = torch.where(lo[:, 0] > width - 1, 0, box_w)
+        box_h = torch.where(lo[:, 1] > height - 1, 0, box_h)
+        n_pairs = box_w * box_h  # [Fk]
+
+        origin = torch.stack([x0, y0], dim=1).to(corners)
+        bary_coeff = _edge_coefficients(corners, area2, origin)  # [Fk, 3, 3]
+        # 1/z is affine on screen: the barycentric-weighted sum of the corners' 1/z
+        inv_z_coeff = (bary_coeff * (1.0 / corner_z)[..., None]).sum(dim=1)  # [Fk, 3]
+        # per-pair table: a, b, c of bary_1, bary_2 and 1/z (bary_0 = 1 - bary_1 - bary_2)
+        pair_coeff = torch.cat([bary_coeff[:, 1], bary_coeff[:, 2], inv_z_coeff], dim=1).float()  # [Fk, 9]
+
+        keys = torch.full((height * width,), _EMPTY_KEY, dtype=torch.long, device=device)
+        base_pixel = y0 * width + x0
+        for start, stop in _chunks(n_pairs, max_pairs):
+            _zbuffer_chunk(
+                keys,
+                n_pairs[start:stop],
+                box_w[start:stop],
+                base_pixel[start:stop],
+                pair_coeff[start:stop],
+                width,
+                face_offset=start,
+            )
+
+        covered = keys != _EMPTY_KEY
+        local_face = torch.where(covered, keys & ((1 << _FACE_BITS) - 1), 0)  # index into kept faces
+        depth_bits = (keys >> _FACE_BITS).to(torch.int32)
+        depth = torch.where(covered, depth_bits.view(torch.float32), torch.inf)
+        bary = _final_barycentrics(
+            local_face, covered, bary_coeff, origin, corner_z, width, perspective_correct
+        )
+        face_index = torch.where(covered, face_ids[local_face] if face_ids.numel() else local_face, -1)
+        return Fragments(
+            face_index=face_index.view(height, width),
+            bary=bary.view(height, width, 3),
+            depth=depth.view(height, width),
+        )
+
+
+def _chunks(n_pairs: Tensor, max_pairs: int) -> list[tuple[int, int]]:
+    """Split consecutive faces into runs of at most ``max_pairs`` candidate pairs (one big face may exceed it)."""
+    if n_pairs.numel() == 0:
+        return []
+    ends = n_pairs.cumsum(0)
+    total = int(ends[-1])
+    bounds, start = [], 0
+    while start < n_pairs.numel():
+        offset = int(ends[start - 1]) if start else 0
+        if total - offset <= max_pairs:
+            stop = n_pairs.numel()
+        else:
+            stop = max(int(torch.searchsorted(ends, offset + max_pairs, right=True)), start + 1)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _zbuffer_chunk(
+    keys: Tensor,
+    n_pairs: Tensor,
+    box_w: Tensor,
+    base_pixel: Tensor,
+    coeff: Tensor,
+    width: int,
+    face_offset: int,
+) -> None:
+    """Enumerate the chunk's (face, pixel) pairs, test coverage and fold the packed keys into ``keys``.
+
+    Per-face values are expanded with ``repeat_interleave`` (several times faster than gathers on CPU) and the
+    box position is decoded in floating point (exact below 2^22 pairs per face, float64 beyond).
+    """
+    total = int(n_pairs.sum())
+    if total == 0:
+        return
+    device = keys.device
+    dtype = torch.float32 if int(n_pairs.max()) < 1 << 22 else torch.float64
+    first = (n_pairs.cumsum(0) - n_pairs).to(dtype)  # [Fc] flat index of each face's first pair
+    local = torch.arange(total, dtype=dtype, device=device) - torch.repeat_interleave(
+        first, n_pairs, output_size=total
+    )
+    w = torch.repeat_interleave(box_w.to(dtype), n_pairs, output_size=total)
+    dy = torch.floor((local + 0.5) / w)  # [P] row inside the box
+    dx = local - dy * w  # [P] column inside the box
+    c = torch.repeat_interleave(coeff, n_pairs, dim=0, output_size=total).to(dtype).T  # [9, P]
+    b1 = torch.addcmul(torch.addcmul(c[2], c[0], dx), c[1], dy)
+    b2 = torch.addcmul(torch.addcmul(c[5], c[3], dx), c[4], dy)
+    inv_z = torch.addcmul(torch.addcmul(c[8], c[6], dx), c[7], dy)
+    hit = ((b1 >= 0) & (b2 >= 0) & (b1 + b2 <= 1) & (inv_z > 0)).nonzero().squeeze(1)
+    face_ids = torch.arange(n_pairs.numel(), device=device)
+    face = torch.repeat_interleave(face_ids, n_pairs, output_size=total)[hit]
+    pixel = base_pixel[face] + (dy[hit] * width + dx[hit]).long()
+    # positive float32 values order like their bit patterns read as integers
+    depth = (1.0 / inv_z[hit].float()).view(torch.int32).long()
+    packed = (depth << _FACE_BITS) | (face + face_offset)
+    keys.scatter_reduce_(0, pixel, packed, reduce="amin")
+
+
+def _final_barycentrics(
+    local_face: Tensor,
+    covered: Tensor,
+    bary_coeff: Tensor,
+    origin: Tensor,
+    corner_z: Tensor,
+    width: int,
+    perspective_correct: bool,
+) -> Tensor:
+    """Barycentrics [H*W, 3] of each pixel centre in its visible face (0 on background), in float64 setup."""
+    bary = torch.zeros(covered.numel(), 3, dtype=torch.float32, device=covered.device)
+    pixels = covered.nonzero().squeeze(1)
+    if pixels.numel() == 0:
+        return bary
+    face = local_face[pixels]
+    offset = torch.stack([pixels % width, pixels // width], dim=1).to(origin) - origin[face]  # [N, 2]
+    coeff = bary_coeff[face]  # [N, 3, 3]
+    screen = coeff[..., 0] * offset[:, None, 0] + coeff[..., 1] * offset[:, None, 1] + coeff[..., 2]
+    screen = screen.clamp_min(0)
+    if perspective_correct:
+        screen = screen / corner_z[face]
+    bary[pixels] = (screen / screen.sum(dim=1, keepdim=True)).float()
+    return bary
+
+
+def interpolate(vertex_attrs: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:
+    """Interpolate per-vertex attributes [V, C] over the fragments -> [H, W, C] (0 on background).
+
+    ``faces`` indexes ``vertex_attrs``; pass UV faces with UV coordinates for per-corner attributes.
+    """
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertex_attrs.device)
+    mask = fragments.mask
+    face = fragments.face_index.clamp_min(0)
+    corner_attrs = vertex_attrs[faces[face]]  # [H, W, 3, C]
+    values = (fragments.bary[..., None].to(vertex_attrs.dtype) * corner_attrs).sum(dim=-2)
+    return torch.where(mask[..., None], values, torch.zeros_like(values))
+
+
+def face_normals(vertices: Tensor, faces: Tensor, normalize: bool = True) -> Tensor:
+    """Face normals [F, 3] = cross(v1 - v0, v2 - v0) (outward for counter-clockwise faces)."""
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
+    v0, v1, v2 = vertices[faces].unbind(dim=1)
+    normals = torch.linalg.cross(v1 - v0, v2 - v0)
+    return torch.nn.functional.normalize(normals, dim=-1) if normalize else normals
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Area-weighted vertex normals [V, 3], unit length (works in any frame, e.g. camera space)."""
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
+    weighted = face_normals(vertices, faces, normalize=False)  # |cross| = 2 * area
+    normals = torch.zeros_like(vertices)
+    for corner in range(3):
+        normals.index_add_(0, faces[:, corner], weighted)
+    return torch.nn.functional.normalize(normals, dim=-1)
+
+
+def normals_to_convention(normals_opencv: Tensor) -> Tensor:
+    """OpenCV camera-space normals (x right, y down, z forward) -> ours (x right, y up, z toward the camera)."""
+    return normals_opencv * normals_opencv.new_tensor([1.0, -1.0, -1.0])

@@ -1,0 +1,111 @@
+"""Render a FLAME head into RGB (UV texture, mild Lambertian shading), normals, depth and mask; pose maps.
+
+The light is fixed in camera space (a soft key light from the upper front plus strong ambient) so every view
+of a textured head stays close to the photo texture, which face detectors must still recognise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.rasterizer import (
+    Fragments,
+    interpolate,
+    normals_to_convention,
+    rasterize,
+    vertex_normals,
+)
+
+if TYPE_CHECKING:
+    from geodiff4d.datasets.flame import FlameModel, FlameParams
+
+AMBIENT = 0.65
+DIFFUSE = 0.35
+LIGHT_DIRECTION = (0.3, 0.4, 1.0)  # our convention (x right, y up, z toward the camera): upper-right front
+DEFAULT_ALBEDO = 0.7  # grey when no texture is given
+
+
+@dataclass
+class HeadRender:
+    rgb: Tensor  # [3, H, W] float32 in [0, 1], 0 on background
+    normal: Tensor  # [3, H, W] unit normals in our convention, 0 on background
+    depth: Tensor  # [H, W] camera z in metres, 0 on background
+    mask: Tensor  # [H, W] float32, 1 on the head
+
+
+def _camera_tensors(camera: Camera, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    world_to_cam = torch.tensor(camera.world_to_cam, dtype=torch.float32, device=device)
+    K = torch.tensor(camera.K, dtype=torch.float64, device=device)
+    return world_to_cam[:3, :3], world_to_cam[:3, 3], K
+
+
+def _rasterize_head(model: FlameModel, params: FlameParams, camera: Camera) -> tuple[Tensor, Fragments]:
+    """Camera-space vertices [V, 3] of the single frame in ``params`` and its fragments."""
+    if params.rotation.shape[0] != 1:
+        raise ValueError(f"render: params must hold one frame (B=1), got B={params.rotation.shape[0]}")
+    with torch.no_grad():
+        vertices_world = model(params).vertices[0]  # [V, 3]
+        rotation, translation, K = _camera_tensors(camera, vertices_world.device)
+        vertices_cam = vertices_world @ rotation.T + translation
+        fragments = rasterize(vertices_cam, model.faces, K, camera.height, camera.width)
+    return vertices_cam, fragments
+
+
+def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:
+    """Interpolated vertex normals [H, W, 3] in our convention (0 on background)."""
+    normals = interpolate(vertex_normals(vertices_cam, faces), faces, fragments)
+    return normals_to_convention(torch.nn.functional.normalize(normals, dim=-1))
+
+
+def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
+    """Bilinear lookup of ``texture`` [S, S, 3] at UV [H, W, 2] -> [H, W, 3].
+
+    UV follows FLAME/OpenGL: u to the right, v up, so v = 1 is the top row of the texture image.
+    """
+    # grid_sample wants x right and y down in [-1, 1]
+    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
+    image = texture.permute(2, 0, 1)[None]  # [1, 3, S, S]
+    sampled = torch.nn.functional.grid_sample(
+        image, grid[None].to(image.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return sampled[0].permute(1, 2, 0)  # [H, W, 3]
+
+
+def render_head(
+    model: FlameModel, params: FlameParams, camera: Camera, texture: np.ndarray | Tensor | None = None
+) -> HeadRender:
+    """Render one frame of the head seen by ``camera``; ``texture`` is an [S, S, 3] float UV map in [0, 1]."""
+    vertices_cam, fragments = _rasterize_head(model, params, camera)
+    with torch.no_grad():
+        mask = fragments.mask
+        normal = _normal_image(vertices_cam, model.faces, fragments)  # [H, W, 3]
+        if texture is None:
+            albedo = torch.full_like(normal, DEFAULT_ALBEDO)
+        else:
+            texture = torch.as_tensor(np.asarray(texture, dtype=np.float32), device=normal.device)
+            if texture.ndim != 3 or texture.shape[2] != 3:
+                raise ValueError(f"render_head: texture must be [S, S, 3], got {tuple(texture.shape)}")
+            uv = interpolate(model.uv_coords.to(normal), model.uv_faces, fragments)  # [H, W, 2]
+            albedo = sample_texture(texture, uv)
+        light = torch.nn.functional.normalize(normal.new_tensor(LIGHT_DIRECTION), dim=0)
+        shading = AMBIENT + DIFFUSE * (normal @ light).clamp_min(0)  # [H, W]
+        rgb = torch.where(mask[..., None], (albedo * shading[..., None]).clamp(0, 1), 0.0)
+        return HeadRender(
+            rgb=rgb.permute(2, 0, 1).contiguous(),
+            normal=normal.permute(2, 0, 1).contiguous(),
+            depth=torch.where(mask, fragments.depth, 0.0),
+            mask=mask.float(),
+        )
+
+
+def render_pose_map(model: FlameModel, params: FlameParams, camera: Camera) -> Tensor:
+    """Pose map [3, H, W]: the head's normals with expression, jaw and eyes zeroed (pose only)."""
+    vertices_cam, fragments = _rasterize_head(model, params.with_zero_expression(), camera)
+    with torch.no_grad():
+        return _normal_image(vertices_cam, model.faces, fragments).permute(2, 0, 1).contiguous()

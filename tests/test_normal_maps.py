@@ -1,0 +1,84 @@
+"""Normal PNG encoding and depth-derived normals against an exactly ray-cast sphere."""
+
+import numpy as np
+import pytest
+
+from geodiff4d.datasets.cameras import intrinsics
+from geodiff4d.datasets.normal_maps import (
+    NormalMapError,
+    angular_error_deg,
+    backproject,
+    decode_normal_png,
+    encode_normal_png,
+    normals_from_depth,
+    sphere_depth_and_normals,
+    write_normal_png,
+)
+
+WIDTH, HEIGHT = 160, 120
+K = intrinsics(200.0, WIDTH, HEIGHT)
+
+
+CENTER, RADIUS = np.array([0.02, -0.01, 0.6]), 0.15
+
+
+def _sphere():
+    return sphere_depth_and_normals(K, WIDTH, HEIGHT, center=CENTER, radius=RADIUS)
+
+
+def test_sphere_ground_truth_faces_the_camera():
+    depth, normal, mask = _sphere()
+    centre = (HEIGHT // 2, WIDTH // 2)
+    assert mask[centre] and not mask[0, 0]
+    np.testing.assert_allclose(np.linalg.norm(normal[mask], axis=-1), 1.0, atol=1e-12)
+    points = backproject(depth, K)[mask]  # depth lies exactly on the sphere
+    np.testing.assert_allclose(np.linalg.norm(points - CENTER, axis=-1), RADIUS, rtol=1e-12)
+    np.testing.assert_allclose(normal[mask] * [1, -1, -1], (points - CENTER) / RADIUS, atol=1e-12)
+    assert normal[centre][2] > 0.98  # faces the camera: +z in our convention
+    # Top of the silhouette (small row index, y up in our convention) tilts up, left edge tilts left.
+    rows = np.where(mask.any(axis=1))[0]
+    assert normal[rows[0] + 1, mask[rows[0] + 1].nonzero()[0].mean().astype(int)][1] > 0.5
+    cols = np.where(mask.any(axis=0))[0]
+    assert normal[mask[:, cols[0] + 1].nonzero()[0].mean().astype(int), cols[0] + 1][0] < -0.5
+
+
+def test_png_round_trip_within_16_bit_precision(tmp_path):
+    _, normal, mask = _sphere()
+    path = tmp_path / "n.png"
+    write_normal_png(path, normal.transpose(2, 0, 1), mask)  # channel-first input accepted
+    decoded, decoded_mask = decode_normal_png(path)
+    assert decoded.dtype == np.float32 and decoded.shape == (HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(decoded_mask, mask)
+    assert np.abs(decoded[mask] - normal[mask]).max() < 2.0 / 65535 * 1.5
+    assert not decoded[~mask].any()
+    assert decode_normal_png(path.read_bytes())[0].tobytes() == decoded.tobytes()
+    assert encode_normal_png(normal, mask) == path.read_bytes()  # deterministic bytes
+
+
+def test_png_stores_half_offset_encoding():
+    normal = np.zeros((2, 2, 3))
+    normal[..., 2] = 1.0
+    mask = np.array([[True, False], [True, True]])
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(encode_normal_png(normal, mask), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image.dtype == np.uint16
+    np.testing.assert_array_equal(image[0, 0, ::-1], [32768, 32768, 65535])  # (n+1)/2 in RGB order
+    np.testing.assert_array_equal(image[0, 1], [0, 0, 0])
+
+
+def test_normals_from_depth_match_analytic_sphere():
+    depth, normal, mask = _sphere()
+    derived = normals_from_depth(depth, K, mask)
+    errors = angular_error_deg(derived, normal, mask & (np.linalg.norm(derived, axis=-1) > 0))
+    assert errors.size > 0.95 * mask.sum()
+    assert np.median(errors) < 1.0
+    # A wrong axis convention would be caught: flipping y is far off.
+    assert np.median(angular_error_deg(derived * [1, -1, 1], normal, mask)) > 10.0
+
+
+def test_decode_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(NormalMapError, match="bad.png"):
+        decode_normal_png(bad)
