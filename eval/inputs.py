@@ -1,0 +1,194 @@
+"""Prediction and ground-truth trees: discovery, frame reading and the checks that pair them.
+
+Layout (predictions, and ground truth in the same layout): ``ROOT/<subject>/<sequence>/<camera>/<frame:05d>.png``
+or one ``ROOT/<subject>/<sequence>/<camera>.mp4`` per camera; a ``mask_root`` mirrors it with foreground masks.
+Ground truth can also be a NeRSemble v2 folder (alpha maps become the masks). Several methods live side by
+side as ``PRED_ROOT/<method>/...``, or are named one at a time as ``NAME=PATH``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """A prediction or ground-truth tree does not match; the message names the method/subject/camera/file."""
+
+
+@dataclass
+class Clip:
+    """One camera of one sequence: uint8 RGB frames [T, H, W, 3], optional float masks [T, H, W] in [0,1]."""
+
+    frames: np.ndarray
+    masks: np.ndarray | None
+    fps: float
+    source: str  # folder or file the frames came from, for error messages
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError(f"{path}: cannot read image")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+
+
+def _read_mp4(path: Path, gray: bool = False) -> tuple[np.ndarray, float]:
+    import av
+
+    from geodiff4d.datasets.video import read_video
+
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+    return read_video(path, gray=gray), float(rate) if rate else 25.0
+
+
+class ClipSource(Protocol):
+    name: str
+
+    def units(self) -> list[tuple[str, str]]:
+        """Sorted (subject, sequence) pairs."""
+
+    def cameras(self, subject: str, sequence: str) -> list[str]: ...
+
+    def clip(self, subject: str, sequence: str, camera: str) -> Clip: ...
+
+
+@dataclass
+class FolderSource:
+    """A tree in our layout (a method's predictions, or ground truth in the same layout)."""
+
+    name: str
+    root: Path
+    mask_root: Path | None = None
+    fps: float = 25.0
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        if not self.root.is_dir():
+            raise InputError(f"{self.name}: folder {self.root} does not exist")
+
+    def units(self) -> list[tuple[str, str]]:
+        return sorted((sub.name, seq.name) for sub in self.root.iterdir() if sub.is_dir()
+                      for seq in sub.iterdir() if seq.is_dir())
+
+    def cameras(self, subject: str, sequence: str) -> list[str]:
+        folder = self.root / subject / sequence
+        if not folder.is_dir():
+            raise InputError(f"{self.name}: sequence folder {folder} is missing")
+        return sorted(p.stem if p.suffix == ".mp4" else p.name for p in folder.iterdir()
+                      if p.is_dir() or p.suffix == ".mp4")
+
+    def _frames(self, root: Path, subject: str, sequence: str, camera: str, gray: bool) -> tuple[np.ndarray, float, str]:
+        folder = root / subject / sequence / camera
+        video = folder.with_suffix(".mp4")
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+            if not files:
+                raise InputError(f"{self.name}: no frames in {folder}")
+            images = [_read_image(p) for p in files]
+            sizes = {im.shape[:2] for im in images}
+            if len(sizes) > 1:
+                raise InputError(f"{self.name}: frames of different sizes {sorted(sizes)} in {folder}")
+            stack = np.stack(images)
+            if gray and stack.ndim == 4:
+                stack = stack[..., 0]
+            if not gray and stack.ndim == 3:
+                stack = np.repeat(stack[..., None], 3, axis=-1)
+            return stack, self.fps, str(folder)
+        if video.is_file():
+            frames, fps = _read_mp4(video, gray=gray)
+            return frames, fps, str(video)
+        raise InputError(f"{self.name}: camera {camera!r} missing: neither {folder} nor {video} exists")
+
+    def clip(self, subject: str, sequence: str, camera: str) -> Clip:
+        frames, fps, source = self._frames(self.root, subject, sequence, camera, gray=False)
+        masks = None
+        if self.mask_root is not None:
+            m, _, _ = self._frames(Path(self.mask_root), subject, sequence, camera, gray=True)
+            masks = m.astype(np.float32) / 255.0
+        return Clip(frames, masks, fps, source)
+
+
+class NersembleSource:
+    """Ground truth read directly from a NeRSemble v2 folder; camera names are the serials (``cam_`` optional)."""
+
+    def __init__(self, root: str | Path, fps: float = 25.0):
+        from geodiff4d.datasets.nersemble import NersembleDataset
+
+        self.name, self.fps = "nersemble", fps
+        self.dataset = NersembleDataset(root)
+
+    def units(self) -> list[tuple[str, str]]:
+        return sorted((s, q) for s in self.dataset.subjects() for q in self.dataset.sequences(s))
+
+    def cameras(self, subject: str, sequence: str) -> list[str]:
+        return sorted(self.dataset.sequence_serials(subject, sequence))
+
+    def clip(self, subject: str, sequence: str, camera: str) -> Clip:
+        frames = list(self.dataset.frames(subject, sequence, camera.removeprefix("cam_")))
+        rgb = np.stack([f.rgb for f in frames])
+        alphas = [f.alpha for f in frames]
+        masks = None if any(a is None for a in alphas) else np.stack(alphas)
+        return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, camera.removeprefix("cam_"))))
+
+
+def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps: float = 25.0) -> ClipSource:
+    """A NeRSemble v2 folder (has ``*/calibration/camera_params.json``) or a tree in our layout."""
+    path = Path(path)
+    if any(path.glob("*/calibration/camera_params.json")):
+        return NersembleSource(path, fps)
+    return FolderSource("ground truth", path, Path(mask_root) if mask_root else None, fps)
+
+
+def discover_methods(pred: str | Path | dict[str, str | Path]) -> dict[str, Path]:
+    """Methods to score: ``{name: path}`` as given, or every sub-folder of a ``PRED_ROOT``."""
+    if isinstance(pred, dict):
+        return {name: Path(p) for name, p in sorted(pred.items())}
+    root = Path(pred)
+    if not root.is_dir():
+        raise InputError(f"prediction root {root} does not exist")
+    methods = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()}
+    if not methods:
+        raise InputError(f"prediction root {root} has no method folders")
+    return methods
+
+
+def parse_named_paths(items: list[str]) -> dict[str, Path]:
+    """``["ours=out/rgb", "cap4d=/data/cap4d"]`` -> ``{"ours": Path(...), ...}`` (the CLI's ``--pred NAME=PATH``)."""
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"expected NAME=PATH, got {item!r}")
+        named[name] = Path(path)
+    return named
+
+
+def match_cameras(method: str, pred_cams: list[str], gt_cams: list[str], where: str) -> dict[str, str]:
+    """Pred camera -> GT camera (``cam_`` prefix optional); a GT camera with no prediction is an error."""
+    by_key = {c.removeprefix("cam_"): c for c in pred_cams}
+    missing = [c for c in gt_cams if c.removeprefix("cam_") not in by_key]
+    if missing:
+        raise InputError(f"{method}: {where}: missing cameras {missing} (predicted: {sorted(pred_cams)})")
+    return {by_key[c.removeprefix("cam_")]: c for c in gt_cams}
+
+
+def check_clips(method: str, where: str, pred: Clip, gt: Clip) -> None:
+    """Frame counts and sizes must agree; the error names both sources."""
+    if len(pred.frames) != len(gt.frames):
+        raise InputError(f"{method}: {where}: frame count {len(pred.frames)} in {pred.source} "
+                         f"!= {len(gt.frames)} in {gt.source}")
+    if pred.frames.shape[1:3] != gt.frames.shape[1:3]:
+        raise InputError(f"{method}: {where}: frame size {pred.frames.shape[1:3]} in {pred.source} "
+                         f"!= {gt.frames.shape[1:3]} in {gt.source}")

@@ -1,0 +1,93 @@
+"""Self-contained HTML report: tables, settings and matplotlib plots embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+from geodiff4d.eval.settings import FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS  # noqa: E402
+
+
+def _png(fig) -> str:  # noqa: ANN001 - matplotlib Figure
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"/>'
+
+
+def bar_chart(table, metric: str) -> str:  # noqa: ANN001 - DataFrame
+    fig, ax = plt.subplots(figsize=(4, 2.6))
+    means = table[metric].to_numpy(float)
+    err = np.abs(np.stack([means - table[f"{metric}_lo"].to_numpy(float), table[f"{metric}_hi"].to_numpy(float) - means]))
+    ax.bar(table["method"], means, yerr=np.nan_to_num(err), capsize=4, color="#4c72b0")
+    ax.set_title(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better), 95% CI")
+    ax.tick_params(axis="x", rotation=30)
+    return _png(fig)
+
+
+def heatmap(subjects, metric: str) -> str:  # noqa: ANN001 - DataFrame
+    grid = subjects[subjects["metric"] == metric].pivot(index="method", columns="subject", values="mean")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * grid.shape[1], 0.8 + 0.4 * grid.shape[0]))
+    im = ax.imshow(grid.to_numpy(float), cmap="viridis" if HIGHER_IS_BETTER[metric] else "viridis_r", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=45)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_title(f"{metric.upper()} per subject")
+    fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def frame_curves(frames, metric: str) -> str:  # noqa: ANN001 - DataFrame
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    for method, g in frames.groupby("method"):
+        curve = g.groupby("frame")[metric].mean()
+        ax.plot(curve.index, curve.to_numpy(), label=method)
+    ax.set_xlabel("frame")
+    ax.set_title(f"{metric.upper()} per frame (mean over subjects, sequences, cameras)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def render_html(sections: list[dict]) -> str:
+    """One page per leaderboard build: per protocol its table, settings, LPIPS availability and plots."""
+    e = html.escape
+    body = [f"<h1>GeoDiff4D evaluation report</h1><p><b>{e(sections[0]['meta']['note'])}</b></p>"]
+    for s in sections:
+        table, metrics = s["table"], s["metrics"]
+        body.append(f"<h2>{e(s['protocol'].capitalize())} protocol</h2><p>run: {e(s['run'])}</p>")
+        body.append(_table_html(table, metrics))
+        body.append("<h3>Settings</h3><ul>" + "".join(
+            f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics) + "</ul>")
+        lp = s["meta"].get("lpips")
+        if lp and not lp["available"]:
+            body.append(f"<p>LPIPS unavailable: no backbone weights; looked in {e(', '.join(lp['looked_in']))}</p>")
+        plotted = [m for m in metrics if table[m].notna().any()]
+        body.append("<h3>Means with 95% bootstrap intervals</h3>" + "".join(bar_chart(table, m) for m in plotted))
+        body.append("<h3>Per subject</h3>" + "".join(heatmap(s["subjects"], m) for m in plotted))
+        body.append("<h3>Per frame</h3>" + "".join(
+            frame_curves(s["frames"], m) for m in plotted if m not in VIDEO_METRICS))
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" \
+           + "\n".join(body) + "</body></html>"
+
+
+def _table_html(table, metrics: list[str]) -> str:  # noqa: ANN001 - DataFrame
+    head = "".join(f"<th>{m.upper()}</th>" for m in metrics) + "".join(
+        f"<th>{m.upper()} miss</th>" for m in metrics if m in FACE_METRICS)
+    rows = []
+    for _, r in table.iterrows():
+        cells = []
+        for m in metrics:
+            col = table[m].dropna()
+            best = (col.max() if HIGHER_IS_BETTER[m] else col.min()) if not col.empty else None
+            text = "n/a" if np.isnan(r[m]) else f"{r[m]:.4f} [{r[f'{m}_lo']:.4f}, {r[f'{m}_hi']:.4f}]"
+            cells.append(f"<td><b>{text}</b></td>" if r[m] == best else f"<td>{text}</td>")
+        cells += [f"<td>{r[f'{m}_miss_rate']:.1%}</td>" for m in metrics if m in FACE_METRICS]
+        rows.append(f"<tr><td>{html.escape(str(r['method']))}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"

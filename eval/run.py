@@ -1,0 +1,198 @@
+"""Distributed evaluation run: (method, subject, sequence) units on Ray actors, per-frame rows in Parquet.
+
+``RUN/frames/{unit}.parquet`` holds one row per (camera, frame), ``RUN/videos/{unit}.parquet`` one row per
+camera (JOD); ``RUN/commits`` marks finished units so a rerun skips them; ``RUN/run.json`` records the
+settings (a rerun with other settings is refused rather than mixing numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units, write_json_atomic
+from geodiff4d.cluster.runtime import connect
+from geodiff4d.eval.inputs import (
+    FolderSource,
+    InputError,
+    check_clips,
+    discover_methods,
+    match_cameras,
+    open_ground_truth,
+)
+from geodiff4d.eval.lpips_metric import backbone_candidates
+from geodiff4d.eval.scoring import MetricModels, resize_clip, score_clip
+from geodiff4d.eval.settings import (
+    ALL_METRICS,
+    COMPARABILITY_NOTE,
+    FRAME_METRICS,
+    PROTOCOL_METRICS,
+    EvalSettings,
+)
+
+
+class EvalError(RuntimeError):
+    """Some units failed; the message lists each with its error."""
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def unit_id(method: str, subject: str, sequence: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}--{subject}--{sequence}")
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(f"cannot read identity image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class EvalJob:
+    """Scores one (method, subject, sequence) per unit; picklable, models load in ``setup`` on the actor."""
+
+    methods: dict[str, str]
+    gt: str
+    out: str
+    settings: EvalSettings
+    gt_mask: str | None = None
+    identity: str | None = None  # cross protocol: folder of <subject>.png source identity images
+    fps: float = 25.0
+
+    def setup(self) -> None:
+        self.models = MetricModels(self.settings)
+        self.reference = open_ground_truth(self.gt, self.gt_mask, self.fps)
+
+    def run(self, unit: WorkUnit) -> dict:
+        method, subject, sequence = (unit.payload[k] for k in ("method", "subject", "sequence"))
+        pred_source = FolderSource(method, Path(self.methods[method]), fps=self.fps)
+        where = f"{subject}/{sequence}"
+        cams = match_cameras(method, pred_source.cameras(subject, sequence),
+                             self.reference.cameras(subject, sequence), where)
+        identity = None
+        if self.settings.protocol == "cross" and "csim" in self.settings.metrics:
+            identity = _read_rgb(Path(self.identity) / f"{subject}.png")
+        frame_rows, video_rows = [], []
+        for pred_cam, ref_cam in sorted(cams.items()):
+            pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
+            ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
+            check_clips(method, f"{where}/{pred_cam}", pred, ref)
+            columns, video_jod = score_clip(self.models, pred, ref, identity)
+            height, width = pred.frames.shape[1:3]
+            for t in range(len(pred.frames)):
+                row = {"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam,
+                       "frame": t, "width": width, "height": height}
+                row.update({m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS})
+                frame_rows.append(row)
+            video_rows.append({"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam,
+                               "frames": len(pred.frames), "fps": ref.fps, "jod": video_jod})
+        out = Path(self.out)
+        write_parquet_atomic(pd.DataFrame(frame_rows), out / "frames" / f"{unit.id}.parquet")
+        write_parquet_atomic(pd.DataFrame(video_rows), out / "videos" / f"{unit.id}.parquet")
+        frames = pd.DataFrame(frame_rows)
+        return {"frames": len(frames), "cameras": len(video_rows),
+                **{f"{m}_misses": int(frames[m].isna().sum()) for m in ("csim", "akd", "aed")
+                   if m in self.settings.metrics}}
+
+
+def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkUnit]:  # noqa: ANN001
+    """One unit per (method, subject, sequence) the method predicted; each must exist in the reference."""
+    available = set(reference.units())
+    units = []
+    for method, root in methods.items():
+        pred_units = FolderSource(method, root).units()
+        if not pred_units:
+            raise InputError(f"{method}: no <subject>/<sequence> folders under {root}")
+        for subject, sequence in pred_units:
+            if (subject, sequence) not in available:
+                what = "ground truth" if protocol == "self" else "driving frames"
+                raise InputError(f"{method}: {subject}/{sequence} has no {what} in {getattr(reference, 'root', '')}")
+            units.append(WorkUnit(unit_id(method, subject, sequence),
+                                  {"method": method, "subject": subject, "sequence": sequence}))
+    return units
+
+
+def run_metadata(settings: EvalSettings) -> dict:
+    """What every report needs to state: backends, resolution, masking, display, LPIPS availability."""
+    meta = {"settings": settings.to_dict(), "describe": settings.describe(), "note": COMPARABILITY_NOTE}
+    if "lpips" in settings.metrics:
+        looked = backbone_candidates(settings.lpips_net, settings.lpips_checkpoint)
+        found = [str(p) for p in looked if p.is_file()]
+        meta["lpips"] = {"available": bool(found), "backbone": found[0] if found else None,
+                         "looked_in": [str(p) for p in looked]}
+    return meta
+
+
+def evaluate(
+    pred: str | Path | dict[str, str | Path],
+    gt: str | Path,
+    protocol: str = "self",
+    out: str | Path = "eval_run",
+    address: str | None = None,
+    metrics: list[str] | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    gt_mask: str | Path | None = None,
+    identity: str | Path | None = None,
+    fps: float = 25.0,
+    progress: bool = True,
+    **settings: object,
+) -> JobReport:
+    """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
+
+    ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, lpips_net, jod_display,
+    resolution, masked, device, ...).
+    """
+    config = EvalSettings(protocol=protocol, metrics=tuple(metrics or PROTOCOL_METRICS.get(protocol, ALL_METRICS)), **settings)
+    if protocol == "cross" and "csim" in config.metrics and identity is None:
+        raise InputError("the cross protocol's CSIM needs --identity, a folder of <subject>.png source images")
+    methods = discover_methods(pred)
+    units = plan_units(methods, open_ground_truth(gt, gt_mask, fps), protocol)
+    out = Path(out)
+    meta = run_metadata(config)
+    meta_path = out / "run.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text())["settings"] != meta["settings"]:
+        raise EvalError(f"{meta_path} was written with other settings; use a new --out folder")
+    write_json_atomic(meta_path, meta)
+    job = EvalJob({k: str(v) for k, v in methods.items()}, str(gt), str(out), config,
+                  str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps)
+    connect(address)
+    report = run_units(job, units, CommitLog(out / "commits"), workers=workers, gpus_per_worker=gpus_per_worker,
+                       desc="eval", progress=progress)
+    if not report.ok:
+        raise EvalError(report.summary())
+    return report
+
+
+def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-frame rows, per-video rows and the run's metadata."""
+    run = Path(run)
+    meta_path = run / "run.json"
+    if not meta_path.is_file():
+        raise InputError(f"{run} is not an evaluation run (no run.json)")
+    frames = sorted((run / "frames").glob("*.parquet"))
+    if not frames:
+        raise InputError(f"{run}/frames has no Parquet files: the run has not finished any unit")
+    videos = sorted((run / "videos").glob("*.parquet"))
+    return (pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
+            pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
+            json.loads(meta_path.read_text()))

