@@ -1,0 +1,152 @@
+"""Validated YAML config of the joint image-normal diffusion model, its training and sampling.
+
+One file describes a whole run (model shape, data options, both training stages, sampler) so that a
+run folder is reproducible from its config alone; pydantic rejects unknown or mistyped fields with
+the file and field named, instead of failing deep inside a training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UNetConfig(_Strict):
+    """Fields passed to diffusers' UNet2DConditionModel (SD-1.5's shape in paper.yaml)."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+
+    @model_validator(mode="after")
+    def _same_depth(self) -> UNetConfig:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types and up_block_types need {n} entries (one per block_out_channels)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class ModelConfig(_Strict):
+    unet: UNetConfig = UNetConfig()
+    pretrained: str | None = None          # local SD-1.5 diffusers folder (unet/, vae/) used for initialization
+    latents: Literal["vae", "pixel"] = "vae"
+    vae: str | None = None                 # diffusers folder holding vae/ (defaults to `pretrained`)
+    pose_injection: Literal["add", "concat"] = "add"
+    pose_guider_channels: tuple[int, ...] = (16, 32, 64, 128)
+    expression_tokens: int = Field(4, ge=1)
+    expression_dim: int = Field(16, ge=1)  # size of one 1D expression latent token (the low-dim bottleneck)
+    expression_channels: tuple[int, ...] = (32, 64, 128, 256)
+    driving_size: int = Field(64, ge=8)
+    temporal_heads: int = Field(8, ge=1)
+    # ablation switches, named as in the paper's table
+    joint_normals: bool = True
+    domain_attention: bool = True
+
+    @model_validator(mode="after")
+    def _vae_source(self) -> ModelConfig:
+        if self.latents == "vae" and not (self.vae or self.pretrained):
+            raise ValueError("latents: vae needs `vae` or `pretrained` (a local diffusers folder with vae/)")
+        return self
+
+
+class DataConfig(_Strict):
+    resolution: int = Field(512, ge=8)
+    # data-side ablation switches, passed through to the loader
+    cross_view_pairs: bool = True
+    synthetic_data: bool = True
+    synthetic_weight: float = Field(0.1, ge=0)   # multi-view : synthetic = 10 : 1 per sample
+
+
+class StageConfig(_Strict):
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    frames: int = Field(1, ge=1)           # 1 in stage 1 (no temporal layers), 16 in stage 2
+    lr: float = Field(1e-5, gt=0)
+
+
+class TrainConfig(_Strict):
+    stage1: StageConfig = StageConfig(batch_size=32, steps=80_000)
+    stage2: StageConfig = StageConfig(batch_size=8, steps=20_000, frames=16)
+    weight_decay: float = 1e-2
+    grad_accumulation: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+    drop_reference: float = Field(0.05, ge=0, le=1)   # condition dropout for classifier-free guidance
+    drop_expression: float = Field(0.05, ge=0, le=1)
+    num_train_timesteps: int = Field(1000, ge=2)
+    checkpoint_every: int = Field(1000, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    count_flops: bool = True
+    seed: int = 0
+
+    def stage(self, stage: int) -> StageConfig:
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        return self.stage1 if stage == 1 else self.stage2
+
+
+class SampleConfig(_Strict):
+    scheduler: Literal["ddim", "dpmsolver++", "ddpm"] = "ddim"
+    steps: int = Field(25, ge=1)
+    guidance_reference: float = Field(2.0, ge=0)
+    guidance_expression: float = Field(2.0, ge=0)
+    window: int = Field(16, ge=1)
+    overlap: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> SampleConfig:
+        if self.overlap >= self.window:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        return self
+
+
+class GenConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+    def loader_options(self, stage: int) -> dict[str, Any]:
+        """What the data loader needs for a stage (the data-side ablation switches included)."""
+        st = self.train.stage(stage)
+        kind = "clip" if st.frames > 1 else ("pair" if self.data.cross_view_pairs else "frame")
+        return {"kind": kind, "batch_size": st.batch_size, "frames": st.frames,
+                "resolution": self.data.resolution, "crop_size": self.model.driving_size,
+                "cross_view_pairs": self.data.cross_view_pairs, "synthetic_data": self.data.synthetic_data,
+                "synthetic_weight": self.data.synthetic_weight if self.data.synthetic_data else 0.0}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or validated; the message names the file and the fields."""
+
+
+def load_config(path: str | Path) -> GenConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return GenConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err

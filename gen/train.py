@@ -1,0 +1,234 @@
+"""Two-stage training of the joint denoiser: a plain in-process loop, and Ray Train (DDP) around it.
+
+`train_loop` is the whole algorithm (and what the unit tests run); `train` runs it in every worker of a
+Ray `TorchTrainer`. Data comes from `make_batches(seed, position) -> Iterator[batch]` (the batch contract
+of the loader), so a resumed run asks for the batches after the ones it already consumed; with the
+noise generator's state restored too, the resumed loss sequence equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from PIL import Image
+
+from geodiff4d.gen.build import build_codec, build_model
+from geodiff4d.gen.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_stage1_weights,
+    save_checkpoint,
+)
+from geodiff4d.gen.config import GenConfig, load_config
+from geodiff4d.gen.denoiser import JointDenoiser
+from geodiff4d.gen.latents import encode_domains
+from geodiff4d.gen.pipeline import make_scheduler, sample_sequence
+
+MakeBatches = Callable[[int, int], Iterator[dict]]
+
+
+def _frames(x: torch.Tensor, image_dims: int = 3) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 1, C, H, W]; clips [B, T, C, H, W] unchanged."""
+    return x if x.dim() == image_dims + 2 else x[:, None]
+
+
+def diffusion_loss(model, codec, batch: dict, noise_scheduler, generator: torch.Generator, cfg: GenConfig,
+                   device: torch.device) -> torch.Tensor:
+    """Noise-prediction MSE over both domains; the normal domain only where the source has normals."""
+    rgb = _frames(batch["rgb"]).to(device)  # [B, T, 3, R, R]
+    joint = cfg.model.joint_normals
+    targets = torch.stack([rgb, _frames(batch["normal"]).to(device)], 1) if joint else rgb[:, None]  # [B, D, T, 3, R, R]
+    latents = encode_domains(codec, targets)  # [B, D, C, T, h, w]
+    b, d = latents.shape[:2]
+    noise = torch.randn((b, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    drop_ref = (torch.rand(b, generator=generator) < cfg.train.drop_reference).to(device)
+    drop_exp = (torch.rand(b, generator=generator) < cfg.train.drop_expression).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    ref_latent = codec.encode(batch["ref_rgb"].to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pred = model(noisy, timesteps, _frames(batch["posemap"]).to(device), ref_latent,
+                     batch["ref_posemap"].to(device), _frames(batch["driving"]).to(device), drop_ref, drop_exp)
+    err = (pred.float() - noise).pow(2).mean(dim=(2, 4, 5))  # [B, D, T]
+    weight = torch.ones(b, d, device=device)
+    if joint:
+        weight[:, 1] = batch["has_normal"].to(device).float()
+    return (err * weight[:, :, None]).sum() / (weight.sum() * err.shape[2])
+
+
+def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int) -> torch.Tensor:
+    """Rows of [reference, target rgb, sampled rgb, target normal, sampled normal] -> grid image [3, H, W]."""
+    from torchvision.utils import make_grid
+    rows = []
+    for i in range(min(2, batch["rgb"].shape[0])):
+        pose, drv = _frames(batch["posemap"])[i], _frames(batch["driving"])[i]
+        out = sample_sequence(model, codec, batch["ref_rgb"][i], batch["ref_posemap"][i], drv, pose,
+                              torch.Generator().manual_seed(seed), cfg.sample.scheduler, cfg.sample.steps,
+                              cfg.sample.guidance_reference, cfg.sample.guidance_expression,
+                              cfg.sample.window, cfg.sample.overlap, cfg.train.num_train_timesteps)
+        row = [batch["ref_rgb"][i], _frames(batch["rgb"])[i][0], out.rgb[0].cpu()]
+        if out.normal is not None:
+            row += [_frames(batch["normal"])[i][0], out.normal[0].cpu()]
+        rows += row
+    return make_grid(torch.stack(rows), nrow=len(row), padding=1)
+
+
+def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path, max_steps: int | None = None,
+               init: Path | None = None, resume: bool = False, device: torch.device | None = None,
+               rank: int = 0, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+               report: Callable[[dict], None] | None = None, quiet: bool = False) -> list[float]:
+    """Train stage 1 or 2 until the stage's step count (or max_steps); returns the loss of every step run."""
+    out, device = Path(out), device or torch.device("cpu")
+    st = cfg.train.stage(stage)
+    torch.manual_seed(cfg.train.seed)  # parameter init only; everything per-step uses `generator`
+    codec = build_codec(cfg).to(device)
+    model = build_model(cfg, stage, codec, from_pretrained=init is None)
+    if init is not None:
+        load_stage1_weights(model, init)
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=cfg.train.weight_decay)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    state = TrainingState(0, 0, generator.get_state())
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, ema, optimizer)
+        generator.set_state(state.generator_state)
+    ema.to(device)
+    net = wrap(model) if wrap else model
+    total = min(st.steps, max_steps) if max_steps else st.steps
+    noise_scheduler = make_scheduler("ddpm", cfg.train.num_train_timesteps)
+    batches = make_batches(cfg.train.seed + rank, state.position)
+    writer = bar = None
+    if rank == 0 and not quiet:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+        writer = SummaryWriter(str(out / "tensorboard"))
+        bar = tqdm(total=total, initial=state.step, desc=f"stage {stage}", unit="step")
+        if cfg.train.count_flops and ckpt is None:
+            _print_counts(model, codec, next(make_batches(cfg.train.seed, 0)), cfg, device)
+    preview = next(make_batches(cfg.train.seed + 10**6, 0)) if writer else None
+    losses: list[float] = []
+    started = time.perf_counter()
+    while state.step < total:
+        step_loss = 0.0
+        for _ in range(cfg.train.grad_accumulation):
+            loss = diffusion_loss(net, codec, next(batches), noise_scheduler, generator, cfg, device)
+            (loss / cfg.train.grad_accumulation).backward()
+            step_loss += loss.item() / cfg.train.grad_accumulation
+            state.position += 1
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+        state.step += 1
+        losses.append(step_loss)
+        rate = len(losses) / (time.perf_counter() - started)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", steps_per_s=f"{rate:.2f}")
+        if writer is not None and state.step % cfg.train.log_every == 0:
+            writer.add_scalar("train/loss", step_loss, state.step)
+            writer.add_scalar("train/steps_per_s", rate, state.step)
+        if report is not None and state.step % cfg.train.log_every == 0:
+            report({"loss": step_loss, "step": state.step})
+        done = state.step == total
+        if rank == 0 and (state.step % cfg.train.checkpoint_every == 0 or done):
+            state.generator_state = generator.get_state()
+            save_checkpoint(out, model, ema, optimizer, state)
+        if writer is not None and (state.step % cfg.train.sample_every == 0 or done):
+            _write_preview(model, ema, codec, preview, cfg, writer, out, state.step)
+    if writer is not None:
+        writer.close()
+        bar.close()
+    return losses
+
+
+def _print_counts(model, codec, batch: dict, cfg: GenConfig, device: torch.device) -> None:
+    from geodiff4d.gen.flops import format_counts, module_counts
+    one = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+    rgb = _frames(one["rgb"]).to(device)
+    latent = encode_domains(codec, torch.stack([rgb] * model.num_domains, 1))
+    inputs = (latent, torch.zeros(1, dtype=torch.long, device=device), _frames(one["posemap"]).to(device),
+              codec.encode(one["ref_rgb"].to(device)), one["ref_posemap"].to(device), _frames(one["driving"]).to(device))
+    print(format_counts(module_counts(model, inputs)), flush=True)
+
+
+def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) -> None:
+    params = list(model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
+    model.eval()
+    try:
+        grid = _preview(model, codec, batch, cfg, cfg.train.seed)
+    finally:
+        ema.restore(params)
+        model.train()
+    writer.add_image("samples", grid, step)
+    path = out / "samples" / f"step_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp)
+    os.replace(tmp, path)
+
+
+def shard_batches(shards: str | Path, cfg: GenConfig, stage: int) -> MakeBatches:
+    """The loader of the packing issue as a make_batches factory (imported lazily: it is a separate module)."""
+    from geodiff4d.datasets.loader import training_batches
+    options = cfg.loader_options(stage)
+    return lambda seed, position: iter(training_batches(str(shards), seed=seed, position=position, **options))
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    cfg = GenConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    make_batches = config["make_batches"] or shard_batches(config["shards"], cfg, config["stage"])
+    train_loop(cfg, config["stage"], make_batches, Path(config["out"]), config["max_steps"], config["init"],
+               config["resume"], ray.train.torch.get_device(), ctx.get_world_rank(),
+               wrap=lambda m: ray.train.torch.prepare_model(
+                   m, parallel_strategy_kwargs={"find_unused_parameters": True}),
+               report=ray.train.report, quiet=config["quiet"])
+
+
+def train(config_path: str | Path, stage: int, shards: str | Path | None, out: str | Path,
+          max_steps: int | None = None, init: str | Path | None = None, resume: bool = False,
+          workers: int = 1, gpus_per_worker: float = 0, address: str | None = None,
+          make_batches: MakeBatches | None = None, quiet: bool = False) -> Path:
+    """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    cfg = load_config(config_path)
+    if stage == 2 and init is None and not resume:
+        raise ValueError("stage 2 starts from a stage-1 run: pass init (the stage-1 run folder)")
+    if shards is None and make_batches is None:
+        raise ValueError("give shards (a folder of WebDataset shards) or make_batches")
+    out = Path(out).resolve()
+    if not ray.is_initialized():
+        from geodiff4d.cluster.runtime import connect
+        connect(address)
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "shards": str(shards) if shards else None,
+                           "out": str(out), "max_steps": max_steps, "init": Path(init).resolve() if init else None,
+                           "resume": resume, "make_batches": make_batches, "quiet": quiet},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=str(out / "ray"), name=f"stage{stage}"),
+    )
+    trainer.fit()
+    latest = latest_checkpoint(out)
+    if latest is None:
+        raise RuntimeError(f"{out}: training finished without writing a checkpoint")
+    return latest
