@@ -58,6 +58,45 @@ def synth(
 
 
 @app.command()
+def pack(
+    out: Annotated[Path, typer.Argument(help="Shard folder: {source}-{shard:06d}.tar, stats files, manifest.parquet.")],
+    source: Annotated[list[str], typer.Option("--source", help="KIND:DIR with KIND nersemble or synthhuman.")],
+    resolution: Annotated[int, typer.Option(help="Square crop size around the head, pixels.")] = 512,
+    workers: Annotated[int, typer.Option(help="Ray actors packing shards.")] = 2,
+    samples_per_shard: Annotated[int, typer.Option(help="Upper bound on samples per shard.")] = 512,
+    max_shard_mb: Annotated[float, typer.Option(help="Upper bound on a shard's size in MB.")] = 2048.0,
+    normal_estimator: Annotated[Path | None, typer.Option(help="ONNX normal model for real captures.")] = None,
+    flame: Annotated[Path | None, typer.Option(help="FLAME .pkl of the tracking (default: the procedural head).")] = None,
+    address: AddressOption = None,
+) -> None:
+    """Shard NeRSemble / SynthHuman folders into WebDataset tars with a Parquet manifest; reruns resume."""
+    from geodiff4d.datasets.packing import pack as run_pack
+
+    sources = []
+    for item in source:
+        kind, _, folder = item.partition(":")
+        if kind not in ("nersemble", "synthhuman") or not folder:
+            _fail(f"--source {item!r}: expected nersemble:DIR or synthhuman:DIR")
+        sources.append((kind, Path(folder)))
+    report = run_pack(out, sources, resolution, workers, address, samples_per_shard, int(max_shard_mb * 2**20),
+                      normal_estimator, flame)
+    typer.echo(report.summary())
+    raise typer.Exit(code=report.exit_code)
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="Shard folder written by geodiff4d pack.")],
+) -> None:
+    """Re-read every shard against the manifest; report missing, extra, duplicated or corrupt samples."""
+    from geodiff4d.datasets.verify import verify as run_verify
+
+    report = run_verify(out)
+    typer.echo(report.summary())
+    raise typer.Exit(code=report.exit_code)
+
+
+@app.command()
 def train(
     config: Annotated[Path, typer.Option(help="YAML config (configs/demo.yaml, configs/paper.yaml).")],
     stage: Annotated[int, typer.Option(help="1: single frames; 2: adds temporal layers, 16-frame clips.")],

@@ -27,14 +27,33 @@ class Stage:
 def _synth(out: Path, address: str | None) -> dict:
     from geodiff4d.datasets.procedural import SynthSpec, synthesize
 
-    spec = SynthSpec(subjects=2, sequences=1, frames=8, cameras=8, resolution=128, synthetic=8, seed=0)
+    spec = SynthSpec(subjects=2, sequences=1, frames=20, cameras=8, resolution=128, synthetic=16, seed=0)
     report = synthesize(out / "data", spec, workers=2, address=address)
     if not report.ok:
         raise RuntimeError(f"synth failed:\n{report.summary()}")
     return {"summary": report.summary()}
 
 
-STAGES: tuple[Stage, ...] = (Stage("synth", "data", _synth),)
+def _pack(out: Path, address: str | None) -> dict:
+    from geodiff4d.datasets.packing import pack
+    from geodiff4d.datasets.verify import verify
+
+    data = out / "data"
+    sources = [("nersemble", data / "nersemble"), ("synthhuman", data / "synthhuman")]
+    report = pack(out / "shards", sources, resolution=64, workers=2, address=address, samples_per_shard=64)
+    if not report.ok:
+        raise RuntimeError(f"pack failed:\n{report.summary()}")
+    verified = verify(out / "shards")
+    typer.echo(verified.summary())
+    if not verified.ok:
+        raise RuntimeError("verify found damaged shards")
+    return {"pack": report.summary(), "verify": verified.summary()}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("synth", "data", _synth),
+    Stage("pack", "shards", _pack),
+)
 
 
 def run_demo(out: Path, address: str | None = None) -> bool:

@@ -1,0 +1,120 @@
+"""One Parquet manifest over all shards: the loader's index and the integrity check.
+
+Each shard's commit marker ``{shard}.stats.json`` (written by the packing job beside ``{shard}.tar``) holds
+its samples' ids and member records; the manifest is rebuilt from those markers, so it always describes
+exactly the committed shards, and it is written to a temp name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geodiff4d.datasets.shards import MemberRecord, group_members
+
+MANIFEST_NAME = "manifest.parquet"
+STATS_SUFFIX = ".stats.json"
+ID_FIELDS = ("source", "subject", "sequence", "frame", "camera")
+
+MEMBER_TYPE = pa.struct(
+    [
+        ("name", pa.string()),
+        ("offset", pa.int64()),
+        ("data_offset", pa.int64()),
+        ("size", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("subject", pa.string()),
+        ("sequence", pa.string()),
+        ("frame", pa.int32()),
+        ("camera", pa.string()),
+        ("normal_source", pa.string()),
+        ("shard", pa.string()),
+        ("members", pa.list_(MEMBER_TYPE)),
+    ]
+)
+
+
+class ManifestError(ValueError):
+    """A stats file or manifest that does not match the schema; the message names the file."""
+
+
+def shard_stats(tar_path: Path, ids: dict[str, dict[str, Any]], records: Sequence[MemberRecord]) -> dict[str, Any]:
+    """The commit marker of a written shard: ``ids`` maps key -> {source, subject, sequence, frame, camera, ...}."""
+    tar_name = tar_path.name
+    grouped = group_members(records)
+    if set(grouped) != set(ids):
+        raise ManifestError(f"{tar_name}: member keys and sample ids differ: {sorted(set(grouped) ^ set(ids))[:5]}")
+    samples = []
+    for key in sorted(grouped):
+        meta = ids[key]
+        row = {field: meta[field] for field in ID_FIELDS}
+        row.update(key=key, normal_source=meta.get("normal_source", ""))
+        row["members"] = [r.to_json() for r in grouped[key]]
+        samples.append(row)
+    return {
+        "tar": tar_name,
+        "samples": samples,
+        "tar_bytes": tar_path.stat().st_size,
+        "member_bytes": sum(r.size for r in records),
+    }
+
+
+def stats_files(out: str | os.PathLike) -> list[Path]:
+    return sorted(Path(out).glob(f"*{STATS_SUFFIX}"))
+
+
+def _rows(stats_path: Path) -> list[dict[str, Any]]:
+    try:
+        stats = json.loads(stats_path.read_text())
+        tar_name = stats["tar"]
+        rows = [dict(sample, shard=tar_name) for sample in stats["samples"]]
+        for row in rows:
+            row["frame"] = int(row["frame"])
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{stats_path}: malformed shard stats: {exc}") from exc
+
+
+def build_manifest(out: str | os.PathLike) -> pa.Table:
+    """Collect every committed shard's stats into ``out/manifest.parquet`` (atomic) and return the table."""
+    out = Path(out)
+    rows = [row for path in stats_files(out) for row in _rows(path)]
+    rows.sort(key=lambda r: (r["shard"], r["key"]))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return table
+
+
+def read_manifest(out: str | os.PathLike) -> pa.Table:
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (pack first)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
+    missing = set(SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ManifestError(f"{path}: manifest lacks columns {sorted(missing)}")
+    return table

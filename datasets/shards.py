@@ -1,0 +1,136 @@
+"""Deterministic WebDataset tar shards: the same samples always give the same bytes.
+
+A sample is a plain dict (the webdataset convention): ``"__key__"`` -> key without dots, and one entry per
+member, extension -> bytes (``"rgb.png"``, ``"json"``). Members are written sorted by (key, extension) with a
+fixed mtime, owner and mode, so two packs of the same inputs are byte-identical and resume is safe. A shard
+is written to a temporary name and renamed, so a reader never sees half a tar. The writer returns each
+member's byte offsets and sha256: the manifest's index and the integrity check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
+
+_FIXED_MTIME = 946684800  # 2000-01-01: any constant works; a real date keeps `tar -tv` readable
+_MODE = 0o444
+
+
+class ShardError(ValueError):
+    """A sample or shard that cannot be written or read; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """Where one member lives in its tar: header at ``offset``, ``size`` bytes of data at ``data_offset``."""
+
+    name: str
+    offset: int
+    data_offset: int
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def shard_name(source: str, index: int) -> str:
+    return f"{source}-{index:06d}"
+
+
+def check_key(key: str) -> str:
+    """WebDataset splits a member name at its first dot, so keys hold no dots (nor slashes)."""
+    if not key or "." in key or "/" in key:
+        raise ShardError(f"invalid sample key {key!r}: keys must be non-empty and hold no '.' or '/'")
+    return key
+
+
+def _members(sample: Sample) -> list[tuple[str, bytes]]:
+    key = check_key(str(sample.get("__key__", "")))
+    members = []
+    for ext, data in sample.items():
+        if ext.startswith("__"):
+            continue
+        if not isinstance(data, bytes | bytearray):
+            raise ShardError(f"sample {key}: member {ext!r} must be bytes, got {type(data).__name__}")
+        if not ext or ext.startswith(".") or "/" in ext:
+            raise ShardError(f"sample {key}: invalid member extension {ext!r}")
+        members.append((f"{key}.{ext}", bytes(data)))
+    if not members:
+        raise ShardError(f"sample {key} has no members")
+    return sorted(members)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _FIXED_MTIME
+    info.mode = _MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> list[MemberRecord]:
+    """Write ``samples`` as one tar at ``path`` (temp name + rename) -> the members' records in tar order."""
+    path = Path(path)
+    ordered = sorted(samples, key=lambda s: check_key(str(s.get("__key__", ""))))
+    keys = [s["__key__"] for s in ordered]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ShardError(f"{path.name}: duplicated sample keys {duplicates[:5]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    records = []
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for sample in ordered:
+                for name, data in _members(sample):
+                    start = tar.offset
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    digest = hashlib.sha256(data).hexdigest()
+                    records.append(MemberRecord(name, start, tar.offset - padded, len(data), digest))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are shared data
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return records
+
+
+def group_members(records: Iterable[MemberRecord]) -> dict[str, list[MemberRecord]]:
+    """Member records -> key -> that sample's records (tar order)."""
+    grouped: dict[str, list[MemberRecord]] = {}
+    for record in records:
+        grouped.setdefault(record.name.split(".", 1)[0], []).append(record)
+    return grouped
+
+
+def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
+    """Read a shard back as samples (consecutive members sharing a key); errors name the file."""
+    path = Path(path)
+    current: Sample = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = info.name.partition(".")
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current.setdefault("__key__", key)
+                current[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError) as exc:
+        raise ShardError(f"{path}: cannot read shard: {exc}") from exc
+    if current:
+        yield current
