@@ -116,7 +116,7 @@ def project_gaussians(
     ty = z * torch.maximum(torch.minimum(y / z, lim_y_pos), -lim_y_neg)
     zero = torch.zeros_like(z)
     jac = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], dim=-1).reshape(-1, 2, 3)
-    cov2d = jac @ cov_cam @ jac.transpose(1, 2) + EPS2D * torch.eye(2, dtype=means.dtype)
+    cov2d = jac @ cov_cam @ jac.transpose(1, 2) + EPS2D * torch.eye(2, dtype=means.dtype, device=means.device)
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)
     return means2d, cov2d, z
 
@@ -147,9 +147,9 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     span_x = (x1 - x0 + 1).clamp_min(0)
     counts = span_x * (y1 - y0 + 1).clamp_min(0)
     # one entry per (Gaussian, tile) pair; a stable sort by tile keeps each tile's pairs front to back
-    pair_owner = torch.repeat_interleave(torch.arange(len(ids)), counts)
+    pair_owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)
     first = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(int(counts.sum())) - first[pair_owner]
+    offset = torch.arange(int(counts.sum()), device=ids.device) - first[pair_owner]
     pair_tile = (y0[pair_owner] + offset // span_x[pair_owner]) * tiles_x + x0[pair_owner] + offset % span_x[pair_owner]
     pair_tile, order = torch.sort(pair_tile, stable=True)
     gauss = ids[pair_owner[order]]  # [P] Gaussian of each pair, grouped by tile, front to back
@@ -184,11 +184,11 @@ def _tile_chunks(per_tile: Tensor, tile_pixels: int, budget: int = 1 << 22) -> l
 def _blend_tiles(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile):
     """Gather a group of tiles' depth-sorted lists, padded to the longest -> blended [T, pixels, 8]."""
     depth_slots = int(per_tile[tiles].max())
-    slot = torch.arange(depth_slots)
+    slot = torch.arange(depth_slots, device=per_tile.device)
     valid = slot[None] < per_tile[tiles][:, None]  # [T, K]
     pair = torch.where(valid, tile_start[tiles][:, None] + slot[None], torch.zeros_like(slot)[None])
     g = gauss[pair]  # [T, K]
-    local = torch.arange(tile, dtype=means2d.dtype)
+    local = torch.arange(tile, dtype=means2d.dtype, device=means2d.device)
     px = ((tiles % tiles_x) * tile)[:, None, None] + local  # [T, 1, tile] pixel columns
     py = ((tiles // tiles_x) * tile)[:, None, None] + local  # [T, 1, tile] pixel rows
     opacity = torch.where(valid, opacities[g], torch.ones_like(opacities[g]))  # padding: no division by 0

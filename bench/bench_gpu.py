@@ -1,0 +1,124 @@
+"""GPU figures: gsplat vs our PyTorch Gaussian backend, and the paper-sized joint denoiser's training speed.
+
+Needs CUDA; on a machine without it, says so and exits 0 (CPU figures are in the other bench scripts).
+Prints, each against a reference measured in the same run:
+  1. gsplat vs the PyTorch backend on the same scene: largest differences of rgb/alpha/depth/normal;
+  2. render frames/s at 512 px for 100k Gaussians, gsplat vs the PyTorch backend on the same GPU;
+  3. training steps/s of the SD-1.5-shaped joint denoiser at 512 px (64x64 latents, bf16 autocast,
+     batch 1, gradient checkpointing): joint RGB+normal vs RGB-only, i.e. the joint model's cost ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _scene(n: int, generator: torch.Generator, device: str):
+    """A head-sized shell of Gaussians 1 m in front of a camera looking down +z."""
+    direction = torch.randn(n, 3, generator=generator)
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    means = 0.1 * direction * (1 + 0.05 * torch.rand(n, 1, generator=generator)) + torch.tensor([0.0, 0.0, 1.0])
+    quats = torch.randn(n, 4, generator=generator)
+    quats = quats / quats.norm(dim=1, keepdim=True)
+    scales = 0.002 + 0.004 * torch.rand(n, 3, generator=generator)
+    scales[:, 2] *= 0.1
+    opacities = 0.3 + 0.7 * torch.rand(n, generator=generator)
+    colors = torch.rand(n, 3, generator=generator)
+    return [t.to(device) for t in (means, quats, scales, opacities, colors)]
+
+
+def gaussian_figures() -> None:
+    from geodiff4d.recon.rasterize import render_gaussians
+
+    generator = torch.Generator().manual_seed(0)
+    world_to_cam = torch.eye(4, device="cuda")
+    for n, size in ((2_000, 128), (100_000, 512)):
+        K = torch.tensor([[size * 2.0, 0, size / 2], [0, size * 2.0, size / 2], [0, 0, 1]], device="cuda")
+        scene = _scene(n, generator, "cuda")
+
+        def run(backend: str, scene=scene, K=K, size=size):
+            return render_gaussians(*scene, world_to_cam, K, size, size, backend=backend)
+
+        with torch.no_grad():
+            ours, theirs = run("torch"), run("gsplat")
+            diffs = {
+                name: (getattr(ours, name) - getattr(theirs, name)).abs().max().item()
+                for name in ("rgb", "alpha", "depth", "normal")
+            }
+            print(f"{n} Gaussians at {size} px, max |torch - gsplat|: "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+            t_ours, t_gsplat = _timed(lambda: run("torch"), 3), _timed(lambda: run("gsplat"), 20)
+        print(f"  render frames/s: gsplat {1 / t_gsplat:.1f}, torch backend on GPU {1 / t_ours:.1f}, "
+              f"ratio {t_ours / t_gsplat:.1f}x")
+
+
+def denoiser_figures() -> None:
+    from geodiff4d.gen.build import model_kwargs
+    from geodiff4d.gen.config import load_config
+    from geodiff4d.gen.denoiser import JointDenoiser
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    seconds = {}
+    for joint in (True, False):
+        torch.manual_seed(0)
+        kwargs = model_kwargs(cfg, 1, latent_channels=4, latent_downscale=8)
+        kwargs["joint_normals"] = joint
+        model = JointDenoiser(**kwargs).cuda().train()
+        model.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        domains = 2 if joint else 1
+        batch = {
+            "noisy": torch.randn(1, domains, 4, 1, 64, 64, device="cuda"),
+            "timesteps": torch.randint(0, 1000, (1,), device="cuda"),
+            "posemap": torch.rand(1, 1, 3, 512, 512, device="cuda"),
+            "ref_latent": torch.randn(1, 4, 64, 64, device="cuda"),
+            "ref_posemap": torch.rand(1, 3, 512, 512, device="cuda"),
+            "driving": torch.rand(1, 1, 3, cfg.model.driving_size, cfg.model.driving_size, device="cuda"),
+        }
+
+        def step(model=model, optimizer=optimizer, batch=batch):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            assert math.isfinite(loss.item())
+
+        seconds[joint] = _timed(step, 5)
+        print(f"paper denoiser ({'joint RGB+normal' if joint else 'RGB only'}): {1 / seconds[joint]:.2f} steps/s, "
+              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        del model, optimizer
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(f"joint model cost ratio at 512 px (batch 1, bf16): {seconds[True] / seconds[False]:.2f}x")
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here; GPU figures need one")
+        return
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for section in (denoiser_figures, gaussian_figures):
+        try:
+            section()
+        except Exception:  # noqa: BLE001 - one failing section must not hide the other's figures
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
