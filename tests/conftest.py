@@ -2,6 +2,7 @@
 
 import pytest
 
+from geodiff4d.cluster.runtime import connect, shutdown
 from geodiff4d.datasets.flame import FlameModel
 from geodiff4d.datasets.procedural_head import procedural_head_model
 
@@ -10,3 +11,11 @@ from geodiff4d.datasets.procedural_head import procedural_head_model
 def head_model() -> FlameModel:
     """The procedural FLAME-structured head (seed 0), loaded through the restricted pkl loader."""
     return procedural_head_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the whole test run, sized like CI (ARCHITECTURE §6: num_cpus=2)."""
+    connect(num_cpus=2)
+    yield
+    shutdown()

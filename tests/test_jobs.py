@@ -34,13 +34,8 @@ class _WriteFiles:
         return {"value": unit.payload["value"]}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # Test-local job classes travel by value: Ray workers cannot import this test module.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+# Test-local job classes travel by value: Ray workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _units(n: int) -> list[WorkUnit]:

@@ -36,14 +36,15 @@ EXPECTED = SPEC.subjects * SPEC.frames * SPEC.cameras + SPEC.synthetic
 RES = 48
 
 
+# Test-local job classes travel by value: Ray workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+def data(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     assert synthesize(root, SPEC, workers=2, progress=False).ok
-    yield root
-    ray.shutdown()
+    return root
 
 
 def _sources(root: Path) -> list[tuple[str, Path]]:

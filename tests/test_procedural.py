@@ -7,7 +7,6 @@ from pathlib import Path
 import dlib
 import numpy as np
 import pytest
-import ray
 import torch
 
 from geodiff4d.datasets.flame import FlameParams
@@ -24,13 +23,6 @@ from geodiff4d.datasets.synthhuman import SynthHumanDataset
 
 SPEC = SynthSpec(subjects=4, sequences=1, frames=3, cameras=3, resolution=256, synthetic=4, seed=7)
 SEQUENCE = "EXP-1-head"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
