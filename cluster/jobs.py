@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
+
+from geodiff4d.cluster.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,6 @@ class JobReport:
         lines = [f"{len(self.completed)} done, {len(self.skipped)} already committed, {len(self.failed)} failed"]
         lines += [f"  FAILED {unit_id}: {error}" for unit_id, error in sorted(self.failed.items())]
         return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CommitLog:

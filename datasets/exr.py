@@ -7,37 +7,17 @@ EXR. Writes go to a temp file in the target folder and are renamed, so a crash n
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import OpenEXR
 
+from geodiff4d.cluster.atomic import atomic_output
+
 
 class ExrError(ValueError):
     """An EXR file that cannot be read or written as asked; the message names the file."""
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_exr(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.datasets.shards import MemberRecord, group_members
 
 MANIFEST_NAME = "manifest.parquet"
@@ -94,15 +94,8 @@ def build_manifest(out: str | os.PathLike) -> pa.Table:
     rows = [row for path in stats_files(out) for row in _rows(path)]
     rows.sort(key=lambda r: (r["shard"], r["key"]))
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(out / MANIFEST_NAME) as tmp:
         pq.write_table(table, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return table
 
 

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera, CameraError
-from geodiff4d.datasets.exr import atomic_output, atomic_write_bytes
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.video import VideoError, iter_video, video_frame_count, video_size
 

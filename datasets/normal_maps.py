@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.datasets.exr import atomic_write_bytes
+from geodiff4d.cluster.atomic import atomic_write_bytes
 
 _U16_MAX = 65535.0
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units, write_json_atomic
+from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import NERSEMBLE_LAYOUT, Camera, look_at_camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameModel, FlameParams

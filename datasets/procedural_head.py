@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse
 from scipy.interpolate import PchipInterpolator
 
+from geodiff4d.cluster.atomic import atomic_write_bytes
 from geodiff4d.datasets.flame import FlameModel
 
 N_ROWS, N_COLS = 90, 88  # skin grid: rows crown -> neck bottom, columns around the head (seam at the back)
@@ -534,11 +535,7 @@ def build_procedural_head(seed: int = 0) -> dict:
 
 def save_flame_pickle(model_dict: dict, path: str | Path) -> None:
     """Write a FLAME-structured dict atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        pickle.dump(model_dict, tmp, protocol=4)
-    os.replace(tmp.name, path)
+    atomic_write_bytes(path, pickle.dumps(model_dict, protocol=4))
 
 
 def procedural_head_cache_path(seed: int = 0) -> Path:

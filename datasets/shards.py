@@ -13,10 +13,11 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from geodiff4d.cluster.atomic import atomic_output
 
 Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
 
@@ -87,11 +88,9 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> list[Memb
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise ShardError(f"{path.name}: duplicated sample keys {duplicates[:5]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     records = []
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for sample in ordered:
                 for name, data in _members(sample):
                     start = tar.offset
@@ -99,11 +98,6 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> list[Memb
                     padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     digest = hashlib.sha256(data).hexdigest()
                     records.append(MemberRecord(name, start, tar.offset - padded, len(data), digest))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return records
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from geodiff4d.cluster.atomic import atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera, CameraError
-from geodiff4d.datasets.exr import ExrError, atomic_write_bytes, read_exr, write_exr
+from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
 from geodiff4d.datasets.normal_maps import angular_error_deg, normals_from_depth, unit
 
 # ours = SYNTHHUMAN_NORMAL_TO_OURS @ stored. Assumption: stored in OpenCV camera space (x right, y down,

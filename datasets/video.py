@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from geodiff4d.datasets.exr import atomic_output
+from geodiff4d.cluster.atomic import atomic_output
 
 DEFAULT_CRF = 14  # visually lossless for 8-bit yuv420p, ~40+ dB PSNR on rendered heads
 

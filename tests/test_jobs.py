@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units, write_json_atomic
+from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 
 
 class _WriteFiles:
