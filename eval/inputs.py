@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
 
 
 class InputError(ValueError):
@@ -136,11 +137,21 @@ class NersembleSource:
         return sorted(self.dataset.sequence_serials(subject, sequence))
 
     def clip(self, subject: str, sequence: str, camera: str) -> Clip:
-        frames = list(self.dataset.frames(subject, sequence, camera.removeprefix("cam_")))
-        rgb = np.stack([f.rgb for f in frames])
+        serial = camera.removeprefix("cam_")
+        frames = list(self.dataset.frames(subject, sequence, serial))
+        rgb = np.stack([f.rgb for f in frames])  # [T, H, W, 3]
         alphas = [f.alpha for f in frames]
-        masks = None if any(a is None for a in alphas) else np.stack(alphas)
-        return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, camera.removeprefix("cam_"))))
+        masks = None if any(a is None for a in alphas) else np.stack(alphas)  # [T, H, W]
+        return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, serial)))
+
+    def frontal_camera(self, subject: str, sequence: str) -> str:
+        """NeRSemble's frontal serial when recorded, else the camera nearest the rig's mean viewing direction."""
+        serials = self.cameras(subject, sequence)
+        if NERSEMBLE_FRONTAL in serials:
+            return NERSEMBLE_FRONTAL
+        cameras = self.dataset.cameras(subject, sequence)
+        directions = np.stack([cameras[s].center / np.linalg.norm(cameras[s].center) for s in serials])  # [C, 3]
+        return serials[int(np.argmax(directions @ directions.mean(axis=0)))]
 
 
 def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps: float = 25.0) -> ClipSource:

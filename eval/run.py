@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units, write_json_atomic
+from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.eval.inputs import (
     FolderSource,

@@ -33,7 +33,7 @@ class MetricModels:
         self.settings = settings
         self.embedder = make_embedder(settings.csim_backend, settings.arcface_model) if "csim" in m else None
         self.landmarker = make_landmarker(settings.akd_backend) if "akd" in m else None
-        self.regressor = make_expression_regressor(settings.aed_backend) if "aed" in m else None
+        self.regressor = make_expression_regressor(settings.aed_backend, settings.aed_head_model) if "aed" in m else None
         self.lpips, self.lpips_missing = None, None
         if "lpips" in m:
             try:

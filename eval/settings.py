@@ -28,6 +28,7 @@ class EvalSettings:
     arcface_model: str | None = None
     akd_backend: str = "dlib"
     aed_backend: str = "mediapipe"
+    aed_head_model: str | None = None  # FLAME pkl for aed_backend="landmark_fit"; None = procedural head
     lpips_net: str = "alex"
     lpips_checkpoint: str | None = None
     jod_display: str = DEFAULT_DISPLAY
@@ -52,6 +53,12 @@ class EvalSettings:
         d["metrics"] = list(self.metrics)
         return d
 
+    def _aed_regressor(self) -> str:
+        if self.aed_backend == "landmark_fit":
+            head = self.aed_head_model or "procedural head model"
+            return f"expression + jaw of {head} fitted to dlib's 68 landmarks, weak perspective"
+        return "MediaPipe FaceLandmarker, 52 blendshapes"
+
     def describe(self) -> dict[str, str]:
         """Metric -> backend, resolution and masking, the way reports print it."""
         resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
@@ -65,7 +72,6 @@ class EvalSettings:
             "csim": f"CSIM backend {self.csim_backend}"
                     + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "") + f"; {faces}",
             "akd": f"AKD backend {self.akd_backend} (68 iBUG points, pixels); {faces}",
-            "aed": f"AED regressor {self.aed_backend}"
-                   + (" (52 FaceLandmarker blendshapes)" if self.aed_backend == "mediapipe" else "") + f"; {faces}",
+            "aed": f"AED regressor {self.aed_backend} ({self._aed_regressor()}); {faces}",
             "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}",
         }

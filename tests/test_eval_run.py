@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import skimage.data
 
 from geodiff4d.eval.inputs import Clip, FolderSource, InputError, check_clips, match_cameras
@@ -42,14 +40,6 @@ def trees(tmp_path_factory):
     _write_tree(root / "pred" / "mild", [_degrade(f, 0, 0.02, rng) for f in gt])
     _write_tree(root / "pred" / "strong", [_degrade(f, 2.5, 0.08, rng) for f in gt])
     return root
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def test_run_resume_and_leaderboard(trees, local_ray):
