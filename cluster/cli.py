@@ -117,6 +117,25 @@ def train(
 
 
 @app.command()
+def sample(
+    run: Annotated[Path, typer.Option(help="Training run (its latest EMA weights) or a save_pretrained folder.")],
+    shards: Annotated[Path, typer.Option(help="Packed shards holding the subject's pose maps and frames.")],
+    subject: Annotated[str, typer.Option(help="Subject id in the shards.")],
+    sequence: Annotated[str, typer.Option(help="Sequence name in the shards.")],
+    out: Annotated[Path, typer.Option(help="Frame folder to write: rgb/, normal/, latents/, cameras/, grids/.")],
+    config: Annotated[Path, typer.Option(help="YAML config the run was trained with.")] = Path("configs/demo.yaml"),
+    camera: Annotated[list[str] | None, typer.Option(help="Target cameras (default: all of the sequence).")] = None,
+    frames: Annotated[list[int] | None, typer.Option(help="Frames (default: all of the sequence).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Generate RGB frames, normal maps and expression latents for a subject's cameras into a frame folder."""
+    from geodiff4d.gen.sample_frames import sample_to_frame_folder
+
+    grid = sample_to_frame_folder(config, run, shards, subject, sequence, camera, frames, out, seed)
+    typer.echo(f"frames in {out}, grid {grid}")
+
+
+@app.command()
 def recon(
     input: Annotated[Path, typer.Option("--input", help="Frame folder (rgb/, normal/, mask/, cameras/, tracking/).")],
     out: Annotated[Path, typer.Option(help="Avatars folder: one sub-folder per subject.")],

@@ -8,7 +8,7 @@ the file and field named, instead of failing deep inside a training step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -70,6 +70,7 @@ class DataConfig(_Strict):
     cross_view_pairs: bool = True
     synthetic_data: bool = True
     synthetic_weight: float = Field(0.1, ge=0)   # multi-view : synthetic = 10 : 1 per sample
+    loader_workers: int = Field(0, ge=0)         # DataLoader processes per training worker (0: in-process)
 
 
 class StageConfig(_Strict):
@@ -122,15 +123,6 @@ class GenConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
-
-    def loader_options(self, stage: int) -> dict[str, Any]:
-        """What the data loader needs for a stage (the data-side ablation switches included)."""
-        st = self.train.stage(stage)
-        kind = "clip" if st.frames > 1 else ("pair" if self.data.cross_view_pairs else "frame")
-        return {"kind": kind, "batch_size": st.batch_size, "frames": st.frames,
-                "resolution": self.data.resolution, "crop_size": self.model.driving_size,
-                "cross_view_pairs": self.data.cross_view_pairs, "synthetic_data": self.data.synthetic_data,
-                "synthetic_weight": self.data.synthetic_weight if self.data.synthetic_data else 0.0}
 
 
 class ConfigError(ValueError):

@@ -55,10 +55,8 @@ class JointDenoiser(ModelMixin, ConfigMixin):
 
     @staticmethod
     def _make_unet(fields: dict, sample_size: int, in_channels: int, out_channels: int) -> UNet2DConditionModel:
-        unet = UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+        return UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
                                     num_class_embeds=len(DOMAINS), **fields)
-        nn.init.zeros_(unet.class_embedding.weight)  # domain embedding: starts neutral for SD initialization
-        return unet
 
     @property
     def num_domains(self) -> int:
@@ -103,8 +101,9 @@ class JointDenoiser(ModelMixin, ConfigMixin):
     def load_backbone_weights(self, unet_state: dict[str, torch.Tensor], source: str) -> None:
         """Initialize both UNets from an SD-shaped UNet state dict (SD-1.5 in the paper).
 
-        Keys the SD UNet lacks (domain embedding, temporal layers) keep their init; an input conv with
-        extra pose channels gets the SD weights for the latent channels and zeros for the rest.
+        Keys the SD UNet lacks keep their init (temporal layers) or start at zero (the domain embedding, so the
+        SD UNet starts undisturbed; from scratch it starts random, telling the domains apart from step one); an
+        input conv with extra pose channels gets the SD weights for the latent channels and zeros for the rest.
         """
         for unet in (self.unet, self.reference_net.unet):
             state = dict(unet_state)
@@ -114,6 +113,7 @@ class JointDenoiser(ModelMixin, ConfigMixin):
                 padded = torch.zeros_like(own["conv_in.weight"])
                 padded[:, : w.shape[1]] = w
                 state["conv_in.weight"] = padded
+            nn.init.zeros_(unet.class_embedding.weight)
             missing, unexpected = unet.load_state_dict(state, strict=False)
             bad = [k for k in missing if not (k.startswith("class_embedding") or ".processor.temporal." in k)]
             if bad or unexpected:

@@ -113,11 +113,11 @@ def sample(config_path: str | Path, run: str | Path, ref_rgb: torch.Tensor, ref_
                              torch.Generator().manual_seed(seed), s.scheduler, s.steps, s.guidance_reference,
                              s.guidance_expression, s.window, s.overlap, cfg.train.num_train_timesteps)
     if out is not None:
-        _write_grid(Path(out), [result.rgb] + ([result.normal] if result.normal is not None else []))
+        write_grid(Path(out), [result.rgb] + ([result.normal] if result.normal is not None else []))
     return result
 
 
-def _write_grid(path: Path, rows: list[torch.Tensor]) -> None:
+def write_grid(path: Path, rows: list[torch.Tensor]) -> None:
     import os
 
     from PIL import Image

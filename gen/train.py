@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,11 +26,10 @@ from geodiff4d.gen.checkpoint import (
     save_checkpoint,
 )
 from geodiff4d.gen.config import GenConfig, load_config
+from geodiff4d.gen.data import MakeBatches, shard_batches
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import encode_domains
 from geodiff4d.gen.pipeline import make_scheduler, sample_sequence
-
-MakeBatches = Callable[[int, int], Iterator[dict]]
 
 
 def _frames(x: torch.Tensor, image_dims: int = 3) -> torch.Tensor:
@@ -139,12 +138,13 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
         if writer is not None and state.step % cfg.train.log_every == 0:
             writer.add_scalar("train/loss", step_loss, state.step)
             writer.add_scalar("train/steps_per_s", rate, state.step)
-        if report is not None and state.step % cfg.train.log_every == 0:
-            report({"loss": step_loss, "step": state.step})
         done = state.step == total
-        if rank == 0 and (state.step % cfg.train.checkpoint_every == 0 or done):
-            state.generator_state = generator.get_state()
-            save_checkpoint(out, model, ema, optimizer, state)
+        if state.step % cfg.train.checkpoint_every == 0 or done:
+            if rank == 0:
+                state.generator_state = generator.get_state()
+                save_checkpoint(out, model, ema, optimizer, state)
+            if report is not None:
+                report({"loss": step_loss, "step": state.step})
         if writer is not None and (state.step % cfg.train.sample_every == 0 or done):
             _write_preview(model, ema, codec, preview, cfg, writer, out, state.step)
     if writer is not None:
@@ -181,19 +181,13 @@ def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) 
     os.replace(tmp, path)
 
 
-def shard_batches(shards: str | Path, cfg: GenConfig, stage: int) -> MakeBatches:
-    """The loader of the packing issue as a make_batches factory (imported lazily: it is a separate module)."""
-    from geodiff4d.datasets.loader import training_batches
-    options = cfg.loader_options(stage)
-    return lambda seed, position: iter(training_batches(str(shards), seed=seed, position=position, **options))
-
-
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     cfg = GenConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
-    make_batches = config["make_batches"] or shard_batches(config["shards"], cfg, config["stage"])
+    make_batches = config["make_batches"] or shard_batches(config["shards"], cfg, config["stage"],
+                                                           cfg.data.loader_workers)
     train_loop(cfg, config["stage"], make_batches, Path(config["out"]), config["max_steps"], config["init"],
                config["resume"], ray.train.torch.get_device(), ctx.get_world_rank(),
                wrap=lambda m: ray.train.torch.prepare_model(

@@ -6,6 +6,9 @@ are a hemisphere; the pose map is the same hemisphere, so pose -> normals is lea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 
@@ -52,3 +55,20 @@ def make_batches_factory(batch: int, res: int, frames: int = 1, crop: int = 32):
         while True:
             yield synthetic_batch(g, batch, res, frames, crop)
     return make_batches
+
+
+@contextmanager
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads thrash: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    with one_thread():
+        yield

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from geodiff4d.gen.build import build_codec, build_model, model_kwargs
 from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.denoiser import JointDenoiser
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gen_synthetic import one_torch_thread  # noqa: E402, F401
 
 TINY_UNET = dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
@@ -162,6 +168,8 @@ def test_sd_shaped_folder_loads_through_from_pretrained(tmp_path):
         own = unet.state_dict()
         for key, value in sd_unet.state_dict().items():
             torch.testing.assert_close(own[key], value, rtol=0, atol=0)
+        assert not own["class_embedding.weight"].any()  # domain embedding zero: the SD UNet starts undisturbed
+    assert build_model(cfg, 1, codec, from_pretrained=False).unet.class_embedding.weight.abs().min() > 0
     latent = codec.encode(torch.rand(2, 3, 16, 16))
     assert latent.shape == (2, 4, 8, 8)
     noisy = torch.randn(2, 2, 4, 1, 8, 8)

@@ -15,6 +15,7 @@ from geodiff4d.gen.latents import PixelLatents
 from geodiff4d.gen.pipeline import sample_sequence, temporal_windows
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gen_synthetic import one_torch_thread  # noqa: E402, F401
 from test_gen_model import tiny  # noqa: E402
 
 
@@ -71,4 +72,4 @@ def test_config_errors_name_file_and_field(tmp_path):
     msg = str(err.value)
     assert str(bad) in msg and "model.joint_normalz" in msg and "train.stage1.batch_size" in msg
     cfg = load_config("configs/demo.yaml")
-    assert cfg.loader_options(1)["kind"] == "pair" and cfg.loader_options(2)["frames"] == 16
+    assert cfg.train.stage1.frames == 1 and cfg.train.stage2.frames == 16

@@ -13,7 +13,7 @@ from geodiff4d.gen.config import GenConfig
 from geodiff4d.gen.train import train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gen_synthetic import make_batches_factory  # noqa: E402
+from gen_synthetic import make_batches_factory, one_torch_thread  # noqa: E402, F401
 
 
 def tiny_config(**train) -> GenConfig:

@@ -1,0 +1,146 @@
+"""Sample one subject's sequence from packed shards into a frame folder (ARCHITECTURE §3).
+
+Self-reenactment as the paper runs it: the reference image is one frame of the subject, the driving frames
+are the sequence seen by one camera (face crops, no augmentation), and every target camera gets its own
+pose maps (FLAME normals with expression zeroed, as packed). The expression latents depend only on the
+driving frames, so one set per sequence is written, beside RGB, normals, masks, cameras and a grid image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from geodiff4d.cluster.atomic import atomic_write_bytes, write_json_atomic
+from geodiff4d.datasets.loader import LoaderConfig, augment_driving
+from geodiff4d.datasets.manifest import read_manifest
+from geodiff4d.datasets.normal_maps import encode_normal_png
+from geodiff4d.datasets.shards import iter_shard
+from geodiff4d.gen.build import build_codec
+from geodiff4d.gen.checkpoint import resolve_init
+from geodiff4d.gen.config import load_config
+from geodiff4d.gen.denoiser import JointDenoiser
+from geodiff4d.gen.pipeline import SampleOutput, sample_sequence, write_grid
+
+FOREGROUND_Z = 0.25  # encoded z = (n_z+1)/2: visible surfaces have n_z >= 0 (>= 0.5), background is 0
+
+
+class SampleFramesError(ValueError):
+    """The shards lack what the request names; the message names the shard folder and the missing ids."""
+
+
+def _decode(data: bytes, channels: int) -> torch.Tensor:
+    """PNG bytes -> float32 [channels, H, W] in [0, 1] (RGB order)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    image = image.astype(np.float32) / scale
+    image = image[..., None] if image.ndim == 2 else image[..., 2::-1]
+    return torch.from_numpy(np.ascontiguousarray(image[..., :channels].transpose(2, 0, 1)))
+
+
+def read_sequence(shards: str | Path, subject: str, sequence: str, source: str = "nersemble") -> dict[tuple[str, int], dict]:
+    """(camera, frame) -> {rgb, mask, posemap, normal, meta} of one subject/sequence, read via the manifest."""
+    table = read_manifest(shards).to_pandas()
+    rows = table[(table.source == source) & (table.subject == subject) & (table.sequence == sequence)]
+    if rows.empty:
+        raise SampleFramesError(f"{shards}: no {source} samples of subject {subject!r}, sequence {sequence!r}")
+    wanted = set(rows.key)
+    found = {}
+    for shard in sorted(set(rows.shard)):
+        for sample in iter_shard(Path(shards) / shard):
+            if sample["__key__"] in wanted:
+                meta = json.loads(sample["json"])
+                found[(meta["camera"], int(meta["frame"]))] = {
+                    "rgb": _decode(sample["rgb.png"], 3), "mask": _decode(sample["mask.png"], 1),
+                    "posemap": _decode(sample["posemap.png"], 3), "normal": _decode(sample["normal.png"], 3),
+                    "meta": meta}
+    return found
+
+
+def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: Path) -> None:
+    missing = [(c, f) for c in cameras for f in frames if (c, f) not in data]
+    if missing:
+        raise SampleFramesError(f"{shards}: missing (camera, frame) samples {missing[:5]}")
+
+
+def _png8(image: torch.Tensor) -> bytes:
+    """[C, H, W] in [0, 1] -> 8-bit PNG bytes."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    ok, buffer = cv2.imencode(".png", array[..., ::-1] if array.shape[2] == 3 else array)
+    if not ok:
+        raise SampleFramesError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def write_camera_frames(root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int],
+                        result: SampleOutput) -> None:
+    """RGB, normal (16-bit, our convention) and mask PNGs of one camera; mask = foreground of the normals."""
+    for i, frame in enumerate(frames):
+        rel = Path(subject) / sequence / camera / f"{frame:05d}.png"
+        atomic_write_bytes(root / "rgb" / rel, _png8(result.rgb[i]))
+        if result.normal is not None:
+            encoded = result.normal[i]  # [3, H, W], (n+1)/2
+            mask = encoded[2] > FOREGROUND_Z
+            atomic_write_bytes(root / "normal" / rel, encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy()))
+            atomic_write_bytes(root / "mask" / rel, _png8(mask[None].float()))
+
+
+def write_latents(root: Path, subject: str, sequence: str, frames: Sequence[int], expression: torch.Tensor) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, frames=np.asarray(frames, np.int64), expression=expression.cpu().numpy().astype(np.float32))
+    atomic_write_bytes(root / "latents" / subject / f"{sequence}.npz", buffer.getvalue())
+
+
+def _camera_entry(data: dict, camera: str, frames: Sequence[int]) -> dict:
+    """The contract's fields (first frame) plus `per_frame`: packed crops follow the head, so K moves per frame."""
+    per_frame = {str(f): data[(camera, f)]["meta"]["camera_params"] for f in frames}
+    return {**per_frame[str(frames[0])], "per_frame": per_frame}
+
+
+def sample_to_frame_folder(config: str | Path, run: str | Path, shards: str | Path, subject: str, sequence: str,
+                           cameras: Sequence[str] | None, frames: Sequence[int] | None, out: str | Path,
+                           seed: int = 0, *, driving_camera: str | None = None,
+                           reference: tuple[str, int] | None = None) -> Path:
+    """Sample `frames` of `subject`/`sequence` for every camera in `cameras` into the frame folder `out`.
+
+    cameras / frames default to all of the sequence's; the driving camera defaults to the first camera and
+    the reference to the driving camera's first frame. Returns the grid image (rows: RGB and normals per camera).
+    """
+    cfg, shards, root = load_config(config), Path(shards), Path(out)
+    data = read_sequence(shards, subject, sequence)
+    cameras = list(cameras or sorted({c for c, _ in data}))
+    frames = list(frames or sorted({f for c, f in data if c == cameras[0]}))
+    driving_camera = driving_camera or cameras[0]
+    reference = reference or (driving_camera, frames[0])
+    _require(data, [*cameras, driving_camera], frames, shards)
+    _require(data, [reference[0]], [reference[1]], shards)
+    plain = dataclasses.replace(LoaderConfig(), driving_size=cfg.model.driving_size, crop_scale=(1.0, 1.0),
+                                crop_shift=0.0, brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
+    rng = np.random.default_rng(seed)  # unused by an unaugmented crop, required by the signature
+    driving = torch.stack([augment_driving(data[(driving_camera, f)]["rgb"], data[(driving_camera, f)]["mask"], plain, rng)
+                           for f in frames])  # [T, 3, r, r]
+    ref = data[reference]
+    model = JointDenoiser.from_pretrained(str(resolve_init(Path(run)))).eval()
+    codec, s = build_codec(cfg), cfg.sample
+    rows, expression = [], None
+    for i, camera in enumerate(cameras):
+        posemaps = torch.stack([data[(camera, f)]["posemap"] for f in frames])  # [T, 3, H, W]
+        result = sample_sequence(model, codec, ref["rgb"], ref["posemap"], driving, posemaps,
+                                 torch.Generator().manual_seed(seed * 1_000 + i), s.scheduler, s.steps,
+                                 s.guidance_reference, s.guidance_expression, s.window, s.overlap,
+                                 cfg.train.num_train_timesteps)
+        write_camera_frames(root, subject, sequence, camera, frames, result)
+        rows += [result.rgb] + ([result.normal] if result.normal is not None else [])
+        expression = result.expression
+    write_latents(root, subject, sequence, frames, expression)
+    write_json_atomic(root / "cameras" / subject / f"{sequence}.json", {c: _camera_entry(data, c, frames) for c in cameras})
+    grid = root / "grids" / subject / f"{sequence}.png"
+    write_grid(grid, rows)
+    return grid
