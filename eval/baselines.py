@@ -7,14 +7,13 @@ ground truth plus Gaussian noise). Both are floors/ceilings to read a real metho
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from geodiff4d.cluster.atomic import atomic_write_bytes
 from geodiff4d.eval.inputs import ClipSource, open_ground_truth
 
 GT_NOISE_SIGMA = 0.05  # of the [0,1] range
@@ -22,14 +21,11 @@ GT_NOISE_SIGMA = 0.05  # of the [0,1] range
 
 def write_frames(folder: Path, frames: np.ndarray) -> None:
     """uint8 RGB frames [T, H, W, 3] -> ``folder/{t:05d}.png``, each written to a temp name and renamed."""
-    folder.mkdir(parents=True, exist_ok=True)
     for t, frame in enumerate(frames):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{t:05d}.", suffix=".png")
-        os.close(fd)
-        if not cv2.imwrite(tmp, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
-            Path(tmp).unlink(missing_ok=True)
-            raise OSError(f"cannot write {folder / f'{t:05d}.png'}")
-        os.replace(tmp, folder / f"{t:05d}.png")
+        ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"cannot encode {folder / f'{t:05d}.png'}")
+        atomic_write_bytes(folder / f"{t:05d}.png", png.tobytes())
 
 
 def _reference_image(gt: ClipSource, subject: str, sequence: str) -> np.ndarray:

@@ -8,9 +8,7 @@ settings (a rerun with other settings is refused rather than mixing numbers).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.atomic import atomic_output, write_json_atomic
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.eval.inputs import (
@@ -45,15 +43,8 @@ class EvalError(RuntimeError):
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unit_id(method: str, subject: str, sequence: str) -> str:

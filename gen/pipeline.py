@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.gen.denoiser import Conditions, JointDenoiser
 from geodiff4d.gen.latents import decode_domains
 
@@ -117,13 +118,15 @@ def sample(config_path: str | Path, run: str | Path, ref_rgb: torch.Tensor, ref_
     return result
 
 
-def write_grid(path: Path, rows: list[torch.Tensor]) -> None:
-    import os
-
+def save_image(path: Path, image: torch.Tensor) -> None:
+    """[3, H, W] in [0,1] -> an 8-bit PNG at ``path``, written atomically."""
     from PIL import Image
+
+    with atomic_output(path) as tmp:
+        Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(tmp, format="PNG")
+
+
+def write_grid(path: Path, rows: list[torch.Tensor]) -> None:
     from torchvision.utils import make_grid
-    grid = make_grid(torch.cat([r.cpu() for r in rows]), nrow=rows[0].shape[0], padding=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp)
-    os.replace(tmp, path)
+
+    save_image(path, make_grid(torch.cat([r.cpu() for r in rows]), nrow=rows[0].shape[0], padding=1))

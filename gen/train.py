@@ -8,14 +8,12 @@ noise generator's state restored too, the resumed loss sequence equals the unint
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
-from PIL import Image
 
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
@@ -29,7 +27,7 @@ from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.data import MakeBatches, shard_batches
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import encode_domains
-from geodiff4d.gen.pipeline import make_scheduler, sample_sequence
+from geodiff4d.gen.pipeline import make_scheduler, sample_sequence, save_image
 
 
 def _frames(x: torch.Tensor, image_dims: int = 3) -> torch.Tensor:
@@ -174,11 +172,7 @@ def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) 
         ema.restore(params)
         model.train()
     writer.add_image("samples", grid, step)
-    path = out / "samples" / f"step_{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp)
-    os.replace(tmp, path)
+    save_image(out / "samples" / f"step_{step:07d}.png", grid)
 
 
 def _worker(config: dict) -> None:
@@ -208,7 +202,8 @@ def train(config_path: str | Path, stage: int, shards: str | Path | None, out: s
         raise ValueError("stage 2 starts from a stage-1 run: pass init (the stage-1 run folder)")
     if shards is None and make_batches is None:
         raise ValueError("give shards (a folder of WebDataset shards) or make_batches")
-    out = Path(out).resolve()
+    out = Path(out).resolve()  # Ray Train workers run in their own working directory
+    shards = Path(shards).resolve() if shards is not None else None
     if not ray.is_initialized():
         from geodiff4d.cluster.runtime import connect
         connect(address)
