@@ -41,7 +41,8 @@ def _pack(out: Path, address: str | None) -> dict:
 
     data = out / "data"
     sources = [("nersemble", data / "nersemble"), ("synthhuman", data / "synthhuman")]
-    report = pack(out / "shards", sources, resolution=64, workers=2, address=address, samples_per_shard=64)
+    # 160 = 20 frames x 8 cameras: each subject's sequence in one shard, so stage 2 finds 16-frame clips
+    report = pack(out / "shards", sources, resolution=64, workers=2, address=address, samples_per_shard=160)
     if not report.ok:
         raise RuntimeError(f"pack failed:\n{report.summary()}")
     verified = verify(out / "shards")
@@ -52,6 +53,9 @@ def _pack(out: Path, address: str | None) -> dict:
 
 
 RECON_STEPS = 600
+# A few minutes of training: enough to see heads and normals emerge. configs/demo.yaml's full schedule
+# (800 + 200 steps, ~10 min on an idle 2-core machine) is what bench/bench_gen.py --quality measures.
+DEMO_TRAIN_STEPS = {1: 240, 2: 40}
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SUBJECT, SEQUENCE, HELD_OUT = "001", "EXP-1-head", "222200037"  # the frontal camera is held out of recon
 
@@ -63,7 +67,8 @@ def _train_stage(out: Path, address: str | None, stage: int) -> dict:
     run = out / f"gen_stage{stage}"
     init = out / "gen_stage1" if stage == 2 else None
     resume = latest_checkpoint(run) is not None  # an interrupted demo continues its run
-    checkpoint = train(DEMO_CONFIG, stage, out / "shards", run, init=init, resume=resume, address=address)
+    checkpoint = train(DEMO_CONFIG, stage, out / "shards", run, max_steps=DEMO_TRAIN_STEPS[stage], init=init,
+                       resume=resume, address=address)
     return {"checkpoint": str(checkpoint)}
 
 

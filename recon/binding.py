@@ -37,13 +37,21 @@ def triangle_frames(vertices: Tensor, faces: Tensor) -> TriangleFrames:
     return TriangleFrames((v0 + v1 + v2) / 3, torch.stack([a0, a1, a2], dim=-1), size)
 
 
-def to_world(gaussians: BoundGaussians, frames: TriangleFrames) -> tuple[Tensor, Tensor, Tensor]:
-    """World means [N, 3], wxyz quats [N, 4] and scales [N, 3] for one frame's triangle frames ([F, ...])."""
+def to_world(
+    gaussians: BoundGaussians, frames: TriangleFrames, residuals: dict[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """World means [N, 3], wxyz quats [N, 4] and scales [N, 3] for one frame's triangle frames ([F, ...]).
+
+    ``residuals`` (per-frame refinement) are added to local_xyz, local_quat and log_scale first.
+    """
+    residuals = residuals or {}
+    local = {n: getattr(gaussians, n) + residuals[n] if n in residuals else getattr(gaussians, n)
+             for n in ("local_xyz", "local_quat", "log_scale")}  # fmt: skip
     f = gaussians.face_index
     rotation, size = frames.rotation[f], frames.size[f][:, None]  # [N, 3, 3], [N, 1]
-    means = frames.origin[f] + size * (rotation @ gaussians.local_xyz[:, :, None]).squeeze(-1)
-    quats = rotmat_to_quat(rotation @ quat_to_rotmat(gaussians.local_quat))
-    scales = size * torch.exp(gaussians.log_scale)
+    means = frames.origin[f] + size * (rotation @ local["local_xyz"][:, :, None]).squeeze(-1)
+    quats = rotmat_to_quat(rotation @ quat_to_rotmat(local["local_quat"]))
+    scales = size * torch.exp(local["log_scale"])
     return means, quats, scales
 
 
@@ -125,12 +133,19 @@ def render_bound(
     height: int,
     background: Tensor | None = None,
     backend: str = "auto",
+    residuals: dict[str, Tensor] | None = None,
 ):
-    """Render the avatar on the mesh ``vertices`` [V, 3] (one frame's deformed head) into one camera."""
+    """Render the avatar on the mesh ``vertices`` [V, 3] (one frame's deformed head) into one camera.
+
+    ``residuals``: per-Gaussian refinement of this frame (local_xyz, local_quat, log_scale, sh_dc).
+    """
     from geodiff4d.recon.rasterize import render_gaussians
 
-    means, quats, scales = to_world(gaussians, triangle_frames(vertices, faces))
+    means, quats, scales = to_world(gaussians, triangle_frames(vertices, faces), residuals)
+    sh = gaussians.sh
+    if residuals and "sh_dc" in residuals:
+        sh = torch.cat([(gaussians.sh_dc + residuals["sh_dc"])[:, None], gaussians.sh_rest], dim=1)
     return render_gaussians(
-        means, quats, scales, gaussians.opacity, gaussians.sh, world_to_cam, K, width, height,
+        means, quats, scales, gaussians.opacity, sh, world_to_cam, K, width, height,
         sh_degree=gaussians.sh_degree, background=background, backend=backend,
     )  # fmt: skip

@@ -55,7 +55,12 @@ class FitConfig:
 
 
 class FixedVertices(nn.Module):
-    """The deformer without refinement: each frame's tracked mesh as given, [T, V, 3]."""
+    """The deformer without refinement: each frame's tracked mesh as given, [T, V, 3].
+
+    The deformer interface (see :class:`geodiff4d.recon.refine.HierarchicalDeformer` for a learnable one):
+    ``forward(frame)`` -> vertices, ``attribute_residuals(frame, gaussians)`` -> dict or None,
+    ``regularizer(frame)`` -> scalar added to the loss.
+    """
 
     def __init__(self, frame_vertices: Tensor):
         super().__init__()
@@ -63,6 +68,12 @@ class FixedVertices(nn.Module):
 
     def forward(self, frame: int) -> Tensor:
         return self.frame_vertices[frame]
+
+    def attribute_residuals(self, frame: int, gaussians: BoundGaussians) -> dict[str, Tensor] | None:
+        return None
+
+    def regularizer(self, frame: int) -> Tensor:
+        return torch.zeros(())
 
 
 class Fitter:
@@ -92,14 +103,14 @@ class Fitter:
     def step(self) -> float:
         view = self.views[int(torch.randint(len(self.views), (1,), generator=self.generator))]
         height, width = view.rgb.shape[-2:]
-        render = render_bound(self.gaussians, self.deformer(view.frame), self.faces, view.world_to_cam, view.K,
-                              width, height)  # fmt: skip
+        render = self.render(view.frame, view.world_to_cam, view.K, width, height)
         render.means2d.retain_grad()
         loss = photometric_loss(render.rgb, view.rgb)
         if self.config.lambda_normal > 0 and view.normal is not None:
             loss = loss + self.config.lambda_normal * normal_loss(render.normal, render.alpha, view.normal, view.mask)
         loss = loss + self.config.lambda_position * position_regularizer(self.gaussians.local_xyz)
         loss = loss + self.config.lambda_scale * scale_regularizer(self.gaussians.log_scale)
+        loss = loss + self.deformer.regularizer(view.frame)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -112,6 +123,12 @@ class Fitter:
         if c.densify_every and self.step_index % c.densify_every == 0 and self.step_index <= c.densify_until:
             self.densify_and_prune()
         return self.losses[-1]
+
+    def render(self, frame: int, world_to_cam: Tensor, K: Tensor, width: int, height: int, **options):
+        """Render the avatar as deformed (and refined) for ``frame`` into a camera."""
+        residuals = self.deformer.attribute_residuals(frame, self.gaussians)
+        return render_bound(self.gaussians, self.deformer(frame), self.faces, world_to_cam, K, width, height,
+                            residuals=residuals, **options)  # fmt: skip
 
     def densify_and_prune(self) -> None:
         """Grow where the screen-space gradient is large (clone small, split large), prune transparent ones."""

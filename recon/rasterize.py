@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geodiff4d.recon.blend import ALPHA_MIN, BlendTiles
+from geodiff4d.recon.blend import ALPHA_MIN, T_MIN, BlendGathered, tile_alpha
 from geodiff4d.recon.normals import camera_normals
 from geodiff4d.recon.rotations import quat_to_rotmat
 from geodiff4d.recon.sh import sh_to_rgb
@@ -156,6 +156,10 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     values = torch.cat([features, depth[:, None], torch.ones_like(depth)[:, None]], dim=-1)  # [N, 8]
     per_tile = torch.bincount(pair_tile, minlength=n_tiles)  # [n_tiles]
     tile_start = torch.cumsum(per_tile, 0) - per_tile
+    with torch.no_grad():  # early termination: drop each tile's Gaussians behind its saturation depth
+        per_tile = per_tile.clone()
+        for tiles in _tile_chunks(per_tile, tile_pixels):
+            per_tile[tiles] = _saturation_counts(tiles, per_tile, tile_start, gauss, m2, conic, opacities, tiles_x, tile)
     out = values.new_zeros(n_tiles, tile_pixels, 8)
     for tiles in _tile_chunks(per_tile, tile_pixels):
         out = out.index_copy(0, tiles, _blend_tiles(
@@ -181,18 +185,53 @@ def _tile_chunks(per_tile: Tensor, tile_pixels: int, budget: int = 1 << 22) -> l
     return chunks
 
 
-def _blend_tiles(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile):
-    """Gather a group of tiles' depth-sorted lists, padded to the longest -> blended [T, pixels, 8]."""
+def _tile_slots(tiles, per_tile, tile_start, gauss, tiles_x, tile, dtype):
+    """A group of tiles' depth-sorted lists padded to the longest: Gaussian per slot g [T, K], valid [T, K],
+    pixel columns px and rows py [T, 1, tile]."""
     depth_slots = int(per_tile[tiles].max())
     slot = torch.arange(depth_slots, device=per_tile.device)
     valid = slot[None] < per_tile[tiles][:, None]  # [T, K]
     pair = torch.where(valid, tile_start[tiles][:, None] + slot[None], torch.zeros_like(slot)[None])
-    g = gauss[pair]  # [T, K]
-    local = torch.arange(tile, dtype=means2d.dtype, device=means2d.device)
+    local = torch.arange(tile, dtype=dtype, device=per_tile.device)
     px = ((tiles % tiles_x) * tile)[:, None, None] + local  # [T, 1, tile] pixel columns
     py = ((tiles // tiles_x) * tile)[:, None, None] + local  # [T, 1, tile] pixel rows
-    opacity = torch.where(valid, opacities[g], torch.ones_like(opacities[g]))  # padding: no division by 0
-    return BlendTiles.apply(means2d[g, 0], means2d[g, 1], conic[g], opacity, values[g], valid, px, py)
+    return gauss[pair], valid, px, py
+
+
+def _saturation_counts(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, tiles_x, tile,
+                       block: int = 32) -> Tensor:  # fmt: skip
+    """Per tile, the number of leading Gaussians that still reach some pixel: every later one meets only
+    pixels whose transmittance is already spent, so it has weight 0 and gradient 0 and can be dropped.
+
+    Walks the lists in blocks of ``block`` slots carrying the log-transmittance, and stops once every pixel
+    of the group is saturated, so its cost follows the saturation depth, not the list length. The test keeps
+    a small margin below the blending threshold: block-wise sums may round differently from one cumsum,
+    and keeping a spare slot is harmless where dropping a live one would not be.
+    """
+    g, valid, px, py = _tile_slots(tiles, per_tile, tile_start, gauss, tiles_x, tile, means2d.dtype)
+    threshold = math.log(T_MIN) - 1e-3
+    carry = means2d.new_zeros(len(tiles), 1, tile * tile)  # log transmittance before the block
+    counts = torch.zeros(len(tiles), dtype=torch.long, device=g.device)
+    for start in range(0, g.shape[1], block):
+        gb, vb = g[:, start : start + block], valid[:, start : start + block]
+        opacity = torch.where(vb, opacities[gb], 1.0)
+        alpha, _ = tile_alpha(means2d[gb, 0], means2d[gb, 1], conic[gb], opacity, vb, px, py)
+        inclusive = carry + torch.cumsum(torch.log1p(-alpha), 1)  # [T, B, S*S]
+        # slot k blends into a pixel while the transmittance before it is above the threshold
+        before = torch.cat([carry, inclusive[:, :-1]], 1)
+        alive = (before > threshold).any(-1) & vb  # [T, B]
+        slots = torch.arange(start + 1, start + gb.shape[1] + 1, device=g.device)
+        counts = torch.maximum(counts, torch.where(alive, slots, 0).amax(1))
+        carry = inclusive[:, -1:]
+        if not bool((carry > threshold).any()):
+            break
+    return counts
+
+
+def _blend_tiles(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile):
+    """Blend a group of tiles' depth-sorted lists -> [T, pixels, 8]."""
+    g, valid, px, py = _tile_slots(tiles, per_tile, tile_start, gauss, tiles_x, tile, means2d.dtype)
+    return BlendGathered.apply(means2d, conic, opacities, values, g, valid, px, py)
 
 
 def _gsplat_backend(means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile):

@@ -18,15 +18,18 @@ import torch
 
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
+from geodiff4d.datasets import frame_folder as frame_io
 from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.recon import frames as frame_io
 from geodiff4d.recon.binding import render_bound, to_world, triangle_frames
+from geodiff4d.recon.color_init import init_colors
 from geodiff4d.recon.files import atomic_output
 from geodiff4d.recon.fit import FitConfig, Fitter, FixedVertices, View, load_checkpoint, load_gaussians
 from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.losses import psnr
 from geodiff4d.recon.normals import shortest_axis
 from geodiff4d.recon.ply import write_point_cloud_ply
+from geodiff4d.recon.refine import HierarchicalDeformer, RefineConfig
+from geodiff4d.recon.tracking import TrackingConfig, track_frame_folder
 
 
 @dataclass
@@ -37,7 +40,11 @@ class ReconConfig:
     sh_degree: int = 0
     seed: int = 0
     train_cameras: list[str] | None = None  # None: every camera of the frame folder
+    tracker: str = "file"  # "file": read `tracking`; "ours": fit FLAME to the frames (recon.tracking)
     tracking: str = "{root}/tracking/{subject}/{sequence}.npz"  # NeRSemble-format npz per sequence
+    tracking_options: dict[str, Any] = field(default_factory=dict)  # TrackingConfig overrides
+    refine: dict[str, Any] | None = None  # RefineConfig overrides; None: the tracked meshes as they are
+    init_colors: bool = True  # start each Gaussian at the colour the training views show it
     fit: dict[str, Any] = field(default_factory=dict)  # FitConfig overrides
 
     def fit_config(self) -> FitConfig:
@@ -59,6 +66,27 @@ def load_tracking(path: Path, model: FlameModel) -> FlameParams:
         return FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
 
 
+def sequence_tracking(root: Path, subject: str, sequence: str, model: FlameModel, config: ReconConfig,
+                      cache: Path | None = None) -> FlameParams:  # fmt: skip
+    """FLAME parameters of one sequence: an external tracker's npz, or our tracker (cached in ``cache``)."""
+    if config.tracker == "file":
+        return load_tracking(Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model)
+    if config.tracker != "ours":
+        raise ValueError(f"ReconConfig.tracker must be 'file' or 'ours', got {config.tracker!r}")
+    path = cache / f"{sequence}.npz" if cache is not None else None
+    if path is not None and path.is_file():
+        return load_tracking(path, model)
+    params = track_frame_folder(root, subject, sequence, model, TrackingConfig(**config.tracking_options),
+                                cameras=config.train_cameras)  # fmt: skip
+    if path is not None:
+        frame_io.write_tracking(path, params)
+    return params
+
+
+def concat_params(params: list[FlameParams]) -> FlameParams:
+    return FlameParams(**{name: torch.cat([getattr(p, name) for p in params]) for name in vars(params[0])})
+
+
 @dataclass
 class SubjectData:
     frame_vertices: torch.Tensor  # [T, V, 3] over all sequences
@@ -66,12 +94,17 @@ class SubjectData:
     sequences: dict[str, int]  # sequence -> number of frames
     params: dict[str, FlameParams]
 
+    @property
+    def all_params(self) -> FlameParams:
+        return concat_params(list(self.params.values()))
 
-def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfig) -> SubjectData:
+
+def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfig,
+                 tracking_cache: Path | None = None) -> SubjectData:  # fmt: skip
     vertices, views, counts, all_params = [], [], {}, {}
     for sequence in frame_io.sequences(root, subject):
         cameras = frame_io.read_cameras(root / "cameras" / subject / f"{sequence}.json")
-        params = load_tracking(Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model)
+        params = sequence_tracking(root, subject, sequence, model, config, tracking_cache)
         with torch.no_grad():
             seq_vertices = model(params).vertices  # [T, V, 3]
         offset = sum(counts.values())
@@ -90,6 +123,29 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
     return SubjectData(torch.cat(vertices), views, counts, all_params)
 
 
+def make_deformer(model: FlameModel, params: FlameParams, config: ReconConfig) -> torch.nn.Module:
+    """The tracked meshes as they are, or the hierarchical refinement on top of them."""
+    if config.refine is None:
+        with torch.no_grad():
+            return FixedVertices(model(params).vertices)
+    return HierarchicalDeformer(model, params, RefineConfig(**config.refine))
+
+
+def new_fitter(data: SubjectData, model: FlameModel, config: ReconConfig, checkpoint: Path | None = None) -> Fitter:
+    """A fitter for the subject, resumed from ``checkpoint`` when that file exists."""
+    fit_config = config.fit_config()
+    deformer = make_deformer(model, data.all_params, config)
+    faces = deformer.faces if isinstance(deformer, HierarchicalDeformer) else model.faces
+    if checkpoint is not None and checkpoint.is_file():
+        return Fitter.resume(checkpoint, deformer, faces, data.views, fit_config)
+    generator = torch.Generator().manual_seed(config.seed)
+    gaussians = BoundGaussians.on_faces(len(faces), config.per_face, generator, config.sh_degree)
+    if config.init_colors:
+        with torch.no_grad():
+            init_colors(gaussians, deformer, faces, data.views)
+    return Fitter(gaussians, deformer, faces, data.views, fit_config)
+
+
 class ReconJob:
     """Ray work-unit job: fit one subject's avatar (resuming from its checkpoint) and export it."""
 
@@ -104,23 +160,16 @@ class ReconJob:
 
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         subject, config, started = unit.id, self.config, time.perf_counter()
-        data = load_subject(self.input_root, subject, self.model, config)
         folder = self.out / subject
+        data = load_subject(self.input_root, subject, self.model, config, tracking_cache=folder / "tracking")
         checkpoint = folder / "checkpoint.safetensors"
-        fit_config = config.fit_config()
-        deformer, faces = FixedVertices(data.frame_vertices), self.model.faces
-        if checkpoint.is_file():
-            fitter = Fitter.resume(checkpoint, deformer, faces, data.views, fit_config)
-        else:
-            generator = torch.Generator().manual_seed(config.seed)
-            gaussians = BoundGaussians.on_faces(len(faces), config.per_face, generator, config.sh_degree)
-            fitter = Fitter(gaussians, deformer, faces, data.views, fit_config)
+        fitter = new_fitter(data, self.model, config, checkpoint)
         resumed_from = fitter.step_index
         fitter.run(config.steps, checkpoint=checkpoint, on_step=lambda step, _: self.after_step(subject, step))
         export_avatar(folder, fitter, self.model, data, config)
         with torch.no_grad():
-            scores = [psnr(render_bound(fitter.gaussians, data.frame_vertices[v.frame], faces, v.world_to_cam, v.K,
-                                        v.rgb.shape[-1], v.rgb.shape[-2]).rgb, v.rgb) for v in data.views[:8]]  # fmt: skip
+            scores = [psnr(fitter.render(v.frame, v.world_to_cam, v.K, v.rgb.shape[-1], v.rgb.shape[-2]).rgb, v.rgb)
+                      for v in data.views[:8]]  # fmt: skip
         return {
             "subject": subject, "steps": fitter.step_index, "resumed_from_step": resumed_from,
             "gaussians": len(fitter.gaussians), "train_psnr": float(np.mean(scores)),
@@ -130,15 +179,18 @@ class ReconJob:
 
 
 def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: SubjectData, config: ReconConfig) -> None:
-    """avatar.safetensors (the fit), point_cloud.ply (canonical pose), binding.npz, flame/{sequence}.npz."""
+    """avatar.safetensors (the fit), point_cloud.ply (canonical pose), binding.npz, flame/{sequence}.npz (the
+    tracking the fit started from) and, with FLAME residuals, flame_refined/{sequence}.npz."""
     fitter.save(folder / "avatar.safetensors")
-    gaussians = fitter.gaussians
+    gaussians, deformer = fitter.gaussians, fitter.deformer
     first = next(iter(data.params.values()))
     canonical = FlameParams.zeros(1, model.n_shape, model.n_expr)
     canonical.shape, canonical.scale = first.shape[:1].clone(), first.scale[:1].clone()
     with torch.no_grad():
-        frames = triangle_frames(model(canonical).vertices[0], model.faces)
-        means, quats, scales = to_world(gaussians, frames)
+        vertices = model(canonical).vertices[0]
+        if isinstance(deformer, HierarchicalDeformer):
+            vertices = deformer.subdivided(vertices)
+        means, quats, scales = to_world(gaussians, triangle_frames(vertices, fitter.faces))
         write_point_cloud_ply(
             folder / "point_cloud.ply", means.numpy(), shortest_axis(quats, scales).numpy(),
             gaussians.sh_dc.numpy(), gaussians.sh_rest.numpy(), gaussians.opacity_logit.numpy(),
@@ -146,9 +198,14 @@ def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: Subject
         )  # fmt: skip
     with atomic_output(folder / "binding.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, face_index=gaussians.face_index.numpy(), **{k: v.numpy() for k, v in gaussians.tensors().items()})
+    offset = 0
     for sequence, params in data.params.items():
-        with atomic_output(folder / "flame" / f"{sequence}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, frames=np.arange(params.rotation.shape[0]), **params.to_numpy_dict())
+        frame_io.write_tracking(folder / "flame" / f"{sequence}.npz", params)
+        if isinstance(deformer, HierarchicalDeformer) and deformer.config.flame_residuals:
+            with torch.no_grad():
+                refined = concat_params([deformer.params(offset + t) for t in range(params.batch_size)])
+            frame_io.write_tracking(folder / "flame_refined" / f"{sequence}.npz", refined)
+        offset += params.batch_size
     with atomic_output(folder / "avatar.json") as tmp:
         tmp.write_text(json.dumps({"config": asdict(config), "sequences": data.sequences}, indent=1))
 
@@ -182,31 +239,53 @@ def render_avatar(
     backend: str = "auto",
 ) -> float:
     """Render ``avatar`` (a recon output folder) from every camera of ``cameras_json`` for every frame of
-    ``expressions_npz`` (NeRSemble tracking names; default: the avatar's first tracked sequence) into the
-    frame folder ``out``. Returns rendered frames per second."""
+    ``expressions_npz`` (NeRSemble tracking names; default: the avatar's first tracked sequence, refinement
+    included) into the frame folder ``out``, which ``geodiff4d eval`` scores. Returns rendered frames/s.
+
+    Driven by new expressions, a refined avatar keeps its networks (U-Net offsets, attribute MLP, fed the new
+    FLAME expression) but has no per-frame FLAME residuals for the new frames.
+    """
     avatar = Path(avatar)
     meta = json.loads((avatar / "avatar.json").read_text())
     config = ReconConfig(**meta["config"])
     model = load_head_model(config.head_model)
     tensors, metadata = load_checkpoint(avatar / "avatar.safetensors")
     gaussians = load_gaussians(tensors, int(metadata["sh_degree"]))
-    sequence = sequence or (Path(expressions_npz).stem if expressions_npz else next(iter(meta["sequences"])))
-    params = load_tracking(Path(expressions_npz or avatar / "flame" / f"{sequence}.npz"), model)
+    sequences = meta["sequences"]  # sequence -> frames, in training order
+    sequence = sequence or (Path(expressions_npz).stem if expressions_npz else next(iter(sequences)))
+    deformer_state = {k[len("deformer/"):]: v for k, v in tensors.items() if k.startswith("deformer/")}
+    if expressions_npz is None:
+        if sequence not in sequences:
+            raise KeyError(f"{avatar}/avatar.json: no sequence {sequence!r} (has {list(sequences)})")
+        params = concat_params([load_tracking(avatar / "flame" / f"{s}.npz", model) for s in sequences])
+        names = list(sequences)
+        first = sum(sequences[s] for s in names[: names.index(sequence)])
+        frames = range(first, first + sequences[sequence])
+    else:
+        params = load_tracking(Path(expressions_npz), model)
+        frames = range(params.batch_size)
+        per_frame = [k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))]
+        for key in per_frame:  # belongs to the training frames
+            deformer_state.pop(key)
+    deformer = make_deformer(model, params, config)
+    deformer.load_state_dict(deformer_state, strict=False)
+    faces = deformer.faces if isinstance(deformer, HierarchicalDeformer) else model.faces
     cameras = frame_io.read_cameras(Path(cameras_json))
     subject, out = avatar.name, Path(out)
     frame_io.write_cameras(out / "cameras" / subject / f"{sequence}.json", cameras)
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
-    gaussians, faces = gaussians.to(device), model.faces.to(device)
+    gaussians, faces, deformer = gaussians.to(device), faces.to(device), deformer.to(device)
     rendered, seconds = 0, 0.0
     with torch.no_grad():
-        vertices = model(params).vertices.to(device)  # [T, V, 3]
+        meshes = [(deformer(f), deformer.attribute_residuals(f, gaussians)) for f in frames]
         for serial, cam in cameras.items():
             w2c, K = (torch.tensor(m, dtype=torch.float32, device=device) for m in (cam.world_to_cam, cam.K))
-            for frame in range(vertices.shape[0]):
+            for index, (vertices, residuals) in enumerate(meshes):
                 start = time.perf_counter()
-                image = render_bound(gaussians, vertices[frame], faces, w2c, K, cam.width, cam.height, backend=backend)
+                image = render_bound(gaussians, vertices, faces, w2c, K, cam.width, cam.height, backend=backend,
+                                     residuals=residuals)  # fmt: skip
                 seconds += time.perf_counter() - start
                 normal = image.normal / image.alpha.clamp_min(1e-6)[None]
-                frame_io.write_frame(out, subject, sequence, serial, frame, image.rgb.cpu(), image.alpha.cpu(), normal.cpu())
+                frame_io.write_frame(out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu())
                 rendered += 1
     return rendered / max(seconds, 1e-9)

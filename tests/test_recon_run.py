@@ -17,8 +17,8 @@ from PIL import Image
 
 from geodiff4d.datasets.cameras import look_at_camera
 from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.frame_folder import read_frames, write_cameras
 from geodiff4d.datasets.procedural_head import procedural_head_model
-from geodiff4d.recon.frames import read_frames, write_cameras
 from geodiff4d.recon.ply import read_point_cloud_ply
 from geodiff4d.recon.run import ReconConfig, ReconJob, reconstruct, render_avatar
 
@@ -60,14 +60,13 @@ def _frame_folder(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def recon_ray(local_ray):
+    """The session's local Ray (conftest), with this module pickled by value for the workers."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
-    ray.shutdown()
 
 
-def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(local_ray, tmp_path):
+def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray, tmp_path):
     frames_root, out = tmp_path / "frames", tmp_path / "avatars"
     _frame_folder(frames_root)
     config = ReconConfig(steps=8, fit={"checkpoint_every": 3})
@@ -96,3 +95,32 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(local_ray
     assert len(images) == 4 and images[0].rgb.shape == (SIZE, SIZE, 3) and images[0].normal is not None
     assert images[0].mask.sum() > 0  # the head is in view
     torch.testing.assert_close(torch.tensor(images[0].rgb.std() > 0), torch.tensor(True))
+
+
+@pytest.mark.slow
+def test_recon_with_our_tracking_and_refinement_renders_a_scorable_folder(tmp_path):
+    """ReconConfig wires our tracker (cached per subject) and every refinement level into the run and render."""
+    frames_root, out = tmp_path / "frames", tmp_path / "avatars"
+    _frame_folder(frames_root)
+    config = ReconConfig(
+        steps=2, tracker="ours",
+        tracking_options={"rigid_steps": 1, "landmark_steps": 1, "steps": 1, "render_size": 12, "views_per_step": 1},
+        refine={"uv_offsets": True, "attribute_mlp": True, "subdivisions": 0, "uv_size": 8, "hidden": 8},
+    )  # fmt: skip
+    job = ReconJob(frames_root, out, config)
+    job.setup()
+    from geodiff4d.cluster.jobs import WorkUnit
+
+    stats = job.run(WorkUnit("s0"))
+    assert stats["steps"] == 2
+    assert (out / "s0" / "tracking" / "EXP-1.npz").is_file()  # our tracking, cached for a resumed run
+    assert (out / "s0" / "flame_refined" / "EXP-1.npz").is_file()
+    rendered = tmp_path / "rendered"
+    render_avatar(out / "s0", frames_root / "cameras" / "s0" / "EXP-1.json", None, rendered)
+    assert len(read_frames(rendered, "s0", "EXP-1")) == 4
+    # driven by another expression file: the networks run, per-frame residuals are not reused
+    drive = FlameParams.zeros(3, job.model.n_shape, job.model.n_expr)
+    drive.expression[:, 0] = torch.tensor([0.0, 0.5, 1.0])
+    np.savez(tmp_path / "drive.npz", frames=np.arange(3), **drive.to_numpy_dict())
+    render_avatar(out / "s0", frames_root / "cameras" / "s0" / "EXP-1.json", tmp_path / "drive.npz", rendered)
+    assert len(read_frames(rendered, "s0", "drive")) == 6

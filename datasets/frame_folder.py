@@ -1,0 +1,157 @@
+"""Frame folders (ARCHITECTURE §3): what sampling writes, reconstruction reads, rendering writes, eval scores.
+
+ROOT/rgb/{subject}/{sequence}/{camera}/{frame:05d}.png, ROOT/normal/... and ROOT/mask/... mirroring it,
+ROOT/cameras/{subject}/{sequence}.json (serial -> camera JSON). Per-frame FLAME parameters live in
+ROOT/tracking/{subject}/{sequence}.npz in NeRSemble's flame2023_tracking.npz names (any tracker's output in
+those names can replace them). :func:`export_frame_folder` turns a (procedural) NeRSemble folder into one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.nersemble import NersembleDataset
+from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
+from geodiff4d.datasets.procedural import gt_normal_path
+
+
+class FrameFolderError(ValueError):
+    """Missing or malformed frame-folder content; the message names the file."""
+
+
+@dataclass
+class FrameImage:
+    sequence: str
+    camera: str
+    frame: int
+    rgb: np.ndarray  # [H, W, 3] float32
+    mask: np.ndarray  # [H, W] float32
+    normal: np.ndarray | None  # [H, W, 3] our convention
+
+
+def subjects(root: Path) -> list[str]:
+    folder = Path(root) / "rgb"
+    if not folder.is_dir():
+        raise FrameFolderError(f"{folder}: frame folder has no rgb/ directory")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def sequences(root: Path, subject: str) -> list[str]:
+    folder = Path(root) / "rgb" / subject
+    if not folder.is_dir():
+        raise FrameFolderError(f"{folder}: subject not found in the frame folder")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def tracking_path(root: Path, subject: str, sequence: str) -> Path:
+    return Path(root) / "tracking" / subject / f"{sequence}.npz"
+
+
+def read_cameras(path: Path) -> dict[str, Camera]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FrameFolderError(f"{path}: cannot read cameras: {exc}") from exc
+    return {serial: Camera.from_json(value, source=f"{path}[{serial}]") for serial, value in data.items()}
+
+
+def write_cameras(path: Path, cameras: dict[str, Camera]) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps({serial: cam.to_json() for serial, cam in cameras.items()}, indent=1))
+
+
+def write_tracking(path: Path, params: FlameParams, frames: np.ndarray | None = None) -> None:
+    """FLAME parameters per frame in NeRSemble's tracking names (``frames`` defaults to 0..T-1)."""
+    frames = np.arange(params.batch_size) if frames is None else np.asarray(frames)
+    buffer = io.BytesIO()
+    np.savez(buffer, frames=frames, **params.to_numpy_dict())
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image).astype(np.float32) / 255.0
+    except OSError as exc:
+        raise FrameFolderError(f"{path}: cannot read image: {exc}") from exc
+
+
+def read_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None) -> list[FrameImage]:
+    """All (camera, frame) images of one sequence, sorted; mask and normal are optional per frame."""
+    root = Path(root)
+    images = []
+    seq_dir = root / "rgb" / subject / sequence
+    if not seq_dir.is_dir():
+        raise FrameFolderError(f"{seq_dir}: sequence not found")
+    for cam_dir in sorted(p for p in seq_dir.iterdir() if p.is_dir()):
+        if cameras is not None and cam_dir.name not in cameras:
+            continue
+        for rgb_path in sorted(cam_dir.glob("*.png")):
+            rel = rgb_path.relative_to(root / "rgb")
+            rgb = _read_png(rgb_path)[..., :3]
+            mask_path, normal_path = root / "mask" / rel, root / "normal" / rel
+            mask = _read_png(mask_path) if mask_path.is_file() else np.ones(rgb.shape[:2], np.float32)
+            mask = mask[..., 0] if mask.ndim == 3 else mask
+            normal = decode_normal_png(normal_path)[0] if normal_path.is_file() else None
+            images.append(FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal))
+    if not images:
+        raise FrameFolderError(f"{seq_dir}: no frames")
+    return images
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def frame_relpath(subject: str, sequence: str, camera: str, frame: int) -> Path:
+    return Path(subject) / sequence / camera / f"{frame:05d}.png"
+
+
+def write_frame(root: Path, subject: str, sequence: str, camera: str, frame: int,
+                rgb: torch.Tensor, alpha: torch.Tensor, normal: torch.Tensor | None) -> None:  # fmt: skip
+    """Write rgb [3,H,W], mask (alpha > 0.5) and unit normal [3,H,W] PNGs of one frame, atomically."""
+    rel = frame_relpath(subject, sequence, camera, frame)
+    mask = alpha.detach().cpu().numpy() > 0.5
+    rgb8 = (rgb.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    atomic_write_bytes(Path(root) / "rgb" / rel, _png_bytes(rgb8))
+    atomic_write_bytes(Path(root) / "mask" / rel, _png_bytes((mask * 255).astype(np.uint8)))
+    if normal is not None:
+        normal_hwc = normal.detach().cpu().permute(1, 2, 0).numpy()
+        atomic_write_bytes(Path(root) / "normal" / rel, encode_normal_png(normal_hwc, mask))
+
+
+def export_frame_folder(nersemble_root: str | Path, out: str | Path, subjects: list[str] | None = None) -> list[str]:
+    """Turn a NeRSemble v2 folder into a frame folder: rgb (as captured), mask (alpha), normal (the procedural
+    ground truth where present), cameras JSON and the FLAME tracking npz per sequence. Returns the subjects."""
+    nersemble_root, out = Path(nersemble_root), Path(out)
+    dataset = NersembleDataset(nersemble_root)
+    chosen = subjects or dataset.subjects()
+    for subject in chosen:
+        for sequence in dataset.sequences(subject):
+            write_cameras(out / "cameras" / subject / f"{sequence}.json", dataset.cameras(subject, sequence))
+            tracking = dataset.tracking_path(subject, sequence)
+            if tracking.is_file():
+                atomic_write_bytes(tracking_path(out, subject, sequence), tracking.read_bytes())
+            for serial in dataset.sequence_serials(subject, sequence):
+                for frame in dataset.frames(subject, sequence, serial):
+                    rel = frame_relpath(subject, sequence, serial, frame.frame)
+                    atomic_write_bytes(out / "rgb" / rel, _png_bytes(frame.rgb))
+                    if frame.alpha is not None:
+                        alpha8 = np.clip(np.rint(frame.alpha * 255), 0, 255).astype(np.uint8)
+                        atomic_write_bytes(out / "mask" / rel, _png_bytes(alpha8))
+                    normal = gt_normal_path(nersemble_root, subject, sequence, serial, frame.frame)
+                    if normal.is_file():
+                        atomic_write_bytes(out / "normal" / rel, normal.read_bytes())
+    return chosen

@@ -1,0 +1,107 @@
+"""Tracking: the disc render of the mesh matches the rasterized silhouette and normals; landmarks match the
+eval module's dlib reference; tracking recovers pose and expression from exact multi-view targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geodiff4d.datasets.cameras import nersemble_rig
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.render import render_head
+from geodiff4d.recon.binding import render_bound
+from geodiff4d.recon.landmarks import LandmarkDetector
+from geodiff4d.recon.tracking import (
+    TrackingConfig,
+    TrackingTargets,
+    build_targets,
+    mesh_gaussians,
+    project,
+    rotation_error_deg,
+    track,
+    tracking_errors,
+)  # fmt: skip
+
+SIZE = 48
+
+
+def _params(model, frames: int) -> FlameParams:
+    params = FlameParams.zeros(frames, model.n_shape, model.n_expr)
+    g = torch.Generator().manual_seed(3)
+    params.shape = (torch.randn(1, model.n_shape, generator=g) * 0.5).expand(frames, -1).clone()
+    params.expression = torch.randn(frames, model.n_expr, generator=g) * 0.8
+    params.rotation = torch.tensor([[0.1, 0.25, 0.03], [-0.05, -0.2, 0.0]])[:frames]
+    params.jaw[:, 0] = torch.tensor([0.2, 0.05])[:frames]
+    return params
+
+
+def _cameras(serials=("222200037", "220700191", "222200046")):
+    rig = nersemble_rig(width=SIZE, height=SIZE)
+    return [rig[s] for s in serials]
+
+
+def test_disc_render_matches_rasterized_silhouette_and_normals(head_model):
+    params = _params(head_model, 1)
+    camera = _cameras()[0]
+    truth = render_head(head_model, params, camera)
+    with torch.no_grad():
+        vertices = head_model(params).vertices[0]
+        w2c, K = (torch.tensor(m, dtype=torch.float32) for m in (camera.world_to_cam, camera.K))
+        image = render_bound(mesh_gaussians(len(head_model.faces)), vertices, head_model.faces, w2c, K, SIZE, SIZE)
+    mask, soft = truth.mask > 0.5, image.alpha > 0.5
+    # every head pixel is covered; the stacked disc tails at grazing angles widen the rim by about a pixel
+    assert float((mask & soft).sum() / mask.sum()) > 0.99
+    assert float((mask & soft).sum() / (mask | soft).sum()) > 0.8
+    normal = torch.nn.functional.normalize(image.normal, dim=0)
+    cos = (normal * truth.normal).sum(0)[mask & soft]
+    # flat discs against interpolated vertex normals, at 48 px: a few degrees of faceting
+    assert float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).median()) < 12.0
+
+
+def test_landmarks_match_the_eval_reference():
+    from skimage import data
+
+    from geodiff4d.eval.face_detection import DlibDetector
+    from geodiff4d.eval.landmarks import DlibLandmarks
+
+    image = data.astronaut()
+    reference = DlibLandmarks()
+    reference.detector = DlibDetector(upsample=0)  # ours tries upsampling only when nothing is found
+    ours, reference = LandmarkDetector()(image), reference(image)
+    assert ours is not None and ours.shape == (68, 2)
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+    assert LandmarkDetector()(np.zeros((64, 64, 3), np.uint8)) is None
+
+
+def test_rotation_error_is_the_geodesic_angle():
+    a = torch.tensor([[0.0, 0.3, 0.0], [0.1, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.3 + np.deg2rad(2.0), 0.0], [0.1, 0.0, np.deg2rad(5.0)]], dtype=torch.float32)
+    np.testing.assert_allclose(rotation_error_deg(a, b).numpy(), [2.0, 5.0], atol=0.05)
+
+
+def _exact_targets(model, params, cameras) -> TrackingTargets:
+    renders = [[render_head(model, params[t], cam) for cam in cameras] for t in range(params.batch_size)]
+    masks = np.stack([[r.mask.numpy() for r in row] for row in renders])  # [T, C, H, W]
+    normals = np.stack([[r.normal.permute(1, 2, 0).numpy() for r in row] for row in renders])
+    rgb = np.zeros(masks.shape + (3,), np.uint8)
+    targets = build_targets(cameras, rgb, masks, normals, detector=None, render_size=SIZE // 2)
+    w2c = torch.tensor(np.stack([c.world_to_cam for c in cameras]), dtype=torch.float32)
+    K = torch.tensor(np.stack([c.K for c in cameras]), dtype=torch.float32)
+    with torch.no_grad():
+        targets.landmarks = project(model(params).landmarks, w2c, K)  # exact landmarks in place of dlib's
+    targets.has_landmarks[:] = True
+    return targets
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 6 open: from a zero start the tracker leaves ~11 deg of global "
+                   "rotation error on 3 cameras x 2 frames (bench, 12 cameras: 2.98 deg); jaw/expression-0 degenerate")
+def test_tracking_recovers_pose_and_expression_from_exact_targets(head_model):
+    truth = _params(head_model, 2)
+    targets = _exact_targets(head_model, truth, _cameras())
+    config = TrackingConfig(rigid_steps=60, landmark_steps=150, steps=40, views_per_step=2, lr=0.02)
+    estimated = track(head_model, targets, config)
+    errors = tracking_errors(estimated, truth)
+    assert errors["rotation_deg_max"] < 3.0
+    assert errors["expression_corr"] > 0.8
