@@ -9,9 +9,7 @@ convention of :mod:`geodiff4d.datasets.flame`: u to the right, v up, so image ro
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import skimage.data
@@ -21,6 +19,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from scipy.spatial import Delaunay
 
 from geodiff4d.datasets.flame import FlameModel
+from geodiff4d.datasets.packaged import DLIB_LANDMARKS_68, package_file
 from geodiff4d.datasets.procedural_head import SKIN_V_RANGE
 
 INSIGHTFACE_IMAGES = ("t1.jpg", "Tom_Hanks_54745.png")
@@ -29,17 +28,10 @@ HAIR_COLOURS = np.array([[0.08, 0.06, 0.05], [0.25, 0.16, 0.09], [0.45, 0.33, 0.
 CAVITY_COLOUR = np.array([0.30, 0.08, 0.08])
 
 
-def _package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"textures: package {package!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def face_photos() -> list[np.ndarray]:
     """Real face photos (uint8 HxWx3): scikit-image's astronaut and insightface's sample images."""
-    images = _package_dir("insightface") / "data" / "images"
-    photos = [skimage.data.astronaut()] + [skimage.io.imread(images / name) for name in INSIGHTFACE_IMAGES]
+    photos = [skimage.data.astronaut()]
+    photos += [skimage.io.imread(package_file("insightface", f"data/images/{name}")) for name in INSIGHTFACE_IMAGES]
     return [np.ascontiguousarray(photo[..., :3]) for photo in photos]
 
 
@@ -48,10 +40,8 @@ def photo_faces() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """(photo, landmarks [68, 2] pixel x, y) of the highest-scoring dlib face in each photo."""
     import dlib
 
-    predictor_path = (
-        _package_dir("face_recognition_models") / "models" / "shape_predictor_68_face_landmarks.dat"
-    )
-    detector, predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(predictor_path))
+    predictor = dlib.shape_predictor(str(package_file(*DLIB_LANDMARKS_68)))
+    detector = dlib.get_frontal_face_detector()
     faces = []
     for photo in face_photos():
         upsample = (

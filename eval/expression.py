@@ -14,9 +14,10 @@ from typing import Protocol
 
 import numpy as np
 
+from geodiff4d.datasets.packaged import package_file
 from geodiff4d.eval.landmark_fit import fit_expression, landmark_submodel, load_head_model
 from geodiff4d.eval.landmarks import DlibLandmarks
-from geodiff4d.eval.model_files import MEDIAPIPE_FACE_LANDMARKER, package_file
+from geodiff4d.eval.model_files import MEDIAPIPE_FACE_LANDMARKER
 
 
 class ExpressionRegressor(Protocol):

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from geodiff4d.eval.model_files import package_file
+from geodiff4d.datasets.packaged import package_file
 
 
 @dataclass(frozen=True)

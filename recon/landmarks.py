@@ -7,23 +7,13 @@ retried with the detector's upsampling, and of several detections the one with t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-PREDICTOR = ("face_recognition_models", "models/shape_predictor_68_face_landmarks.dat")
+from geodiff4d.datasets.packaged import DLIB_LANDMARKS_68, package_file
+
 CONTOUR = slice(0, 17)  # jaw-line points: silhouette-dependent in dlib, fixed on the mesh
-
-
-def packaged_file(package: str, relative: str) -> Path:
-    """``relative`` inside the installed ``package``; FileNotFoundError names the path tried."""
-    spec = importlib.util.find_spec(package)
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    candidate = (folder or Path(f"<{package} not installed>")) / relative
-    if folder is None or not candidate.is_file():
-        raise FileNotFoundError(f"{package}/{relative} not found (looked at {candidate}); install {package}-ng")
-    return candidate
 
 
 class LandmarkDetector:
@@ -32,7 +22,7 @@ class LandmarkDetector:
     def __init__(self, predictor_path: str | Path | None = None, max_upsample: int = 2):
         import dlib
 
-        self._predictor = dlib.shape_predictor(str(predictor_path or packaged_file(*PREDICTOR)))
+        self._predictor = dlib.shape_predictor(str(predictor_path or package_file(*DLIB_LANDMARKS_68)))
         self._detector = dlib.get_frontal_face_detector()
         self.max_upsample = max_upsample
 

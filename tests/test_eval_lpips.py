@@ -6,8 +6,8 @@ import pytest
 import skimage.data
 import torch
 
+from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.lpips_metric import load_backbone_features, load_lpips
-from geodiff4d.eval.model_files import ModelFileNotFound
 
 
 @pytest.fixture(scope="module")
