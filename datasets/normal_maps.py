@@ -76,9 +76,12 @@ def write_normal_png(path: str | os.PathLike, normal: np.ndarray, mask: np.ndarr
     atomic_write_bytes(path, encode_normal_png(normal, mask))
 
 
+OPENCV_TO_OURS = np.array([1.0, -1.0, -1.0])  # per-axis signs: y down -> up, z forward -> toward the camera
+
+
 def opencv_to_ours(normal_opencv: np.ndarray) -> np.ndarray:
     """OpenCV camera axes (y down, z forward) -> ours (y up, z toward the camera)."""
-    return normal_opencv * np.array([1.0, -1.0, -1.0])
+    return normal_opencv * OPENCV_TO_OURS
 
 
 def backproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:

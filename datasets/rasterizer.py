@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS
+
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _FACE_BITS = 32
 _DEFAULT_MAX_PAIRS = 1 << 21  # candidate pairs per chunk: ~2M pairs, ~250 MB of temporaries
@@ -266,4 +268,4 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
 
 def normals_to_convention(normals_opencv: Tensor) -> Tensor:
     """OpenCV camera-space normals (x right, y down, z forward) -> ours (x right, y up, z toward the camera)."""
-    return normals_opencv * normals_opencv.new_tensor([1.0, -1.0, -1.0])
+    return normals_opencv * normals_opencv.new_tensor(OPENCV_TO_OURS)

@@ -19,11 +19,11 @@ import numpy as np
 from geodiff4d.cluster.atomic import atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
-from geodiff4d.datasets.normal_maps import angular_error_deg, normals_from_depth, unit
+from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS, angular_error_deg, normals_from_depth, unit
 
 # ours = SYNTHHUMAN_NORMAL_TO_OURS @ stored. Assumption: stored in OpenCV camera space (x right, y down,
 # z forward; a surface facing the camera is (0, 0, -1)); ours has y up and z toward the camera.
-SYNTHHUMAN_NORMAL_TO_OURS = np.diag([1.0, -1.0, -1.0])
+SYNTHHUMAN_NORMAL_TO_OURS = np.diag(OPENCV_TO_OURS)  # our assumption: stored in OpenCV camera axes
 INVALID_DEPTH_CM = 65504.0
 MEMBERS = ("rgb", "alpha", "depth", "normal", "cam")
 _SUFFIX = {"rgb": ".png", "alpha": ".png", "depth": ".exr", "normal": ".exr", "cam": ".txt"}
