@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_write_bytes, write_json_atomic
+from geodiff4d.datasets.frame_folder import frame_relpath
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
@@ -83,7 +84,7 @@ def write_camera_frames(root: Path, subject: str, sequence: str, camera: str, fr
                         result: SampleOutput) -> None:
     """RGB, normal (16-bit, our convention) and mask PNGs of one camera; mask = foreground of the normals."""
     for i, frame in enumerate(frames):
-        rel = Path(subject) / sequence / camera / f"{frame:05d}.png"
+        rel = frame_relpath(subject, sequence, camera, frame)
         atomic_write_bytes(root / "rgb" / rel, _png8(result.rgb[i]))
         if result.normal is not None:
             encoded = result.normal[i]  # [3, H, W], (n+1)/2
