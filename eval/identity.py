@@ -37,7 +37,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 class FacenetEmbedder:
-    """FaceNet on a 160x160 crop with a 44 px margin and per-image whitening, as David Sandberg's facenet."""
+    """FaceNet on a 160x160 crop with a 44 px margin, as David Sandberg's facenet.
+
+    Inputs use *fixed* image standardization, (x - 127.5) / 128: the 2018 models (20180408-102900 included)
+    were trained with it (OpenVINO's model zoo converts this graph with the same mean 127.5 and scale 128),
+    where the older per-image ``prewhiten`` belongs to the 2017 models.
+    """
 
     name = "facenet"
 
@@ -46,15 +51,17 @@ class FacenetEmbedder:
         self.detector = MtcnnDetector()
         self.image_size, self.margin = image_size, margin
 
-    def embed_face(self, image: np.ndarray, face: Face) -> np.ndarray:
+    def network_input(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The standardized float32 crop [image_size, image_size, 3] the graph sees for ``face``."""
         h, w = image.shape[:2]
         x0, y0, x1, y1 = face.box
         x0, y0 = int(max(x0 - self.margin / 2, 0)), int(max(y0 - self.margin / 2, 0))
         x1, y1 = int(min(x1 + self.margin / 2, w)), int(min(y1 + self.margin / 2, h))
         crop = cv2.resize(image[y0:y1, x0:x1], (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
-        crop = crop.astype(np.float64)
-        crop = (crop - crop.mean()) / max(crop.std(), 1.0 / np.sqrt(crop.size))  # facenet's prewhiten
-        nhwc = torch.from_numpy(crop[None].astype(np.float32))  # [1, 160, 160, 3]
+        return ((crop.astype(np.float32) - 127.5) / 128.0).astype(np.float32)
+
+    def embed_face(self, image: np.ndarray, face: Face) -> np.ndarray:
+        nhwc = torch.from_numpy(self.network_input(image, face)[None])  # [1, 160, 160, 3]
         return _unit(self._graph.run({"input": nhwc}, "embeddings").numpy())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -39,6 +41,19 @@ def test_facenet_csim(facenet, astronaut):
     mine = embed(facenet, astronaut)
     others = [facenet.embed_face(group, f) for f in faces] + [embed(facenet, _photo("Tom_Hanks_54745.png"))]
     assert max(float(np.dot(mine, o)) for o in others) < 0.4
+    # The six different people of t1.jpg among themselves: FaceNet puts 14 of the 15 pairs below 0.4 and one
+    # pair of two dark-haired young men at 0.49, which TensorFlow reproduces (test_facenet_graph_matches_tensorflow).
+    pairs = sorted(float(np.dot(others[i], others[j])) for i in range(6) for j in range(i + 1, 6))
+    assert pairs[-2] < 0.4 and pairs[-1] < 0.5
+
+
+def test_facenet_graph_matches_tensorflow(facenet):
+    """Our frozen-graph runner against TensorFlow 2.21's embeddings of the same crops (tests/reference/)."""
+    reference = np.load(Path(__file__).parent / "reference" / "facenet_t1_tensorflow.npz")
+    group = _photo("t1.jpg")
+    ours = np.stack([facenet.embed_face(group, Face(tuple(box), 1.0)) for box in reference["boxes"]])
+    tensorflow = reference["embeddings"] / np.linalg.norm(reference["embeddings"], axis=1, keepdims=True)
+    assert np.abs(ours - tensorflow).max() < 1e-5
 
 
 def test_best_scoring_face_not_largest():
