@@ -4,7 +4,7 @@ The skin is a lathe-like grid (rows from crown to neck, columns around the head,
 three profiles (front, side, back) are keyed to a canonical iBUG-68 face layout; a nose, brow ridge, eye
 sockets, cheekbones, lips and chin are smooth displacements on top, and the rows at the lip line are split
 into a mouth opening. Separate eyeballs sit in the sockets and a dark mouth cavity behind the lips. Shape
-bases (16 designed + 4 random smooth fields from the seed), expression bases (jaw opening, smile, brows,
+bases (16 designed + 4 random smooth fields from the seed), expression bases (lips parting, smile, brows,
 ...), a sparse joint regressor, smooth skinning weights, small volume-preserving pose correctives (neck and
 jaw; the rigid eyes need none) and UVs are saved in the FLAME ``.pkl`` structure and loaded back through the
 same restricted loader as the real model. Units: metres; y up, face toward +z.
@@ -335,10 +335,12 @@ def _shape_fields(points: np.ndarray, face: _Face, nose: np.ndarray) -> np.ndarr
     return np.stack([np.stack(field, axis=1) for field in fields], axis=2)
 
 
-def _expression_fields(
-    points: np.ndarray, face: _Face, jaw_weight: np.ndarray, jaw_joint: np.ndarray
-) -> np.ndarray:
-    """Expression bases [N, 3, 10]: jaw opening, smile, brow raise, furrow, pucker, stretch, ..."""
+def _expression_fields(points: np.ndarray, face: _Face) -> np.ndarray:
+    """Expression bases [N, 3, 10]: lips parting, smile, brow raise, furrow, pucker, stretch, ...
+
+    None of them moves the chin: opening the jaw is the jaw joint's alone, so tracking can tell jaw pose
+    from expression (a jaw-hinge expression basis would make the two interchangeable).
+    """
     f = face
     x, y, _ = points.T
     zeros = np.zeros_like(x)
@@ -352,11 +354,9 @@ def _expression_fields(
     lid = _gauss(ap, (f.eye_x, f.y_eye + 0.006, 0.085), (0.013, 0.005, 0.02))
     puff = _gauss(ap, (0.04, f.y_mouth + 0.005, 0.07), (0.018, 0.018, 0.03))
     upper_lip = _gauss(points, (0, f.y_mouth + 0.006, 0.09), (0.02, 0.006, 0.03))
-    jaw_open = (
-        np.cross([0.12, 0.0, 0.0], points - jaw_joint) * jaw_weight[:, None]
-    )  # linearised hinge rotation
+    above_split = np.tanh((y - f.y_mouth) / 0.003)  # +1 on the upper lip, -1 on the lower lip
     fields = [
-        tuple(jaw_open.T),  # jaw opening
+        (zeros, (0.005 * above_split - 0.002) * lips, zeros),  # lips parting: upper lip up 3 mm, lower lip down 7 mm
         (0.005 * side * corner, 0.006 * corner + 0.002 * cheek, -0.002 * corner + 0.002 * cheek),  # smile
         (zeros, 0.005 * brow, zeros),  # brow raise
         (-0.003 * side * inner_brow, -0.003 * inner_brow, 0.001 * inner_brow),  # brow furrow
@@ -455,7 +455,6 @@ def build_procedural_head(seed: int = 0) -> dict:
         regressor[2, nearest] = 1 / 8
     regressor[3, parts["left"]] = 1 / n_eye
     regressor[4, parts["right"]] = 1 / n_eye
-    joints = regressor @ vertices
 
     # Skinning weights.
     weights = np.zeros((n_vertices, 5))
@@ -483,9 +482,9 @@ def build_procedural_head(seed: int = 0) -> dict:
     for part, centre in (("left", mesh.eye_centres[0]), ("right", mesh.eye_centres[0] * [-1, 1, 1])):
         shapedirs_shape[parts[part]] = shape_fields(centre[None], np.zeros(1))
     jaw_all = weights[:, 2]
-    shapedirs_expr = _expression_fields(vertices, face, jaw_all, joints[2])
+    shapedirs_expr = _expression_fields(vertices, face)
     shapedirs_expr[parts["left"].start : parts["right"].stop] = 0.0  # eyeballs move only with the eye joints
-    shapedirs_expr[parts["cavity"], :, 1:] = 0.0  # the cavity follows the jaw only
+    shapedirs_expr[parts["cavity"]] = 0.0  # the cavity follows the jaw only
 
     # Pose correctives: skin in a blend zone bulges outward by k * (1 - cos angle), from the diagonal of R - I.
     posedirs = np.zeros((n_vertices, 3, 36))

@@ -34,15 +34,15 @@ from geodiff4d.recon.sh import rgb_to_dc
 class TrackingConfig:
     rigid_steps: int = 100  # landmarks only, rotation + translation
     landmark_steps: int = 150  # landmarks only, every parameter
-    steps: int = 40  # every term
-    render_size: int = 48  # silhouettes and normals are compared at this size (longest side)
+    steps: int = 150  # every term
+    render_size: int = 96  # silhouettes and normals are compared at this size (longest side)
     views_per_step: int = 1  # random cameras rendered per frame and step (every frame gets a gradient each step)
     lr: float = 0.01
     render_lr: float = 0.003  # smaller steps once the noisy per-view render terms join
     landmark_weight: float = 1.0
     silhouette_weight: float = 1.0
     normal_weight: float = 0.2
-    smooth_weight: float = 0.1
+    smooth_weight: float = 0.01  # per-frame squared change; more flattens real 25 fps expression motion
     prior_weight: float = 1e-4  # shape and expression
     neck_weight: float = 10.0
     seed: int = 0

@@ -16,7 +16,7 @@ from geodiff4d.eval.expression import aed, make_expression_regressor
 from geodiff4d.eval.landmark_fit import fit_expression, landmark_submodel
 
 FRONTAL = "222200037"
-OBSERVABLE = (0, 2, 3, 8)  # jaw opening, brow raise, brow furrow, eye closing: large landmark motion
+OBSERVABLE = (0, 2, 3, 8)  # lips parting, brow raise, brow furrow, eye closing: large landmark motion
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,37 +80,37 @@ def test_fit_to_exact_landmarks_recovers_expression(head_model, scene, random_ex
 
 
 def test_landmark_fit_regressor_on_renders(head_model, random_expressions):
-    """Detected (dlib) landmarks carry a few pixels of error around the mouth, so the recovery is looser."""
+    """Detected (dlib) landmarks carry a few pixels of error, so the recovery is looser: dlib moves the chin
+    with parted lips (6 px of lower lip come with 3-6 px of chin), so lips parting reaches only ~0.75."""
     regressor = make_expression_regressor("landmark_fit")
     truth = np.array([t for t, _, _ in random_expressions])
     coefficients = [regressor(image) for _, image, _ in random_expressions]
     assert all(c is not None and c.shape == (head_model.n_expr + 3,) for c in coefficients)
     fitted = np.array(coefficients)[:, : head_model.n_expr]
-    for k in (0, 8):
+    for k in (1, 8):  # smile, eye closing
         assert np.corrcoef(truth[:, k], fitted[:, k])[0, 1] > 0.8, k
     assert np.corrcoef(truth.ravel(), fitted.ravel())[0, 1] > 0.3
     image = random_expressions[0][1]
     assert aed(regressor, image, image) == 0.0
 
 
-@pytest.mark.parametrize(("backend", "expressions"), [
-    ("mediapipe", ((0, 2.5), (1, 3.0), (2, 3.0))),  # jaw opening, smile, brow raise
-    # dlib's mouth corners follow the photo texture more than the mesh: a smile that moves the model's
-    # corner landmarks by 19 px moves dlib's by 6 px, so the landmark fit is tested on jaw and brows
-    ("landmark_fit", ((0, 2.5), (2, 3.0))),
+@pytest.mark.parametrize(("backend", "changes"), [
+    ("mediapipe", (("expression", 0, 2.5), ("expression", 1, 3.0), ("expression", 2, 3.0))),  # lips, smile, brows
+    # dlib's landmarks barely separate parted lips from an open jaw, so the landmark fit sees the jaw itself
+    ("landmark_fit", (("jaw", 0, 0.25), ("expression", 2, 3.0))),  # jaw opening, brow raise
 ])
-def test_aed_different_expressions_exceed_shift(backend, expressions, head_model, scene):
+def test_aed_different_expressions_exceed_shift(backend, changes, head_model, scene):
     """Same identity and pose: expressive frames vs neutral score well above neutral vs its 4 px shift."""
     regressor = make_expression_regressor(backend)
     shape = scene[1]
     neutral = _render(head_model, scene, _params(head_model, shape, np.zeros(head_model.n_expr)))
     shift = aed(regressor, np.roll(neutral, 4, axis=1), neutral)
     assert aed(regressor, neutral, neutral) == 0.0
-    for k, amount in expressions:
-        expression = np.zeros(head_model.n_expr)
-        expression[k] = amount
-        expressive = _render(head_model, scene, _params(head_model, shape, expression))
-        assert aed(regressor, expressive, neutral) > 2 * shift, (backend, k)
+    for field, k, amount in changes:
+        params = _params(head_model, shape, np.zeros(head_model.n_expr))
+        getattr(params, field)[0, k] = amount
+        expressive = _render(head_model, scene, params)
+        assert aed(regressor, expressive, neutral) > 2 * shift, (backend, field, k)
 
 
 def test_landmark_submodel_equals_full_model(head_model):

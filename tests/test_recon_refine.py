@@ -87,5 +87,5 @@ def test_flame_residual_recovers_a_missed_jaw(head_model):
         loss.backward()
         optimizer.step()
     refined = deformer.params(1)
-    assert abs(float(refined.jaw[0, 0] + 0.12 * refined.expression[0, 0]) - 0.1 - 0.12 * 0.8) < 0.01
+    assert abs(float(refined.jaw[0, 0]) - 0.1) < 0.01  # no expression basis moves the chin: the jaw itself
     assert float(((deformer(1) - target) ** 2).sum(-1).mean().sqrt()) < 5e-4  # metres
