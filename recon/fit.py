@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.recon.binding import Regrowth, densify, prune, render_bound
-from geodiff4d.recon.files import atomic_output
 from geodiff4d.recon.gaussians import PARAMETER_NAMES, BoundGaussians
 from geodiff4d.recon.losses import normal_loss, photometric_loss, position_regularizer, scale_regularizer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from plyfile import PlyData, PlyElement
 
-from geodiff4d.recon.files import atomic_output
+from geodiff4d.cluster.atomic import atomic_output
 
 
 def property_names(n_rest: int) -> list[str]:

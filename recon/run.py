@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.recon.binding import render_bound, to_world, triangle_frames
 from geodiff4d.recon.color_init import init_colors
-from geodiff4d.recon.files import atomic_output
 from geodiff4d.recon.fit import FitConfig, Fitter, FixedVertices, View, load_checkpoint, load_gaussians
 from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.losses import psnr
