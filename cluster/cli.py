@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from geodiff4d.cluster.config_files import ConfigError
+
 app = typer.Typer(
     help="GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation.",
     no_args_is_help=True,
@@ -112,7 +114,11 @@ def train(
     """Train the joint image-normal diffusion model (stage 1 or 2) on Ray Train."""
     from geodiff4d.gen.train import train as run_training
 
-    checkpoint = run_training(config, stage, shards, out, max_steps, init, resume, workers, gpus_per_worker, address)
+    try:
+        checkpoint = run_training(config, stage, shards, out, max_steps, init, resume, workers, gpus_per_worker,
+                                  address)  # fmt: skip
+    except ConfigError as error:
+        _fail(str(error))
     typer.echo(f"latest checkpoint: {checkpoint}")
 
 
@@ -142,12 +148,19 @@ def recon(
     subjects: Annotated[list[str] | None, typer.Option(help="Subjects to reconstruct (default: all).")] = None,
     workers: Annotated[int, typer.Option(help="Ray actors (one subject each at a time).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor (0: CPU backend).")] = 0,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML ReconConfig: steps, tracker (file | ours), tracking_options, refine, fit, ... "
+             "(example: configs/recon.yaml; default: built-in values, tracking read from the frame folder).")] = None,
     address: AddressOption = None,
 ) -> None:
     """Fit a FLAME-bound Gaussian avatar per subject; resumes from each subject's last checkpoint."""
-    from geodiff4d.recon.run import reconstruct
+    from geodiff4d.recon.run import load_recon_config, reconstruct
 
-    report = reconstruct(input, out, subjects, workers, gpus_per_worker, address)
+    try:
+        settings = load_recon_config(config) if config else None
+    except ConfigError as error:
+        _fail(str(error))
+    report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings)
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from geodiff4d.cluster.config_files import load_yaml_config
 
 
 class _Strict(BaseModel):
@@ -125,20 +126,5 @@ class GenConfig(_Strict):
     sample: SampleConfig = SampleConfig()
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be read or validated; the message names the file and the fields."""
-
-
 def load_config(path: str | Path) -> GenConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    try:
-        return GenConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err
+    return load_yaml_config(path, GenConfig)

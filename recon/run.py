@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.config_files import ConfigError, load_yaml_config, validate
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
@@ -49,6 +50,19 @@ class ReconConfig:
 
     def fit_config(self) -> FitConfig:
         return FitConfig(**{"steps": self.steps, "seed": self.seed, **self.fit})
+
+
+def load_recon_config(path: str | Path) -> ReconConfig:
+    """A ReconConfig from YAML; unknown or mistyped fields, in ``fit``, ``tracking_options`` and ``refine`` too,
+    fail here with the file and field named rather than inside a worker an hour later."""
+    config = load_yaml_config(path, ReconConfig)
+    for section, schema in (("fit", FitConfig), ("tracking_options", TrackingConfig), ("refine", RefineConfig)):
+        overrides = getattr(config, section)
+        if overrides is not None:
+            validate(path, overrides, schema, prefix=section)
+    if config.tracker not in ("file", "ours"):
+        raise ConfigError(f"{path}: tracker must be 'file' or 'ours', got {config.tracker!r}")
+    return config
 
 
 def load_head_model(spec: str) -> FlameModel:

@@ -29,3 +29,24 @@ def test_synth_rejects_odd_resolution(tmp_path):
     result = runner.invoke(app, ["synth", str(tmp_path / "out"), "--resolution", "127"])
     assert result.exit_code == 1
     assert "resolution must be even" in result.output
+
+
+def test_recon_config_is_validated_before_any_work(tmp_path):
+    from geodiff4d.recon.run import load_recon_config
+
+    example = load_recon_config("configs/recon.yaml")
+    assert example.tracker == "ours" and example.refine["uv_offsets"] and example.tracking_options["render_size"] == 96
+    cases = {
+        "steps: many\n": "steps: Input should be a valid integer",
+        "tracking_options: {render_sise: 96}\n": "unknown field tracking_options.render_sise",
+        "fit: {lambda_normal: strong}\n": "fit.lambda_normal: Input should be a valid number",
+        "tracker: pixel3dmm\n": "tracker must be 'file' or 'ours'",
+        "step: 10\n": "unknown field step",
+    }
+    for number, (text, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{number}.yaml"
+        bad.write_text(text)
+        result = runner.invoke(app, ["recon", "--input", str(tmp_path), "--out", str(tmp_path / "out"),
+                                     "--config", str(bad)])  # fmt: skip
+        assert result.exit_code == 1 and str(bad) in result.output and message in result.output, result.output
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,48 @@
+"""YAML configs validated with messages that name the file and the field (gen's model configs, recon's fits)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+Schema = TypeVar("Schema")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or validated; the message names the file and the fields."""
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def validate(path: str | Path, raw: dict[str, Any], schema: type[Schema], prefix: str = "") -> Schema:
+    """``raw`` as ``schema``: a pydantic model, or a dataclass (whose unknown keys are refused here, since
+    pydantic would drop them silently). ``prefix`` names where ``raw`` sits inside the file."""
+    where = f"{prefix}." if prefix else ""
+    if dataclasses.is_dataclass(schema):
+        known = sorted(f.name for f in dataclasses.fields(schema))
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown field {', '.join(where + k for k in unknown)} "
+                              f"(known: {', '.join(known)})")  # fmt: skip
+    try:
+        return TypeAdapter(schema).validate_python(raw)
+    except ValidationError as err:
+        lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err
+
+
+def load_yaml_config(path: str | Path, schema: type[Schema]) -> Schema:
+    return validate(path, read_mapping(path), schema)
