@@ -6,6 +6,8 @@ dependency of one stage never takes the others down.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,15 @@ AddressOption = Annotated[
 def _fail(message: str) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+@contextmanager
+def _config_errors_exit() -> Iterator[None]:
+    """A bad YAML config ends the command with its message (file and field), not a traceback."""
+    try:
+        yield
+    except ConfigError as error:
+        _fail(str(error))
 
 
 @app.command()
@@ -114,11 +125,9 @@ def train(
     """Train the joint image-normal diffusion model (stage 1 or 2) on Ray Train."""
     from geodiff4d.gen.train import train as run_training
 
-    try:
+    with _config_errors_exit():
         checkpoint = run_training(config, stage, shards, out, max_steps, init, resume, workers, gpus_per_worker,
                                   address)  # fmt: skip
-    except ConfigError as error:
-        _fail(str(error))
     typer.echo(f"latest checkpoint: {checkpoint}")
 
 
@@ -137,7 +146,8 @@ def sample(
     """Generate RGB frames, normal maps and expression latents for a subject's cameras into a frame folder."""
     from geodiff4d.gen.sample_frames import sample_to_frame_folder
 
-    grid = sample_to_frame_folder(config, run, shards, subject, sequence, camera, frames, out, seed)
+    with _config_errors_exit():
+        grid = sample_to_frame_folder(config, run, shards, subject, sequence, camera, frames, out, seed)
     typer.echo(f"frames in {out}, grid {grid}")
 
 
@@ -156,10 +166,8 @@ def recon(
     """Fit a FLAME-bound Gaussian avatar per subject; resumes from each subject's last checkpoint."""
     from geodiff4d.recon.run import load_recon_config, reconstruct
 
-    try:
+    with _config_errors_exit():
         settings = load_recon_config(config) if config else None
-    except ConfigError as error:
-        _fail(str(error))
     report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings)
     typer.echo(report.summary())
     if not report.ok:

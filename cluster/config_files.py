@@ -40,7 +40,8 @@ def validate(path: str | Path, raw: dict[str, Any], schema: type[Schema], prefix
     try:
         return TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
-        lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+                 for e in err.errors()]  # an empty loc: a check of the whole object (__post_init__, validators)
         raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err
 
 

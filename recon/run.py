@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.config_files import ConfigError, load_yaml_config, validate
+from geodiff4d.cluster.config_files import load_yaml_config, validate
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
@@ -48,6 +48,10 @@ class ReconConfig:
     init_colors: bool = True  # start each Gaussian at the colour the training views show it
     fit: dict[str, Any] = field(default_factory=dict)  # FitConfig overrides
 
+    def __post_init__(self) -> None:
+        if self.tracker not in ("file", "ours"):
+            raise ValueError(f"ReconConfig.tracker must be 'file' or 'ours', got {self.tracker!r}")
+
     def fit_config(self) -> FitConfig:
         return FitConfig(**{"steps": self.steps, "seed": self.seed, **self.fit})
 
@@ -60,8 +64,6 @@ def load_recon_config(path: str | Path) -> ReconConfig:
         overrides = getattr(config, section)
         if overrides is not None:
             validate(path, overrides, schema, prefix=section)
-    if config.tracker not in ("file", "ours"):
-        raise ConfigError(f"{path}: tracker must be 'file' or 'ours', got {config.tracker!r}")
     return config
 
 
@@ -85,8 +87,6 @@ def sequence_tracking(root: Path, subject: str, sequence: str, model: FlameModel
     """FLAME parameters of one sequence: an external tracker's npz, or our tracker (cached in ``cache``)."""
     if config.tracker == "file":
         return load_tracking(Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model)
-    if config.tracker != "ours":
-        raise ValueError(f"ReconConfig.tracker must be 'file' or 'ours', got {config.tracker!r}")
     path = cache / f"{sequence}.npz" if cache is not None else None
     if path is not None and path.is_file():
         return load_tracking(path, model)
