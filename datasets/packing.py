@@ -236,6 +236,9 @@ class OnnxNormalEstimator:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+PACK_SETTINGS = "pack_settings.json"  # a shard folder's PackSettings (plus shard limits), written on first pack
+
+
 @dataclass(frozen=True)
 class PackSettings:
     resolution: int = 512
@@ -476,7 +479,7 @@ def pack(
 
 def _check_settings(out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int) -> None:
     """Resuming with other settings would mix incompatible shards under one manifest: refuse it."""
-    path = out / "pack_settings.json"
+    path = out / PACK_SETTINGS
     wanted = {**asdict(settings), "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes}
     if path.exists():
         found = json.loads(path.read_text())

@@ -75,7 +75,7 @@ class DataConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1)          # global: samples per optimizer step over all workers and accumulation
     steps: int = Field(ge=1)
     frames: int = Field(1, ge=1)           # 1 in stage 1 (no temporal layers), 16 in stage 2
     lr: float = Field(1e-5, gt=0)
@@ -89,7 +89,10 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     gradient_checkpointing: bool = False
-    drop_reference: float = Field(0.05, ge=0, le=1)   # condition dropout for classifier-free guidance
+    lr_scaling: Literal["none", "linear"] = "none"    # linear: the stage lr is per sample, times batch_size
+    # condition dropout for classifier-free guidance: the sampler needs e(ref, exp), e(ref, -) and e(-, -)
+    drop_both: float = Field(0.05, ge=0, le=1)         # reference and expression dropped together (unconditional)
+    drop_reference: float = Field(0.05, ge=0, le=1)    # each alone, independently of the joint drop
     drop_expression: float = Field(0.05, ge=0, le=1)
     num_train_timesteps: int = Field(1000, ge=2)
     checkpoint_every: int = Field(1000, ge=1)
@@ -102,6 +105,19 @@ class TrainConfig(_Strict):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         return self.stage1 if stage == 1 else self.stage2
+
+    def worker_batch(self, stage: int, world_size: int) -> int:
+        """Per-worker micro-batch of the stage's global batch, split over workers and accumulation steps."""
+        global_batch, parts = self.stage(stage).batch_size, world_size * self.grad_accumulation
+        if global_batch % parts:
+            raise ValueError(f"train.stage{stage}.batch_size {global_batch} (global) is not divisible by "
+                             f"{world_size} worker(s) x grad_accumulation {self.grad_accumulation}")
+        return global_batch // parts
+
+    def learning_rate(self, stage: int) -> float:
+        """The optimizer's lr: the stage's lr as written, or times the global batch with lr_scaling: linear."""
+        st = self.stage(stage)
+        return st.lr * st.batch_size if self.lr_scaling == "linear" else st.lr
 
 
 class SampleConfig(_Strict):

@@ -8,6 +8,7 @@ anything, and one resumed elsewhere replays less than a segment. Both give the u
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,14 +16,15 @@ import numpy as np
 import torch
 
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving, make_loader
+from geodiff4d.datasets.packing import PACK_SETTINGS
 from geodiff4d.gen.config import GenConfig
 
 MakeBatches = Callable[[int, int], Iterator[dict]]
 MULTI_VIEW, SYNTHETIC = "nersemble", "synthhuman"
 
 
-def loader_config(cfg: GenConfig, stage: int, seed: int) -> LoaderConfig:
-    """The stage's LoaderConfig, with the data-side ablation switches applied.
+def loader_config(cfg: GenConfig, stage: int, seed: int, world_size: int = 1) -> LoaderConfig:
+    """The stage's LoaderConfig for one of `world_size` workers, with the data-side ablation switches applied.
 
     Stage 2 draws multi-view data only: SynthHuman holds single images, never a 16-frame clip.
     """
@@ -31,8 +33,20 @@ def loader_config(cfg: GenConfig, stage: int, seed: int) -> LoaderConfig:
     weights = {MULTI_VIEW: 1.0}
     if cfg.data.synthetic_data and kind != "clip":
         weights[SYNTHETIC] = cfg.data.synthetic_weight
-    return LoaderConfig(kind=kind, batch_size=st.batch_size, clip_len=st.frames, driving_size=cfg.model.driving_size,
+    return LoaderConfig(kind=kind, batch_size=cfg.train.worker_batch(stage, world_size), clip_len=st.frames, driving_size=cfg.model.driving_size,
                         weights=weights, seed=seed)
+
+
+def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
+    """The loader does not resize: shards packed at another resolution would silently train another model."""
+    path = Path(shards) / PACK_SETTINGS
+    try:
+        packed = json.loads(path.read_text())["resolution"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?") from err
+    if packed != cfg.data.resolution:
+        raise ValueError(f"{shards} holds {packed} px samples ({path}) but the config's data.resolution is "
+                         f"{cfg.data.resolution}: pack at {cfg.data.resolution} or change the config")
 
 
 def segment_seed(seed: int, segment: int) -> int:
@@ -47,14 +61,15 @@ def same_view_drivings(batch: dict, config: LoaderConfig, rng: np.random.Generat
     return {**batch, "driving": driving, "driving_key": batch["key"], "cross_view": torch.zeros(rgb.shape[0], dtype=torch.bool)}
 
 
-def shard_batches(shards: str | Path, cfg: GenConfig, stage: int, num_workers: int = 0) -> MakeBatches:
-    """make_batches(seed, position) over the shard folder `shards` (its manifest names the committed shards)."""
+def shard_batches(shards: str | Path, cfg: GenConfig, stage: int, num_workers: int = 0,
+                  world_size: int = 1) -> MakeBatches:
+    """make_batches(seed, position) of one of `world_size` workers over the shard folder `shards`."""
     segment = cfg.train.checkpoint_every * cfg.train.grad_accumulation  # batches per segment
 
     def make_batches(seed: int, position: int) -> Iterator[dict]:
         index, skip = divmod(position, segment)
         while True:
-            config = loader_config(cfg, stage, segment_seed(seed, index))
+            config = loader_config(cfg, stage, segment_seed(seed, index), world_size)
             batches = iter(make_loader(shards, config, num_workers))
             for i in range(segment):
                 batch = next(batches)

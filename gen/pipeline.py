@@ -1,7 +1,7 @@
 """Sampler: reference image + driving frames + target pose maps -> RGB frames, normal maps, expression latents.
 
-Classifier-free guidance is compositional over the two conditions (the model was trained with each
-dropped independently): eps = e_none + g_ref (e_ref - e_none) + g_exp (e_full - e_ref). Sequences longer
+Classifier-free guidance is compositional over the two conditions (training drops both together, with
+train.drop_both, and the expression alone): eps = e_none + g_ref (e_ref - e_none) + g_exp (e_full - e_ref). Sequences longer
 than a window are denoised in overlapping temporal windows whose noise predictions are blended with
 tent weights at every step, so neighbouring windows agree where they overlap.
 """

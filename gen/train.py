@@ -1,9 +1,14 @@
-"""Two-stage training of the joint denoiser: a plain in-process loop, and Ray Train (DDP) around it.
+"""Two-stage training of the joint denoiser: a plain loop (one process, or one DDP rank), and Ray Train around it.
 
 `train_loop` is the whole algorithm (and what the unit tests run); `train` runs it in every worker of a
 Ray `TorchTrainer`. Data comes from `make_batches(seed, position) -> Iterator[batch]` (the batch contract
-of the loader), so a resumed run asks for the batches after the ones it already consumed; with the
-noise generator's state restored too, the resumed loss sequence equals the uninterrupted one.
+of the loader), so a resumed run asks for the batches after the ones it already consumed; with every
+worker's RNG states restored too, the resumed loss sequence of every rank equals the uninterrupted one.
+
+Fault tolerance is Ray Train's: rank 0 writes each checkpoint into `RUN/checkpoints/` (the Ray run folder
+under the storage path `RUN`, which every node must reach) and every rank reports it; after a worker dies
+Ray restarts the group (`FailureConfig.max_failures` times) and `ray.train.get_checkpoint()` hands the
+last reported checkpoint to the new workers; a rerun with `resume` finds Ray's snapshot the same way.
 """
 
 from __future__ import annotations
@@ -15,19 +20,26 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
+from geodiff4d.cluster.config_files import ConfigError
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
-    TrainingState,
+    CHECKPOINTS,
+    RankState,
+    checkpoint_name,
+    checkpoint_world_size,
     latest_checkpoint,
     load_checkpoint,
     load_stage1_weights,
     save_checkpoint,
 )
 from geodiff4d.gen.config import GenConfig, load_config
-from geodiff4d.gen.data import MakeBatches, shard_batches
+from geodiff4d.gen.data import MakeBatches, check_shard_resolution, shard_batches
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import encode_domains
 from geodiff4d.gen.pipeline import make_scheduler, sample_sequence, save_image
+
+# (step, metrics, the checkpoint folder on rank 0 / None elsewhere): called by every rank at each checkpoint
+Publish = Callable[[int, dict, Path | None], None]
 
 
 def _frames(x: torch.Tensor, image_dims: int = 3) -> torch.Tensor:
@@ -45,8 +57,8 @@ def diffusion_loss(model, codec, batch: dict, noise_scheduler, generator: torch.
     b, d = latents.shape[:2]
     noise = torch.randn((b, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-    drop_ref = (torch.rand(b, generator=generator) < cfg.train.drop_reference).to(device)
-    drop_exp = (torch.rand(b, generator=generator) < cfg.train.drop_expression).to(device)
+    drop_ref, drop_exp = condition_dropout(b, generator, cfg)
+    drop_ref, drop_exp = drop_ref.to(device), drop_exp.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     ref_latent = codec.encode(batch["ref_rgb"].to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -57,6 +69,27 @@ def diffusion_loss(model, codec, batch: dict, noise_scheduler, generator: torch.
     if joint:
         weight[:, 1] = batch["has_normal"].to(device).float()
     return (err * weight[:, :, None]).sum() / (weight.sum() * err.shape[2])
+
+
+def condition_dropout(batch: int, generator: torch.Generator, cfg: GenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] bool masks (drop reference, drop expression): both with drop_both, else each with its own rate.
+
+    Guidance needs the unconditional prediction e(-, -); independent drops alone would train it on only
+    drop_reference x drop_expression of the samples (0.25 % at 5 % each).
+    """
+    both = torch.rand(batch, generator=generator) < cfg.train.drop_both
+    ref = both | (torch.rand(batch, generator=generator) < cfg.train.drop_reference)
+    exp = both | (torch.rand(batch, generator=generator) < cfg.train.drop_expression)
+    return ref, exp
+
+
+def gather_rank_states(state: RankState, world_size: int) -> list[RankState]:
+    """Every rank's state, in rank order, on every rank (a collective: all ranks call it together)."""
+    if world_size == 1:
+        return [state]
+    states: list[RankState | None] = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int) -> torch.Tensor:
@@ -77,12 +110,16 @@ def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int
 
 
 def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path, max_steps: int | None = None,
-               init: Path | None = None, resume: bool = False, device: torch.device | None = None,
-               rank: int = 0, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-               report: Callable[[dict], None] | None = None, quiet: bool = False) -> list[float]:
-    """Train stage 1 or 2 until the stage's step count (or max_steps); returns the loss of every step run."""
+               init: Path | None = None, restore: Path | None = None, device: torch.device | None = None,
+               rank: int = 0, world_size: int = 1, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+               publish: Publish | None = None, quiet: bool = False) -> list[float]:
+    """Train stage 1 or 2 until the stage's step count (or max_steps); returns this rank's loss of every step run.
+
+    restore: a checkpoint folder to continue from (rank `rank` of `world_size` takes its own RankState).
+    Checkpoints are written by rank 0 into `out/checkpoints/`, then `publish` is called on every rank.
+    """
     out, device = Path(out), device or torch.device("cpu")
-    st = cfg.train.stage(stage)
+    micro_batch = cfg.train.worker_batch(stage, world_size)
     torch.manual_seed(cfg.train.seed)  # parameter init only; everything per-step uses `generator`
     codec = build_codec(cfg).to(device)
     model = build_model(cfg, stage, codec, from_pretrained=init is None)
@@ -92,59 +129,63 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
         model.enable_gradient_checkpointing()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate(stage), weight_decay=cfg.train.weight_decay)
     ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    state = TrainingState(0, 0, generator.get_state())
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, ema, optimizer)
-        generator.set_state(state.generator_state)
+    step = position = 0
+    if restore is not None:
+        step, mine = load_checkpoint(restore, model, ema, optimizer, rank, world_size)
+        mine.restore(generator)
+        position = mine.position
     ema.to(device)
     net = wrap(model) if wrap else model
-    total = min(st.steps, max_steps) if max_steps else st.steps
+    total = min(cfg.train.stage(stage).steps, max_steps) if max_steps else cfg.train.stage(stage).steps
     noise_scheduler = make_scheduler("ddpm", cfg.train.num_train_timesteps)
-    batches = make_batches(cfg.train.seed + rank, state.position)
+    batches = make_batches(cfg.train.seed + rank, position)
     writer = bar = None
     if rank == 0 and not quiet:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
-        writer = SummaryWriter(str(out / "tensorboard"))
-        bar = tqdm(total=total, initial=state.step, desc=f"stage {stage}", unit="step")
-        if cfg.train.count_flops and ckpt is None:
+        # a restart repeats the steps after its checkpoint: drop what the lost attempt logged for them
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if restore is not None else None)
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step")
+        if cfg.train.count_flops and restore is None:
             _print_counts(model, codec, next(make_batches(cfg.train.seed, 0)), cfg, device)
     preview = next(make_batches(cfg.train.seed + 10**6, 0)) if writer else None
     losses: list[float] = []
     started = time.perf_counter()
-    while state.step < total:
+    while step < total:
         step_loss = 0.0
         for _ in range(cfg.train.grad_accumulation):
-            loss = diffusion_loss(net, codec, next(batches), noise_scheduler, generator, cfg, device)
+            batch = next(batches)
+            if len(batch["rgb"]) != micro_batch:
+                raise ValueError(f"make_batches gave {len(batch['rgb'])} samples; the config's global batch "
+                                 f"asks {micro_batch} per worker and accumulation step")
+            loss = diffusion_loss(net, codec, batch, noise_scheduler, generator, cfg, device)
             (loss / cfg.train.grad_accumulation).backward()
             step_loss += loss.item() / cfg.train.grad_accumulation
-            state.position += 1
+            position += 1
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
-        state.step += 1
+        step += 1
         losses.append(step_loss)
         rate = len(losses) / (time.perf_counter() - started)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", steps_per_s=f"{rate:.2f}")
-        if writer is not None and state.step % cfg.train.log_every == 0:
-            writer.add_scalar("train/loss", step_loss, state.step)
-            writer.add_scalar("train/steps_per_s", rate, state.step)
-        done = state.step == total
-        if state.step % cfg.train.checkpoint_every == 0 or done:
-            if rank == 0:
-                state.generator_state = generator.get_state()
-                save_checkpoint(out, model, ema, optimizer, state)
-            if report is not None:
-                report({"loss": step_loss, "step": state.step})
-        if writer is not None and (state.step % cfg.train.sample_every == 0 or done):
-            _write_preview(model, ema, codec, preview, cfg, writer, out, state.step)
+        if writer is not None and step % cfg.train.log_every == 0:
+            writer.add_scalar("train/loss", step_loss, step)
+            writer.add_scalar("train/steps_per_s", rate, step)
+        done = step == total
+        if step % cfg.train.checkpoint_every == 0 or done:
+            ranks = gather_rank_states(RankState.capture(generator, position), world_size)
+            folder = save_checkpoint(out, model, ema, optimizer, step, ranks) if rank == 0 else None
+            if publish is not None:
+                publish(step, {"loss": step_loss, "step": step}, folder)
+        if writer is not None and (step % cfg.train.sample_every == 0 or done):
+            _write_preview(model, ema, codec, preview, cfg, writer, out, step)
     if writer is not None:
         writer.close()
         bar.close()
@@ -175,35 +216,76 @@ def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) 
     save_image(out / "samples" / f"step_{step:07d}.png", grid)
 
 
+def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:
+    """Every rank reports; rank 0's checkpoint is already in Ray's run folder, so Ray only registers it."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+    ray.train.report(metrics, checkpoint=Checkpoint(str(folder)) if folder else None,
+                     checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     cfg = GenConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     make_batches = config["make_batches"] or shard_batches(config["shards"], cfg, config["stage"],
-                                                           cfg.data.loader_workers)
+                                                           cfg.data.loader_workers, world_size)
+    # Ray's last reported checkpoint (a restart after a failure, or a rerun of a run with Ray's snapshot);
+    # else the run's latest checkpoint when resuming one that Ray never registered (e.g. written by train_loop)
+    reported = ray.train.get_checkpoint()
+    restore = Path(reported.path) if reported else config["resume_from"]
     train_loop(cfg, config["stage"], make_batches, Path(config["out"]), config["max_steps"], config["init"],
-               config["resume"], ray.train.torch.get_device(), ctx.get_world_rank(),
+               restore, ray.train.torch.get_device(), rank, world_size,
                wrap=lambda m: ray.train.torch.prepare_model(
                    m, parallel_strategy_kwargs={"find_unused_parameters": True}),
-               report=ray.train.report, quiet=config["quiet"])
+               publish=_report_to_ray, quiet=config["quiet"])
+
+
+def _checked_inputs(config_path: str | Path, cfg: GenConfig, stage: int, shards: Path | None, out: Path,
+                    init: str | Path | None, resume: bool, workers: int,
+                    make_batches: MakeBatches | None) -> Path | None:
+    """Every user error before Ray starts, as a ConfigError naming the input; returns the checkpoint to resume."""
+    if stage == 2 and init is None and not resume:
+        raise ConfigError("stage 2 starts from a stage-1 run: pass init (the stage-1 run folder)")
+    if shards is None and make_batches is None:
+        raise ConfigError("give shards (a folder of WebDataset shards) or make_batches")
+    try:
+        cfg.train.worker_batch(stage, workers)
+        if shards is not None:
+            check_shard_resolution(shards, cfg)
+    except ValueError as err:
+        raise ConfigError(f"{config_path}: {err}") from err
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return None
+    if not resume:
+        raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}): resume it, or train "
+                          f"into another folder")
+    written_by = checkpoint_world_size(latest)
+    if written_by != workers:
+        raise ConfigError(f"{latest} was written by {written_by} worker(s): resume with {written_by} workers, "
+                          f"not {workers} (each worker's RNG streams and data position are its own)")
+    return latest
 
 
 def train(config_path: str | Path, stage: int, shards: str | Path | None, out: str | Path,
           max_steps: int | None = None, init: str | Path | None = None, resume: bool = False,
           workers: int = 1, gpus_per_worker: float = 0, address: str | None = None,
-          make_batches: MakeBatches | None = None, quiet: bool = False) -> Path:
-    """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder."""
+          make_batches: MakeBatches | None = None, quiet: bool = False, max_failures: int = 3) -> Path:
+    """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder.
+
+    `out` is Ray Train's storage path, so on a multi-node cluster it must be a folder every node mounts.
+    A worker that dies restarts the group from the last checkpoint, at most `max_failures` times.
+    """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     cfg = load_config(config_path)
-    if stage == 2 and init is None and not resume:
-        raise ValueError("stage 2 starts from a stage-1 run: pass init (the stage-1 run folder)")
-    if shards is None and make_batches is None:
-        raise ValueError("give shards (a folder of WebDataset shards) or make_batches")
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
     shards = Path(shards).resolve() if shards is not None else None
+    resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
         from geodiff4d.cluster.runtime import connect
         connect(address)
@@ -212,12 +294,12 @@ def train(config_path: str | Path, stage: int, shards: str | Path | None, out: s
         _worker,
         train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "shards": str(shards) if shards else None,
                            "out": str(out), "max_steps": max_steps, "init": Path(init).resolve() if init else None,
-                           "resume": resume, "make_batches": make_batches, "quiet": quiet},
+                           "resume_from": resume_from, "make_batches": make_batches, "quiet": quiet},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(out / "ray"), name=f"stage{stage}"),
+        run_config=RunConfig(storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)),
     )
-    trainer.fit()
-    latest = latest_checkpoint(out)
+    result = trainer.fit()
+    latest = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(out)
     if latest is None:
         raise RuntimeError(f"{out}: training finished without writing a checkpoint")
     return latest

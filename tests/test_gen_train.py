@@ -32,11 +32,12 @@ def tiny_config(**train) -> GenConfig:
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
-    cfg = tiny_config(grad_accumulation=2)
+    cfg = tiny_config(grad_accumulation=2, stage1={"batch_size": 4, "steps": 100, "lr": 1e-3})
     batches = make_batches_factory(2, 16, crop=16)
     full = train_loop(cfg, 1, batches, tmp_path / "full", max_steps=4, quiet=True)
     first = train_loop(cfg, 1, batches, tmp_path / "cut", max_steps=2, quiet=True)
-    rest = train_loop(cfg, 1, batches, tmp_path / "cut", max_steps=4, resume=True, quiet=True)
+    rest = train_loop(cfg, 1, batches, tmp_path / "cut", max_steps=4, restore=latest_checkpoint(tmp_path / "cut"),
+                      quiet=True)
     assert first == full[:2]
     assert rest == full[2:]  # exact on CPU: weights, optimizer, EMA, data position and noise RNG restored
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000004"
