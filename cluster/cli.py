@@ -117,17 +117,18 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, TensorBoard logs, sample grids.")],
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the config's).")] = None,
     init: Annotated[Path | None, typer.Option(help="Stage-1 run to start stage 2 from.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in OUT exactly where it stopped.")] = False,
-    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT exactly where it stopped (same --workers).")] = False,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); the config's batch sizes are global.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker (0: CPU).")] = 0,
+    max_failures: Annotated[int, typer.Option(help="Restarts from the last checkpoint after a worker dies.")] = 3,
     address: AddressOption = None,
 ) -> None:
-    """Train the joint image-normal diffusion model (stage 1 or 2) on Ray Train."""
+    """Train the joint image-normal diffusion model (stage 1 or 2) on Ray Train; OUT must be on storage every node reaches."""
     from geodiff4d.gen.train import train as run_training
 
     with _config_errors_exit():
         checkpoint = run_training(config, stage, shards, out, max_steps, init, resume, workers, gpus_per_worker,
-                                  address)  # fmt: skip
+                                  address, max_failures=max_failures)  # fmt: skip
     typer.echo(f"latest checkpoint: {checkpoint}")
 
 

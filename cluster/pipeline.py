@@ -38,11 +38,13 @@ def _synth(out: Path, address: str | None) -> dict:
 def _pack(out: Path, address: str | None) -> dict:
     from geodiff4d.datasets.packing import pack
     from geodiff4d.datasets.verify import verify
+    from geodiff4d.gen.config import load_config
 
     data = out / "data"
     sources = [("nersemble", data / "nersemble"), ("synthhuman", data / "synthhuman")]
     # 160 = 20 frames x 8 cameras: each subject's sequence in one shard, so stage 2 finds 16-frame clips
-    report = pack(out / "shards", sources, resolution=64, workers=2, address=address, samples_per_shard=160)
+    resolution = load_config(DEMO_CONFIG).data.resolution  # training refuses shards of another resolution
+    report = pack(out / "shards", sources, resolution=resolution, workers=2, address=address, samples_per_shard=160)
     if not report.ok:
         raise RuntimeError(f"pack failed:\n{report.summary()}")
     verified = verify(out / "shards")

@@ -72,3 +72,20 @@ def one_thread():
 def one_torch_thread():
     with one_thread():
         yield
+
+
+def recording_batches(folder, batch: int, res: int, delay_s: float = 0.0, crop: int = 32):
+    """make_batches_factory's stream that also records each call as `{seed}-{position}-{pid}` in `folder` (which
+    worker process started reading where) and sleeps `delay_s` per batch, so a test can kill a worker mid-run."""
+    import os
+    import time
+    from pathlib import Path
+
+    stream = make_batches_factory(batch, res, crop=crop)
+
+    def make_batches(seed: int, position: int):
+        (Path(folder) / f"{seed}-{position}-{os.getpid()}").touch()
+        for item in stream(seed, position):
+            time.sleep(delay_s)
+            yield item
+    return make_batches

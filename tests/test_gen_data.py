@@ -96,6 +96,30 @@ def test_trains_both_stages_on_packed_shards(shards, runs):
     assert clip["driving_key"] == clip["key"] and not clip["cross_view"].any()
 
 
+def test_train_refuses_bad_inputs_with_a_message(shards, runs, tmp_path):
+    """Each user error ends `geodiff4d train` with one message naming the input, before Ray starts a worker."""
+    from typer.testing import CliRunner
+
+    from geodiff4d.cluster.cli import app
+    stage1_run = runs[2].parent / "s1"  # one worker, 2 steps
+
+    def train(cfg: GenConfig, out: Path, *options: str):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        result = CliRunner().invoke(app, ["train", "--config", str(path), "--stage", "1", "--shards", str(shards),
+                                          "--out", str(out), *options])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        return result.output
+
+    message = train(config(resolution=32), tmp_path / "a")
+    assert f"{shards} holds 16 px samples" in message and "data.resolution is 32" in message
+    assert "batch_size 2 (global) is not divisible by 3 worker(s)" in train(config(), tmp_path / "b", "--workers", "3")
+    assert f"{stage1_run} already holds a run (latest checkpoint step_0000002)" in train(config(), stage1_run)
+    assert "was written by 1 worker(s): resume with 1 workers, not 2" in train(config(), stage1_run, "--resume",
+                                                                                "--workers", "2")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_sample_to_frame_folder_writes_the_layout(shards, runs, tmp_path):
     run = runs[2]
     path = tmp_path / "tiny.yaml"

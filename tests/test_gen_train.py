@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -10,10 +13,10 @@ import torch
 
 from geodiff4d.gen.checkpoint import latest_checkpoint
 from geodiff4d.gen.config import GenConfig
-from geodiff4d.gen.train import train_loop
+from geodiff4d.gen.train import condition_dropout, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gen_synthetic import make_batches_factory, one_torch_thread  # noqa: E402, F401
+from gen_synthetic import make_batches_factory, one_torch_thread, recording_batches  # noqa: E402, F401
 
 
 def tiny_config(**train) -> GenConfig:
@@ -31,6 +34,28 @@ def tiny_config(**train) -> GenConfig:
         "sample": {"steps": 2, "window": 2, "overlap": 1}})
 
 
+def test_global_batch_is_split_over_workers_and_lr_scaling_is_explicit():
+    stage1 = {"batch_size": 8, "steps": 10, "lr": 1e-4}
+    cfg = tiny_config(stage1=stage1, grad_accumulation=2).train
+    assert [cfg.worker_batch(1, workers) for workers in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match=r"train.stage1.batch_size 8 \(global\) is not divisible by 3 worker"):
+        cfg.worker_batch(1, 3)
+    assert cfg.learning_rate(1) == 1e-4
+    assert tiny_config(stage1=stage1, lr_scaling="linear").train.learning_rate(1) == pytest.approx(8e-4)
+
+
+def test_condition_dropout_trains_the_unconditional_branch_jointly():
+    n, g = 20_000, torch.Generator().manual_seed(0)
+    joint = tiny_config(drop_both=0.2, drop_reference=0.0, drop_expression=0.0)
+    ref, exp = condition_dropout(n, g, joint)
+    assert torch.equal(ref, exp) and abs(ref.float().mean().item() - 0.2) < 0.01  # dropped together, at p
+    alone = tiny_config(drop_both=0.0, drop_reference=0.2, drop_expression=0.3)
+    ref, exp = condition_dropout(n, g, alone)
+    both = (ref & exp).float().mean().item()
+    assert abs(ref.float().mean().item() - 0.2) < 0.01 and abs(exp.float().mean().item() - 0.3) < 0.01
+    assert abs(both - 0.06) < 0.006  # independent: unconditional only p_ref x p_exp of the time
+
+
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
     cfg = tiny_config(grad_accumulation=2, stage1={"batch_size": 4, "steps": 100, "lr": 1e-3})
     batches = make_batches_factory(2, 16, crop=16)
@@ -44,6 +69,51 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
     a = (tmp_path / "full/checkpoints/step_0000004/ema/diffusion_pytorch_model.safetensors").read_bytes()
     b = (tmp_path / "cut/checkpoints/step_0000004/ema/diffusion_pytorch_model.safetensors").read_bytes()
     assert a == b
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, config: str, runs: list[tuple[str, int, bool]]) -> None:
+    """One DDP rank (gloo, CPU) running train_loop for each (run folder, max_steps, restore); losses to a file."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        cfg = GenConfig.model_validate_json(config)
+        for out, max_steps, restore in runs:
+            losses = train_loop(cfg, 1, make_batches_factory(1, 16, crop=16), Path(out), max_steps,
+                                restore=latest_checkpoint(Path(out)) if restore else None, rank=rank,
+                                world_size=world_size, wrap=lambda m: DistributedDataParallel(
+                                    m, find_unused_parameters=True), quiet=True)
+            (Path(out) / f"losses_rank{rank}_to_{max_steps}.json").write_text(json.dumps(losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_worker_ddp_resume_reproduces_every_ranks_loss_sequence(tmp_path):
+    """Interrupted at step 2 and resumed in fresh processes: each rank continues with its own RNG and data."""
+    cfg = tiny_config().model_dump_json()  # global batch 2: one sample per worker
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    for runs in ([(full, 4, False), (cut, 2, False)], [(cut, 4, True)]):  # fresh processes for the resume
+        # fork: the children inherit the imported modules instead of importing torch and diffusers again
+        torch.multiprocessing.start_processes(_ddp_rank, (2, _free_port(), cfg, runs), nprocs=2, start_method="fork")
+
+    def losses(out: str, rank: int, steps: int) -> list[float]:
+        return json.loads((Path(out) / f"losses_rank{rank}_to_{steps}.json").read_text())
+
+    for rank in (0, 1):
+        assert len(losses(full, rank, 4)) == 4
+        assert losses(cut, rank, 2) + losses(cut, rank, 4) == losses(full, rank, 4)  # exact, per rank
+    assert losses(full, 0, 4) != losses(full, 1, 4)  # the ranks do see different batches and noise
+    ema = "checkpoints/step_0000004/ema/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "full" / ema).read_bytes() == (tmp_path / "cut" / ema).read_bytes()
 
 
 def test_stage2_starts_from_stage1_and_trains_on_clips(tmp_path):
@@ -76,3 +146,50 @@ def test_ray_torch_trainer_runs_two_steps(tmp_path):
     latest = train(path, 1, None, tmp_path / "run", max_steps=2, make_batches=make_batches_factory(2, 16, crop=16),
                    quiet=True)
     assert latest.name == "step_0000002" and (latest / "model/config.json").is_file()
+
+
+def _kill_when_reported(run: Path, pids: Path, rank_seed: int, killed: list[int]) -> None:
+    """Once Ray has registered a checkpoint, SIGKILL the worker process that reads rank `rank_seed`'s stream."""
+    import signal
+    import time
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run / "checkpoints/checkpoint_manager_snapshot.json").is_file():
+            pid = int(next(pids.glob(f"{rank_seed}-0-*")).name.split("-")[2])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_ray_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, local_ray):
+    """A real kill of rank 1 mid-run: Ray restarts the group from the last reported checkpoint and the run
+    ends at the requested step with the weights of an uninterrupted 2-worker run."""
+    import threading
+
+    import gen_synthetic
+    import ray.cloudpickle
+    import yaml
+
+    from geodiff4d.gen.train import train
+    ray.cloudpickle.register_pickle_by_value(gen_synthetic)  # a test helper, not importable in workers
+    cfg = tiny_config()
+    path, pids, run = tmp_path / "tiny.yaml", tmp_path / "pids", tmp_path / "run"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    pids.mkdir()
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_when_reported, args=(run, pids, cfg.train.seed + 1, killed))
+    killer.start()
+    latest = train(path, 1, None, run, max_steps=8, workers=2, quiet=True,
+                   make_batches=recording_batches(pids, 1, 16, delay_s=0.3, crop=16))
+    killer.join()
+    assert killed and latest.name == "step_0000008"
+    calls = [name.split("-") for name in sorted(p.name for p in pids.iterdir())]
+    restarted = [(seed, int(position)) for seed, position, pid in calls if int(pid) not in killed and int(position)]
+    assert {seed for seed, _ in restarted} == {"0", "1"}  # both ranks restarted from a checkpoint, not from 0
+    reference = tmp_path / "uninterrupted"
+    torch.multiprocessing.start_processes(_ddp_rank, (2, _free_port(), cfg.model_dump_json(), [(str(reference), 8, False)]),
+                                          nprocs=2, start_method="fork")
+    ema = "ema/diffusion_pytorch_model.safetensors"
+    assert (latest / ema).read_bytes() == (reference / "checkpoints/step_0000008" / ema).read_bytes()
