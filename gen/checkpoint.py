@@ -100,18 +100,20 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def checkpoint_world_size(folder: Path) -> int:
-    return len(torch.load(Path(folder) / RANKS, map_location="cpu", weights_only=True))
+def saved_rank_states(folder: Path, world_size: int) -> list[dict]:
+    """The checkpoint's per-worker states; an error unless it was written by `world_size` workers."""
+    ranks = torch.load(Path(folder) / RANKS, map_location="cpu", weights_only=True)
+    if len(ranks) != world_size:
+        raise ValueError(f"{folder} was written by {len(ranks)} worker(s); resume it with {len(ranks)}, "
+                         f"not {world_size} (each worker's RNG streams and data position are its own)")
+    return ranks
 
 
 def load_checkpoint(folder: Path, model: JointDenoiser, ema: EMAModel, optimizer: torch.optim.Optimizer,
                     rank: int = 0, world_size: int = 1) -> tuple[int, RankState]:
     """Restore model, EMA and optimizer in place from a checkpoint folder; returns its step and `rank`'s state."""
     folder = Path(folder)
-    ranks = torch.load(folder / RANKS, map_location="cpu", weights_only=True)
-    if len(ranks) != world_size:
-        raise ValueError(f"{folder} was written by {len(ranks)} worker(s); resume it with {len(ranks)}, "
-                         f"not {world_size} (each worker's RNG streams and data position are its own)")
+    ranks = saved_rank_states(folder, world_size)
     model.load_state_dict(_weights_of(folder / "model"))
     shadow = _weights_of(folder / "ema")
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)

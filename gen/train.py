@@ -26,11 +26,11 @@ from geodiff4d.gen.checkpoint import (
     CHECKPOINTS,
     RankState,
     checkpoint_name,
-    checkpoint_world_size,
     latest_checkpoint,
     load_checkpoint,
     load_stage1_weights,
     save_checkpoint,
+    saved_rank_states,
 )
 from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.data import MakeBatches, check_shard_resolution, shard_batches
@@ -263,10 +263,10 @@ def _checked_inputs(config_path: str | Path, cfg: GenConfig, stage: int, shards:
     if not resume:
         raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}): resume it, or train "
                           f"into another folder")
-    written_by = checkpoint_world_size(latest)
-    if written_by != workers:
-        raise ConfigError(f"{latest} was written by {written_by} worker(s): resume with {written_by} workers, "
-                          f"not {workers} (each worker's RNG streams and data position are its own)")
+    try:
+        saved_rank_states(latest, workers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return latest
 
 

@@ -115,8 +115,8 @@ def test_train_refuses_bad_inputs_with_a_message(shards, runs, tmp_path):
     assert f"{shards} holds 16 px samples" in message and "data.resolution is 32" in message
     assert "batch_size 2 (global) is not divisible by 3 worker(s)" in train(config(), tmp_path / "b", "--workers", "3")
     assert f"{stage1_run} already holds a run (latest checkpoint step_0000002)" in train(config(), stage1_run)
-    assert "was written by 1 worker(s): resume with 1 workers, not 2" in train(config(), stage1_run, "--resume",
-                                                                                "--workers", "2")
+    assert "was written by 1 worker(s); resume it with 1, not 2" in train(config(), stage1_run, "--resume",
+                                                                           "--workers", "2")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
