@@ -49,7 +49,7 @@ def test_fan_weights_load_through_the_package(hub, monkeypatch):
     assert torch.hub.get_dir() != str(hub) and not any(Path(torch.hub.get_dir()).glob("fan-hub-*"))
 
 
-@pytest.mark.slow  # 4 CPU forward passes of the 24M-parameter FAN: about 40 s idle, 2 min on a loaded 2-core machine
+@pytest.mark.slow  # 4 CPU forward passes of the 24M-parameter FAN: 9.5 min measured on 2 cores at load average ~30
 def test_fan_backend_matches_the_package(hub, astronaut, monkeypatch):
     ours = make_landmarker("fan", fan_weights=hub)
     points = ours(astronaut)
