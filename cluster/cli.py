@@ -260,6 +260,21 @@ def leaderboard(
 
 
 @app.command()
+def submission(
+    method: Annotated[Path, typer.Argument(help="Method folder: <pid>/<SEQ>/<camera>/<frame>.png or <camera>.mp4.")],
+    out: Annotated[Path, typer.Option(help="Zip to write, for upload to the NeRSemble mono FLAME-avatar benchmark.")],
+) -> None:
+    """Write the official mono FLAME-avatar submission zip (nersemble-benchmark's writer: 512x512, 24.3 fps)."""
+    from geodiff4d.eval.inputs import InputError
+    from geodiff4d.eval.submission import write_mono_flame_avatar_submission
+
+    try:
+        typer.echo(f"submission: {write_mono_flame_avatar_submission(method, out)}")
+    except InputError as error:
+        _fail(f"submission: {error}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for every stage's outputs.")] = Path("demo_out"),
     address: AddressOption = None,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +36,19 @@ def _rows() -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(frames), pd.DataFrame(videos)
 
 
+def _write_run(folder: Path, frames: pd.DataFrame, videos: pd.DataFrame) -> Path:
+    """An evaluation run folder as evaluate() leaves it, without scoring anything."""
+    run = folder / "run"
+    (run / "frames").mkdir(parents=True)
+    (run / "videos").mkdir()
+    frames.to_parquet(run / "frames" / "all.parquet")
+    videos.to_parquet(run / "videos" / "all.parquet")
+    settings = EvalSettings(metrics=("psnr", "akd", "jod"))
+    (run / "run.json").write_text(json.dumps({"settings": settings.to_dict(), "describe": settings.describe(),
+                                              "note": "note"}))
+    return run
+
+
 def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
     frames, videos = _rows()
     table = aggregate(frames, videos, ["psnr", "akd", "jod"]).set_index("method")
@@ -46,15 +63,7 @@ def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
     assert table.loc["full", "ci_over"] == "subjects"
     assert table.loc["full", "psnr_lo"] == pytest.approx(20) and table.loc["full", "psnr_hi"] == pytest.approx(30)
 
-    run = tmp_path / "run"
-    (run / "frames").mkdir(parents=True)
-    (run / "videos").mkdir()
-    frames.to_parquet(run / "frames" / "all.parquet")
-    videos.to_parquet(run / "videos" / "all.parquet")
-    settings = EvalSettings(metrics=("psnr", "akd", "jod"))
-    (run / "run.json").write_text(json.dumps({"settings": settings.to_dict(), "describe": settings.describe(),
-                                              "note": "note"}))
-    written = build_leaderboard(run)
+    written = build_leaderboard(_write_run(tmp_path, frames, videos))
     md = written["markdown"].read_text()
     assert "WARNING: partial covers 2 of 3 units; missing s3/EXP-1" in md
     assert "| method | coverage | frames | PSNR ↑ | AKD ↓ | JOD ↑ | AKD miss |" in md
@@ -82,3 +91,36 @@ def test_bootstrap_is_over_clusters_and_seeded():
     low, high = bootstrap_ci(clusters)
     assert 1.0 <= low < clusters.mean() < high <= 10.0
     assert np.isnan(bootstrap_ci(np.array([5.0]))).all()  # one subject: nothing to resample
+
+
+# Instrumentation appended to a copy of the report: records script errors and what the browser actually rendered.
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message)));
+window.addEventListener('load', () => {
+  const decoded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-probe', JSON.stringify({errors: window.__errors, images: document.images.length,
+    decoded: decoded, rows: document.querySelectorAll('#leaderboard tr').length}));
+});
+</script>"""
+
+
+def test_html_report_in_headless_chromium(tmp_path):
+    """The report opened by a real browser: no script errors, the leaderboard table and every plot rendered."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    frames, videos = _rows()
+    html = build_leaderboard(_write_run(tmp_path, frames, videos))["html"]
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--enable-logging=stderr", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    probe = json.loads(re.search(r'data-probe="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert probe["errors"] == [] and "Uncaught" not in result.stderr
+    assert probe["rows"] == 3  # header + two methods
+    assert probe["images"] >= 7 and probe["decoded"] == probe["images"]  # 3 bars, 3 heatmaps, 2 frame curves
+    assert "WARNING: partial covers 2 of 3 units" in dom and "PSNR ↑" in dom
