@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -138,8 +138,6 @@ def run_metadata(settings: EvalSettings) -> dict:
         found = [str(p) for p in looked if p.is_file()]
         meta["lpips"] = {"available": bool(found), "backbone": found[0] if found else None,
                          "looked_in": [str(p) for p in looked]}
-    if "akd" in settings.metrics and settings.akd_backend == "fan":
-        meta["akd"] = {"fan_checkpoint": str(find_fan_file(settings.fan_weights))}  # missing: refused before Ray
     return meta
 
 
@@ -154,7 +152,10 @@ def input_fingerprints(methods: dict[str, Path], units: list[WorkUnit], gt: str 
 
 
 def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
-    """What differs from the run's recorded inputs in a way that would mix stale scores with new ones."""
+    """What differs from the run's recorded inputs in a way that would mix stale scores with new ones (nothing
+    while no unit is committed: then there is nothing stale to mix)."""
+    if not any(committed.folder.glob(committed.marker("*").name)):
+        return []
     changed = [] if previous.get("settings") == current["settings"] else ["settings"]
     before, now = previous.get("inputs", {}), current["inputs"]
     changed += [k for k in ("ground_truth", "gt_mask", "identity", "fps") if before.get(k) != now[k]]
@@ -185,6 +186,8 @@ def evaluate(
     checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
     """
     config = EvalSettings(protocol=protocol, metrics=tuple(metrics or PROTOCOL_METRICS.get(protocol, ALL_METRICS)), **settings)
+    if "akd" in config.metrics and config.akd_backend == "fan":  # the file every actor loads, named in the report
+        config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
     if protocol == "cross" and "csim" in config.metrics and identity is None:
         raise InputError("the cross protocol's CSIM needs --identity, a folder of <subject>.png source images")
     methods = discover_methods(pred)
@@ -204,7 +207,7 @@ def evaluate(
         if changed:
             raise EvalError(f"{meta_path}: {', '.join(changed)} changed since units were scored; "
                             "use a new --out folder")
-        meta["inputs"]["units"] = {**previous["inputs"]["units"], **meta["inputs"]["units"]}
+        meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
     write_json_atomic(meta_path, meta)
     job = EvalJob({k: str(v) for k, v in methods.items()}, str(gt), str(out), config,
                   str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps)

@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 from geodiff4d.cluster.cli import app
 from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.face_detection import best_face
-from geodiff4d.eval.fan_landmarks import FAN_CHECKPOINT, FAN_WEIGHTS_ENV, FanLandmarks, find_fan_file
+from geodiff4d.eval.fan_landmarks import (
+    FAN_CHECKPOINT,
+    FAN_WEIGHTS_ENV,
+    S3FD_CHECKPOINT,
+    FanLandmarks,
+    find_fan_file,
+)
 from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
 
 face_alignment = pytest.importorskip("face_alignment")
@@ -71,9 +77,11 @@ def test_fan_backend_matches_the_package(hub, astronaut, monkeypatch):
     assert keypoint_distance(points, direct) > 0.1  # ... which is the quantisation this backend avoids
 
 
-def test_missing_fan_weights_say_where_they_were_looked_for(tmp_path):
+def test_missing_fan_weights_say_where_they_were_looked_for(tmp_path, hub):
     with pytest.raises(ModelFileNotFound, match=f"{FAN_CHECKPOINT}.*looked in: {tmp_path / 'none'}"):
         FanLandmarks(tmp_path / "none")
+    with pytest.raises(ModelFileNotFound, match=f"{S3FD_CHECKPOINT}.*looked in: {hub / 'checkpoints'}"):
+        FanLandmarks(hub, detector="sfd")  # the package's own detector: its weights beside FAN's
     frame = np.zeros((32, 32, 3), np.uint8)
     for tree in ("gt", "pred/m"):
         (tmp_path / tree / "s1" / "SEQ" / "cam").mkdir(parents=True)
