@@ -207,23 +207,44 @@ def evaluate(
     jod_display: Annotated[str, typer.Option(help="ColorVideoVDP display model (changes the score).")] = "standard_4k",
     resolution: Annotated[int | None, typer.Option(help="Evaluate at this height (default: as predicted).")] = None,
     masked: Annotated[bool, typer.Option(help="Pixel metrics over the ground-truth foreground only.")] = False,
+    gt_mask: Annotated[Path | None, typer.Option(help="Ground-truth masks mirroring --gt (frame-tree ground truth).")] = None,
+    background: Annotated[float | None, typer.Option(
+        help="Composite prediction and ground truth on this grey level in [0,1] with the GT alpha before any metric "
+             "(for methods that render no backdrop).")] = None,
+    akd_backend: Annotated[str, typer.Option(help="dlib (packaged, whole-pixel points) or fan (face-alignment).")] = "dlib",
+    fan_weights: Annotated[Path | None, typer.Option(
+        help="fan AKD: 2DFAN4-11f355bf06.pth.tar, or a folder holding it (checkpoints/, a torch hub dir); "
+             "default $GEODIFF4D_FAN_WEIGHTS, else the torch hub cache. Never downloaded.")] = None,
+    fan_detector: Annotated[str, typer.Option(help="fan AKD faces: dlib (ours) or sfd (weights beside FAN's).")] = "dlib",
+    lpips_checkpoint: Annotated[Path | None, typer.Option(help="Local torchvision backbone for LPIPS.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device for the metric networks (cpu, cuda).")] = "cpu",
     workers: Annotated[int, typer.Option(help="Ray actors.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor.")] = 0,
     address: AddressOption = None,
 ) -> None:
     """Score methods' frames per frame with PSNR/SSIM/LPIPS/CSIM/AKD/AED/JOD on Ray; resumable."""
+    from geodiff4d.datasets.packaged import ModelFileNotFound
     from geodiff4d.eval.inputs import parse_named_paths
+    from geodiff4d.eval.run import EvalError
     from geodiff4d.eval.run import evaluate as run_evaluation
+
+    def _text(path: Path | None) -> str | None:
+        return str(path) if path else None
 
     if (pred is None) == (not method):
         _fail("give either --pred ROOT or one or more --method NAME=PATH")
-    predictions = parse_named_paths(method) if method else pred
-    report = run_evaluation(
-        predictions, gt, protocol, out, address, metrics, workers, gpus_per_worker, identity=identity, fps=fps,
-        csim_backend=csim_backend, arcface_model=str(arcface_model) if arcface_model else None,
-        aed_backend=aed_backend, aed_head_model=str(aed_head_model) if aed_head_model else None,
-        lpips_net=lpips_net, jod_display=jod_display, resolution=resolution, masked=masked,
-    )
+    try:  # bad inputs, settings or missing weights: their message, before any work; failed units: the summary
+        predictions = parse_named_paths(method) if method else pred
+        report = run_evaluation(
+            predictions, gt, protocol, out, address, metrics, workers, gpus_per_worker, gt_mask=gt_mask,
+            identity=identity, fps=fps, csim_backend=csim_backend, arcface_model=_text(arcface_model),
+            aed_backend=aed_backend, aed_head_model=_text(aed_head_model), lpips_net=lpips_net,
+            lpips_checkpoint=_text(lpips_checkpoint), jod_display=jod_display, resolution=resolution, masked=masked,
+            background=background, akd_backend=akd_backend, fan_weights=_text(fan_weights),
+            fan_detector=fan_detector, device=device,
+        )
+    except (ValueError, ModelFileNotFound, EvalError) as error:
+        _fail(f"eval: {error}")
     typer.echo(report.summary())
 
 
@@ -237,6 +258,21 @@ def leaderboard(
 
     for kind, path in build_leaderboard(runs, out).items():
         typer.echo(f"{kind:<14} {path}")
+
+
+@app.command()
+def submission(
+    method: Annotated[Path, typer.Argument(help="Method folder: <pid>/<SEQ>/<camera>/<frame>.png or <camera>.mp4.")],
+    out: Annotated[Path, typer.Option(help="Zip to write, for upload to the NeRSemble mono FLAME-avatar benchmark.")],
+) -> None:
+    """Write the official mono FLAME-avatar submission zip (nersemble-benchmark's writer: 512x512, 24.3 fps)."""
+    from geodiff4d.eval.inputs import InputError
+    from geodiff4d.eval.submission import write_mono_flame_avatar_submission
+
+    try:
+        typer.echo(f"submission: {write_mono_flame_avatar_submission(method, out)}")
+    except InputError as error:
+        _fail(f"submission: {error}")
 
 
 @app.command()

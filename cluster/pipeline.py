@@ -60,6 +60,7 @@ RECON_STEPS = 300
 DEMO_TRAIN_STEPS = {1: 240, 2: 40}
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SUBJECT, SEQUENCE, HELD_OUT = "001", "EXP-1-head", "222200037"  # the frontal camera is held out of recon
+REFERENCE_CAMERA = "222200040"  # a training camera: the reference-copy baseline's reference image
 
 
 def _train_stage(out: Path, address: str | None, stage: int) -> dict:
@@ -113,7 +114,7 @@ def _copy_camera(src_rgb_root: Path, dst_root: Path) -> Path:
 
 
 def _evaluate(out: Path, address: str | None) -> dict:
-    from geodiff4d.eval.baselines import gt_noise, reference_copy
+    from geodiff4d.eval.baselines import gt_noise, reference_copy, reference_images
     from geodiff4d.eval.inputs import open_ground_truth
     from geodiff4d.eval.leaderboard import build_leaderboard
     from geodiff4d.eval.run import evaluate
@@ -121,12 +122,16 @@ def _evaluate(out: Path, address: str | None) -> dict:
     root = out / "eval"
     gt_tree = _copy_camera(out / "frames" / "rgb", root / "gt")
     gt = open_ground_truth(gt_tree)
-    reference_copy(gt, root / "pred" / "reference_copy")
+    # the reference image comes from a camera the avatar trained on, never from the scored held-out camera
+    references = reference_images(open_ground_truth(out / "frames" / "rgb"), camera=REFERENCE_CAMERA)
+    reference_copy(gt, root / "pred" / "reference_copy", references)
     gt_noise(gt, root / "pred" / "gt_noise", seed=0)
     _copy_camera(out / "renders" / "rgb", root / "pred" / "geodiff4d_recon")
     # pixel metrics over the head: the avatar renders no studio backdrop (NeRSemble's benchmark masks too)
     gt_mask = _copy_camera(out / "frames" / "mask", root / "gt_mask")
-    report = evaluate(root / "pred", gt_tree, "self", root / "run", address, workers=2, gt_mask=gt_mask, masked=True)
+    # ... and every metric sees the same pixels: both composited on one grey with the GT alpha first
+    report = evaluate(root / "pred", gt_tree, "self", root / "run", address, workers=2, gt_mask=gt_mask, masked=True,
+                      background=0.5)
     files = build_leaderboard(root / "run")
     typer.echo(f"leaderboard: {files['html']}")
     return {"eval": report.summary(), "html": str(files["html"])}

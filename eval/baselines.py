@@ -1,20 +1,23 @@
 """Simple baselines for the demo leaderboard, written as method trees from a ground-truth source.
 
 ``reference_copy`` shows what a method that ignores pose and expression scores (every frame is the subject's
-reference image: the first frame of the frontal camera); ``gt_noise`` what near-perfect output scores (the
-ground truth plus Gaussian noise). Both are floors/ceilings to read a real method's numbers against.
+reference image, as a real method receives it: from a camera or sequence that is not scored, e.g. the mono
+benchmark's train camera); ``gt_noise`` what near-perfect output scores (the ground truth plus Gaussian noise).
+Both are floors/ceilings to read a real method's numbers against. A baseline never copies a scored frame: a
+reference identical to one would score that frame perfectly.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.eval.inputs import ClipSource, open_ground_truth
+from geodiff4d.eval.inputs import ClipSource, InputError, open_ground_truth
 
 GT_NOISE_SIGMA = 0.05  # of the [0,1] range
 
@@ -28,22 +31,37 @@ def write_frames(folder: Path, frames: np.ndarray) -> None:
         atomic_write_bytes(folder / f"{t:05d}.png", png.tobytes())
 
 
-def _reference_image(gt: ClipSource, subject: str, sequence: str) -> np.ndarray:
-    frontal = getattr(gt, "frontal_camera", None)
-    camera = frontal(subject, sequence) if frontal else gt.cameras(subject, sequence)[0]
-    return gt.clip(subject, sequence, camera).frames[0]  # [H, W, 3]
+def reference_images(source: ClipSource, camera: str | None = None, frame: int = 0) -> dict[str, np.ndarray]:
+    """Each subject's reference image [H, W, 3]: ``frame`` of ``camera`` (default: the frontal camera, else the
+    first) in the subject's first sequence of ``source``."""
+    images = {}
+    for subject, sequence in source.units():
+        if subject in images:
+            continue
+        frontal = getattr(source, "frontal_camera", None)
+        chosen = camera or (frontal(subject, sequence) if frontal else source.cameras(subject, sequence)[0])
+        images[subject] = source.clip(subject, sequence, chosen).frames[frame]
+    return images
 
 
-def reference_copy(gt: ClipSource, out: str | Path) -> Path:
-    """Every predicted frame of every camera = the subject's reference image (resized to the camera's size)."""
+def reference_copy(gt: ClipSource, out: str | Path, references: Mapping[str, np.ndarray]) -> Path:
+    """Every predicted frame of every camera = the subject's reference image (resized to the camera's size);
+    refuses a reference that is itself one of the scored ground-truth frames."""
     out = Path(out)
     for subject, sequence in gt.units():
-        reference = _reference_image(gt, subject, sequence)
+        if subject not in references:
+            raise InputError(f"reference copy: no reference image for subject {subject}")
         for camera in gt.cameras(subject, sequence):
             frames = gt.clip(subject, sequence, camera).frames
             t, h, w = frames.shape[:3]
+            reference = references[subject]
             image = reference if reference.shape[:2] == (h, w) else cv2.resize(reference, (w, h),
                                                                                interpolation=cv2.INTER_AREA)
+            identical = np.flatnonzero((frames == image[None]).all(axis=(1, 2, 3)))  # [k] scored frames equal to it
+            if len(identical):
+                raise InputError(f"reference copy: {subject}'s reference image is scored frame {identical[0]} of "
+                                 f"{subject}/{sequence}/{camera} itself; take it from a camera or sequence that "
+                                 "is not scored (e.g. the train camera)")
             write_frames(out / subject / sequence / camera, np.repeat(image[None], t, axis=0))
     return out
 
@@ -60,10 +78,11 @@ def gt_noise(gt: ClipSource, out: str | Path, sigma: float = GT_NOISE_SIGMA, see
     return out
 
 
-def demo_baselines(gt_nersemble_root: str | Path, pred_root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write both baselines under ``pred_root/<name>`` from a NeRSemble folder: ``{name: method folder}``,
-    ready for ``evaluate(pred_root, gt_nersemble_root)``."""
-    gt = open_ground_truth(gt_nersemble_root)
+def demo_baselines(gt_root: str | Path, pred_root: str | Path, references: Mapping[str, np.ndarray],
+                   seed: int = 0) -> dict[str, Path]:
+    """Write both baselines under ``pred_root/<name>`` for a ground truth (a NeRSemble folder or a frame tree):
+    ``{name: method folder}``, ready for ``evaluate(pred_root, gt_root)``."""
+    gt = open_ground_truth(gt_root)
     pred_root = Path(pred_root)
-    return {"reference_copy": reference_copy(gt, pred_root / "reference_copy"),
+    return {"reference_copy": reference_copy(gt, pred_root / "reference_copy", references),
             "gt_noise": gt_noise(gt, pred_root / "gt_noise", seed=seed)}

@@ -3,7 +3,7 @@
 SSIM follows Wang et al. / scikit-image (``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``):
 an 11x11 Gaussian window, statistics over the fully covered ("valid") region, channels averaged.
 With a mask, PSNR averages the squared error over foreground pixels and SSIM averages its map over
-foreground pixels of the valid region, so the background never rewards a method.
+foreground pixels of the valid region, so the background never rewards a method; an empty mask gives NaN.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ def _check(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None) -> N
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match images {tuple(pred.shape)}")
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``mask`` (same shape) over ``dims``; NaN where the mask is empty: a frame
+    with no foreground has nothing to score, and must not count as a perfect one."""
+    total = mask.sum(dim=dims)
+    return (values * mask).sum(dim=dims) / total.where(total > 0, torch.nan)
+
+
 def psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image PSNR in dB of ``(..., 3, H, W)`` images in [0,1]; returns shape ``(...)``."""
     _check(pred, gt, mask)
@@ -30,8 +37,8 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None)
     if mask is None:
         mse = sq.mean(dim=(-3, -2, -1))
     else:
-        m = mask.float().unsqueeze(-3)  # [..., 1, H, W]
-        mse = (sq * m).sum(dim=(-3, -2, -1)) / (3 * m.sum(dim=(-3, -2, -1))).clamp_min(1)
+        m = mask.float().unsqueeze(-3).expand_as(sq)  # [..., 3, H, W]
+        mse = masked_mean(sq, m, (-3, -2, -1))
     return -10 * torch.log10(mse.clamp_min(PSNR_MSE_FLOOR))
 
 
@@ -97,4 +104,4 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None)
         return s.mean(dim=(-2, -1))
     r = SSIM_RADIUS
     m = mask[..., r:-r, r:-r].float()
-    return (s * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1)).clamp_min(1)
+    return masked_mean(s, m, (-2, -1))

@@ -8,6 +8,7 @@ side as ``PRED_ROOT/<method>/...``, or are named one at a time as ``NAME=PATH``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -160,6 +161,24 @@ def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps
     if any(path.glob("*/calibration/camera_params.json")):
         return NersembleSource(path, fps)
     return FolderSource("ground truth", path, Path(mask_root) if mask_root else None, fps)
+
+
+def tree_fingerprint(path: str | Path | None) -> str | None:
+    """A digest of every file under ``path`` (relative name, size, modification time; a file is its own tree):
+    changes when any file is added, removed, rewritten or touched. Cheap enough for whole NeRSemble releases,
+    since no content is read; a copy with new timestamps counts as changed, which errs on the safe side."""
+    if path is None:
+        return None
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"{root} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0"
+                      f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def discover_methods(pred: str | Path | dict[str, str | Path]) -> dict[str, Path]:

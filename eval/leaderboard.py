@@ -12,37 +12,87 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geodiff4d.eval.report import render_html
+from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.eval.report import arrow, metric_cell, render_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic
 from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS
 
 N_BOOTSTRAP = 1000
 PAPER_COLUMNS = {"self": ("psnr", "ssim", "lpips", "csim", "jod"), "cross": ("csim", "jod")}
+UNIT = ["subject", "sequence"]  # what an evaluation run commits; methods are compared on the units all covered
 
 
-def bootstrap_ci(values: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean (NaNs dropped); NaN when nothing is left."""
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
+def coverage(frames: pd.DataFrame) -> tuple[set[tuple[str, str]], dict[str, set[tuple[str, str]]]]:
+    """The (subject, sequence) units every method covered, and each method's own units."""
+    covered = {m: set(map(tuple, g[UNIT].drop_duplicates().to_numpy())) for m, g in frames.groupby("method")}
+    common = set.intersection(*covered.values()) if covered else set()
+    return common, covered
+
+
+def coverage_warnings(covered: dict[str, set[tuple[str, str]]]) -> list[str]:
+    """One sentence per method that misses units some other method covered."""
+    every = set().union(*covered.values())
+    out = []
+    for method, units in sorted(covered.items()):
+        missing = sorted(every - units)
+        if missing:
+            out.append(f"{method} covers {len(units)} of {len(every)} units; missing "
+                       + ", ".join(f"{s}/{q}" for s, q in missing)
+                       + ": every method is ranked on the units all methods covered only")
+    return out
+
+
+def on_units(table: pd.DataFrame, units: set[tuple[str, str]]) -> pd.DataFrame:
+    keys = pd.MultiIndex.from_frame(table[UNIT])
+    return table[keys.isin(list(units))]
+
+
+def balanced_means(values: pd.DataFrame, metric: str) -> tuple[pd.Series, str]:
+    """Mean of ``metric`` per bootstrap cluster: per unit first, then per subject (so every subject weighs the
+    same, whatever its frames, cameras or sequences); the clusters are the units when there is one subject."""
+    units = values.groupby(UNIT)[metric].mean()  # NaN (a miss everywhere) stays NaN
+    subjects = units.groupby(level="subject").mean()
+    return (subjects, "subjects") if len(subjects) > 1 else (units, "sequences")
+
+
+def bootstrap_ci(clusters: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of cluster means (subjects or sequences, never frames);
+    NaN with fewer than two clusters, where resampling says nothing. The same seed gives every method the
+    same resamples, so the intervals are paired."""
+    clusters = clusters[~np.isnan(clusters)]
+    if len(clusters) < 2:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)  # [n]
+    means = clusters[rng.integers(0, len(clusters), size=(n, len(clusters)))].mean(axis=1)  # [n]
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 
 
 def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], seed: int = 0) -> pd.DataFrame:
-    """One row per method: ``{m}``, ``{m}_lo``, ``{m}_hi``, ``{m}_rank`` and ``{m}_miss_rate`` for face metrics."""
+    """One row per method, on the units every method covered: ``coverage`` (units covered / all units),
+    ``frames``, ``subjects``, ``{m}`` (subject-balanced mean), ``{m}_lo``/``{m}_hi`` (bootstrap over subjects or
+    sequences), ``{m}_rank``, ``{m}_miss_rate`` for face metrics, and ``ci_over`` (what was resampled)."""
+    common, covered = coverage(frames)
+    if not common:
+        raise ValueError("no (subject, sequence) unit was scored for every method: "
+                         + "; ".join(f"{m}: {len(u)} units" for m, u in sorted(covered.items()))
+                         + ". Evaluate the methods on shared units, or leave one out")
+    every = set().union(*covered.values())
+    f_all, v_all = on_units(frames, common), on_units(videos, common)
     rows = []
-    for method in sorted(frames["method"].unique()):
-        f, v = frames[frames["method"] == method], videos[videos["method"] == method]
-        row: dict[str, object] = {"method": method, "frames": len(f), "videos": len(v)}
+    for method in sorted(covered):
+        f, v = f_all[f_all["method"] == method], v_all[v_all["method"] == method]
+        row: dict[str, object] = {"method": method, "coverage": f"{len(covered[method])}/{len(every)}",
+                                  "units": len(common), "frames": len(f), "subjects": f["subject"].nunique(),
+                                  "videos": len(v)}
         for m in metrics:
-            values = (v if m in VIDEO_METRICS else f)[m].to_numpy(np.float64)
+            source = v if m in VIDEO_METRICS else f
+            clusters, row["ci_over"] = balanced_means(source, m)
+            values = clusters.to_numpy(np.float64)
             row[m] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(values, seed=seed)
             if m in FACE_METRICS:
-                row[f"{m}_miss_rate"] = float(np.isnan(values).mean())
+                row[f"{m}_miss_rate"] = float(source[m].isna().mean())
         rows.append(row)
     table = pd.DataFrame(rows)
     for m in metrics:
@@ -61,37 +111,21 @@ def per_subject(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str]) 
     return pd.concat(parts, ignore_index=True)[["method", "subject", "metric", "mean"]]
 
 
-def _best(table: pd.DataFrame, m: str) -> float:
-    col = table[m].dropna()
-    if col.empty:
-        return math.nan
-    return col.max() if HIGHER_IS_BETTER[m] else col.min()
-
-
-def _cell(table: pd.DataFrame, i: int, m: str, bold: tuple[str, str], ci: bool = True) -> str:
-    value = table.loc[i, m]
-    if pd.isna(value):
-        return "n/a"
-    text = f"{value:.4f}"
-    if ci and not pd.isna(table.loc[i, f"{m}_lo"]):
-        text += f" [{table.loc[i, f'{m}_lo']:.4f}, {table.loc[i, f'{m}_hi']:.4f}]"
-    return f"{bold[0]}{text}{bold[1]}" if value == _best(table, m) else text
-
-
 def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
-    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in metrics}
-    head = ["method"] + [f"{m.upper()} {arrows[m]}" for m in metrics] + \
+    head = ["method", "coverage", "frames"] + [f"{m.upper()} {arrow(m)}" for m in metrics] + \
            [f"{m.upper()} miss" for m in metrics if m in FACE_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in table.index:
-        cells = [table.loc[i, "method"]] + [_cell(table, i, m, ("**", "**")) for m in metrics]
+        cells = [table.loc[i, "method"], table.loc[i, "coverage"], str(table.loc[i, "frames"])]
+        cells += [metric_cell(table, i, m, ("**", "**")) for m in metrics]
         cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def latex_table(tables: dict[str, pd.DataFrame]) -> str:
-    """The paper's layout: methods as rows, Self PSNR/SSIM/LPIPS/CSIM/JOD then Cross CSIM/JOD."""
+    """The paper's layout: methods as rows, Self PSNR/SSIM/LPIPS/CSIM/JOD then Cross CSIM/JOD; each value's rank
+    as a superscript, the best in bold."""
     groups = [(p, [m for m in PAPER_COLUMNS[p] if m in tables[p].columns]) for p in ("self", "cross") if p in tables]
     methods = sorted(set().union(*(set(t["method"]) for t in tables.values())))
     ncols = sum(len(ms) for _, ms in groups)
@@ -105,16 +139,20 @@ def latex_table(tables: dict[str, pd.DataFrame]) -> str:
             t = tables[p].reset_index(drop=True)
             hit = t.index[t["method"] == method]
             for m in ms:
-                cells.append("--" if hit.empty else _cell(t, hit[0], m, (r"\textbf{", "}"), ci=False))
+                cells.append("--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True))
         out.append(method.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def method_note(table: pd.DataFrame, seed: int) -> str:
+    """How the table was computed, for the reader of the report."""
+    over = table["ci_over"].iloc[0] if "ci_over" in table and len(table) else "subjects"
+    return (f"Ranked on the {table['units'].iloc[0]} (subject, sequence) units every method covered "
+            f"(coverage: units a method covered of all units scored). Means per unit, then per subject, then over "
+            f"subjects, so each subject weighs the same; [95% interval] from a percentile bootstrap over {over} "
+            f"({N_BOOTSTRAP} resamples, seed {seed}; n/a with fewer than two), not frames; #k = rank; "
+            "best in bold; ↑ higher is better, ↓ lower is better.")
 
 
 def build_leaderboard(runs: str | Path | list[str | Path], out: str | Path | None = None, seed: int = 0) -> dict:
@@ -131,7 +169,8 @@ def build_leaderboard(runs: str | Path | list[str | Path], out: str | Path | Non
             raise ValueError(f"two {protocol!r} runs given ({run}); pass one run per protocol")
         metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
         table = aggregate(frames, videos, metrics, seed)
-        subjects = per_subject(frames, videos, metrics)
+        common, covered = coverage(frames)
+        subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
         tables[protocol] = table
         write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
         write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
@@ -139,10 +178,13 @@ def build_leaderboard(runs: str | Path | list[str | Path], out: str | Path | Non
         written.update({f"{protocol}_parquet": out / f"{protocol}_leaderboard.parquet",
                         f"{protocol}_csv": out / f"{protocol}_leaderboard.csv"})
         sections.append({"protocol": protocol, "run": str(run), "meta": meta, "metrics": metrics, "table": table,
-                         "markdown": markdown_table(table, metrics), "subjects": subjects, "frames": frames})
+                         "markdown": markdown_table(table, metrics), "subjects": subjects,
+                         "frames": on_units(frames, common), "warnings": coverage_warnings(covered),
+                         "method_note": method_note(table, seed)})
     md = [f"# Leaderboard\n\n{sections[0]['meta']['note']}\n"]
     for s in sections:
-        md += [f"## {s['protocol'].capitalize()} ({s['run']})\n", s["markdown"], ""]
+        md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [f"> WARNING: {w}\n" for w in s["warnings"]]
+        md += [s["markdown"], "", s["method_note"], ""]
         md += [f"- {m.upper()}: {s['meta']['describe'][m]}" for m in s["metrics"]]
         lp = s["meta"].get("lpips")
         if lp and not lp["available"]:
@@ -150,7 +192,6 @@ def build_leaderboard(runs: str | Path | list[str | Path], out: str | Path | Non
         md.append("")
     written["markdown"], written["latex"], written["html"] = out / "leaderboard.md", out / "leaderboard.tex", \
         out / "report.html"
-    _write_text(written["markdown"], "\n".join(md))
-    _write_text(written["latex"], latex_table(tables))
-    _write_text(written["html"], render_html(sections))
+    for kind, text in (("markdown", "\n".join(md)), ("latex", latex_table(tables)), ("html", render_html(sections))):
+        atomic_write_bytes(written[kind], text.encode())
     return written

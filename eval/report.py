@@ -11,8 +11,31 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from geodiff4d.eval.settings import FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS  # noqa: E402
+
+
+def arrow(metric: str) -> str:
+    return "↑" if HIGHER_IS_BETTER[metric] else "↓"
+
+
+def metric_cell(table, i: int, metric: str, bold: tuple[str, str] = ("", ""), ci: bool = True,  # noqa: ANN001
+                latex: bool = False) -> str:
+    """``mean [lo, hi] #rank`` of row ``i`` (LaTeX: the rank as a superscript); the column's best value wrapped in
+    ``bold``; ``n/a`` when the metric could not be measured."""
+    value = table.loc[i, metric]
+    if pd.isna(value):
+        return "n/a"
+    text = f"{value:.4f}"
+    if ci:
+        low, high = table.loc[i, f"{metric}_lo"], table.loc[i, f"{metric}_hi"]
+        text += " [n/a]" if pd.isna(low) else f" [{low:.4f}, {high:.4f}]"
+    rank = int(table.loc[i, f"{metric}_rank"])
+    text += f"$^{{{rank}}}$" if latex else f" #{rank}"
+    column = table[metric].dropna()
+    best = column.max() if HIGHER_IS_BETTER[metric] else column.min()
+    return f"{bold[0]}{text}{bold[1]}" if value == best else text
 
 
 def _png(fig) -> str:  # noqa: ANN001 - matplotlib Figure
@@ -61,7 +84,8 @@ def render_html(sections: list[dict]) -> str:
     for s in sections:
         table, metrics = s["table"], s["metrics"]
         body.append(f"<h2>{e(s['protocol'].capitalize())} protocol</h2><p>run: {e(s['run'])}</p>")
-        body.append(_table_html(table, metrics))
+        body += [f"<p class='warning'>WARNING: {e(w)}</p>" for w in s["warnings"]]
+        body.append(_table_html(table, metrics) + f"<p>{e(s['method_note'])}</p>")
         body.append("<h3>Settings</h3><ul>" + "".join(
             f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics) + "</ul>")
         lp = s["meta"].get("lpips")
@@ -72,22 +96,20 @@ def render_html(sections: list[dict]) -> str:
         body.append("<h3>Per subject</h3>" + "".join(heatmap(s["subjects"], m) for m in plotted))
         body.append("<h3>Per frame</h3>" + "".join(
             frame_curves(s["frames"], m) for m in plotted if m not in VIDEO_METRICS))
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
+             ".warning{color:#a00;font-weight:bold}")
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" \
            + "\n".join(body) + "</body></html>"
 
 
 def _table_html(table, metrics: list[str]) -> str:  # noqa: ANN001 - DataFrame
-    head = "".join(f"<th>{m.upper()}</th>" for m in metrics) + "".join(
+    head = "<th>method</th><th>coverage</th><th>frames</th>" + "".join(
+        f"<th>{m.upper()} {arrow(m)}</th>" for m in metrics) + "".join(
         f"<th>{m.upper()} miss</th>" for m in metrics if m in FACE_METRICS)
     rows = []
-    for _, r in table.iterrows():
-        cells = []
-        for m in metrics:
-            col = table[m].dropna()
-            best = (col.max() if HIGHER_IS_BETTER[m] else col.min()) if not col.empty else None
-            text = "n/a" if np.isnan(r[m]) else f"{r[m]:.4f} [{r[f'{m}_lo']:.4f}, {r[f'{m}_hi']:.4f}]"
-            cells.append(f"<td><b>{text}</b></td>" if r[m] == best else f"<td>{text}</td>")
-        cells += [f"<td>{r[f'{m}_miss_rate']:.1%}</td>" for m in metrics if m in FACE_METRICS]
-        rows.append(f"<tr><td>{html.escape(str(r['method']))}</td>{''.join(cells)}</tr>")
-    return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+    for i in table.index:
+        cells = [html.escape(str(table.loc[i, "method"])), table.loc[i, "coverage"], str(table.loc[i, "frames"])]
+        cells += [metric_cell(table, i, m, ("<b>", "</b>")) for m in metrics]
+        cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table id='leaderboard'><tr>{head}</tr>{''.join(rows)}</table>"

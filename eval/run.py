@@ -1,15 +1,15 @@
 """Distributed evaluation run: (method, subject, sequence) units on Ray actors, per-frame rows in Parquet.
 
 ``RUN/frames/{unit}.parquet`` holds one row per (camera, frame), ``RUN/videos/{unit}.parquet`` one row per
-camera (JOD); ``RUN/commits`` marks finished units so a rerun skips them; ``RUN/run.json`` records the
-settings (a rerun with other settings is refused rather than mixing numbers).
+camera (JOD); ``RUN/commits`` marks finished units so a rerun skips them; ``RUN/run.json`` records the settings and
+fingerprints of every input (a rerun with other settings or changed inputs is refused rather than mixing numbers).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -19,6 +19,7 @@ import pandas as pd
 from geodiff4d.cluster.atomic import atomic_output, write_json_atomic
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
+from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
     FolderSource,
     InputError,
@@ -26,13 +27,15 @@ from geodiff4d.eval.inputs import (
     discover_methods,
     match_cameras,
     open_ground_truth,
+    tree_fingerprint,
 )
 from geodiff4d.eval.lpips_metric import backbone_candidates
-from geodiff4d.eval.scoring import MetricModels, resize_clip, score_clip
+from geodiff4d.eval.scoring import MetricModels, composite_on_background, resize_clip, score_clip
 from geodiff4d.eval.settings import (
     ALL_METRICS,
     COMPARABILITY_NOTE,
     FRAME_METRICS,
+    PIXEL_METRICS,
     PROTOCOL_METRICS,
     EvalSettings,
 )
@@ -88,6 +91,10 @@ class EvalJob:
             pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
             ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
             check_clips(method, f"{where}/{pred_cam}", pred, ref)
+            if self.settings.background is not None:  # every metric sees the same pixels: no backdrop advantage
+                if ref.masks is None:
+                    raise InputError(f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}")
+                pred, ref = (composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref))
             columns, video_jod = score_clip(self.models, pred, ref, identity)
             height, width = pred.frames.shape[1:3]
             for t in range(len(pred.frames)):
@@ -134,6 +141,29 @@ def run_metadata(settings: EvalSettings) -> dict:
     return meta
 
 
+def input_fingerprints(methods: dict[str, Path], units: list[WorkUnit], gt: str | Path, gt_mask: str | Path | None,
+                       identity: str | Path | None, fps: float) -> dict:
+    """Digests of everything a score depends on besides the settings: ground truth, masks, identity images,
+    fps, and each unit's predicted frames (per unit, so a method folder may grow while a benchmark runs)."""
+    return {"ground_truth": tree_fingerprint(gt), "gt_mask": tree_fingerprint(gt_mask),
+            "identity": tree_fingerprint(identity), "fps": fps,
+            "units": {u.id: tree_fingerprint(methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"])
+                      for u in units}}
+
+
+def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
+    """What differs from the run's recorded inputs in a way that would mix stale scores with new ones (nothing
+    while no unit is committed: then there is nothing stale to mix)."""
+    if not any(committed.folder.glob(committed.marker("*").name)):
+        return []
+    changed = [] if previous.get("settings") == current["settings"] else ["settings"]
+    before, now = previous.get("inputs", {}), current["inputs"]
+    changed += [k for k in ("ground_truth", "gt_mask", "identity", "fps") if before.get(k) != now[k]]
+    changed += [f"predictions of {unit}" for unit, digest in now["units"].items()
+                if committed.is_committed(unit) and before.get("units", {}).get(unit) != digest]
+    return changed
+
+
 def evaluate(
     pred: str | Path | dict[str, str | Path],
     gt: str | Path,
@@ -151,24 +181,38 @@ def evaluate(
 ) -> JobReport:
     """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
 
-    ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, lpips_net, jod_display,
-    resolution, masked, device, ...).
+    ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, akd_backend, fan_weights,
+    lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
+    checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
     """
     config = EvalSettings(protocol=protocol, metrics=tuple(metrics or PROTOCOL_METRICS.get(protocol, ALL_METRICS)), **settings)
+    if "akd" in config.metrics and config.akd_backend == "fan":  # the file every actor loads, named in the report
+        config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
     if protocol == "cross" and "csim" in config.metrics and identity is None:
         raise InputError("the cross protocol's CSIM needs --identity, a folder of <subject>.png source images")
     methods = discover_methods(pred)
-    units = plan_units(methods, open_ground_truth(gt, gt_mask, fps), protocol)
+    reference = open_ground_truth(gt, gt_mask, fps)
+    needs_masks = config.background is not None or (config.masked and set(config.metrics) & set(PIXEL_METRICS))
+    if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
+        raise InputError(f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
+                         f"needs ground-truth masks: give --gt-mask for {gt}")
+    units = plan_units(methods, reference, protocol)
     out = Path(out)
     meta = run_metadata(config)
-    meta_path = out / "run.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text())["settings"] != meta["settings"]:
-        raise EvalError(f"{meta_path} was written with other settings; use a new --out folder")
+    meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps)
+    meta_path, committed = out / "run.json", CommitLog(out / "commits")
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        changed = changed_inputs(previous, meta, committed)
+        if changed:
+            raise EvalError(f"{meta_path}: {', '.join(changed)} changed since units were scored; "
+                            "use a new --out folder")
+        meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
     write_json_atomic(meta_path, meta)
     job = EvalJob({k: str(v) for k, v in methods.items()}, str(gt), str(out), config,
                   str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps)
     connect(address)
-    report = run_units(job, units, CommitLog(out / "commits"), workers=workers, gpus_per_worker=gpus_per_worker,
+    report = run_units(job, units, committed, workers=workers, gpus_per_worker=gpus_per_worker,
                        desc="eval", progress=progress)
     if not report.ok:
         raise EvalError(report.summary())

@@ -32,7 +32,8 @@ class MetricModels:
         m = set(settings.metrics)
         self.settings = settings
         self.embedder = make_embedder(settings.csim_backend, settings.arcface_model) if "csim" in m else None
-        self.landmarker = make_landmarker(settings.akd_backend) if "akd" in m else None
+        self.landmarker = make_landmarker(settings.akd_backend, settings.fan_weights, settings.fan_detector,
+                                          settings.device) if "akd" in m else None
         self.regressor = make_expression_regressor(settings.aed_backend, settings.aed_head_model) if "aed" in m else None
         self.lpips, self.lpips_missing = None, None
         if "lpips" in m:
@@ -51,6 +52,14 @@ def resize_clip(clip: Clip, height: int | None) -> Clip:
     masks = None if clip.masks is None else np.stack(
         [cv2.resize(m, (width, height), interpolation=cv2.INTER_AREA) for m in clip.masks])
     return Clip(frames, masks, clip.fps, clip.source)
+
+
+def composite_on_background(clip: Clip, alpha: np.ndarray, background: float) -> Clip:
+    """``clip`` over a constant grey ``background`` (in [0,1]) with ``alpha`` [T, H, W], the ground truth's: applied
+    to prediction and ground truth alike, a method that renders no backdrop is judged on the head alone."""
+    a = alpha[..., None].astype(np.float32)  # [T, H, W, 1]
+    mixed = clip.frames.astype(np.float32) * a + np.float32(background * 255.0) * (1.0 - a)
+    return Clip(np.rint(mixed).astype(np.uint8), clip.masks, clip.fps, clip.source)
 
 
 def _tensor(frames: np.ndarray) -> torch.Tensor:

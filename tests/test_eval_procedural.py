@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from geodiff4d.datasets.procedural import SynthSpec, synthesize
-from geodiff4d.eval.baselines import demo_baselines, write_frames
-from geodiff4d.eval.inputs import NersembleSource, open_ground_truth
+from geodiff4d.eval.baselines import demo_baselines, reference_images, write_frames
+from geodiff4d.eval.inputs import InputError, NersembleSource, open_ground_truth
 from geodiff4d.eval.leaderboard import build_leaderboard
 from geodiff4d.eval.run import evaluate
 from geodiff4d.eval.settings import ALL_METRICS
@@ -68,14 +68,19 @@ def test_two_strengths_ranked_in_every_metric(nersemble, tmp_path):
 
 
 def test_demo_baselines(nersemble, tmp_path):
-    methods = demo_baselines(nersemble, tmp_path / "pred", seed=3)
-    assert sorted(methods) == ["gt_noise", "reference_copy"]
     gt = open_ground_truth(nersemble)
     (subject, sequence), = gt.units()
     frontal = gt.frontal_camera(subject, sequence)
     assert frontal == "222200037"  # the synthesized rig's frontal camera is among the two
+    with pytest.raises(InputError, match=f"reference image is scored frame 0 of {subject}/{sequence}/{frontal}"):
+        demo_baselines(nersemble, tmp_path / "refused", reference_images(gt), seed=3)
+    # scored: the other camera, as a frame tree; the reference: the frontal camera's first frame, never scored
+    (scored,) = set(gt.cameras(subject, sequence)) - {frontal}
+    write_frames(tmp_path / "gt" / subject / sequence / scored, gt.clip(subject, sequence, scored).frames)
+    methods = demo_baselines(tmp_path / "gt", tmp_path / "pred", reference_images(gt), seed=3)
+    assert sorted(methods) == ["gt_noise", "reference_copy"]
     reference = gt.clip(subject, sequence, frontal).frames[0]
-    for camera in gt.cameras(subject, sequence):
+    for camera in [scored]:
         truth = gt.clip(subject, sequence, camera).frames.astype(np.float64)
         files = sorted((methods["reference_copy"] / subject / sequence / camera).glob("*.png"))
         assert len(files) == SPEC.frames
@@ -85,7 +90,7 @@ def test_demo_baselines(nersemble, tmp_path):
                           sorted((methods["gt_noise"] / subject / sequence / camera).glob("*.png"))])
         residual = noisy - truth
         assert abs(residual.mean()) < 1.0 and 0.8 * 0.05 * 255 < residual.std() < 1.05 * 0.05 * 255
-    again = demo_baselines(nersemble, tmp_path / "again", seed=3)
+    again = demo_baselines(tmp_path / "gt", tmp_path / "again", reference_images(gt), seed=3)
     first = sorted((methods["gt_noise"]).rglob("*.png"))
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, sorted(again["gt_noise"].rglob("*.png")),
                                                                   strict=True))

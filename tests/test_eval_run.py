@@ -12,7 +12,7 @@ import skimage.data
 
 from geodiff4d.eval.inputs import Clip, FolderSource, InputError, check_clips, match_cameras
 from geodiff4d.eval.leaderboard import build_leaderboard
-from geodiff4d.eval.run import evaluate, plan_units
+from geodiff4d.eval.run import EvalError, evaluate, plan_units
 
 N_FRAMES = 3
 
@@ -78,3 +78,39 @@ def test_input_errors_name_the_problem(trees):
     other.mkdir(parents=True)
     with pytest.raises(InputError, match="ghost: s99/EXP-1 has no ground truth"):
         plan_units({"ghost": trees / "other_pred" / "ghost"}, FolderSource("gt", trees / "gt"), "self")
+
+
+def test_resume_refuses_changed_inputs_and_composites(tmp_path, local_ray):
+    """Any changed input of a committed unit (ground truth, masks, fps, its predictions) refuses the rerun; a new
+    method joins the run; with a background, a method rendering no backdrop is judged on the head alone."""
+    face = cv2.resize(skimage.data.astronaut()[:320, 80:400], (64, 64), interpolation=cv2.INTER_AREA)
+    alpha = np.zeros((64, 64), np.uint8)
+    alpha[8:56, 12:52] = 255
+    studio = np.where(alpha[..., None] > 0, face, np.uint8(90))  # the head in front of a grey studio wall
+    black = np.where(alpha[..., None] > 0, face, np.uint8(0))  # the same head rendered without a backdrop
+    _write_tree(tmp_path / "gt", [studio] * 2)
+    _write_tree(tmp_path / "mask", [np.repeat(alpha[..., None], 3, axis=-1)] * 2)
+    _write_tree(tmp_path / "pred" / "avatar", [black] * 2)
+    common = {"metrics": ["psnr"], "gt_mask": tmp_path / "mask", "progress": False}
+    out = tmp_path / "run"
+    evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
+    assert (pd.read_parquet(out / "frames" / "avatar--s01--EXP-1.parquet")["psnr"] == 100.0).all()  # identical
+    plain = evaluate(tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "plain", **common)
+    assert plain.completed and (pd.read_parquet(tmp_path / "plain" / "frames" / "avatar--s01--EXP-1.parquet")
+                                ["psnr"] < 20).all()  # the black backdrop against the studio's
+
+    with pytest.raises(EvalError, match="fps changed"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, fps=30.0, **common)
+    with pytest.raises(EvalError, match="settings changed"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.25, **common)
+    _write_tree(tmp_path / "pred" / "other", [studio] * 2)  # a new method: scored, nothing else redone
+    again = evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
+    assert again.completed == ["other--s01--EXP-1"] and again.skipped == ["avatar--s01--EXP-1"]
+    _write_tree(tmp_path / "pred" / "avatar", [studio] * 2)  # a committed unit's frames rewritten
+    with pytest.raises(EvalError, match="predictions of avatar--s01--EXP-1 changed"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
+    _write_tree(tmp_path / "mask", [np.repeat(alpha[..., None], 3, axis=-1)] * 2)  # same masks, rewritten
+    with pytest.raises(EvalError, match="gt_mask, predictions of avatar--s01--EXP-1 changed"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
+    with pytest.raises(InputError, match="needs ground-truth masks: give --gt-mask"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "nomask", metrics=["psnr"], background=0.5)

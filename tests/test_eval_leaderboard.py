@@ -1,0 +1,126 @@
+"""Fair leaderboards: common units only, coverage and warnings, subject-balanced means, bootstrap over subjects."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from geodiff4d.eval.leaderboard import aggregate, bootstrap_ci, build_leaderboard
+from geodiff4d.eval.settings import EvalSettings
+
+# method -> subject -> (cameras, PSNR of every frame); "partial" skipped s3, where "full" did badly
+SCORES = {
+    "full": {"s1": (3, 30.0), "s2": (1, 20.0), "s3": (1, 5.0)},
+    "partial": {"s1": (3, 28.0), "s2": (1, 19.0)},
+}
+N_FRAMES = 4
+
+
+def _rows() -> tuple[pd.DataFrame, pd.DataFrame]:
+    frames, videos = [], []
+    for method, subjects in SCORES.items():
+        for subject, (cameras, value) in subjects.items():
+            for c in range(cameras):
+                frames += [{"method": method, "subject": subject, "sequence": "EXP-1", "camera": f"cam{c}", "frame": t,
+                            "width": 64, "height": 64, "psnr": value, "akd": np.nan if t == 0 else value / 10}
+                           for t in range(N_FRAMES)]
+                videos.append({"method": method, "subject": subject, "sequence": "EXP-1", "camera": f"cam{c}",
+                               "frames": N_FRAMES, "fps": 25.0, "jod": value / 5})
+    return pd.DataFrame(frames), pd.DataFrame(videos)
+
+
+def _write_run(folder: Path, frames: pd.DataFrame, videos: pd.DataFrame) -> Path:
+    """An evaluation run folder as evaluate() leaves it, without scoring anything."""
+    run = folder / "run"
+    (run / "frames").mkdir(parents=True)
+    (run / "videos").mkdir()
+    frames.to_parquet(run / "frames" / "all.parquet")
+    videos.to_parquet(run / "videos" / "all.parquet")
+    settings = EvalSettings(metrics=("psnr", "akd", "jod"))
+    (run / "run.json").write_text(json.dumps({"settings": settings.to_dict(), "describe": settings.describe(),
+                                              "note": "note"}))
+    return run
+
+
+def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
+    frames, videos = _rows()
+    table = aggregate(frames, videos, ["psnr", "akd", "jod"]).set_index("method")
+    # on every unit "partial" (mean 23.5 of its two subjects) would beat "full" (18.3, dragged down by s3)
+    assert table.loc["full", "coverage"] == "3/3" and table.loc["partial", "coverage"] == "2/3"
+    assert table.loc["full", "psnr"] == pytest.approx((30 + 20) / 2)  # per subject, not per frame (27.5)
+    assert table.loc["partial", "psnr"] == pytest.approx((28 + 19) / 2)
+    assert table.loc["full", "psnr_rank"] == 1 and table.loc["partial", "psnr_rank"] == 2
+    assert table.loc["full", "frames"] == table.loc["partial", "frames"] == 4 * N_FRAMES  # s1: 3 cameras, s2: 1
+    assert table.loc["full", "jod"] == pytest.approx((6 + 4) / 2) and table.loc["full", "jod_rank"] == 1
+    assert table.loc["full", "akd_rank"] == 2 and table.loc["full", "akd_miss_rate"] == pytest.approx(0.25)
+    assert table.loc["full", "ci_over"] == "subjects"
+    assert table.loc["full", "psnr_lo"] == pytest.approx(20) and table.loc["full", "psnr_hi"] == pytest.approx(30)
+
+    written = build_leaderboard(_write_run(tmp_path, frames, videos))
+    md = written["markdown"].read_text()
+    assert "WARNING: partial covers 2 of 3 units; missing s3/EXP-1" in md
+    assert "| method | coverage | frames | PSNR ↑ | AKD ↓ | JOD ↑ | AKD miss |" in md
+    assert "| full | 3/3 | 16 | **25.0000 [20.0000, 30.0000] #1** |" in md
+    assert "| partial | 2/3 | 16 | 23.5000 [19.0000, 28.0000] #2 |" in md
+    assert "bootstrap over subjects" in md and "per subject" in md
+    html = written["html"].read_text()
+    assert "WARNING: partial covers 2 of 3 units" in html and "<th>PSNR ↑</th>" in html and "#1" in html
+    assert "<td>2/3</td>" in html
+    tex = written["latex"].read_text()
+    assert r"\textbf{25.0000$^{1}$}" in tex and r"PSNR$\uparrow$" in tex
+
+
+def test_no_common_unit_is_refused():
+    frames, videos = _rows()
+    full = frames[frames["method"] == "full"]
+    frames = pd.concat([full, full[full["subject"] == "s1"].assign(method="other", subject="s4")])
+    with pytest.raises(ValueError, match="no \\(subject, sequence\\) unit was scored for every method"):
+        aggregate(frames, videos, ["psnr"])
+
+
+def test_bootstrap_is_over_clusters_and_seeded():
+    clusters = np.array([1.0, 2.0, 3.0, 10.0])
+    assert bootstrap_ci(clusters, seed=3) == bootstrap_ci(clusters, seed=3)
+    low, high = bootstrap_ci(clusters)
+    assert 1.0 <= low < clusters.mean() < high <= 10.0
+    assert np.isnan(bootstrap_ci(np.array([5.0]))).all()  # one subject: nothing to resample
+
+
+# Instrumentation appended to a copy of the report: records script errors and what the browser actually rendered.
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message)));
+window.addEventListener('load', () => {
+  const decoded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-probe', JSON.stringify({errors: window.__errors, images: document.images.length,
+    decoded: decoded, rows: document.querySelectorAll('#leaderboard tr').length}));
+});
+</script>"""
+
+
+def test_html_report_in_headless_chromium(tmp_path):
+    """The report opened by a real browser: no script errors, the leaderboard table and every plot rendered."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    frames, videos = _rows()
+    html = build_leaderboard(_write_run(tmp_path, frames, videos))["html"]
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--enable-logging=stderr", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    probe = json.loads(re.search(r'data-probe="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert probe["errors"] == [] and "Uncaught" not in result.stderr
+    assert probe["rows"] == 3  # header + two methods
+    assert probe["images"] >= 7 and probe["decoded"] == probe["images"]  # 3 bars, 3 heatmaps, 2 frame curves
+    assert "WARNING: partial covers 2 of 3 units" in dom and "PSNR ↑" in dom
