@@ -18,9 +18,24 @@ from geodiff4d.cluster.config_files import ConfigError
 app = typer.Typer(
     help="GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"geodiff4d {version('geodiff4d')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation."""
 
 AddressOption = Annotated[
     str | None,
@@ -111,7 +126,7 @@ def verify(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option(help="YAML config (configs/demo.yaml, configs/paper.yaml).")],
+    config: Annotated[Path, typer.Option(help="YAML config: a path, or a packaged config by name (demo, paper).")],
     stage: Annotated[int, typer.Option(help="1: single frames; 2: adds temporal layers, 16-frame clips.")],
     shards: Annotated[Path, typer.Option(help="Folder of WebDataset shards with its manifest (geodiff4d pack).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, TensorBoard logs, sample grids.")],
@@ -236,6 +251,17 @@ def leaderboard(
 
     for kind, path in build_leaderboard(runs, out).items():
         typer.echo(f"{kind:<14} {path}")
+
+
+@app.command()
+def doctor(
+    address: AddressOption = None,
+    arcface_model: Annotated[Path | None, typer.Option(help="insightface model folder/ONNX to check.")] = None,
+) -> None:
+    """Which backends, packaged weights, GPUs and Ray address are available, and what is missing for each."""
+    from geodiff4d.cluster.doctor import render, run_checks
+
+    typer.echo(render(run_checks(address, arcface_model)))
 
 
 @app.command()
