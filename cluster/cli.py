@@ -254,6 +254,29 @@ def leaderboard(
 
 
 @app.command()
+def benchmark(
+    config: Annotated[Path, typer.Argument(help="Benchmark YAML (a path, or a packaged one by name: benchmark-demo).")],
+    out: Annotated[Path, typer.Option(help="Run folder: config, per-stage state, every output, leaderboard/.")],
+    parallel: Annotated[int, typer.Option(min=1, help="Stages (subject chains) in flight at once.")] = 2,
+    address: AddressOption = None,
+) -> None:
+    """Run a benchmark end to end: data, the diffusion model, per-subject avatars, every protocol, leaderboard."""
+    from geodiff4d.cluster.benchmark import Benchmark, BenchmarkError
+    from geodiff4d.cluster.benchmark_config import load_benchmark_config
+
+    with _config_errors_exit():
+        settings = load_benchmark_config(config)
+    try:
+        report = Benchmark(settings, out, address, echo=typer.echo).run(parallel)
+    except BenchmarkError as error:
+        _fail(str(error))
+    typer.echo(report.summary())
+    typer.echo(f"leaderboard: {out / 'leaderboard'}")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def doctor(
     address: AddressOption = None,
     arcface_model: Annotated[Path | None, typer.Option(help="insightface model folder/ONNX to check.")] = None,
