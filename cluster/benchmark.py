@@ -343,7 +343,7 @@ class Benchmark:
     def leaderboard(self) -> dict:
         from geodiff4d.eval.leaderboard import build_leaderboard
 
-        runs = [self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()]
+        runs = {p: self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()}
         files = build_leaderboard(runs, self.layout.leaderboard, seed=self.config.seed)
         return {kind: str(path) for kind, path in files.items()}
 
