@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from geodiff4d.cluster.config_files import load_yaml_config, read_mapping, validate
+from geodiff4d.cluster.config_files import ConfigError, load_yaml_config, read_mapping, validate
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = "222200037"
@@ -159,5 +159,9 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
         variant = method_config(config, method, f"{path}: {where}.overrides")
         recon_config_from_mapping(variant.recon, path, prefix=f"{where}: recon")
         if method.kind == "geodiff4d" and variant.generation.run is None:
-            validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
+            gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
+            clip, procedural = gen.train.stage2.frames, variant.data.procedural
+            if procedural is not None and procedural.frames < clip:
+                raise ConfigError(f"{path}: data.procedural.frames ({procedural.frames}) is shorter than the "
+                                  f"{clip}-frame clips that training stage 2 of {where} needs")
     return config

@@ -18,7 +18,7 @@ from geodiff4d.datasets.video import write_video
 
 runner = CliRunner()
 CAMERAS = ("222200037", "222200046", "220700191", "222200039")
-PROCEDURAL = {"procedural": {"subjects": 2, "sequences": 2, "frames": 4, "resolution": 64, "synthetic": 0}}
+PROCEDURAL = {"procedural": {"subjects": 2, "sequences": 2, "frames": 16, "resolution": 64, "synthetic": 0}}
 METHODS = [{"name": "geodiff4d", "kind": "geodiff4d"}, {"name": "copy", "kind": "reference_copy"}]
 
 
@@ -87,3 +87,10 @@ def test_variants_override_dotted_fields():
 def test_demo_config_is_valid():
     config = load_benchmark_config("benchmark-demo")
     assert {m.kind for m in config.methods} == {"geodiff4d", "oracle", "reference_copy", "gt_noise"}
+
+
+def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
+    data = {"procedural": {**PROCEDURAL["procedural"], "frames": 8}}
+    result = _run(tmp_path, {"data": data, "methods": METHODS})
+    assert result.exit_code == 1
+    assert "data.procedural.frames (8) is shorter than the 16-frame clips" in result.output, result.output
