@@ -99,15 +99,16 @@ def build_manifest(out: str | os.PathLike) -> pa.Table:
     return table
 
 
-def read_manifest(out: str | os.PathLike) -> pa.Table:
+def read_manifest(out: str | os.PathLike, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """The manifest, or some ``columns`` / the rows matching ``filters`` (pyarrow's), checked against SCHEMA."""
     path = Path(out) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (pack first)")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=columns, filters=filters)
     except (OSError, pa.ArrowException) as exc:
         raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
-    missing = set(SCHEMA.names) - set(table.column_names)
+    missing = set(columns or SCHEMA.names) - set(table.column_names)
     if missing:
         raise ManifestError(f"{path}: manifest lacks columns {sorted(missing)}")
     return table
