@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test test-slow demo bench lint clean image
+.PHONY: setup test test-slow test-cluster demo bench lint clean image
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ test: setup
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+# A real two-node Ray cluster on this machine, and the image's install script in a fresh virtualenv
+test-cluster: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m slow tests/test_multinode.py tests/test_deploy.py
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/geodiff4d demo --out $(DEMO_OUT)
