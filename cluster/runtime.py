@@ -40,6 +40,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(address=address, log_to_driver=True, runtime_env=code_runtime_env(Path(staging)))
         return
     _quiet_auth_notice()
+    # Ray Train's state actor polls the state API every 30 s to reconcile runs, and the state API needs the
+    # dashboard, which the embedded Ray leaves out: each poll would log "State API unavailable" with a traceback
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     ray.init(
         # "local", not None: None would attach to whatever `ray start` last wrote to /tmp/ray on this machine
         address="local",

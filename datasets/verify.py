@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from geodiff4d.cluster.jobs import CommitLog, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.manifest import read_manifest
@@ -106,6 +109,23 @@ def _check_sample(row: dict[str, Any], seen: list[tarfile.TarInfo], scan: _Shard
     return f"unexpected members {surplus}" if surplus else None
 
 
+@dataclass
+class ManifestIndex:
+    """The driver's bookkeeping, kept in Arrow (~38M keys at NeRSemble size: bench/bench_scale.py)."""
+
+    keys: pa.Table  # key, shard: one row per manifest row
+    duplicated: set[str]  # keys listed more than once
+    shards: list[str]  # tar names in the manifest or in the folder
+
+    @classmethod
+    def read(cls, out: Path) -> ManifestIndex:
+        keys = read_manifest(out, columns=["key", "shard"])
+        counts = keys.group_by("key").aggregate([("key", "count")])
+        duplicated = set(counts.filter(pc.greater(counts["key_count"], 1))["key"].to_pylist())
+        tar_names = {p.name for p in out.glob("*.tar")}
+        return cls(keys, duplicated, sorted(tar_names | set(pc.unique(keys["shard"]).to_pylist())))
+
+
 class VerifyJob:
     """Ray job: one unit = one shard, checked against its own manifest rows (read with a shard filter)."""
 
@@ -157,12 +177,9 @@ def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None,
     so it never reuses an earlier run's results.
     """
     out = Path(out)
-    keys = read_manifest(out, columns=["key", "shard"])
-    key_counts = Counter(keys.column("key").to_pylist())
-    tar_names = {p.name for p in out.glob("*.tar")}
-    shard_names = sorted(tar_names | set(keys.column("shard").unique().to_pylist()))
-    del keys
-    report = VerifyReport(shards=len(shard_names), samples=sum(key_counts.values()))
+    index = ManifestIndex.read(out)
+    keys, duplicated, shard_names = index.keys, index.duplicated, index.shards
+    report = VerifyReport(shards=len(shard_names), samples=keys.num_rows)
     connect(address)
     with tempfile.TemporaryDirectory(prefix="geodiff4d-verify-") as folder:
         commits = CommitLog(folder)
@@ -172,13 +189,15 @@ def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None,
             raise RuntimeError(f"verify could not check every shard:\n{job.summary()}")
         for name in shard_names:
             found = commits.stats(name)
-            key_counts.update(found["extra"])
             report.verified += found["verified"]
             report.missing += found["missing"]
             report.extra += found["extra"]
             report.duplicated += found["duplicated"]
             report.corrupt.update(found["corrupt"])
-    report.duplicated = sorted(set(report.duplicated) | {k for k, n in key_counts.items() if n > 1})
+    extra = pa.array(report.extra, pa.string())  # a key outside its shard's rows: twice if it is anywhere else
+    duplicated |= set(extra.filter(pc.is_in(extra, value_set=keys["key"])).to_pylist())
+    duplicated |= {key for key, n in Counter(report.extra).items() if n > 1}
+    report.duplicated = sorted(duplicated | set(report.duplicated))
     report.missing.sort()
     report.extra.sort()
     return report
