@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a loaded 2-core ma
 BIN = Path(sys.executable).parent
 NODE_CPUS = 2
 # `ray start`, patient: Ray gives a new raylet a hard-coded 30 s to register with the GCS, which a loaded CI
-# machine (2 cores shared with other test runs) misses; here the registration check is retried for 5 minutes.
+# machine (2 cores shared with other test runs) misses; here the registration check is retried for 2 minutes.
+# (A raylet also dies if its dashboard agent takes over ~15 s to start: start_node retries that.)
 PATIENT_RAY_START = """
 import time
 import ray._private.services as services
@@ -43,7 +44,7 @@ from ray.scripts.scripts import main
 registered = services.get_node
 
 def get_node(*args, **kwargs):
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     while True:
         try:
             return registered(*args, **kwargs)
@@ -101,7 +102,7 @@ class Cluster:
             assert result.returncode == 0, f"geodiff4d {args[0]} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
         return result
 
-    def start_node(self, name: str, *args: str, attempts: int = 3) -> Node:
+    def start_node(self, name: str, *args: str, attempts: int = 5) -> Node:
         """Start a node and wait until the cluster counts it; a start that times out (Ray gives a raylet 30 s
         to register, which a loaded machine can miss) is retried."""
         for attempt in range(attempts):
@@ -146,7 +147,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     cluster = Cluster(f"127.0.0.1:{port}", env, [])
     try:
         cluster.start_node("head", "--head", f"--port={port}", "--include-dashboard=false",
-                           f"--ray-client-server-port={_free_port()}")
+                           f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}")
         cluster.start_node("second", f"--address={cluster.address}")
         yield cluster
     finally:
