@@ -109,7 +109,7 @@ class Cluster:
             temp_dir = Path(self.env["GEODIFF4D_TEST_RAY_TMP"]) / f"{name}{attempt}"
             log = (Path(self.env["GEODIFF4D_TEST_TMP"]) / f"{name}{attempt}.log").open("w")
             command = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                       f"--num-cpus={NODE_CPUS}", "--object-store-memory=100000000", "--disable-usage-stats",
+                       f"--num-cpus={NODE_CPUS}", "--object-store-memory=100000000", "--disable-usage-stats", "--include-log-monitor=false",
                        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                        f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}", *args]
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
