@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test test-slow demo bench lint clean
+.PHONY: setup test test-slow test-cluster demo bench lint clean image
 
 setup: $(VENV)/.installed
 
@@ -21,11 +21,24 @@ test: setup
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# A real two-node Ray cluster on this machine, and the image's install script in a fresh virtualenv
+test-cluster: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m slow tests/test_multinode.py tests/test_deploy.py
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/geodiff4d demo --out $(DEMO_OUT)
 
 bench: setup
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# Images on the official rayproject/ray image of the pinned Ray: a CPU one and a CUDA one (Dockerfile)
+IMAGE ?= geodiff4d
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/^ray==//p' requirements.lock)
+image:
+	@docker info > /dev/null 2>&1 || { echo "make image needs Docker: no running Docker engine found"; exit 1; }
+	docker build -t $(IMAGE):$(IMAGE_VERSION)-cpu --build-arg RAY_IMAGE=rayproject/ray:$(RAY_VERSION)-py311-cpu .
+	docker build -t $(IMAGE):$(IMAGE_VERSION)-gpu --build-arg RAY_IMAGE=rayproject/ray:$(RAY_VERSION)-py311-gpu .
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -115,11 +115,17 @@ def pack(
 @app.command()
 def verify(
     out: Annotated[Path, typer.Argument(help="Shard folder written by geodiff4d pack.")],
+    workers: Annotated[int, typer.Option(help="Ray actors checking shards (one shard per unit).")] = 2,
+    address: AddressOption = None,
 ) -> None:
     """Re-read every shard against the manifest; report missing, extra, duplicated or corrupt samples."""
+    from geodiff4d.datasets.manifest import ManifestError
     from geodiff4d.datasets.verify import verify as run_verify
 
-    report = run_verify(out)
+    try:
+        report = run_verify(out, workers=workers, address=address)
+    except ManifestError as error:
+        _fail(f"verify: {error}")
     typer.echo(report.summary())
     raise typer.Exit(code=report.exit_code)
 

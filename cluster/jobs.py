@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class JobReport:
     completed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    nodes: Counter[str] = field(default_factory=Counter)  # Ray node id -> units it completed in this run
 
     @property
     def ok(self) -> bool:
@@ -49,6 +51,8 @@ class JobReport:
 
     def summary(self) -> str:
         lines = [f"{len(self.completed)} done, {len(self.skipped)} already committed, {len(self.failed)} failed"]
+        if self.nodes:
+            lines.append("units per node: " + ", ".join(f"{node}={n}" for node, n in sorted(self.nodes.items())))
         lines += [f"  FAILED {unit_id}: {error}" for unit_id, error in sorted(self.failed.items())]
         return "\n".join(lines)
 
@@ -81,8 +85,9 @@ class _UnitWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, unit: WorkUnit) -> dict[str, Any]:
-        return self.job.run(unit)
+    def run(self, unit: WorkUnit) -> tuple[dict[str, Any], str]:
+        """The unit's stats and the id of the node that produced them."""
+        return self.job.run(unit), ray.get_runtime_context().get_node_id()
 
 
 def _error_text(error: Exception) -> str:
@@ -120,7 +125,8 @@ def run_units(
         return report
     attempts: dict[str, int] = {}
     queue = list(reversed(pending))
-    options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0}
+    # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
+    options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
 
     def new_worker() -> Any:
         return _UnitWorker.options(**options).remote(job)
@@ -136,7 +142,7 @@ def run_units(
             done, _ = ray.wait(list(in_flight), num_returns=1)
             worker, unit = in_flight.pop(done[0])
             try:
-                stats = ray.get(done[0])
+                stats, node = ray.get(done[0])
             except (RayTaskError, RayActorError) as error:
                 if isinstance(error, RayActorError) or _worker_dead(worker):
                     worker = new_worker()
@@ -150,6 +156,7 @@ def run_units(
                 continue
             commits.commit(unit.id, stats)
             report.completed.append(unit.id)
+            report.nodes[node] += 1
             idle.append(worker)
             bar.update(1)
     finally:

@@ -88,26 +88,41 @@ def _rows(stats_path: Path) -> list[dict[str, Any]]:
         raise ManifestError(f"{stats_path}: malformed shard stats: {exc}") from exc
 
 
-def build_manifest(out: str | os.PathLike) -> pa.Table:
-    """Collect every committed shard's stats into ``out/manifest.parquet`` (atomic) and return the table."""
+ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: small footer, and a shard filter reads one group
+
+
+def build_manifest(out: str | os.PathLike) -> int:
+    """Collect every committed shard's stats into ``out/manifest.parquet`` (atomic); returns the row count.
+
+    Streams shard by shard in (shard, key) order, so memory stays at one row group whatever the data set's
+    size (a NeRSemble-sized listing has ~38M rows: bench/bench_scale.py).
+    """
     out = Path(out)
-    rows = [row for path in stats_files(out) for row in _rows(path)]
-    rows.sort(key=lambda r: (r["shard"], r["key"]))
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    with atomic_output(out / MANIFEST_NAME) as tmp:
-        pq.write_table(table, tmp)
-    return table
+    paths = sorted(stats_files(out), key=lambda p: p.name.removesuffix(STATS_SUFFIX) + ".tar")  # = shard order
+    rows: list[dict[str, Any]] = []
+    count = 0
+    with atomic_output(out / MANIFEST_NAME) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
+        for path in paths:
+            rows += sorted(_rows(path), key=lambda r: r["key"])
+            if len(rows) >= ROW_GROUP_ROWS or path == paths[-1]:
+                writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=ROW_GROUP_ROWS)
+                count += len(rows)
+                rows = []
+        if not paths:
+            writer.write_table(SCHEMA.empty_table())
+    return count
 
 
-def read_manifest(out: str | os.PathLike) -> pa.Table:
+def read_manifest(out: str | os.PathLike, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """The manifest, or some ``columns`` / the rows matching ``filters`` (pyarrow's), checked against SCHEMA."""
     path = Path(out) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (pack first)")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=columns, filters=filters)
     except (OSError, pa.ArrowException) as exc:
         raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
-    missing = set(SCHEMA.names) - set(table.column_names)
+    missing = set(columns or SCHEMA.names) - set(table.column_names)
     if missing:
         raise ManifestError(f"{path}: manifest lacks columns {sorted(missing)}")
     return table

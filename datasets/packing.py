@@ -448,8 +448,8 @@ def pack_with(
     connect(address)
     units = [WorkUnit(plan.name, {"plan": plan}) for plan in plans]
     report = run_units(job, units, commits, workers=workers, max_retries=max_retries, desc="pack", progress=progress)
-    table = build_manifest(out)
-    return PackReport(report, shards=len(plans) - len(report.failed), samples=table.num_rows, out=out)
+    samples = build_manifest(out)
+    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out)
 
 
 def pack(

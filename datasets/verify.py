@@ -10,11 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from geodiff4d.cluster.jobs import CommitLog, WorkUnit, run_units
+from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.manifest import read_manifest
 
 _END_MARKER = 2 * tarfile.BLOCKSIZE
@@ -103,44 +109,95 @@ def _check_sample(row: dict[str, Any], seen: list[tarfile.TarInfo], scan: _Shard
     return f"unexpected members {surplus}" if surplus else None
 
 
-def verify(out: str | os.PathLike) -> VerifyReport:
-    """Check every tar in ``out`` against ``out/manifest.parquet``."""
-    out = Path(out)
-    rows = read_manifest(out).to_pylist()
-    report = VerifyReport(samples=len(rows))
-    key_counts = Counter(row["key"] for row in rows)
-    by_shard: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        by_shard.setdefault(row["shard"], {})[row["key"]] = row
-    tar_names = {p.name for p in out.glob("*.tar")}
-    shard_names = sorted(tar_names | set(by_shard))
-    report.shards = len(shard_names)
-    for shard in shard_names:
-        expected = by_shard.get(shard, {})
-        if shard not in tar_names:
-            report.missing += sorted(expected)
-            continue
-        scan = _scan(out / shard)
-        key_counts.update(k for k in scan.members if k not in expected)
-        for key, seen in scan.members.items():
-            if len({info.name for info in seen}) != len(seen):
-                report.duplicated.append(key)
-            if key not in expected:
-                report.extra.append(key)
-        for key, row in expected.items():
-            seen = scan.members.get(key)
-            if key in scan.failed:
-                report.corrupt[key] = scan.failed[key]
-            elif seen is None:
-                if scan.broken:
-                    report.corrupt[key] = scan.broken
-                else:
-                    report.missing.append(key)
-            elif (problem := _check_sample(row, seen, scan)) is not None:
-                report.corrupt[key] = problem
+@dataclass
+class ManifestIndex:
+    """The driver's bookkeeping, kept in Arrow (~38M keys at NeRSemble size: bench/bench_scale.py)."""
+
+    keys: pa.Table  # key, shard: one row per manifest row
+    duplicated: set[str]  # keys listed more than once
+    shards: list[str]  # tar names in the manifest or in the folder
+
+    @classmethod
+    def read(cls, out: Path) -> ManifestIndex:
+        keys = read_manifest(out, columns=["key", "shard"])
+        counts = keys.group_by("key").aggregate([("key", "count")])
+        duplicated = set(counts.filter(pc.greater(counts["key_count"], 1))["key"].to_pylist())
+        tar_names = {p.name for p in out.glob("*.tar")}
+        return cls(keys, duplicated, sorted(tar_names | set(pc.unique(keys["shard"]).to_pylist())))
+
+
+class VerifyJob:
+    """Ray job: one unit = one shard, checked against its own manifest rows (read with a shard filter)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]:
+        shard = unit.id
+        rows = read_manifest(self.out, filters=[("shard", "==", shard)]).to_pylist()
+        return check_shard(self.out / shard, {row["key"]: row for row in rows})
+
+
+def check_shard(path: Path, expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One shard's findings: ``expected`` maps key -> manifest row; keys found in the tar but not expected are
+    returned as ``extra`` (the driver also counts them against the other shards' keys)."""
+    found: dict[str, Any] = {"verified": 0, "missing": [], "extra": [], "duplicated": [], "corrupt": {}}
+    if not path.is_file():
+        found["missing"] = sorted(expected)
+        return found
+    scan = _scan(path)
+    for key, seen in scan.members.items():
+        if len({info.name for info in seen}) != len(seen):
+            found["duplicated"].append(key)
+        if key not in expected:
+            found["extra"].append(key)
+    for key, row in expected.items():
+        seen = scan.members.get(key)
+        if key in scan.failed:
+            found["corrupt"][key] = scan.failed[key]
+        elif seen is None:
+            if scan.broken:
+                found["corrupt"][key] = scan.broken
             else:
-                report.verified += 1
-    report.duplicated = sorted(set(report.duplicated) | {k for k, n in key_counts.items() if n > 1})
+                found["missing"].append(key)
+        elif (problem := _check_sample(row, seen, scan)) is not None:
+            found["corrupt"][key] = problem
+        else:
+            found["verified"] += 1
+    return found
+
+
+def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None, progress: bool = True) -> VerifyReport:
+    """Check every tar in ``out`` against ``out/manifest.parquet``, one Ray unit per shard.
+
+    Findings are kept in a fresh commit folder per run: a verification describes the files as they are now,
+    so it never reuses an earlier run's results.
+    """
+    out = Path(out)
+    index = ManifestIndex.read(out)
+    keys, duplicated, shard_names = index.keys, index.duplicated, index.shards
+    report = VerifyReport(shards=len(shard_names), samples=keys.num_rows)
+    connect(address)
+    with tempfile.TemporaryDirectory(prefix="geodiff4d-verify-") as folder:
+        commits = CommitLog(folder)
+        job = run_units(VerifyJob(out), [WorkUnit(name) for name in shard_names], commits, workers=workers,
+                        desc="verify", progress=progress)
+        if not job.ok:
+            raise RuntimeError(f"verify could not check every shard:\n{job.summary()}")
+        for name in shard_names:
+            found = commits.stats(name)
+            report.verified += found["verified"]
+            report.missing += found["missing"]
+            report.extra += found["extra"]
+            report.duplicated += found["duplicated"]
+            report.corrupt.update(found["corrupt"])
+    extra = pa.array(report.extra, pa.string())  # a key outside its shard's rows: twice if it is anywhere else
+    duplicated |= set(extra.filter(pc.is_in(extra, value_set=keys["key"])).to_pylist())
+    duplicated |= {key for key, n in Counter(report.extra).items() if n > 1}
+    report.duplicated = sorted(duplicated | set(report.duplicated))
     report.missing.sort()
     report.extra.sort()
     return report

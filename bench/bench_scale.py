@@ -1,0 +1,157 @@
+"""Driver-side bookkeeping at NeRSemble size, without pixels: the pack plan (listing -> shards), the manifest
+build (shard stats markers -> manifest.parquet) and verify's bookkeeping (manifest keys -> duplicates, shard
+list; one unit's shard rows by filter).
+
+The full listing is 400 subjects x 20 sequences x 16 cameras x 300 frames = 38.4M samples; ``--subjects``
+takes a slice of it (the costs are per sample, so they scale linearly: the full-size figures are printed as
+extrapolations, and ``--subjects 400`` measures them outright on a machine with the memory for it). Each stage
+runs in its own process so that its peak memory is its own; each time is also a ratio to a reference measured
+in the same run on the same number of samples (sorting the sample keys; parsing the stats markers with json;
+reading the manifest's key column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import queue
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.datasets.manifest import build_manifest, read_manifest, stats_files
+from geodiff4d.datasets.packing import SampleRef, plan_shards, sample_bytes_bound
+from geodiff4d.datasets.verify import ManifestIndex
+
+FULL_SUBJECTS, SEQUENCES, CAMERAS, FRAMES = 400, 20, 16, 300
+MEMBERS = ("json", "mask.png", "normal.png", "posemap.png", "rgb.png")
+
+
+def _memory_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def listing(subjects: int) -> list[SampleRef]:
+    """What list_nersemble returns for a NeRSemble v2 download of this size."""
+    serials = [f"{220700191 + i}" for i in range(CAMERAS)]
+    return [SampleRef("nersemble", f"{s:03d}", f"EXP-{q}", f, c, "/data/nersemble")
+            for s in range(subjects) for q in range(SEQUENCES) for f in range(FRAMES) for c in serials]
+
+
+def stage_plan(subjects: int, _: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    refs = listing(subjects)
+    listed = time.perf_counter()
+    plans = plan_shards(refs, 512, 2 << 30, sample_bytes_bound(512))
+    planned = time.perf_counter()
+    keys = [r.key for r in refs]
+    del refs, plans
+    reference = time.perf_counter()
+    keys.sort()
+    sorted_at = time.perf_counter()
+    return {"list_s": listed - start, "plan_s": planned - listed, "reference_s": sorted_at - reference,
+            "reference": "sort the sample keys"}
+
+
+def stage_write_stats(subjects: int, out: Path) -> dict[str, Any]:
+    """The commit markers pack would leave (ids and member records of every sample; no tars)."""
+    commits = CommitLog(out)
+    plans = plan_shards(listing(subjects), 512, 2 << 30, sample_bytes_bound(512))
+    for plan in plans:
+        samples, offset = [], 0
+        for ref in plan.samples:
+            members = []
+            for ext in MEMBERS:
+                members.append({"name": f"{ref.key}.{ext}", "offset": offset, "data_offset": offset + 512,
+                                "size": 100_000, "sha256": f"{hash((ref.key, ext)) & (2**256 - 1):064x}"})
+                offset += 512 + 100_352
+            samples.append({**ref.ids(), "key": ref.key, "normal_source": "estimated", "members": members})
+        commits.commit(plan.name, {"tar": f"{plan.name}.tar", "samples": samples, "tar_bytes": offset + 1024,
+                                   "member_bytes": 100_000 * len(members) * len(samples)})
+    return {"shards": len(plans)}
+
+
+def stage_manifest(_: int, out: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    rows = build_manifest(out)
+    built = time.perf_counter()
+    parsed = sum(len(json.loads(p.read_text())["samples"]) for p in stats_files(out))
+    reference = time.perf_counter() - built
+    assert parsed == rows
+    return {"rows": rows, "build_s": built - start, "reference_s": reference, "reference": "json.loads of the markers",
+            "manifest_mb": (out / "manifest.parquet").stat().st_size / 2**20}
+
+
+def stage_verify(_: int, out: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    index = ManifestIndex.read(out)
+    indexed = time.perf_counter()
+    one = read_manifest(out, filters=[("shard", "==", index.shards[len(index.shards) // 2])])
+    unit_rows = time.perf_counter()
+    pq.read_table(out / "manifest.parquet", columns=["key"])
+    reference = time.perf_counter() - unit_rows
+    assert not index.duplicated and one.num_rows > 0 and set(one["shard"].to_pylist()) == {index.shards[len(index.shards) // 2]}
+    return {"index_s": indexed - start, "unit_rows_s": unit_rows - indexed, "reference_s": reference,
+            "reference": "read the key column", "shards": len(index.shards)}
+
+
+def _child(stage: Callable, subjects: int, out: Path, results: multiprocessing.Queue) -> None:
+    baseline = _memory_mb("VmRSS")
+    figures = stage(subjects, out)
+    results.put(figures | {"peak_mb": _memory_mb("VmHWM") - baseline})
+
+
+def run_stage(stage: Callable, subjects: int, out: Path) -> dict[str, Any]:
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_child, args=(stage, subjects, out, results))
+    child.start()
+    while True:
+        try:
+            figures = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"{stage.__name__} died (exit code {child.exitcode})") from None
+    child.join()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=10, help=f"of {FULL_SUBJECTS} (default 10: 2.5%%)")
+    args = parser.parse_args()
+    samples = args.subjects * SEQUENCES * CAMERAS * FRAMES
+    scale = FULL_SUBJECTS / args.subjects
+    print(f"{args.subjects} subjects x {SEQUENCES} sequences x {CAMERAS} cameras x {FRAMES} frames = {samples:,} "
+          f"samples; full size x{scale:g} = {samples * scale / 1e6:.1f}M")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        out = Path(tmp)
+        plan = run_stage(stage_plan, args.subjects, out)
+        print(f"pack plan: listing {plan['list_s']:.1f} s + plan {plan['plan_s']:.1f} s, peak {plan['peak_mb']:.0f} MB; "
+              f"ratio to '{plan['reference']}' {(plan['list_s'] + plan['plan_s']) / plan['reference_s']:.1f}x; "
+              f"at full size ~{(plan['list_s'] + plan['plan_s']) * scale / 60:.0f} min, "
+              f"~{plan['peak_mb'] * scale / 1024:.1f} GB")
+        written = run_stage(stage_write_stats, args.subjects, out)
+        manifest = run_stage(stage_manifest, args.subjects, out)
+        print(f"manifest build: {manifest['rows']:,} rows from {written['shards']} markers in {manifest['build_s']:.1f} s, "
+              f"peak {manifest['peak_mb']:.0f} MB, {manifest['manifest_mb']:.0f} MB file; ratio to "
+              f"'{manifest['reference']}' {manifest['build_s'] / manifest['reference_s']:.2f}x; at full size "
+              f"~{manifest['build_s'] * scale / 60:.0f} min, peak memory independent of size (streamed)")
+        verify = run_stage(stage_verify, args.subjects, out)
+        print(f"verify bookkeeping: index of {verify['shards']} shards in {verify['index_s']:.2f} s, peak "
+              f"{verify['peak_mb']:.0f} MB; one unit's rows by filter {verify['unit_rows_s'] * 1000:.0f} ms; ratio to "
+              f"'{verify['reference']}' {verify['index_s'] / verify['reference_s']:.1f}x; at full size "
+              f"~{verify['index_s'] * scale:.0f} s, ~{verify['peak_mb'] * scale / 1024:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
