@@ -281,7 +281,9 @@ class NersembleDataset:
         rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
         matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
-        alphas = iter_video(alpha_path, gray=True) if alpha_path.exists() else None
+        # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
+        # which differs by one level in places)
+        alphas = (rgb[..., 0] for rgb in iter_video(alpha_path)) if alpha_path.exists() else None
         try:
             for index, rgb in enumerate(iter_video(video)):
                 alpha = next(alphas) if alphas is not None else None

@@ -15,17 +15,20 @@ from nersemble_data.util.color_correction import correct_color
 
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.nersemble import NersembleDataset, write_camera_params, write_color_calibration
-from geodiff4d.datasets.procedural import SynthSpec, synthesize
+from geodiff4d.datasets.procedural import SynthJob, SynthSpec
 
 SPEC = SynthSpec(subjects=1, sequences=2, frames=3, cameras=3, resolution=64, synthetic=0, seed=5)
 PID, SUBJECT = 1, "001"
 
 
 @pytest.fixture(scope="module")
-def benchmark_root(local_ray, tmp_path_factory) -> Path:
-    """A synthesized folder seen as the benchmark release: ROOT/mono_flame_avatar/{pid:03d}/..."""
+def benchmark_root(tmp_path_factory) -> Path:
+    """A synthesized folder (the unit ``geodiff4d synth`` runs per subject, without Ray) seen as the benchmark
+    release: ROOT/mono_flame_avatar/{pid:03d}/..."""
     out = tmp_path_factory.mktemp("oracle")
-    assert synthesize(out / "synth", SPEC, workers=2, progress=False).ok
+    job = SynthJob(out / "synth", SPEC)
+    job.setup()
+    job.write_subject(0)
     (out / "benchmark").mkdir()
     (out / "benchmark" / "mono_flame_avatar").symlink_to(out / "synth" / "nersemble")
     return out / "benchmark"
