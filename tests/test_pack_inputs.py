@@ -16,6 +16,7 @@ from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V1, TRACKING_V2, write_nersemble_tracking
 from geodiff4d.datasets.packing import SYNTHHUMAN_FACE_SAMPLES, list_synthhuman
 from geodiff4d.datasets.procedural import SynthJob, SynthSpec
+from geodiff4d.datasets.shards import iter_shard
 
 SPEC = SynthSpec(subjects=1, sequences=2, frames=2, cameras=2, resolution=64, synthetic=2, seed=11)
 SEQUENCE = "EXP-1-head"
@@ -158,3 +159,5 @@ def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_comp
     video.write_bytes(kept)
     fixed = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
     assert fixed.exit_code == 0 and "1 done, 1 already committed, 0 failed" in fixed.output, fixed.output
+    metas = [json.loads(sample["json"]) for sample in iter_shard(out / "nersemble-000000.tar")]
+    assert len(metas) == 4 and {meta["tracking"] for meta in metas} == {"v2"}  # which tracking file was used
