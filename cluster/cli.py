@@ -93,11 +93,20 @@ def pack(
     workers: Annotated[int, typer.Option(help="Ray actors packing shards.")] = 2,
     samples_per_shard: Annotated[int, typer.Option(help="Upper bound on samples per shard.")] = 512,
     max_shard_mb: Annotated[float, typer.Option(help="Upper bound on a shard's size in MB.")] = 2048.0,
-    normal_estimator: Annotated[Path | None, typer.Option(help="ONNX normal model for real captures.")] = None,
-    flame: Annotated[Path | None, typer.Option(help="FLAME .pkl of the tracking (default: the procedural head).")] = None,
+    normal_estimator: Annotated[Path | None, typer.Option(
+        help="Local ONNX surface-normal model for real captures, fed as DAViD's normal model expects: BGR float32 "
+             "in [0, 1], NCHW, the crop padded to a square by border replication and resized to the model's input "
+             "size (512 for DAViD); output [1, 3, S, S] normals in SynthHuman's axes (converted to ours). Default: "
+             "FLAME tracking rendered as coarse normals.")] = None,
+    flame: Annotated[Path | None, typer.Option(
+        help="FLAME .pkl the tracking was made with (FLAME 2023 for NeRSemble's 300/100 coefficients; default: "
+             "the procedural head, for procedural data).")] = None,
+    synthhuman_subset: Annotated[str, typer.Option(
+        help="all, or face: only SynthHuman's face crops (the release's first 98,040 samples).")] = "all",
     address: AddressOption = None,
 ) -> None:
     """Shard NeRSemble / SynthHuman folders into WebDataset tars with a Parquet manifest; reruns resume."""
+    from geodiff4d.datasets.packing import PACK_INPUT_ERRORS
     from geodiff4d.datasets.packing import pack as run_pack
 
     sources = []
@@ -106,8 +115,13 @@ def pack(
         if kind not in ("nersemble", "synthhuman") or not folder:
             _fail(f"--source {item!r}: expected nersemble:DIR or synthhuman:DIR")
         sources.append((kind, Path(folder)))
-    report = run_pack(out, sources, resolution, workers, address, samples_per_shard, int(max_shard_mb * 2**20),
-                      normal_estimator, flame)
+    if max_shard_mb <= 0:
+        _fail(f"--max-shard-mb must be positive, got {max_shard_mb}")
+    try:
+        report = run_pack(out, sources, resolution, workers, address, samples_per_shard, int(max_shard_mb * 2**20),
+                          normal_estimator, flame, synthhuman_subset=synthhuman_subset)
+    except PACK_INPUT_ERRORS as error:
+        _fail(f"pack: {error}")
     typer.echo(report.summary())
     raise typer.Exit(code=report.exit_code)
 

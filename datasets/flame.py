@@ -1,8 +1,10 @@
 """FLAME head model: shape/expression blendshapes, pose correctives and linear blend skinning (batched).
 
-Joint order (FLAME): 0 root/global, 1 neck, 2 jaw, 3 left eye, 4 right eye; full pose = [rotation, neck, jaw,
-eyes] as 5 axis-angle vectors. World placement follows NeRSemble's tracking: ``v_world = scale * v_lbs +
-translation`` (scale is a uniform factor applied after skinning, translation in metres after scaling).
+Joint order (FLAME): 0 root/global, 1 neck, 2 jaw, 3 left eye, 4 right eye. Posing follows the released NeRSemble
+tracking (the official ``FlameProvider``): FLAME is skinned with zero global (root) rotation, full pose =
+[0, neck, jaw, eyes] as 5 axis-angle vectors, and then placed by the model-to-world transform
+``v_world = scale * R v_lbs + translation`` with ``R = Rotation.from_euler("XYZ", rotation)`` (intrinsic Euler
+XYZ, as scipy and dreifus' ``Pose.from_euler`` define it). File formats live in ``flame_tracking``.
 Skinning is evaluated in delta form, ``v + sum_j w_j ((R_j - I)(v - J_j) + d_j)`` with ``d_j`` the joint
 displacement, which equals standard LBS (weights sum to one) and returns the rest mesh bit-exactly at zero pose.
 UV coordinates follow FLAME/OpenGL: u to the right, v up (v = 1 is the top row of the texture image).
@@ -36,18 +38,32 @@ def rodrigues(axis_angle: Tensor) -> Tensor:
     return eye + sin * skew + (1 - cos) * torch.bmm(skew, skew)
 
 
+def euler_xyz_matrix(angles: Tensor) -> Tensor:
+    """Rotation matrices [N, 3, 3] from intrinsic Euler XYZ angles [N, 3]: ``Rx(a) @ Ry(b) @ Rz(c)``.
+
+    The same as scipy's ``Rotation.from_euler("XYZ", angles)``, differentiable.
+    """
+    (ca, cb, cc), (sa, sb, sc) = torch.cos(angles).unbind(1), torch.sin(angles).unbind(1)
+    entries = [
+        cb * cc, -cb * sc, sb,
+        ca * sc + sa * sb * cc, ca * cc - sa * sb * sc, -sa * cb,
+        sa * sc - ca * sb * cc, sa * cc + ca * sb * sc, ca * cb,
+    ]  # fmt: skip
+    return torch.stack(entries, dim=1).view(-1, 3, 3)
+
+
 @dataclass
 class FlameParams:
     """A batch of B frames of FLAME parameters (float32 tensors)."""
 
     shape: Tensor  # [B, n_shape]
     expression: Tensor  # [B, n_expr]
-    rotation: Tensor  # [B, 3] global axis-angle about the root joint
+    rotation: Tensor  # [B, 3] model-to-world rotation, intrinsic Euler XYZ (radians)
     neck: Tensor  # [B, 3]
     jaw: Tensor  # [B, 3]
     eyes: Tensor  # [B, 6] left then right eye axis-angle
-    translation: Tensor  # [B, 3] metres, applied after scaling
-    scale: Tensor  # [B, 1] uniform scale applied after LBS
+    translation: Tensor  # [B, 3] model-to-world translation (metres)
+    scale: Tensor  # [B, 1] uniform scale of the model-to-world transform
 
     @classmethod
     def zeros(cls, batch: int, n_shape: int, n_expr: int) -> FlameParams:
@@ -72,8 +88,21 @@ class FlameParams:
         )  # fmt: skip
 
     def full_pose(self) -> Tensor:
-        """[B, 5, 3] axis-angle per joint in FLAME order."""
-        return torch.cat([self.rotation, self.neck, self.jaw, self.eyes], dim=1).view(-1, N_JOINTS, 3)
+        """[B, 5, 3] axis-angle per joint in FLAME order; the root stays zero (``rotation`` places the model)."""
+        root = torch.zeros_like(self.rotation)
+        return torch.cat([root, self.neck, self.jaw, self.eyes], dim=1).view(-1, N_JOINTS, 3)
+
+    def rotation_matrices(self) -> Tensor:
+        """[B, 3, 3] the model-to-world rotation ``R`` (NeRSemble's ``rotation_matrices``)."""
+        return euler_xyz_matrix(self.rotation)
+
+    def model_to_world(self) -> Tensor:
+        """[B, 4, 4] ``[[scale * R, translation], [0, 0, 0, 1]]``: FLAME model space -> world (metres)."""
+        transform = torch.zeros(self.batch_size, 4, 4, dtype=self.rotation.dtype, device=self.rotation.device)
+        transform[:, :3, :3] = self.scale[:, :, None] * self.rotation_matrices()
+        transform[:, :3, 3] = self.translation
+        transform[:, 3, 3] = 1.0
+        return transform
 
     def to_numpy_dict(self) -> dict[str, np.ndarray]:
         """Arrays named and shaped as NeRSemble's ``flame2023_tracking.npz`` (without ``frames``).
@@ -88,7 +117,7 @@ class FlameParams:
                 )
         arrays = {
             "shape": self.shape[:1], "expression": self.expression, "rotation": self.rotation,
-            "rotation_matrices": rodrigues(self.rotation), "translation": self.translation, "jaw": self.jaw,
+            "rotation_matrices": self.rotation_matrices(), "translation": self.translation, "jaw": self.jaw,
             "neck": self.neck, "eyes": self.eyes, "scale": self.scale[:1],
         }  # fmt: skip
         return {name: value.detach().cpu().numpy().astype(np.float32) for name, value in arrays.items()}
@@ -259,9 +288,10 @@ class FlameModel(torch.nn.Module):
             + torch.einsum("bvcd,bvd->bvc", blended, v_posed)
             + torch.einsum("vj,bjc->bvc", self.weights, joint_offsets)
         )
-        scale, translation = params.scale[:, None, :], params.translation[:, None, :]
-        vertices = scale * v_lbs + translation
-        posed_joints = scale * (joints + displacement) + translation
+        transform = params.model_to_world()  # [B, 4, 4]
+        linear, translation = transform[:, None, :3, :3], transform[:, None, :3, 3]
+        vertices = (linear @ v_lbs[..., None])[..., 0] + translation
+        posed_joints = (linear @ (joints + displacement)[..., None])[..., 0] + translation
         landmark_corners = vertices[:, self.faces[self.landmark_faces]]  # [B, 68, 3, 3]
         landmarks = torch.einsum("blkc,lk->blc", landmark_corners, self.landmark_bary)
         return FlameOutput(vertices=vertices, joints=posed_joints, landmarks=landmarks)

@@ -20,6 +20,7 @@ from PIL import Image
 from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
 from geodiff4d.datasets.procedural import gt_normal_path
@@ -72,10 +73,7 @@ def write_cameras(path: Path, cameras: dict[str, Camera]) -> None:
 
 def write_tracking(path: Path, params: FlameParams, frames: np.ndarray | None = None) -> None:
     """FLAME parameters per frame in NeRSemble's tracking names (``frames`` defaults to 0..T-1)."""
-    frames = np.arange(params.batch_size) if frames is None else np.asarray(frames)
-    buffer = io.BytesIO()
-    np.savez(buffer, frames=frames, **params.to_numpy_dict())
-    atomic_write_bytes(path, buffer.getvalue())
+    write_nersemble_tracking(path, params, frames)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -141,9 +139,9 @@ def export_frame_folder(nersemble_root: str | Path, out: str | Path, subjects: l
     for subject in chosen:
         for sequence in dataset.sequences(subject):
             write_cameras(out / "cameras" / subject / f"{sequence}.json", dataset.cameras(subject, sequence))
-            tracking = dataset.tracking_path(subject, sequence)
-            if tracking.is_file():
-                atomic_write_bytes(tracking_path(out, subject, sequence), tracking.read_bytes())
+            tracking = find_tracking(dataset.sequence_dir(subject, sequence))
+            if tracking is not None:
+                atomic_write_bytes(tracking_path(out, subject, sequence), tracking[1].read_bytes())
             for serial in dataset.sequence_serials(subject, sequence):
                 for frame in dataset.frames(subject, sequence, serial):
                     rel = frame_relpath(subject, sequence, serial, frame.frame)

@@ -2,19 +2,18 @@
 
 ``{pid:03d}/calibration/camera_params.json`` (``world_2_cam`` per serial, ``intrinsics`` shared in the raw
 release or per serial in the benchmark release), ``{pid}/sequences/{SEQ}/images/cam_{serial}.mp4``,
-``.../alpha_maps/cam_{serial}.mp4`` and ``.../tracking/flame2023_tracking.npz``. An optional
-``calibration/color_calibration.json`` maps serial -> 3x4 affine colour correction on [0, 1] RGB.
+``.../alpha_maps/cam_{serial}.mp4`` and ``.../tracking/flame2023_tracking_v2.npz`` (v1 ``flame2023_tracking.npz``
+as the fallback; formats and meaning in ``flame_tracking``). The raw release's
+``calibration/color_calibration.json`` maps serial -> a colour correction matrix (``colour_calibration``).
 Every inconsistency raises ``NersembleError`` naming the file, because silent misalignment of cameras,
 frames or parameters would poison training data without any visible symptom.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,13 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.cluster.atomic import atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera, CameraError
+from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
 from geodiff4d.datasets.video import VideoError, iter_video, video_frame_count, video_size
 
-TRACKING_SHAPE_DIM, TRACKING_EXPR_DIM = 300, 100
-_PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes": 6}
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
 
@@ -39,21 +38,17 @@ class NersembleError(ValueError):
 
 
 @dataclass
-class NersembleTracking:
-    params: FlameParams  # [T] frames, shape/scale repeated per frame, truncated to the requested sizes
-    frames: np.ndarray  # [T] video frame index of each row
-
-
-@dataclass
 class NersembleFrame:
     subject: str
     sequence: str
     frame: int
     serial: str
-    rgb: np.ndarray  # uint8 [H, W, 3], colour-corrected when color_calibration.json exists
+    rgb: np.ndarray  # uint8 [H, W, 3] as decoded (colour correction is the consumer's step: see color_matrix)
     alpha: np.ndarray | None  # float32 [H, W] in [0, 1], None without an alpha_maps video
     camera: Camera
     flame: FlameParams | None  # B = 1 tracking row of this frame, None when the frame is not tracked
+    tracking_kind: str | None  # "v2" or "v1": the tracking file the row came from
+    color_matrix: np.ndarray | None  # (3, terms) CCM of the camera from color_calibration.json, if any
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -82,37 +77,9 @@ def write_camera_params(
     atomic_write_bytes(path, _json_bytes(data))
 
 
-def write_color_calibration(path: str | os.PathLike, affine: Mapping[str, np.ndarray]) -> None:
-    """color_calibration.json: serial -> 3x4 affine (corrected = A[:, :3] @ rgb + A[:, 3], rgb in [0, 1])."""
-    atomic_write_bytes(path, _json_bytes({s: np.asarray(a, np.float64).tolist() for s, a in affine.items()}))
-
-
-def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """np.savez without its wall-clock zip timestamps, so equal arrays give byte-identical files; atomic."""
-    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
-            archive.writestr(
-                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue()
-            )
-
-
-def _pad(values: np.ndarray, width: int, name: str) -> np.ndarray:
-    if values.shape[1] > width:
-        raise ValueError(f"{name} has {values.shape[1]} coefficients, the tracking format holds {width}")
-    return np.pad(values, ((0, 0), (0, width - values.shape[1])))
-
-
-def write_tracking_npz(path: str | os.PathLike, params: FlameParams, frames: np.ndarray) -> None:
-    """flame2023_tracking.npz with NeRSemble's names and shapes; shape/expression zero-padded to 300/100."""
-    arrays = params.to_numpy_dict()
-    frames = np.asarray(frames, dtype=np.int64)
-    if frames.shape != (params.batch_size,):
-        raise ValueError(f"{path}: frames must have shape ({params.batch_size},), got {frames.shape}")
-    arrays["shape"] = _pad(arrays["shape"], TRACKING_SHAPE_DIM, "shape")
-    arrays["expression"] = _pad(arrays["expression"], TRACKING_EXPR_DIM, "expression")
-    write_npz(path, {**arrays, "frames": frames})
+def write_color_calibration(path: str | os.PathLike, matrices: Mapping[str, np.ndarray]) -> None:
+    """color_calibration.json: serial -> (3, terms) colour correction matrix (see ``colour_calibration``)."""
+    atomic_write_bytes(path, _json_bytes({s: np.asarray(m, np.float64).tolist() for s, m in matrices.items()}))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -135,41 +102,6 @@ def _matrix(value: Any, shape: tuple[int, int], path: Path, field: str) -> np.nd
     if matrix.shape != shape:
         raise NersembleError(f"{path}: field {field} must have shape {shape}, got {matrix.shape}")
     return matrix
-
-
-def read_tracking_npz(path: Path, n_shape: int | None = None, n_expr: int | None = None) -> NersembleTracking:
-    """Tracking arrays -> FlameParams [T], shape/expression truncated (or zero-padded) to a model's sizes."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise NersembleError(f"{path}: unreadable tracking file: {exc}") from exc
-    missing = [
-        name for name in ("shape", "expression", "scale", "frames", *_PER_FRAME_WIDTH) if name not in arrays
-    ]
-    if missing:
-        raise NersembleError(f"{path}: missing array(s) {missing}")
-    n_frames = arrays["frames"].shape[0] if arrays["frames"].ndim else 0
-    n_shape_file, n_expr_file = (
-        arrays[name].shape[-1] if arrays[name].ndim else 0 for name in ("shape", "expression")
-    )
-    expected = {
-        "frames": (n_frames,),
-        "scale": (1, 1),
-        "shape": (1, n_shape_file),
-        "expression": (n_frames, n_expr_file),
-    }
-    expected |= {name: (n_frames, width) for name, width in _PER_FRAME_WIDTH.items()}
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise NersembleError(f"{path}: array {name} must have shape {shape}, got {arrays[name].shape}")
-    params = FlameParams.from_numpy_dict(arrays, n_shape or n_shape_file, n_expr or n_expr_file)
-    return NersembleTracking(params=params, frames=arrays["frames"].astype(np.int64))
-
-
-def _apply_color(rgb: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    corrected = rgb.astype(np.float64) / 255.0 @ affine[:, :3].T + affine[:, 3]  # [H, W, 3]
-    return np.rint(np.clip(corrected, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class NersembleDataset:
@@ -203,8 +135,8 @@ class NersembleDataset:
     def alpha_path(self, subject: str, sequence: str, serial: str) -> Path:
         return self.root / subject / "sequences" / sequence / "alpha_maps" / f"cam_{serial}.mp4"
 
-    def tracking_path(self, subject: str, sequence: str) -> Path:
-        return self.root / subject / "sequences" / sequence / "tracking" / "flame2023_tracking.npz"
+    def sequence_dir(self, subject: str, sequence: str) -> Path:
+        return self.root / subject / "sequences" / sequence
 
     # --- calibration
     def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -281,14 +213,23 @@ class NersembleDataset:
         return cameras
 
     def color_calibration(self, subject: str) -> dict[str, np.ndarray] | None:
-        """serial -> 3x4 affine from calibration/color_calibration.json, None when the file is absent."""
+        """serial -> (3, terms) CCM from calibration/color_calibration.json, None when the file is absent."""
         path = self.root / subject / "calibration" / "color_calibration.json"
         if not path.exists():
             return None
         data = _read_json(path)
         if not isinstance(data, dict):
-            raise NersembleError(f"{path}: expected an object serial -> 3x4 matrix")
-        return {str(s): _matrix(m, (3, 4), path, f"[{s}]") for s, m in data.items()}
+            raise NersembleError(f"{path}: expected an object serial -> colour correction matrix")
+        matrices = {}
+        for serial, value in data.items():
+            try:
+                matrix = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise NersembleError(f"{path}: field [{serial}] is not a numeric matrix: {exc}") from exc
+            if (problem := ccm_shape_error(matrix)) is not None:
+                raise NersembleError(f"{path}: field [{serial}]: {problem}")
+            matrices[str(serial)] = matrix
+        return matrices
 
     # --- frames and tracking
     def frame_count(self, subject: str, sequence: str) -> int:
@@ -319,15 +260,14 @@ class NersembleDataset:
             self._frame_counts[key] = majority
         return self._frame_counts[key]
 
-    def tracking(self, subject: str, sequence: str) -> NersembleTracking | None:
-        """FLAME tracking of the sequence (None when the file is absent), truncated to the dataset's sizes."""
-        path = self.tracking_path(subject, sequence)
-        if not path.exists():
+    def tracking(self, subject: str, sequence: str) -> FlameTracking | None:
+        """FLAME tracking of the sequence (v2, else v1; None when neither exists), sized to the dataset's model."""
+        tracking = sequence_tracking(self.sequence_dir(subject, sequence), self.n_shape, self.n_expr)
+        if tracking is None:
             return None
-        tracking = read_tracking_npz(path, self.n_shape, self.n_expr)
         n_frames = self.frame_count(subject, sequence)
         if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
-            raise NersembleError(f"{path}: tracked frame indices fall outside the videos' {n_frames} frames")
+            raise NersembleError(f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames")
         return tracking
 
     def frames(self, subject: str, sequence: str, serial: str) -> Iterator[NersembleFrame]:
@@ -339,9 +279,11 @@ class NersembleDataset:
         camera = self._camera(subject, serial, self._video_size(video))
         tracking = self.tracking(subject, sequence)
         rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
-        colors = self.color_calibration(subject) or {}
+        matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
-        alphas = iter_video(alpha_path, gray=True) if alpha_path.exists() else None
+        # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
+        # which differs by one level in places)
+        alphas = (rgb[..., 0] for rgb in iter_video(alpha_path)) if alpha_path.exists() else None
         try:
             for index, rgb in enumerate(iter_video(video)):
                 alpha = next(alphas) if alphas is not None else None
@@ -353,10 +295,12 @@ class NersembleDataset:
                     sequence=sequence,
                     frame=index,
                     serial=serial,
-                    rgb=_apply_color(rgb, colors[serial]) if serial in colors else rgb,
+                    rgb=rgb,
                     alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
                     camera=camera,
                     flame=None if row is None else tracking.params[row],
+                    tracking_kind=None if tracking is None else tracking.kind,
+                    color_matrix=matrices.get(serial),
                 )
         except VideoError as exc:
             raise NersembleError(str(exc)) from exc

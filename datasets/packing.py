@@ -9,12 +9,13 @@ the videos it needs (PyAV), crops and resizes around the head, and encodes rgb, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -24,25 +25,34 @@ from geodiff4d.cluster.atomic import write_json_atomic
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
+from geodiff4d.datasets.flame_tracking import TrackingError, missing_tracking_message, sequence_tracking
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
-from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError, read_tracking_npz
+from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
+from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png, unit
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_head, render_pose_map
 from geodiff4d.datasets.shards import shard_name, write_shard
-from geodiff4d.datasets.synthhuman import SynthHumanDataset
+from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent
 BACKGROUND_THRESHOLD = 0.1  # max channel difference (of [0, 1]) that still counts as background
 DEFAULT_SAMPLES_PER_SHARD = 512
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
+SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face crops, then full and upper body
+SYNTHHUMAN_SUBSETS = ("all", "face")
 
 
 class PackError(ValueError):
     """Inputs that cannot be packed; the message names the file or source."""
+
+
+# The errors a user can fix (bad inputs or options): the CLI prints them as one message, no traceback.
+PACK_INPUT_ERRORS = (PackError, NersembleError, SynthHumanError, TrackingError, NormalEstimatorError)
 
 
 @dataclass(frozen=True, order=True)
@@ -79,34 +89,56 @@ class ShardPlan:
 # ------------------------------------------------------------------------------------------------ listing
 
 
-def list_nersemble(root: Path) -> list[SampleRef]:
-    """Tracked frames of every camera (cameras: any with a video in one of the subject's sequences)."""
+def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
+    """Cameras of a subject: any serial with a colour or alpha video in one of its sequences, so a camera whose
+    colour video is missing from a sequence is listed (and its units fail naming the file), never dropped."""
+    found = set()
+    for sequence in dataset.sequences(subject):
+        for folder in ("images", "alpha_maps"):
+            path = dataset.sequence_dir(subject, sequence) / folder
+            found |= {p.name[4:-4] for p in path.glob("cam_*.mp4")} if path.is_dir() else set()
+    return sorted(found)
+
+
+def list_nersemble(root: Path, n_shape: int | None = None, n_expr: int | None = None) -> list[SampleRef]:
+    """Tracked frames of every camera. Tracking (v2, else v1) is required: it gives the crop and the pose map.
+
+    Reading it with the head model's sizes here, before any Ray work, refuses real 300/100-coefficient tracking
+    read with a smaller model.
+    """
     dataset = NersembleDataset(root)
     refs = []
     for subject in dataset.subjects():
-        sequences = dataset.sequences(subject)
-        serials = sorted({s for seq in sequences for s in dataset.sequence_serials(subject, seq)})
-        for sequence in sequences:
-            tracking_path = dataset.tracking_path(subject, sequence)
-            if tracking_path.exists():
-                frames = sorted(int(f) for f in read_tracking_npz(tracking_path).frames)
-            else:
-                frames = list(range(dataset.frame_count(subject, sequence)))
+        serials = _camera_serials(dataset, subject)
+        for sequence in dataset.sequences(subject):
+            tracking = sequence_tracking(dataset.sequence_dir(subject, sequence), n_shape, n_expr)
+            if tracking is None:
+                raise PackError(missing_tracking_message(dataset.sequence_dir(subject, sequence)))
+            frames = sorted(int(f) for f in tracking.frames)
             refs += [SampleRef("nersemble", subject, sequence, f, s, str(root)) for f in frames for s in serials]
     return refs
 
 
-def list_synthhuman(root: Path) -> list[SampleRef]:
-    return [SampleRef("synthhuman", f"{i:07d}", "synthhuman", 0, "0", str(root)) for i in SynthHumanDataset(root).indices()]
+def list_synthhuman(root: Path, subset: str = "all") -> list[SampleRef]:
+    """Every sample, or with ``subset="face"`` the face-crop part of the release (indices below 98,040)."""
+    indices = SynthHumanDataset(root).indices()
+    if subset == "face":
+        indices = [i for i in indices if i < SYNTHHUMAN_FACE_SAMPLES]
+    return [SampleRef("synthhuman", f"{i:07d}", "synthhuman", 0, "0", str(root)) for i in indices]
 
 
-def list_inputs(sources: Sequence[tuple[str, Path]]) -> list[SampleRef]:
-    listers = {"nersemble": list_nersemble, "synthhuman": list_synthhuman}
+def list_inputs(sources: Sequence[tuple[str, Path]], settings: PackSettings | None = None,
+                model_sizes: tuple[int, int] | None = None) -> list[SampleRef]:  # fmt: skip
+    """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking."""
+    settings = settings or PackSettings()
     refs = []
     for kind, root in sources:
-        if kind not in listers:
-            raise PackError(f"unknown source kind {kind!r} for {root} (known: {sorted(listers)})")
-        refs += listers[kind](Path(root))
+        if kind == "nersemble":
+            refs += list_nersemble(Path(root), *(model_sizes or (None, None)))
+        elif kind == "synthhuman":
+            refs += list_synthhuman(Path(root), settings.synthhuman_subset)
+        else:
+            raise PackError(f"unknown source kind {kind!r} for {root} (known: {list(SOURCES)})")
     keys = [r.key for r in refs]
     if len(set(keys)) != len(keys):
         raise PackError("two inputs give the same sample keys: pack each source folder once")
@@ -204,35 +236,6 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None
 
 
-# --------------------------------------------------------------------------------------------- estimators
-
-
-class NormalEstimator(Protocol):
-    """rgb float32 [H, W, 3] in [0, 1] -> unit normals [H, W, 3] in our convention."""
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray: ...
-
-
-class OnnxNormalEstimator:
-    """An ONNX normal model from a local path (e.g. DAViD's). Assumed I/O: NCHW float RGB in [0, 1] ->
-    NCHW normals in our camera convention (x right, y up, z toward the camera); outputs are renormalized."""
-
-    def __init__(self, path: str | os.PathLike):
-        import onnxruntime
-
-        if not Path(path).is_file():
-            raise PackError(f"{path}: normal estimator ONNX file not found")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)  # [1, 3, H, W]
-        normal = self.session.run(None, {self.input: batch})[0][0]  # [3, H, W]
-        return unit(normal.transpose(1, 2, 0).astype(np.float64)).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------------ the job
 
 
@@ -244,6 +247,27 @@ class PackSettings:
     resolution: int = 512
     normal_estimator: str | None = None  # local ONNX path; None: FLAME tracking rendered as a coarse fallback
     flame_model: str | None = None  # FLAME .pkl matching the tracking; None: the procedural head (demo data)
+    synthhuman_subset: Literal["all", "face"] = "all"
+
+    def validate(self) -> None:
+        """Every option checked before any file is read or Ray starts; a message names the option."""
+        if not isinstance(self.resolution, int) or self.resolution < 2 or self.resolution % 2:
+            raise PackError(f"--resolution must be a positive even number of pixels, got {self.resolution}")
+        if self.synthhuman_subset not in SYNTHHUMAN_SUBSETS:
+            raise PackError(f"--synthhuman-subset must be one of {SYNTHHUMAN_SUBSETS}, got {self.synthhuman_subset!r}")
+        for option, path in (("--normal-estimator", self.normal_estimator), ("--flame", self.flame_model)):
+            if path is not None and not Path(path).is_file():
+                raise PackError(f"{option} {path}: file not found")
+
+
+def head_model(settings: PackSettings) -> FlameModel:
+    """The FLAME model posing the tracking: the user's FLAME .pkl, else the procedural head."""
+    if settings.flame_model is None:
+        return procedural_head_model(seed=0)
+    try:
+        return FlameModel.from_pkl(settings.flame_model)
+    except (OSError, KeyError, ValueError) as exc:
+        raise PackError(f"--flame {settings.flame_model}: not a loadable FLAME model: {exc}") from exc
 
 
 @dataclass
@@ -265,8 +289,7 @@ class PackJob:
     def setup(self) -> None:
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
-        path = self.settings.flame_model
-        self.model = FlameModel.from_pkl(path) if path else procedural_head_model(seed=0)
+        self.model = head_model(self.settings)
         self.estimator = OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
 
     def run(self, unit: WorkUnit) -> dict[str, Any]:
@@ -330,6 +353,8 @@ class PackJob:
         camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
         gt = gt_normal_path(dataset.root, frame.subject, frame.sequence, frame.serial, frame.frame)
         rgb = crop(frame.rgb, box, res)
+        if frame.color_matrix is not None:  # only the crop is corrected, not the full frame
+            rgb = correct_colour(rgb, frame.color_matrix)
         if gt.is_file():
             normal, normal_mask = crop_normals(*decode_normal_png(gt), box, res)
             normal_source = "gt"
@@ -342,7 +367,8 @@ class PackJob:
             "mask_source": mask_source,
             "normal_source": normal_source,
             "flame": None if frame.flame is None else {k: v.tolist() for k, v in frame.flame.to_numpy_dict().items()},
-            "color_calibrated": dataset.color_calibration(frame.subject) is not None,
+            "color_calibrated": frame.color_matrix is not None,
+            "tracking": frame.tracking_kind,
         }
         return _Encoded(rgb, crop(alpha, box, res), normal, normal_mask, posemap, meta)
 
@@ -424,6 +450,31 @@ class PackReport:
         return f"packed {self.samples} samples in {self.shards} shards under {self.out}\n{self.job.summary()}"
 
 
+def check_synthhuman_convention(root: Path) -> None:
+    """SynthHuman's normal axes are undocumented: derive them from depth + K on the first samples and refuse
+    to pack when they are not the convention the reader assumes."""
+    dataset = SynthHumanDataset(root)
+    fit = derive_normal_convention(dataset, n_samples=8)
+    if not fit.matches_assumed:
+        raise PackError(
+            f"{root}: stored normals follow {fit.matrix.tolist()} (ours = M @ stored; median {fit.median_error_deg:.1f} "
+            f"deg against normals from depth + K over {fit.n_pixels} pixels), not the convention the reader assumes "
+            "(synthhuman.SYNTHHUMAN_NORMAL_TO_OURS): refusing to pack normals in the wrong axes"
+        )
+
+
+def listing_digest(refs: Sequence[SampleRef]) -> str:
+    """sha256 of the sorted sample keys: the shard plan is a function of it, so a rerun can tell that it changed."""
+    return hashlib.sha256("\n".join(ref.key for ref in refs).encode()).hexdigest()
+
+
+def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
+    for option, value, least in (("--workers", workers, 1), ("--samples-per-shard", samples_per_shard, 1),
+                                 ("--max-shard-mb", max_shard_bytes, 1), ("max_retries", max_retries, 0)):
+        if not isinstance(value, int) or value < least:
+            raise PackError(f"{option} must be an integer >= {least}, got {value}")
+
+
 def pack_with(
     job: PackJob,
     sources: Sequence[tuple[str, Path]],
@@ -435,12 +486,25 @@ def pack_with(
     max_retries: int = 2,
     progress: bool = True,
 ) -> PackReport:
-    """Plan, run every uncommitted shard on Ray, rebuild the manifest from the committed shards."""
+    """Validate options and inputs, plan, run every uncommitted shard on Ray, rebuild the manifest.
+
+    Everything a user can get wrong (numbers, files, tracking, listing changed since the last run) raises one of
+    ``PACK_INPUT_ERRORS`` before Ray starts and before ``pack_settings.json`` is written, so a corrected rerun
+    is never refused by a half-written folder.
+    """
     out = job.out
-    out.mkdir(parents=True, exist_ok=True)
-    refs = list_inputs(sources)
+    job.settings.validate()
+    _check_counts(workers, samples_per_shard, max_shard_bytes, max_retries)
+    if job.settings.normal_estimator is not None:
+        OnnxNormalEstimator(job.settings.normal_estimator)  # loads, or names the file
+    model = head_model(job.settings)
+    refs = list_inputs(sources, job.settings, (model.n_shape, model.n_expr))
+    for kind, root in sources:
+        if kind == "synthhuman" and any(ref.source == "synthhuman" for ref in refs):
+            check_synthhuman_convention(Path(root))
     plans = plan_shards(refs, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution))
-    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(refs))
     commits = CommitLog(out)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
@@ -464,12 +528,14 @@ def pack(
     flame_model: str | os.PathLike | None = None,
     max_retries: int = 2,
     progress: bool = True,
+    synthhuman_subset: str = "all",
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
     settings = PackSettings(
         resolution=resolution,
         normal_estimator=str(normal_estimator) if normal_estimator else None,
         flame_model=str(flame_model) if flame_model else None,
+        synthhuman_subset=synthhuman_subset,
     )
     return pack_with(
         PackJob(out, settings), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
@@ -477,12 +543,21 @@ def pack(
     )
 
 
-def _check_settings(out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int) -> None:
-    """Resuming with other settings would mix incompatible shards under one manifest: refuse it."""
+def _check_settings(out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int,
+                    digest: str) -> None:  # fmt: skip
+    """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
+    refuse it. Written only after the inputs validated."""
     path = out / PACK_SETTINGS
-    wanted = {**asdict(settings), "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes}
+    wanted = {**asdict(settings), "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
+              "listing_sha256": digest}  # fmt: skip
     if path.exists():
         found = json.loads(path.read_text())
+        if found.get("listing_sha256", digest) != digest:
+            raise PackError(
+                f"{path}: the input listing changed since this folder was packed (samples added or removed; "
+                f"listing sha256 {found['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
+                "manifest would be stale; pack into a new output folder"
+            )
         if found != wanted:
             raise PackError(f"{path} was written with {found}, not {wanted}: use another output folder")
         return

@@ -22,7 +22,8 @@ from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import NERSEMBLE_LAYOUT, Camera, look_at_camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.datasets.nersemble import write_camera_params, write_npz, write_tracking_npz
+from geodiff4d.datasets.flame_tracking import TRACKING_V2, write_nersemble_tracking, write_npz
+from geodiff4d.datasets.nersemble import write_camera_params
 from geodiff4d.datasets.normal_maps import encode_normal_png
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_head
@@ -160,7 +161,7 @@ class SynthJob:
     def write_sequence(self, root: Path, sequence: str, params: FlameParams, texture: np.ndarray) -> None:
         seq_dir = root / "sequences" / sequence
         frames = np.arange(self.spec.frames)
-        write_tracking_npz(seq_dir / "tracking" / "flame2023_tracking.npz", params, frames)
+        write_nersemble_tracking(seq_dir / "tracking" / TRACKING_V2, params, frames)  # what the benchmark ships
         write_npz(gt_flame_path(root.parent, root.name, sequence), params.to_numpy_dict())
         for serial, camera in self.cameras.items():
             backdrop = background(camera, serial)

@@ -138,9 +138,11 @@ class NersembleSource:
         return sorted(self.dataset.sequence_serials(subject, sequence))
 
     def clip(self, subject: str, sequence: str, camera: str) -> Clip:
+        from geodiff4d.datasets.colour_calibration import correct_colour  # as packed for training
+
         serial = camera.removeprefix("cam_")
         frames = list(self.dataset.frames(subject, sequence, serial))
-        rgb = np.stack([f.rgb for f in frames])  # [T, H, W, 3]
+        rgb = np.stack([f.rgb if f.color_matrix is None else correct_colour(f.rgb, f.color_matrix) for f in frames])  # [T, H, W, 3]
         alphas = [f.alpha for f in frames]
         masks = None if any(a is None for a in alphas) else np.stack(alphas)  # [T, H, W]
         return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, serial)))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geodiff4d.datasets.flame import FlameModel, FlameParams, rodrigues
+from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.recon.binding import triangle_frames
 from geodiff4d.recon.gaussians import BoundGaussians
 
@@ -159,7 +159,7 @@ class HierarchicalDeformer(nn.Module):
         vertices = self.subdivided(self.model(params).vertices[0])  # [V', 3]
         if self.config.uv_offsets and hasattr(self, "unet"):
             offsets = sample_uv(self.unet(self.codes[frame]), self.uv)  # [V', 3] head frame
-            vertices = vertices + params.scale[0] * offsets @ rodrigues(params.rotation)[0].T
+            vertices = vertices + offsets @ params.model_to_world()[0, :3, :3].T
         return vertices
 
     def forward(self, frame: int) -> Tensor:

@@ -22,6 +22,7 @@ from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
 from geodiff4d.datasets.flame import FlameModel, FlameParams
+from geodiff4d.datasets.flame_tracking import load_tracking as load_tracking_file
 from geodiff4d.recon.binding import render_bound, to_world, triangle_frames
 from geodiff4d.recon.color_init import init_colors
 from geodiff4d.recon.fit import FitConfig, Fitter, FixedVertices, View, load_checkpoint, load_gaussians
@@ -82,8 +83,7 @@ def load_head_model(spec: str) -> FlameModel:
 def load_tracking(path: Path, model: FlameModel) -> FlameParams:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no FLAME tracking for this sequence (run tracking or pass an external npz)")
-    with np.load(path) as data:
-        return FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
+    return load_tracking_file(path, model).params
 
 
 def sequence_tracking(root: Path, subject: str, sequence: str, model: FlameModel, config: ReconConfig,

@@ -12,6 +12,7 @@ An external tracker's npz (NeRSemble names) can replace this module, or initiali
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from geodiff4d.datasets import frame_folder
 from geodiff4d.datasets.cameras import Camera
-from geodiff4d.datasets.flame import FlameModel, FlameParams, rodrigues
+from geodiff4d.datasets.flame import FlameModel, FlameParams, euler_xyz_matrix, rodrigues
 from geodiff4d.recon.binding import render_bound
 from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.landmarks import CONTOUR, LandmarkDetector
@@ -241,9 +242,9 @@ def track_frame_folder(
     return track(model, targets, config, init)
 
 
-def rotation_error_deg(a: Tensor, b: Tensor) -> Tensor:
-    """Geodesic angle [T] in degrees between axis-angle rotations a and b [T, 3]."""
-    relative = rodrigues(a).transpose(1, 2) @ rodrigues(b)
+def rotation_error_deg(a: Tensor, b: Tensor, to_matrix: Callable[[Tensor], Tensor] = rodrigues) -> Tensor:
+    """Geodesic angle [T] in degrees between rotations a and b [T, 3] (axis-angle unless ``to_matrix`` says)."""
+    relative = to_matrix(a).transpose(1, 2) @ to_matrix(b)
     cos = ((relative.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)
     return torch.rad2deg(torch.arccos(cos))
 
@@ -253,7 +254,7 @@ def tracking_errors(estimated: FlameParams, truth: FlameParams) -> dict[str, flo
     expr_est, expr_gt = estimated.expression.flatten(), truth.expression.flatten()
     corr = torch.corrcoef(torch.stack([expr_est, expr_gt]))[0, 1]
     return {
-        "rotation_deg_max": float(rotation_error_deg(estimated.rotation, truth.rotation).max()),
+        "rotation_deg_max": float(rotation_error_deg(estimated.rotation, truth.rotation, euler_xyz_matrix).max()),
         "jaw_deg_max": float(rotation_error_deg(estimated.jaw, truth.jaw).max()),
         "expression_corr": float(corr),
     }

@@ -4,11 +4,14 @@ import os
 import pickle
 import sys
 import types
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
+from dreifus.matrix import Pose
+from nersemble_benchmark.models.flame import FlameProvider
 from scipy.spatial.transform import Rotation
 
 from geodiff4d.datasets.flame import FlameModel, FlameParams, rodrigues
@@ -29,7 +32,8 @@ def random_params(model: FlameModel, batch: int, seed: int, pose_scale: float = 
 
 
 def reference_lbs(model: FlameModel, params: FlameParams) -> np.ndarray:
-    """Textbook FLAME/SMPL forward (float64 numpy): blendshapes, correctives, 4x4 chain, LBS, scale, translation."""
+    """Textbook FLAME/SMPL forward (float64 numpy): blendshapes, correctives, 4x4 chain, LBS with zero root
+    rotation, then NeRSemble's model-to-world transform built by dreifus (``Pose.from_euler``, 3x3 part * scale)."""
 
     def arr(t):
         return t.detach().double().numpy()
@@ -40,7 +44,7 @@ def reference_lbs(model: FlameModel, params: FlameParams) -> np.ndarray:
         v_shaped = arr(model.v_template) + arr(model.shapedirs) @ betas
         joints = arr(model.j_regressor) @ v_shaped
         pose = np.concatenate(
-            [arr(params.rotation[b]), arr(params.neck[b]), arr(params.jaw[b]), arr(params.eyes[b])]
+            [np.zeros(3), arr(params.neck[b]), arr(params.jaw[b]), arr(params.eyes[b])]
         )
         rotations = Rotation.from_rotvec(pose.reshape(5, 3)).as_matrix()
         feature = (rotations[1:] - np.eye(3)).reshape(-1)
@@ -59,7 +63,9 @@ def reference_lbs(model: FlameModel, params: FlameParams) -> np.ndarray:
         blended = np.einsum("vj,jab->vab", arr(model.weights), np.stack(skinning))
         homogeneous = np.concatenate([v_posed, np.ones((len(v_posed), 1))], axis=1)
         v_lbs = np.einsum("vab,vb->va", blended, homogeneous)[:, :3]
-        vertices.append(arr(params.scale[b]) * v_lbs + arr(params.translation[b]))
+        model_to_world = np.array(Pose.from_euler(arr(params.rotation[b]), arr(params.translation[b]), "XYZ"), np.float64)
+        model_to_world[:3, :3] *= arr(params.scale[b])
+        vertices.append(v_lbs @ model_to_world[:3, :3].T + model_to_world[:3, 3])
     return np.stack(vertices)
 
 
@@ -85,16 +91,27 @@ def test_forward_matches_textbook_lbs(head_model):
     np.testing.assert_allclose(ours, reference_lbs(head_model, params), atol=2e-6)
 
 
-def test_global_rotation_rotates_the_template_about_the_root(head_model):
-    params = FlameParams.zeros(1, head_model.n_shape, head_model.n_expr)
-    params.rotation[0] = torch.tensor([0.3, -0.8, 0.2])
-    params.scale[0] = 1.25
-    params.translation[0] = torch.tensor([0.01, -0.02, 0.5])
-    out = head_model(params)
-    rotation = torch.as_tensor(Rotation.from_rotvec([0.3, -0.8, 0.2]).as_matrix(), dtype=torch.float32)
-    root = head_model.j_regressor[0] @ head_model.v_template
-    expected = 1.25 * ((head_model.v_template - root) @ rotation.T + root) + params.translation[0]
-    assert torch.allclose(out.vertices[0], expected, atol=1e-5)
+def test_world_vertices_equal_the_official_flame_provider_transform(head_model):
+    """Oracle: nersemble_benchmark's FlameProvider.apply_model_to_world_transformation (dreifus Pose.from_euler,
+    3x3 part * scale) applied to FLAME skinned with zero global rotation, for random rotations and scales."""
+    gen = torch.Generator().manual_seed(3)
+    params = random_params(head_model, batch=6, seed=2)
+    params.rotation = (torch.rand(6, 3, generator=gen) * 2 - 1) * torch.tensor([np.pi, np.pi / 2, np.pi])
+    params.scale = 0.5 + 1.5 * torch.rand(6, 1, generator=gen)
+    params.translation = torch.randn(6, 3, generator=gen)
+    unplaced = FlameParams(**{**vars(params), "rotation": torch.zeros(6, 3), "translation": torch.zeros(6, 3),
+                              "scale": torch.ones(6, 1)})  # fmt: skip
+    model_space = head_model(unplaced).vertices  # [T, V, 3]
+    provider = SimpleNamespace(  # the attributes FlameProvider.__init__ sets from a FlameTracking
+        _separate_transformation=True, rotation=params.rotation, translation=params.translation, scale=None
+    )
+    ours = head_model(params).vertices
+    for t in range(6):
+        provider.scale = params.scale[t : t + 1]  # the provider keeps one scale per sequence
+        official = FlameProvider.apply_model_to_world_transformation(provider, model_space[t : t + 1], t)[0]
+        torch.testing.assert_close(ours[t], official, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(params.rotation_matrices().numpy(),
+                               Rotation.from_euler("XYZ", params.rotation.numpy()).as_matrix(), atol=1e-6)
 
 
 def test_expression_moves_the_mouth_not_the_back_of_the_skull(head_model):

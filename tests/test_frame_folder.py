@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from geodiff4d.datasets.flame_tracking import TRACKING_V2
 from geodiff4d.datasets.frame_folder import (
     FrameFolderError,
     export_frame_folder,
@@ -34,7 +35,8 @@ def test_export_matches_the_nersemble_source(procedural, tmp_path):
     dataset = NersembleDataset(procedural)
     sequence = dataset.sequences("001")[0]
     assert read_cameras(root / "cameras" / "001" / f"{sequence}.json") == dataset.cameras("001", sequence)
-    assert tracking_path(root, "001", sequence).read_bytes() == dataset.tracking_path("001", sequence).read_bytes()
+    source_tracking = dataset.sequence_dir("001", sequence) / "tracking" / TRACKING_V2
+    assert tracking_path(root, "001", sequence).read_bytes() == source_tracking.read_bytes()
     images = {(im.camera, im.frame): im for im in read_frames(root, "001", sequence)}
     sources = list(dataset.iter_frames(["001"]))
     assert len(images) == len(sources) == 4

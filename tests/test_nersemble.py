@@ -5,15 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from geodiff4d.datasets.cameras import Camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame_tracking import TRACKING_V2, TrackingError, write_nersemble_tracking
 from geodiff4d.datasets.nersemble import (
     NersembleDataset,
     NersembleError,
     write_camera_params,
     write_color_calibration,
-    write_tracking_npz,
 )
 from geodiff4d.datasets.video import write_video
 
@@ -67,9 +68,7 @@ def _write(root, variant="benchmark", cameras=None):
     for i, serial in enumerate(SERIALS):
         write_video(_sequence_dir(root) / "images" / f"cam_{serial}.mp4", _video(i))
         write_video(_sequence_dir(root) / "alpha_maps" / f"cam_{serial}.mp4", _alpha())
-    write_tracking_npz(
-        _sequence_dir(root) / "tracking" / "flame2023_tracking.npz", _params(), np.arange(N_FRAMES)
-    )
+    write_nersemble_tracking(_sequence_dir(root) / "tracking" / TRACKING_V2, _params(), np.arange(N_FRAMES))
     return cameras
 
 
@@ -114,15 +113,8 @@ def test_raw_variant_rejects_differing_intrinsics(tmp_path):
         write_camera_params(tmp_path / "camera_params.json", cameras, variant="raw")
 
 
-def _rodrigues(axis_angle):
-    angle = np.linalg.norm(axis_angle)
-    k = axis_angle / angle
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
-
-
 def test_tracking_npz_names_shapes_and_values(root):
-    path = _sequence_dir(root) / "tracking" / "flame2023_tracking.npz"
+    path = _sequence_dir(root) / "tracking" / TRACKING_V2
     params = _params()
     with np.load(path) as npz:
         arrays = dict(npz)
@@ -138,14 +130,14 @@ def test_tracking_npz_names_shapes_and_values(root):
     np.testing.assert_array_equal(arrays["frames"], np.arange(N_FRAMES))
     for t in range(N_FRAMES):
         np.testing.assert_allclose(
-            arrays["rotation_matrices"][t], _rodrigues(arrays["rotation"][t]), atol=1e-6
+            arrays["rotation_matrices"][t], Rotation.from_euler("XYZ", arrays["rotation"][t]).as_matrix(), atol=1e-6
         )
     first = path.read_bytes()
-    write_tracking_npz(path, params, np.arange(N_FRAMES))
+    write_nersemble_tracking(path, params, np.arange(N_FRAMES))
     assert path.read_bytes() == first  # byte-identical rewrite (no zip timestamps)
 
 
-def test_tracking_reads_back_exactly_and_truncates(root):
+def test_tracking_reads_back_exactly_and_refuses_truncation(root):
     written = _params()
     tracking = NersembleDataset(root, n_shape=N_SHAPE, n_expr=N_EXPR).tracking(SUBJECT, SEQUENCE)
     np.testing.assert_array_equal(tracking.frames, np.arange(N_FRAMES))
@@ -153,10 +145,8 @@ def test_tracking_reads_back_exactly_and_truncates(root):
         assert torch.equal(getattr(tracking.params, name), getattr(written, name)), name
     full = NersembleDataset(root).tracking(SUBJECT, SEQUENCE).params
     assert full.shape.shape == (N_FRAMES, 300) and full.expression.shape == (N_FRAMES, 100)
-    small = NersembleDataset(root, n_shape=5, n_expr=3).tracking(SUBJECT, SEQUENCE).params
-    assert torch.equal(small.shape, written.shape[:, :5]) and torch.equal(
-        small.expression, written.expression[:, :3]
-    )
+    with pytest.raises(TrackingError, match="shape has 300 coefficients but the head model has 5"):
+        NersembleDataset(root, n_shape=5, n_expr=3).tracking(SUBJECT, SEQUENCE)  # never silently truncated
     padded = NersembleDataset(root, n_shape=320).tracking(SUBJECT, SEQUENCE).params.shape
     assert (
         padded.shape == (N_FRAMES, 320)
@@ -166,14 +156,14 @@ def test_tracking_reads_back_exactly_and_truncates(root):
 
 
 def test_malformed_tracking_names_the_file(root):
-    path = _sequence_dir(root) / "tracking" / "flame2023_tracking.npz"
+    path = _sequence_dir(root) / "tracking" / TRACKING_V2
     with np.load(path) as npz:
         arrays = dict(npz)
     np.savez(path, **{**arrays, "jaw": arrays["jaw"][:, :2]})
-    with pytest.raises(NersembleError, match="flame2023_tracking.npz.*jaw"):
+    with pytest.raises(TrackingError, match="flame2023_tracking_v2.npz.*jaw"):
         NersembleDataset(root).tracking(SUBJECT, SEQUENCE)
     path.write_bytes(b"garbage")
-    with pytest.raises(NersembleError, match="flame2023_tracking.npz"):
+    with pytest.raises(TrackingError, match="flame2023_tracking_v2.npz"):
         NersembleDataset(root).tracking(SUBJECT, SEQUENCE)
 
 
@@ -196,16 +186,14 @@ def test_frames_read_back(root):
     assert {f.serial for f in only} == {SERIALS[0]} and len(only) == N_FRAMES
 
 
-def test_color_calibration_is_applied(root):
-    plain = next(NersembleDataset(root).frames(SUBJECT, SEQUENCE, SERIALS[0])).rgb
-    affine = np.array([[0.9, 0.05, 0.0, 0.02], [0.0, 1.1, 0.0, -0.03], [0.1, 0.0, 0.8, 0.0]])
-    write_color_calibration(root / SUBJECT / "calibration" / "color_calibration.json", {SERIALS[0]: affine})
-    dataset = NersembleDataset(root)
-    corrected = next(dataset.frames(SUBJECT, SEQUENCE, SERIALS[0])).rgb
-    expected = np.clip(plain / 255.0 @ affine[:, :3].T + affine[:, 3], 0, 1) * 255
-    assert np.abs(corrected - expected).max() <= 0.5 + 1e-9
-    untouched = next(dataset.frames(SUBJECT, SEQUENCE, SERIALS[1])).rgb
-    assert np.array_equal(untouched, next(NersembleDataset(root).frames(SUBJECT, SEQUENCE, SERIALS[1])).rgb)
+def test_frames_carry_their_colour_matrix_and_tracking_kind(root):
+    ccm = np.array([[0.9, 0.05, 0.0, 0.02], [0.0, 1.1, 0.0, -0.03], [0.1, 0.0, 0.8, 0.0]])
+    write_color_calibration(root / SUBJECT / "calibration" / "color_calibration.json", {SERIALS[0]: ccm})
+    dataset = NersembleDataset(root, n_shape=N_SHAPE, n_expr=N_EXPR)
+    first = next(dataset.frames(SUBJECT, SEQUENCE, SERIALS[0]))
+    np.testing.assert_array_equal(first.color_matrix, ccm)
+    assert first.tracking_kind == "v2"
+    assert next(dataset.frames(SUBJECT, SEQUENCE, SERIALS[1])).color_matrix is None  # uncalibrated camera
 
 
 def test_missing_serial_names_video_and_calibration(tmp_path):

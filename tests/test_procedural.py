@@ -38,10 +38,10 @@ def test_layout_and_resume(synth_out):
     for pid in ("001", "002", "003", "004"):
         seq = root / pid / "sequences" / SEQUENCE
         assert (root / pid / "calibration" / "camera_params.json").is_file()
-        assert (seq / "tracking" / "flame2023_tracking.npz").is_file()
+        assert (seq / "tracking" / "flame2023_tracking_v2.npz").is_file()
         assert len(list((seq / "images").glob("cam_*.mp4"))) == SPEC.cameras
         assert len(list((seq / "alpha_maps").glob("cam_*.mp4"))) == SPEC.cameras
-    tracking = np.load(root / "001" / "sequences" / SEQUENCE / "tracking" / "flame2023_tracking.npz")
+    tracking = np.load(root / "001" / "sequences" / SEQUENCE / "tracking" / "flame2023_tracking_v2.npz")
     assert tracking["shape"].shape == (1, 300) and tracking["expression"].shape == (SPEC.frames, 100)
     assert len(list((synth_out / "synthhuman").glob("rgb_*.png"))) == SPEC.synthetic
     again = synthesize(synth_out, SPEC, workers=2, progress=False)

@@ -1,0 +1,163 @@
+"""``geodiff4d pack`` on bad and changed inputs: one message naming the input, exit 1, no traceback, and nothing
+left behind that refuses the corrected rerun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from geodiff4d.cluster.cli import app
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame_tracking import TRACKING_V1, TRACKING_V2, write_nersemble_tracking
+from geodiff4d.datasets.packing import SYNTHHUMAN_FACE_SAMPLES, list_synthhuman
+from geodiff4d.datasets.procedural import SynthJob, SynthSpec
+from geodiff4d.datasets.shards import iter_shard
+
+SPEC = SynthSpec(subjects=1, sequences=2, frames=2, cameras=2, resolution=64, synthetic=2, seed=11)
+SEQUENCE = "EXP-1-head"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory) -> Path:
+    """One procedural subject and two SynthHuman samples written without Ray (the units synth runs)."""
+    out = tmp_path_factory.mktemp("inputs")
+    job = SynthJob(out, SPEC)
+    job.setup()
+    job.write_subject(0)
+    job.write_synthetic(0, SPEC.synthetic)
+    return out
+
+
+@pytest.fixture()
+def data(synthesized, tmp_path) -> Path:
+    shutil.copytree(synthesized, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _pack(out: Path, *args: str):
+    return runner.invoke(app, ["pack", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
+
+
+def _sequence(data: Path, name: str = SEQUENCE) -> Path:
+    return data / "nersemble" / "001" / "sequences" / name
+
+
+def _assert_refused(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.mark.parametrize("value", ["-64", "63", "0"])
+def test_negative_zero_or_odd_resolution(data, tmp_path, value):
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"synthhuman:{data / 'synthhuman'}", "--resolution", value),
+                    "--resolution must be a positive even number")  # fmt: skip
+    assert not (out / "pack_settings.json").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--samples-per-shard", "-1"), ("--max-shard-mb", "0")])
+def test_other_numbers_are_validated(data, tmp_path, option, value):
+    result = runner.invoke(app, ["pack", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
+                                 option, value])  # fmt: skip
+    _assert_refused(result, option)
+
+
+def test_missing_tracking_names_both_files_and_a_fixed_rerun_is_not_refused(data, tmp_path, monkeypatch):
+    tracking = _sequence(data, "EMO-1-shout+laugh") / "tracking" / TRACKING_V2
+    kept = tracking.read_bytes()
+    tracking.unlink()
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"),
+                    str(tracking), str(tracking.with_name(TRACKING_V1)))  # fmt: skip
+    assert not (out / "pack_settings.json").exists()
+    tracking.with_name(TRACKING_V1).write_bytes(kept)  # the fallback version is enough
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
+    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"), "no Ray here")
+    assert json.loads((out / "pack_settings.json").read_text())["resolution"] == 32  # validated, then written
+
+
+def _no_ray(address=None):
+    raise SystemExit("no Ray here")
+
+
+def test_real_sized_tracking_without_flame_says_what_to_pass(data, tmp_path):
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    real = FlameParams.zeros(SPEC.frames, 300, 100)
+    real.expression[:, 80] = 0.3  # coefficients the procedural head does not have
+    write_nersemble_tracking(tracking, real)
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}"), str(tracking), "--flame")
+    assert not (out / "pack_settings.json").exists()
+
+
+def test_missing_normal_estimator_or_flame_file(data, tmp_path):
+    source = ["--source", f"synthhuman:{data / 'synthhuman'}"]
+    _assert_refused(_pack(tmp_path / "a", *source, "--normal-estimator", str(tmp_path / "n.onnx")), "n.onnx")
+    _assert_refused(_pack(tmp_path / "b", *source, "--flame", str(tmp_path / "flame.pkl")), "flame.pkl")
+
+
+def test_synthhuman_face_subset_is_the_first_98040_indices(data):
+    root = data / "synthhuman"
+    for member in ("rgb", "alpha", "depth", "normal", "cam"):  # a body sample right after the face block
+        suffix = {"rgb": ".png", "alpha": ".png", "depth": ".exr", "normal": ".exr", "cam": ".txt"}[member]
+        shutil.copy(root / f"{member}_0000000{suffix}", root / f"{member}_{SYNTHHUMAN_FACE_SAMPLES:07d}{suffix}")
+    everything = [ref.subject for ref in list_synthhuman(root)]
+    faces = [ref.subject for ref in list_synthhuman(root, "face")]
+    assert everything == ["0000000", "0000001", f"{SYNTHHUMAN_FACE_SAMPLES:07d}"]
+    assert faces == ["0000000", "0000001"]
+
+
+def test_synthhuman_normals_in_another_convention_are_refused_at_pack_start(data, tmp_path):
+    from geodiff4d.datasets.exr import read_exr, write_exr
+
+    root = data / "synthhuman"
+    for index in range(SPEC.synthetic):
+        path = root / f"normal_{index:07d}.exr"
+        write_exr(path, (read_exr(path)[..., :3] * np.array([1.0, 1.0, -1.0])).astype(np.float32))  # z flipped
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"synthhuman:{root}"), str(root), "normals in the wrong axes")
+    assert not (out / "pack_settings.json").exists()
+
+
+def _add_synthhuman_sample(root: Path, index: int) -> None:
+    for path in sorted(root.glob("*_0000000.*")):
+        shutil.copy(path, root / path.name.replace("0000000", f"{index:07d}"))
+
+
+def test_a_changed_listing_is_refused_on_rerun(local_ray, data, tmp_path):
+    root, out = data / "synthhuman", tmp_path / "out"
+    first = _pack(out, "--source", f"synthhuman:{root}", "--resolution", "32")
+    assert first.exit_code == 0, first.output
+    _add_synthhuman_sample(root, 5)
+    _assert_refused(_pack(out, "--source", f"synthhuman:{root}", "--resolution", "32"),
+                    str(out / "pack_settings.json"), "input listing changed")  # fmt: skip
+    (root / "rgb_0000005.png").unlink()  # back to the packed listing: the rerun resumes (nothing to do)
+    for path in root.glob("*_0000005.*"):
+        path.unlink()
+    again = _pack(out, "--source", f"synthhuman:{root}", "--resolution", "32")
+    assert again.exit_code == 0 and "0 done, 1 already committed" in again.output, again.output
+
+
+def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_completes(local_ray, data, tmp_path):
+    video = _sequence(data, "EMO-1-shout+laugh") / "images" / "cam_222200037.mp4"
+    kept = video.read_bytes()
+    video.unlink()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["pack", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
+                                 "--workers", "1", "--samples-per-shard", "4"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{video}: video not found" in result.output and "FAILED nersemble-000000" in result.output
+    video.write_bytes(kept)
+    fixed = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert fixed.exit_code == 0 and "1 done, 1 already committed, 0 failed" in fixed.output, fixed.output
+    metas = [json.loads(sample["json"]) for sample in iter_shard(out / "nersemble-000000.tar")]
+    assert len(metas) == 4 and {meta["tracking"] for meta in metas} == {"v2"}  # which tracking file was used
