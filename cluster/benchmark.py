@@ -116,6 +116,7 @@ class Benchmark:
 
     def subjects(self) -> list[Subject]:
         """The subjects to benchmark, checked against the data: every named subject, sequence and camera."""
+        from geodiff4d.datasets.flame_tracking import find_tracking, missing_tracking_message
         from geodiff4d.datasets.nersemble import NersembleDataset
 
         dataset, c = NersembleDataset(self.data_root), self.config
@@ -143,9 +144,10 @@ class Benchmark:
                                          f"not recorded")
             needs_tracking = any(m.kind in ("geodiff4d", "oracle") for m in c.methods)
             for sequence in (train, *tests):
-                if needs_tracking and not dataset.tracking_path(subject, sequence).is_file():
-                    raise BenchmarkError(f"{dataset.tracking_path(subject, sequence)}: FLAME tracking missing; "
-                                         f"the geodiff4d/oracle methods drive avatars with it")
+                folder = dataset.sequence_dir(subject, sequence)
+                if needs_tracking and find_tracking(folder) is None:
+                    raise BenchmarkError(f"{missing_tracking_message(folder)}; the geodiff4d/oracle methods drive "
+                                         f"avatars with it")
             subjects.append(Subject(subject, train, tests))
         return subjects
 

@@ -13,7 +13,8 @@ from geodiff4d.cluster.benchmark_config import dotted_to_nested, load_benchmark_
 from geodiff4d.cluster.cli import app
 from geodiff4d.datasets.cameras import nersemble_rig
 from geodiff4d.datasets.flame import FlameParams
-from geodiff4d.datasets.nersemble import write_camera_params, write_tracking_npz
+from geodiff4d.datasets.flame_tracking import write_nersemble_tracking
+from geodiff4d.datasets.nersemble import write_camera_params
 from geodiff4d.datasets.video import write_video
 
 runner = CliRunner()
@@ -45,7 +46,7 @@ def _nersemble(root, tracked_sequences):
                 zeros = {n: torch.zeros(2, k) for n, k in (("expression", 10), ("rotation", 3), ("neck", 3),
                                                           ("jaw", 3), ("eyes", 6), ("translation", 3))}
                 params = FlameParams(shape=torch.zeros(2, 20), scale=torch.ones(2, 1), **zeros)
-                write_tracking_npz(folder / "tracking" / "flame2023_tracking.npz", params, np.arange(2))
+                write_nersemble_tracking(folder / "tracking" / "flame2023_tracking_v2.npz", params, np.arange(2))
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -67,7 +68,7 @@ def test_missing_tracking_names_the_file_before_ray(tmp_path):
     _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head"})
     result = _run(tmp_path, {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS})
     assert result.exit_code == 1
-    assert "001/sequences/FREE/tracking/flame2023_tracking.npz: FLAME tracking missing" in result.output
+    assert "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/oracle methods" in result.output
 
 
 def test_missing_hold_out_camera_and_subject_are_named(tmp_path):
