@@ -18,9 +18,24 @@ from geodiff4d.cluster.config_files import ConfigError
 app = typer.Typer(
     help="GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"geodiff4d {version('geodiff4d')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation."""
 
 AddressOption = Annotated[
     str | None,
@@ -111,7 +126,7 @@ def verify(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option(help="YAML config (configs/demo.yaml, configs/paper.yaml).")],
+    config: Annotated[Path, typer.Option(help="YAML config: a path, or a packaged config by name (demo, paper).")],
     stage: Annotated[int, typer.Option(help="1: single frames; 2: adds temporal layers, 16-frame clips.")],
     shards: Annotated[Path, typer.Option(help="Folder of WebDataset shards with its manifest (geodiff4d pack).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, TensorBoard logs, sample grids.")],
@@ -273,6 +288,40 @@ def submission(
         typer.echo(f"submission: {write_mono_flame_avatar_submission(method, out)}")
     except InputError as error:
         _fail(f"submission: {error}")
+
+
+@app.command()
+def benchmark(
+    config: Annotated[Path, typer.Argument(help="Benchmark YAML (a path, or a packaged one by name: benchmark-demo).")],
+    out: Annotated[Path, typer.Option(help="Run folder: config, per-stage state, every output, leaderboard/.")],
+    parallel: Annotated[int, typer.Option(min=1, help="Stages (subject chains) in flight at once.")] = 2,
+    address: AddressOption = None,
+) -> None:
+    """Run a benchmark end to end: data, the diffusion model, per-subject avatars, every protocol, leaderboard."""
+    from geodiff4d.cluster.benchmark import Benchmark, BenchmarkError
+    from geodiff4d.cluster.benchmark_config import load_benchmark_config
+
+    with _config_errors_exit():
+        settings = load_benchmark_config(config)
+    try:
+        report = Benchmark(settings, out, address, echo=typer.echo).run(parallel)
+    except BenchmarkError as error:
+        _fail(str(error))
+    typer.echo(report.summary())
+    typer.echo(f"leaderboard: {out / 'leaderboard'}")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def doctor(
+    address: AddressOption = None,
+    arcface_model: Annotated[Path | None, typer.Option(help="insightface model folder/ONNX to check.")] = None,
+) -> None:
+    """Which backends, packaged weights, GPUs and Ray address are available, and what is missing for each."""
+    from geodiff4d.cluster.doctor import render, run_checks
+
+    typer.echo(render(run_checks(address, arcface_model)))
 
 
 @app.command()

@@ -1,8 +1,13 @@
-"""YAML configs validated with messages that name the file and the field (gen's model configs, recon's fits)."""
+"""YAML configs validated with messages that name the file and the field (gen's model configs, recon's fits).
+
+A config is given by path or by the name of one that ships inside the package (``demo``, ``paper``,
+``recon``: the files of ``configs/``), so an installed wheel works outside the checkout.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,8 +21,27 @@ class ConfigError(ValueError):
     """A config file that cannot be read or validated; the message names the file and the fields."""
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs that ship with the package, by name (file stem)."""
+    folder = importlib.resources.files("geodiff4d.configs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """An existing file as given, else the packaged config of that name (``demo`` or ``demo.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = path.stem if path.suffix == ".yaml" and path.parent == Path(".") else str(name_or_path)
+    if name in packaged:
+        return packaged[name]
+    raise ConfigError(f"{name_or_path}: no such config file, and no packaged config of that name "
+                      f"(packaged: {', '.join(sorted(packaged))})")  # fmt: skip
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = resolve_config(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

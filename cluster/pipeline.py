@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from geodiff4d.cluster.config_files import resolve_config
 from geodiff4d.cluster.jobs import CommitLog
 from geodiff4d.cluster.runtime import connect, shutdown
 
@@ -58,7 +59,7 @@ RECON_STEPS = 300
 # A few minutes of training: enough to see heads and normals emerge. configs/demo.yaml's full schedule
 # (800 + 200 steps, ~10 min on an idle 2-core machine) is what bench/bench_gen.py --quality measures.
 DEMO_TRAIN_STEPS = {1: 240, 2: 40}
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = resolve_config("demo")
 SUBJECT, SEQUENCE, HELD_OUT = "001", "EXP-1-head", "222200037"  # the frontal camera is held out of recon
 REFERENCE_CAMERA = "222200040"  # a training camera: the reference-copy baseline's reference image
 

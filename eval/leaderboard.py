@@ -155,16 +155,21 @@ def method_note(table: pd.DataFrame, seed: int) -> str:
             "best in bold; ↑ higher is better, ↓ lower is better.")
 
 
-def build_leaderboard(runs: str | Path | list[str | Path], out: str | Path | None = None, seed: int = 0) -> dict:
+def build_leaderboard(runs: str | Path | list[str | Path] | dict[str, str | Path], out: str | Path | None = None,
+                      seed: int = 0) -> dict:  # fmt: skip
     """Aggregate one or more runs (e.g. a self and a cross run) into ``out`` (default: the first run's
-    ``leaderboard/``); returns ``{kind: path}`` of every file written."""
-    runs = [Path(r) for r in ([runs] if isinstance(runs, (str, Path)) else runs)]
-    out = Path(out) if out else runs[0] / "leaderboard"
+    ``leaderboard/``); returns ``{kind: path}`` of every file written. Runs are named by their protocol, or
+    by the keys of a ``{name: run}`` mapping (two runs of one protocol, e.g. self-reenactment and novel views)."""
+    if isinstance(runs, dict):
+        runs = [(name, Path(run)) for name, run in runs.items()]
+    else:
+        runs = [(None, Path(run)) for run in ([runs] if isinstance(runs, (str, Path)) else runs)]
+    out = Path(out) if out else runs[0][1] / "leaderboard"
     out.mkdir(parents=True, exist_ok=True)
     tables, sections, written = {}, [], {}
-    for run in runs:
+    for name, run in runs:
         frames, videos, meta = load_run(run)
-        protocol = meta["settings"]["protocol"]
+        protocol = name or meta["settings"]["protocol"]
         if protocol in tables:
             raise ValueError(f"two {protocol!r} runs given ({run}); pass one run per protocol")
         metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.config_files import load_yaml_config, validate
+from geodiff4d.cluster.config_files import read_mapping, validate
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
@@ -56,15 +56,19 @@ class ReconConfig:
         return FitConfig(**{"steps": self.steps, "seed": self.seed, **self.fit})
 
 
-def load_recon_config(path: str | Path) -> ReconConfig:
-    """A ReconConfig from YAML; unknown or mistyped fields, in ``fit``, ``tracking_options`` and ``refine`` too,
-    fail here with the file and field named rather than inside a worker an hour later."""
-    config = load_yaml_config(path, ReconConfig)
+def recon_config_from_mapping(raw: dict[str, Any], where: str | Path, prefix: str = "") -> ReconConfig:
+    """A ReconConfig from a mapping; unknown or mistyped fields, in ``fit``, ``tracking_options`` and ``refine``
+    too, fail here with the file (``where``) and field named rather than inside a worker an hour later."""
+    config = validate(where, raw, ReconConfig, prefix=prefix)
     for section, schema in (("fit", FitConfig), ("tracking_options", TrackingConfig), ("refine", RefineConfig)):
         overrides = getattr(config, section)
         if overrides is not None:
-            validate(path, overrides, schema, prefix=section)
+            validate(where, overrides, schema, prefix=f"{prefix}.{section}" if prefix else section)
     return config
+
+
+def load_recon_config(path: str | Path) -> ReconConfig:
+    return recon_config_from_mapping(read_mapping(path), path)
 
 
 def load_head_model(spec: str) -> FlameModel:

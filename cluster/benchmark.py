@@ -1,0 +1,439 @@
+"""``geodiff4d benchmark``: the paper's method end to end across subjects, beside baselines and peers.
+
+One declarative config (cluster.benchmark_config) becomes a graph of committed stages (cluster.stage_graph):
+data -> real frame folders -> (packed shards -> diffusion model) -> per method and subject: generated frames
+-> avatar -> renders for every protocol -> one evaluation per protocol -> leaderboard. Every stage resumes
+inside (Ray unit jobs) and is committed as a whole, so a killed run reruns only what was not committed.
+
+Protocols (the avatar always sees only the training sequence):
+- ``self``: NeRSemble's mono FLAME-avatar benchmark: the avatar is built from the train camera's view of the
+  training sequence (the oracle: from every camera but the hold-outs); it is scored on the hold-out cameras
+  for the held-out sequences, driven by their tracking.
+- ``cross``: subject A's avatar driven by the next subject B's held-out sequence; CSIM against A's reference
+  image, AKD/AED against B's frames at the same cameras.
+- ``novel_views``: the training sequence seen from the hold-out cameras.
+The run folder layout is documented in docs/formats.md (benchmark runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import yaml
+
+from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.cluster.benchmark_config import (
+    BenchmarkConfig,
+    MethodConfig,
+    gen_config_mapping,
+    method_config,
+)
+from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.cluster.runtime import connect
+from geodiff4d.cluster.stage_graph import GraphReport, StageGraph
+
+PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
+
+
+class BenchmarkError(ValueError):
+    """A config or data problem found before the work starts; the message names the field or file."""
+
+
+def digest(value: Any) -> str:
+    """A short stable key for a config mapping: outputs of different settings never share a folder."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes inside the run folder (docs/formats.md, benchmark runs)."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # data, frames, identity, oracle_input, shards, state, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.root / name
+
+    def pred(self, protocol: str, method: str) -> Path:
+        """A method's frames for one protocol, as a frame folder; its rgb/ is the tree evaluation scores."""
+        return self.root / "pred" / protocol / method
+
+    def gt(self, protocol: str) -> Path:
+        return self.root / "gt" / protocol
+
+
+@dataclass(frozen=True)
+class Subject:
+    id: str
+    train_sequence: str
+    test_sequences: tuple[str, ...]
+
+
+class Benchmark:
+    def __init__(self, config: BenchmarkConfig, out: str | Path, address: str | None = None,
+                 echo: Callable[[str], None] = print):  # fmt: skip
+        self.config, self.layout, self.address, self.echo = config, Layout(Path(out).resolve()), address, echo
+        self.commits = CommitLog(self.layout.state)
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    @property
+    def data_root(self) -> Path:
+        """The NeRSemble v2 folder everything reads: the user's, or the procedural one synthesized here."""
+        nersemble = self.config.data.nersemble
+        return Path(nersemble) if nersemble is not None else self.layout.data / "nersemble"
+
+    def synthesize(self) -> dict:
+        from geodiff4d.datasets.procedural import SynthSpec, synthesize
+
+        p = self.config.data.procedural
+        spec = SynthSpec(p.subjects, p.sequences, p.frames, 16, p.resolution, p.synthetic, p.seed)
+        report = synthesize(self.layout.data, spec, workers=2, address=self.address, progress=False)
+        if not report.ok:
+            raise RuntimeError(f"synth failed:\n{report.summary()}")
+        return {"subjects": p.subjects}
+
+    def check_procedural(self) -> None:
+        """The config's subjects and sequence against what the procedural spec will write (before any work)."""
+        from geodiff4d.datasets.procedural import SEQUENCE_NAMES, subject_id
+
+        spec, c = self.config.data.procedural, self.config
+        names, sequences = [subject_id(i) for i in range(spec.subjects)], SEQUENCE_NAMES[: spec.sequences]
+        unknown = sorted(set(c.subjects or []) - set(names))
+        if unknown:
+            raise BenchmarkError(f"subjects: {unknown} are not among the {spec.subjects} procedural subjects {names}")
+        if c.train_sequence is not None and c.train_sequence not in sequences:
+            raise BenchmarkError(f"train_sequence: {c.train_sequence!r} is not a procedural sequence {list(sequences)}")
+
+    def subjects(self) -> list[Subject]:
+        """The subjects to benchmark, checked against the data: every named subject, sequence and camera."""
+        from geodiff4d.datasets.nersemble import NersembleDataset
+
+        dataset, c = NersembleDataset(self.data_root), self.config
+        available = dataset.subjects()
+        chosen = c.subjects or available
+        missing = sorted(set(chosen) - set(available))
+        if missing:
+            raise BenchmarkError(f"subjects: {missing} not in {self.data_root} (has {available})")
+        if "cross" in c.protocols and len(chosen) < 2:
+            raise BenchmarkError("protocols: cross needs at least two subjects")
+        subjects = []
+        for subject in chosen:
+            sequences = dataset.sequences(subject)
+            train = c.train_sequence or sequences[0]
+            if train not in sequences:
+                raise BenchmarkError(f"train_sequence: {subject} has no sequence {train!r} (has {sequences})")
+            tests = tuple(s for s in sequences if s != train)
+            if ("self" in c.protocols or "cross" in c.protocols) and not tests:
+                raise BenchmarkError(f"protocols self/cross need a held-out sequence; {subject} has only {train!r}")
+            for sequence in (train, *tests):
+                serials = set(dataset.sequence_serials(subject, sequence))
+                absent = sorted({c.train_camera, *c.holdout_cameras} - serials)
+                if absent:
+                    raise BenchmarkError(f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras) "
+                                         f"not recorded")
+            needs_tracking = any(m.kind in ("geodiff4d", "oracle") for m in c.methods)
+            for sequence in (train, *tests):
+                if needs_tracking and not dataset.tracking_path(subject, sequence).is_file():
+                    raise BenchmarkError(f"{dataset.tracking_path(subject, sequence)}: FLAME tracking missing; "
+                                         f"the geodiff4d/oracle methods drive avatars with it")
+            subjects.append(Subject(subject, train, tests))
+        return subjects
+
+    # -- stages: real frames and ground truth -------------------------------------------------------------
+    def export_subject(self, subject: Subject) -> dict:
+        """The subject's captures as a frame folder, its reference image, and the oracle's training input."""
+        from geodiff4d.datasets.frame_folder import export_frame_folder
+
+        frames = self.layout.frames
+        export_frame_folder(self.data_root, frames, [subject.id])
+        first = sorted((frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png"))[0]
+        atomic_write_bytes(self.layout.identity / f"{subject.id}.png", first.read_bytes())
+        for part in ("rgb", "mask", "normal"):  # the oracle sees the training sequence only
+            _link(frames / part / subject.id / subject.train_sequence,
+                  self.layout.oracle_input / part / subject.id / subject.train_sequence)
+        for part, suffix in (("cameras", ".json"), ("tracking", ".npz")):
+            name = f"{subject.train_sequence}{suffix}"
+            _link(frames / part / subject.id / name, self.layout.oracle_input / part / subject.id / name)
+        return {"reference": str(first)}
+
+    def scored_units(self, protocol: str, subjects: list[Subject]) -> list[tuple[str, str, str, str]]:
+        """(avatar subject, scored sequence name, data subject, data sequence) of one protocol."""
+        units = []
+        for i, subject in enumerate(subjects):
+            if protocol == "self":
+                units += [(subject.id, s, subject.id, s) for s in subject.test_sequences]
+            elif protocol == "novel_views":
+                units.append((subject.id, subject.train_sequence, subject.id, subject.train_sequence))
+            else:  # cross: driven by the next subject's first held-out sequence
+                driver = subjects[(i + 1) % len(subjects)]
+                sequence = driver.test_sequences[0]
+                units.append((subject.id, f"{driver.id}-{sequence}", driver.id, sequence))
+        return units
+
+    def ground_truth(self, protocol: str, subjects: list[Subject]) -> dict:
+        """The protocol's scored frames (hold-out cameras) as links into the real frame folder."""
+        root = self.layout.gt(protocol)
+        for subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
+            for part in ("rgb", "mask"):
+                for camera in self.config.holdout_cameras:
+                    _link(self.layout.frames / part / data_subject / sequence / camera, root / part / subject / name / camera)
+        return {"units": len(self.scored_units(protocol, subjects))}
+
+    # -- stages: the diffusion model -------------------------------------------------------------------------
+    def gen_mapping(self, method: MethodConfig) -> dict:
+        return gen_config_mapping(method_config(self.config, method))
+
+    def model_key(self, method: MethodConfig) -> str:
+        variant = method_config(self.config, method)
+        return digest({"model": self.gen_mapping(method), "steps": variant.generation.train_steps})
+
+    def pack(self, resolution: int) -> dict:
+        from geodiff4d.datasets.packing import pack
+
+        sources = [("nersemble", self.data_root)]
+        if (self.layout.data / "synthhuman").is_dir():
+            sources.append(("synthhuman", self.layout.data / "synthhuman"))
+        report = pack(self.layout.shards / str(resolution), sources, resolution=resolution, workers=2,
+                      address=self.address)  # fmt: skip
+        if not report.ok:
+            raise RuntimeError(f"pack failed:\n{report.summary()}")
+        return {"resolution": resolution}
+
+    def train_model(self, method: MethodConfig) -> dict:
+        from geodiff4d.gen.checkpoint import latest_checkpoint
+        from geodiff4d.gen.train import train
+
+        variant = method_config(self.config, method)
+        folder = self.layout.models / self.model_key(method)
+        config_path = folder / "config.yaml"
+        with atomic_output(config_path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.gen_mapping(method), sort_keys=False))
+        shards = self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"])
+        steps = variant.generation.train_steps
+        for stage in (1, 2):
+            run = folder / f"stage{stage}"
+            train(config_path, stage, shards, run, max_steps=steps[stage], init=folder / "stage1" if stage == 2 else None,
+                  resume=latest_checkpoint(run) is not None, address=self.address, quiet=True)  # fmt: skip
+        return {"run": str(folder / "stage2")}
+
+    def model_run(self, method: MethodConfig) -> tuple[Path, Path]:
+        """(run folder, config file) of the diffusion model ``method`` samples from."""
+        variant = method_config(self.config, method)
+        if variant.generation.run is not None:
+            return Path(variant.generation.run), Path(variant.generation.model)
+        folder = self.layout.models / self.model_key(method)
+        return folder / "stage2", folder / "config.yaml"
+
+    def generation_key(self, method: MethodConfig) -> str:
+        variant = method_config(self.config, method)
+        return digest({"model": str(self.model_run(method)[0]), "generation": variant.generation.model_dump(mode="json")})
+
+    def generate(self, method: MethodConfig, subject: Subject) -> dict:
+        """Multi-view image+normal frames of the training sequence from the subject's reference image."""
+        from geodiff4d.gen.sample_frames import sample_to_frame_folder
+
+        variant = method_config(self.config, method)
+        run, config_path = self.model_run(method)
+        c, out = variant.generation, self.layout.generated / self.generation_key(method)
+        views = c.views or self.training_views(subject)
+        frames = range(c.frames) if c.frames else None
+        grid = sample_to_frame_folder(config_path, run, self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"]),
+                                      subject.id, subject.train_sequence, views, frames, out, seed=c.seed,
+                                      driving_camera=self.config.train_camera, reference=(self.config.train_camera, 0))  # fmt: skip
+        tracking = self.layout.frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
+        atomic_write_bytes(out / "tracking" / subject.id / tracking.name, tracking.read_bytes())
+        return {"grid": str(grid)}
+
+    def training_views(self, subject: Subject) -> list[str]:
+        from geodiff4d.datasets.frame_folder import read_cameras
+
+        cameras = read_cameras(self.layout.frames / "cameras" / subject.id / f"{subject.train_sequence}.json")
+        return sorted(set(cameras) - set(self.config.holdout_cameras))
+
+    # -- stages: avatars and their renders -------------------------------------------------------------------
+    def recon_input(self, method: MethodConfig) -> Path:
+        return self.layout.generated / self.generation_key(method) if method.kind == "geodiff4d" else self.layout.oracle_input
+
+
+    def avatar_folder(self, method: MethodConfig) -> Path:
+        variant = method_config(self.config, method)
+        return self.layout.avatars / digest({"input": str(self.recon_input(method)), "recon": variant.recon,
+                                             "kind": method.kind})  # fmt: skip
+
+    def reconstruct(self, method: MethodConfig, subject: Subject) -> dict:
+        from geodiff4d.recon.run import recon_config_from_mapping, reconstruct
+
+        settings = recon_config_from_mapping(method_config(self.config, method).recon, f"methods[{method.name}].recon")
+        if method.kind == "oracle" and settings.train_cameras is None:  # the real views, hold-outs excepted
+            settings.train_cameras = self.training_views(subject)
+        report = reconstruct(self.recon_input(method), self.avatar_folder(method), [subject.id], workers=1,
+                             address=self.address, config=settings, progress=False)  # fmt: skip
+        if not report.ok:
+            raise RuntimeError(f"recon failed:\n{report.summary()}")
+        return {"avatar": str(self.avatar_folder(method) / subject.id)}
+
+    def render(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
+        """The avatar driven by every scored unit's tracking, seen from the hold-out cameras."""
+        from geodiff4d.datasets.frame_folder import read_cameras, write_cameras
+        from geodiff4d.recon.run import render_avatar
+
+        avatar, frames, renders = self.avatar_folder(method) / subject.id, self.layout.frames, []
+        render_task = ray.remote(num_cpus=1)(render_avatar)  # on the cluster, not in the driver
+        for protocol in self.config.protocols:
+            for avatar_subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
+                if avatar_subject != subject.id:
+                    continue
+                cameras = read_cameras(frames / "cameras" / data_subject / f"{sequence}.json")
+                held_out = self.layout.root / "holdout_cameras" / data_subject / f"{sequence}.json"
+                write_cameras(held_out, {s: cameras[s] for s in self.config.holdout_cameras})
+                renders.append(render_task.remote(avatar, held_out, frames / "tracking" / data_subject / f"{sequence}.npz",
+                                                  self.layout.pred(protocol, method.name), sequence=name))  # fmt: skip
+        fps = ray.get(renders)
+        return {"sequences": len(renders), "frames_per_second": round(float(np.mean(fps)), 2)}
+
+    def baseline(self, method: MethodConfig) -> dict:
+        """reference_copy (every frame = the subject's reference image) or gt_noise, for every protocol."""
+        from geodiff4d.eval.baselines import gt_noise, write_frames
+        from geodiff4d.eval.inputs import open_ground_truth
+
+        for protocol in self.config.protocols:
+            gt = open_ground_truth(self.layout.gt(protocol) / "rgb")
+            out = self.layout.pred(protocol, method.name) / "rgb"
+            if method.kind == "gt_noise":
+                gt_noise(gt, out, seed=self.config.seed)
+                continue
+            for subject, sequence in gt.units():
+                reference = _read_rgb8(self.layout.identity / f"{subject}.png")
+                for camera in gt.cameras(subject, sequence):
+                    clip = gt.clip(subject, sequence, camera).frames  # [T, H, W, 3]
+                    write_frames(out / subject / sequence / camera, np.repeat(_fit(reference, clip.shape[1:3])[None],
+                                                                              len(clip), axis=0))  # fmt: skip
+        return {}
+
+    # -- stages: evaluation -------------------------------------------------------------------------------
+    def method_tree(self, protocol: str, method: MethodConfig) -> Path:
+        if method.kind == "external":
+            return Path(method.path) / protocol
+        return self.layout.pred(protocol, method.name) / "rgb"
+
+    def evaluate(self, protocol: str) -> dict:
+        from geodiff4d.eval.run import evaluate
+
+        methods = {m.name: self.method_tree(protocol, m) for m in self.config.methods}
+        present = {name: path for name, path in methods.items() if path.is_dir() and any(path.iterdir())}
+        absent = sorted(set(methods) - set(present))
+        if absent:
+            self.echo(f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered")
+        metrics = self.config.eval.metrics.get(protocol)
+        report = evaluate(present, self.layout.gt(protocol) / "rgb", PROTOCOL_EVAL[protocol],
+                          self.layout.eval / protocol, self.address, metrics=metrics, workers=self.config.eval.workers,
+                          gt_mask=self.layout.gt(protocol) / "mask", identity=self.layout.identity,
+                          masked=self.config.eval.masked, resolution=self.config.eval.resolution,
+                          progress=False)  # fmt: skip
+        return {"units": len(report.completed) + len(report.skipped)}
+
+    def leaderboard(self) -> dict:
+        from geodiff4d.eval.leaderboard import build_leaderboard
+
+        runs = {p: self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()}
+        files = build_leaderboard(runs, self.layout.leaderboard, seed=self.config.seed)
+        return {kind: str(path) for kind, path in files.items()}
+
+    # -- the graph ----------------------------------------------------------------------------------------
+    def graph(self, subjects: list[Subject]) -> StageGraph:
+        graph, c = StageGraph(self.commits, self.echo), self.config
+        frames = {s.id: graph.add(f"frames:{s.id}", lambda s=s: self.export_subject(s)) for s in subjects}
+        truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()))
+                 for p in c.protocols}  # fmt: skip
+        produced: list[str] = []
+        for method in c.methods:
+            if method.kind in ("reference_copy", "gt_noise"):
+                produced.append(graph.add(f"baseline:{method.name}", lambda m=method: self.baseline(m),
+                                          needs=list(truth.values())))  # fmt: skip
+                continue
+            if method.kind == "external":
+                continue
+            model_needs: list[str] = []
+            if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
+                resolution = self.gen_mapping(method)["data"]["resolution"]
+                pack = f"pack:{resolution}"
+                if pack not in graph.stages:
+                    graph.add(pack, lambda r=resolution: self.pack(r))
+                model = f"model:{self.model_key(method)}"
+                if model not in graph.stages:
+                    graph.add(model, lambda m=method: self.train_model(m), needs=[pack])
+                model_needs = [model]
+            for subject in subjects:
+                chain = [frames[subject.id], *model_needs]
+                if method.kind == "geodiff4d":
+                    generated = f"generate:{self.generation_key(method)}:{subject.id}"
+                    if generated not in graph.stages:
+                        graph.add(generated, lambda m=method, s=subject: self.generate(m, s), needs=chain)
+                    chain = [generated]
+                avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
+                if avatar not in graph.stages:
+                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain)
+                drivers = [frames[s.id] for s in subjects]
+                produced.append(graph.add(f"render:{method.name}:{subject.id}",
+                                          lambda m=method, s=subject: self.render(m, s, subjects),
+                                          needs=[avatar, *drivers]))  # fmt: skip
+        evals = [graph.add(f"eval:{p}", lambda p=p: self.evaluate(p), needs=[truth[p]], after=produced)
+                 for p in c.protocols]  # fmt: skip
+        graph.add("leaderboard", self.leaderboard, after=evals)
+        return graph
+
+    def run(self, parallel: int = 2) -> GraphReport:
+        """Synthesize (procedural data), check the subjects, then run the graph; the config is kept in the run."""
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        if self.config.data.procedural is None:
+            subjects = self.subjects()  # the user's data checked before Ray starts
+        else:
+            self.check_procedural()
+        _remember_config(self.layout.root / "benchmark.yaml", self.config)
+        connect(self.address)
+        if self.config.data.procedural is not None:
+            if not self.commits.is_committed("data"):
+                self.commits.commit("data", self.synthesize())
+            subjects = self.subjects()
+        return self.graph(subjects).run(parallel)
+
+
+def _remember_config(path: Path, config: BenchmarkConfig) -> None:
+    """The run folder keeps its config; a rerun with another config is refused rather than mixed in."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if path.is_file() and path.read_text() != text:
+        raise BenchmarkError(f"{path.parent} was run with another config ({path}); use a new --out folder")
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (a file or folder of the run); an existing correct link is kept."""
+    if link.is_symlink() and os.readlink(link) == str(target):
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
+    link.symlink_to(target)
+
+
+def _read_rgb8(path: Path) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return image if image.shape[:2] == tuple(size) else cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,167 @@
+"""The ``geodiff4d benchmark`` config: data, subjects, protocols and methods, validated before any work.
+
+Everything a run does follows from this file (it is copied into the run folder), so two runs with the same
+config and seed give the same leaderboard, and a rerun with a changed config is refused instead of mixing.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from geodiff4d.cluster.config_files import ConfigError, load_yaml_config, read_mapping, validate
+
+# NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
+MONO_TRAIN_CAMERA = "222200037"
+MONO_HOLDOUT_CAMERAS = ("222200046", "220700191", "222200039")
+PROTOCOLS = ("self", "cross", "novel_views")
+METHOD_KINDS = ("geodiff4d", "oracle", "reference_copy", "gt_noise", "external")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProceduralData(Strict):
+    """Synthesized first with ``geodiff4d synth``'s generator (NeRSemble v2 layout, exact ground truth)."""
+
+    subjects: int = Field(3, ge=2)  # cross-reenactment needs a second subject
+    sequences: int = Field(2, ge=2)  # one to build the avatar from, at least one held out
+    frames: int = Field(16, ge=2)
+    resolution: int = Field(128, ge=32)
+    synthetic: int = Field(16, ge=0)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    nersemble: Path | None = None  # a NeRSemble v2 root in the official benchmark layout
+    procedural: ProceduralData | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataConfig:
+        if (self.nersemble is None) == (self.procedural is None):
+            raise ValueError("give exactly one of data.nersemble (a folder) or data.procedural (a spec)")
+        return self
+
+
+class GenerationConfig(Strict):
+    """The diffusion model: trained here on the benchmark's packed data, or an existing run folder."""
+
+    model: str = "demo"  # gen config: packaged name or path
+    model_overrides: dict[str, Any] = Field(default_factory=dict)  # merged into that config (ablations)
+    run: Path | None = None  # a trained run folder (stage 2); skips training
+    train_steps: dict[int, int] = Field(default_factory=lambda: {1: 800, 2: 200})
+    views: list[str] | None = None  # cameras to generate (default: every camera but the hold-outs)
+    frames: int | None = Field(None, ge=1)  # frames of the training sequence to generate (default: all)
+    seed: int = 0
+
+    @field_validator("train_steps")
+    @classmethod
+    def _stages(cls, steps: dict[int, int]) -> dict[int, int]:
+        if set(steps) != {1, 2} or min(steps.values()) < 1:
+            raise ValueError("needs positive step counts for stages 1 and 2, e.g. {1: 800, 2: 200}")
+        return steps
+
+
+class EvalConfig(Strict):
+    metrics: dict[str, list[str]] = Field(default_factory=dict)  # protocol -> metrics (default: the protocol's)
+    masked: bool = True  # pixel metrics over the ground-truth foreground (stated in the report)
+    workers: int = Field(2, ge=1)
+    resolution: int | None = Field(None, ge=16)
+
+
+class MethodConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    kind: Literal["geodiff4d", "oracle", "reference_copy", "gt_noise", "external"]
+    # a variant: dotted fields of this config changed for this method only, e.g. {"recon.fit.normal_weight": 0}
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    path: Path | None = None  # external: PATH/{protocol}/{subject}/{sequence}/{camera}/{frame:05d}.png
+
+    @model_validator(mode="after")
+    def _path_iff_external(self) -> MethodConfig:
+        if (self.kind == "external") != (self.path is not None):
+            raise ValueError("path is required for kind 'external' and only for it")
+        if self.overrides and self.kind not in ("geodiff4d", "oracle"):
+            raise ValueError(f"overrides apply to geodiff4d/oracle methods, not to kind {self.kind!r}")
+        return self
+
+
+class BenchmarkConfig(Strict):
+    data: DataConfig
+    subjects: list[str] | None = None  # default: every subject of the data
+    protocols: list[Literal["self", "cross", "novel_views"]] = Field(default_factory=lambda: list(PROTOCOLS))
+    train_sequence: str | None = None  # default: each subject's first sequence
+    train_camera: str = MONO_TRAIN_CAMERA
+    holdout_cameras: list[str] = Field(default_factory=lambda: list(MONO_HOLDOUT_CAMERAS))
+    generation: GenerationConfig = GenerationConfig()
+    recon: dict[str, Any] = Field(default_factory=dict)  # ReconConfig fields, validated like recon --config
+    methods: list[MethodConfig]
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BenchmarkConfig:
+        names = [m.name for m in self.methods]
+        if not names:
+            raise ValueError("methods: name at least one method")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"methods: duplicated names {duplicated}")
+        if self.train_camera in self.holdout_cameras:
+            raise ValueError(f"train_camera {self.train_camera} is also a hold-out camera")
+        unknown = sorted(set(self.eval.metrics) - set(self.protocols))
+        if unknown:
+            raise ValueError(f"eval.metrics names protocols not run: {unknown}")
+        return self
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, section by section (a copy; neither input changes)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge(merged[key], value) if both_sections else value
+    return merged
+
+
+def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"recon.fit.steps": 5}`` -> ``{"recon": {"fit": {"steps": 5}}}``."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *path, leaf = dotted.split(".")
+        nested = merge(nested, functools.reduce(lambda inner, key: {key: inner}, reversed(path), {leaf: value}))
+    return nested
+
+
+def method_config(config: BenchmarkConfig, method: MethodConfig, where: str = "") -> BenchmarkConfig:
+    """The benchmark as ``method`` sees it: its variant's dotted overrides applied, validated again."""
+    raw = merge(config.model_dump(mode="json"), dotted_to_nested(method.overrides))
+    return validate(where or f"methods[{method.name}].overrides", raw, BenchmarkConfig)
+
+
+def gen_config_mapping(config: BenchmarkConfig) -> dict[str, Any]:
+    """The diffusion config this benchmark trains: the named config with ``generation.model_overrides``."""
+    return merge(read_mapping(config.generation.model), config.generation.model_overrides)
+
+
+def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
+    """The config, with every method's variant (its gen and recon configs too) checked, so that a typo fails
+    here, naming the field, before any work starts."""
+    from geodiff4d.gen.config import GenConfig
+    from geodiff4d.recon.run import recon_config_from_mapping
+
+    config = load_yaml_config(path, BenchmarkConfig)
+    for method in config.methods:
+        where = f"methods[{method.name}]"
+        variant = method_config(config, method, f"{path}: {where}.overrides")
+        recon_config_from_mapping(variant.recon, path, prefix=f"{where}: recon")
+        if method.kind == "geodiff4d" and variant.generation.run is None:
+            gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
+            clip, procedural = gen.train.stage2.frames, variant.data.procedural
+            if procedural is not None and procedural.frames < clip:
+                raise ConfigError(f"{path}: data.procedural.frames ({procedural.frames}) is shorter than the "
+                                  f"{clip}-frame clips that training stage 2 of {where} needs")
+    return config

@@ -1,0 +1,123 @@
+"""A graph of committed stages: each starts as soon as the stages it needs are committed.
+
+The benchmark is many small chains (one per method and subject) that meet at evaluation. Running them as a
+graph keeps a cluster busy (subject B's reconstruction does not wait for subject A's generation), and a stage's
+commit marker makes a rerun skip it, so a killed run resumes where it stopped. The heavy work inside a stage
+runs on Ray (actors, Ray Train); the graph itself only orders and commits, from driver threads.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from geodiff4d.cluster.jobs import CommitLog
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # unique; also its commit marker's name
+    run: Callable[[], dict[str, Any]]  # does the work (idempotent, resumable inside), returns stats to commit
+    needs: tuple[str, ...] = ()  # must be committed first; a failure there blocks this stage
+    after: tuple[str, ...] = ()  # must have finished first, successfully or not (evaluation of what exists)
+
+
+@dataclass
+class GraphReport:
+    done: list[str] = field(default_factory=list)  # committed by this run
+    skipped: list[str] = field(default_factory=list)  # committed before
+    failed: dict[str, str] = field(default_factory=dict)  # stage -> error
+    blocked: dict[str, str] = field(default_factory=dict)  # stage -> the failed stage it needed
+    partial: list[str] = field(default_factory=list)  # ran over incomplete inputs: not committed, rerun next time
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked and not self.partial
+
+    def summary(self) -> str:
+        lines = [f"{len(self.done)} stages run, {len(self.skipped)} already committed, "
+                 f"{len(self.failed)} failed, {len(self.blocked)} not run, {len(self.partial)} partial"]
+        lines += [f"  FAILED {name}: {error}" for name, error in self.failed.items()]
+        lines += [f"  partial {name}: ran without some of its inputs; a rerun completes it" for name in self.partial]
+        lines += [f"  not run {name}: needs {cause}" for name, cause in self.blocked.items()]
+        return "\n".join(lines)
+
+
+class StageGraph:
+    def __init__(self, commits: CommitLog, echo: Callable[[str], None] = print):
+        self.commits, self.echo, self.stages = commits, echo, {}
+
+    def add(self, name: str, run: Callable[[], dict[str, Any]], needs: tuple[str, ...] | list[str] = (),
+            after: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+        if name in self.stages:
+            raise ValueError(f"stage {name!r} added twice")
+        missing = [n for n in (*needs, *after) if n not in self.stages]
+        if missing:
+            raise ValueError(f"stage {name!r} needs stages not added before it: {missing}")
+        self.stages[name] = Stage(name, run, tuple(needs), tuple(after))
+        return name
+
+    def run(self, parallel: int = 2) -> GraphReport:
+        """Run every uncommitted stage once its needs are committed; a failure blocks only its dependents."""
+        report = GraphReport()
+        pending = dict(self.stages)
+        for name in list(pending):
+            if self.commits.is_committed(name):
+                del pending[name]
+                report.skipped.append(name)
+        committed = set(report.skipped)
+        finished_names = set(committed)  # committed, failed or blocked
+        running: dict[Future, Stage] = {}
+        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="stage") as pool:
+            while pending or running:
+                for stage in list(pending.values()):
+                    cause = next((n for n in stage.needs if n in report.failed or n in report.blocked), None)
+                    if cause is not None:
+                        report.blocked[stage.name] = report.blocked.get(cause, cause)
+                        finished_names.add(stage.name)
+                        del pending[stage.name]
+                    elif (all(n in committed for n in stage.needs) and all(n in finished_names for n in stage.after)
+                          and len(running) < max(1, parallel)):
+                        self.echo(f"[{stage.name}] running")
+                        running[pool.submit(self._timed, stage)] = stage
+                        del pending[stage.name]
+                if not running:
+                    continue
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    stage = running.pop(future)
+                    try:
+                        stats = future.result()
+                    except Exception as error:  # noqa: BLE001 - reported per stage; dependents are blocked
+                        report.failed[stage.name] = _describe(error)
+                        finished_names.add(stage.name)
+                        self.echo(f"[{stage.name}] FAILED: {report.failed[stage.name]}")
+                        continue
+                    finished_names.add(stage.name)
+                    if not all(n in committed for n in stage.after):
+                        report.partial.append(stage.name)
+                        self.echo(f"[{stage.name}] ran over incomplete inputs; not committed")
+                        continue
+                    self.commits.commit(stage.name, stats)
+                    committed.add(stage.name)
+                    report.done.append(stage.name)
+                    self.echo(f"[{stage.name}] done in {stats['seconds']} s")
+        return report
+
+    @staticmethod
+    def _timed(stage: Stage) -> dict[str, Any]:
+        start = time.perf_counter()
+        stats = dict(stage.run() or {})
+        stats["seconds"] = round(time.perf_counter() - start, 1)
+        return stats
+
+
+def _describe(error: Exception) -> str:
+    """The error's own message for errors raised on purpose; the last frames too for bugs."""
+    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+        return f"{type(error).__name__}: {error}"
+    return "".join(traceback.format_exception(error, limit=-3)).strip()

@@ -1,0 +1,96 @@
+"""`geodiff4d benchmark`: a bad config or data ends with one message naming the field, before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from geodiff4d.cluster.benchmark_config import dotted_to_nested, load_benchmark_config, merge
+from geodiff4d.cluster.cli import app
+from geodiff4d.datasets.cameras import nersemble_rig
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.nersemble import write_camera_params, write_tracking_npz
+from geodiff4d.datasets.video import write_video
+
+runner = CliRunner()
+CAMERAS = ("222200037", "222200046", "220700191", "222200039")
+PROCEDURAL = {"procedural": {"subjects": 2, "sequences": 2, "frames": 16, "resolution": 64, "synthetic": 0}}
+METHODS = [{"name": "geodiff4d", "kind": "geodiff4d"}, {"name": "copy", "kind": "reference_copy"}]
+
+
+def _run(tmp_path, config: dict):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["benchmark", str(path), "--out", str(tmp_path / "run")])
+    assert not ray.is_initialized(), "the config must be rejected before Ray starts"
+    assert "Traceback" not in result.output
+    return result
+
+
+def _nersemble(root, tracked_sequences):
+    """Two subjects, two sequences each, the mono benchmark's four cameras; tracking only where asked."""
+    rig = nersemble_rig(width=32, height=32, focal=40.0)
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    for subject in ("001", "002"):
+        write_camera_params(root / subject / "calibration" / "camera_params.json", {s: rig[s] for s in CAMERAS})
+        for sequence in ("EXP-1-head", "FREE"):
+            folder = root / subject / "sequences" / sequence
+            for serial in CAMERAS:
+                write_video(folder / "images" / f"cam_{serial}.mp4", frames)
+            if sequence in tracked_sequences:
+                zeros = {n: torch.zeros(2, k) for n, k in (("expression", 10), ("rotation", 3), ("neck", 3),
+                                                          ("jaw", 3), ("eyes", 6), ("translation", 3))}
+                params = FlameParams(shape=torch.zeros(2, 20), scale=torch.ones(2, 1), **zeros)
+                write_tracking_npz(folder / "tracking" / "flame2023_tracking.npz", params, np.arange(2))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"methods": [{"name": "x", "kind": "magic"}]}, "methods.0.kind: Input should be 'geodiff4d'"),
+    ({"methods": [{"name": "x", "kind": "external"}]}, "path is required for kind 'external'"),
+    ({"subjects": ["009"]}, "subjects: ['009'] are not among the 2 procedural subjects"),
+    ({"protocols": ["sideways"]}, "protocols.0: Input should be 'self', 'cross' or 'novel_views'"),
+    ({"methods": [{"name": "v", "kind": "oracle", "overrides": {"recon.fit.lambda_nrml": 0}}]},
+     "unknown field methods[v]: recon.fit.lambda_nrml"),
+    ({"methods": [{"name": "v", "kind": "geodiff4d", "overrides": {"generation.model_overrides.model.joint_normal": 1}}]},
+     "methods[v]: generation.model.model.joint_normal: Extra inputs are not permitted"),
+])
+def test_bad_config_names_the_field(tmp_path, change, message):
+    result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, **change})
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_missing_tracking_names_the_file_before_ray(tmp_path):
+    _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head"})
+    result = _run(tmp_path, {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS})
+    assert result.exit_code == 1
+    assert "001/sequences/FREE/tracking/flame2023_tracking.npz: FLAME tracking missing" in result.output
+
+
+def test_missing_hold_out_camera_and_subject_are_named(tmp_path):
+    _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
+    base = {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS}
+    result = _run(tmp_path, {**base, "holdout_cameras": ["222200046", "220700191", "999999999"]})
+    assert result.exit_code == 1 and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
+    result = _run(tmp_path, {**base, "subjects": ["001", "042"]})
+    assert result.exit_code == 1 and "subjects: ['042'] not in" in result.output
+
+
+def test_variants_override_dotted_fields():
+    assert dotted_to_nested({"recon.fit.steps": 5, "recon.seed": 1}) == {"recon": {"fit": {"steps": 5}, "seed": 1}}
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_demo_config_is_valid():
+    config = load_benchmark_config("benchmark-demo")
+    assert {m.kind for m in config.methods} == {"geodiff4d", "oracle", "reference_copy", "gt_noise"}
+
+
+def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
+    data = {"procedural": {**PROCEDURAL["procedural"], "frames": 8}}
+    result = _run(tmp_path, {"data": data, "methods": METHODS})
+    assert result.exit_code == 1
+    assert "data.procedural.frames (8) is shorter than the 16-frame clips" in result.output, result.output

@@ -1,0 +1,51 @@
+"""The benchmark's stage graph: order, commits, resume, and what a failure blocks."""
+
+from __future__ import annotations
+
+import threading
+
+from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.cluster.stage_graph import StageGraph
+
+
+def _graph(tmp_path, calls, fail=()):
+    lock = threading.Lock()
+
+    def stage(name):
+        def run():
+            with lock:
+                calls.append(name)
+            if name in fail:
+                raise ValueError(f"{name} broke")
+            return {"name": name}
+        return run
+
+    graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
+    graph.add("data", stage("data"))
+    for subject in ("a", "b"):
+        graph.add(f"avatar:{subject}", stage(f"avatar:{subject}"), needs=["data"])
+        graph.add(f"render:{subject}", stage(f"render:{subject}"), needs=[f"avatar:{subject}"])
+    graph.add("eval", stage("eval"), needs=["data"], after=["render:a", "render:b"])
+    return graph
+
+
+def test_stages_run_after_their_needs_and_once(tmp_path):
+    calls = []
+    report = _graph(tmp_path, calls).run(parallel=2)
+    assert report.ok and sorted(report.done) == sorted(calls) and len(calls) == 6
+    assert calls[0] == "data" and calls[-1] == "eval"
+    assert calls.index("avatar:a") < calls.index("render:a")
+    calls.clear()
+    again = _graph(tmp_path, calls).run(parallel=2)
+    assert calls == [] and len(again.skipped) == 6
+
+
+def test_a_failure_blocks_only_its_chain_and_evaluation_stays_uncommitted(tmp_path):
+    calls = []
+    report = _graph(tmp_path, calls, fail={"avatar:b"}).run(parallel=2)
+    assert set(report.failed) == {"avatar:b"} and report.blocked == {"render:b": "avatar:b"}
+    assert "render:a" in report.done and "eval" in calls  # eval scores what exists ...
+    assert report.partial == ["eval"] and not report.ok  # ... but is not committed
+    calls.clear()
+    fixed = _graph(tmp_path, calls).run(parallel=2)  # the rerun does only what was not committed
+    assert sorted(calls) == ["avatar:b", "eval", "render:b"] and fixed.ok
