@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.config_files import ConfigError
 from geodiff4d.gen.build import build_codec
 from geodiff4d.gen.checkpoint import resolve_init
 from geodiff4d.gen.config import GenConfig, load_config
@@ -59,7 +60,7 @@ def run_config(run: str | Path, config: str | Path | None = None) -> GenConfig:
     """The run's own config.yaml, or `config` for runs trained before runs saved it."""
     path = Path(config) if config is not None else Path(run) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config; a training run folder holds config.yaml "
+        raise ConfigError(f"{path}: no config; a training run folder holds config.yaml "
                                 "(runs from older versions need --config)")
     return load_config(path)
 
