@@ -24,13 +24,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(run: Path, resolution: int) -> None:
-    """A run folder (config.yaml, scheduler, EMA weights) of the demo model at `resolution`, random weights."""
+def make_run(run: Path, resolution: int, steps: int) -> None:
+    """A run folder (config.yaml, scheduler, EMA weights) of the demo model at `resolution`, random weights,
+    sampling with `steps` DDIM steps."""
     from geodiff4d.gen.build import build_codec, build_model
     from geodiff4d.gen.config import GenConfig, load_config
     from geodiff4d.gen.model_run import write_run_files
     raw = load_config(ROOT / "configs/demo.yaml").model_dump()
     raw["data"]["resolution"] = resolution
+    raw["sample"]["steps"] = steps
     cfg = GenConfig.model_validate(raw)
     torch.manual_seed(0)
     build_model(cfg, 2, build_codec(cfg)).save_pretrained(run / "checkpoints/step_0000000/ema")
@@ -71,19 +73,20 @@ def frames_per_second(spec: Path, out: Path, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--frames-per-unit", type=int, default=16)
+    parser.add_argument("--frames-per-unit", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     from geodiff4d.cluster.runtime import connect
     connect(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_run(work / "run", args.resolution)
+        make_run(work / "run", args.resolution, args.steps)
         batched = make_spec(work, args.frames, args.views, args.views, args.frames_per_unit)
         single = make_spec(work, args.frames, args.views, 1, args.frames_per_unit)
-        print(f"demo model at {args.resolution} px, {args.frames} frames x {args.views} views, "
+        print(f"demo model at {args.resolution} px, DDIM {args.steps} steps, {args.frames} frames x {args.views} views, "
               f"{args.frames_per_unit} frames per unit; {os.cpu_count()} cores, load average {os.getloadavg()}")
         one = frames_per_second(batched, work / "one", 1)
         two = frames_per_second(batched, work / "two", 2)

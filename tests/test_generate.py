@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from geodiff4d.cluster.cli import app
 from geodiff4d.cluster.generate import GenerateJob, generate, plan_units, prepare
 from geodiff4d.cluster.jobs import WorkUnit
+from geodiff4d.gen.model_run import run_config as config_of
 from geodiff4d.recon.run import ReconConfig, reconstruct
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,3 +181,34 @@ def test_image_reference_and_video_driving_resolve(data, tmp_path):
     assert torch.isfinite(inputs.tracking.expression).all() and inputs.tracking.batch_size == FRAMES
     shift = inputs.tracking.translation[-1, 0] - inputs.tracking.translation[0, 0]
     assert shift > 0  # the face moves right in the video: so does the tracked head
+
+
+def test_exported_pipeline_samples_what_geodiff4d_sample_writes(data, tmp_path):
+    """The run's RUN/pipeline folder, loaded by diffusers alone, gives `geodiff4d sample --run RUN`'s images."""
+    from diffusers import DiffusionPipeline
+
+    from geodiff4d.datasets.loader import augment_driving
+    from geodiff4d.gen.diffusion_pipeline import GeoDiff4DPipeline
+    from geodiff4d.gen.sample_frames import plain_driving_config, read_sequence
+    shards, run = data
+    out, frames, seed = tmp_path / "sampled", (1, 2), 3
+    result = CliRunner().invoke(app, ["sample", "--run", str(run), "--shards", str(shards), "--subject", "001",
+                                      "--sequence", SEQUENCE, "--out", str(out), "--frames", "1", "--frames", "2",
+                                      "--seed", str(seed)])
+    assert result.exit_code == 0, result.output
+    pipe = DiffusionPipeline.from_pretrained(str(run / "pipeline"), trust_remote_code=True)
+    assert type(pipe).__name__ == GeoDiff4DPipeline.__name__
+    packed = read_sequence(shards, "001", SEQUENCE)
+    cameras = sorted({c for c, _ in packed})
+    config, rng = plain_driving_config(config_of(run).model.driving_size), np.random.default_rng(0)
+    driving = torch.stack([augment_driving(packed[(cameras[0], f)]["rgb"], packed[(cameras[0], f)]["mask"], config, rng)
+                           for f in frames])
+    reference = packed[(cameras[0], frames[0])]
+    for i, camera in enumerate(cameras):
+        posemaps = torch.stack([packed[(camera, f)]["posemap"] for f in frames])
+        images = pipe(reference["rgb"], reference["posemap"], driving, posemaps,
+                      torch.Generator().manual_seed(seed * 1_000 + i)).rgb
+        for k, frame in enumerate(frames):
+            written = np.asarray(Image.open(out / "rgb/001" / SEQUENCE / camera / f"{frame:05d}.png"))
+            expected = (images[k].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            np.testing.assert_array_equal(written, expected)
