@@ -21,6 +21,7 @@ from geodiff4d.cluster.cli import app
 from geodiff4d.cluster.generate import GenerateJob, generate, plan_units, prepare
 from geodiff4d.cluster.jobs import WorkUnit
 from geodiff4d.gen.model_run import run_config as config_of
+from geodiff4d.gen.sample_frames import read_sequence
 from geodiff4d.recon.run import ReconConfig, reconstruct
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,38 +46,36 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, local_ray) -> tuple[Path, Path]:
-    """(shards, run): one procedural subject packed at 16 px, a tiny model trained one step on it."""
-    from gen_synthetic import one_thread
+def inputs(tmp_path_factory) -> Path:
+    """A folder with run/ (a tiny model trained one step), a face photo (scikit-image's astronaut), a video of
+    it moving right, and a tracking file of FRAMES frames of random expressions for the procedural head."""
+    from gen_synthetic import make_batches_factory, one_thread
+    from skimage import data as images
 
-    from geodiff4d.datasets.packing import pack
-    from geodiff4d.datasets.procedural import SynthSpec, synthesize
-    from geodiff4d.gen.data import shard_batches
+    from geodiff4d.datasets.flame import FlameParams
+    from geodiff4d.datasets.frame_folder import write_tracking
+    from geodiff4d.datasets.procedural_head import procedural_head_model
+    from geodiff4d.datasets.video import write_video
     from geodiff4d.gen.train import train_loop
     root = tmp_path_factory.mktemp("generate")
-    spec = SynthSpec(subjects=1, sequences=1, frames=FRAMES, cameras=2, resolution=64, synthetic=1, seed=0)
-    assert synthesize(root / "raw", spec, workers=2, progress=False).ok
-    sources = [("nersemble", root / "raw/nersemble"), ("synthhuman", root / "raw/synthhuman")]
-    assert pack(root / "shards", sources, resolution=16, workers=2, progress=False).ok
-    cfg = config()
     with one_thread():
-        train_loop(cfg, 1, shard_batches(root / "shards", cfg, 1), root / "run", max_steps=1, quiet=True)
-    return root / "shards", root / "run"
+        train_loop(config(), 1, make_batches_factory(2, 16, crop=16), root / "run", max_steps=1, quiet=True)
+    photo = images.astronaut()[:384, 64:448]
+    Image.fromarray(photo).save(root / "astronaut.png")
+    write_video(root / "drive.mp4", np.stack([np.roll(photo, 4 * t, axis=1) for t in range(FRAMES)]))
+    head = procedural_head_model(0)
+    motion = FlameParams.zeros(FRAMES, head.n_shape, head.n_expr)
+    motion.expression[:] = torch.from_numpy(np.random.default_rng(0).normal(0, 0.5, (FRAMES, head.n_expr)))
+    write_tracking(root / "driving.npz", motion)
+    return root
 
 
-def _tracking(shards: Path) -> Path:
-    return shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking.npz"
-
-
-def _spec(tmp: Path, shards: Path, run: Path, **subject) -> Path:
-    entry = {"name": "s0",
-             "reference": {"shards": str(shards), "subject": "001", "sequence": SEQUENCE, "camera": "222200037"},
-             "identity": {"tracking": str(_tracking(shards))},
-             "cameras": {"orbit": VIEWS, "yaw": 40},
-             "driving": {"shards": str(shards), "subject": "001", "sequence": SEQUENCE, "camera": "222200037"},
+def _spec(tmp: Path, root: Path, **subject) -> Path:
+    entry = {"name": "s0", "reference": {"image": str(root / "astronaut.png")}, "identity": {"fit": True},
+             "cameras": {"orbit": VIEWS, "yaw": 40}, "driving": {"tracking": str(root / "driving.npz")},
              "frames": FRAMES, **subject}
     path = tmp / "spec.yaml"
-    path.write_text(yaml.safe_dump({"run": str(run), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2,
+    path.write_text(yaml.safe_dump({"run": str(root / "run"), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2,
                                     "subjects": [entry]}))
     return path
 
@@ -86,8 +85,8 @@ def _outputs(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(root).parts[0] in ("rgb", "normal", "mask", "cameras", "tracking", "latents")}
 
 
-def test_killed_actor_rerun_and_worker_count(data, local_ray, tmp_path):
-    spec = _spec(tmp_path, *data)
+def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
+    spec = _spec(tmp_path, inputs)
     one = tmp_path / "one"
     assert generate(spec, one, workers=1, progress=False).ok
     expected = _outputs(one)
@@ -109,8 +108,8 @@ def test_killed_actor_rerun_and_worker_count(data, local_ray, tmp_path):
     assert again.completed == [] and len(again.skipped) == len(committed) + 1
 
 
-def test_recon_reads_a_generate_output(data, local_ray, tmp_path):
-    spec = _spec(tmp_path, *data, cameras={"cameras_json": str(tmp_path / "rig.json")})
+def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
+    spec = _spec(tmp_path, inputs, cameras={"cameras_json": str(tmp_path / "rig.json")})
     rig = {f"cam{i}": {"world_to_cam": np.eye(4).tolist(), "K": [[100, 0, 50], [0, 100, 50], [0, 0, 1]],
                        "width": 100, "height": 100} for i in range(2)}
     for i, x in enumerate((-0.1, 0.1)):
@@ -126,15 +125,6 @@ def test_recon_reads_a_generate_output(data, local_ray, tmp_path):
     assert latents["frames"].tolist() == list(range(FRAMES))
 
 
-def test_units_cover_every_frame_and_camera_once(data, tmp_path):
-    _, [inputs] = prepare(_spec(tmp_path, *data), tmp_path / "out")
-    units = plan_units(inputs, 3, 2)
-    pairs = [(f, c) for u in units for f in range(u.payload["start"], u.payload["stop"]) for c in u.payload["cameras"]]
-    assert sorted(pairs) == sorted((f, c) for f in range(FRAMES) for c in inputs.cameras)
-    assert inputs.ref_rgb.shape == inputs.ref_posemap.shape == (3, 16, 16) and inputs.driving.shape[0] == FRAMES
-    assert inputs.tracking.batch_size == FRAMES and len(inputs.cameras) == VIEWS
-
-
 def _cli(args: list[str]):
     """Run the CLI; it must end with exit code 1 and a message, not an exception."""
     result = CliRunner().invoke(app, args)
@@ -143,20 +133,20 @@ def _cli(args: list[str]):
     return result.output
 
 
-def test_bad_inputs_end_with_one_message(data, tmp_path):
+def test_bad_inputs_end_with_one_message(inputs, tmp_path):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(blank)
-    spec = _spec(tmp_path, *data, reference={"image": str(blank)}, identity={"fit": True})
+    spec = _spec(tmp_path, inputs, reference={"image": str(blank)})
     out = _cli(["generate", str(spec), "--out", str(tmp_path / "o")])
     assert "subjects[0].reference.image" in out and str(blank) in out and "no detectable face" in out
 
     bad_rig = tmp_path / "rig.json"
     bad_rig.write_text(json.dumps({"cam0": {"K": np.eye(3).tolist(), "width": 16, "height": 16}}))
-    spec = _spec(tmp_path, *data, cameras={"cameras_json": str(bad_rig)})
+    spec = _spec(tmp_path, inputs, cameras={"cameras_json": str(bad_rig)})
     out = _cli(["generate", str(spec), "--out", str(tmp_path / "o")])
     assert "subjects[0].cameras.cameras_json" in out and str(bad_rig) in out and "world_to_cam" in out
 
-    spec = _spec(tmp_path, *data, frames=99, driving={"tracking": str(_tracking(data[0]))})
+    spec = _spec(tmp_path, inputs, frames=99)
     out = _cli(["generate", str(spec), "--out", str(tmp_path / "o")])
     assert "subjects[0].driving.tracking" in out and f"has {FRAMES} frames, 99 were asked" in out
 
@@ -165,32 +155,40 @@ def test_bad_inputs_end_with_one_message(data, tmp_path):
     assert str(spec) in out and "subjects.0.framez" in out
 
 
-def test_image_reference_and_video_driving_resolve(data, tmp_path):
-    """A real photo (scikit-image's astronaut) as reference with a fitted identity, a video of it as driving."""
-    from skimage import data as images
-
-    from geodiff4d.datasets.video import write_video
-    photo = images.astronaut()[:384, 64:448]
-    Image.fromarray(photo).save(tmp_path / "astronaut.png")
-    write_video(tmp_path / "drive.mp4", np.stack([np.roll(photo, 4 * t, axis=1) for t in range(FRAMES)]))
-    spec = _spec(tmp_path, *data, reference={"image": str(tmp_path / "astronaut.png")},
-                 identity={"fit": True}, driving={"video": str(tmp_path / "drive.mp4")})
-    _, [inputs] = prepare(spec, tmp_path / "out")
-    assert inputs.ref_rgb.shape == (3, 16, 16) and inputs.driving.shape == (FRAMES, 3, 16, 16)
-    assert (inputs.ref_posemap.norm(dim=0) > 0.5).float().mean() > 0.2  # the fitted head fills the crop
-    assert torch.isfinite(inputs.tracking.expression).all() and inputs.tracking.batch_size == FRAMES
-    shift = inputs.tracking.translation[-1, 0] - inputs.tracking.translation[0, 0]
-    assert shift > 0  # the face moves right in the video: so does the tracked head
+def test_inputs_resolve_and_units_cover_every_frame_and_camera_once(inputs, tmp_path):
+    """A real photo (scikit-image's astronaut) as reference with a fitted identity; a video of it as driving."""
+    _, [subject] = prepare(_spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")}), tmp_path / "out")
+    assert subject.ref_rgb.shape == (3, 16, 16) and subject.driving.shape == (FRAMES, 3, 16, 16)
+    assert (subject.ref_posemap.norm(dim=0) > 0.5).float().mean() > 0.2  # the fitted head fills the crop
+    assert subject.tracking.batch_size == FRAMES and torch.isfinite(subject.tracking.expression).all()
+    assert subject.tracking.translation[-1, 0] > subject.tracking.translation[0, 0]  # the face moves right
+    assert len(subject.cameras) == VIEWS
+    units = plan_units(subject, 3, 2)
+    pairs = [(f, c) for u in units for f in range(u.payload["start"], u.payload["stop"]) for c in u.payload["cameras"]]
+    assert sorted(pairs) == sorted((f, c) for f in range(FRAMES) for c in subject.cameras)
 
 
-def test_exported_pipeline_samples_what_geodiff4d_sample_writes(data, tmp_path):
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, local_ray) -> Path:
+    """One procedural subject packed at 16 px."""
+    from geodiff4d.datasets.packing import pack
+    from geodiff4d.datasets.procedural import SynthSpec, synthesize
+    root = tmp_path_factory.mktemp("generate_shards")
+    spec = SynthSpec(subjects=1, sequences=1, frames=FRAMES, cameras=2, resolution=64, synthetic=1, seed=0)
+    assert synthesize(root / "raw", spec, workers=2, progress=False).ok
+    sources = [("nersemble", root / "raw/nersemble"), ("synthhuman", root / "raw/synthhuman")]
+    assert pack(root / "shards", sources, resolution=16, workers=2, progress=False).ok
+    return root / "shards"
+
+
+def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, tmp_path):
     """The run's RUN/pipeline folder, loaded by diffusers alone, gives `geodiff4d sample --run RUN`'s images."""
     from diffusers import DiffusionPipeline
 
     from geodiff4d.datasets.loader import augment_driving
     from geodiff4d.gen.diffusion_pipeline import GeoDiff4DPipeline
-    from geodiff4d.gen.sample_frames import plain_driving_config, read_sequence
-    shards, run = data
+    from geodiff4d.gen.sample_frames import plain_driving_config
+    run = inputs / "run"
     out, frames, seed = tmp_path / "sampled", (1, 2), 3
     result = CliRunner().invoke(app, ["sample", "--run", str(run), "--shards", str(shards), "--subject", "001",
                                       "--sequence", SEQUENCE, "--out", str(out), "--frames", "1", "--frames", "2",
@@ -212,3 +210,15 @@ def test_exported_pipeline_samples_what_geodiff4d_sample_writes(data, tmp_path):
             written = np.asarray(Image.open(out / "rgb/001" / SEQUENCE / camera / f"{frame:05d}.png"))
             expected = (images[k].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             np.testing.assert_array_equal(written, expected)
+
+
+def test_shard_reference_and_driving_with_nersemble_cameras_resolve(inputs, shards, tmp_path):
+    packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
+    tracking = shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking.npz"
+    spec = _spec(tmp_path, inputs, reference={**packed, "camera": "222200037", "frame": 1},
+                 identity={"tracking": str(tracking)}, driving={**packed, "camera": "222200037"},
+                 cameras={"nersemble": str(shards.parent / "raw/nersemble"), "subject": "001", "sequence": SEQUENCE})
+    _, [subject] = prepare(spec, tmp_path / "out")
+    assert sorted(subject.cameras) == sorted({c for c, _ in read_sequence(shards, "001", SEQUENCE)})
+    assert all((c.width, c.height) == (16, 16) for c in subject.cameras.values())
+    assert subject.driving.shape == (FRAMES, 3, 16, 16) and subject.tracking.batch_size == FRAMES
