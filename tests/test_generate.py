@@ -1,5 +1,9 @@
 """`geodiff4d generate`: resume after a real actor kill, no work on a finished rerun, bytes independent of the
-worker count, recon reading its output directly, and bad inputs ending in one clear message."""
+worker count, recon reading its output directly, and bad inputs ending in one clear message.
+
+Durations measured on the shared 2-core machine at load average ~30 (idle runs are several times faster):
+the actor kill/rerun test 268 s, recon on a generate output 190 s, the packed-shards fixture 182 s (both shard
+tests share it), the two input-resolution tests 70-83 s (dlib + landmark tracking of a real photo)."""
 
 from __future__ import annotations
 
@@ -85,6 +89,7 @@ def _outputs(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(root).parts[0] in ("rgb", "normal", "mask", "cameras", "tracking", "latents")}
 
 
+@pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
     spec = _spec(tmp_path, inputs)
     one = tmp_path / "one"
@@ -108,6 +113,7 @@ def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
     assert again.completed == [] and len(again.skipped) == len(committed) + 1
 
 
+@pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
     spec = _spec(tmp_path, inputs, cameras={"cameras_json": str(tmp_path / "rig.json")})
     rig = {f"cam{i}": {"world_to_cam": np.eye(4).tolist(), "K": [[100, 0, 50], [0, 100, 50], [0, 0, 1]],
@@ -181,6 +187,7 @@ def shards(tmp_path_factory, local_ray) -> Path:
     return root / "shards"
 
 
+@pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, tmp_path):
     """The run's RUN/pipeline folder, loaded by diffusers alone, gives `geodiff4d sample --run RUN`'s images."""
     from diffusers import DiffusionPipeline
@@ -212,6 +219,7 @@ def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, 
             np.testing.assert_array_equal(written, expected)
 
 
+@pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_shard_reference_and_driving_with_nersemble_cameras_resolve(inputs, shards, tmp_path):
     packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
     tracking = shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking.npz"
