@@ -79,10 +79,15 @@ class Resolver:
         K = intrinsics(min(width, height) / HEAD_FIELD_OF_VIEW_M, width, height)
         return look_at_camera(np.array([0.0, 0.0, 1.0]), np.zeros(3), np.array([0.0, 1.0, 0.0]), K, width, height)
 
+    def vertices(self, params: FlameParams) -> np.ndarray:
+        """World vertices [T, V, 3] of tracking parameters: the one place that poses FLAME here (the NeRSemble
+        tracking meaning, datasets.flame_tracking when it lands, is to be swapped in here and in datasets.render)."""
+        with torch.no_grad():
+            return self.head(params).vertices.double().numpy()
+
     def head_box(self, params: FlameParams, camera: Camera) -> tuple[int, int, int]:
         """Packing's square crop around the projected head, over every frame of `params`."""
-        with torch.no_grad():
-            xy = camera.project(self.head(params).vertices.flatten(0, 1).double().numpy())
+        xy = camera.project(self.vertices(params).reshape(-1, 3))
         return square_box(xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
 
     def square_camera(self, camera: Camera, box: tuple[int, int, int]) -> Camera:
@@ -227,8 +232,7 @@ class Resolver:
     def cameras(self, index: int, spec: SubjectSpec, tracking: FlameParams) -> dict[str, Camera]:
         cams = spec.cameras
         if isinstance(cams, OrbitCameras):
-            with torch.no_grad():
-                center = self.head(tracking[0]).vertices[0].mean(0).double().numpy()
+            center = self.vertices(tracking[0])[0].mean(0)
             res = self.resolution
             K = intrinsics(cams.radius * res / HEAD_FIELD_OF_VIEW_M, res, res)
             yaws = np.linspace(-cams.yaw, cams.yaw, cams.orbit) if cams.orbit > 1 else np.zeros(1)
