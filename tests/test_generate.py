@@ -3,7 +3,7 @@ worker count, recon reading its output directly, and bad inputs ending in one cl
 
 Durations measured on the shared 2-core machine at load average ~30 (idle runs are several times faster):
 the actor kill/rerun test 268 s, recon on a generate output 190 s, the packed-shards fixture 182 s (both shard
-tests share it), the two input-resolution tests 70-83 s (dlib + landmark tracking of a real photo)."""
+tests share it), the two input-resolution tests 65-92 s (dlib + landmark tracking of a real photo)."""
 
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ def _cli(args: list[str]):
     return result.output
 
 
+@pytest.mark.slow  # dlib + landmark tracking of a real photo; see the module docstring
 def test_bad_inputs_end_with_one_message(inputs, tmp_path):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(blank)
@@ -161,6 +162,7 @@ def test_bad_inputs_end_with_one_message(inputs, tmp_path):
     assert str(spec) in out and "subjects.0.framez" in out
 
 
+@pytest.mark.slow  # dlib + landmark tracking of a real photo; see the module docstring
 def test_inputs_resolve_and_units_cover_every_frame_and_camera_once(inputs, tmp_path):
     """A real photo (scikit-image's astronaut) as reference with a fitted identity; a video of it as driving."""
     _, [subject] = prepare(_spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")}), tmp_path / "out")
