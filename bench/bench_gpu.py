@@ -5,7 +5,11 @@ Prints, each against a reference measured in the same run:
   1. gsplat vs the PyTorch backend on the same scene: largest differences of rgb/alpha/depth/normal;
   2. render frames/s at 512 px for 100k Gaussians, gsplat vs the PyTorch backend on the same GPU;
   3. training steps/s of the SD-1.5-shaped joint denoiser at 512 px (64x64 latents, bf16 autocast,
-     batch 1, gradient checkpointing): joint RGB+normal vs RGB-only, i.e. the joint model's cost ratio.
+     batch 1, gradient checkpointing): joint RGB+normal vs RGB-only, i.e. the joint model's cost ratio;
+  4. sampling frames/s per GPU of the SD-1.5-shaped joint model at 512 px (random weights, an SD-shaped
+     random VAE, bf16 autocast, DDIM 25 steps, CFG with 3 branches, a 16-frame window of 4 views denoised as
+     one batch, as one `geodiff4d generate` unit): against the paper's 0.67 frames/s (200 frames x 12 views
+     in 1 h on an H100); goal >= 3.3 frames/s.
 """
 
 from __future__ import annotations
@@ -108,12 +112,47 @@ def denoiser_figures() -> None:
     print(f"joint model cost ratio at 512 px (batch 1, bf16): {seconds[True] / seconds[False]:.2f}x")
 
 
+def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
+    from diffusers import AutoencoderKL
+
+    from geodiff4d.gen.build import model_kwargs
+    from geodiff4d.gen.config import load_config
+    from geodiff4d.gen.denoiser import JointDenoiser
+    from geodiff4d.gen.latents import VaeLatents
+    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    torch.manual_seed(0)
+    model = JointDenoiser(**model_kwargs(cfg, 2, latent_channels=4, latent_downscale=8)).cuda().eval()
+    blocks = 4  # SD-1.5's VAE: 4 levels (8x downscale), 4 latent channels
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, layers_per_block=2)
+    codec = VaeLatents(vae).cuda()
+    g = torch.Generator().manual_seed(0)
+    size, r = cfg.data.resolution, cfg.model.driving_size
+    ref, ref_pose = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
+    driving, posemaps = torch.rand(frames, 3, r, r, generator=g), torch.rand(views, frames, 3, size, size, generator=g)
+    noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
+    guidance = Guidance(steps, 2.0, 2.0, 16, 4)
+
+    def run():
+        out = denoise_views(model, codec, make_scheduler("ddim"), ref, ref_pose, driving, posemaps, noise,
+                            torch.Generator().manual_seed(0), guidance)
+        assert torch.isfinite(out.rgb).all()
+
+    seconds = _timed(run, 1)
+    fps = views * frames / seconds
+    print(f"sampling at {size} px (bf16, DDIM {steps} steps, {views} views x {frames} frames per batch): "
+          f"{fps:.2f} frames/s per GPU, {fps / 0.67:.1f}x the paper's 0.67 (goal 3.3); "
+          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; GPU figures need one")
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for section in (denoiser_figures, gaussian_figures):
+    for section in (denoiser_figures, gaussian_figures, sampling_figures):
         try:
             section()
         except Exception:  # noqa: BLE001 - one failing section must not hide the other's figures

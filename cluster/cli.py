@@ -174,7 +174,7 @@ def sample(
     subject: Annotated[str, typer.Option(help="Subject id in the shards.")],
     sequence: Annotated[str, typer.Option(help="Sequence name in the shards.")],
     out: Annotated[Path, typer.Option(help="Frame folder to write: rgb/, normal/, latents/, cameras/, grids/.")],
-    config: Annotated[Path, typer.Option(help="YAML config the run was trained with.")] = Path("configs/demo.yaml"),
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: the run's own config.yaml).")] = None,
     camera: Annotated[list[str] | None, typer.Option(help="Target cameras (default: all of the sequence).")] = None,
     frames: Annotated[list[int] | None, typer.Option(help="Frames (default: all of the sequence).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -185,6 +185,25 @@ def sample(
     with _config_errors_exit():
         grid = sample_to_frame_folder(config, run, shards, subject, sequence, camera, frames, out, seed)
     typer.echo(f"frames in {out}, grid {grid}")
+
+
+@app.command()
+def generate(
+    spec: Annotated[Path, typer.Argument(help="YAML spec: run, seed, subjects (reference, identity, cameras, "
+                                              "driving, frames); see README.")],
+    out: Annotated[Path, typer.Option(help="Frame folder to write (what geodiff4d recon reads); reruns resume.")],
+    workers: Annotated[int, typer.Option(help="Ray actors, each holding the pipeline.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor (fractions share a GPU; 0: CPU).")] = 0,
+    address: AddressOption = None,
+) -> None:
+    """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""
+    from geodiff4d.cluster.generate import generate as run_generate
+
+    with _config_errors_exit():
+        report = run_generate(spec, out, workers, gpus_per_worker, address)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,9 +110,12 @@ def run_units(
     max_retries: int = 2,
     desc: str = "units",
     progress: bool = True,
+    sizes: Mapping[str, int] | None = None,
+    size_name: str = "unit",
 ) -> JobReport:
     """Run every uncommitted unit on a pool of ``workers`` Ray actors; commit each as it finishes.
 
+    ``sizes`` (unit id -> items, e.g. frames) makes the progress bar count items, so it shows items/s.
     Needs a connected Ray (:func:`geodiff4d.cluster.runtime.connect`).
     """
     ids = [u.id for u in units]
@@ -133,7 +136,8 @@ def run_units(
 
     idle = [new_worker() for _ in range(min(workers, len(pending)))]
     in_flight: dict[Any, tuple[Any, WorkUnit]] = {}
-    bar = tqdm(total=len(pending), desc=desc, unit="unit", disable=not progress)
+    size = (lambda unit: sizes[unit.id]) if sizes is not None else (lambda unit: 1)
+    bar = tqdm(total=sum(size(u) for u in pending), desc=desc, unit=size_name, disable=not progress)
     try:
         while queue or in_flight:
             while queue and idle:
@@ -150,7 +154,7 @@ def run_units(
                 attempts[unit.id] = attempts.get(unit.id, 0) + 1
                 if attempts[unit.id] > max_retries:
                     report.failed[unit.id] = _error_text(error)
-                    bar.update(1)
+                    bar.update(size(unit))
                 else:
                     queue.append(unit)
                 continue
@@ -158,7 +162,7 @@ def run_units(
             report.completed.append(unit.id)
             report.nodes[node] += 1
             idle.append(worker)
-            bar.update(1)
+            bar.update(size(unit))
     finally:
         bar.close()
         for worker in idle + [w for w, _ in in_flight.values()]:

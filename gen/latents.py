@@ -25,11 +25,11 @@ class PixelLatents(nn.Module):
 
 
 class VaeLatents(nn.Module):
-    """A frozen AutoencoderKL from a local diffusers folder (its vae/ subfolder)."""
+    """A frozen AutoencoderKL (from a local diffusers folder's vae/ subfolder, or a pipeline's component)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
-        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").requires_grad_(False).eval()
+        self.vae = vae.requires_grad_(False).eval()
         self.channels = self.vae.config.latent_channels
         self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scale = self.vae.config.scaling_factor
@@ -50,7 +50,7 @@ def make_latents(mode: str, folder: str | Path | None = None) -> PixelLatents | 
     if mode == "vae":
         if folder is None:
             raise ValueError("latents: vae needs a diffusers folder with a vae/ subfolder")
-        return VaeLatents(folder)
+        return VaeLatents(AutoencoderKL.from_pretrained(str(folder), subfolder="vae"))
     raise ValueError(f"latents must be 'vae' or 'pixel', got {mode!r}")
 
 

@@ -47,75 +47,100 @@ def temporal_windows(frames: int, window: int, overlap: int) -> list[range]:
 
 @dataclass
 class SampleOutput:
-    rgb: torch.Tensor            # [T, 3, H, W] in [0, 1]
-    normal: torch.Tensor | None  # [T, 3, H, W] in [0, 1], (n+1)/2 encoded; None without joint normals
+    rgb: torch.Tensor            # [T, 3, H, W] in [0, 1] ([N, T, 3, H, W] from denoise_views)
+    normal: torch.Tensor | None  # like rgb, (n+1)/2 encoded; None without joint normals
     expression: torch.Tensor     # [T, K, d] expression latents
 
 
-def _stack(conds: list[Conditions], frames: range) -> Conditions:
-    return Conditions({k: torch.cat([c.reference[k] for c in conds]) for k in conds[0].reference},
-                      torch.cat([c.context[:, frames.start:frames.stop] for c in conds]),
-                      torch.cat([c.expression for c in conds]))
+@dataclass(frozen=True)
+class Guidance:
+    """Sampler settings besides the scheduler (SampleConfig's fields)."""
+
+    steps: int = 25
+    reference: float = 2.0
+    expression: float = 2.0
+    window: int = 16
+    overlap: int = 4
+
+
+def latent_shape(codec, views: int, frames: int, size: tuple[int, int]) -> tuple[int, ...]:
+    """The noise shape [N, C, T, h, w] of N views of T frames at image size (H, W)."""
+    return (views, codec.channels, frames, size[0] // codec.downscale, size[1] // codec.downscale)
+
+
+def _repeat(conds: list[Conditions], views: int, frames: range) -> Conditions:
+    """CFG branches x views, branch-major: [c0]*N + [c1]*N + ... (each condition has batch 1)."""
+    def cat(tensors):
+        return torch.cat([t.expand(views, *t.shape[1:]) for t in tensors])
+    return Conditions({k: cat([c.reference[k] for c in conds]) for k in conds[0].reference},
+                      cat([c.context[:, frames.start:frames.stop] for c in conds]),
+                      cat([c.expression for c in conds]))
+
+
+def _tent(length: int, device: torch.device) -> torch.Tensor:
+    return torch.minimum(torch.arange(1, length + 1), torch.arange(length, 0, -1)).float().to(device)
 
 
 @torch.no_grad()
+def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor, ref_posemap: torch.Tensor,
+                  driving: torch.Tensor, posemaps: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
+                  guidance: Guidance = Guidance()) -> SampleOutput:
+    """All N target views of one sequence denoised as one batch (they share reference and expression).
+
+    ref_rgb/ref_posemap [3, H, W], driving [T, 3, r, r], posemaps [N, T, 3, H, W] (all [0,1]), noise
+    [N, C, T, h, w] (shared by both domains) -> SampleOutput with rgb/normal [N, T, 3, H, W]. `scheduler` is
+    a diffusers scheduler (its timesteps are set here). bf16 autocast on CUDA, fp32 elsewhere.
+    """
+    views, frames = posemaps.shape[:2]
+    if driving.shape[0] != frames:
+        raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {frames}")
+    device = next(model.parameters()).device
+    g = guidance
+    scheduler.set_timesteps(g.steps, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        ref_latent = codec.encode(ref_rgb[None].to(device))
+        yes, no = (torch.full((1,), v, dtype=torch.bool, device=device) for v in (True, False))
+        full, ref_only, none = (model.encode_conditions(ref_latent, ref_posemap[None].to(device), driving[None].to(device),
+                                                        drop_reference=dr, drop_expression=de)
+                                for dr, de in ((no, no), (no, yes), (yes, yes)))
+    d = model.num_domains
+    x = noise.to(device)[:, None].expand(views, d, *noise.shape[1:]).float() * scheduler.init_noise_sigma  # [N, D, C, T, h, w]
+    windows = temporal_windows(frames, g.window, g.overlap)
+    posemaps = posemaps.to(device)
+    for t in scheduler.timesteps:
+        eps = torch.zeros_like(x)
+        weight = torch.zeros(frames, device=device)
+        for win in windows:
+            x_in = scheduler.scale_model_input(x[:, :, :, win.start:win.stop], t).repeat(3, 1, 1, 1, 1, 1)  # [3N, ...]
+            with autocast:
+                e_full, e_ref, e_none = model.denoise(x_in, t.expand(3 * views), posemaps[:, win.start:win.stop].repeat(3, 1, 1, 1, 1),
+                                                      _repeat([full, ref_only, none], views, win)).float().chunk(3)
+            guided = e_none + g.reference * (e_ref - e_none) + g.expression * (e_full - e_ref)
+            tent = _tent(len(win), device)
+            eps[:, :, :, win.start:win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
+            weight[win.start:win.stop] += tent
+        eps = eps / weight.view(1, 1, 1, -1, 1, 1)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    with autocast:
+        images = decode_domains(codec, x).float()  # [N, D, T, 3, H, W]
+    return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, full.expression[0].float())
+
+
 def sample_sequence(model: JointDenoiser, codec, ref_rgb: torch.Tensor, ref_posemap: torch.Tensor,
                     driving: torch.Tensor, posemaps: torch.Tensor, generator: torch.Generator,
                     scheduler: str = "ddim", steps: int = 25, guidance_reference: float = 2.0,
                     guidance_expression: float = 2.0, window: int = 16, overlap: int = 4,
                     num_train_timesteps: int = 1000) -> SampleOutput:
-    """ref_rgb/ref_posemap [3, H, W], driving [T, 3, r, r], posemaps [T, 3, H, W] (all [0,1]) -> SampleOutput."""
+    """One target view: ref_rgb/ref_posemap [3, H, W], driving [T, 3, r, r], posemaps [T, 3, H, W] -> SampleOutput."""
     if driving.shape[0] != posemaps.shape[0]:
         raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {posemaps.shape[0]}")
-    device = next(model.parameters()).device
-    sched = make_scheduler(scheduler, num_train_timesteps)
-    sched.set_timesteps(steps, device=device)
-    frames = driving.shape[0]
-    ref_latent = codec.encode(ref_rgb[None].to(device))
-    yes, no = torch.ones(1, dtype=torch.bool, device=device), torch.zeros(1, dtype=torch.bool, device=device)
-    full, ref_only, none = (model.encode_conditions(ref_latent, ref_posemap[None].to(device), driving[None].to(device),
-                                                    drop_reference=dr, drop_expression=de)
-                            for dr, de in ((no, no), (no, yes), (yes, yes)))
-    d, c, (h, w) = model.num_domains, ref_latent.shape[1], ref_latent.shape[2:]
-    noise = torch.randn((1, 1, c, frames, h, w), generator=generator, device=generator.device).to(device)
-    x = noise.expand(1, d, c, frames, h, w) * sched.init_noise_sigma  # both domains share the noise
-    windows = temporal_windows(frames, window, overlap)
-    posemaps = posemaps.to(device)
-    for t in sched.timesteps:
-        eps = torch.zeros_like(x)
-        weight = torch.zeros(frames, device=device)
-        for win in windows:
-            x_in = sched.scale_model_input(x[:, :, :, win.start:win.stop], t).expand(3, -1, -1, -1, -1, -1)
-            e_full, e_ref, e_none = model.denoise(x_in, t.expand(3), posemaps[None, win.start:win.stop].expand(3, -1, -1, -1, -1),
-                                                  _stack([full, ref_only, none], win)).chunk(3)
-            guided = e_none + guidance_reference * (e_ref - e_none) + guidance_expression * (e_full - e_ref)
-            tent = torch.minimum(torch.arange(1, len(win) + 1), torch.arange(len(win), 0, -1)).float().to(device)
-            eps[:, :, :, win.start:win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
-            weight[win.start:win.stop] += tent
-        eps = eps / weight.view(1, 1, 1, -1, 1, 1)
-        x = sched.step(eps, t, x, generator=generator).prev_sample
-    images = decode_domains(codec, x)[0]  # [D, T, 3, H, W]
-    return SampleOutput(images[0], images[1] if d == 2 else None, full.expression[0])
-
-
-def sample(config_path: str | Path, run: str | Path, ref_rgb: torch.Tensor, ref_posemap: torch.Tensor,
-           driving: torch.Tensor, posemaps: torch.Tensor, seed: int = 0, out: str | Path | None = None) -> SampleOutput:
-    """Sample with a run's EMA weights (run folder or save_pretrained folder) and the config's sampler settings.
-
-    With `out`, writes a grid image (rows: RGB frames, normal frames) there atomically.
-    """
-    from geodiff4d.gen.build import build_codec
-    from geodiff4d.gen.checkpoint import resolve_init
-    from geodiff4d.gen.config import load_config
-    cfg = load_config(config_path)
-    model = JointDenoiser.from_pretrained(str(resolve_init(Path(run)))).eval()
-    s = cfg.sample
-    result = sample_sequence(model, build_codec(cfg), ref_rgb, ref_posemap, driving, posemaps,
-                             torch.Generator().manual_seed(seed), s.scheduler, s.steps, s.guidance_reference,
-                             s.guidance_expression, s.window, s.overlap, cfg.train.num_train_timesteps)
-    if out is not None:
-        write_grid(Path(out), [result.rgb] + ([result.normal] if result.normal is not None else []))
-    return result
+    noise = torch.randn(latent_shape(codec, 1, driving.shape[0], ref_rgb.shape[-2:]), generator=generator,
+                        device=generator.device)
+    out = denoise_views(model, codec, make_scheduler(scheduler, num_train_timesteps), ref_rgb, ref_posemap, driving,
+                        posemaps[None], noise, generator,
+                        Guidance(steps, guidance_reference, guidance_expression, window, overlap))
+    return SampleOutput(out.rgb[0], None if out.normal is None else out.normal[0], out.expression)
 
 
 def save_image(path: Path, image: torch.Tensor) -> None:

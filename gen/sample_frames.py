@@ -24,10 +24,7 @@ from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
 from geodiff4d.datasets.shards import iter_shard
-from geodiff4d.gen.build import build_codec
-from geodiff4d.gen.checkpoint import resolve_init
-from geodiff4d.gen.config import load_config
-from geodiff4d.gen.denoiser import JointDenoiser
+from geodiff4d.gen.model_run import load_run
 from geodiff4d.gen.pipeline import SampleOutput, sample_sequence, write_grid
 
 FOREGROUND_Z = 0.25  # encoded z = (n_z+1)/2: visible surfaces have n_z >= 0 (>= 0.5), background is 0
@@ -63,6 +60,12 @@ def read_sequence(shards: str | Path, subject: str, sequence: str, source: str =
                     "posemap": _decode(sample["posemap.png"], 3), "normal": _decode(sample["normal.png"], 3),
                     "meta": meta}
     return found
+
+
+def plain_driving_config(driving_size: int) -> LoaderConfig:
+    """Driving crops as sampling takes them: the loader's face crop without augmentation."""
+    return dataclasses.replace(LoaderConfig(), driving_size=driving_size, crop_scale=(1.0, 1.0), crop_shift=0.0,
+                               brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
 
 
 def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: Path) -> None:
@@ -105,16 +108,18 @@ def _camera_entry(data: dict, camera: str, frames: Sequence[int]) -> dict:
     return {**per_frame[str(frames[0])], "per_frame": per_frame}
 
 
-def sample_to_frame_folder(config: str | Path, run: str | Path, shards: str | Path, subject: str, sequence: str,
+def sample_to_frame_folder(config: str | Path | None, run: str | Path, shards: str | Path, subject: str, sequence: str,
                            cameras: Sequence[str] | None, frames: Sequence[int] | None, out: str | Path,
                            seed: int = 0, *, driving_camera: str | None = None,
                            reference: tuple[str, int] | None = None) -> Path:
     """Sample `frames` of `subject`/`sequence` for every camera in `cameras` into the frame folder `out`.
 
     cameras / frames default to all of the sequence's; the driving camera defaults to the first camera and
-    the reference to the driving camera's first frame. Returns the grid image (rows: RGB and normals per camera).
+    the reference to the driving camera's first frame; `config` defaults to the run's own config.yaml.
+    Returns the grid image (rows: RGB and normals per camera).
     """
-    cfg, shards, root = load_config(config), Path(shards), Path(out)
+    loaded, shards, root = load_run(run, config), Path(shards), Path(out)
+    cfg = loaded.cfg
     data = read_sequence(shards, subject, sequence)
     cameras = list(cameras or sorted({c for c, _ in data}))
     frames = list(frames or sorted({f for c, f in data if c == cameras[0]}))
@@ -122,14 +127,12 @@ def sample_to_frame_folder(config: str | Path, run: str | Path, shards: str | Pa
     reference = reference or (driving_camera, frames[0])
     _require(data, [*cameras, driving_camera], frames, shards)
     _require(data, [reference[0]], [reference[1]], shards)
-    plain = dataclasses.replace(LoaderConfig(), driving_size=cfg.model.driving_size, crop_scale=(1.0, 1.0),
-                                crop_shift=0.0, brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
+    plain = plain_driving_config(cfg.model.driving_size)
     rng = np.random.default_rng(seed)  # unused by an unaugmented crop, required by the signature
     driving = torch.stack([augment_driving(data[(driving_camera, f)]["rgb"], data[(driving_camera, f)]["mask"], plain, rng)
                            for f in frames])  # [T, 3, r, r]
     ref = data[reference]
-    model = JointDenoiser.from_pretrained(str(resolve_init(Path(run)))).eval()
-    codec, s = build_codec(cfg), cfg.sample
+    model, codec, s = loaded.model, loaded.codec, cfg.sample
     rows, expression = [], None
     for i, camera in enumerate(cameras):
         posemaps = torch.stack([data[(camera, f)]["posemap"] for f in frames])  # [T, 3, H, W]

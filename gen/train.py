@@ -36,6 +36,7 @@ from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.data import MakeBatches, check_shard_resolution, shard_batches
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import encode_domains
+from geodiff4d.gen.model_run import export_pipeline, write_run_files
 from geodiff4d.gen.pipeline import make_scheduler, sample_sequence, save_image
 
 # (step, metrics, the checkpoint folder on rank 0 / None elsewhere): called by every rank at each checkpoint
@@ -120,6 +121,8 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
     """
     out, device = Path(out), device or torch.device("cpu")
     micro_batch = cfg.train.worker_batch(stage, world_size)
+    if rank == 0:
+        write_run_files(out, cfg)  # the run folder alone is enough to sample
     torch.manual_seed(cfg.train.seed)  # parameter init only; everything per-step uses `generator`
     codec = build_codec(cfg).to(device)
     model = build_model(cfg, stage, codec, from_pretrained=init is None)
@@ -189,6 +192,8 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
     if writer is not None:
         writer.close()
         bar.close()
+    if rank == 0 and losses:
+        export_pipeline(out)  # RUN/pipeline: DiffusionPipeline.from_pretrained loads it
     return losses
 
 

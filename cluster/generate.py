@@ -1,0 +1,184 @@
+"""`geodiff4d generate`: mass sampling from a spec on Ray actors that hold the pipeline, into a frame folder.
+
+Work units are (subject, temporal window, camera group). A unit denoises its window plus `overlap` context
+frames on each side, all of its views as one batch, with the sampler's overlapping windows blended as
+always, and writes only the frames it owns; neighbouring units share the context frames' noise, so they
+agree across the seam. Noise is drawn per (seed, subject, camera, frame) and the scheduler's generator per
+(seed, subject, window, camera group), never from a worker: any number of workers gives the same bytes.
+Units commit through cluster.jobs, so a killed actor or a rerun redoes only uncommitted units.
+
+The frame folder is what `geodiff4d recon` reads: rgb/normal/mask PNGs, cameras/ JSON, tracking/ npz (the
+identity's shape with the driving's motion, NeRSemble names) and latents/ npz (expression latents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.config_files import ConfigError
+from geodiff4d.cluster.generate_inputs import Resolver, SubjectInputs
+from geodiff4d.cluster.generate_spec import GenerateSpec, load_spec
+from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.cluster.runtime import connect
+from geodiff4d.datasets.frame_folder import tracking_path, write_cameras, write_tracking
+from geodiff4d.datasets.render import render_pose_map
+
+STATE = "_generate"  # OUT/_generate/{inputs,commits}: resolved inputs and commit markers
+
+
+def frame_noise(seed: int, subject: str, camera: str, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise [C, h, w] of one (camera, frame): the same whichever unit or worker draws it."""
+    state = np.random.SeedSequence([seed, zlib.crc32(subject.encode()), zlib.crc32(camera.encode()), frame])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1)))
+
+
+def unit_generator(seed: int, subject: str, start: int, group: int) -> torch.Generator:
+    """The scheduler's generator of one unit (used by stochastic schedulers only)."""
+    state = np.random.SeedSequence([seed, zlib.crc32(subject.encode()), start, group, 1])
+    return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+
+
+def plan_units(inputs: SubjectInputs, frames_per_unit: int, cameras_per_unit: int) -> list[WorkUnit]:
+    """Units of one subject; ids are `{subject}.f{start}-{stop}.c{group}` (subject names hold no dots)."""
+    frames, serials = inputs.tracking.batch_size, list(inputs.cameras)
+    units = []
+    for start in range(0, frames, frames_per_unit):
+        stop = min(start + frames_per_unit, frames)
+        for group, first in enumerate(range(0, len(serials), cameras_per_unit)):
+            units.append(WorkUnit(f"{inputs.name}.f{start:05d}-{stop:05d}.c{group:03d}",
+                                  {"subject": inputs.name, "start": start, "stop": stop, "group": group,
+                                   "cameras": serials[first:first + cameras_per_unit]}))
+    return units
+
+
+class GenerateJob:
+    """Ray work-unit job: the pipeline is loaded once per actor; each unit samples one window x camera group."""
+
+    def __init__(self, run: Path, out: Path, seed: int, head_model: str, use_gpu: bool):
+        self.run_folder, self.out, self.seed, self.head_model, self.use_gpu = Path(run), Path(out), seed, head_model, use_gpu
+
+    def setup(self) -> None:
+        from geodiff4d.gen.model_run import load_run
+        from geodiff4d.recon.run import load_head_model
+        self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        self.loaded = load_run(self.run_folder)
+        self.loaded.model.to(self.device)
+        self.loaded.codec.to(self.device)
+        self.head = load_head_model(self.head_model)
+        self.subjects: dict[str, SubjectInputs] = {}
+
+    def subject(self, name: str) -> SubjectInputs:
+        if name not in self.subjects:
+            self.subjects[name] = load_inputs(self.out, name)
+        return self.subjects[name]
+
+    def after_write(self, unit: WorkUnit) -> None:
+        """Hook called once a unit's frames are written, before it returns (fault injection in tests)."""
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]:
+        from geodiff4d.gen.pipeline import SampleOutput, denoise_views, latent_shape
+        from geodiff4d.gen.sample_frames import write_camera_frames, write_latents
+        started, p = time.perf_counter(), unit.payload
+        inputs, loaded = self.subject(p["subject"]), self.loaded
+        total, overlap = inputs.tracking.batch_size, loaded.guidance.overlap
+        span = range(max(0, p["start"] - overlap), min(total, p["stop"] + overlap))  # owned frames + context
+        cameras = p["cameras"]
+        posemaps = torch.stack([torch.stack([render_pose_map(self.head, inputs.tracking[t], inputs.cameras[c])
+                                             for t in span]) for c in cameras])  # [N, T, 3, R, R]
+        _, channels, _, height, width = latent_shape(loaded.codec, 1, 1, posemaps.shape[-2:])
+        shape = (channels, height, width)
+        noise = torch.stack([torch.stack([frame_noise(self.seed, inputs.name, c, t, shape) for t in span], 1)
+                             for c in cameras])  # [N, C, T, h, w]
+        result = denoise_views(loaded.model, loaded.codec, loaded.scheduler(), inputs.ref_rgb, inputs.ref_posemap,
+                               inputs.driving[span.start:span.stop], posemaps, noise,
+                               unit_generator(self.seed, inputs.name, p["start"], p["group"]), loaded.guidance)
+        own = slice(p["start"] - span.start, p["stop"] - span.start)
+        frames = list(range(p["start"], p["stop"]))
+        for i, camera in enumerate(cameras):
+            view = SampleOutput(result.rgb[i, own].cpu(), None if result.normal is None else result.normal[i, own].cpu(),
+                                result.expression)
+            write_camera_frames(self.out, inputs.name, inputs.sequence, camera, frames, view)
+        if p["start"] == 0 and p["group"] == 0:  # the latents depend on the driving frames only: one writer
+            with torch.no_grad():
+                latents = loaded.model.expression_encoder.encode(inputs.driving.to(self.device))  # [T, K, d]
+            write_latents(self.out, inputs.name, inputs.sequence, list(range(total)), latents)
+        self.after_write(unit)
+        return {"frames": len(frames) * len(cameras), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def inputs_path(out: Path, name: str) -> Path:
+    return Path(out) / STATE / "inputs" / f"{name}.pt"
+
+
+def load_inputs(out: Path, name: str) -> SubjectInputs:
+    return SubjectInputs.from_dict(torch.load(inputs_path(out, name), weights_only=False)["inputs"])
+
+
+def _input_key(spec: GenerateSpec, index: int, checkpoint: Path) -> str:
+    """What a subject's outputs depend on: its spec entry, the weights, the head model, seed and unit plan."""
+    fields = {"subject": spec.subjects[index].model_dump(mode="json"), "checkpoint": str(checkpoint.resolve()),
+              "head_model": spec.head_model, "seed": spec.seed, "frames_per_unit": spec.frames_per_unit,
+              "cameras_per_unit": spec.cameras_per_unit}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _discard_stale(out: Path, inputs: SubjectInputs, commits: CommitLog) -> None:
+    """A subject whose spec, weights or plan changed: its old frames and commit markers go."""
+    for marker in commits.folder.glob(f"{inputs.name}.f*.stats.json"):
+        marker.unlink()
+    for kind in ("rgb", "normal", "mask"):
+        shutil.rmtree(Path(out) / kind / inputs.name / inputs.sequence, ignore_errors=True)
+
+
+def prepare(spec_path: str | Path, out: str | Path) -> tuple[GenerateSpec, list[SubjectInputs]]:
+    """Validate the spec and resolve every subject (cached under OUT/_generate/inputs while unchanged);
+    write each subject's cameras and tracking. Raises ConfigError naming the spec, field and file."""
+    from geodiff4d.gen.checkpoint import resolve_init
+    from geodiff4d.gen.model_run import run_config
+    from geodiff4d.recon.run import load_head_model
+    spec, out = load_spec(spec_path), Path(out)
+    try:
+        cfg, checkpoint = run_config(spec.run), resolve_init(spec.run)
+        head = load_head_model(spec.head_model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{spec_path}: {exc}") from exc
+    resolver = Resolver(Path(spec_path), head, cfg.data.resolution, cfg.model.driving_size)
+    commits = CommitLog(out / STATE / "commits")
+    subjects = []
+    for index, subject in enumerate(spec.subjects):
+        key, path = _input_key(spec, index, checkpoint), inputs_path(out, subject.name)
+        if path.is_file() and torch.load(path, weights_only=False)["key"] == key:
+            subjects.append(load_inputs(out, subject.name))
+            continue
+        inputs = resolver.resolve(index, subject)
+        _discard_stale(out, inputs, commits)
+        write_cameras(out / "cameras" / inputs.name / f"{inputs.sequence}.json", inputs.cameras)
+        write_tracking(tracking_path(out, inputs.name, inputs.sequence), inputs.tracking)
+        with atomic_output(path) as tmp:
+            torch.save({"key": key, "inputs": inputs.to_dict()}, tmp)
+        subjects.append(inputs)
+    return spec, subjects
+
+
+def generate(spec_path: str | Path, out: str | Path, workers: int = 1, gpus_per_worker: float = 0,
+             address: str | None = None, progress: bool = True, job: type[GenerateJob] = GenerateJob,
+             max_retries: int = 2) -> JobReport:
+    """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable."""
+    spec, subjects = prepare(spec_path, out)
+    units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
+    connect(address)
+    return run_units(job(spec.run, Path(out).resolve(), spec.seed, spec.head_model, gpus_per_worker > 0), units,
+                     CommitLog(Path(out) / STATE / "commits"), workers=workers, gpus_per_worker=gpus_per_worker,
+                     max_retries=max_retries, desc="generate", progress=progress,
+                     sizes={u.id: (u.payload["stop"] - u.payload["start"]) * len(u.payload["cameras"]) for u in units},
+                     size_name="frame")
