@@ -228,33 +228,46 @@ class Benchmark:
                   resume=latest_checkpoint(run) is not None, address=self.address, quiet=True)  # fmt: skip
         return {"run": str(folder / "stage2")}
 
-    def model_run(self, method: MethodConfig) -> tuple[Path, Path]:
-        """(run folder, config file) of the diffusion model ``method`` samples from."""
+    def model_run(self, method: MethodConfig) -> Path:
+        """The trained run folder (stage 2; self-contained) that ``method`` samples from."""
         variant = method_config(self.config, method)
         if variant.generation.run is not None:
-            return Path(variant.generation.run), Path(variant.generation.model)
-        folder = self.layout.models / self.model_key(method)
-        return folder / "stage2", folder / "config.yaml"
+            return Path(variant.generation.run)
+        return self.layout.models / self.model_key(method) / "stage2"
 
     def generation_key(self, method: MethodConfig) -> str:
         variant = method_config(self.config, method)
-        return digest({"model": str(self.model_run(method)[0]), "generation": variant.generation.model_dump(mode="json")})
+        return digest({"model": str(self.model_run(method)), "generation": variant.generation.model_dump(mode="json")})
 
     def generate(self, method: MethodConfig, subject: Subject) -> dict:
-        """Multi-view image+normal frames of the training sequence from the subject's reference image."""
-        from geodiff4d.gen.sample_frames import sample_to_frame_folder
+        """Multi-view image+normal frames of the training sequence from the subject's reference image, by
+        ``geodiff4d generate`` (its spec written into the run): the reference is the train camera's first frame
+        and the driving its video, as packed; the identity and head motion come from the sequence's tracking."""
+        from geodiff4d.cluster.generate import generate
 
         variant = method_config(self.config, method)
-        run, config_path = self.model_run(method)
         c, out = variant.generation, self.layout.generated / self.generation_key(method)
-        views = c.views or self.training_views(subject)
-        frames = range(c.frames) if c.frames else None
-        grid = sample_to_frame_folder(config_path, run, self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"]),
-                                      subject.id, subject.train_sequence, views, frames, out, seed=c.seed,
-                                      driving_camera=self.config.train_camera, reference=(self.config.train_camera, 0))  # fmt: skip
-        tracking = self.layout.frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
-        atomic_write_bytes(out / "tracking" / subject.id / tracking.name, tracking.read_bytes())
-        return {"grid": str(grid)}
+        run, frames = self.model_run(method), self.layout.frames
+        tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
+        shards = self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"])
+        packed = {"shards": str(shards), "subject": subject.id, "sequence": subject.train_sequence,
+                  "camera": self.config.train_camera}  # fmt: skip
+        entry = {
+            "name": subject.id, "sequence": subject.train_sequence,
+            "reference": {**packed, "frame": 0} if shards.is_dir() else {"image": str(self.layout.identity / f"{subject.id}.png")},
+            "identity": {"tracking": str(tracking)},
+            "cameras": {"cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
+                        "serials": c.views or self.training_views(subject)},
+            "driving": packed if shards.is_dir() else {"tracking": str(tracking)},
+            "frames": c.frames or len(list((frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png"))),
+        }  # fmt: skip
+        spec = out / "specs" / f"{subject.id}.yaml"
+        with atomic_output(spec) as tmp:
+            tmp.write_text(yaml.safe_dump({"run": str(run), "seed": c.seed, "subjects": [entry]}, sort_keys=False))
+        report = generate(spec, out, workers=self.config.generation.workers, address=self.address, progress=False)
+        if not report.ok:
+            raise RuntimeError(f"generate failed:\n{report.summary()}")
+        return {"frames": entry["frames"], "views": len(entry["cameras"]["serials"])}
 
     def training_views(self, subject: Subject) -> list[str]:
         from geodiff4d.datasets.frame_folder import read_cameras

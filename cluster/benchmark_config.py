@@ -56,6 +56,7 @@ class GenerationConfig(Strict):
     train_steps: dict[int, int] = Field(default_factory=lambda: {1: 800, 2: 200})
     views: list[str] | None = None  # cameras to generate (default: every camera but the hold-outs)
     frames: int | None = Field(None, ge=1)  # frames of the training sequence to generate (default: all)
+    workers: int = Field(1, ge=1)  # generate's Ray actors per subject
     seed: int = 0
 
     @field_validator("train_steps")
