@@ -318,21 +318,17 @@ class Benchmark:
 
     def baseline(self, method: MethodConfig) -> dict:
         """reference_copy (every frame = the subject's reference image) or gt_noise, for every protocol."""
-        from geodiff4d.eval.baselines import gt_noise, write_frames
+        from geodiff4d.eval.baselines import gt_noise, reference_copy
         from geodiff4d.eval.inputs import open_ground_truth
 
+        references = {path.stem: _read_rgb8(path) for path in self.layout.identity.glob("*.png")}
         for protocol in self.config.protocols:
             gt = open_ground_truth(self.layout.gt(protocol) / "rgb")
             out = self.layout.pred(protocol, method.name) / "rgb"
             if method.kind == "gt_noise":
                 gt_noise(gt, out, seed=self.config.seed)
-                continue
-            for subject, sequence in gt.units():
-                reference = _read_rgb8(self.layout.identity / f"{subject}.png")
-                for camera in gt.cameras(subject, sequence):
-                    clip = gt.clip(subject, sequence, camera).frames  # [T, H, W, 3]
-                    write_frames(out / subject / sequence / camera, np.repeat(_fit(reference, clip.shape[1:3])[None],
-                                                                              len(clip), axis=0))  # fmt: skip
+            else:
+                reference_copy(gt, out, references)
         return {}
 
     # -- stages: evaluation -------------------------------------------------------------------------------
@@ -354,6 +350,7 @@ class Benchmark:
                           self.layout.eval / protocol, self.address, metrics=metrics, workers=self.config.eval.workers,
                           gt_mask=self.layout.gt(protocol) / "mask", identity=self.layout.identity,
                           masked=self.config.eval.masked, resolution=self.config.eval.resolution,
+                          background=self.config.eval.background,
                           progress=False)  # fmt: skip
         return {"units": len(report.completed) + len(report.skipped)}
 
@@ -447,8 +444,3 @@ def _read_rgb8(path: Path) -> np.ndarray:
 
     return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
-
-def _fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    return image if image.shape[:2] == tuple(size) else cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)

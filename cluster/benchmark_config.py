@@ -70,6 +70,9 @@ class GenerationConfig(Strict):
 class EvalConfig(Strict):
     metrics: dict[str, list[str]] = Field(default_factory=dict)  # protocol -> metrics (default: the protocol's)
     masked: bool = True  # pixel metrics over the ground-truth foreground (stated in the report)
+    # prediction and ground truth composited on this grey with the ground-truth alpha before every metric:
+    # avatars render no studio backdrop, so every metric sees the same pixels (None: as they are)
+    background: float | None = Field(0.5, ge=0, le=1)
     workers: int = Field(2, ge=1)
     resolution: int | None = Field(None, ge=16)
 

@@ -329,14 +329,7 @@ def submission(
         _fail(f"submission: {error}")
 
 
-@app.command()
-def benchmark(
-    config: Annotated[Path, typer.Argument(help="Benchmark YAML (a path, or a packaged one by name: benchmark-demo).")],
-    out: Annotated[Path, typer.Option(help="Run folder: config, per-stage state, every output, leaderboard/.")],
-    parallel: Annotated[int, typer.Option(min=1, help="Stages (subject chains) in flight at once.")] = 2,
-    address: AddressOption = None,
-) -> None:
-    """Run a benchmark end to end: data, the diffusion model, per-subject avatars, every protocol, leaderboard."""
+def _run_benchmark(config: Path | str, out: Path, parallel: int, address: str | None) -> None:
     from geodiff4d.cluster.benchmark import Benchmark, BenchmarkError
     from geodiff4d.cluster.benchmark_config import load_benchmark_config
 
@@ -347,9 +340,22 @@ def benchmark(
     except BenchmarkError as error:
         _fail(str(error))
     typer.echo(report.summary())
-    typer.echo(f"leaderboard: {out / 'leaderboard'}")
+    for what, path in (("generated frames", "generated"), ("avatars", "avatars"), ("evaluation runs", "eval"),
+                       ("leaderboard", "leaderboard/report.html")):  # fmt: skip
+        typer.echo(f"{what:<17} {(out / path).resolve()}")
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def benchmark(
+    config: Annotated[Path, typer.Argument(help="Benchmark YAML (a path, or a packaged one by name: benchmark-demo).")],
+    out: Annotated[Path, typer.Option(help="Run folder: config, per-stage state, every output, leaderboard/.")],
+    parallel: Annotated[int, typer.Option(min=1, help="Stages (subject chains) in flight at once.")] = 2,
+    address: AddressOption = None,
+) -> None:
+    """Run a benchmark end to end: data, the diffusion model, per-subject avatars, every protocol, leaderboard."""
+    _run_benchmark(config, out, parallel, address)
 
 
 @app.command()
@@ -368,11 +374,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for every stage's outputs.")] = Path("demo_out"),
     address: AddressOption = None,
 ) -> None:
-    """Run every stage that exists end to end on procedural data (CPU, embedded Ray); reruns resume."""
-    from geodiff4d.cluster.pipeline import run_demo
-
-    if not run_demo(out, address=address):
-        raise typer.Exit(code=1)
+    """The packaged benchmark-demo: the paper's method end to end on procedural data (CPU, embedded Ray);
+    the same as ``geodiff4d benchmark benchmark-demo --out OUT``; reruns resume."""
+    _run_benchmark("benchmark-demo", out, 2, address)
 
 
 if __name__ == "__main__":
