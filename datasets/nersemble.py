@@ -26,7 +26,7 @@ import numpy as np
 from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.flame import FlameParams
-from geodiff4d.datasets.video import VideoError, iter_video, video_frame_count, video_size
+from geodiff4d.datasets.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
 
 TRACKING_SHAPE_DIM, TRACKING_EXPR_DIM = 300, 100
 _PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes": 6}
@@ -330,9 +330,25 @@ class NersembleDataset:
             raise NersembleError(f"{path}: tracked frame indices fall outside the videos' {n_frames} frames")
         return tracking
 
-    def frames(self, subject: str, sequence: str, serial: str) -> Iterator[NersembleFrame]:
-        """Decoded frames of one camera with alpha, camera and the frame's tracking row."""
+    def frames(
+        self,
+        subject: str,
+        sequence: str,
+        serial: str,
+        start: int = 0,
+        stop: int | None = None,
+        threads: int = 1,
+        count: DecodeCount | None = None,
+    ) -> Iterator[NersembleFrame]:
+        """Decoded frames ``start <= frame < stop`` of one camera with alpha, camera and the frame's tracking row.
+
+        The videos are sought to ``start`` (see ``iter_video_range``); ``count`` accumulates decoded frames.
+        """
         n_frames = self.frame_count(subject, sequence)
+        stop = n_frames if stop is None else stop
+        if not 0 <= start < stop <= n_frames:
+            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
+                                 f"within its {n_frames} frames")
         if serial not in self.sequence_serials(subject, sequence):
             raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
         video = self.video_path(subject, sequence, serial)
@@ -341,10 +357,13 @@ class NersembleDataset:
         rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
         colors = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
-        alphas = iter_video(alpha_path, gray=True) if alpha_path.exists() else None
+        alphas = (
+            iter_video_range(alpha_path, start, stop, gray=True, threads=threads, count=count)
+            if alpha_path.exists() else None
+        )
         try:
-            for index, rgb in enumerate(iter_video(video)):
-                alpha = next(alphas) if alphas is not None else None
+            for index, rgb in iter_video_range(video, start, stop, threads=threads, count=count):
+                alpha = next(alphas)[1] if alphas is not None else None
                 if alpha is not None and alpha.shape != rgb.shape[:2]:
                     raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
                 row = rows.get(index)
