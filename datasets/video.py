@@ -35,7 +35,7 @@ def write_video(
     """frames uint8 [T, H, W, 3] (RGB) or [T, H, W] (gray, e.g. alpha maps) -> H.264 yuv420p MP4.
 
     H and W must be even (4:2:0 chroma subsampling). ``keyframe_interval`` caps the GOP (x264's default is
-    250 frames): seeking lands on the keyframe before the target, so a short GOP makes seeking cheap.
+    250, fewer at scene cuts): seeking lands on the keyframe before the target, so a short GOP makes it cheap.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
@@ -51,6 +51,9 @@ def write_video(
         raise VideoError(f"{path}: no frames to write")
     if height % 2 or width % 2:
         raise VideoError(f"{path}: yuv420p needs even width and height, got {width}x{height}")
+    x264_params = "mbtree=0"
+    if keyframe_interval:  # a fixed GOP (no scene-cut keyframes), so the cost of a seek is known
+        x264_params += f":keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0"
     with atomic_output(path) as tmp:
         container = av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"})
         try:
@@ -59,10 +62,7 @@ def write_video(
                 rate=fps,
                 # mbtree off: with it, x264 gave run-to-run different bitstreams for identical input
                 # (uninitialized lookahead state, observed at 64x48); crf alone still sets the quality.
-                options={
-                    "crf": str(crf), "preset": "medium", "threads": "1", "x264-params": "mbtree=0",
-                    **({"g": str(keyframe_interval)} if keyframe_interval else {}),
-                },
+                options={"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": x264_params},
             )
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.time_base = Fraction(1, fps)
