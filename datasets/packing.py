@@ -4,7 +4,9 @@ The plan is a pure function of the input listing (sorted sample ids -> shards bo
 upper bound of bytes), so a rerun recomputes the same shards and skips those whose tar and stats marker
 exist. A shard holds whole frames (every camera of a subject/sequence/frame) where the bounds allow, so the
 loader can draw cross-view pairs and clips inside one shard. One Ray work unit per shard: its actor decodes
-the videos it needs (PyAV), crops and resizes around the head, and encodes rgb, normal, mask, posemap, json.
+each camera video it needs once, from the shard's first frame (PyAV, seeking), poses FLAME once per frame for
+all cameras, crops and resizes around the head, and encodes rgb, normal, mask, posemap (rendered at the packed
+resolution), json. The shard stats record decoded vs packed video frames and seconds per stage.
 """
 
 from __future__ import annotations
@@ -325,6 +327,7 @@ class PackJob:
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         """Write the shard; its stats also say how many video frames were decoded for how many packed."""
         plan: ShardPlan = unit.payload["plan"]
+        started = time.time()
         self.clock, self.decoded, self.packed_video_frames = StageClock(), DecodeCount(), 0
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
@@ -335,6 +338,7 @@ class PackJob:
         stats = shard_stats(path, ids, records)
         stats["decoded_video_frames"], stats["packed_video_frames"] = self.decoded.frames, self.packed_video_frames
         stats["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())}
+        stats["unit_window"] = [started, time.time()]  # wall clock, so throughput can exclude actor start
         return stats
 
     # --- sample assembly
@@ -537,6 +541,7 @@ def pack(
     flame_model: str | os.PathLike | None = None,
     max_retries: int = 2,
     progress: bool = True,
+    decode_threads: int = 1,
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
     settings = PackSettings(
@@ -545,7 +550,7 @@ def pack(
         flame_model=str(flame_model) if flame_model else None,
     )
     return pack_with(
-        PackJob(out, settings), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
+        PackJob(out, settings, decode_threads), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
         max_shard_bytes=max_shard_bytes, max_retries=max_retries, progress=progress,
     )
 
