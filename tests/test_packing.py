@@ -34,6 +34,7 @@ from geodiff4d.datasets.packing import (
 )
 from geodiff4d.datasets.procedural import SEQUENCE_NAMES, SynthSpec, subject_id, synth_cameras, synthesize
 from geodiff4d.datasets.shards import iter_shard
+from geodiff4d.datasets.synthhuman import write_synthhuman_sample
 from geodiff4d.datasets.verify import verify
 from geodiff4d.datasets.video import write_video
 
@@ -261,3 +262,28 @@ def test_a_sequence_over_many_shards_decodes_each_frame_about_once(tmp_path):
             rgb = cv2.imdecode(np.frombuffer(sample["rgb.png"], np.uint8), cv2.IMREAD_COLOR)
             assert abs(float(np.median(rgb)) - 2 * frame) <= 2
     assert packed == 240 and decoded <= 1.2 * packed  # 5 shards x 2 videos: 260 of 240 (1.083x)
+
+
+def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):
+    """Listing is O(folder); once per sample (or per shard) would make packing a large folder quadratic."""
+    root = tmp_path / "synthhuman"
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 4:12] = 255
+    normal = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (16, 16, 3))
+    K = np.array([[20.0, 0, 8], [0, 20.0, 8], [0, 0, 1]])
+    for index in range(6):
+        write_synthhuman_sample(root, index, np.full((16, 16, 3), 40 * index, np.uint8), alpha,
+                                np.full((16, 16), 0.5), normal, K)
+    listed = []
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or iterdir(self))
+    plans = plan_shards(list_inputs([("synthhuman", root)]), 2, 10**9, sample_bytes_bound(8))
+    job = PackJob(tmp_path / "out", PackSettings(resolution=8))
+    job.setup()
+    (tmp_path / "out").mkdir()
+    for plan in plans:
+        job.run(WorkUnit(plan.name, {"plan": plan}))
+    assert len(plans) == 3 and listed.count(root) == 1
+    grey = [cv2.imdecode(np.frombuffer(s["rgb.png"], np.uint8), cv2.IMREAD_COLOR)[4, 4, 0]
+            for p in plans for s in iter_shard(tmp_path / "out" / f"{p.name}.tar")]
+    assert grey == [40 * i for i in range(6)]  # each shard read its own samples
