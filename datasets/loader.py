@@ -315,7 +315,8 @@ def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -
 
     # numpy stacking: single-threaded, so a loader in the main process does not fight the trainer's threads
     def stack(name: str) -> Tensor:
-        batch = torch.from_numpy(np.stack([np.stack([f[name] for f in fs]) for fs in frames]))  # [B, T, C, R, R]
+        flat = torch.from_numpy(np.stack([f[name] for fs in frames for f in fs]))  # [B*T, C, R, R], one copy
+        batch = flat.unflatten(0, (len(frames), -1))  # [B, T, C, R, R]
         return batch if config.kind == "clip" else batch[:, 0]
 
     batch: dict[str, Any] = {name: stack(name) for name in ("rgb", "normal", "mask", "posemap")}
