@@ -1,8 +1,16 @@
-"""Loader throughput (samples/s) as a ratio to reading and decoding the same PNGs from a plain folder."""
+"""Loader throughput (samples/s) as a ratio to reading and decoding the same PNGs from a plain folder.
+
+The reference reads, from plain files, every PNG a batch uses where it is used (a target's four members,
+its driving frame's rgb and mask, its reference's rgb and posemap) into float tensors, in one process. The
+loader streams the same batches from the shards (decoding each member once per batch, augmenting the driving
+crops per batch), in the main process (``num_workers=0``) and with DataLoader workers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +20,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.runtime import connect, shutdown
-from geodiff4d.datasets.loader import LoaderConfig, TrainingStream
+from geodiff4d.datasets.loader import LoaderConfig, make_loader
 from geodiff4d.datasets.packing import pack
 from geodiff4d.datasets.procedural import SynthSpec, synthesize
 from geodiff4d.datasets.shards import iter_shard
@@ -35,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     spec = SynthSpec(subjects=2, frames=8, cameras=4, resolution=args.resolution, synthetic=8)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -49,10 +58,10 @@ def main() -> None:
             for sample in iter_shard(tar):
                 for member in MEMBERS:
                     (folder / f"{sample['__key__']}.{member}").write_bytes(sample[member])
-        for kind in ("frame", "pair"):
+        for kind, workers in itertools.product(("frame", "pair"), (0, 2)):
             config = LoaderConfig(kind=kind, batch_size=args.batch_size, driving_size=args.resolution // 2)
-            stream = iter(TrainingStream(tmp / "shards", config))
-            next(stream)  # warm up
+            stream = iter(make_loader(tmp / "shards", config, num_workers=workers))
+            next(stream)  # warm up (starts the workers)
             files: list[tuple[str, tuple[str, ...]]] = []
             start = time.perf_counter()
             for _ in range(args.batches):
@@ -61,13 +70,15 @@ def main() -> None:
                 files += [(key, ("rgb.png", "posemap.png")) for key in batch["ref_key"]]
                 files += [(key, ("rgb.png", "mask.png")) for key in batch["driving_key"]]
             seconds = time.perf_counter() - start
+            del stream
             start = time.perf_counter()
             read_folder(folder, files)
             reference = time.perf_counter() - start
             samples = args.batches * args.batch_size
-            print(f"loader kind={kind}: {samples / seconds:.1f} samples/s ({seconds:.2f} s for {samples}); "
-                  f"plain-folder reads of the same {sum(len(m) for _, m in files)} PNGs {reference:.2f} s; "
-                  f"ratio loader/plain throughput = {reference / seconds:.3f}")
+            print(f"loader kind={kind} num_workers={workers}: {samples / seconds:.1f} samples/s ({seconds:.2f} s for "
+                  f"{samples}); plain-folder reads of the same {sum(len(m) for _, m in files)} PNGs {reference:.2f} s "
+                  f"in one process; ratio loader/plain throughput = {reference / seconds:.3f}")
+    print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

@@ -1,65 +1,164 @@
-"""Packing throughput (samples/s, MB/s) for 1 and 2 Ray workers, each as a ratio to `tar -cf` of the same
-encoded members written in the same run (the cost of decoding, cropping, rendering and encoding over I/O)."""
+"""Packing throughput against its floor, where a sample's time goes, decoded vs packed frames, SynthHuman scaling.
+
+The floor is what packing cannot avoid, measured in the same run without Ray: decoding the packed video frames
+(each video once, from frame 0 to its last packed frame), reading the packed SynthHuman samples, and encoding
+the same PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per
+worker (1.0 = packing costs nothing beyond decode + encode), and 2 workers against 1. Pack time runs from the
+first unit's start to the last unit's end (from the shard stats), so Ray and actor start are excluded.
+
+The procedural videos are re-encoded with a fixed GOP (``--keyframe-interval``) because seeking costs up to
+one GOP of decoding per shard and camera; x264's default GOP (250) is longer than these short sequences.
+"""
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
 import subprocess
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from geodiff4d.cluster.runtime import connect, shutdown
+from geodiff4d.datasets.manifest import read_manifest, stats_files
+from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.packing import pack
 from geodiff4d.datasets.procedural import SynthSpec, synthesize
 from geodiff4d.datasets.shards import iter_shard
+from geodiff4d.datasets.synthhuman import MEMBERS, SynthHumanDataset, member_path
+from geodiff4d.datasets.video import iter_video_range, read_video, write_video
+
+PNG_MEMBERS = ("rgb.png", "mask.png", "normal.png", "posemap.png")
 
 
-def tar_reference(shards: Path, scratch: Path) -> float:
-    """Seconds for `tar -cf` over the packed members laid out as plain files."""
-    members = scratch / "members"
-    for tar in sorted(shards.glob("*.tar")):
-        for sample in iter_shard(tar):
-            for ext, data in sample.items():
-                if not ext.startswith("__"):
-                    (members / f"{sample['__key__']}.{ext}").parent.mkdir(parents=True, exist_ok=True)
-                    (members / f"{sample['__key__']}.{ext}").write_bytes(data)
+def reencode(nersemble: Path, keyframe_interval: int) -> None:
+    for path in sorted(nersemble.glob("*/sequences/*/*/cam_*.mp4")):
+        gray = path.parent.name == "alpha_maps"
+        write_video(path, read_video(path, gray=gray), keyframe_interval=keyframe_interval)
+
+
+def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]:
+    """(decode seconds, encode seconds) of the packed samples, single-threaded, no Ray."""
+    rows = read_manifest(shards).to_pylist()
+    last: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in rows:
+        if r["source"] == "nersemble":
+            video = (r["subject"], r["sequence"], r["camera"])
+            last[video] = max(last[video], r["frame"])
+    dataset = NersembleDataset(sources["nersemble"])
     start = time.perf_counter()
-    subprocess.run(["tar", "-cf", str(scratch / "reference.tar"), "-C", str(members), "."], check=True)
-    return time.perf_counter() - start
+    for (subject, sequence, serial), frame in sorted(last.items()):
+        for path in (dataset.video_path(subject, sequence, serial), dataset.alpha_path(subject, sequence, serial)):
+            for _ in iter_video_range(path, 0, frame + 1, gray=path.parent.name == "alpha_maps"):
+                pass
+    synthhuman = SynthHumanDataset(sources["synthhuman"])
+    for r in rows:
+        if r["source"] == "synthhuman":
+            synthhuman[int(r["subject"])]
+    decode = time.perf_counter() - start
+    images = [
+        cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_UNCHANGED)
+        for tar in sorted(shards.glob("*.tar")) for sample in iter_shard(tar) for member in PNG_MEMBERS
+    ]
+    start = time.perf_counter()
+    for image in images:
+        cv2.imencode(".png", image)
+    return decode, time.perf_counter() - start
+
+
+def shard_stats(shards: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in stats_files(shards)]
+
+
+def print_stages(stats: list[dict], samples: int, wall: float, workers: int) -> None:
+    """Per-stage milliseconds per sample, summed over shards; 'other' is worker time in units no stage saw."""
+    seconds: dict[str, float] = defaultdict(float)
+    for s in stats:
+        for stage, value in s["stage_seconds"].items():
+            seconds[stage] += value
+    seconds["other (tar assembly, json, idle workers, scheduling)"] = wall * workers - sum(seconds.values())
+    for stage, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"    {stage:<70s} {1000 * value / samples:7.1f} ms/sample  {100 * value / (wall * workers):5.1f} %")
+
+
+def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> None:
+    """Pack SynthHuman folders of each size (hard links of a few rendered samples) with 2 workers."""
+    synthesize(tmp / "few", SynthSpec(subjects=1, frames=1, cameras=1, resolution=resolution, synthetic=8),
+               workers=2, progress=False)
+    seconds = {}
+    for size in sizes:
+        folder = tmp / f"synthhuman{size}"
+        folder.mkdir()
+        for index in range(size):
+            for member in MEMBERS:
+                os.link(member_path(tmp / "few" / "synthhuman", index % 8, member), member_path(folder, index, member))
+        start = time.perf_counter()
+        report = pack(tmp / f"pack{size}", [("synthhuman", folder)], resolution=resolution, workers=2,
+                      samples_per_shard=512, progress=False)
+        seconds[size] = time.perf_counter() - start
+        assert report.ok and report.samples == size, report.summary()
+        print(f"  synthhuman {size:5d} samples at {resolution} px, 2 workers: {seconds[size]:6.2f} s = "
+              f"{1000 * seconds[size] / size:5.2f} ms/sample")
+    small, large = min(sizes), max(sizes)
+    print(f"  time ratio {large}/{small} = {seconds[large] / seconds[small]:.2f} for a size ratio of "
+          f"{large / small:.2f}: per-sample cost ratio {seconds[large] / large / (seconds[small] / small):.2f} "
+          f"(1.0 = linear)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--subjects", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--cameras", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--synthetic", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--cameras", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--synthetic", type=int, default=20)
+    parser.add_argument("--samples-per-shard", type=int, default=20)
+    parser.add_argument("--keyframe-interval", type=int, default=8)
+    parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[500, 2000])
+    parser.add_argument("--synthhuman-resolution", type=int, default=32)
     args = parser.parse_args()
-    spec = SynthSpec(subjects=args.subjects, frames=args.frames, cameras=args.cameras,
-                     resolution=args.resolution, synthetic=args.synthetic)
+    print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    spec = SynthSpec(subjects=1, frames=args.frames, cameras=args.cameras, resolution=args.resolution,
+                     synthetic=args.synthetic)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         connect(num_cpus=2)
         synthesize(tmp / "data", spec, workers=2, progress=False)
-        sources = [("nersemble", tmp / "data" / "nersemble"), ("synthhuman", tmp / "data" / "synthhuman")]
+        reencode(tmp / "data" / "nersemble", args.keyframe_interval)
+        sources = {"nersemble": tmp / "data" / "nersemble", "synthhuman": tmp / "data" / "synthhuman"}
+        print(f"data: {spec}, videos re-encoded with a {args.keyframe_interval}-frame GOP; "
+              f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px")
+        wall = {}
         for workers in (1, 2):
             out = tmp / f"pack{workers}"
             start = time.perf_counter()
-            report = pack(out, sources, resolution=args.resolution, workers=workers, samples_per_shard=32,
-                          progress=False)
-            seconds = time.perf_counter() - start
+            report = pack(out, list(sources.items()), resolution=args.resolution, workers=workers,
+                          samples_per_shard=args.samples_per_shard, progress=False)
             assert report.ok, report.summary()
-            megabytes = sum(p.stat().st_size for p in out.glob("*.tar")) / 1e6
-            reference = tar_reference(out, tmp / f"ref{workers}")
-            print(f"pack workers={workers}: {report.samples} samples, {megabytes:.1f} MB in {seconds:.2f} s = "
-                  f"{report.samples / seconds:.1f} samples/s, {megabytes / seconds:.2f} MB/s; "
-                  f"tar -cf of the same members {reference:.3f} s ({megabytes / reference:.0f} MB/s); "
-                  f"ratio pack/tar throughput = {reference / seconds:.4f}")
-            shutil.rmtree(tmp / f"ref{workers}")
+            stats = shard_stats(out)
+            wall[workers] = max(s["unit_window"][1] for s in stats) - min(s["unit_window"][0] for s in stats)
+            print(f"pack workers={workers}: {time.perf_counter() - start:.2f} s with actor start and manifest, "
+                  f"{wall[workers]:.2f} s from the first unit's start to the last unit's end:")
+            decoded = sum(s["decoded_video_frames"] for s in stats)
+            packed = sum(s["packed_video_frames"] for s in stats)
+            print(f"  {report.samples} samples in {report.shards} shards, {wall[workers]:.2f} s "
+                  f"= {report.samples / wall[workers]:.2f} samples/s; decoded {decoded} video frames for {packed} "
+                  f"packed ({decoded / packed:.3f}x)")
+            print_stages(stats, report.samples, wall[workers], workers)
+        decode, encode = floor_seconds(tmp / "pack1", sources)
+        floor = decode + encode
+        print(f"floor (no Ray, 1 thread): decode {decode:.2f} s + PNG encode {encode:.2f} s = {floor:.2f} s "
+              f"= {report.samples / floor:.2f} samples/s")
+        for workers in (1, 2):
+            print(f"  throughput per worker, workers={workers}: {floor / (wall[workers] * workers):.3f}x the floor")
+        print(f"  2 workers vs 1: {wall[1] / wall[2]:.2f}x")
+        synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)
         shutdown()
+    print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

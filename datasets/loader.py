@@ -217,88 +217,112 @@ def _decode_png(data: bytes, key: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise LoaderError(f"sample {key}: undecodable PNG")
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    image = image.astype(np.float32) / scale
+    scale = np.float32(65535.0 if image.dtype == np.uint16 else 255.0)
     if image.ndim == 2:
-        return image[None]  # [1, H, W]
-    return image[..., 2::-1].transpose(2, 0, 1).copy()  # BGR [H, W, 3] -> RGB [3, H, W]
+        return (image / scale)[None]  # [1, H, W]
+    return np.ascontiguousarray(image[..., 2::-1].transpose(2, 0, 1)) / scale  # BGR [H, W, 3] -> RGB [3, H, W]
 
 
-def _image(sample: dict[str, Any], member: str, channels: int) -> np.ndarray:
-    """A member PNG as float32 [channels, H, W] in [0, 1]."""
-    data = sample.get(member)
-    if data is None:
-        raise LoaderError(f"sample {sample['__key__']} in {sample['__url__']} lacks member {member}")
-    image = _decode_png(data, sample["__key__"])
-    return image[:channels] if image.shape[0] >= channels else np.repeat(image, channels, axis=0)
+class BatchImages:
+    """Member PNGs of one batch as float32 [C, H, W] in [0, 1], each decoded once.
+
+    A frame-mode target is also its own driving frame, and a reference can be another unit's target, so
+    without this the same PNG would be decoded several times per batch.
+    """
+
+    def __init__(self) -> None:
+        self._decoded: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def __call__(self, sample: dict[str, Any], member: str, channels: int) -> np.ndarray:
+        slot = (sample.get("__url__", ""), sample["__key__"], member)
+        if slot not in self._decoded:
+            data = sample.get(member)
+            if data is None:
+                raise LoaderError(f"sample {sample['__key__']} in {sample.get('__url__')} lacks member {member}")
+            self._decoded[slot] = _decode_png(data, sample["__key__"])
+        image = self._decoded[slot]
+        return image[:channels] if image.shape[0] >= channels else np.repeat(image, channels, axis=0)
 
 
-def _normal(sample: dict[str, Any], config: LoaderConfig) -> tuple[np.ndarray, bool]:
+def _normal(sample: dict[str, Any], images: BatchImages, config: LoaderConfig) -> tuple[np.ndarray, bool]:
     if "normal.png" in sample and sample["meta"].get("normal_source") in config.normal_sources:
-        return _image(sample, "normal.png", 3), True
-    height, width = _image(sample, "mask.png", 1).shape[-2:]
+        return images(sample, "normal.png", 3), True
+    height, width = images(sample, "mask.png", 1).shape[-2:]
     return np.zeros((3, height, width), np.float32), False
 
 
 def augment_driving(rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config: LoaderConfig, rng: np.random.Generator) -> Tensor:
-    """Face crop of a driving frame with spatial (scale, shift) and pixel (colour, noise) augmentation.
+    """Face crops of driving frames with spatial (scale, shift) and pixel (colour, noise) augmentation.
 
-    rgb [3, H, W], mask [1, H, W] -> [3, r, r]. The crop hides the frame's framing and the colour changes its
-    appearance, so the expression encoder must read the expression itself.
+    rgb [N, 3, H, W], mask [N, 1, H, W] -> [N, 3, r, r] in one batched resampling (or one frame [3, H, W],
+    [1, H, W] -> [3, r, r]). The crop hides the frame's framing and the colour changes its appearance, so the
+    expression encoder must read the expression itself.
     """
-    height, width = rgb.shape[-2:]
-    ys, xs = np.nonzero(np.asarray(mask[0]) > 0.5)
-    if len(ys):
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    else:
-        y0, y1, x0, x1 = 0, height, 0, width
-    side = max(y1 - y0, x1 - x0) * rng.uniform(*config.crop_scale)
-    cy = (y0 + y1) / 2 + rng.uniform(-1, 1) * config.crop_shift * side
-    cx = (x0 + x1) / 2 + rng.uniform(-1, 1) * config.crop_shift * side
+    rgb, mask = torch.as_tensor(rgb), torch.as_tensor(mask)
+    single = rgb.ndim == 3
+    rgb, mask = (rgb[None], mask[None]) if single else (rgb, mask)
+    n, _, height, width = rgb.shape
+    boxes = np.array([_head_extent(m[0].numpy(), height, width) for m in mask])  # [N, 4] y0, y1, x0, x1
+    side = np.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]) * rng.uniform(*config.crop_scale, n)
+    shift = rng.uniform(-1, 1, (n, 2)) * config.crop_shift * side[:, None]
+    cy, cx = (boxes[:, 0] + boxes[:, 1]) / 2 + shift[:, 0], (boxes[:, 2] + boxes[:, 3]) / 2 + shift[:, 1]
     r = config.driving_size
-    # Affine grid in normalized coordinates: samples the square crop, zero outside the image.
-    theta = torch.tensor(
-        [[side / width, 0.0, 2 * cx / width - 1], [0.0, side / height, 2 * cy / height - 1]], dtype=torch.float32
-    )
-    grid = F.affine_grid(theta[None], [1, 3, r, r], align_corners=False)  # [1, r, r, 2]
-    crop = F.grid_sample(torch.as_tensor(rgb)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    gray = crop.mean(dim=0, keepdim=True)
-    crop = gray + (crop - gray) * (1 + rng.uniform(-1, 1) * config.saturation)
-    crop = crop.mean() + (crop - crop.mean()) * (1 + rng.uniform(-1, 1) * config.contrast)
-    crop = crop + rng.uniform(-1, 1) * config.brightness
-    noise = rng.standard_normal(crop.shape).astype(np.float32) * config.noise_std
-    return (crop + torch.from_numpy(noise)).clamp(0, 1)
+    # Affine grids in normalized coordinates: each samples its square crop, zero outside the image.
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 2] = side / width, 2 * cx / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = side / height, 2 * cy / height - 1
+    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32), [n, 3, r, r], align_corners=False)  # [N, r, r, 2]
+    crop = F.grid_sample(rgb.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [N, 3, r, r]
+    jitter = torch.as_tensor(rng.uniform(-1, 1, (3, n, 1, 1, 1)), dtype=torch.float32)  # saturation, contrast, brightness
+    gray = crop.mean(dim=1, keepdim=True)
+    crop = gray + (crop - gray) * (1 + jitter[0] * config.saturation)
+    mean = crop.mean(dim=(1, 2, 3), keepdim=True)
+    crop = mean + (crop - mean) * (1 + jitter[1] * config.contrast)
+    crop = crop + jitter[2] * config.brightness
+    noise = torch.from_numpy(rng.standard_normal(crop.shape).astype(np.float32)) * config.noise_std
+    crop = (crop + noise).clamp(0, 1)
+    return crop[0] if single else crop
 
 
-def _frame_tensors(sample: dict[str, Any], config: LoaderConfig) -> dict[str, Any]:
-    normal, has_normal = _normal(sample, config)
+def _head_extent(mask: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a mask [H, W], the whole frame when it is empty."""
+    ys, xs = np.nonzero(mask > 0.5)
+    return (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) if len(ys) else (0, height, 0, width)
+
+
+def _frame_tensors(sample: dict[str, Any], images: BatchImages, config: LoaderConfig) -> dict[str, Any]:
+    normal, has_normal = _normal(sample, images, config)
     return {
-        "rgb": _image(sample, "rgb.png", 3),
+        "rgb": images(sample, "rgb.png", 3),
         "normal": normal,
-        "mask": _image(sample, "mask.png", 1),
-        "posemap": _image(sample, "posemap.png", 3),
+        "mask": images(sample, "mask.png", 1),
+        "posemap": images(sample, "posemap.png", 3),
         "has_normal": has_normal,
     }
 
 
 def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -> dict[str, Any]:
     """Units -> the batch contract of ``notes/api_batches.md`` (clips add a T axis after B)."""
-    frames = [[_frame_tensors(t, config) for t in u.targets] for u in units]
-    drivings = [
-        [augment_driving(_image(d, "rgb.png", 3), _image(d, "mask.png", 1), config, rng) for d in u.drivings]
-        for u in units
-    ]
+    images = BatchImages()
+    frames = [[_frame_tensors(t, images, config) for t in u.targets] for u in units]
+    drivings = [d for u in units for d in u.drivings]
+    driving = augment_driving(
+        torch.from_numpy(np.stack([images(d, "rgb.png", 3) for d in drivings])),
+        torch.from_numpy(np.stack([images(d, "mask.png", 1) for d in drivings])),
+        config,
+        rng,
+    ).unflatten(0, (len(units), -1))  # [B, T, 3, r, r]
 
     # numpy stacking: single-threaded, so a loader in the main process does not fight the trainer's threads
     def stack(name: str) -> Tensor:
-        batch = torch.from_numpy(np.stack([np.stack([f[name] for f in fs]) for fs in frames]))  # [B, T, C, R, R]
+        flat = torch.from_numpy(np.stack([f[name] for fs in frames for f in fs]))  # [B*T, C, R, R], one copy
+        batch = flat.unflatten(0, (len(frames), -1))  # [B, T, C, R, R]
         return batch if config.kind == "clip" else batch[:, 0]
 
-    driving = torch.stack([torch.stack(d) for d in drivings])  # [B, T, 3, r, r]
     batch: dict[str, Any] = {name: stack(name) for name in ("rgb", "normal", "mask", "posemap")}
     batch["driving"] = driving if config.kind == "clip" else driving[:, 0]
-    batch["ref_rgb"] = torch.from_numpy(np.stack([_image(u.ref, "rgb.png", 3) for u in units]))
-    batch["ref_posemap"] = torch.from_numpy(np.stack([_image(u.ref, "posemap.png", 3) for u in units]))
+    batch["ref_rgb"] = torch.from_numpy(np.stack([images(u.ref, "rgb.png", 3) for u in units]))
+    batch["ref_posemap"] = torch.from_numpy(np.stack([images(u.ref, "posemap.png", 3) for u in units]))
     batch["has_normal"] = torch.tensor([all(f["has_normal"] for f in fs) for fs in frames])
     batch["cross_view"] = torch.tensor([u.cross_view for u in units])
     batch["source"] = [u.source for u in units]

@@ -27,7 +27,7 @@ from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
-from geodiff4d.datasets.video import VideoError, iter_video, video_frame_count, video_size
+from geodiff4d.datasets.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
 
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
@@ -270,9 +270,25 @@ class NersembleDataset:
             raise NersembleError(f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames")
         return tracking
 
-    def frames(self, subject: str, sequence: str, serial: str) -> Iterator[NersembleFrame]:
-        """Decoded frames of one camera with alpha, camera and the frame's tracking row."""
+    def frames(
+        self,
+        subject: str,
+        sequence: str,
+        serial: str,
+        start: int = 0,
+        stop: int | None = None,
+        threads: int = 1,
+        count: DecodeCount | None = None,
+    ) -> Iterator[NersembleFrame]:
+        """Decoded frames ``start <= frame < stop`` of one camera with alpha, camera and the frame's tracking row.
+
+        The videos are sought to ``start`` (see ``iter_video_range``); ``count`` accumulates decoded frames.
+        """
         n_frames = self.frame_count(subject, sequence)
+        stop = n_frames if stop is None else stop
+        if not 0 <= start < stop <= n_frames:
+            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
+                                 f"within its {n_frames} frames")
         if serial not in self.sequence_serials(subject, sequence):
             raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
         video = self.video_path(subject, sequence, serial)
@@ -283,10 +299,13 @@ class NersembleDataset:
         alpha_path = self.alpha_path(subject, sequence, serial)
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
         # which differs by one level in places)
-        alphas = (rgb[..., 0] for rgb in iter_video(alpha_path)) if alpha_path.exists() else None
+        alphas = (
+            ((i, rgb[..., 0]) for i, rgb in iter_video_range(alpha_path, start, stop, threads=threads, count=count))
+            if alpha_path.exists() else None
+        )
         try:
-            for index, rgb in enumerate(iter_video(video)):
-                alpha = next(alphas) if alphas is not None else None
+            for index, rgb in iter_video_range(video, start, stop, threads=threads, count=count):
+                alpha = next(alphas)[1] if alphas is not None else None
                 if alpha is not None and alpha.shape != rgb.shape[:2]:
                     raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
                 row = rows.get(index)

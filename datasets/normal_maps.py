@@ -23,7 +23,7 @@ class NormalMapError(ValueError):
 
 
 def _channel_last(normal: np.ndarray) -> np.ndarray:
-    normal = np.asarray(normal, dtype=np.float64)
+    normal = np.asarray(normal, dtype=np.float32)  # float32 is exact enough for 16-bit codes, and twice as fast
     if normal.ndim == 3 and normal.shape[-1] == 3:
         return normal
     if normal.ndim == 3 and normal.shape[0] == 3:
@@ -43,8 +43,8 @@ def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
     mask = np.asarray(mask) > 0.5
     if mask.shape != normal.shape[:2]:
         raise NormalMapError(f"mask shape {mask.shape} does not match normal map {normal.shape[:2]}")
-    encoded = np.rint((np.clip(unit(normal), -1.0, 1.0) + 1.0) / 2.0 * _U16_MAX).astype(np.uint16)
-    encoded[~mask] = 0
+    scale = np.float32(_U16_MAX / 2.0)
+    encoded = np.where(mask[..., None], np.rint((np.clip(unit(normal), -1.0, 1.0) + 1.0) * scale), 0).astype(np.uint16)
     ok, buffer = cv2.imencode(".png", np.ascontiguousarray(encoded[..., ::-1]))  # OpenCV wants BGR
     if not ok:
         raise NormalMapError("PNG encoding failed")
@@ -64,12 +64,12 @@ def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.ndim != 3 or image.shape[2] < 3:
         raise NormalMapError(f"{name}: not an RGB PNG normal map")
-    scale = _U16_MAX if image.dtype == np.uint16 else 255.0
-    rgb = image[..., 2::-1].astype(np.float64)  # BGR(A) -> RGB
+    scale = np.float32(2.0 / (_U16_MAX if image.dtype == np.uint16 else 255.0))
+    rgb = image[..., 2::-1]  # BGR(A) -> RGB
     mask = np.any(rgb > 0, axis=-1)
-    normal = unit(rgb / scale * 2.0 - 1.0)
+    normal = unit(rgb.astype(np.float32) * scale - np.float32(1.0))
     normal[~mask] = 0.0
-    return normal.astype(np.float32), mask
+    return normal, mask
 
 
 def write_normal_png(path: str | os.PathLike, normal: np.ndarray, mask: np.ndarray) -> None:

@@ -4,7 +4,9 @@ The plan is a pure function of the input listing (sorted sample ids -> shards bo
 upper bound of bytes), so a rerun recomputes the same shards and skips those whose tar and stats marker
 exist. A shard holds whole frames (every camera of a subject/sequence/frame) where the bounds allow, so the
 loader can draw cross-view pairs and clips inside one shard. One Ray work unit per shard: its actor decodes
-the videos it needs (PyAV), crops and resizes around the head, and encodes rgb, normal, mask, posemap, json.
+each camera video it needs once, from the shard's first frame (PyAV, seeking), poses FLAME once per frame for
+all cameras, crops and resizes around the head, and encodes rgb, normal, mask, posemap (rendered at the packed
+resolution), json. The shard stats record decoded vs packed video frames and seconds per stage.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -34,9 +38,10 @@ from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormal
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png, unit
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
-from geodiff4d.datasets.render import render_head, render_pose_map
+from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.shards import shard_name, write_shard
 from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
+from geodiff4d.datasets.video import DecodeCount
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent
@@ -45,6 +50,7 @@ DEFAULT_SAMPLES_PER_SHARD = 512
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face crops, then full and upper body
 SYNTHHUMAN_SUBSETS = ("all", "face")
+T = TypeVar("T")
 
 
 class PackError(ValueError):
@@ -231,6 +237,17 @@ def background_mask(rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BA
     return filled.astype(np.float32)
 
 
+def _head_box(pose: _FramePose | None, camera: Camera, alpha: np.ndarray, frame: Any) -> tuple[int, int, int]:
+    """Square window around the projected FLAME head, else around the mask."""
+    if pose is not None:
+        xy = camera.project(pose.vertices.double().numpy())  # [V, 2]
+        return square_box(xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
+    box = _mask_box(alpha)
+    if box is None:
+        raise PackError(f"{frame.subject}/{frame.sequence}/cam_{frame.serial} frame {frame.frame}: empty mask, no tracking")
+    return square_box(*box)
+
+
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     ys, xs = np.nonzero(mask > 0.5)
     return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None
@@ -277,14 +294,55 @@ class _Encoded:
     normal: np.ndarray  # float32 [R, R, 3]
     normal_mask: np.ndarray  # bool [R, R]
     posemap: np.ndarray  # float32 [R, R, 3]
+    posemap_mask: np.ndarray  # bool [R, R]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class PackJob:
-    """Ray job: one unit = one shard. ``setup`` loads the FLAME model and the normal estimator once per actor."""
+@dataclass
+class _FramePose:
+    """One tracked frame posed once and shared by all its cameras."""
 
-    def __init__(self, out: str | os.PathLike, settings: PackSettings):
-        self.out, self.settings = Path(out), settings
+    vertices: torch.Tensor  # [V, 3] world space, as tracked
+    pose_vertices: torch.Tensor  # [V, 3] world space, expression/jaw/eyes zeroed (the pose-map mesh)
+    flame_json: dict[str, Any]  # the tracking row as written into every sample's json
+
+
+class StageClock:
+    """Seconds spent per named stage of a unit, so a benchmark can say where a sample's time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def timed_iter(self, stage: str, items: Iterable[T]) -> Iterator[T]:
+        """``items`` with the time spent producing each one (e.g. decoding) charged to ``stage``."""
+        iterator = iter(items)
+        while True:
+            with self(stage):
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END: Any = object()
+
+
+class PackJob:
+    """Ray job: one unit = one shard. ``setup`` loads the FLAME model and the normal estimator once per actor.
+
+    ``decode_threads`` only changes speed (decoding is bit-exact with any thread count), so it is not a setting.
+    """
+
+    def __init__(self, out: str | os.PathLike, settings: PackSettings, decode_threads: int = 1):
+        self.out, self.settings, self.decode_threads = Path(out), settings, decode_threads
 
     def setup(self) -> None:
         torch.set_num_threads(1)
@@ -293,128 +351,151 @@ class PackJob:
         self.estimator = OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
 
     def run(self, unit: WorkUnit) -> dict[str, Any]:
+        """Write the shard; its stats also say how many video frames were decoded for how many packed."""
         plan: ShardPlan = unit.payload["plan"]
+        started = time.time()
+        self.clock, self.decoded, self.packed_video_frames = StageClock(), DecodeCount(), 0
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
         path = self.out / f"{plan.name}.tar"
         ids = {s["__key__"]: json.loads(s["json"]) for s in samples}
-        return shard_stats(path, ids, write_shard(path, samples))
+        with self.clock("write"):
+            records = write_shard(path, samples)
+        stats = shard_stats(path, ids, records)
+        stats["decoded_video_frames"], stats["packed_video_frames"] = self.decoded.frames, self.packed_video_frames
+        stats["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())}
+        stats["unit_window"] = [started, time.time()]  # wall clock, so throughput can exclude actor start
+        return stats
 
     # --- sample assembly
     def _sample(self, ref: SampleRef, enc: _Encoded) -> dict[str, Any]:
-        meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
-        mask8 = np.rint(np.clip(enc.mask, 0, 1) * 255).astype(np.uint8)
-        pose_mask = np.linalg.norm(enc.posemap, axis=-1) > 0.5
-        return {
-            "__key__": ref.key,
-            "rgb.png": _png(enc.rgb),
-            "mask.png": _png(mask8),
-            "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
-            "posemap.png": encode_normal_png(enc.posemap, pose_mask),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        }
+        with self.clock("encode"):
+            meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
+            mask8 = np.rint(np.clip(enc.mask, 0, 1) * 255).astype(np.uint8)
+            return {
+                "__key__": ref.key,
+                "rgb.png": _png(enc.rgb),
+                "mask.png": _png(mask8),
+                "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
+                "posemap.png": encode_normal_png(enc.posemap, enc.posemap_mask),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
-        wanted: dict[tuple[str, str, str, str], set[int]] = {}
+        """Each camera video of the shard is decoded once, from the shard's first frame; FLAME runs once per frame."""
+        wanted: dict[tuple[str, str, str], dict[str, set[int]]] = {}
         for ref in refs:
-            wanted.setdefault((ref.root, ref.subject, ref.sequence, ref.camera), set()).add(ref.frame)
+            wanted.setdefault((ref.root, ref.subject, ref.sequence), {}).setdefault(ref.camera, set()).add(ref.frame)
         by_id = {(r.root, r.subject, r.sequence, r.camera, r.frame): r for r in refs}
-        datasets: dict[str, NersembleDataset] = {}
+        datasets = {root: NersembleDataset(root, self.model.n_shape, self.model.n_expr) for root, _, _ in wanted}
         samples = []
-        for (root, subject, sequence, serial), frames in sorted(wanted.items()):
-            dataset = datasets.setdefault(root, NersembleDataset(root, self.model.n_shape, self.model.n_expr))
-            backdrop = _background(dataset, subject, serial)
-            remaining = set(frames)
-            for frame in dataset.frames(subject, sequence, serial):
-                if frame.frame in remaining:
-                    remaining.discard(frame.frame)
+        for (root, subject, sequence), cameras in sorted(wanted.items()):
+            dataset = datasets[root]
+            poses: dict[int, _FramePose | None] = {}
+            for serial, frames in sorted(cameras.items()):
+                backdrop = _background(dataset, subject, serial)
+                decoded = dataset.frames(subject, sequence, serial, start=min(frames), stop=max(frames) + 1,
+                                         threads=self.decode_threads, count=self.decoded)
+                for frame in self.clock.timed_iter("decode", decoded):
+                    if frame.frame not in frames:
+                        continue
+                    self.packed_video_frames += 1 + (frame.alpha is not None)
+                    if frame.frame not in poses:
+                        poses[frame.frame] = self._pose(frame.flame)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
-                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop)))
-                if not remaining:
-                    break
-            if remaining:
-                raise PackError(
-                    f"{dataset.video_path(subject, sequence, serial)}: frames {sorted(remaining)[:5]} not in the video"
-                )
+                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, poses[frame.frame])))
         return samples
 
-    def _encode_nersemble(self, dataset: NersembleDataset, frame: Any, backdrop: np.ndarray | None) -> _Encoded:
+    def _pose(self, flame: FlameParams | None) -> _FramePose | None:
+        """FLAME once per frame (not per camera): the tracked mesh, its expression-free pose-map mesh, its json."""
+        if flame is None:
+            return None
+        with self.clock("flame"), torch.no_grad():
+            vertices = self.model(flame).vertices[0]  # [V, 3]
+            pose_vertices = self.model(flame.with_zero_expression()).vertices[0]
+            return _FramePose(vertices, pose_vertices, {k: v.tolist() for k, v in flame.to_numpy_dict().items()})
+
+    def _encode_nersemble(
+        self, dataset: NersembleDataset, frame: Any, backdrop: np.ndarray | None, pose: _FramePose | None
+    ) -> _Encoded:
         res = self.settings.resolution
         if frame.alpha is not None:
             alpha, mask_source = frame.alpha, "alpha"
         elif backdrop is not None:
-            alpha, mask_source = background_mask(frame.rgb, backdrop), "background"
+            with self.clock("mask"):
+                alpha, mask_source = background_mask(frame.rgb, backdrop), "background"
         else:
             raise PackError(
                 f"{dataset.video_path(frame.subject, frame.sequence, frame.serial)}: no alpha_maps video and no "
                 f"BACKGROUND/image_{frame.serial}.jpg for background subtraction"
             )
-        box = self._head_box(frame.flame, frame.camera, alpha, frame)
-        camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
+        with self.clock("crop"):
+            box = _head_box(pose, frame.camera, alpha, frame)
+            camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
+            rgb, mask = crop(frame.rgb, box, res), crop(alpha, box, res)
         gt = gt_normal_path(dataset.root, frame.subject, frame.sequence, frame.serial, frame.frame)
-        rgb = crop(frame.rgb, box, res)
         if frame.color_matrix is not None:  # only the crop is corrected, not the full frame
-            rgb = correct_colour(rgb, frame.color_matrix)
-        if gt.is_file():
-            normal, normal_mask = crop_normals(*decode_normal_png(gt), box, res)
-            normal_source = "gt"
-        else:
-            normal, normal_mask, normal_source = self._estimated_normals(rgb, crop(alpha, box, res), frame.flame, camera)
-        posemap = self._posemap(frame.flame, camera)
+            with self.clock("colour"):
+                rgb = correct_colour(rgb, frame.color_matrix)
+        with self.clock("normal"):
+            if gt.is_file():
+                normal, normal_mask = crop_normals(*decode_normal_png(gt), box, res)
+                normal_source = "gt"
+            else:
+                normal, normal_mask, normal_source = self._estimated_normals(rgb, mask, pose, camera)
+        with self.clock("posemap"):
+            posemap, posemap_mask = self._posemap(pose, camera)
         meta = {
             "camera_params": camera.to_json(),
             "crop": list(box),
             "mask_source": mask_source,
             "normal_source": normal_source,
-            "flame": None if frame.flame is None else {k: v.tolist() for k, v in frame.flame.to_numpy_dict().items()},
+            "flame": None if pose is None else pose.flame_json,
             "color_calibrated": frame.color_matrix is not None,
             "tracking": frame.tracking_kind,
         }
-        return _Encoded(rgb, crop(alpha, box, res), normal, normal_mask, posemap, meta)
+        return _Encoded(rgb, mask, normal, normal_mask, posemap, posemap_mask, meta)
 
-    def _head_box(self, flame: FlameParams | None, camera: Camera, alpha: np.ndarray, frame: Any) -> tuple[int, int, int]:
-        """Square window around the projected FLAME head, else around the mask."""
-        if flame is not None:
-            with torch.no_grad():
-                vertices = self.model(flame).vertices[0].double().numpy()  # [V, 3]
-            xy = camera.project(vertices)
-            return square_box(xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
-        box = _mask_box(alpha)
-        if box is None:
-            raise PackError(f"{frame.subject}/{frame.sequence}/cam_{frame.serial} frame {frame.frame}: empty mask, no tracking")
-        return square_box(*box)
-
-    def _estimated_normals(self, rgb: np.ndarray, mask: np.ndarray, flame: FlameParams | None, camera: Camera):
+    def _estimated_normals(self, rgb: np.ndarray, mask: np.ndarray, pose: _FramePose | None, camera: Camera):
         inside = mask > 0.5
         if self.estimator is not None:
             normal = self.estimator(rgb.astype(np.float32) / 255.0)
             return np.where(inside[..., None], normal, 0.0).astype(np.float32), inside, "onnx"
-        if flame is None:
+        if pose is None:
             return np.zeros((*mask.shape, 3), np.float32), np.zeros(mask.shape, bool), "none"
-        render = render_head(self.model, flame, camera)
-        return render.normal.permute(1, 2, 0).numpy(), render.mask.numpy() > 0.5, "flame"
+        normal, normal_mask = render_normals(pose.vertices, self.model.faces, camera)
+        return normal.permute(1, 2, 0).numpy(), normal_mask.numpy(), "flame"
 
-    def _posemap(self, flame: FlameParams | None, camera: Camera) -> np.ndarray:
+    def _posemap(self, pose: _FramePose | None, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+        """Pose map [R, R, 3] and its mask [R, R], rendered at the packed resolution."""
         res = self.settings.resolution
-        if flame is None:
-            return np.zeros((res, res, 3), np.float32)
-        return render_pose_map(self.model, flame, camera).permute(1, 2, 0).numpy()
+        if pose is None:
+            return np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)
+        normal, mask = render_normals(pose.pose_vertices, self.model.faces, camera)
+        return normal.permute(1, 2, 0).numpy(), mask.numpy()
 
     def _synthhuman_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         res = self.settings.resolution
-        datasets: dict[str, SynthHumanDataset] = {}
+        indices: dict[str, list[int]] = {}
+        for ref in refs:
+            indices.setdefault(ref.root, []).append(int(ref.subject))
+        # the job listed each folder when it planned; the shard reads only its own samples
+        datasets = {root: SynthHumanDataset(root, indices=listed) for root, listed in indices.items()}
         samples = []
         for ref in refs:
-            item = datasets.setdefault(ref.root, SynthHumanDataset(ref.root))[int(ref.subject)]
-            box = _mask_box(item.alpha) or (0, 0, item.camera.width, item.camera.height)
-            box = square_box(*box)
-            camera = item.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
-            rgb = crop(np.rint(item.rgb * 255).astype(np.uint8), box, res)
-            normal, normal_mask = crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res)
+            with self.clock("read"):
+                item = datasets[ref.root][int(ref.subject)]
+            with self.clock("crop"):
+                box = square_box(*(_mask_box(item.alpha) or (0, 0, item.camera.width, item.camera.height)))
+                camera = item.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
+                rgb = crop(np.rint(item.rgb * 255).astype(np.uint8), box, res)
+                mask = crop(item.alpha, box, res)
+            with self.clock("normal"):
+                normal, normal_mask = crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res)
             meta = {"camera_params": camera.to_json(), "crop": list(box), "mask_source": "alpha",
                     "normal_source": "gt", "flame": None, "color_calibrated": False}
-            posemap = np.zeros((res, res, 3), np.float32)  # SynthHuman has no FLAME fit: no pose map
-            samples.append(self._sample(ref, _Encoded(rgb, crop(item.alpha, box, res), normal, normal_mask, posemap, meta)))
+            no_posemap = np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)  # no FLAME fit
+            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, *no_posemap, meta)))
         return samples
 
 
@@ -529,6 +610,7 @@ def pack(
     max_retries: int = 2,
     progress: bool = True,
     synthhuman_subset: str = "all",
+    decode_threads: int = 1,
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
     settings = PackSettings(
@@ -538,7 +620,7 @@ def pack(
         synthhuman_subset=synthhuman_subset,
     )
     return pack_with(
-        PackJob(out, settings), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
+        PackJob(out, settings, decode_threads), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
         max_shard_bytes=max_shard_bytes, max_retries=max_retries, progress=progress,
     )
 

@@ -241,11 +241,13 @@ def interpolate(vertex_attrs: Tensor, faces: Tensor, fragments: Fragments) -> Te
     ``faces`` indexes ``vertex_attrs``; pass UV faces with UV coordinates for per-corner attributes.
     """
     faces = torch.as_tensor(faces, dtype=torch.long, device=vertex_attrs.device)
-    mask = fragments.mask
-    face = fragments.face_index.clamp_min(0)
-    corner_attrs = vertex_attrs[faces[face]]  # [H, W, 3, C]
-    values = (fragments.bary[..., None].to(vertex_attrs.dtype) * corner_attrs).sum(dim=-2)
-    return torch.where(mask[..., None], values, torch.zeros_like(values))
+    height, width = fragments.face_index.shape
+    pixels = fragments.face_index.view(-1).ge(0).nonzero().squeeze(1)  # [N] covered pixels only
+    corner_attrs = vertex_attrs[faces[fragments.face_index.view(-1)[pixels]]]  # [N, 3, C]
+    bary = fragments.bary.view(-1, 3)[pixels].to(vertex_attrs.dtype)  # [N, 3]
+    values = torch.einsum("nk,nkc->nc", bary, corner_attrs)  # [N, C]
+    out = vertex_attrs.new_zeros(height * width, vertex_attrs.shape[1])
+    return out.index_put((pixels,), values).view(height, width, -1)
 
 
 def face_normals(vertices: Tensor, faces: Tensor, normalize: bool = True) -> Tensor:

@@ -45,16 +45,25 @@ def _camera_tensors(camera: Camera, device: torch.device) -> tuple[Tensor, Tenso
     return world_to_cam[:3, :3], world_to_cam[:3, 3], K
 
 
-def _rasterize_head(model: FlameModel, params: FlameParams, camera: Camera) -> tuple[Tensor, Fragments]:
-    """Camera-space vertices [V, 3] of the single frame in ``params`` and its fragments."""
+def _rasterize_vertices(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Fragments]:
+    """Camera-space vertices [V, 3] of a posed mesh and its fragments seen by ``camera``."""
+    with torch.no_grad():
+        rotation, translation, K = _camera_tensors(camera, vertices_world.device)
+        vertices_cam = vertices_world @ rotation.T + translation
+        return vertices_cam, rasterize(vertices_cam, faces, K, camera.height, camera.width)
+
+
+def _frame_vertices(model: FlameModel, params: FlameParams) -> Tensor:
+    """World-space vertices [V, 3] of the single frame in ``params``."""
     if params.rotation.shape[0] != 1:
         raise ValueError(f"render: params must hold one frame (B=1), got B={params.rotation.shape[0]}")
     with torch.no_grad():
-        vertices_world = model(params).vertices[0]  # [V, 3]
-        rotation, translation, K = _camera_tensors(camera, vertices_world.device)
-        vertices_cam = vertices_world @ rotation.T + translation
-        fragments = rasterize(vertices_cam, model.faces, K, camera.height, camera.width)
-    return vertices_cam, fragments
+        return model(params).vertices[0]
+
+
+def _rasterize_head(model: FlameModel, params: FlameParams, camera: Camera) -> tuple[Tensor, Fragments]:
+    """Camera-space vertices [V, 3] of the single frame in ``params`` and its fragments."""
+    return _rasterize_vertices(_frame_vertices(model, params), model.faces, camera)
 
 
 def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:
@@ -104,8 +113,17 @@ def render_head(
         )
 
 
+def render_normals(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Tensor]:
+    """Normals [3, H, W] (our convention, 0 on background) and mask [H, W] of an already posed mesh [V, 3].
+
+    For callers that pose FLAME once per frame and look at it from many cameras (packing).
+    """
+    vertices_cam, fragments = _rasterize_vertices(vertices_world, faces, camera)
+    with torch.no_grad():
+        normal = _normal_image(vertices_cam, faces, fragments).permute(2, 0, 1).contiguous()
+    return normal, fragments.mask
+
+
 def render_pose_map(model: FlameModel, params: FlameParams, camera: Camera) -> Tensor:
     """Pose map [3, H, W]: the head's normals with expression, jaw and eyes zeroed (pose only)."""
-    vertices_cam, fragments = _rasterize_head(model, params.with_zero_expression(), camera)
-    with torch.no_grad():
-        return _normal_image(vertices_cam, model.faces, fragments).permute(2, 0, 1).contiguous()
+    return render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,16 @@ def _read_K(path: Path) -> np.ndarray:
 class SynthHumanDataset:
     """Random access over a SynthHuman folder; every index must have all five members."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, indices: Sequence[int] | None = None):
+        """``indices``: samples a listing of this folder already found (a packing worker trusts its job's listing
+        instead of listing a large folder again; a member missing since then fails when it is read)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise SynthHumanError(f"{self.root}: SynthHuman folder not found")
+        if indices is not None:
+            self._indices = sorted(indices)
+            self._known = frozenset(self._indices)
+            return
         names = {entry.name for entry in self.root.iterdir()}
         self._indices = sorted(int(m.group(1)) for name in names if (m := _INDEX_RE.match(name)))
         if not self._indices:
@@ -132,6 +139,7 @@ class SynthHumanDataset:
                 path = member_path(self.root, index, member)
                 if path.name not in names:
                     raise SynthHumanError(f"{path}: missing (sample {index} has an rgb image)")
+        self._known = frozenset(self._indices)
 
     def indices(self) -> list[int]:
         return list(self._indices)
@@ -158,7 +166,7 @@ class SynthHumanDataset:
         return normal[..., :3]
 
     def __getitem__(self, index: int) -> SynthHumanSample:
-        if index not in self._indices:
+        if index not in self._known:
             raise KeyError(f"{self.root}: no SynthHuman sample {index}")
         rgb = _read_png(self.path(index, "rgb"))
         if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):

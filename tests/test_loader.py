@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_shards import synthetic_samples, write_dataset
 
+from geodiff4d.datasets import loader
 from geodiff4d.datasets.loader import (
     LoaderConfig,
     LoaderError,
@@ -163,3 +164,18 @@ def test_driving_crop_without_augmentation_is_the_head_box():
     assert torch.equal(jittered[0], jittered[1]) and not torch.equal(jittered[0], jittered[2])
     assert not torch.allclose(jittered[0], crop, atol=0.05)
     assert jittered[0].min() >= 0 and jittered[0].max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["frame", "pair"])
+def test_each_member_png_is_decoded_once_per_batch(shards, kind, monkeypatch):
+    out, _ = shards
+    decoded = []
+    original = loader._decode_png
+    monkeypatch.setattr(loader, "_decode_png", lambda data, key: decoded.append(key) or original(data, key))
+    batch = next(iter(TrainingStream(out, LoaderConfig(kind=kind, batch_size=8, driving_size=8, seed=5))))
+    used = {(k, m) for k in batch["key"] for m in ("rgb", "normal", "mask", "posemap")}
+    used |= {(k, m) for k in batch["driving_key"] for m in ("rgb", "mask")}
+    used |= {(k, m) for k in batch["ref_key"] for m in ("rgb", "posemap")}
+    assert len(decoded) == len(used)  # a frame-mode target is its own driving frame: its rgb and mask once
+    if kind == "frame":
+        assert batch["driving_key"] == batch["key"]

@@ -16,20 +16,27 @@ import pytest
 import ray
 from onnx import TensorProto, helper
 
+from geodiff4d.cluster.jobs import WorkUnit
+from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.manifest import read_manifest
+from geodiff4d.datasets.nersemble import write_camera_params
 from geodiff4d.datasets.normal_maps import angular_error_deg, decode_normal_png
 from geodiff4d.datasets.packing import (
     PackJob,
     PackSettings,
     SampleRef,
     background_mask,
+    list_inputs,
     pack,
     pack_with,
     plan_shards,
+    sample_bytes_bound,
 )
 from geodiff4d.datasets.procedural import SEQUENCE_NAMES, SynthSpec, subject_id, synth_cameras, synthesize
 from geodiff4d.datasets.shards import iter_shard
+from geodiff4d.datasets.synthhuman import write_synthhuman_sample
 from geodiff4d.datasets.verify import verify
+from geodiff4d.datasets.video import write_video
 
 SPEC = SynthSpec(subjects=2, sequences=1, frames=4, cameras=3, resolution=64, synthetic=3, seed=0)
 EXPECTED = SPEC.subjects * SPEC.frames * SPEC.cameras + SPEC.synthetic
@@ -219,3 +226,64 @@ def test_background_mask_recovers_a_disk():
 
 def _gray(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def _long_sequence(root: Path, frames: int, keyframe_interval: int) -> Path:
+    """One camera, ``frames`` flat frames whose grey level is 2 x the frame index, a fixed square alpha."""
+    sequence = root / "001" / "sequences" / "EXP-1-head"
+    camera = Camera(np.eye(4), np.array([[40.0, 0, 16], [0, 40.0, 16], [0, 0, 1]]), 32, 32)
+    write_camera_params(root / "001" / "calibration" / "camera_params.json", {"222200037": camera})
+    grey = np.broadcast_to((2 * np.arange(frames, dtype=np.uint8))[:, None, None, None], (frames, 32, 32, 3))
+    alpha = np.zeros((frames, 32, 32), np.uint8)
+    alpha[:, 8:24, 8:24] = 255
+    write_video(sequence / "images" / "cam_222200037.mp4", np.ascontiguousarray(grey), keyframe_interval=keyframe_interval)
+    write_video(sequence / "alpha_maps" / "cam_222200037.mp4", alpha, keyframe_interval=keyframe_interval)
+    return root
+
+
+def test_a_sequence_over_many_shards_decodes_each_frame_about_once(tmp_path):
+    """120 frames in 5 shards: each shard seeks to its first frame instead of decoding from frame 0."""
+    root = _long_sequence(tmp_path / "nersemble", frames=120, keyframe_interval=10)
+    plans = plan_shards(list_inputs([("nersemble", root)]), 25, 10**9, sample_bytes_bound(16))
+    assert [len(p.samples) for p in plans] == [25, 25, 25, 25, 20]
+    job = PackJob(tmp_path / "out", PackSettings(resolution=16))
+    job.setup()
+    (tmp_path / "out").mkdir()
+    decoded = packed = 0
+    for plan in plans:
+        stats = job.run(WorkUnit(plan.name, {"plan": plan}))
+        first = plan.samples[0].frame
+        # colour + alpha video, each decoded from the keyframe at or before the shard's first frame
+        assert stats["decoded_video_frames"] == 2 * (len(plan.samples) + first % 10)
+        assert stats["packed_video_frames"] == 2 * len(plan.samples)
+        decoded, packed = decoded + stats["decoded_video_frames"], packed + stats["packed_video_frames"]
+        for sample in iter_shard(tmp_path / "out" / f"{plan.name}.tar"):  # the right frames were packed
+            frame = json.loads(sample["json"])["frame"]
+            rgb = cv2.imdecode(np.frombuffer(sample["rgb.png"], np.uint8), cv2.IMREAD_COLOR)
+            assert abs(float(np.median(rgb)) - 2 * frame) <= 2
+    assert packed == 240 and decoded <= 1.2 * packed  # 5 shards x 2 videos: 260 of 240 (1.083x)
+
+
+def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):
+    """Listing is O(folder); once per sample (or per shard) would make packing a large folder quadratic."""
+    root = tmp_path / "synthhuman"
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 4:12] = 255
+    normal = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (16, 16, 3))
+    K = np.array([[20.0, 0, 8], [0, 20.0, 8], [0, 0, 1]])
+    for index in range(6):
+        write_synthhuman_sample(root, index, np.full((16, 16, 3), 40 * index, np.uint8), alpha,
+                                np.full((16, 16), 0.5), normal, K)
+    listed = []
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or iterdir(self))
+    plans = plan_shards(list_inputs([("synthhuman", root)]), 2, 10**9, sample_bytes_bound(8))
+    job = PackJob(tmp_path / "out", PackSettings(resolution=8))
+    job.setup()
+    (tmp_path / "out").mkdir()
+    for plan in plans:
+        job.run(WorkUnit(plan.name, {"plan": plan}))
+    assert len(plans) == 3 and listed.count(root) == 1
+    grey = [cv2.imdecode(np.frombuffer(s["rgb.png"], np.uint8), cv2.IMREAD_COLOR)[4, 4, 0]
+            for p in plans for s in iter_shard(tmp_path / "out" / f"{p.name}.tar")]
+    assert grey == [40 * i for i in range(6)]  # each shard read its own samples

@@ -1,10 +1,19 @@
 """MP4 and EXR I/O: round trips, determinism and errors that name the file."""
 
+import av
 import numpy as np
 import pytest
 
 from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
-from geodiff4d.datasets.video import VideoError, read_video, video_frame_count, video_size, write_video
+from geodiff4d.datasets.video import (
+    DecodeCount,
+    VideoError,
+    iter_video_range,
+    read_video,
+    video_frame_count,
+    video_size,
+    write_video,
+)
 
 
 def _frames(n=6, height=48, width=64):
@@ -129,3 +138,25 @@ def test_exr_errors_name_the_file(tmp_path):
     write_exr(tmp_path / "n.exr", np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ExrError, match="n.exr.*missing channel"):
         read_exr(tmp_path / "n.exr", channels=["X"])
+
+
+@pytest.mark.parametrize("keyframe_interval", [None, 7])
+def test_frame_ranges_seek_and_match_a_full_decode(tmp_path, keyframe_interval):
+    """Any window equals the same frames of a full decode; with short GOPs it decodes little before the window."""
+    frames = _frames(n=40, height=32, width=48)
+    path = tmp_path / "cam.mp4"
+    write_video(path, frames, keyframe_interval=keyframe_interval)
+    full = read_video(path)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        keyframes = [round(p.pts * stream.time_base * 25) for p in container.demux(stream) if p.is_keyframe]
+    assert keyframes[0] == 0 and (not keyframe_interval or keyframes == list(range(0, 40, keyframe_interval)))
+    for start, stop in [(0, 40), (0, 1), (13, 14), (21, 40), (39, 40), (8, 30)]:
+        count = DecodeCount()
+        window = list(iter_video_range(path, start, stop, threads=1 + (start % 2), count=count))
+        assert [i for i, _ in window] == list(range(start, stop))
+        assert all(np.array_equal(image, full[i]) for i, image in window)
+        # decoding starts at the keyframe at or before `start`
+        assert count.frames == stop - max(k for k in keyframes if k <= start)
+    with pytest.raises(VideoError, match=str(path)):
+        list(iter_video_range(path, 35, 41))
