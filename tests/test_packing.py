@@ -18,6 +18,8 @@ from onnx import TensorProto, helper
 
 from geodiff4d.cluster.jobs import WorkUnit
 from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame_tracking import write_nersemble_tracking
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.nersemble import write_camera_params
 from geodiff4d.datasets.normal_maps import angular_error_deg, decode_normal_png
@@ -238,6 +240,9 @@ def _long_sequence(root: Path, frames: int, keyframe_interval: int) -> Path:
     alpha[:, 8:24, 8:24] = 255
     write_video(sequence / "images" / "cam_222200037.mp4", np.ascontiguousarray(grey), keyframe_interval=keyframe_interval)
     write_video(sequence / "alpha_maps" / "cam_222200037.mp4", alpha, keyframe_interval=keyframe_interval)
+    still = FlameParams.zeros(frames, 20, 10)  # the procedural head 1 m in front of the camera
+    still.translation[:, 2] = 1.0
+    write_nersemble_tracking(sequence / "tracking" / "flame2023_tracking_v2.npz", still)
     return root
 
 
