@@ -40,6 +40,7 @@ class GaussianRender:
     normal: Tensor  # [3, H, W] alpha-weighted normals, x right, y up, z toward the camera
     visible: Tensor  # [N] bool: Gaussians that touched the image (for densification statistics)
     means2d: Tensor  # [N, 2] projected centres (retain_grad() on it gives screen-space gradients)
+    radii: Tensor  # [N] screen radius in pixels as 3DGS counts it (3 sigma of the major axis), 0 where not visible
 
 
 def render_gaussians(
@@ -86,17 +87,17 @@ def render_gaussians(
     normals = camera_normals(means, quats, scales, world_to_cam)  # [N, 3]
     features = torch.cat([rgb, normals], dim=-1)  # [N, 6]
     if backend == "gsplat":
-        feats, alpha, depth, visible, means2d = _gsplat_backend(
+        feats, alpha, depth, visible, means2d, radii = _gsplat_backend(
             means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size
         )
     else:
-        feats, alpha, depth, visible, means2d = _torch_backend(
+        feats, alpha, depth, visible, means2d, radii = _torch_backend(
             means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size
         )
     rgb_image = feats[:3]
     if background is not None:
         rgb_image = rgb_image + (1 - alpha)[None] * background.to(rgb_image)[:, None, None]
-    return GaussianRender(rgb_image, alpha, depth, feats[3:6], visible, means2d)
+    return GaussianRender(rgb_image, alpha, depth, feats[3:6], visible, means2d, radii)
 
 
 def project_gaussians(
@@ -167,7 +168,9 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
         ))  # fmt: skip
     image = out.permute(2, 0, 1).reshape(8, tiles_y, tiles_x, tile, tile).permute(0, 1, 3, 2, 4)
     image = image.reshape(8, tiles_y * tile, tiles_x * tile)[:, :height, :width]
-    return image[:6], image[7], image[6], visible, means2d
+    major = (a + c) / 2 + torch.sqrt(((a - c) / 2) ** 2 + b * b)  # largest eigenvalue of cov2d
+    radii = torch.where(visible, torch.ceil(3 * torch.sqrt(major.detach())), 0.0)
+    return image[:6], image[7], image[6], visible, means2d, radii
 
 
 def _tile_chunks(per_tile: Tensor, tile_pixels: int, budget: int = 1 << 22) -> list[Tensor]:
@@ -250,4 +253,5 @@ def _gsplat_backend(means, quats, scales, opacities, features, world_to_cam, K, 
     image = colors[0].permute(2, 0, 1)  # [7, H, W]: rgb, normal, accumulated depth
     radii = meta["radii"][0]
     visible = (radii > 0).all(-1) if radii.dim() == 2 else radii > 0
-    return image[:6], alphas[0, :, :, 0], image[6], visible, meta["means2d"][0]
+    radii = (radii.amax(-1) if radii.dim() == 2 else radii).float() * visible
+    return image[:6], alphas[0, :, :, 0], image[6], visible, meta["means2d"][0], radii
