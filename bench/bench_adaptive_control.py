@@ -33,7 +33,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--schedule", type=int, nargs=4, default=None, metavar=("FROM", "EVERY", "UNTIL", "RESET"),
+                        help="explicit densify_from, densify_every, densify_until, opacity_reset_every "
+                             "(default: the run's own schedule from recon.adaptive)")  # fmt: skip
     args = parser.parse_args()
+    schedule_overrides = {}
+    if args.schedule:
+        names = ("densify_from", "densify_every", "densify_until", "opacity_reset_every")
+        schedule_overrides = dict(zip(names, args.schedule, strict=True))
     torch.set_num_threads(args.threads)
     work = args.out or Path(tempfile.mkdtemp(prefix="bench_adaptive_"))
     print(f"work folder {work}; load average {os.getloadavg()}; {args.threads} torch thread(s)")
@@ -49,15 +56,15 @@ def main() -> None:
     train = sorted(set(read_cameras(root / "cameras" / subject / f"{sequence}.json")) - set(HELD_OUT))
     model = procedural_head_model(0)
     for adaptive in (True, False):
-        config = ReconConfig(steps=args.steps, per_face=1, train_cameras=train, fit={"adaptive_control": adaptive})
+        config = ReconConfig(steps=args.steps, per_face=1, train_cameras=train, fit={"adaptive_control": adaptive, **schedule_overrides})
         fitter = new_fitter(load_subject(root, subject, model, config), model, config)
         start = time.perf_counter()
         fitter.run(args.steps)
         seconds = time.perf_counter() - start
         score, normal_error = held_out_scores(fitter, root, subject, sequence)
         schedule = fitter.schedule
-        plan = (f"densify every {schedule.densify_every} from {schedule.densify_from}, opacity reset every "
-                f"{schedule.opacity_reset_every}" if schedule else "no densification")  # fmt: skip
+        plan = (f"densify every {schedule.densify_every} from {schedule.densify_from} until {schedule.densify_until}, "
+                f"opacity reset every {schedule.opacity_reset_every}" if schedule else "no densification")  # fmt: skip
         print(f"adaptive control {'on ' if adaptive else 'off'}: held-out PSNR {score:.2f} dB, median normal error "
               f"{normal_error:.2f} deg, {len(fitter.gaussians)} Gaussians from {len(fitter.faces)} "
               f"({args.steps} steps, {plan}; {seconds / 60:.1f} min; {len(train)} train / {len(HELD_OUT)} held-out "

@@ -4,7 +4,8 @@ Statistics, per Gaussian over the views that saw it since the last densification
 view-space positional gradient in normalized device coordinates (what the 3DGS rasterizer differentiates:
 x_ndc = (2 x_px + 1) / W - 1, so dL/dx_ndc = W/2 dL/dx_px), and its largest screen radius.
 
-Every ``densify_every`` steps after ``densify_from`` until ``densify_until``, Gaussians whose mean gradient
+Every ``densify_every`` steps after ``densify_from`` until ``densify_until`` (GaussianAvatars' schedule in
+proportion to the run, at least 3DGS's intervals), Gaussians whose mean gradient
 reaches the threshold (2e-4) grow: those larger than ``percent_dense`` of the camera extent (world scale: the
 log-scale times the triangle's size) split into two smaller children, the others clone. Then transparent
 ones (opacity < 0.005) are pruned and, from the first opacity reset on, large ones (screen radius > 20 px or
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 PAPER_STEPS = 600_000  # GaussianAvatars' schedule below is for this many steps
 PAPER_SCHEDULE = {"densify_from": 10_000, "densify_every": 2_000, "densify_until": 600_000,
                   "opacity_reset_every": 60_000}  # fmt: skip
+# Scaled down to a short run, that schedule would densify every few steps on statistics of a few views and
+# reset opacities with too few steps left to recover: 3DGS's own schedule (30k steps) is the floor.
+SHORT_RUN_FLOOR = {"densify_from": 500, "densify_every": 100, "densify_until": 0, "opacity_reset_every": 3_000}
 RESET_OPACITY = 0.01
 
 
@@ -57,7 +61,8 @@ class Schedule:
 
 
 def schedule(config: FitConfig) -> Schedule | None:
-    """The run's schedule (fields left None scale GaussianAvatars' with ``config.steps``), None when off."""
+    """The run's schedule, None when off. Fields left None scale GaussianAvatars' schedule with ``config.steps``,
+    never below 3DGS's intervals (SHORT_RUN_FLOOR)."""
     enabled = config.adaptive_control
     if enabled is None:
         enabled = config.steps >= config.adaptive_min_steps
@@ -66,7 +71,8 @@ def schedule(config: FitConfig) -> Schedule | None:
     values = {}
     for name, paper in PAPER_SCHEDULE.items():
         value = getattr(config, name)
-        values[name] = value if value is not None else max(1, round(config.steps * paper / PAPER_STEPS))
+        scaled = max(SHORT_RUN_FLOOR[name], round(config.steps * paper / PAPER_STEPS))
+        values[name] = value if value is not None else scaled
     return Schedule(**values)
 
 

@@ -46,10 +46,15 @@ def test_schedule_is_gaussian_avatars_in_proportion_and_on_for_runs_longer_than_
     paper = adaptive.schedule(FitConfig(steps=600_000))
     assert (paper.densify_from, paper.densify_every, paper.densify_until, paper.opacity_reset_every) == (
         10_000, 2_000, 600_000, 60_000)  # fmt: skip
-    short = adaptive.schedule(FitConfig(steps=3000))
-    assert (short.densify_from, short.densify_every, short.densify_until, short.opacity_reset_every) == (50, 10, 3000, 300)
-    assert short.densifies(60) and not short.densifies(50) and not short.densifies(3000) and not short.densifies(65)
-    assert short.resets_opacity(300) and not short.prunes_large(300) and short.prunes_large(310)
+    long = adaptive.schedule(FitConfig(steps=120_000))
+    assert (long.densify_from, long.densify_every, long.densify_until, long.opacity_reset_every) == (
+        2_000, 400, 120_000, 12_000)  # fmt: skip
+    assert long.densifies(2_400) and not long.densifies(2_000) and not long.densifies(120_000)
+    assert long.resets_opacity(12_000) and not long.prunes_large(12_000) and long.prunes_large(12_400)
+    short = adaptive.schedule(FitConfig(steps=3000))  # 3DGS's intervals are the floor
+    assert (short.densify_from, short.densify_every, short.densify_until, short.opacity_reset_every) == (
+        500, 100, 3000, 3000)  # fmt: skip
+    assert not any(short.resets_opacity(step) for step in range(1, 3001))
     assert adaptive.schedule(FitConfig(steps=300)) is None  # the demo's fit
     assert adaptive.schedule(FitConfig(steps=300, adaptive_control=True)) is not None
     assert adaptive.schedule(FitConfig(steps=3000, adaptive_control=False)) is None
