@@ -9,8 +9,8 @@ closed-form gradient of :mod:`geodiff4d.recon.blend`:
 
     dL/dalpha_k = T_k s_k - (sum_{j>k} w_j s_j) / (1 - alpha_k),   s_k = v_k . dL/dout,  w_k = alpha_k T_k.
 
-Gradients are summed per (tile, Gaussian) pair, so tiles run in parallel without write races, and pairs are
-then added into their Gaussians. Semantics are the dense compositor's and gsplat's (alpha <= 0.999, skipped
+Gradients are summed per (tile, Gaussian) pair, then added into their Gaussians (so a loop over tiles has no
+write races). The kernels run on one thread; a fit's other cores go to torch's ops and to other Ray actors. Semantics are the dense compositor's and gsplat's (alpha <= 0.999, skipped
 below 1/255, stop before the transmittance reaches 1e-4); tests hold the two to float64 precision.
 """
 
@@ -37,11 +37,11 @@ def _alpha(mean_x, mean_y, a, b, c, opacity, px, py):
     return (alpha if alpha >= ALPHA_MIN else 0.0), dx, dy
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _forward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, out, n_used):
     """out [H, W, C] (zeros on entry) and n_used [H, W]: list entries each pixel walked before stopping."""
     height, width, channels = out.shape
-    for t in numba.prange(tile_start.shape[0]):
+    for t in range(tile_start.shape[0]):
         start, count = tile_start[t], tile_count[t]
         x0, y0 = (t % tiles_x) * tile, (t // tiles_x) * tile
         for py in range(y0, min(y0 + tile, height)):
@@ -64,13 +64,13 @@ def _forward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, valu
                 n_used[py, px] = used
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _backward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, n_used,
                      grad_out, pair_grad):  # fmt: skip
     """pair_grad [P, 6 + C] (zeros on entry) per list entry: d mean_x, d mean_y, d conic (xx, xy, yy),
     d opacity, d values."""
     height, width, channels = grad_out.shape
-    for t in numba.prange(tile_start.shape[0]):
+    for t in range(tile_start.shape[0]):
         start, count = tile_start[t], tile_count[t]
         x0, y0 = (t % tiles_x) * tile, (t // tiles_x) * tile
         alphas = np.empty(count)
@@ -147,6 +147,5 @@ class CompositeTiles(torch.autograd.Function):
 
 def composite_tiles(means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height):
     """Blend the tile lists into an image [H, W, C] (differentiable in the first four arguments)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     return CompositeTiles.apply(means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile,
                                 width, height)  # fmt: skip

@@ -57,7 +57,8 @@ class FitConfig:
     lambda_position: float = 0.01  # GaussianAvatars' lambda_xyz (threshold 1 triangle size)
     lambda_scale: float = 1.0  # GaussianAvatars' lambda_scale (threshold 0.6 triangle size)
     # GaussianAvatars' adaptive density control (:mod:`geodiff4d.recon.adaptive`). None: its schedule in
-    # proportion to the run (at 600k steps: densify every 2k from 10k to the end, reset opacity every 60k).
+    # proportion to the run (at 600k steps: densify every 2k from 10k to the end, reset opacity every 60k),
+    # never denser than 3DGS's (every 100 from 500, reset every 3000).
     adaptive_control: bool | None = None  # None: on for runs of at least adaptive_min_steps
     adaptive_min_steps: int = 1000  # the demo fits 300 steps
     densify_from: int | None = None
@@ -133,20 +134,20 @@ class Fitter:
         return self.extent * math.exp((1 - t) * math.log(start) + t * math.log(end))
 
     def step(self) -> float:
-        c = self.config
         self.optimizer.param_groups[PARAMETER_NAMES.index("local_xyz")]["lr"] = self.position_lr(self.step_index)
-        self.gaussians.active_sh_degree = min(self.gaussians.sh_degree, (self.step_index + 1) // c.sh_increase_every)
+        every = self.config.sh_increase_every
+        self.gaussians.active_sh_degree = min(self.gaussians.sh_degree, (self.step_index + 1) // every)
         view = self.views[int(torch.randint(len(self.views), (1,), generator=self.generator))]
         height, width = view.rgb.shape[-2:]
         render = self.render(view.frame, view.world_to_cam, view.K, width, height)
         render.means2d.retain_grad()
         loss = photometric_loss(render.rgb, view.rgb)
-        if c.lambda_normal > 0 and view.normal is not None:
-            loss = loss + c.lambda_normal * normal_loss(render.normal, render.alpha, view.normal, view.mask)
+        if self.config.lambda_normal > 0 and view.normal is not None:
+            loss = loss + self.config.lambda_normal * normal_loss(render.normal, render.alpha, view.normal, view.mask)
         if bool(render.visible.any()):  # GaussianAvatars regularizes the Gaussians this view sees
             seen = render.visible
-            loss = loss + c.lambda_position * position_regularizer(self.gaussians.local_xyz[seen])
-            loss = loss + c.lambda_scale * scale_regularizer(self.gaussians.log_scale[seen])
+            loss = loss + self.config.lambda_position * position_regularizer(self.gaussians.local_xyz[seen])
+            loss = loss + self.config.lambda_scale * scale_regularizer(self.gaussians.log_scale[seen])
         loss = loss + self.deformer.regularizer(view.frame)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
