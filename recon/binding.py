@@ -95,7 +95,7 @@ def densify(
     merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     source = torch.cat([keep, cloned, parents])
     fresh = torch.cat([torch.zeros(len(keep), dtype=torch.bool), torch.ones(len(cloned) + len(parents), dtype=torch.bool)])
-    return Regrowth(BoundGaussians(gaussians.face_index[source], merged, gaussians.sh_degree), source, fresh)
+    return Regrowth(gaussians.subset(source, merged), source, fresh)
 
 
 def prune(gaussians: BoundGaussians, remove: Tensor) -> Regrowth:
@@ -119,8 +119,7 @@ def prune(gaussians: BoundGaussians, remove: Tensor) -> Regrowth:
     orphaned = (kept_per_face == 0) & (torch.bincount(face, minlength=n_faces) > 0)
     rescue[most_opaque[orphaned]] = True
     source = torch.nonzero(~remove | rescue).squeeze(1)
-    survivors = BoundGaussians(face[source], gaussians.selected(source), gaussians.sh_degree)
-    return Regrowth(survivors, source, torch.zeros(len(source), dtype=torch.bool))
+    return Regrowth(gaussians.subset(source), source, torch.zeros(len(source), dtype=torch.bool))
 
 
 def render_bound(
@@ -147,5 +146,5 @@ def render_bound(
         sh = torch.cat([(gaussians.sh_dc + residuals["sh_dc"])[:, None], gaussians.sh_rest], dim=1)
     return render_gaussians(
         means, quats, scales, gaussians.opacity, sh, world_to_cam, K, width, height,
-        sh_degree=gaussians.sh_degree, background=background, backend=backend,
+        sh_degree=gaussians.active_sh_degree, background=background, backend=backend,
     )  # fmt: skip

@@ -9,6 +9,7 @@ of views, updates and losses as one that was never interrupted.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.recon.binding import Regrowth, densify, prune, render_bound
+from geodiff4d.recon import adaptive
+from geodiff4d.recon.binding import Regrowth, prune, render_bound, triangle_frames
 from geodiff4d.recon.gaussians import PARAMETER_NAMES, BoundGaussians
 from geodiff4d.recon.losses import normal_loss, photometric_loss, position_regularizer, scale_regularizer
 
@@ -35,23 +37,47 @@ class View:
     normal: Tensor | None = None  # [3, H, W] our convention
 
 
+# GaussianAvatars' learning rates (its arguments/__init__.py). Gaussian attributes live in their triangle's
+# frame and units; the position rate is multiplied by the camera extent (its spatial_lr_scale) and decays
+# exponentially from local_xyz to local_xyz_final over the run. The FLAME residuals it fine-tunes move far
+# slower than the attributes; "deformer" is the refinement networks' rate (U-Net, attribute MLP).
+LEARNING_RATES = {
+    "local_xyz": 5e-3, "local_xyz_final": 5e-5, "local_quat": 1e-3, "log_scale": 1.7e-2, "opacity_logit": 5e-2,
+    "sh_dc": 2.5e-3, "sh_rest": 2.5e-3 / 20,
+    "flame_expression": 1e-3, "flame_pose": 1e-5, "flame_translation": 1e-6, "deformer": 1e-3,
+}  # fmt: skip
+
+
 @dataclass
 class FitConfig:
     steps: int = 3000
     seed: int = 0
-    lr: dict[str, float] = field(default_factory=lambda: {
-        "local_xyz": 2e-3, "local_quat": 1e-3, "log_scale": 5e-3, "opacity_logit": 5e-2,
-        "sh_dc": 2.5e-2, "sh_rest": 1.25e-3, "deformer": 1e-3,
-    })  # fmt: skip
+    lr: dict[str, float] = field(default_factory=dict)  # overrides of LEARNING_RATES
     lambda_normal: float = 0.1  # 0 switches the normal term off (ablation)
-    lambda_position: float = 0.01
-    lambda_scale: float = 1.0
-    densify_every: int = 0  # 0: no densification
-    densify_until: int = 0
-    densify_grad_threshold: float = 2e-3  # mean screen-space gradient norm (pixels) that triggers growth
-    split_log_scale: float = -0.5  # larger Gaussians (relative to their triangle) are split, smaller cloned
+    lambda_position: float = 0.01  # GaussianAvatars' lambda_xyz (threshold 1 triangle size)
+    lambda_scale: float = 1.0  # GaussianAvatars' lambda_scale (threshold 0.6 triangle size)
+    # GaussianAvatars' adaptive density control (:mod:`geodiff4d.recon.adaptive`). None: its schedule in
+    # proportion to the run (at 600k steps: densify every 2k from 10k to the end, reset opacity every 60k),
+    # never denser than 3DGS's (every 100 from 500, reset every 3000).
+    adaptive_control: bool | None = None  # None: on for runs of at least adaptive_min_steps
+    adaptive_min_steps: int = 1000  # the demo fits 300 steps
+    densify_from: int | None = None
+    densify_every: int | None = None
+    densify_until: int | None = None
+    opacity_reset_every: int | None = None
+    densify_grad_threshold: float = 2e-4  # mean view-space positional gradient norm, NDC units as 3DGS
+    percent_dense: float = 0.01  # of the camera extent: larger Gaussians split, smaller ones clone
     prune_opacity: float = 0.005
+    prune_screen_radius: float = 20.0  # pixels; with prune_world_scale, from the first opacity reset on
+    prune_world_scale: float = 0.1  # of the camera extent
+    sh_increase_every: int = 1000  # one more active SH degree every this many steps (3DGS, GaussianAvatars)
     checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.lr) - set(LEARNING_RATES))
+        if unknown:
+            raise ValueError(f"FitConfig.lr: unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})")
+        self.lr = {**LEARNING_RATES, **self.lr}
 
 
 class FixedVertices(nn.Module):
@@ -59,7 +85,8 @@ class FixedVertices(nn.Module):
 
     The deformer interface (see :class:`geodiff4d.recon.refine.HierarchicalDeformer` for a learnable one):
     ``forward(frame)`` -> vertices, ``attribute_residuals(frame, gaussians)`` -> dict or None,
-    ``regularizer(frame)`` -> scalar added to the loss.
+    ``regularizer(frame)`` -> scalar added to the loss, ``parameter_groups()`` -> learning-rate group name
+    (a key of LEARNING_RATES) -> trainable parameters.
     """
 
     def __init__(self, frame_vertices: Tensor):
@@ -75,6 +102,9 @@ class FixedVertices(nn.Module):
     def regularizer(self, frame: int) -> Tensor:
         return torch.zeros(())
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
 
 class Fitter:
     def __init__(
@@ -86,21 +116,27 @@ class Fitter:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_index = 0
         self.losses: list[float] = []
-        self._reset_statistics()
+        self.extent = adaptive.camera_extent(views)
+        self.schedule = adaptive.schedule(config)
+        self.statistics = adaptive.DensityStatistics(len(gaussians))
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Adam:
         groups = [{"params": [getattr(self.gaussians, n)], "lr": self.config.lr[n], "name": n} for n in PARAMETER_NAMES]
-        deformer_params = [p for p in self.deformer.parameters() if p.requires_grad]
-        if deformer_params:
-            groups.append({"params": deformer_params, "lr": self.config.lr["deformer"], "name": "deformer"})
+        for name, params in self.deformer.parameter_groups().items():
+            groups.append({"params": params, "lr": self.config.lr[name], "name": name})
         return torch.optim.Adam(groups, eps=1e-15)
 
-    def _reset_statistics(self) -> None:
-        self.grad_sum = torch.zeros(len(self.gaussians))
-        self.grad_count = torch.zeros(len(self.gaussians))
+    def position_lr(self, step: int) -> float:
+        """GaussianAvatars' position rate: exponential decay over the run, scaled by the camera extent."""
+        t = min(max(step / self.config.steps, 0.0), 1.0)
+        start, end = self.config.lr["local_xyz"], self.config.lr["local_xyz_final"]
+        return self.extent * math.exp((1 - t) * math.log(start) + t * math.log(end))
 
     def step(self) -> float:
+        self.optimizer.param_groups[PARAMETER_NAMES.index("local_xyz")]["lr"] = self.position_lr(self.step_index)
+        every = self.config.sh_increase_every
+        self.gaussians.active_sh_degree = min(self.gaussians.sh_degree, (self.step_index + 1) // every)
         view = self.views[int(torch.randint(len(self.views), (1,), generator=self.generator))]
         height, width = view.rgb.shape[-2:]
         render = self.render(view.frame, view.world_to_cam, view.K, width, height)
@@ -108,20 +144,22 @@ class Fitter:
         loss = photometric_loss(render.rgb, view.rgb)
         if self.config.lambda_normal > 0 and view.normal is not None:
             loss = loss + self.config.lambda_normal * normal_loss(render.normal, render.alpha, view.normal, view.mask)
-        loss = loss + self.config.lambda_position * position_regularizer(self.gaussians.local_xyz)
-        loss = loss + self.config.lambda_scale * scale_regularizer(self.gaussians.log_scale)
+        if bool(render.visible.any()):  # GaussianAvatars regularizes the Gaussians this view sees
+            seen = render.visible
+            loss = loss + self.config.lambda_position * position_regularizer(self.gaussians.local_xyz[seen])
+            loss = loss + self.config.lambda_scale * scale_regularizer(self.gaussians.log_scale[seen])
         loss = loss + self.deformer.regularizer(view.frame)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if render.means2d.grad is not None:
-            self.grad_sum += render.means2d.grad.norm(dim=-1) * render.visible
-            self.grad_count += render.visible.float()
+        self.statistics.add(render, width, height)
         self.step_index += 1
         self.losses.append(float(loss.detach()))
-        c = self.config
-        if c.densify_every and self.step_index % c.densify_every == 0 and self.step_index <= c.densify_until:
-            self.densify_and_prune()
+        if self.schedule is not None:
+            if self.schedule.densifies(self.step_index):
+                self.densify_and_prune()
+            if self.schedule.resets_opacity(self.step_index):
+                adaptive.reset_opacity(self.gaussians, self.optimizer)
         return self.losses[-1]
 
     def render(self, frame: int, world_to_cam: Tensor, K: Tensor, width: int, height: int, **options):
@@ -131,15 +169,15 @@ class Fitter:
                             residuals=residuals, **options)  # fmt: skip
 
     def densify_and_prune(self) -> None:
-        """Grow where the screen-space gradient is large (clone small, split large), prune transparent ones."""
-        c = self.config
-        mean_grad = self.grad_sum / self.grad_count.clamp_min(1)
-        grow = mean_grad > c.densify_grad_threshold
-        large = self.gaussians.log_scale.detach().max(dim=-1).values > c.split_log_scale
-        grown = densify(self.gaussians, grow & ~large, grow & large, self.generator)
+        """GaussianAvatars' densification step (see :mod:`geodiff4d.recon.adaptive`); world sizes on frame 0."""
+        with torch.no_grad():
+            face_size = triangle_frames(self.deformer(0), self.faces).size.cpu()
+        grown = adaptive.grow(self.gaussians, self.statistics, face_size, self.extent, self.config, self.generator)
         self._adopt(grown)
-        self._adopt(prune(self.gaussians, self.gaussians.opacity.detach() < c.prune_opacity))
-        self._reset_statistics()
+        remove = adaptive.prune_mask(self.gaussians, self.statistics.max_radii[grown.source], face_size, self.extent,
+                                     self.config, large_too=self.schedule.prunes_large(self.step_index))  # fmt: skip
+        self._adopt(prune(self.gaussians, remove))
+        self.statistics = adaptive.DensityStatistics(len(self.gaussians))
 
     def _adopt(self, regrowth: Regrowth) -> None:
         """Switch to the regrown set, carrying each survivor's Adam moments (fresh children start at zero)."""
@@ -149,7 +187,7 @@ class Fitter:
         self.optimizer = self._make_optimizer()
         keep = (~regrowth.fresh).float()
         for group in self.optimizer.param_groups:
-            if group["name"] == "deformer":
+            if group["name"] not in PARAMETER_NAMES:  # the deformer's parameters are the same objects
                 for p in group["params"]:
                     if p in deformer_state:
                         self.optimizer.state[p] = deformer_state[p]
@@ -182,11 +220,14 @@ class Fitter:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     tensors[f"adam/{group['name']}/{i}/{key}"] = value.reshape(-1) if value.dim() == 0 else value
         tensors["fit/rng"] = self.generator.get_state()
-        tensors["fit/grad_sum"], tensors["fit/grad_count"] = self.grad_sum, self.grad_count
+        statistics = self.statistics
+        tensors["fit/grad_sum"], tensors["fit/grad_count"] = statistics.grad_sum, statistics.count
+        tensors["fit/max_radii"] = statistics.max_radii
         metadata = {
             "step": str(self.step_index),
             "losses": json.dumps(self.losses),
             "sh_degree": str(self.gaussians.sh_degree),
+            "active_sh_degree": str(self.gaussians.active_sh_degree),
             "config": json.dumps(asdict(self.config)),
         }
         with atomic_output(path) as tmp:
@@ -198,7 +239,7 @@ class Fitter:
     ) -> Fitter:
         """Rebuild a fitter from its checkpoint (the deformer's architecture is given, its weights are loaded)."""
         tensors, metadata = load_checkpoint(path)
-        gaussians = load_gaussians(tensors, int(metadata["sh_degree"]))
+        gaussians = load_gaussians(tensors, metadata)
         deformer.load_state_dict({k[len("deformer/"):]: v for k, v in tensors.items() if k.startswith("deformer/")})
         fitter = cls(gaussians, deformer, faces, views, config)
         for group in fitter.optimizer.param_groups:
@@ -209,7 +250,9 @@ class Fitter:
                     state["step"] = state["step"].reshape(())
                     fitter.optimizer.state[p] = state
         fitter.generator.set_state(tensors["fit/rng"])
-        fitter.grad_sum, fitter.grad_count = tensors["fit/grad_sum"], tensors["fit/grad_count"]
+        fitter.statistics.grad_sum, fitter.statistics.count = tensors["fit/grad_sum"], tensors["fit/grad_count"]
+        if "fit/max_radii" in tensors:  # absent in checkpoints from before screen-size pruning
+            fitter.statistics.max_radii = tensors["fit/max_radii"]
         fitter.step_index = int(metadata["step"])
         fitter.losses = json.loads(metadata["losses"])
         return fitter
@@ -223,7 +266,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return load_file(str(path)), metadata
 
 
-def load_gaussians(tensors: dict[str, Tensor], sh_degree: int) -> BoundGaussians:
-    return BoundGaussians(
-        tensors["gaussians/face_index"], {n: tensors[f"gaussians/{n}"] for n in PARAMETER_NAMES}, sh_degree
-    )
+def load_gaussians(tensors: dict[str, Tensor], metadata: dict[str, str]) -> BoundGaussians:
+    """The Gaussians of a checkpoint, rendering the SH degree they trained to (all of it in older files)."""
+    sh_degree = int(metadata["sh_degree"])
+    active = int(metadata.get("active_sh_degree", sh_degree))
+    parameters = {n: tensors[f"gaussians/{n}"] for n in PARAMETER_NAMES}
+    return BoundGaussians(tensors["gaussians/face_index"], parameters, sh_degree, active)

@@ -15,9 +15,13 @@ class BoundGaussians(nn.Module):
 
     face_index [N] long; local_xyz [N, 3]; local_quat [N, 4] wxyz; log_scale [N, 3] (relative to the
     triangle's size); opacity_logit [N]; sh_dc [N, 3]; sh_rest [N, (degree+1)^2 - 1, 3].
+
+    ``sh_degree`` sizes the coefficients; ``active_sh_degree`` (<= sh_degree) is what renders: fitting raises
+    it step by step as 3DGS does, so colour settles before view dependence is learnt.
     """
 
-    def __init__(self, face_index: Tensor, tensors: dict[str, Tensor], sh_degree: int):
+    def __init__(self, face_index: Tensor, tensors: dict[str, Tensor], sh_degree: int,
+                 active_sh_degree: int | None = None):  # fmt: skip
         super().__init__()
         n = face_index.shape[0]
         expected = {
@@ -30,6 +34,9 @@ class BoundGaussians(nn.Module):
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"BoundGaussians: {name!r} must have shape {shape}, got {tuple(tensors[name].shape)}")
         self.sh_degree = sh_degree
+        self.active_sh_degree = sh_degree if active_sh_degree is None else active_sh_degree
+        if not 0 <= self.active_sh_degree <= sh_degree:
+            raise ValueError(f"BoundGaussians: active_sh_degree {self.active_sh_degree} outside 0..{sh_degree}")
         self.register_buffer("face_index", face_index.long().clone())
         for name in PARAMETER_NAMES:
             self.register_parameter(name, nn.Parameter(tensors[name].detach().float().clone()))
@@ -52,6 +59,11 @@ class BoundGaussians(nn.Module):
     def selected(self, index: Tensor) -> dict[str, Tensor]:
         """Detached copies of every parameter at ``index`` (for building a densified/pruned set)."""
         return {name: getattr(self, name).detach()[index] for name in PARAMETER_NAMES}
+
+    def subset(self, index: Tensor, tensors: dict[str, Tensor] | None = None) -> BoundGaussians:
+        """A new set of the Gaussians at ``index`` (their faces and SH degrees kept), with ``tensors`` when given."""
+        tensors = self.selected(index) if tensors is None else tensors
+        return BoundGaussians(self.face_index[index], tensors, self.sh_degree, self.active_sh_degree)
 
     @classmethod
     def on_faces(

@@ -47,13 +47,15 @@ def normal_loss(rendered_normal: Tensor, alpha: Tensor, target_normal: Tensor, m
 
 
 def position_regularizer(local_xyz: Tensor, threshold: float = 1.0) -> Tensor:
-    """Penalize Gaussians drifting beyond ``threshold`` triangle sizes from their triangle (keeps the rig valid)."""
+    """Penalize Gaussians drifting beyond ``threshold`` triangle sizes from their triangle (keeps the rig valid):
+    GaussianAvatars' mean over Gaussians of relu(|local position| - threshold)."""
     return torch.relu(local_xyz.norm(dim=-1) - threshold).mean()
 
 
 def scale_regularizer(log_scale: Tensor, threshold: float = 0.6) -> Tensor:
-    """Penalize Gaussians larger than ``threshold`` triangle sizes (big ones smear under deformation)."""
-    return torch.relu(torch.exp(log_scale) - threshold).mean()
+    """Penalize Gaussians larger than ``threshold`` triangle sizes (big ones smear under deformation):
+    GaussianAvatars' mean over Gaussians of the norm over axes of relu(local scale - threshold)."""
+    return torch.relu(torch.exp(log_scale) - threshold).norm(dim=-1).mean()
 
 
 def psnr(pred: Tensor, target: Tensor) -> float:

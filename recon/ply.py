@@ -1,8 +1,9 @@
 """Export to the standard 3DGS ``point_cloud.ply`` (what 3DGS viewers and tools read), via plyfile.
 
-Properties, in order: x y z nx ny nz f_dc_0..2 f_rest_* opacity scale_0..2 rot_0..3, float32. As in 3DGS,
-opacity is the logit, scales are log world scales, rot is the wxyz quaternion, and f_rest is stored
-channel-major (all R coefficients, then G, then B).
+Properties, in order: x y z nx ny nz f_dc_0..2 f_rest_0..44 opacity scale_0..2 rot_0..3, float32: the
+62-property layout of SH degree 3 whatever degree was fitted (lower degrees padded with zeros), since many
+viewers read that fixed layout only. As in 3DGS, opacity is the logit, scales are log world scales, rot is
+the wxyz quaternion, and f_rest is stored channel-major (all R coefficients, then G, then B).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import numpy as np
 from plyfile import PlyData, PlyElement
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.recon.sh import n_coefficients
+
+PLY_SH_DEGREE = 3
 
 
 def property_names(n_rest: int) -> list[str]:
@@ -29,12 +33,15 @@ def write_point_cloud_ply(
     means: np.ndarray,  # [N, 3]
     normals: np.ndarray,  # [N, 3]
     sh_dc: np.ndarray,  # [N, 3]
-    sh_rest: np.ndarray,  # [N, K-1, 3]
+    sh_rest: np.ndarray,  # [N, K-1, 3], K <= 16 (padded to 16)
     opacity_logit: np.ndarray,  # [N]
     log_scales: np.ndarray,  # [N, 3]
     quats: np.ndarray,  # [N, 4] wxyz
 ) -> None:
-    n, n_rest = means.shape[0], sh_rest.shape[1]
+    n, n_rest = means.shape[0], n_coefficients(PLY_SH_DEGREE) - 1
+    if sh_rest.shape[1] > n_rest:
+        raise ValueError(f"write_point_cloud_ply: {sh_rest.shape[1]} higher-order SH coefficients, at most {n_rest}")
+    sh_rest = np.concatenate([sh_rest, np.zeros((n, n_rest - sh_rest.shape[1], 3), sh_rest.dtype)], axis=1)
     columns = [
         means, normals, sh_dc,
         np.transpose(sh_rest, (0, 2, 1)).reshape(n, 3 * n_rest),  # [N, 3 * (K-1)] channel-major

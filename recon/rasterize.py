@@ -1,12 +1,13 @@
-"""Rendering 3D Gaussians: one function, two backends with the same semantics.
+"""Rendering 3D Gaussians: one function, backends with the same semantics.
 
-``torch``: pure PyTorch, differentiable, runs on CPU. Projection with the EWA 2D covariance (gsplat's
-conventions: 0.3 px low-pass, Jacobian clamped 30 % beyond the field of view), culling, an opacity-aware
-bounding box (exactly the ellipse where alpha >= 1/255, so binning never changes the image), tile binning,
-depth sort, and front-to-back alpha blending (alpha <= 0.999, skipped below 1/255, a pixel stops when its
-transmittance would drop to 1e-4). Blending is vectorized over all (tile, Gaussian) pairs at once: the
-transmittance is an exclusive segmented cumulative sum of log(1 - alpha) (float64), so there is no Python
-loop over tiles or Gaussians and autograd gives the backward pass.
+``torch``: differentiable, runs on CPU. Projection with the EWA 2D covariance (gsplat's conventions: 0.3 px
+low-pass, Jacobian clamped 30 % beyond the field of view), culling, an opacity-aware bounding box (exactly the
+ellipse where alpha >= 1/255, so binning never changes the image), tile binning and depth sort in PyTorch;
+front-to-back alpha blending (alpha <= 0.999, skipped below 1/255, a pixel stops when its transmittance would
+drop to 1e-4) per pixel in compiled loops with a hand-written backward (:mod:`geodiff4d.recon.composite`).
+
+``torch-dense``: the same with blending vectorized over padded (tile, slot, pixel) tensors in pure PyTorch
+(:mod:`geodiff4d.recon.blend`): no compiled code, several times slower; the reference the tests compare with.
 
 ``gsplat``: ``gsplat.rasterization`` on CUDA (gsplat >= 1.5), fed view-evaluated colours with the camera-space
 normals as extra channels and ``render_mode="RGB+D"``.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from geodiff4d.recon.blend import ALPHA_MIN, T_MIN, BlendGathered, tile_alpha
+from geodiff4d.recon.composite import composite_tiles
 from geodiff4d.recon.normals import camera_normals
 from geodiff4d.recon.rotations import quat_to_rotmat
 from geodiff4d.recon.sh import sh_to_rgb
@@ -40,6 +42,7 @@ class GaussianRender:
     normal: Tensor  # [3, H, W] alpha-weighted normals, x right, y up, z toward the camera
     visible: Tensor  # [N] bool: Gaussians that touched the image (for densification statistics)
     means2d: Tensor  # [N, 2] projected centres (retain_grad() on it gives screen-space gradients)
+    radii: Tensor  # [N] screen radius in pixels as 3DGS counts it (3 sigma of the major axis), 0 where not visible
 
 
 def render_gaussians(
@@ -63,7 +66,7 @@ def render_gaussians(
     """Render N Gaussians (means [N,3], wxyz quats [N,4], scales [N,3], opacities [N]) into one camera.
 
     ``colors`` is RGB [N, 3], or SH coefficients [N, K, 3] when ``sh_degree`` is given. ``world_to_cam`` [4,4]
-    OpenCV, ``K`` [3,3] pixels. ``backend``: "torch", "gsplat" (needs CUDA tensors) or "auto" (gsplat when
+    OpenCV, ``K`` [3,3] pixels. ``backend``: "torch", "torch-dense", "gsplat" (needs CUDA tensors) or "auto" (gsplat when
     the inputs live on a CUDA device).
     """
     n = means.shape[0]
@@ -73,8 +76,8 @@ def render_gaussians(
             raise ValueError(f"render_gaussians: {name} must have shape {shape}, got {tuple(value.shape)}")
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
-    if backend not in ("torch", "gsplat"):
-        raise ValueError(f"render_gaussians: unknown backend {backend!r} (torch, gsplat, auto)")
+    if backend not in ("torch", "torch-dense", "gsplat"):
+        raise ValueError(f"render_gaussians: unknown backend {backend!r} (torch, torch-dense, gsplat, auto)")
     world_to_cam, K = world_to_cam.to(means), K.to(means)
     if sh_degree is not None:
         camera_center = -world_to_cam[:3, :3].T @ world_to_cam[:3, 3]
@@ -86,17 +89,18 @@ def render_gaussians(
     normals = camera_normals(means, quats, scales, world_to_cam)  # [N, 3]
     features = torch.cat([rgb, normals], dim=-1)  # [N, 6]
     if backend == "gsplat":
-        feats, alpha, depth, visible, means2d = _gsplat_backend(
+        feats, alpha, depth, visible, means2d, radii = _gsplat_backend(
             means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size
         )
     else:
-        feats, alpha, depth, visible, means2d = _torch_backend(
-            means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size
+        feats, alpha, depth, visible, means2d, radii = _torch_backend(
+            means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size,
+            dense=backend == "torch-dense",
         )
     rgb_image = feats[:3]
     if background is not None:
         rgb_image = rgb_image + (1 - alpha)[None] * background.to(rgb_image)[:, None, None]
-    return GaussianRender(rgb_image, alpha, depth, feats[3:6], visible, means2d)
+    return GaussianRender(rgb_image, alpha, depth, feats[3:6], visible, means2d, radii)
 
 
 def project_gaussians(
@@ -121,7 +125,8 @@ def project_gaussians(
     return means2d, cov2d, z
 
 
-def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile):
+def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile,
+                   dense=False):  # fmt: skip
     means2d, cov2d, depth = project_gaussians(means, quats, scales, world_to_cam, K, width, height)
     a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
     det = a * c - b * b
@@ -136,7 +141,7 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
         & (m2[:, 1] + ry > -0.5) & (m2[:, 1] - ry < height - 0.5)
     )  # fmt: skip
     tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
-    n_tiles, tile_pixels = tiles_x * tiles_y, tile * tile
+    n_tiles = tiles_x * tiles_y
     # tile rectangles of the visible Gaussians, front to back
     ids = torch.nonzero(visible).squeeze(1)
     ids = ids[torch.argsort(depth.detach()[ids], stable=True)]
@@ -156,18 +161,33 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     values = torch.cat([features, depth[:, None], torch.ones_like(depth)[:, None]], dim=-1)  # [N, 8]
     per_tile = torch.bincount(pair_tile, minlength=n_tiles)  # [n_tiles]
     tile_start = torch.cumsum(per_tile, 0) - per_tile
+    if dense:
+        image = _dense_composite(per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y,
+                                 tile, width, height)  # fmt: skip
+    else:
+        image = composite_tiles(means2d, conic, opacities, values, tile_start, per_tile, gauss, tiles_x, tile, width,
+                                height).permute(2, 0, 1)  # fmt: skip  # [8, H, W]
+    major = (a + c) / 2 + torch.sqrt(((a - c) / 2) ** 2 + b * b)  # largest eigenvalue of cov2d
+    radii = torch.where(visible, torch.ceil(3 * torch.sqrt(major.detach())), 0.0)
+    return image[:6], image[7], image[6], visible, means2d, radii
+
+
+def _dense_composite(per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y, tile, width,
+                     height) -> Tensor:  # fmt: skip
+    """The padded-tensor compositor (pure PyTorch, the reference for :mod:`geodiff4d.recon.composite`) -> [8, H, W]."""
+    tile_pixels = tile * tile
     with torch.no_grad():  # early termination: drop each tile's Gaussians behind its saturation depth
         per_tile = per_tile.clone()
         for tiles in _tile_chunks(per_tile, tile_pixels):
-            per_tile[tiles] = _saturation_counts(tiles, per_tile, tile_start, gauss, m2, conic, opacities, tiles_x, tile)
-    out = values.new_zeros(n_tiles, tile_pixels, 8)
+            per_tile[tiles] = _saturation_counts(tiles, per_tile, tile_start, gauss, means2d.detach(), conic, opacities,
+                                                 tiles_x, tile)  # fmt: skip
+    out = values.new_zeros(tiles_x * tiles_y, tile_pixels, 8)
     for tiles in _tile_chunks(per_tile, tile_pixels):
         out = out.index_copy(0, tiles, _blend_tiles(
             tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile
         ))  # fmt: skip
     image = out.permute(2, 0, 1).reshape(8, tiles_y, tiles_x, tile, tile).permute(0, 1, 3, 2, 4)
-    image = image.reshape(8, tiles_y * tile, tiles_x * tile)[:, :height, :width]
-    return image[:6], image[7], image[6], visible, means2d
+    return image.reshape(8, tiles_y * tile, tiles_x * tile)[:, :height, :width]
 
 
 def _tile_chunks(per_tile: Tensor, tile_pixels: int, budget: int = 1 << 22) -> list[Tensor]:
@@ -250,4 +270,5 @@ def _gsplat_backend(means, quats, scales, opacities, features, world_to_cam, K, 
     image = colors[0].permute(2, 0, 1)  # [7, H, W]: rgb, normal, accumulated depth
     radii = meta["radii"][0]
     visible = (radii > 0).all(-1) if radii.dim() == 2 else radii > 0
-    return image[:6], alphas[0, :, :, 0], image[6], visible, meta["means2d"][0]
+    radii = (radii.amax(-1) if radii.dim() == 2 else radii).float() * visible
+    return image[:6], alphas[0, :, :, 0], image[6], visible, meta["means2d"][0], radii

@@ -22,6 +22,9 @@ from geodiff4d.recon.binding import triangle_frames
 from geodiff4d.recon.gaussians import BoundGaussians
 
 RESIDUAL_NAMES = ("expression", "rotation", "neck", "jaw", "translation")
+# GaussianAvatars' optimizer groups for the FLAME parameters it fine-tunes (their rates: recon.fit.LEARNING_RATES)
+RESIDUAL_GROUPS = {"expression": "flame_expression", "rotation": "flame_pose", "neck": "flame_pose",
+                   "jaw": "flame_pose", "translation": "flame_translation"}  # fmt: skip
 FLAME_FIELDS = tuple(f.name for f in fields(FlameParams))
 
 
@@ -141,6 +144,16 @@ class HierarchicalDeformer(nn.Module):
             self.mlp = AttributeMLP(codes.shape[1], config.hidden)
             with torch.no_grad():
                 self.register_buffer("reference_origin", triangle_frames(self._vertices(0), faces).origin)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by learning-rate group: FLAME residuals as GaussianAvatars groups them (pose
+        and translation far slower than expression), everything else (U-Net, MLP) under "deformer"."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                residual = name.removeprefix("residual_")
+                groups.setdefault(RESIDUAL_GROUPS.get(residual, "deformer"), []).append(parameter)
+        return groups
 
     def params(self, frame: int) -> FlameParams:
         values = {k: getattr(self, f"tracked_{k}")[frame : frame + 1] for k in FLAME_FIELDS}

@@ -31,6 +31,7 @@ from geodiff4d.recon.losses import psnr
 from geodiff4d.recon.normals import shortest_axis
 from geodiff4d.recon.ply import write_point_cloud_ply
 from geodiff4d.recon.refine import HierarchicalDeformer, RefineConfig
+from geodiff4d.recon.sh import n_coefficients
 from geodiff4d.recon.tracking import TrackingConfig, track_frame_folder
 
 
@@ -39,7 +40,7 @@ class ReconConfig:
     head_model: str = "procedural:0"  # "procedural:SEED" or a FLAME .pkl path
     steps: int = 3000
     per_face: int = 1
-    sh_degree: int = 0
+    sh_degree: int = 3  # the most the fit activates (one degree per FitConfig.sh_increase_every steps)
     seed: int = 0
     train_cameras: list[str] | None = None  # None: every camera of the frame folder
     tracker: str = "file"  # "file": read `tracking`; "ours": fit FLAME to the frames (recon.tracking)
@@ -209,9 +210,11 @@ def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: Subject
         if isinstance(deformer, HierarchicalDeformer):
             vertices = deformer.subdivided(vertices)
         means, quats, scales = to_world(gaussians, triangle_frames(vertices, fitter.faces))
+        active_rest = gaussians.sh_rest.clone()
+        active_rest[:, n_coefficients(gaussians.active_sh_degree) - 1 :] = 0  # viewers render every degree
         write_point_cloud_ply(
             folder / "point_cloud.ply", means.numpy(), shortest_axis(quats, scales).numpy(),
-            gaussians.sh_dc.numpy(), gaussians.sh_rest.numpy(), gaussians.opacity_logit.numpy(),
+            gaussians.sh_dc.numpy(), active_rest.numpy(), gaussians.opacity_logit.numpy(),
             torch.log(scales).numpy(), quats.numpy(),
         )  # fmt: skip
     with atomic_output(folder / "binding.npz") as tmp, open(tmp, "wb") as f:
@@ -268,7 +271,7 @@ def render_avatar(
     config = ReconConfig(**meta["config"])
     model = load_head_model(config.head_model)
     tensors, metadata = load_checkpoint(avatar / "avatar.safetensors")
-    gaussians = load_gaussians(tensors, int(metadata["sh_degree"]))
+    gaussians = load_gaussians(tensors, metadata)
     sequences = meta["sequences"]  # sequence -> frames, in training order
     sequence = sequence or (Path(expressions_npz).stem if expressions_npz else next(iter(sequences)))
     deformer_state = {k[len("deformer/"):]: v for k, v in tensors.items() if k.startswith("deformer/")}

@@ -68,7 +68,8 @@ def test_fit_reduces_loss():
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
     frames, faces, views = make_problem()
-    config = FitConfig(steps=12, densify_every=4, densify_until=8, densify_grad_threshold=1e-6, checkpoint_every=6)
+    config = FitConfig(steps=12, adaptive_control=True, densify_from=0, densify_every=4, densify_until=9,
+                       opacity_reset_every=10, densify_grad_threshold=1e-6, checkpoint_every=6, sh_increase_every=5)
     full = Fitter(_student(len(faces)), FixedVertices(frames), faces, views, config)
     full.run(12)
     assert len(full.gaussians) > len(faces)  # densification happened, binding kept

@@ -83,6 +83,7 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     for subject in ("s0", "s1"):
         cloud = read_point_cloud_ply(out / subject / "point_cloud.ply")
         assert cloud["means"].shape == (stats[subject]["gaussians"], 3)
+        assert cloud["sh_rest"].shape[1:] == (15, 3) and not cloud["sh_rest"].any()  # degree-3 layout, degree 0 fitted
         assert (out / subject / "binding.npz").is_file() and (out / subject / "flame" / "EXP-1.npz").is_file()
     # a rerun redoes nothing
     again = reconstruct(frames_root, out, workers=1, config=config, progress=False)
