@@ -260,8 +260,6 @@ class PackJob:
         self.out, self.settings = Path(out), settings
 
     def setup(self) -> None:
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
         path = self.settings.flame_model
         self.model = FlameModel.from_pkl(path) if path else procedural_head_model(seed=0)
         self.estimator = OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
