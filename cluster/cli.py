@@ -158,6 +158,8 @@ def recon(
     subjects: Annotated[list[str] | None, typer.Option(help="Subjects to reconstruct (default: all).")] = None,
     workers: Annotated[int, typer.Option(help="Ray actors (one subject each at a time).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor (0: CPU backend).")] = 0,
+    cpus_per_worker: Annotated[float | None, typer.Option(
+        help="CPUs (= torch threads) per actor (default: all of Ray's CPUs divided by the workers).")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML ReconConfig: steps, tracker (file | ours), tracking_options, refine, fit, ... "
              "(example: configs/recon.yaml; default: built-in values, tracking read from the frame folder).")] = None,
@@ -168,7 +170,8 @@ def recon(
 
     with _config_errors_exit():
         settings = load_recon_config(config) if config else None
-    report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings)
+        report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings,
+                             cpus_per_worker=cpus_per_worker)  # fmt: skip
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)

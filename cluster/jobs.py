@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.config_files import ConfigError
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def worker_cpus(workers: int, requested: float | None = None) -> float:
     largest = max(node_cpus, default=total)
     if requested is not None:
         if not 0 < requested <= largest:
-            raise ValueError(f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node")
+            raise ConfigError(f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node")
         return float(requested)
     return float(max(1, min(int(total // max(1, workers)), int(largest))))
 

@@ -233,15 +233,17 @@ def reconstruct(
     address: str | None = None,
     config: ReconConfig | None = None,
     progress: bool = True,
+    cpus_per_worker: float | None = None,
 ) -> JobReport:
-    """Fit an avatar per subject of the frame folder ``input`` into ``out/{subject}``; resumable."""
+    """Fit an avatar per subject of the frame folder ``input`` into ``out/{subject}``; resumable.
+    Each actor runs ``cpus_per_worker`` torch threads (default: Ray's CPUs divided by the workers)."""
     config = config or ReconConfig()
     subjects = subjects or frame_io.subjects(Path(input))
     connect(address)
     job = ReconJob(input, out, config)
     units = [WorkUnit(s) for s in subjects]
     return run_units(job, units, CommitLog(Path(out) / "_commits"), workers=workers, gpus_per_worker=gpus_per_worker,
-                     desc="recon subjects", progress=progress)  # fmt: skip
+                     cpus_per_worker=cpus_per_worker, desc="recon subjects", progress=progress)  # fmt: skip
 
 
 def render_avatar(
