@@ -183,11 +183,18 @@ def render(
     cameras: Annotated[Path, typer.Option(help="Cameras JSON (serial -> world_to_cam, K, width, height).")],
     out: Annotated[Path, typer.Option(help="Frame folder to write (scored by geodiff4d eval).")],
     expressions: Annotated[Path | None, typer.Option(help="FLAME tracking npz to drive the avatar.")] = None,
+    head_pose: Annotated[str, typer.Option(
+        help="With --expressions: the driver's head pose as tracked (driver), its motion since its first frame "
+             "applied to the avatar's pose (relative), or the avatar's own pose (avatar). Shape and scale stay "
+             "the avatar's.")] = "driver",
 ) -> None:
     """Render novel views and expressions of an avatar into a frame folder; prints frames/s."""
+    from geodiff4d.recon.reenact import HEAD_POSES
     from geodiff4d.recon.run import render_avatar
 
-    fps = render_avatar(avatar, cameras, expressions, out)
+    if head_pose not in HEAD_POSES:
+        _fail(f"--head-pose {head_pose!r}: expected one of {', '.join(HEAD_POSES)}")
+    fps = render_avatar(avatar, cameras, expressions, out, head_pose=head_pose)
     typer.echo(f"rendered into {out} at {fps:.2f} frames/s")
 
 
