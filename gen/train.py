@@ -178,6 +178,7 @@ def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) 
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+
     from geodiff4d.cluster.jobs import use_cpus
     use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])

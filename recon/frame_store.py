@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.frame_folder import FrameImage
 from geodiff4d.recon.fit import View
 
 NORMAL_LEVELS = 127  # int8 snorm: -1..1 -> -127..127
@@ -54,6 +56,11 @@ class FrameStore(Sequence[View]):
         if normal is not None:
             quantized = np.rint(np.clip(normal, -1, 1) * NORMAL_LEVELS).astype(np.int8)
         self._views.append(_CompactView(frame, world_to_cam, K, _to_uint8(rgb), _to_uint8(mask), quantized))
+
+    def add_image(self, frame: int, camera: Camera, image: FrameImage) -> None:
+        """One frame folder image seen by ``camera``, as the subject's frame ``frame``."""
+        self.add(frame, torch.tensor(camera.world_to_cam, dtype=torch.float32),
+                 torch.tensor(camera.K, dtype=torch.float32), image.rgb, image.mask, image.normal)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._views)

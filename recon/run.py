@@ -155,9 +155,7 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
         for image in frame_io.iter_frames(root, subject, sequence, config.cameras(root, subject, sequence)):
             if image.frame >= seq_vertices.shape[0]:
                 raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frame {image.frame} has no tracking")
-            cam = cameras[image.camera]
-            views.add(offset + image.frame, torch.tensor(cam.world_to_cam, dtype=torch.float32),
-                      torch.tensor(cam.K, dtype=torch.float32), image.rgb, image.mask, image.normal)  # fmt: skip
+            views.add_image(offset + image.frame, cameras[image.camera], image)
     if not len(views):
         raise frame_io.FrameFolderError(f"{root}/rgb/{subject}: no frames of the training cameras")
     return SubjectData(torch.cat(vertices), views, counts, all_params)
@@ -196,9 +194,7 @@ def probe_views(root: Path, subject: str, data: SubjectData, config: ReconConfig
     cameras = frame_io.read_cameras(root / "cameras" / subject / f"{sequence}.json")
     probe = FrameStore()
     for image in frame_io.iter_frames(root, subject, sequence, [config.holdout_camera], frames=frames):
-        cam = cameras[image.camera]
-        probe.add(image.frame, torch.tensor(cam.world_to_cam, dtype=torch.float32),
-                  torch.tensor(cam.K, dtype=torch.float32), image.rgb, image.mask, image.normal)  # fmt: skip
+        probe.add_image(image.frame, cameras[image.camera], image)
     if not len(probe):
         raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: no frames of holdout_camera {config.holdout_camera}")
     return probe, "holdout"
