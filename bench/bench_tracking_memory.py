@@ -85,13 +85,13 @@ def main() -> None:
     print(f"# {' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()}")  # fmt: skip
     short, long = args.frames
-    runs = [_in_subprocess(n, args.chunk, args.cameras, args.steps) for n in (short, long)]
-    runs.append(_in_subprocess(2 * args.chunk, 2 * args.chunk, args.cameras, args.steps))  # unchunked reference
-    for r in runs:
+    runs = []
+    for frames, chunk in ((short, args.chunk), (long, args.chunk), (2 * args.chunk, 2 * args.chunk)):  # last: unchunked
+        runs.append(r := _in_subprocess(frames, chunk, args.cameras, args.steps))
         label = "one window" if r["chunk"] >= r["frames"] and r["frames"] > args.chunk else f"chunks of {r['chunk']}"
         print(f"{r['frames']:4d} frames, {label:>12}: peak RSS {r['peak_mb']:7.0f} MB "
               f"(RSS before tracking {r['before_mb']:6.0f} MB, growth {r['peak_mb'] - r['before_mb']:6.0f} MB), "
-              f"{r['seconds']:.0f} s")  # fmt: skip
+              f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
     a, b, ref = runs
     print(f"peak RSS ratio {long} / {short} frames (chunked): {b['peak_mb'] / a['peak_mb']:.3f}  (target <= 1.3)")
     print(f"growth ratio {long} / {short} frames (chunked): "
