@@ -213,6 +213,8 @@ def recon(
     subjects: Annotated[list[str] | None, typer.Option(help="Subjects to reconstruct (default: all).")] = None,
     workers: Annotated[int, typer.Option(help="Ray actors (one subject each at a time).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per actor (0: CPU backend).")] = 0,
+    cpus_per_worker: Annotated[float | None, typer.Option(
+        help="CPUs (= torch threads) per actor (default: all of Ray's CPUs divided by the workers).")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML ReconConfig: steps, tracker (file | ours), tracking_options, refine, fit, ... "
              "(example: configs/recon.yaml; default: built-in values, tracking read from the frame folder).")] = None,
@@ -223,7 +225,8 @@ def recon(
 
     with _config_errors_exit():
         settings = load_recon_config(config) if config else None
-    report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings)
+        report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings,
+                             cpus_per_worker=cpus_per_worker)  # fmt: skip
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)
@@ -235,11 +238,18 @@ def render(
     cameras: Annotated[Path, typer.Option(help="Cameras JSON (serial -> world_to_cam, K, width, height).")],
     out: Annotated[Path, typer.Option(help="Frame folder to write (scored by geodiff4d eval).")],
     expressions: Annotated[Path | None, typer.Option(help="FLAME tracking npz to drive the avatar.")] = None,
+    head_pose: Annotated[str, typer.Option(
+        help="With --expressions: the driver's head pose as tracked (driver), its motion since its first frame "
+             "applied to the avatar's pose (relative), or the avatar's own pose (avatar). Shape and scale stay "
+             "the avatar's.")] = "driver",
 ) -> None:
     """Render novel views and expressions of an avatar into a frame folder; prints frames/s."""
+    from geodiff4d.recon.reenact import HEAD_POSES
     from geodiff4d.recon.run import render_avatar
 
-    fps = render_avatar(avatar, cameras, expressions, out)
+    if head_pose not in HEAD_POSES:
+        _fail(f"--head-pose {head_pose!r}: expected one of {', '.join(HEAD_POSES)}")
+    fps = render_avatar(avatar, cameras, expressions, out, head_pose=head_pose)
     typer.echo(f"rendered into {out} at {fps:.2f} frames/s")
 
 

@@ -5,6 +5,9 @@ A job is any picklable object with ``setup()`` (once per actor: load models, ope
 writes the unit's commit marker. A rerun skips committed units, so an interrupted job resumes and a
 finished job does no work. A unit whose worker raises or dies is retried on a fresh actor up to
 ``max_retries`` times and then reported, never silently dropped.
+
+Every actor of every stage gets its CPUs by one rule (:func:`worker_cpus`) and runs exactly that many
+torch threads (:func:`use_cpus`), so one worker on a laptop uses every core and several never oversubscribe.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.config_files import ConfigError
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,36 @@ class CommitLog:
         return json.loads(self.marker(unit_id).read_text())
 
 
+def worker_cpus(workers: int, requested: float | None = None) -> float:
+    """CPUs each of ``workers`` actors asks Ray for: ``requested``, else all of Ray's CPUs divided by the
+    workers (at most one node's CPUs, at least one). Needs a connected Ray."""
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    total = sum(node_cpus) or float(os.cpu_count() or 1)
+    largest = max(node_cpus, default=total)
+    if requested is not None:
+        if not 0 < requested <= largest:
+            raise ConfigError(f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node")
+        return float(requested)
+    return float(max(1, min(int(total // max(1, workers)), int(largest))))
+
+
+def use_cpus(cpus: float) -> int:
+    """Run torch (and OpenCV, where loaded) with as many threads as the CPUs Ray granted; returns the count."""
+    import sys
+
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(threads)
+    return threads
+
+
 @ray.remote
 class _UnitWorker:
-    def __init__(self, job: UnitJob):
+    def __init__(self, job: UnitJob, cpus: float):
+        use_cpus(cpus)
         self.job = job
         self.job.setup()
 
@@ -105,7 +136,7 @@ def run_units(
     commits: CommitLog,
     *,
     workers: int = 1,
-    cpus_per_worker: float = 1,
+    cpus_per_worker: float | None = None,
     gpus_per_worker: float = 0,
     max_retries: int = 2,
     desc: str = "units",
@@ -116,6 +147,7 @@ def run_units(
     """Run every uncommitted unit on a pool of ``workers`` Ray actors; commit each as it finishes.
 
     ``sizes`` (unit id -> items, e.g. frames) makes the progress bar count items, so it shows items/s.
+    Each actor gets ``cpus_per_worker`` CPUs (default: :func:`worker_cpus`'s rule) and as many torch threads.
     Needs a connected Ray (:func:`geodiff4d.cluster.runtime.connect`).
     """
     ids = [u.id for u in units]
@@ -128,11 +160,12 @@ def run_units(
         return report
     attempts: dict[str, int] = {}
     queue = list(reversed(pending))
+    actor_cpus = worker_cpus(min(workers, len(pending)), cpus_per_worker)
     # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
-    options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
+    options = {"num_cpus": actor_cpus, "num_gpus": gpus_per_worker, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
 
     def new_worker() -> Any:
-        return _UnitWorker.options(**options).remote(job)
+        return _UnitWorker.options(**options).remote(job, actor_cpus)
 
     idle = [new_worker() for _ in range(min(workers, len(pending)))]
     in_flight: dict[Any, tuple[Any, WorkUnit]] = {}

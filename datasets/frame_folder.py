@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,26 +85,46 @@ def _read_png(path: Path) -> np.ndarray:
         raise FrameFolderError(f"{path}: cannot read image: {exc}") from exc
 
 
-def read_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None) -> list[FrameImage]:
-    """All (camera, frame) images of one sequence, sorted; mask and normal are optional per frame."""
-    root = Path(root)
-    images = []
-    seq_dir = root / "rgb" / subject / sequence
+def _camera_dirs(root: Path, subject: str, sequence: str, cameras: list[str] | None) -> list[Path]:
+    seq_dir = Path(root) / "rgb" / subject / sequence
     if not seq_dir.is_dir():
         raise FrameFolderError(f"{seq_dir}: sequence not found")
-    for cam_dir in sorted(p for p in seq_dir.iterdir() if p.is_dir()):
-        if cameras is not None and cam_dir.name not in cameras:
-            continue
+    return sorted(p for p in seq_dir.iterdir() if p.is_dir() and (cameras is None or p.name in cameras))
+
+
+def sequence_index(root: Path, subject: str, sequence: str, cameras: list[str] | None = None) -> tuple[list[str], list[int]]:
+    """The camera serials and frame numbers of one sequence, from file names alone (nothing decoded)."""
+    dirs = _camera_dirs(root, subject, sequence, cameras)
+    frames = sorted({int(p.stem) for d in dirs for p in d.glob("*.png")})
+    if not frames:
+        raise FrameFolderError(f"{Path(root) / 'rgb' / subject / sequence}: no frames")
+    return [d.name for d in dirs], frames
+
+
+def iter_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None,
+                frames: Collection[int] | None = None) -> Iterator[FrameImage]:  # fmt: skip
+    """The (camera, frame) images of one sequence (every frame, or ``frames``), sorted, decoded one at a time
+    so that a caller can keep them compactly; mask and normal are optional per frame."""
+    root = Path(root)
+    for cam_dir in _camera_dirs(root, subject, sequence, cameras):
         for rgb_path in sorted(cam_dir.glob("*.png")):
+            if frames is not None and int(rgb_path.stem) not in frames:
+                continue
             rel = rgb_path.relative_to(root / "rgb")
             rgb = _read_png(rgb_path)[..., :3]
             mask_path, normal_path = root / "mask" / rel, root / "normal" / rel
             mask = _read_png(mask_path) if mask_path.is_file() else np.ones(rgb.shape[:2], np.float32)
             mask = mask[..., 0] if mask.ndim == 3 else mask
             normal = decode_normal_png(normal_path)[0] if normal_path.is_file() else None
-            images.append(FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal))
+            yield FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal)
+
+
+def read_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None,
+                frames: Collection[int] | None = None) -> list[FrameImage]:  # fmt: skip
+    """All (camera, frame) images of one sequence (or of ``frames``), sorted."""
+    images = list(iter_frames(root, subject, sequence, cameras, frames))
     if not images:
-        raise FrameFolderError(f"{seq_dir}: no frames")
+        raise FrameFolderError(f"{Path(root) / 'rgb' / subject / sequence}: no frames")
     return images
 
 

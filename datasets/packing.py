@@ -345,8 +345,6 @@ class PackJob:
         self.out, self.settings, self.decode_threads = Path(out), settings, decode_threads
 
     def setup(self) -> None:
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
         self.model = head_model(self.settings)
         self.estimator = OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
 

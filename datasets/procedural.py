@@ -128,7 +128,6 @@ class SynthJob:
         self.out, self.spec = Path(out), spec
 
     def setup(self) -> None:
-        torch.set_num_threads(1)
         self.model = procedural_head_model(seed=0)
         self.cameras = synth_cameras(self.spec)
 

@@ -232,6 +232,9 @@ def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+
+    from geodiff4d.cluster.jobs import use_cpus
+    use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -294,12 +297,14 @@ def train(config_path: str | Path, stage: int, shards: str | Path | None, out: s
     if not ray.is_initialized():
         from geodiff4d.cluster.runtime import connect
         connect(address)
-    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    from geodiff4d.cluster.jobs import worker_cpus
+    cpus = worker_cpus(workers)
+    resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "shards": str(shards) if shards else None,
                            "out": str(out), "max_steps": max_steps, "init": Path(init).resolve() if init else None,
-                           "resume_from": resume_from, "make_batches": make_batches, "quiet": quiet},
+                           "resume_from": resume_from, "make_batches": make_batches, "quiet": quiet, "cpus": cpus},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)),
     )

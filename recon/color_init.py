@@ -7,6 +7,8 @@ hundreds of CPU steps of the fit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.sh import rgb_to_dc
 
 
-def colors_from_views(gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: list[View]) -> Tensor:
+def colors_from_views(gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: Sequence[View]) -> Tensor:
     """Mean observed RGB [N, 3] per Gaussian; ``frame_vertices(frame)`` gives that frame's mesh [V, 3]."""
     total = torch.zeros(len(gaussians), 3)
     count = torch.zeros(len(gaussians))
@@ -38,7 +40,7 @@ def colors_from_views(gaussians: BoundGaussians, frame_vertices, faces: Tensor, 
     return torch.where(count[:, None] > 0, total / count.clamp_min(1)[:, None], 0.5)
 
 
-def init_colors(gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: list[View]) -> None:
+def init_colors(gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: Sequence[View]) -> None:
     """Set the SH DC term of every Gaussian to its observed colour (in place)."""
     with torch.no_grad():
         gaussians.sh_dc.copy_(rgb_to_dc(colors_from_views(gaussians, frame_vertices, faces, views)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,8 +108,8 @@ class FixedVertices(nn.Module):
 
 class Fitter:
     def __init__(
-        self, gaussians: BoundGaussians, deformer: nn.Module, faces: Tensor, views: list[View], config: FitConfig
-    ):
+        self, gaussians: BoundGaussians, deformer: nn.Module, faces: Tensor, views: Sequence[View], config: FitConfig
+    ):  # views: a list, or a compact FrameStore that decodes the view a step draws
         if not views:
             raise ValueError("Fitter: no training views")
         self.gaussians, self.deformer, self.faces, self.views, self.config = gaussians, deformer, faces, views, config
@@ -235,7 +235,7 @@ class Fitter:
 
     @classmethod
     def resume(
-        cls, path: str | Path, deformer: nn.Module, faces: Tensor, views: list[View], config: FitConfig
+        cls, path: str | Path, deformer: nn.Module, faces: Tensor, views: Sequence[View], config: FitConfig
     ) -> Fitter:
         """Rebuild a fitter from its checkpoint (the deformer's architecture is given, its weights are loaded)."""
         tensors, metadata = load_checkpoint(path)

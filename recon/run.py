@@ -8,7 +8,9 @@ is never redone. ``render_avatar`` renders a fitted avatar into a frame folder t
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,13 @@ from geodiff4d.datasets.flame_tracking import load_tracking as load_tracking_fil
 from geodiff4d.recon.binding import render_bound, to_world, triangle_frames
 from geodiff4d.recon.color_init import init_colors
 from geodiff4d.recon.fit import FitConfig, Fitter, FixedVertices, View, load_checkpoint, load_gaussians
+from geodiff4d.recon.frame_store import FrameStore
 from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.losses import psnr
 from geodiff4d.recon.normals import shortest_axis
 from geodiff4d.recon.ply import write_point_cloud_ply
+from geodiff4d.recon.progress import FitProgress
+from geodiff4d.recon.reenact import HEAD_POSES, reenact
 from geodiff4d.recon.refine import HierarchicalDeformer, RefineConfig
 from geodiff4d.recon.sh import n_coefficients
 from geodiff4d.recon.tracking import TrackingConfig, track_frame_folder
@@ -43,8 +48,11 @@ class ReconConfig:
     sh_degree: int = 3  # the most the fit activates (one degree per FitConfig.sh_increase_every steps)
     seed: int = 0
     train_cameras: list[str] | None = None  # None: every camera of the frame folder
+    holdout_camera: str | None = None  # left out of training (and tracking); its PSNR is the fit's progress
+    progress_every: int = 100  # steps between progress PSNRs, TensorBoard scalars and preview images
     tracker: str = "file"  # "file": read `tracking`; "ours": fit FLAME to the frames (recon.tracking)
     tracking: str = "{root}/tracking/{subject}/{sequence}.npz"  # NeRSemble-format npz per sequence
+    tracking_init: str | None = None  # tracker "ours": start from this npz (e.g. the `tracking` template)
     tracking_options: dict[str, Any] = field(default_factory=dict)  # TrackingConfig overrides
     refine: dict[str, Any] | None = None  # RefineConfig overrides; None: the tracked meshes as they are
     init_colors: bool = True  # start each Gaussian at the colour the training views show it
@@ -53,6 +61,17 @@ class ReconConfig:
     def __post_init__(self) -> None:
         if self.tracker not in ("file", "ours"):
             raise ValueError(f"ReconConfig.tracker must be 'file' or 'ours', got {self.tracker!r}")
+        if self.progress_every < 1:
+            raise ValueError(f"ReconConfig.progress_every must be at least 1, got {self.progress_every}")
+        if self.tracking_init is not None and self.tracker != "ours":
+            raise ValueError("ReconConfig.tracking_init is the initial value of our tracker: set tracker: ours")
+
+    def cameras(self, root: Path, subject: str, sequence: str) -> list[str] | None:
+        """The cameras one sequence trains (and tracks) on: ``train_cameras`` (None: all) less the held-out one."""
+        if self.holdout_camera is None:
+            return self.train_cameras
+        serials = self.train_cameras or frame_io.sequence_index(root, subject, sequence)[0]
+        return [s for s in serials if s != self.holdout_camera]
 
     def fit_config(self) -> FitConfig:
         return FitConfig(**{"steps": self.steps, "seed": self.seed, **self.fit})
@@ -88,17 +107,24 @@ def load_tracking(path: Path, model: FlameModel) -> FlameParams:
 
 
 def sequence_tracking(root: Path, subject: str, sequence: str, model: FlameModel, config: ReconConfig,
-                      cache: Path | None = None) -> FlameParams:  # fmt: skip
-    """FLAME parameters of one sequence: an external tracker's npz, or our tracker (cached in ``cache``)."""
+                      cache: Path | None = None, progress: bool = False) -> FlameParams:  # fmt: skip
+    """FLAME parameters of one sequence: an external tracker's npz, or our tracker (cached in ``cache``, its
+    finished chunks in ``cache/{sequence}.chunks`` until the whole sequence is done)."""
     if config.tracker == "file":
         return load_tracking(Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model)
     path = cache / f"{sequence}.npz" if cache is not None else None
     if path is not None and path.is_file():
         return load_tracking(path, model)
+    init = None
+    if config.tracking_init is not None:
+        init = load_tracking(Path(config.tracking_init.format(root=root, subject=subject, sequence=sequence)), model)
+    chunks = cache / f"{sequence}.chunks" if cache is not None else None
     params = track_frame_folder(root, subject, sequence, model, TrackingConfig(**config.tracking_options),
-                                cameras=config.train_cameras)  # fmt: skip
+                                cameras=config.cameras(root, subject, sequence), init=init, checkpoints=chunks,
+                                progress=progress)  # fmt: skip
     if path is not None:
         frame_io.write_tracking(path, params)
+        shutil.rmtree(chunks)
     return params
 
 
@@ -109,7 +135,7 @@ def concat_params(params: list[FlameParams]) -> FlameParams:
 @dataclass
 class SubjectData:
     frame_vertices: torch.Tensor  # [T, V, 3] over all sequences
-    views: list[View]
+    views: FrameStore  # compact; decoded one view at a time
     sequences: dict[str, int]  # sequence -> number of frames
     params: dict[str, FlameParams]
 
@@ -119,26 +145,24 @@ class SubjectData:
 
 
 def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfig,
-                 tracking_cache: Path | None = None) -> SubjectData:  # fmt: skip
-    vertices, views, counts, all_params = [], [], {}, {}
+                 tracking_cache: Path | None = None, progress: bool = False) -> SubjectData:  # fmt: skip
+    """Every training view of the subject (compact: images are read and stored one at a time) and the FLAME
+    meshes of its frames, tracking each sequence first when our tracker is configured."""
+    vertices, views, counts, all_params = [], FrameStore(), {}, {}
     for sequence in frame_io.sequences(root, subject):
         cameras = frame_io.read_cameras(root / "cameras" / subject / f"{sequence}.json")
-        params = sequence_tracking(root, subject, sequence, model, config, tracking_cache)
+        params = sequence_tracking(root, subject, sequence, model, config, tracking_cache, progress)
         with torch.no_grad():
             seq_vertices = model(params).vertices  # [T, V, 3]
         offset = sum(counts.values())
         counts[sequence], all_params[sequence] = seq_vertices.shape[0], params
         vertices.append(seq_vertices)
-        for image in frame_io.read_frames(root, subject, sequence, config.train_cameras):
+        for image in frame_io.iter_frames(root, subject, sequence, config.cameras(root, subject, sequence)):
             if image.frame >= seq_vertices.shape[0]:
                 raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frame {image.frame} has no tracking")
-            cam = cameras[image.camera]
-            mask = torch.from_numpy(image.mask)
-            normal = None if image.normal is None else torch.from_numpy(image.normal).permute(2, 0, 1) * mask
-            views.append(View(
-                offset + image.frame, torch.tensor(cam.world_to_cam, dtype=torch.float32), torch.tensor(cam.K, dtype=torch.float32),
-                torch.from_numpy(image.rgb).permute(2, 0, 1) * mask, mask, normal,
-            ))  # fmt: skip
+            views.add_image(offset + image.frame, cameras[image.camera], image)
+    if not len(views):
+        raise frame_io.FrameFolderError(f"{root}/rgb/{subject}: no frames of the training cameras")
     return SubjectData(torch.cat(vertices), views, counts, all_params)
 
 
@@ -165,11 +189,27 @@ def new_fitter(data: SubjectData, model: FlameModel, config: ReconConfig, checkp
     return Fitter(gaussians, deformer, faces, data.views, fit_config)
 
 
+def probe_views(root: Path, subject: str, data: SubjectData, config: ReconConfig) -> tuple[Sequence[View], str]:
+    """Views whose PSNR reports the fit's progress, and their name: up to 4 frames of the first sequence seen
+    by the held-out camera, else 4 training views spread over the subject."""
+    if config.holdout_camera is None:
+        return data.views[:: max(1, len(data.views) // 4)][:4], "train_views"
+    sequence = next(iter(data.sequences))
+    frames = set(np.linspace(0, data.sequences[sequence] - 1, 4).round().astype(int).tolist())
+    cameras = frame_io.read_cameras(root / "cameras" / subject / f"{sequence}.json")
+    probe = FrameStore()
+    for image in frame_io.iter_frames(root, subject, sequence, [config.holdout_camera], frames=frames):
+        probe.add_image(image.frame, cameras[image.camera], image)
+    if not len(probe):
+        raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: no frames of holdout_camera {config.holdout_camera}")
+    return probe, "holdout"
+
+
 class ReconJob:
     """Ray work-unit job: fit one subject's avatar (resuming from its checkpoint) and export it."""
 
-    def __init__(self, input_root: str | Path, out: str | Path, config: ReconConfig):
-        self.input_root, self.out, self.config = Path(input_root), Path(out), config
+    def __init__(self, input_root: str | Path, out: str | Path, config: ReconConfig, progress: bool = True):
+        self.input_root, self.out, self.config, self.progress = Path(input_root), Path(out), config, progress
 
     def setup(self) -> None:
         self.model = load_head_model(self.config.head_model)
@@ -180,11 +220,20 @@ class ReconJob:
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         subject, config, started = unit.id, self.config, time.perf_counter()
         folder = self.out / subject
-        data = load_subject(self.input_root, subject, self.model, config, tracking_cache=folder / "tracking")
+        data = load_subject(self.input_root, subject, self.model, config, folder / "tracking", self.progress)
         checkpoint = folder / "checkpoint.safetensors"
         fitter = new_fitter(data, self.model, config, checkpoint)
         resumed_from = fitter.step_index
-        fitter.run(config.steps, checkpoint=checkpoint, on_step=lambda step, _: self.after_step(subject, step))
+        progress = FitProgress(folder, subject, config.steps, resumed_from,
+                               *probe_views(self.input_root, subject, data, config), config.progress_every,
+                               enabled=self.progress)  # fmt: skip
+
+        def on_step(step: int, loss: float) -> None:
+            progress.on_step(fitter, step, loss)
+            self.after_step(subject, step)
+
+        fitter.run(config.steps, checkpoint=checkpoint, on_step=on_step)
+        progress.close()
         export_avatar(folder, fitter, self.model, data, config)
         with torch.no_grad():
             scores = [psnr(fitter.render(v.frame, v.world_to_cam, v.K, v.rgb.shape[-1], v.rgb.shape[-2]).rgb, v.rgb)
@@ -192,6 +241,7 @@ class ReconJob:
         return {
             "subject": subject, "steps": fitter.step_index, "resumed_from_step": resumed_from,
             "gaussians": len(fitter.gaussians), "train_psnr": float(np.mean(scores)),
+            f"{progress.probe_name}_psnr": progress.last_psnr,
             "final_loss": fitter.losses[-1] if fitter.losses else None,
             "seconds": round(time.perf_counter() - started, 2),
         }  # fmt: skip
@@ -240,15 +290,17 @@ def reconstruct(
     address: str | None = None,
     config: ReconConfig | None = None,
     progress: bool = True,
+    cpus_per_worker: float | None = None,
 ) -> JobReport:
-    """Fit an avatar per subject of the frame folder ``input`` into ``out/{subject}``; resumable."""
+    """Fit an avatar per subject of the frame folder ``input`` into ``out/{subject}``; resumable.
+    Each actor runs ``cpus_per_worker`` torch threads (default: Ray's CPUs divided by the workers)."""
     config = config or ReconConfig()
     subjects = subjects or frame_io.subjects(Path(input))
     connect(address)
-    job = ReconJob(input, out, config)
+    job = ReconJob(input, out, config, progress)
     units = [WorkUnit(s) for s in subjects]
     return run_units(job, units, CommitLog(Path(out) / "_commits"), workers=workers, gpus_per_worker=gpus_per_worker,
-                     desc="recon subjects", progress=progress)  # fmt: skip
+                     cpus_per_worker=cpus_per_worker, desc="recon subjects", progress=progress)  # fmt: skip
 
 
 def render_avatar(
@@ -258,14 +310,20 @@ def render_avatar(
     out: str | Path,
     sequence: str | None = None,
     backend: str = "auto",
+    head_pose: str = "driver",
 ) -> float:
     """Render ``avatar`` (a recon output folder) from every camera of ``cameras_json`` for every frame of
     ``expressions_npz`` (NeRSemble tracking names; default: the avatar's first tracked sequence, refinement
-    included) into the frame folder ``out``, which ``geodiff4d eval`` scores. Returns rendered frames/s.
+    included) into the frame folder ``out``, which ``geodiff4d eval`` scores; the parameters it was driven
+    with go to ``out/tracking``. Returns rendered frames/s.
 
-    Driven by new expressions, a refined avatar keeps its networks (U-Net offsets, attribute MLP, fed the new
-    FLAME expression) but has no per-frame FLAME residuals for the new frames.
+    Driven by another tracking, the avatar keeps its shape and scale and takes the driver's per-frame motion,
+    its head pose as ``head_pose`` says (:data:`geodiff4d.recon.reenact.HEAD_POSES`). A refined avatar keeps
+    its networks (U-Net offsets, attribute MLP, fed the new FLAME expression) but has no per-frame FLAME
+    residuals for the new frames.
     """
+    if head_pose not in HEAD_POSES:
+        raise ValueError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
     avatar = Path(avatar)
     meta = json.loads((avatar / "avatar.json").read_text())
     config = ReconConfig(**meta["config"])
@@ -283,7 +341,8 @@ def render_avatar(
         first = sum(sequences[s] for s in names[: names.index(sequence)])
         frames = range(first, first + sequences[sequence])
     else:
-        params = load_tracking(Path(expressions_npz), model)
+        own = load_tracking(avatar / "flame" / f"{next(iter(sequences))}.npz", model)
+        params = reenact(own, load_tracking(Path(expressions_npz), model), head_pose)
         frames = range(params.batch_size)
         per_frame = [k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))]
         for key in per_frame:  # belongs to the training frames
@@ -294,6 +353,7 @@ def render_avatar(
     cameras = frame_io.read_cameras(Path(cameras_json))
     subject, out = avatar.name, Path(out)
     frame_io.write_cameras(out / "cameras" / subject / f"{sequence}.json", cameras)
+    frame_io.write_tracking(frame_io.tracking_path(out, subject, sequence), params[frames.start : frames.stop])
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
     gaussians, faces, deformer = gaussians.to(device), faces.to(device), deformer.to(device)
     rendered, seconds = 0, 0.0

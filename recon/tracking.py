@@ -8,12 +8,20 @@ the disc normals carry gradients to the vertices), temporal smoothness and weak 
 zero so that global rotation is not split arbitrarily between root and neck). Landmarks alone run first
 (rigid, then everything) to land in the basin; then all terms, rendering a random camera of every frame per step.
 An external tracker's npz (NeRSemble names) can replace this module, or initialize it.
+
+Long sequences are tracked in chunks of frames (:func:`track_sequence`), so memory is bounded by the chunk:
+the shared shape is fitted first on frames spread over the sequence, then each chunk fits its per-frame
+parameters with the shape held, smoothed against the previous chunk's last frame, and is checkpointed
+(atomically) so that a killed run resumes after its last finished chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.progress import progress_bar
 from geodiff4d.datasets import frame_folder
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameModel, FlameParams, euler_xyz_matrix, rodrigues
@@ -29,6 +39,8 @@ from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.landmarks import CONTOUR, LandmarkDetector
 from geodiff4d.recon.losses import normal_loss
 from geodiff4d.recon.sh import rgb_to_dc
+
+PER_FRAME = ("expression", "rotation", "neck", "jaw", "translation")  # fitted per frame (eyes are not)
 
 
 @dataclass
@@ -47,6 +59,13 @@ class TrackingConfig:
     prior_weight: float = 1e-4  # shape and expression
     neck_weight: float = 10.0
     seed: int = 0
+    chunk_frames: int = 16  # frames optimised together: memory grows with this, not with the sequence
+    identity_frames: int = 8  # frames spread over a multi-chunk sequence that fit the shared shape first
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_frames", "identity_frames", "render_size", "views_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrackingConfig.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -60,6 +79,12 @@ class TrackingTargets:
     landmarks: Tensor  # [T, C, 68, 2] pixels
     has_landmarks: Tensor  # [T, C] bool
 
+    def select(self, frames: Sequence[int]) -> TrackingTargets:
+        """The targets of some frames (e.g. one chunk), in the given order."""
+        index = list(frames)
+        return TrackingTargets(self.cameras, self.masks[index], self.normals[index], self.has_normal[index],
+                               self.landmarks[index], self.has_landmarks[index])  # fmt: skip
+
 
 class TrackedSequence(nn.Module):
     """Learnable FLAME parameters of T frames: per-frame pose, expression, translation; shared shape."""
@@ -70,7 +95,7 @@ class TrackedSequence(nn.Module):
         if init.batch_size != frames:
             raise ValueError(f"tracking init has {init.batch_size} frames, the sequence {frames}")
         self.shape = nn.Parameter(init.shape[:1].clone())
-        for name in ("expression", "rotation", "neck", "jaw", "translation"):
+        for name in PER_FRAME:
             setattr(self, name, nn.Parameter(getattr(init, name).clone()))
         self.register_buffer("eyes", init.eyes.clone())
         self.register_buffer("scale", init.scale.clone())
@@ -81,7 +106,7 @@ class TrackedSequence(nn.Module):
                            self.eyes, self.translation, self.scale)  # fmt: skip
 
     def per_frame(self) -> list[Tensor]:
-        return [self.expression, self.rotation, self.neck, self.jaw, self.translation]
+        return [getattr(self, name) for name in PER_FRAME]
 
 
 def mesh_gaussians(n_faces: int) -> BoundGaussians:
@@ -160,17 +185,27 @@ def landmark_loss(landmarks3d: Tensor, targets: TrackingTargets, w2c: Tensor, K:
     return (per_view * valid).sum() / valid.sum()
 
 
-def smoothness(sequence: TrackedSequence) -> Tensor:
-    terms = [((p[1:] - p[:-1]) ** 2).sum(-1).mean() for p in sequence.per_frame() if p.shape[0] > 1]
+def smoothness(sequence: TrackedSequence, previous: FlameParams | None = None) -> Tensor:
+    """Mean squared change between consecutive frames, from ``previous`` (the frame before, held) on."""
+    per_frame = sequence.per_frame()
+    if previous is not None:
+        per_frame = [torch.cat([getattr(previous, n)[-1:].detach(), p]) for n, p in zip(PER_FRAME, per_frame, strict=True)]
+    terms = [((p[1:] - p[:-1]) ** 2).sum(-1).mean() for p in per_frame if p.shape[0] > 1]
     return torch.stack(terms).sum() if terms else sequence.rotation.new_zeros(())
 
 
 def track(
-    model: FlameModel, targets: TrackingTargets, config: TrackingConfig, init: FlameParams | None = None
-) -> FlameParams:
-    """Fit FLAME parameters to the targets of one sequence; returns T frames (shape and scale shared)."""
+    model: FlameModel, targets: TrackingTargets, config: TrackingConfig, init: FlameParams | None = None,
+    previous: FlameParams | None = None, fit_shape: bool = True,
+) -> FlameParams:  # fmt: skip
+    """Fit FLAME parameters to the targets of T frames; returns T frames (shape and scale shared).
+
+    ``previous``: the tracked frame just before these (held; smoothness reaches across the border).
+    ``fit_shape=False`` holds the shape at ``init``'s (fitted once per sequence, shared by its chunks).
+    """
     frames, n_cams = targets.masks.shape[:2]
     sequence = TrackedSequence(frames, model, init)
+    sequence.shape.requires_grad_(fit_shape)
     w2c, K = _camera_tensors(targets.cameras)
     height, width = targets.masks.shape[-2:]
     small = [c.resized(width, height) for c in targets.cameras]
@@ -179,7 +214,7 @@ def track(
     generator = torch.Generator().manual_seed(config.seed)
 
     def regularizers() -> Tensor:
-        return (config.smooth_weight * smoothness(sequence)
+        return (config.smooth_weight * smoothness(sequence, previous)
                 + config.prior_weight * (sequence.shape.pow(2).sum() + sequence.expression.pow(2).sum(-1).mean())
                 + config.neck_weight * sequence.neck.pow(2).sum(-1).mean())  # fmt: skip
 
@@ -203,43 +238,142 @@ def track(
             loss.backward()
             optimizer.step()
 
+    free = [p for p in sequence.parameters() if p.requires_grad]
     run(config.rigid_steps, [sequence.rotation, sequence.translation], with_renders=False)
-    run(config.landmark_steps, list(sequence.parameters()), with_renders=False)
-    run(config.steps, list(sequence.parameters()), with_renders=True)
+    run(config.landmark_steps, free, with_renders=False)
+    run(config.steps, free, with_renders=True)
     with torch.no_grad():
         result = sequence.params()
         return FlameParams(**{k: v.detach().clone() for k, v in vars(result).items()})
 
 
+TargetLoader = Callable[[Sequence[int]], TrackingTargets]  # frame indices -> their targets (loaded on demand)
+
+
+class ChunkCheckpoints:
+    """A folder of finished pieces of one sequence's tracking: ``identity.npz`` and ``chunk-{start:05d}.npz``
+    (NeRSemble names, written atomically), under a ``meta.json`` fingerprint of the run. A folder written by a
+    different config, sequence length or initial value is stale and cleared, never reused."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = Path(folder)
+        meta = self.folder / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
+            shutil.rmtree(self.folder)
+        if not meta.is_file():
+            write_json_atomic(meta, fingerprint)
+
+    def load(self, name: str, model: FlameModel) -> FlameParams | None:
+        path = self.folder / f"{name}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            return FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
+
+    def save(self, name: str, params: FlameParams) -> None:
+        frame_folder.write_tracking(self.folder / f"{name}.npz", params)
+
+
+def _fingerprint(config: TrackingConfig, frames: int, init: FlameParams | None) -> dict:
+    digest = None
+    if init is not None:
+        digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in vars(init).values())).hexdigest()
+    return {"config": asdict(config), "frames": frames, "init_sha256": digest}
+
+
+def _start(frames: Sequence[int], shape: Tensor, scale: Tensor, init: FlameParams | None,
+           previous: FlameParams | None, model: FlameModel) -> FlameParams:  # fmt: skip
+    """Initial value of a chunk: the given tracking, else the previous chunk's last frame, else neutral."""
+    n = len(frames)
+    if init is not None:
+        start = init[list(frames)]  # type: ignore[index] - tensors take a list of frames
+    elif previous is not None:
+        start = FlameParams(**{k: v[-1:].expand(n, -1).clone() for k, v in vars(previous).items()})
+    else:
+        start = FlameParams.zeros(n, model.n_shape, model.n_expr)
+    start.shape, start.scale = shape.expand(n, -1).clone(), scale.expand(n, -1).clone()
+    return start
+
+
+def track_sequence(
+    model: FlameModel, frames: int, load_targets: TargetLoader, config: TrackingConfig,
+    init: FlameParams | None = None, checkpoints: Path | None = None,
+    on_chunk: Callable[[int, int], None] | None = None, progress: bool = False,
+) -> FlameParams:  # fmt: skip
+    """Track ``frames`` frames in chunks of ``config.chunk_frames``, loading each chunk's targets on demand.
+
+    ``init`` (e.g. an external tracker's result) is the initial value; ``checkpoints`` a folder for finished
+    chunks, so a rerun resumes after the last one; ``on_chunk(done, total)`` is called after each chunk.
+    """
+    if init is not None and init.batch_size != frames:
+        raise ValueError(f"tracking init has {init.batch_size} frames, the sequence {frames}")
+    chunks = [range(s, min(s + config.chunk_frames, frames)) for s in range(0, frames, config.chunk_frames)]
+    store = ChunkCheckpoints(checkpoints, _fingerprint(config, frames, init)) if checkpoints else None
+    load = (lambda name: store.load(name, model)) if store else (lambda name: None)  # noqa: E731
+    save = store.save if store else (lambda name, params: None)  # noqa: E731
+    shape = (init.shape[:1] if init is not None else torch.zeros(1, model.n_shape))
+    scale = (init.scale[:1] if init is not None else torch.ones(1, 1))
+    if len(chunks) > 1:  # one shape for every chunk, fitted on frames spread over the sequence
+        identity = load("identity")
+        if identity is None:
+            picks = np.unique(np.linspace(0, frames - 1, min(config.identity_frames, frames)).round().astype(int))
+            start = _start(picks.tolist(), shape, scale, init, None, model)
+            identity = track(model, load_targets(picks.tolist()), replace(config, smooth_weight=0.0), start)[:1]
+            save("identity", identity)
+        shape = identity.shape[:1]
+    bar = progress_bar(len(chunks), "tracking chunks", enabled=progress)
+    results: list[FlameParams] = []
+    for index, chunk in enumerate(chunks):
+        done = load(f"chunk-{chunk.start:05d}")
+        if done is None:
+            previous = results[-1] if results else None
+            start = _start(chunk, shape, scale, init, previous, model)
+            chunk_config = replace(config, seed=config.seed + chunk.start)  # the same draws whether resumed or not
+            done = track(model, load_targets(chunk), chunk_config, start, previous, fit_shape=len(chunks) == 1)
+            save(f"chunk-{chunk.start:05d}", done)
+        results.append(done)
+        bar.update(1)
+        if on_chunk is not None:
+            on_chunk(index + 1, len(chunks))
+    bar.close()
+    return FlameParams(**{k: torch.cat([getattr(r, k) for r in results]) for k in vars(results[0])})
+
+
 def track_frame_folder(
     root: str | Path, subject: str, sequence: str, model: FlameModel, config: TrackingConfig,
     cameras: list[str] | None = None, detector: LandmarkDetector | None = None, init: FlameParams | None = None,
+    checkpoints: Path | None = None, progress: bool = False,
 ) -> FlameParams:  # fmt: skip
-    """Track one sequence of a frame folder (every camera, or ``cameras``) from its rgb, mask and normal maps."""
+    """Track one sequence of a frame folder (every camera, or ``cameras``) from its rgb, mask and normal maps,
+    reading one chunk of frames at a time; ``checkpoints``: a folder that makes a rerun resume (see
+    :func:`track_sequence`)."""
     root = Path(root)
     rig = frame_folder.read_cameras(root / "cameras" / subject / f"{sequence}.json")
-    images = frame_folder.read_frames(root, subject, sequence, cameras)
-    serials = sorted({im.camera for im in images})
-    frame_ids = sorted({im.frame for im in images})
+    serials, frame_ids = frame_folder.sequence_index(root, subject, sequence, cameras)
     if frame_ids != list(range(len(frame_ids))):
         raise frame_folder.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frames must be 0..T-1, got {frame_ids}")
     missing = [s for s in serials if s not in rig]
     if missing:
         raise frame_folder.FrameFolderError(f"{root}/cameras/{subject}/{sequence}.json: no camera {missing}")
-    height, width = images[0].rgb.shape[:2]
-    shape = (len(frame_ids), len(serials))
-    rgb = np.zeros(shape + (height, width, 3), np.uint8)
-    masks = np.zeros(shape + (height, width), np.float32)
-    normals = np.full(shape + (height, width, 3), np.nan, np.float32)
-    for im in images:
-        t, c = im.frame, serials.index(im.camera)
-        rgb[t, c] = np.clip(np.rint(im.rgb * 255), 0, 255).astype(np.uint8)
-        masks[t, c] = im.mask
-        if im.normal is not None:
-            normals[t, c] = im.normal
     detector = detector or LandmarkDetector()
-    targets = build_targets([rig[s] for s in serials], rgb, masks, normals, detector, config.render_size)
-    return track(model, targets, config, init)
+
+    def load_targets(frames: Sequence[int]) -> TrackingTargets:
+        images = frame_folder.read_frames(root, subject, sequence, serials, frames=set(frames))
+        height, width = images[0].rgb.shape[:2]
+        shape = (len(frames), len(serials))
+        rgb = np.zeros(shape + (height, width, 3), np.uint8)
+        masks = np.zeros(shape + (height, width), np.float32)
+        normals = np.full(shape + (height, width, 3), np.nan, np.float32)
+        row = {frame: t for t, frame in enumerate(frames)}
+        for im in images:
+            t, c = row[im.frame], serials.index(im.camera)
+            rgb[t, c] = np.clip(np.rint(im.rgb * 255), 0, 255).astype(np.uint8)
+            masks[t, c] = im.mask
+            if im.normal is not None:
+                normals[t, c] = im.normal
+        return build_targets([rig[s] for s in serials], rgb, masks, normals, detector, config.render_size)
+
+    return track_sequence(model, len(frame_ids), load_targets, config, init, checkpoints, progress=progress)
 
 
 def rotation_error_deg(a: Tensor, b: Tensor, to_matrix: Callable[[Tensor], Tensor] = rodrigues) -> Tensor:

@@ -42,6 +42,8 @@ def test_recon_config_is_validated_before_any_work(tmp_path):
         "fit: {lambda_normal: strong}\n": "fit.lambda_normal: Input should be a valid number",
         "tracker: pixel3dmm\n": "tracker must be 'file' or 'ours'",
         "step: 10\n": "unknown field step",
+        "tracker: ours\ntracking_options: {chunk_frames: 0}\n": "chunk_frames must be at least 1",
+        "tracking_init: other.npz\n": "set tracker: ours",
     }
     for number, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{number}.yaml"
@@ -50,3 +52,9 @@ def test_recon_config_is_validated_before_any_work(tmp_path):
                                      "--config", str(bad)])  # fmt: skip
         assert result.exit_code == 1 and str(bad) in result.output and message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_render_rejects_an_unknown_head_pose(tmp_path):
+    result = runner.invoke(app, ["render", str(tmp_path), "--cameras", str(tmp_path / "c.json"), "--out",
+                                 str(tmp_path / "out"), "--head-pose", "sideways"])  # fmt: skip
+    assert result.exit_code == 1 and "--head-pose 'sideways'" in result.output and "relative" in result.output

@@ -79,3 +79,29 @@ def test_duplicate_unit_ids_are_refused(tmp_path):
 
 def test_report_ok_flag():
     assert JobReport().ok and not JobReport(failed={"x": "boom"}).ok
+
+
+class _ReportThreads:
+    """Returns the torch threads its actor runs with."""
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, unit: WorkUnit) -> dict:
+        import torch
+
+        return {"threads": torch.get_num_threads()}
+
+
+@pytest.mark.parametrize(("workers", "cpus", "threads"), [(1, None, 2), (2, None, 1), (1, 1, 1)])
+def test_actor_threads_equal_the_cpus_ray_gives_it(local_ray, tmp_path, workers, cpus, threads):
+    """Local Ray has 2 CPUs: one worker gets both (and 2 torch threads), two share them, or as requested."""
+    commits = CommitLog(tmp_path / "commits")
+    report = run_units(_ReportThreads(), _units(2), commits, workers=workers, cpus_per_worker=cpus, progress=False)
+    assert report.ok
+    assert [commits.stats(u.id)["threads"] for u in _units(2)] == [threads, threads]
+
+
+def test_more_cpus_per_worker_than_a_node_has_is_refused(local_ray, tmp_path):
+    with pytest.raises(ValueError, match="--cpus-per-worker 3"):
+        run_units(_ReportThreads(), _units(1), CommitLog(tmp_path / "c"), cpus_per_worker=3, progress=False)

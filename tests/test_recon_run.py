@@ -69,8 +69,8 @@ def recon_ray(local_ray):
 def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray, tmp_path):
     frames_root, out = tmp_path / "frames", tmp_path / "avatars"
     _frame_folder(frames_root)
-    config = ReconConfig(steps=8, fit={"checkpoint_every": 3})
-    job = _KillOnceJob(frames_root, out, config)
+    config = ReconConfig(steps=8, fit={"checkpoint_every": 3}, holdout_camera="222200037", progress_every=4)
+    job = _KillOnceJob(frames_root, out, config, progress=False)
     from geodiff4d.cluster.jobs import CommitLog, WorkUnit, run_units
 
     report = run_units(job, [WorkUnit("s0"), WorkUnit("s1")], CommitLog(out / "_commits"), workers=1, progress=False)
@@ -80,6 +80,8 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     assert stats["s0"]["resumed_from_step"] == 3  # the last checkpoint before the kill at step 5
     assert stats["s1"]["resumed_from_step"] == 0
     assert stats["s0"]["steps"] == stats["s1"]["steps"] == 8
+    assert all(np.isfinite(stats[s]["holdout_psnr"]) for s in ("s0", "s1"))  # progress on the held-out camera
+    assert list((out / "s0" / "tensorboard").glob("events.out.tfevents.*"))
     for subject in ("s0", "s1"):
         cloud = read_point_cloud_ply(out / subject / "point_cloud.ply")
         assert cloud["means"].shape == (stats[subject]["gaussians"], 3)
@@ -96,6 +98,20 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     assert len(images) == 4 and images[0].rgb.shape == (SIZE, SIZE, 3) and images[0].normal is not None
     assert images[0].mask.sum() > 0  # the head is in view
     torch.testing.assert_close(torch.tensor(images[0].rgb.std() > 0), torch.tensor(True))
+    # driven by another tracking of another shape and scale: the avatar keeps its own, takes the expressions
+    model = procedural_head_model(0)
+    driver = FlameParams.zeros(3, model.n_shape, model.n_expr)
+    driver.shape[:] = 1.0
+    driver.scale[:] = 1.4
+    driver.expression[:, 0] = torch.tensor([0.0, 0.5, 1.0])
+    np.savez(tmp_path / "drive.npz", frames=np.arange(3), **driver.to_numpy_dict())
+    render_avatar(out / "s0", frames_root / "cameras" / "s0" / "EXP-1.json", tmp_path / "drive.npz", rendered,
+                  head_pose="relative")  # fmt: skip
+    with np.load(rendered / "tracking" / "s0" / "drive.npz") as used, np.load(out / "s0" / "flame" / "EXP-1.npz") as own:
+        np.testing.assert_array_equal(used["shape"], own["shape"])
+        np.testing.assert_array_equal(used["scale"], own["scale"])
+        np.testing.assert_array_equal(used["expression"], driver.expression.numpy())
+    assert len(read_frames(rendered, "s0", "drive")) == 6
 
 
 @pytest.mark.slow

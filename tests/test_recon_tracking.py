@@ -3,6 +3,9 @@ eval module's dlib reference; tracking recovers pose and expression from exact m
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from geodiff4d.recon.tracking import (
     project,
     rotation_error_deg,
     track,
+    track_sequence,
     tracking_errors,
 )  # fmt: skip
 
@@ -102,3 +106,56 @@ def test_tracking_recovers_pose_and_expression_from_exact_targets(head_model):
     errors = tracking_errors(estimated, truth)
     assert errors["rotation_deg_max"] < 3.0 and errors["jaw_deg_max"] < 3.0
     assert errors["expression_corr"] > 0.8
+
+
+_KILLED_CHILD = """
+import os, signal, sys, torch
+torch.set_num_threads(1)  # as the parent: the same arithmetic, so resumed and uninterrupted runs agree bit for bit
+from geodiff4d.datasets.procedural_head import procedural_head_model
+from geodiff4d.recon.tracking import track_sequence
+targets, config = torch.load(sys.argv[1], weights_only=False)
+load = lambda frames: targets.select([f % 2 for f in frames])
+def kill_after_two(done, total):
+    if done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+track_sequence(procedural_head_model(0), 6, load, config, checkpoints=sys.argv[2], on_chunk=kill_after_two)
+"""
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One thread, as the killed child uses: the same arithmetic, so resumed and uninterrupted runs agree."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_killed_chunked_tracking_resumes_after_its_last_finished_chunk(head_model, tmp_path, one_torch_thread):
+    """A SIGKILL after chunk 2 of 3: the rerun loads the identity and chunks 1-2 from disk, tracks only chunk 3,
+    and returns exactly what an uninterrupted run returns; a changed config clears the stale chunks.
+    (Landmark phases only: the render phase is the same per chunk and costs seconds per frame on a CPU.)"""
+    config = TrackingConfig(rigid_steps=3, landmark_steps=3, steps=0, chunk_frames=2, identity_frames=3)
+    targets = _exact_targets(head_model, _params(head_model, 2), _cameras(serials=("222200037", "220700191")))
+    torch.save((targets, config), tmp_path / "targets.pt")
+    folder = tmp_path / "chunks"
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(tmp_path / "targets.pt"), str(folder)])
+    assert child.returncode == -9  # really killed
+    assert sorted(p.name for p in folder.glob("*.npz")) == ["chunk-00000.npz", "chunk-00002.npz", "identity.npz"]
+
+    loaded: list[list[int]] = []
+
+    def load(frames):
+        loaded.append(list(frames))
+        return targets.select([f % 2 for f in frames])  # the sequence alternates two poses
+
+    resumed = track_sequence(head_model, 6, load, config, checkpoints=folder)
+    assert loaded == [[4, 5]]  # only the unfinished chunk is tracked again
+    uninterrupted = track_sequence(head_model, 6, lambda f: targets.select([i % 2 for i in f]), config)
+    for name, value in vars(uninterrupted).items():
+        torch.testing.assert_close(getattr(resumed, name), value, rtol=0, atol=0, msg=name)
+    assert torch.equal(resumed.shape, resumed.shape[:1].expand_as(resumed.shape))  # one identity for all chunks
+
+    loaded.clear()
+    track_sequence(head_model, 6, load, TrackingConfig(**{**vars(config), "rigid_steps": 4}), checkpoints=folder)
+    assert loaded == [[0, 2, 5], [0, 1], [2, 3], [4, 5]]  # stale chunks of the old config are not reused
