@@ -63,7 +63,8 @@ def _ray_checks(address: str | None) -> list[Check]:
     return [Check("ray", "Ray", True, f"ray {ray.__version__}; distributed commands {where}")]
 
 
-def _metric_checks(arcface_model: Path | None) -> list[Check]:
+def _metric_checks(arcface_model: Path | None, fan_weights: Path | None) -> list[Check]:
+    from geodiff4d.eval.fan_landmarks import find_fan_file
     from geodiff4d.eval.lpips_metric import backbone_candidates
     from geodiff4d.eval.model_files import (
         DLIB_RECOGNITION,
@@ -87,7 +88,9 @@ def _metric_checks(arcface_model: Path | None) -> list[Check]:
         _check("metric", "csim facenet", lambda: _packaged(FACENET_GRAPH, *mtcnn)),
         _check("metric", "csim dlib", lambda: _packaged(DLIB_RECOGNITION, DLIB_LANDMARKS_68)),
         _check("metric", "csim arcface", arcface),
-        _check("metric", "akd dlib", lambda: _packaged(DLIB_LANDMARKS_68)),
+        _check("metric", "akd dlib", lambda: _packaged(DLIB_LANDMARKS_68) + " (whole-pixel landmarks)"),
+        _check("metric", "akd fan", lambda: _module("face_alignment", "face-alignment") + "; "
+               + str(find_fan_file(fan_weights))),
         _check("metric", "aed mediapipe", lambda: _module("mediapipe", "mediapipe") + "; "
                + _packaged(MEDIAPIPE_FACE_LANDMARKER)),
         _check("metric", "jod", lambda: _module("pycvvdp", "cvvdp") + " (ships its display calibration)"),
@@ -102,8 +105,9 @@ def _data_checks() -> list[Check]:
     ]
 
 
-def run_checks(address: str | None = None, arcface_model: Path | None = None) -> list[Check]:
-    return _compute_checks() + _ray_checks(address) + _metric_checks(arcface_model) + _data_checks()
+def run_checks(address: str | None = None, arcface_model: Path | None = None,
+               fan_weights: Path | None = None) -> list[Check]:  # fmt: skip
+    return _compute_checks() + _ray_checks(address) + _metric_checks(arcface_model, fan_weights) + _data_checks()
 
 
 def render(checks: list[Check]) -> str:

@@ -26,7 +26,7 @@ def test_configs_are_addressed_by_name_from_any_directory(tmp_path, monkeypatch)
 
 def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: demo, paper, recon"):
+    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: benchmark-demo, demo, generate, paper, recon"):
         resolve_config("nope")
 
 
@@ -47,3 +47,16 @@ def test_doctor_reports_every_metric_and_what_is_missing(tmp_path):
     result = runner.invoke(app, ["doctor", "--arcface-model", str(tmp_path)])
     arcface = next(line for line in result.output.splitlines() if "csim arcface" in line)
     assert arcface.startswith("ok") and str(onnx) in arcface
+
+
+def test_doctor_says_whether_fan_weights_were_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("GEODIFF4D_FAN_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    result = runner.invoke(app, ["doctor", "--fan-weights", str(tmp_path / "nowhere")])
+    fan = next(line for line in result.output.splitlines() if "akd fan" in line)
+    assert fan.startswith("--") and "2DFAN4-11f355bf06.pth.tar" in fan and str(tmp_path / "nowhere") in fan
+    checkpoint = tmp_path / "2DFAN4-11f355bf06.pth.tar"
+    checkpoint.write_bytes(b"weights")
+    result = runner.invoke(app, ["doctor", "--fan-weights", str(checkpoint)])
+    fan = next(line for line in result.output.splitlines() if "akd fan" in line)
+    assert fan.startswith("ok") and str(checkpoint) in fan
