@@ -117,9 +117,12 @@ class Benchmark:
     def subjects(self) -> list[Subject]:
         """The subjects to benchmark, checked against the data: every named subject, sequence and camera."""
         from geodiff4d.datasets.flame_tracking import find_tracking, missing_tracking_message
-        from geodiff4d.datasets.nersemble import NersembleDataset
+        from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
 
-        dataset, c = NersembleDataset(self.data_root), self.config
+        try:
+            dataset, c = NersembleDataset(self.data_root), self.config
+        except NersembleError as error:
+            raise BenchmarkError(f"data.nersemble: {error}") from error
         available = dataset.subjects()
         chosen = c.subjects or available
         missing = sorted(set(chosen) - set(available))
