@@ -4,7 +4,8 @@
 low-pass, Jacobian clamped 30 % beyond the field of view), culling, an opacity-aware bounding box (exactly the
 ellipse where alpha >= 1/255, so binning never changes the image), tile binning and depth sort in PyTorch;
 front-to-back alpha blending (alpha <= 0.999, skipped below 1/255, a pixel stops when its transmittance would
-drop to 1e-4) per pixel in compiled loops with a hand-written backward (:mod:`geodiff4d.recon.composite`).
+drop to 1e-4) per pixel in compiled loops with a hand-written backward (:mod:`geodiff4d.recon.composite`);
+those loops are CPU code, so CUDA tensors blend as ``torch-dense`` does.
 
 ``torch-dense``: the same with blending vectorized over padded (tile, slot, pixel) tensors in pure PyTorch
 (:mod:`geodiff4d.recon.blend`): no compiled code, several times slower; the reference the tests compare with.
@@ -161,7 +162,7 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     values = torch.cat([features, depth[:, None], torch.ones_like(depth)[:, None]], dim=-1)  # [N, 8]
     per_tile = torch.bincount(pair_tile, minlength=n_tiles)  # [n_tiles]
     tile_start = torch.cumsum(per_tile, 0) - per_tile
-    if dense:
+    if dense or means.is_cuda:  # the compiled compositor runs on the CPU; on a GPU the padded tensors do
         image = _dense_composite(per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y,
                                  tile, width, height)  # fmt: skip
     else:
