@@ -123,7 +123,7 @@ class JointDenoiser(ModelMixin, ConfigMixin):
     @classmethod
     def from_stable_diffusion(cls, folder: str | Path, **config) -> JointDenoiser:
         """Build with `config` and initialize both UNets from a local SD-shaped diffusers folder (unet/)."""
-        sd_unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+        sd_unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False)
         model = cls(**config)
         for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                     "cross_attention_dim"):

@@ -68,7 +68,8 @@ def run_config(run: str | Path, config: str | Path | None = None) -> GenConfig:
 def load_run(run: str | Path, config: str | Path | None = None) -> LoadedRun:
     """Config, EMA model and codec of a training run folder."""
     cfg = run_config(run, config)
-    model = JointDenoiser.from_pretrained(str(resolve_init(Path(run)))).eval()
+    # low_cpu_mem_usage=False: accelerate is no dependency, and diffusers warns in every actor unless told
+    model = JointDenoiser.from_pretrained(str(resolve_init(Path(run))), low_cpu_mem_usage=False).eval()
     return LoadedRun(cfg, model, build_codec(cfg))
 
 

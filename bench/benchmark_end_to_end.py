@@ -1,0 +1,162 @@
+"""`geodiff4d benchmark` end to end with a real kill: every unit once, a finished run does no work, and the
+direction a user expects (oracle > geodiff4d > reference copy on PSNR and LPIPS) with bootstrap intervals.
+
+1. Starts `geodiff4d benchmark CONFIG --out RUN` in its own process group (its embedded Ray under a private
+   RAY_TMPDIR), waits until the first `generate:` stage is committed plus `--kill-delay` seconds, and SIGKILLs
+   the driver's process group and every process of that Ray (nothing gets to clean up).
+2. Reruns it to the end. No stage committed before the kill runs again, no unit commit marker written before the
+   kill is rewritten, and every method x protocol x subject x sequence of the config is scored exactly once.
+3. Runs it a third time: no stage runs.
+4. Prints the self-reenactment leaderboard (mean and 95 % bootstrap interval over subjects) and checks the
+   expected order on PSNR (higher is better) and LPIPS (lower is better).
+
+Exits non-zero when a check fails. Default: configs/benchmark-demo.yaml (`make demo`) with 3 procedural subjects,
+written beside the run folder as RUN.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GEODIFF4D = [sys.executable, "-m", "geodiff4d.cluster.cli"]
+
+
+def markers(run: Path) -> dict[Path, float]:
+    """Every commit marker (stages and units) under the run folder, with its modification time."""
+    return {p: p.stat().st_mtime for p in run.rglob("*.stats.json")}
+
+
+def stages_run(log: str) -> set[str]:
+    return set(re.findall(r"^\[(.+?)\] running", log, flags=re.M))
+
+
+def kill_tree(process: subprocess.Popen, ray_tmp: Path) -> int:
+    """SIGKILL the driver's process group and every process of its Ray (found by the private temp folder)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(ray_tmp) in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def run_benchmark(config: Path, run: Path, env: dict[str, str], log: Path) -> str:
+    with log.open("w") as out:
+        code = subprocess.call([*GEODIFF4D, "benchmark", str(config), "--out", str(run)], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    text = log.read_text()
+    if code != 0:
+        sys.exit(f"benchmark exited {code}; log: {log}")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark-demo.yaml")
+    parser.add_argument("--subjects", type=int, default=3, help="procedural subjects (replaces the config's)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (must not exist)")
+    parser.add_argument("--kill-delay", type=float, default=30.0, help="seconds after the first generate commit")
+    args = parser.parse_args()
+    run, failures = args.out.resolve(), []
+    if run.exists():
+        sys.exit(f"--out {run} exists: this script needs a fresh run folder")
+    run.parent.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load(args.config.read_text())
+    config["data"]["procedural"]["subjects"] = args.subjects
+    args.config = run.parent / f"{run.name}.yaml"
+    args.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    ray_tmp = Path(f"/tmp/ray-e2e-{os.getpid()}")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+
+    # 1. the killed run
+    log1 = run.parent / f"{run.name}.log1"
+    with log1.open("w") as out:
+        process = subprocess.Popen([*GEODIFF4D, "benchmark", str(args.config), "--out", str(run)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        committed_generate = None
+        while process.poll() is None:
+            if committed_generate is None and any((run / "state").glob("generate:*.stats.json")):
+                committed_generate = time.time()
+            if committed_generate is not None and time.time() - committed_generate > args.kill_delay:
+                break
+            time.sleep(1)
+        if process.poll() is not None:
+            sys.exit(f"the first run ended (exit {process.returncode}) before it could be killed; log: {log1}")
+        killed = kill_tree(process, ray_tmp)
+    before = markers(run)
+    committed_stages = {p.name.removesuffix(".stats.json") for p in (run / "state").glob("*.stats.json")}
+    print(f"killed after {time.time() - started:.0f} s ({killed} Ray processes killed with the driver): "
+          f"{len(committed_stages)} stages and {len(before) - len(committed_stages)} unit markers committed")
+
+    # 2. the rerun
+    start = time.time()
+    log2 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log2")
+    again = stages_run(log2) & committed_stages
+    rewritten = [p for p, mtime in before.items() if not p.exists() or p.stat().st_mtime != mtime]
+    print(f"rerun: {len(stages_run(log2))} stages run in {time.time() - start:.0f} s; stages committed before the kill "
+          f"run again: {sorted(again) or 'none'}; unit markers rewritten or lost: {len(rewritten)}")
+    failures += [f"stage {s} ran twice" for s in again] + [f"marker rewritten: {p}" for p in rewritten]
+
+    expected_subjects = args.subjects
+    for protocol in config["protocols"]:
+        scored = pd.concat([pd.read_parquet(f) for f in (run / "eval" / protocol / "frames").glob("*.parquet")])
+        keys = [c for c in ("method", "subject", "sequence", "camera", "frame") if c in scored.columns]
+        duplicates = int(scored.duplicated(keys).sum())
+        per_method = scored.groupby("method")["subject"].nunique()
+        print(f"eval {protocol}: {len(scored)} scored frames, {duplicates} duplicates; subjects per method "
+              f"{dict(per_method)}")
+        if duplicates:
+            failures.append(f"{protocol}: {duplicates} duplicate rows")
+        failures += [f"{protocol}: {m} scored on {n} of {expected_subjects} subjects"
+                     for m, n in per_method.items() if n != expected_subjects]
+
+    # 3. the run after success
+    log3 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log3")
+    third = stages_run(log3)
+    print(f"third run: {len(third)} stages run")
+    failures += [f"third run ran {s}" for s in third]
+
+    # 4. the direction
+    board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
+    print("self reenactment, mean [95 % bootstrap interval over subjects]:")
+    for method, row in board.iterrows():
+        print(f"  {method:26s} PSNR {row.psnr:6.2f} [{row.psnr_lo:6.2f}, {row.psnr_hi:6.2f}]   "
+              f"LPIPS {row.lpips:.3f} [{row.lpips_lo:.3f}, {row.lpips_hi:.3f}]")
+    order = ["oracle", "geodiff4d", "reference_copy"]
+    for better, worse in zip(order, order[1:], strict=False):
+        psnr_ok, lpips_ok = board.psnr[better] > board.psnr[worse], board.lpips[better] < board.lpips[worse]
+        separated = board.psnr_lo[better] > board.psnr_hi[worse] and board.lpips_hi[better] < board.lpips_lo[worse]
+        print(f"  {better} > {worse}: PSNR {'yes' if psnr_ok else 'NO'}, LPIPS {'yes' if lpips_ok else 'NO'}; "
+              f"intervals {'disjoint' if separated else 'overlap'}")
+        failures += [f"{better} not above {worse} on {m}" for m, ok in (("PSNR", psnr_ok), ("LPIPS", lpips_ok)) if not ok]
+    print(f"total {time.time() - started:.0f} s; report: {run / 'leaderboard' / 'report.html'}")
+    if failures:
+        sys.exit("FAILED:\n  " + "\n  ".join(failures))
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
