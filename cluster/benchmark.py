@@ -370,6 +370,16 @@ class Benchmark:
         frames = {s.id: graph.add(f"frames:{s.id}", lambda s=s: self.export_subject(s)) for s in subjects}
         truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()))
                  for p in c.protocols}  # fmt: skip
+        models: dict[str, str] = {}  # method -> its model stage (geodiff4d methods that train here)
+        for method in c.methods:
+            if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
+                resolution = self.gen_mapping(method)["data"]["resolution"]
+                pack = f"pack:{resolution}"
+                if pack not in graph.stages:
+                    graph.add(pack, lambda r=resolution: self.pack(r))
+                models[method.name] = f"model:{self.model_key(method)}"
+                if models[method.name] not in graph.stages:
+                    graph.add(models[method.name], lambda m=method: self.train_model(m), needs=[pack])
         produced: list[str] = []
         for method in c.methods:
             if method.kind in ("reference_copy", "gt_noise"):
@@ -378,16 +388,7 @@ class Benchmark:
                 continue
             if method.kind == "external":
                 continue
-            model_needs: list[str] = []
-            if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
-                resolution = self.gen_mapping(method)["data"]["resolution"]
-                pack = f"pack:{resolution}"
-                if pack not in graph.stages:
-                    graph.add(pack, lambda r=resolution: self.pack(r))
-                model = f"model:{self.model_key(method)}"
-                if model not in graph.stages:
-                    graph.add(model, lambda m=method: self.train_model(m), needs=[pack])
-                model_needs = [model]
+            model_needs = [models[method.name]] if method.name in models else []
             for subject in subjects:
                 chain = [frames[subject.id], *model_needs]
                 if method.kind == "geodiff4d":
@@ -397,7 +398,10 @@ class Benchmark:
                     chain = [generated]
                 avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
                 if avatar not in graph.stages:
-                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain)
+                    # reconstructions from real frames wait for training: training asks Ray for whole workers'
+                    # CPUs and would otherwise wait behind them; afterwards they run beside generation
+                    after = list(dict.fromkeys(models.values())) if method.kind != "geodiff4d" else []
+                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain, after=after)
                 drivers = [frames[s.id] for s in subjects]
                 produced.append(graph.add(f"render:{method.name}:{subject.id}",
                                           lambda m=method, s=subject: self.render(m, s, subjects),
