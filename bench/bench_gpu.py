@@ -9,7 +9,8 @@ Prints, each against a reference measured in the same run:
   4. sampling frames/s per GPU of the SD-1.5-shaped joint model at 512 px (random weights, an SD-shaped
      random VAE, bf16 autocast, DDIM 25 steps, CFG with 3 branches, a 16-frame window of 4 views denoised as
      one batch, as one `geodiff4d generate` unit): against the paper's 0.67 frames/s (200 frames x 12 views
-     in 1 h on an H100); goal >= 3.3 frames/s.
+     in 1 h on an H100); goal >= 3.3 frames/s;
+  5. the same unit's views denoised as one batch vs one view at a time, at 256 and 512 px.
 """
 
 from __future__ import annotations
@@ -113,14 +114,14 @@ def denoiser_figures() -> None:
     print(f"joint model cost ratio at 512 px (batch 1, bf16): {seconds[True] / seconds[False]:.2f}x")
 
 
-def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
+def _paper_sampler():
+    """The SD-1.5-shaped joint model with random weights and an SD-shaped random VAE, on the GPU, in eval mode."""
     from diffusers import AutoencoderKL
 
     from geodiff4d.gen.build import model_kwargs
     from geodiff4d.gen.config import load_config
     from geodiff4d.gen.denoiser import JointDenoiser
     from geodiff4d.gen.latents import VaeLatents
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
     torch.manual_seed(0)
@@ -128,7 +129,13 @@ def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
     blocks = 4  # SD-1.5's VAE: 4 levels (8x downscale), 4 latent channels
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * blocks,
                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, layers_per_block=2)
-    codec = VaeLatents(vae).cuda()
+    return cfg, model, VaeLatents(vae).cuda()
+
+
+def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
+    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
+
+    cfg, model, codec = _paper_sampler()
     g = torch.Generator().manual_seed(0)
     size, r = cfg.data.resolution, cfg.model.driving_size
     ref, ref_pose = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
@@ -167,7 +174,35 @@ def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
 
 
-SECTIONS = {"sampling": sampling_figures, "gaussians": gaussian_figures, "denoiser": denoiser_figures}
+def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] = (256, 512)) -> None:
+    """One `generate` unit's views denoised as one batch vs one view at a time (same noise, so the same frames:
+    views of a unit are independent), at 256 and 512 px: what `cameras_per_unit` buys on a GPU."""
+    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
+
+    cfg, model, codec = _paper_sampler()
+    r, views = cfg.model.driving_size, 4
+    guidance = Guidance(steps, 2.0, 2.0, 16, 4)
+    for size in sizes:
+        g = torch.Generator().manual_seed(0)
+        ref, ref_pose = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
+        driving, posemaps = torch.rand(frames, 3, r, r, generator=g), torch.rand(views, frames, 3, size, size, generator=g)
+        noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
+
+        def run(first: int, count: int, inputs=(ref, ref_pose, driving, posemaps, noise)):
+            ref_rgb, ref_posemap, drive, targets, start = inputs
+            return denoise_views(model, codec, make_scheduler("ddim"), ref_rgb, ref_posemap, drive,
+                                 targets[first:first + count], start[first:first + count],
+                                 torch.Generator().manual_seed(0), guidance)
+
+        run(0, 1)  # warm-up
+        batched = _timed(lambda run=run: run(0, views), 1)
+        alone = _timed(lambda run=run: [run(v, 1) for v in range(views)], 1)
+        print(f"{size} px, {views} views x {frames} frames, DDIM {steps}: batched {views * frames / batched:.2f} "
+              f"frames/s, one view at a time {views * frames / alone:.2f} frames/s -> ratio {alone / batched:.2f}x",
+              flush=True)
+
+
+SECTIONS = {"sampling": sampling_figures, "batching": batching_figures, "gaussians": gaussian_figures, "denoiser": denoiser_figures}
 
 
 def main(names: list[str]) -> None:
