@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
@@ -27,7 +28,7 @@ from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
 from geodiff4d.datasets.procedural import gt_normal_path
 
 
-class FrameFolderError(ValueError):
+class FrameFolderError(UserError, ValueError):
     """Missing or malformed frame-folder content; the message names the file."""
 
 

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor
 
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.manifest import read_manifest
 
 KINDS = ("frame", "pair", "clip")
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError, ValueError):
     """Shards that cannot produce the requested batches; the message names the source or shard."""
 
 

@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 
 _U16_MAX = 65535.0
 
 
-class NormalMapError(ValueError):
+class NormalMapError(UserError, ValueError):
     """A normal map that cannot be decoded; the message names the source."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import Camera
@@ -53,7 +54,7 @@ SYNTHHUMAN_SUBSETS = ("all", "face")
 T = TypeVar("T")
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """Inputs that cannot be packed; the message names the file or source."""
 
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
 from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS, angular_error_deg, normals_from_depth, unit
@@ -31,7 +32,7 @@ _SUFFIX = {"rgb": ".png", "alpha": ".png", "depth": ".exr", "normal": ".exr", "c
 _INDEX_RE = re.compile(r"^rgb_(\d{7})\.png$")
 
 
-class SynthHumanError(ValueError):
+class SynthHumanError(UserError, ValueError):
     """Missing or inconsistent SynthHuman files; the message names the file."""
 
 

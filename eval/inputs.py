@@ -16,11 +16,13 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from geodiff4d.cluster.errors import UserError
+
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A prediction or ground-truth tree does not match; the message names the method/subject/camera/file."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_write_bytes, write_json_atomic
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.frame_folder import frame_relpath
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
@@ -30,7 +31,7 @@ from geodiff4d.gen.pipeline import SampleOutput, sample_sequence, write_grid
 FOREGROUND_Z = 0.25  # encoded z = (n_z+1)/2: visible surfaces have n_z >= 0 (>= 0.5), background is 0
 
 
-class SampleFramesError(ValueError):
+class SampleFramesError(UserError, ValueError):
     """The shards lack what the request names; the message names the shard folder and the missing ids."""
 
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V1, TRACKING_V2, write_nersemble_tracking
 from geodiff4d.datasets.packing import SYNTHHUMAN_FACE_SAMPLES, list_synthhuman
@@ -49,7 +50,7 @@ def _sequence(data: Path, name: str = SEQUENCE) -> Path:
 
 
 def _assert_refused(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -86,7 +87,7 @@ def test_missing_tracking_names_both_files_and_a_fixed_rerun_is_not_refused(data
 
 
 def _no_ray(address=None):
-    raise SystemExit("no Ray here")
+    raise UserError("no Ray here")
 
 
 def test_real_sized_tracking_without_flame_says_what_to_pass(data, tmp_path):
