@@ -29,6 +29,8 @@ class _Commands(TyperGroup):
             raise typer.Exit(code=error.exit_code) from None
 
 
+# One shape for every command: what a command writes is --out; its one main input (a folder, a spec, a config)
+# is positional; commands that read several inputs name each one (train --config --shards, eval --gt --pred).
 app = typer.Typer(
     cls=_Commands,
     help="GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation.",
@@ -68,7 +70,7 @@ Metric = Enum("Metric", {name: name for name in ("psnr", "ssim", "lpips", "csim"
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(**OutFolder, help="Output folder; nersemble/ and synthhuman/ are written inside.")],
+    out: Annotated[Path, typer.Option(**OutFolder, help="Output folder; nersemble/ and synthhuman/ are written inside.")],
     subjects: Annotated[int, typer.Option(min=1, help="Number of identities.")] = 2,
     sequences: Annotated[int, typer.Option(min=1, help="Sequences per subject.")] = 1,
     frames: Annotated[int, typer.Option(min=1, help="Frames per sequence.")] = 8,
@@ -93,8 +95,8 @@ def synth(
 
 @app.command()
 def pack(
-    out: Annotated[Path, typer.Argument(**OutFolder, help="Shard folder: {source}-{shard:06d}.tar, stats files, "
-                                                             "manifest.parquet.")],
+    out: Annotated[Path, typer.Option(**OutFolder, help="Shard folder: {source}-{shard:06d}.tar, stats files, "
+                                                           "manifest.parquet.")],
     source: Annotated[list[str], typer.Option("--source", help="KIND:DIR with KIND nersemble or synthhuman.")],
     resolution: Annotated[int, typer.Option(help="Square crop size around the head, pixels.")] = 512,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors packing shards.")] = 2,
@@ -131,14 +133,14 @@ def pack(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(**Folder, help="Shard folder written by geodiff4d pack.")],
+    shards: Annotated[Path, typer.Argument(**Folder, help="Shard folder written by geodiff4d pack.")],
     workers: Annotated[int, typer.Option(min=1, help="Ray actors checking shards (one shard per unit).")] = 2,
     address: AddressOption = None,
 ) -> None:
     """Re-read every shard against the manifest; report missing, extra, duplicated or corrupt samples."""
     from geodiff4d.datasets.verify import verify as run_verify
 
-    report = run_verify(out, workers=workers, address=address)
+    report = run_verify(shards, workers=workers, address=address)
     typer.echo(report.summary())
     raise typer.Exit(code=report.exit_code)
 
@@ -204,8 +206,8 @@ def generate(
 
 @app.command()
 def recon(
-    input: Annotated[Path, typer.Option("--input", **Folder, help="Frame folder (rgb/, normal/, mask/, cameras/, "
-                                                                  "tracking/).")],
+    frames: Annotated[Path, typer.Argument(**Folder, help="Frame folder (rgb/, normal/, mask/, cameras/, tracking/), "
+                                                         "as geodiff4d generate writes it.")],
     out: Annotated[Path, typer.Option(**OutFolder, help="Avatars folder: one sub-folder per subject.")],
     subjects: Annotated[list[str] | None, typer.Option(help="Subjects to reconstruct (default: all).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors (one subject each at a time).")] = 1,
@@ -221,7 +223,7 @@ def recon(
     from geodiff4d.recon.run import load_recon_config, reconstruct
 
     settings = load_recon_config(config) if config else None
-    report = reconstruct(input, out, subjects, workers, gpus_per_worker, address, settings,
+    report = reconstruct(frames, out, subjects, workers, gpus_per_worker, address, settings,
                          cpus_per_worker=cpus_per_worker)  # fmt: skip
     typer.echo(report.summary())
     if not report.ok:

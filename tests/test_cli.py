@@ -42,7 +42,7 @@ def test_recon_config_is_validated_before_any_work(tmp_path):
     for number, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{number}.yaml"
         bad.write_text(text)
-        result = runner.invoke(app, ["recon", "--input", str(tmp_path), "--out", str(tmp_path / "out"),
+        result = runner.invoke(app, ["recon", str(tmp_path), "--out", str(tmp_path / "out"),
                                      "--config", str(bad)])  # fmt: skip
         assert result.exit_code == 2 and str(bad) in result.output and message in result.output, result.output
     assert not (tmp_path / "out").exists()

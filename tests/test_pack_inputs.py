@@ -42,7 +42,7 @@ def data(synthesized, tmp_path) -> Path:
 
 
 def _pack(out: Path, *args: str):
-    return runner.invoke(app, ["pack", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
+    return runner.invoke(app, ["pack", "--out", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
 
 
 def _sequence(data: Path, name: str = SEQUENCE) -> Path:
@@ -67,7 +67,7 @@ def test_negative_zero_or_odd_resolution(data, tmp_path, value):
 
 @pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--samples-per-shard", "-1"), ("--max-shard-mb", "0")])
 def test_other_numbers_are_validated(data, tmp_path, option, value):
-    result = runner.invoke(app, ["pack", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
+    result = runner.invoke(app, ["pack", "--out", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
                                  option, value])  # fmt: skip
     _assert_refused(result, option)
 
@@ -153,7 +153,7 @@ def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_comp
     kept = video.read_bytes()
     video.unlink()
     out = tmp_path / "out"
-    result = runner.invoke(app, ["pack", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
+    result = runner.invoke(app, ["pack", "--out", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
                                  "--workers", "1", "--samples-per-shard", "4"])  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"{video}: video not found" in result.output and "FAILED nersemble-000000" in result.output
