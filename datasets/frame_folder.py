@@ -1,4 +1,4 @@
-"""Frame folders (ARCHITECTURE §3): what sampling writes, reconstruction reads, rendering writes, eval scores.
+"""Frame folders (docs/formats.md, "Frame folders"): what sampling writes, reconstruction reads, rendering writes, eval scores.
 
 ROOT/rgb/{subject}/{sequence}/{camera}/{frame:05d}.png, ROOT/normal/... and ROOT/mask/... mirroring it,
 ROOT/cameras/{subject}/{sequence}.json (serial -> camera JSON). Per-frame FLAME parameters live in

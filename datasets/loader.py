@@ -303,7 +303,7 @@ def _frame_tensors(sample: dict[str, Any], images: BatchImages, config: LoaderCo
 
 
 def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """Units -> the batch contract of ``notes/api_batches.md`` (clips add a T axis after B)."""
+    """Units -> the batch contract of docs/formats.md, "Training batches" (clips add a T axis after B)."""
     images = BatchImages()
     frames = [[_frame_tensors(t, images, config) for t in u.targets] for u in units]
     drivings = [d for u in units for d in u.drivings]

@@ -1,4 +1,4 @@
-"""Sample one subject's sequence from packed shards into a frame folder (ARCHITECTURE §3).
+"""Sample one subject's sequence from packed shards into a frame folder (docs/formats.md, "Frame folders").
 
 Self-reenactment as the paper runs it: the reference image is one frame of the subject, the driving frames
 are the sequence seen by one camera (face crops, no augmentation), and every target camera gets its own

@@ -16,6 +16,7 @@ def test_top_level_help_lists_every_command():
     assert result.exit_code == 0
     for name in COMMANDS:
         assert name in result.output
+    assert "--install-completion" in result.output and "--version" in result.output
 
 
 @pytest.mark.parametrize("name", COMMANDS)
