@@ -444,7 +444,7 @@ def _link(target: Path, link: Path) -> None:
 
 
 def _read_rgb8(path: Path) -> np.ndarray:
-    import cv2
+    from geodiff4d.datasets.image_io import read_rgb8
 
-    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return read_rgb8(path)
 

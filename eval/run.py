@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
@@ -20,6 +19,7 @@ from geodiff4d.cluster.atomic import atomic_output, write_json_atomic
 from geodiff4d.cluster.errors import WorkFailed
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
+from geodiff4d.datasets.image_io import read_rgb8
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
     FolderSource,
@@ -56,10 +56,7 @@ def unit_id(method: str, subject: str, sequence: str) -> str:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError(f"cannot read identity image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return read_rgb8(path)
 
 
 @dataclass
