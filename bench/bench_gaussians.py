@@ -1,7 +1,7 @@
 """CPU Gaussian renderer speed: our torch backend (compiled per-pixel compositing) and its pure-PyTorch
 padded-tensor variant (``torch-dense``) against a naive tiled compositor, all in the same run.
 
-The naive reference is what ARCHITECTURE §8 calibrates against: a Python loop over 16x16 tiles, each
+The naive reference is the baseline the CPU renderer's speed is stated against: a Python loop over 16x16 tiles, each
 gathering its depth-sorted Gaussians and blending them densely with a cumulative product, autograd for the
 backward. It is a fair, if anything flattering, baseline: it blends 3 channels where ours blend 8 (RGB,
 normal, depth, alpha), and its 3-sigma boxes are no larger than our opacity-aware ones; it lacks only the

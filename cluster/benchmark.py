@@ -37,6 +37,7 @@ from geodiff4d.cluster.benchmark_config import (
     gen_config_mapping,
     method_config,
 )
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.cluster.jobs import CommitLog
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.cluster.stage_graph import GraphReport, StageGraph
@@ -44,7 +45,7 @@ from geodiff4d.cluster.stage_graph import GraphReport, StageGraph
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A config or data problem found before the work starts; the message names the field or file."""
 
 
@@ -447,7 +448,7 @@ def _link(target: Path, link: Path) -> None:
 
 
 def _read_rgb8(path: Path) -> np.ndarray:
-    import cv2
+    from geodiff4d.datasets.image_io import read_rgb8
 
-    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return read_rgb8(path)
 

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from geodiff4d.cluster.errors import UserError
+
 Schema = TypeVar("Schema")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be read or validated; the message names the file and the fields."""
 
 

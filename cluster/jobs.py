@@ -4,7 +4,8 @@ A job is any picklable object with ``setup()`` (once per actor: load models, ope
 ``run(unit) -> stats``. ``run`` writes its outputs atomically (temp name + rename); the driver then
 writes the unit's commit marker. A rerun skips committed units, so an interrupted job resumes and a
 finished job does no work. A unit whose worker raises or dies is retried on a fresh actor up to
-``max_retries`` times and then reported, never silently dropped.
+``max_retries`` times and then reported, never silently dropped. A job whose ``setup`` raises (missing
+weights, a bad setting) fails each unit once with that message: it would fail the same way on any actor.
 
 Every actor of every stage gets its CPUs by one rule (:func:`worker_cpus`) and runs exactly that many
 torch threads (:func:`use_cpus`), so one worker on a laptop uses every core and several never oversubscribe.
@@ -106,22 +107,40 @@ def use_cpus(cpus: float) -> int:
     return threads
 
 
+class SetupFailed(Exception):
+    """The job's ``setup`` raised on an actor; the text is the original error. Not retried."""
+
+
 @ray.remote
 class _UnitWorker:
     def __init__(self, job: UnitJob, cpus: float):
-        use_cpus(cpus)
-        self.job = job
-        self.job.setup()
+        # a constructor that raises leaves Ray's "actor died ... creation task" for every call, retried as a
+        # dead worker: keep the error and answer each unit with it instead
+        self.setup_error: str | None = None
+        try:
+            use_cpus(cpus)
+            self.job = job
+            self.job.setup()
+        except Exception as error:  # noqa: BLE001 - reported per unit by run()
+            self.setup_error = f"{type(error).__name__}: {error}"
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, unit: WorkUnit) -> tuple[dict[str, Any], str]:
         """The unit's stats and the id of the node that produced them."""
+        if self.setup_error is not None:
+            raise SetupFailed(self.setup_error)
         return self.job.run(unit), ray.get_runtime_context().get_node_id()
 
 
+def _setup_failed(error: Exception) -> bool:
+    return isinstance(error, RayTaskError) and isinstance(error.cause, SetupFailed)
+
+
 def _error_text(error: Exception) -> str:
+    if _setup_failed(error):
+        return f"worker setup failed: {error.cause}"
     if isinstance(error, RayTaskError):
         cause = error.cause if error.cause is not None else error
         return f"{type(cause).__name__}: {cause}"
@@ -185,7 +204,7 @@ def run_units(
                     worker = new_worker()
                 idle.append(worker)
                 attempts[unit.id] = attempts.get(unit.id, 0) + 1
-                if attempts[unit.id] > max_retries:
+                if attempts[unit.id] > max_retries or _setup_failed(error):
                     report.failed[unit.id] = _error_text(error)
                     bar.update(size(unit))
                 else:

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from geodiff4d.cluster.errors import UserError
+
 _ROT_TOL = 1e-5
 _OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flips camera y and z axes (self-inverse)
 
 
-class CameraError(ValueError):
+class CameraError(UserError, ValueError):
     """Invalid camera data; the message names the field (and the source, when known)."""
 
 

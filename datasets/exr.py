@@ -14,9 +14,10 @@ import numpy as np
 import OpenEXR
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.errors import UserError
 
 
-class ExrError(ValueError):
+class ExrError(UserError, ValueError):
     """An EXR file that cannot be read or written as asked; the message names the file."""
 
 

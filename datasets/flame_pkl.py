@@ -20,8 +20,10 @@ import numpy as np
 import scipy.sparse
 from numpy.lib import format as npy_format
 
+from geodiff4d.cluster.errors import UserError
 
-class UnsafePickleError(pickle.UnpicklingError):
+
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """A pickle referenced a class or function outside the allow-list."""
 
 

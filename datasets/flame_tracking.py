@@ -30,6 +30,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 
 TRACKING_V2 = "flame2023_tracking_v2.npz"
@@ -41,7 +42,7 @@ _PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes"
 _VHAP_PER_FRAME_WIDTH = {"expr": None, "rotation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6, "translation": 3}
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError, ValueError):
     """Missing, malformed or unsupported tracking file; the message names the file."""
 
 

@@ -1,4 +1,4 @@
-"""Frame folders (ARCHITECTURE §3): what sampling writes, reconstruction reads, rendering writes, eval scores.
+"""Frame folders (docs/formats.md, "Frame folders"): what sampling writes, reconstruction reads, rendering writes, eval scores.
 
 ROOT/rgb/{subject}/{sequence}/{camera}/{frame:05d}.png, ROOT/normal/... and ROOT/mask/... mirroring it,
 ROOT/cameras/{subject}/{sequence}.json (serial -> camera JSON). Per-frame FLAME parameters live in
@@ -19,15 +19,17 @@ import torch
 from PIL import Image
 
 from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
+from geodiff4d.datasets.image_io import read_image
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
 from geodiff4d.datasets.procedural import gt_normal_path
 
 
-class FrameFolderError(ValueError):
+class FrameFolderError(UserError, ValueError):
     """Missing or malformed frame-folder content; the message names the file."""
 
 
@@ -78,11 +80,7 @@ def write_tracking(path: Path, params: FlameParams, frames: np.ndarray | None = 
 
 
 def _read_png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image).astype(np.float32) / 255.0
-    except OSError as exc:
-        raise FrameFolderError(f"{path}: cannot read image: {exc}") from exc
+    return read_image(path).astype(np.float32) / 255.0
 
 
 def _camera_dirs(root: Path, subject: str, sequence: str, cameras: list[str] | None) -> list[Path]:

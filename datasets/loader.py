@@ -17,19 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor
 
+from geodiff4d.cluster.errors import UserError
+from geodiff4d.datasets.image_io import decode_image
 from geodiff4d.datasets.manifest import read_manifest
 
 KINDS = ("frame", "pair", "clip")
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError, ValueError):
     """Shards that cannot produce the requested batches; the message names the source or shard."""
 
 
@@ -214,13 +215,11 @@ def unit_stream(shard_dir: str | os.PathLike, config: LoaderConfig) -> Iterator[
 
 
 def _decode_png(data: bytes, key: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise LoaderError(f"sample {key}: undecodable PNG")
+    image = decode_image(data, f"sample {key}")
     scale = np.float32(65535.0 if image.dtype == np.uint16 else 255.0)
     if image.ndim == 2:
         return (image / scale)[None]  # [1, H, W]
-    return np.ascontiguousarray(image[..., 2::-1].transpose(2, 0, 1)) / scale  # BGR [H, W, 3] -> RGB [3, H, W]
+    return np.ascontiguousarray(image[..., :3].transpose(2, 0, 1)) / scale  # RGB [H, W, 3] -> [3, H, W]
 
 
 class BatchImages:
@@ -302,7 +301,7 @@ def _frame_tensors(sample: dict[str, Any], images: BatchImages, config: LoaderCo
 
 
 def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """Units -> the batch contract of ``notes/api_batches.md`` (clips add a T axis after B)."""
+    """Units -> the batch contract of docs/formats.md, "Training batches" (clips add a T axis after B)."""
     images = BatchImages()
     frames = [[_frame_tensors(t, images, config) for t in u.targets] for u in units]
     drivings = [d for u in units for d in u.drivings]

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.shards import MemberRecord, group_members
 
 MANIFEST_NAME = "manifest.parquet"
@@ -47,7 +48,7 @@ SCHEMA = pa.schema(
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A stats file or manifest that does not match the schema; the message names the file."""
 
 

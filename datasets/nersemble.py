@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
@@ -33,7 +34,7 @@ _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
 
 
-class NersembleError(ValueError):
+class NersembleError(UserError, ValueError):
     """Missing, malformed or inconsistent NeRSemble files; the message names the file."""
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.normal_maps import unit
 from geodiff4d.datasets.synthhuman import SYNTHHUMAN_NORMAL_TO_OURS
 
 DEFAULT_INPUT_SIZE = 512  # DAViD's released models; used when the ONNX input has no fixed size
 
 
-class NormalEstimatorError(ValueError):
+class NormalEstimatorError(UserError, ValueError):
     """The ONNX file is missing, unreadable or not shaped like a normal model; the message names the file."""
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
+from geodiff4d.datasets.image_io import ImageError, decode_image, encode_png
 
 _U16_MAX = 65535.0
 
 
-class NormalMapError(ValueError):
+class NormalMapError(UserError, ValueError):
     """A normal map that cannot be decoded; the message names the source."""
 
 
@@ -45,10 +46,7 @@ def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
         raise NormalMapError(f"mask shape {mask.shape} does not match normal map {normal.shape[:2]}")
     scale = np.float32(_U16_MAX / 2.0)
     encoded = np.where(mask[..., None], np.rint((np.clip(unit(normal), -1.0, 1.0) + 1.0) * scale), 0).astype(np.uint16)
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(encoded[..., ::-1]))  # OpenCV wants BGR
-    if not ok:
-        raise NormalMapError("PNG encoding failed")
-    return buffer.tobytes()
+    return encode_png(encoded, name="normal map")
 
 
 def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +59,14 @@ def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np
             data = Path(source).read_bytes()
         except OSError as exc:
             raise NormalMapError(f"{name}: cannot read normal map: {exc}") from exc
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = decode_image(data, name)
+    except ImageError:
+        image = None
     if image is None or image.ndim != 3 or image.shape[2] < 3:
         raise NormalMapError(f"{name}: not an RGB PNG normal map")
     scale = np.float32(2.0 / (_U16_MAX if image.dtype == np.uint16 else 255.0))
-    rgb = image[..., 2::-1]  # BGR(A) -> RGB
+    rgb = image[..., :3]
     mask = np.any(rgb > 0, axis=-1)
     normal = unit(rgb.astype(np.float32) * scale - np.float32(1.0))
     normal[~mask] = 0.0

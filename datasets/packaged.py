@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from geodiff4d.cluster.errors import UserError
+
 DLIB_LANDMARKS_68 = ("face_recognition_models", "models/shape_predictor_68_face_landmarks.dat")
 
 
-class ModelFileNotFound(FileNotFoundError):
+class ModelFileNotFound(UserError, FileNotFoundError):
     """A model file is missing; ``looked_in`` lists every path tried, for the report."""
 
     def __init__(self, what: str, looked_in: list[Path]):

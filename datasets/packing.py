@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import TrackingError, missing_tracking_message, sequence_tracking
+from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
@@ -53,7 +55,7 @@ SYNTHHUMAN_SUBSETS = ("all", "face")
 T = TypeVar("T")
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """Inputs that cannot be packed; the message names the file or source."""
 
 
@@ -183,15 +185,6 @@ def plan_shards(refs: Sequence[SampleRef], samples_per_shard: int, max_shard_byt
 
 
 # ---------------------------------------------------------------------------------------- image encoding
-
-
-def _png(image: np.ndarray) -> bytes:
-    if image.ndim == 3:
-        image = image[..., ::-1]  # RGB -> BGR for OpenCV
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image))
-    if not ok:
-        raise PackError("PNG encoding failed")
-    return buffer.tobytes()
 
 
 def square_box(x0: float, y0: float, x1: float, y1: float, margin: float = CROP_MARGIN) -> tuple[int, int, int]:
@@ -372,8 +365,8 @@ class PackJob:
             mask8 = np.rint(np.clip(enc.mask, 0, 1) * 255).astype(np.uint8)
             return {
                 "__key__": ref.key,
-                "rgb.png": _png(enc.rgb),
-                "mask.png": _png(mask8),
+                "rgb.png": encode_png(enc.rgb),
+                "mask.png": encode_png(mask8),
                 "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
                 "posemap.png": encode_normal_png(enc.posemap, enc.posemap_mask),
                 "json": json.dumps(meta, sort_keys=True).encode(),
@@ -501,10 +494,7 @@ def _background(dataset: NersembleDataset, subject: str, serial: str) -> np.ndar
     path = dataset.root / subject / "sequences" / "BACKGROUND" / f"image_{serial}.jpg"
     if not path.is_file():
         return None
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise NersembleError(f"{path}: unreadable background image")
-    return image[..., ::-1].copy()
+    return read_rgb8(path)
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from geodiff4d.cluster.atomic import write_json_atomic
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import NERSEMBLE_LAYOUT, Camera, look_at_camera, nersemble_rig
@@ -36,6 +37,10 @@ SEQUENCE_NAMES = ("EXP-1-head", "EMO-1-shout+laugh", "SEN-01-cramp_small_danger"
 SYNTHETIC_CHUNK = 8
 
 
+class SynthSpecError(UserError, ValueError):
+    """A procedural data set spec out of range, or an output folder written with another spec."""
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     subjects: int = 2
@@ -48,13 +53,13 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         if self.resolution % 2:
-            raise ValueError(f"resolution must be even for H.264 video, got {self.resolution}")
+            raise SynthSpecError(f"resolution must be even for H.264 video, got {self.resolution}")
         if not 1 <= self.cameras <= 16:
-            raise ValueError(f"cameras must be between 1 and 16 (the NeRSemble rig), got {self.cameras}")
+            raise SynthSpecError(f"cameras must be between 1 and 16 (the NeRSemble rig), got {self.cameras}")
         if not 1 <= self.sequences <= len(SEQUENCE_NAMES):
-            raise ValueError(f"sequences must be between 1 and {len(SEQUENCE_NAMES)}, got {self.sequences}")
+            raise SynthSpecError(f"sequences must be between 1 and {len(SEQUENCE_NAMES)}, got {self.sequences}")
         if min(self.subjects, self.frames) < 1 or self.synthetic < 0:
-            raise ValueError("subjects and frames must be positive and synthetic non-negative")
+            raise SynthSpecError("subjects and frames must be positive and synthetic non-negative")
 
 
 def synth_cameras(spec: SynthSpec) -> dict[str, Camera]:
@@ -241,6 +246,6 @@ def _check_spec(out: Path, spec: SynthSpec) -> None:
     if path.exists():
         found = json.loads(path.read_text())
         if found != wanted:
-            raise ValueError(f"{path} was written with {found}, not {wanted}: use another output folder")
+            raise SynthSpecError(f"{path} was written with {found}, not {wanted}: use another output folder")
         return
     write_json_atomic(path, wanted)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.errors import UserError
 
 Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
 
@@ -25,7 +26,7 @@ _FIXED_MTIME = 946684800  # 2000-01-01: any constant works; a real date keeps `t
 _MODE = 0o444
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A sample or shard that cannot be written or read; the message names the key or file."""
 
 

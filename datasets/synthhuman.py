@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
+from geodiff4d.datasets.image_io import read_image, to_float, write_png
 from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS, angular_error_deg, normals_from_depth, unit
 
 # ours = SYNTHHUMAN_NORMAL_TO_OURS @ stored. Assumption: stored in OpenCV camera space (x right, y down,
@@ -31,7 +32,7 @@ _SUFFIX = {"rgb": ".png", "alpha": ".png", "depth": ".exr", "normal": ".exr", "c
 _INDEX_RE = re.compile(r"^rgb_(\d{7})\.png$")
 
 
-class SynthHumanError(ValueError):
+class SynthHumanError(UserError, ValueError):
     """Missing or inconsistent SynthHuman files; the message names the file."""
 
 
@@ -49,13 +50,6 @@ class SynthHumanSample:
 
 def member_path(root: str | os.PathLike, index: int, member: str) -> Path:
     return Path(root) / f"{member}_{index:07d}{_SUFFIX[member]}"
-
-
-def _encode_png(image: np.ndarray, path: Path) -> bytes:
-    ok, buffer = cv2.imencode(".png", image)
-    if not ok:
-        raise SynthHumanError(f"{path}: PNG encoding failed")
-    return buffer.tobytes()
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -92,19 +86,12 @@ def write_synthhuman_sample(
     depth_cm = np.where(valid, depth_m * 100.0, INVALID_DEPTH_CM)
     stored_normal = normal_ours @ SYNTHHUMAN_NORMAL_TO_OURS  # row-vector form of M^T @ n
     paths = {member: member_path(root, index, member) for member in MEMBERS}
-    atomic_write_bytes(paths["rgb"], _encode_png(np.ascontiguousarray(rgb[..., ::-1]), paths["rgb"]))
-    atomic_write_bytes(paths["alpha"], _encode_png(alpha, paths["alpha"]))
+    write_png(paths["rgb"], rgb)
+    write_png(paths["alpha"], alpha)
     write_exr(paths["depth"], depth_cm.astype(np.float32))
     write_exr(paths["normal"], stored_normal.astype(np.float32))
     K_text = "\n".join(" ".join(f"{value:.17g}" for value in row) for row in np.asarray(K, np.float64)) + "\n"
     atomic_write_bytes(paths["cam"], K_text.encode())
-
-
-def _read_png(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise SynthHumanError(f"{path}: unreadable PNG")
-    return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
 
 
 def _read_K(path: Path) -> np.ndarray:
@@ -168,11 +155,11 @@ class SynthHumanDataset:
     def __getitem__(self, index: int) -> SynthHumanSample:
         if index not in self._known:
             raise KeyError(f"{self.root}: no SynthHuman sample {index}")
-        rgb = _read_png(self.path(index, "rgb"))
+        rgb = to_float(read_image(self.path(index, "rgb")))
         if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
             raise SynthHumanError(f"{self.path(index, 'rgb')}: expected an RGB image, got shape {rgb.shape}")
-        rgb = np.ascontiguousarray(rgb[..., 2::-1])  # BGR(A) -> RGB
-        alpha = _read_png(self.path(index, "alpha"))
+        rgb = np.ascontiguousarray(rgb[..., :3])
+        alpha = to_float(read_image(self.path(index, "alpha")))
         alpha = alpha[..., 0] if alpha.ndim == 3 else alpha
         depth_cm = self._exr(index, "depth")
         normal = unit(self.raw_normal(index).astype(np.float64) @ SYNTHHUMAN_NORMAL_TO_OURS.T)

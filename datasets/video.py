@@ -17,11 +17,12 @@ import av
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.cluster.errors import UserError
 
 DEFAULT_CRF = 14  # visually lossless for 8-bit yuv420p, ~40+ dB PSNR on rendered heads
 
 
-class VideoError(ValueError):
+class VideoError(UserError, ValueError):
     """A video that cannot be written or read; the message names the file."""
 
 

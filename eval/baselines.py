@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.datasets.image_io import write_png
 from geodiff4d.eval.inputs import ClipSource, InputError, open_ground_truth
 
 GT_NOISE_SIGMA = 0.05  # of the [0,1] range
@@ -25,10 +25,7 @@ GT_NOISE_SIGMA = 0.05  # of the [0,1] range
 def write_frames(folder: Path, frames: np.ndarray) -> None:
     """uint8 RGB frames [T, H, W, 3] -> ``folder/{t:05d}.png``, each written to a temp name and renamed."""
     for t, frame in enumerate(frames):
-        ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise OSError(f"cannot encode {folder / f'{t:05d}.png'}")
-        atomic_write_bytes(folder / f"{t:05d}.png", png.tobytes())
+        write_png(folder / f"{t:05d}.png", frame)
 
 
 def reference_images(source: ClipSource, camera: str | None = None, frame: int = 0) -> dict[str, np.ndarray]:

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import cv2
 import numpy as np
+
+from geodiff4d.cluster.errors import UserError
+from geodiff4d.datasets.image_io import read_image
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A prediction or ground-truth tree does not match; the message names the method/subject/camera/file."""
 
 
@@ -35,14 +37,10 @@ class Clip:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise InputError(f"{path}: cannot read image")
+    image = read_image(path)
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
-    if image.ndim == 2:
-        return image
-    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+    return image if image.ndim == 2 else np.ascontiguousarray(image[..., :3])
 
 
 def _read_mp4(path: Path, gray: bool = False) -> tuple[np.ndarray, float]:

@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from geodiff4d.cluster.atomic import atomic_output, write_json_atomic
+from geodiff4d.cluster.errors import WorkFailed
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
+from geodiff4d.datasets.image_io import read_rgb8
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
     FolderSource,
@@ -41,7 +42,7 @@ from geodiff4d.eval.settings import (
 )
 
 
-class EvalError(RuntimeError):
+class EvalError(WorkFailed, RuntimeError):
     """Some units failed; the message lists each with its error."""
 
 
@@ -55,10 +56,7 @@ def unit_id(method: str, subject: str, sequence: str) -> str:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError(f"cannot read identity image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return read_rgb8(path)
 
 
 @dataclass
@@ -205,7 +203,7 @@ def evaluate(
         previous = json.loads(meta_path.read_text())
         changed = changed_inputs(previous, meta, committed)
         if changed:
-            raise EvalError(f"{meta_path}: {', '.join(changed)} changed since units were scored; "
+            raise InputError(f"{meta_path}: {', '.join(changed)} changed since units were scored; "
                             "use a new --out folder")
         meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
     write_json_atomic(meta_path, meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.eval.fan_landmarks import FAN_DETECTORS
 from geodiff4d.eval.jod import DEFAULT_DISPLAY
 from geodiff4d.eval.landmarks import AKD_BACKENDS
@@ -20,6 +21,10 @@ COMPARABILITY_NOTE = (
     "FaceNet/dlib/MediaPipe numbers are not comparable with papers' ArcFace/FAN/3DMM numbers: "
     "they are real measurements with different networks, so compare methods only within one report."
 )
+
+
+class SettingsError(UserError, ValueError):
+    """An evaluation setting out of its range or set of choices."""
 
 
 @dataclass(frozen=True)
@@ -44,19 +49,19 @@ class EvalSettings:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOL_METRICS:
-            raise ValueError(f"protocol must be 'self' or 'cross', got {self.protocol!r}")
+            raise SettingsError(f"protocol must be 'self' or 'cross', got {self.protocol!r}")
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+            raise SettingsError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
         if self.background is not None and not 0.0 <= self.background <= 1.0:
-            raise ValueError(f"background must be a grey level in [0,1], got {self.background}")
+            raise SettingsError(f"background must be a grey level in [0,1], got {self.background}")
         if self.akd_backend not in AKD_BACKENDS:
-            raise ValueError(f"akd_backend must be one of {list(AKD_BACKENDS)}, got {self.akd_backend!r}")
+            raise SettingsError(f"akd_backend must be one of {list(AKD_BACKENDS)}, got {self.akd_backend!r}")
         if self.fan_detector not in FAN_DETECTORS:
-            raise ValueError(f"fan_detector must be one of {list(FAN_DETECTORS)}, got {self.fan_detector!r}")
+            raise SettingsError(f"fan_detector must be one of {list(FAN_DETECTORS)}, got {self.fan_detector!r}")
         not_in_protocol = sorted(set(self.metrics) - set(PROTOCOL_METRICS[self.protocol]))
         if not_in_protocol:
-            raise ValueError(f"metrics {not_in_protocol} need ground truth and are not part of the "
+            raise SettingsError(f"metrics {not_in_protocol} need ground truth and are not part of the "
                              f"{self.protocol!r} protocol")
 
     def to_dict(self) -> dict:

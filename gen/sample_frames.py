@@ -1,4 +1,4 @@
-"""Sample one subject's sequence from packed shards into a frame folder (ARCHITECTURE §3).
+"""Sample one subject's sequence from packed shards into a frame folder (docs/formats.md, "Frame folders").
 
 Self-reenactment as the paper runs it: the reference image is one frame of the subject, the driving frames
 are the sequence seen by one camera (face crops, no augmentation), and every target camera gets its own
@@ -14,12 +14,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from geodiff4d.cluster.atomic import atomic_write_bytes, write_json_atomic
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.frame_folder import frame_relpath
+from geodiff4d.datasets.image_io import decode_image, encode_png, to_float
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
@@ -30,16 +31,14 @@ from geodiff4d.gen.pipeline import SampleOutput, sample_sequence, write_grid
 FOREGROUND_Z = 0.25  # encoded z = (n_z+1)/2: visible surfaces have n_z >= 0 (>= 0.5), background is 0
 
 
-class SampleFramesError(ValueError):
+class SampleFramesError(UserError, ValueError):
     """The shards lack what the request names; the message names the shard folder and the missing ids."""
 
 
 def _decode(data: bytes, channels: int) -> torch.Tensor:
     """PNG bytes -> float32 [channels, H, W] in [0, 1] (RGB order)."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    image = image.astype(np.float32) / scale
-    image = image[..., None] if image.ndim == 2 else image[..., 2::-1]
+    image = to_float(decode_image(data))
+    image = image[..., None] if image.ndim == 2 else image
     return torch.from_numpy(np.ascontiguousarray(image[..., :channels].transpose(2, 0, 1)))
 
 
@@ -77,10 +76,7 @@ def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: 
 def _png8(image: torch.Tensor) -> bytes:
     """[C, H, W] in [0, 1] -> 8-bit PNG bytes."""
     array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    ok, buffer = cv2.imencode(".png", array[..., ::-1] if array.shape[2] == 3 else array)
-    if not ok:
-        raise SampleFramesError("PNG encoding failed")
-    return buffer.tobytes()
+    return encode_png(array[..., 0] if array.shape[2] == 1 else array)
 
 
 def write_camera_frames(root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int],

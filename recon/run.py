@@ -20,6 +20,7 @@ import torch
 
 from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.cluster.config_files import read_mapping, validate
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
@@ -323,8 +324,10 @@ def render_avatar(
     residuals for the new frames.
     """
     if head_pose not in HEAD_POSES:
-        raise ValueError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
+        raise UserError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
     avatar = Path(avatar)
+    if not (avatar / "avatar.json").is_file():
+        raise UserError(f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)")
     meta = json.loads((avatar / "avatar.json").read_text())
     config = ReconConfig(**meta["config"])
     model = load_head_model(config.head_model)

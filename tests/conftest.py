@@ -15,7 +15,7 @@ def head_model() -> FlameModel:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One embedded Ray for the whole test run, sized like CI (ARCHITECTURE §6: num_cpus=2)."""
+    """One embedded Ray for the whole test run, sized like CI (docs/architecture.md, "Ray": num_cpus=2)."""
     connect(num_cpus=2)
     yield
     shutdown()

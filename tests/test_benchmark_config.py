@@ -61,13 +61,13 @@ def _nersemble(root, tracked_sequences):
 ])
 def test_bad_config_names_the_field(tmp_path, change, message):
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, **change})
-    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_missing_tracking_names_the_file_before_ray(tmp_path):
     _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head"})
     result = _run(tmp_path, {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/oracle methods" in result.output
 
 
@@ -75,9 +75,9 @@ def test_missing_hold_out_camera_and_subject_are_named(tmp_path):
     _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
     base = {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS}
     result = _run(tmp_path, {**base, "holdout_cameras": ["222200046", "220700191", "999999999"]})
-    assert result.exit_code == 1 and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
+    assert result.exit_code == 2 and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
     result = _run(tmp_path, {**base, "subjects": ["001", "042"]})
-    assert result.exit_code == 1 and "subjects: ['042'] not in" in result.output
+    assert result.exit_code == 2 and "subjects: ['042'] not in" in result.output
 
 
 def test_variants_override_dotted_fields():
@@ -93,5 +93,5 @@ def test_demo_config_is_valid():
 def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
     data = {"procedural": {**PROCEDURAL["procedural"], "frames": 8}}
     result = _run(tmp_path, {"data": data, "methods": METHODS})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "data.procedural.frames (8) is shorter than the 16-frame clips" in result.output, result.output

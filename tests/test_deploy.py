@@ -153,7 +153,7 @@ def test_install_script_in_a_fresh_virtualenv(tmp_path):
     help_text = subprocess.run([cli, "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert all(command in help_text.stdout for command in ("synth", "pack", "verify", "train", "eval"))
     out = tmp_path / "synth"
-    synth = subprocess.run([cli, "synth", str(out), "--subjects", "1", "--frames", "2", "--cameras", "2",
+    synth = subprocess.run([cli, "synth", "--out", str(out), "--subjects", "1", "--frames", "2", "--cameras", "2",
                             "--resolution", "64", "--synthetic", "2", "--workers", "1"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert synth.returncode == 0, synth.stdout + synth.stderr[-3000:]

@@ -89,7 +89,7 @@ def test_missing_fan_weights_say_where_they_were_looked_for(tmp_path, hub):
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "run"), "--gt", str(tmp_path / "gt"),
                                       "--pred", str(tmp_path / "pred"), "--metrics", "akd", "--akd-backend", "fan",
                                       "--fan-weights", str(tmp_path / "none")])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert FAN_CHECKPOINT in result.output and str(tmp_path / "none") in result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "run").exists()  # refused before any work

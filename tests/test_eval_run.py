@@ -12,7 +12,7 @@ import skimage.data
 
 from geodiff4d.eval.inputs import Clip, FolderSource, InputError, check_clips, match_cameras
 from geodiff4d.eval.leaderboard import build_leaderboard
-from geodiff4d.eval.run import EvalError, evaluate, plan_units
+from geodiff4d.eval.run import evaluate, plan_units
 
 N_FRAMES = 3
 
@@ -99,18 +99,18 @@ def test_resume_refuses_changed_inputs_and_composites(tmp_path, local_ray):
     assert plain.completed and (pd.read_parquet(tmp_path / "plain" / "frames" / "avatar--s01--EXP-1.parquet")
                                 ["psnr"] < 20).all()  # the black backdrop against the studio's
 
-    with pytest.raises(EvalError, match="fps changed"):
+    with pytest.raises(InputError, match="fps changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, fps=30.0, **common)
-    with pytest.raises(EvalError, match="settings changed"):
+    with pytest.raises(InputError, match="settings changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.25, **common)
     _write_tree(tmp_path / "pred" / "other", [studio] * 2)  # a new method: scored, nothing else redone
     again = evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     assert again.completed == ["other--s01--EXP-1"] and again.skipped == ["avatar--s01--EXP-1"]
     _write_tree(tmp_path / "pred" / "avatar", [studio] * 2)  # a committed unit's frames rewritten
-    with pytest.raises(EvalError, match="predictions of avatar--s01--EXP-1 changed"):
+    with pytest.raises(InputError, match="predictions of avatar--s01--EXP-1 changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     _write_tree(tmp_path / "mask", [np.repeat(alpha[..., None], 3, axis=-1)] * 2)  # same masks, rewritten
-    with pytest.raises(EvalError, match="gt_mask, predictions of avatar--s01--EXP-1 changed"):
+    with pytest.raises(InputError, match="gt_mask, predictions of avatar--s01--EXP-1 changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     with pytest.raises(InputError, match="needs ground-truth masks: give --gt-mask"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "nomask", metrics=["psnr"], background=0.5)

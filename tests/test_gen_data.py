@@ -108,7 +108,7 @@ def test_train_refuses_bad_inputs_with_a_message(shards, runs, tmp_path):
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         result = CliRunner().invoke(app, ["train", "--config", str(path), "--stage", "1", "--shards", str(shards),
                                           "--out", str(out), *options])
-        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         return result.output
 
     message = train(config(resolution=32), tmp_path / "a")

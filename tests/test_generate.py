@@ -132,9 +132,9 @@ def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
 
 
 def _cli(args: list[str]):
-    """Run the CLI; it must end with exit code 1 and a message, not an exception."""
+    """Run the CLI; it must end with exit code 2 (a usage error) and a message, not an exception."""
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "Traceback" not in result.output
     return result.output
 

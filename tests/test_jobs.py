@@ -105,3 +105,22 @@ def test_actor_threads_equal_the_cpus_ray_gives_it(local_ray, tmp_path, workers,
 def test_more_cpus_per_worker_than_a_node_has_is_refused(local_ray, tmp_path):
     with pytest.raises(ValueError, match="--cpus-per-worker 3"):
         run_units(_ReportThreads(), _units(1), CommitLog(tmp_path / "c"), cpus_per_worker=3, progress=False)
+
+
+class _NoWeights(_WriteFiles):
+    """A job whose setup fails (as with missing weights); each setup call leaves a file behind."""
+
+    def setup(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"setup-{os.getpid()}").touch()
+        raise FileNotFoundError(f"no weights at {self.out / 'model.onnx'}")
+
+
+def test_a_job_whose_setup_fails_names_the_error_per_unit_without_retries(local_ray, tmp_path):
+    job = _NoWeights(tmp_path / "out")
+    report = run_units(job, _units(3), CommitLog(tmp_path / "commits"), workers=1, max_retries=2, progress=False)
+    assert sorted(report.failed) == ["u000", "u001", "u002"] and not report.completed
+    expected = f"worker setup failed: FileNotFoundError: no weights at {tmp_path / 'out' / 'model.onnx'}"
+    assert set(report.failed.values()) == {expected}
+    assert "creation task" not in report.summary() and "died" not in report.summary()
+    assert len(list((tmp_path / "out").glob("setup-*"))) == 1  # one actor, set up once: no unit was retried

@@ -169,7 +169,7 @@ def _show(stage: str, counts: dict[str, int]) -> None:
 @pytest.fixture(scope="module")
 def data(cluster) -> Path:
     root = Path(cluster.env["GEODIFF4D_TEST_TMP"]) / "data"
-    cluster.run("synth", str(root), "--subjects", "2", "--frames", "4", "--cameras", "3", "--resolution", "64",
+    cluster.run("synth", "--out", str(root), "--subjects", "2", "--frames", "4", "--cameras", "3", "--resolution", "64",
                 "--synthetic", "3", "--workers", "2")
     return root
 
@@ -178,7 +178,7 @@ PACK = ("--resolution", "48", "--samples-per-shard", "3", "--workers", "2")
 
 
 def _pack_args(root: Path, out: Path) -> tuple[str, ...]:
-    return ("pack", str(out), "--source", f"nersemble:{root / 'nersemble'}", "--source",
+    return ("pack", "--out", str(out), "--source", f"nersemble:{root / 'nersemble'}", "--source",
             f"synthhuman:{root / 'synthhuman'}", *PACK)
 
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
+from geodiff4d.cluster.errors import UserError
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V1, TRACKING_V2, write_nersemble_tracking
 from geodiff4d.datasets.packing import SYNTHHUMAN_FACE_SAMPLES, list_synthhuman
@@ -41,7 +42,7 @@ def data(synthesized, tmp_path) -> Path:
 
 
 def _pack(out: Path, *args: str):
-    return runner.invoke(app, ["pack", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
+    return runner.invoke(app, ["pack", "--out", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
 
 
 def _sequence(data: Path, name: str = SEQUENCE) -> Path:
@@ -49,7 +50,7 @@ def _sequence(data: Path, name: str = SEQUENCE) -> Path:
 
 
 def _assert_refused(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -66,7 +67,7 @@ def test_negative_zero_or_odd_resolution(data, tmp_path, value):
 
 @pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--samples-per-shard", "-1"), ("--max-shard-mb", "0")])
 def test_other_numbers_are_validated(data, tmp_path, option, value):
-    result = runner.invoke(app, ["pack", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
+    result = runner.invoke(app, ["pack", "--out", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
                                  option, value])  # fmt: skip
     _assert_refused(result, option)
 
@@ -86,7 +87,7 @@ def test_missing_tracking_names_both_files_and_a_fixed_rerun_is_not_refused(data
 
 
 def _no_ray(address=None):
-    raise SystemExit("no Ray here")
+    raise UserError("no Ray here")
 
 
 def test_real_sized_tracking_without_flame_says_what_to_pass(data, tmp_path):
@@ -152,7 +153,7 @@ def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_comp
     kept = video.read_bytes()
     video.unlink()
     out = tmp_path / "out"
-    result = runner.invoke(app, ["pack", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
+    result = runner.invoke(app, ["pack", "--out", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
                                  "--workers", "1", "--samples-per-shard", "4"])  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"{video}: video not found" in result.output and "FAILED nersemble-000000" in result.output

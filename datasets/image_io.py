@@ -1,0 +1,75 @@
+"""The one place images are read, written, encoded and decoded (PNG/JPEG through OpenCV).
+
+Arrays here are channel-last and in RGB(A) order, whatever OpenCV's BGR order inside; 8- or 16-bit as stored
+(docs/formats.md: 8-bit RGB and masks, 16-bit normals). :func:`to_float` gives float32 in ``[0, 1]``. Errors
+name the file (or sample key) and are :class:`ImageError`, a user error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.cluster.errors import UserError
+
+
+class ImageError(UserError, ValueError):
+    """An image that cannot be read, decoded or encoded; the message names it."""
+
+
+def _swap_rb(image: np.ndarray) -> np.ndarray:
+    """RGB(A) <-> BGR(A): OpenCV's channel order at its edges only."""
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image[..., ::-1]
+    if image.ndim == 3 and image.shape[2] == 4:
+        return image[..., [2, 1, 0, 3]]
+    return image
+
+
+def encode_png(image: np.ndarray, compression: int | None = None, name: str = "image") -> bytes:
+    """uint8/uint16 ``[H, W]``, ``[H, W, 3]`` RGB or ``[H, W, 4]`` RGBA -> PNG bytes. ``compression`` is zlib's
+    level 0-9 (None: OpenCV's default, which every format test was written with)."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)] if compression is not None else []
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(_swap_rb(image)), params)
+    if not ok:
+        raise ImageError(f"{name}: PNG encoding failed")
+    return buffer.tobytes()
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """PNG/JPEG bytes -> the stored array (dtype and channels as stored), RGB(A) order."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageError(f"{name}: undecodable image")
+    return _swap_rb(image)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as stored (8/16-bit, 1/3/4 channels), RGB(A) order."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read image: {exc}") from exc
+    return decode_image(data, str(path))
+
+
+def read_rgb8(path: str | os.PathLike) -> np.ndarray:
+    """Any image file as uint8 RGB ``[H, W, 3]`` (grey expanded, alpha dropped, 16-bit reduced)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageError(f"{path}: cannot read image")
+    return image[..., ::-1].copy()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, compression: int | None = None) -> None:
+    """:func:`encode_png` written to a temp name and renamed."""
+    atomic_write_bytes(Path(path), encode_png(image, compression, name=str(path)))
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """uint8/uint16 -> float32 in ``[0, 1]`` (divided by the dtype's maximum)."""
+    return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
