@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numba
 import numpy as np
 
 from geodiff4d.cluster.atomic import atomic_write_bytes
@@ -32,9 +33,46 @@ def _channel_last(normal: np.ndarray) -> np.ndarray:
 
 
 def unit(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Normalize along the last axis; zero vectors stay zero."""
+    """Normalize along the last axis; zero vectors stay zero.
+
+    float32 [..., 3] (every normal map packing touches) takes one compiled pass with the same float32
+    arithmetic; numpy's temporaries made this a fifth of a packed sample's time.
+    """
+    if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.ndim and vectors.shape[-1] == 3:
+        rows = np.ascontiguousarray(vectors).reshape(-1, 3)
+        return _unit_rows(rows, np.float32(eps)).reshape(vectors.shape)
     norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return np.where(norm > eps, vectors / np.maximum(norm, eps), 0.0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit_row(x: np.float32, y: np.float32, z: np.float32, eps: np.float32) -> tuple:
+    norm = np.sqrt(x * x + y * y + z * z)  # summed left to right, as numpy reduces three elements
+    if norm > eps:
+        return x / norm, y / norm, z / norm
+    zero = np.float32(0.0)
+    return zero, zero, zero
+
+
+@numba.njit(cache=True, nogil=True)
+def _unit_rows(rows: np.ndarray, eps: np.float32) -> np.ndarray:
+    out = np.empty_like(rows)
+    for i in range(rows.shape[0]):
+        out[i, 0], out[i, 1], out[i, 2] = _unit_row(rows[i, 0], rows[i, 1], rows[i, 2], eps)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_bgr16(rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """rint((clip(unit(n), -1, 1) + 1) * 65535 / 2) in float32 where ``mask``, else 0, channels reversed (BGR)."""
+    out = np.zeros((rows.shape[0], 3), np.uint16)
+    scale, one = np.float32(_U16_MAX / 2.0), np.float32(1.0)
+    for i in range(rows.shape[0]):
+        if mask[i]:
+            n = _unit_row(rows[i, 0], rows[i, 1], rows[i, 2], np.float32(1e-12))
+            for c in range(3):
+                out[i, 2 - c] = np.uint16(np.rint((min(max(n[c], -one), one) + one) * scale))
+    return out
 
 
 def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
@@ -43,9 +81,9 @@ def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
     mask = np.asarray(mask) > 0.5
     if mask.shape != normal.shape[:2]:
         raise NormalMapError(f"mask shape {mask.shape} does not match normal map {normal.shape[:2]}")
-    scale = np.float32(_U16_MAX / 2.0)
-    encoded = np.where(mask[..., None], np.rint((np.clip(unit(normal), -1.0, 1.0) + 1.0) * scale), 0).astype(np.uint16)
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(encoded[..., ::-1]))  # OpenCV wants BGR
+    rows = np.ascontiguousarray(normal).reshape(-1, 3)
+    encoded = _encode_bgr16(rows, np.ascontiguousarray(mask).reshape(-1)).reshape(*mask.shape, 3)
+    ok, buffer = cv2.imencode(".png", encoded)  # OpenCV wants BGR
     if not ok:
         raise NormalMapError("PNG encoding failed")
     return buffer.tobytes()
