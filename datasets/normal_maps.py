@@ -103,10 +103,25 @@ def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np
     if image is None or image.ndim != 3 or image.shape[2] < 3:
         raise NormalMapError(f"{name}: not an RGB PNG normal map")
     scale = np.float32(2.0 / (_U16_MAX if image.dtype == np.uint16 else 255.0))
-    rgb = image[..., 2::-1]  # BGR(A) -> RGB
-    mask = np.any(rgb > 0, axis=-1)
-    normal = unit(rgb.astype(np.float32) * scale - np.float32(1.0))
-    normal[~mask] = 0.0
+    height, width, channels = image.shape
+    normal, mask = _decode_bgr(image.reshape(-1, channels), scale)
+    return normal.reshape(height, width, 3), mask.reshape(height, width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_bgr(codes: np.ndarray, scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """BGR(A) codes [N, C] -> unit(code * scale - 1) RGB float32 [N, 3] (0 where all codes are 0), mask [N]."""
+    normal = np.zeros((codes.shape[0], 3), np.float32)
+    mask = np.zeros(codes.shape[0], np.bool_)
+    one, eps = np.float32(1.0), np.float32(1e-12)
+    for i in range(codes.shape[0]):
+        if codes[i, 0] == 0 and codes[i, 1] == 0 and codes[i, 2] == 0:
+            continue
+        mask[i] = True
+        x = np.float32(codes[i, 2]) * scale - one
+        y = np.float32(codes[i, 1]) * scale - one
+        z = np.float32(codes[i, 0]) * scale - one
+        normal[i, 0], normal[i, 1], normal[i, 2] = _unit_row(x, y, z, eps)
     return normal, mask
 
 

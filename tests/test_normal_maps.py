@@ -85,7 +85,7 @@ def _numpy_unit(vectors):
     return np.where(norm > 1e-12, vectors / np.maximum(norm, 1e-12), 0.0)
 
 
-def test_compiled_unit_and_encoding_are_bit_identical_to_numpy():
+def test_compiled_unit_encoding_and_decoding_are_bit_identical_to_numpy():
     rng = np.random.default_rng(0)
     normal = (rng.standard_normal((64, 48, 3)) * rng.uniform(0, 3, (64, 48, 1))).astype(np.float32)
     normal[:4] = 0.0
@@ -99,6 +99,16 @@ def test_compiled_unit_and_encoding_are_bit_identical_to_numpy():
     decoded = cv2.imdecode(np.frombuffer(encode_normal_png(normal, mask), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(decoded[..., ::-1], codes)
     assert encode_normal_png(normal.transpose(2, 0, 1), mask) == encode_normal_png(normal, mask)
+    for image in (decoded, (rng.uniform(size=(32, 40, 4)) * 255).astype(np.uint8)):  # 16-bit BGR, 8-bit BGRA
+        image[:3] = 0
+        ok, png = cv2.imencode(".png", image)
+        rgb = image[..., 2::-1]
+        mask = np.any(rgb > 0, axis=-1)
+        scale = np.float32(2 / (65535 if image.dtype == np.uint16 else 255))
+        expected = _numpy_unit(rgb.astype(np.float32) * scale - np.float32(1.0))
+        expected[~mask] = 0.0
+        normal, got_mask = decode_normal_png(png.tobytes())
+        assert np.array_equal(got_mask, mask) and normal.dtype == np.float32 and np.array_equal(normal, expected)
 
 
 def test_decode_rejects_garbage(tmp_path):
