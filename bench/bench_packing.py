@@ -1,8 +1,9 @@
 """Packing throughput against its floor, where a sample's time goes, decoded vs packed frames, SynthHuman scaling.
 
 The floor is what packing cannot avoid, measured in the same run without Ray: decoding the packed video frames
-(each video once, from frame 0 to its last packed frame), reading the packed SynthHuman samples, and encoding
-the same PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per
+(each video once, from frame 0 to its last packed frame), decoding the packed frames' ground-truth normal PNGs
+where the capture has them (inputs the packer must read, like the video), reading the packed SynthHuman samples,
+and encoding the same PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per
 worker (1.0 = packing costs nothing beyond decode + encode), and 2 workers against 1. Pack time runs from the
 first unit's start to the last unit's end (from the shard stats), so Ray and actor start are excluded.
 
@@ -28,7 +29,7 @@ from geodiff4d.cluster.runtime import connect, shutdown
 from geodiff4d.datasets.manifest import read_manifest, stats_files
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.packing import pack
-from geodiff4d.datasets.procedural import SynthSpec, synthesize
+from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.datasets.synthhuman import MEMBERS, SynthHumanDataset, member_path
 from geodiff4d.datasets.video import iter_video_range, read_video, write_video
@@ -44,6 +45,7 @@ def reencode(nersemble: Path, keyframe_interval: int) -> None:
 
 def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]:
     """(decode seconds, encode seconds) of the packed samples, single-threaded, no Ray."""
+    cv2.setNumThreads(1)
     rows = read_manifest(shards).to_pylist()
     last: dict[tuple[str, str, str], int] = defaultdict(int)
     for r in rows:
@@ -51,11 +53,16 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
             video = (r["subject"], r["sequence"], r["camera"])
             last[video] = max(last[video], r["frame"])
     dataset = NersembleDataset(sources["nersemble"])
+    normals = [gt_normal_path(dataset.root, r["subject"], r["sequence"], r["camera"], r["frame"])
+               for r in rows if r["source"] == "nersemble"]  # fmt: skip
     start = time.perf_counter()
     for (subject, sequence, serial), frame in sorted(last.items()):
         for path in (dataset.video_path(subject, sequence, serial), dataset.alpha_path(subject, sequence, serial)):
             for _ in iter_video_range(path, 0, frame + 1, gray=path.parent.name == "alpha_maps"):
                 pass
+    for path in normals:
+        if path.is_file():
+            cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     synthhuman = SynthHumanDataset(sources["synthhuman"])
     for r in rows:
         if r["source"] == "synthhuman":
