@@ -1,11 +1,13 @@
 """Packing throughput against its floor, where a sample's time goes, decoded vs packed frames, SynthHuman scaling.
 
-The floor is what packing cannot avoid, measured in the same run without Ray: decoding the packed video frames
-(each video once, from frame 0 to its last packed frame), decoding the packed frames' ground-truth normal PNGs
-where the capture has them (inputs the packer must read, like the video), reading the packed SynthHuman samples,
-and encoding the same PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per
-worker (1.0 = packing costs nothing beyond decode + encode), and 2 workers against 1. Pack time runs from the
-first unit's start to the last unit's end (from the shard stats), so Ray and actor start are excluded.
+The floor is what packing cannot avoid, measured in the same run without Ray and with one thread: decoding the
+packed video frames (each video once, from frame 0 to its last packed frame; alpha maps to RGB, as the official
+reader and the packer decode them), decoding the packed frames' ground-truth normal PNGs where the capture has
+them (inputs the packer must read, like the video), reading the packed SynthHuman samples, and encoding the same
+PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per worker (1.0 =
+packing costs nothing beyond decode + encode; each pack worker has one CPU), and 2 workers against 1. Pack time
+runs from the first unit's start to the last unit's end (from the shard stats), so Ray and actor start are
+excluded.
 
 The procedural videos are re-encoded with a fixed GOP (``--keyframe-interval``) because seeking costs up to
 one GOP of decoding per shard and camera; x264's default GOP (250) is longer than these short sequences.
@@ -58,7 +60,7 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
     start = time.perf_counter()
     for (subject, sequence, serial), frame in sorted(last.items()):
         for path in (dataset.video_path(subject, sequence, serial), dataset.alpha_path(subject, sequence, serial)):
-            for _ in iter_video_range(path, 0, frame + 1, gray=path.parent.name == "alpha_maps"):
+            for _ in iter_video_range(path, 0, frame + 1):  # alpha too: the official reader takes RGB's first channel
                 pass
     for path in normals:
         if path.is_file():
