@@ -26,11 +26,21 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
+from geodiff4d.cluster.jobs import WorkUnit
 from geodiff4d.cluster.runtime import connect, shutdown
 from geodiff4d.datasets.manifest import read_manifest, stats_files
 from geodiff4d.datasets.nersemble import NersembleDataset
-from geodiff4d.datasets.packing import pack
+from geodiff4d.datasets.packing import (
+    DEFAULT_MAX_SHARD_BYTES,
+    PackJob,
+    PackSettings,
+    list_inputs,
+    pack,
+    plan_shards,
+    sample_bytes_bound,
+)
 from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.datasets.synthhuman import MEMBERS, SynthHumanDataset, member_path
@@ -80,6 +90,31 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
     return decode, time.perf_counter() - start
 
 
+def in_process(tmp: Path, sources: dict[str, Path], shards: Path, resolution: int, samples_per_shard: int,
+               repeats: int) -> None:
+    """Every shard packed by one PackJob in this process (no Ray, one thread) and the floor, best of ``repeats``.
+
+    On a shared machine other jobs' load inflates single timings; the best of a few is the least disturbed,
+    and it is taken for both sides of the ratio.
+    """
+    torch.set_num_threads(1)
+    job = PackJob(tmp / "inprocess", PackSettings(resolution=resolution))
+    job.out.mkdir()
+    job.setup()
+    refs = list_inputs(list(sources.items()), job.settings, (job.model.n_shape, job.model.n_expr))
+    plans = plan_shards(refs, samples_per_shard, DEFAULT_MAX_SHARD_BYTES, sample_bytes_bound(resolution))
+    packs, floors = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for plan in plans:
+            job.run(WorkUnit(plan.name, {"plan": plan}))
+        packs.append(time.perf_counter() - start)
+        floors.append(sum(floor_seconds(shards, sources)))
+    print(f"in this process (no Ray, one thread), best of {repeats}: pack {min(packs):.2f} s "
+          f"(all {', '.join(f'{t:.2f}' for t in packs)}), floor {min(floors):.2f} s "
+          f"(all {', '.join(f'{t:.2f}' for t in floors)}): {min(floors) / min(packs):.3f}x the floor")
+
+
 def shard_stats(shards: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in stats_files(shards)]
 
@@ -127,6 +162,7 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=20)
     parser.add_argument("--samples-per-shard", type=int, default=20)
     parser.add_argument("--keyframe-interval", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="in-process pack and floor runs (best is reported)")
     parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[500, 2000])
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
     args = parser.parse_args()
@@ -165,6 +201,7 @@ def main() -> None:
                   f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s")
             print(f"  throughput per worker, workers={workers}: {floor / (wall[workers] * workers):.3f}x the floor")
         print(f"2 workers vs 1: {wall[1] / wall[2]:.2f}x")
+        in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
         synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)
         shutdown()
     print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
