@@ -12,6 +12,7 @@ UV coordinates follow FLAME/OpenGL: u to the right, v up (v = 1 is the top row o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class FlameParams:
         """Frames ``index`` as a new batch (an int keeps a batch of one)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         return FlameParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @classmethod
+    def cat(cls, batches: Sequence[FlameParams]) -> FlameParams:
+        """One batch of all frames of ``batches``, in order (one model call instead of several)."""
+        return cls(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(cls)})
 
     def with_zero_expression(self) -> FlameParams:
         """Same pose, shape and placement with expression, jaw and eyes zeroed (the pose-map input)."""

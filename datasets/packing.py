@@ -402,8 +402,7 @@ class PackJob:
         if flame is None:
             return None
         with self.clock("flame"), torch.no_grad():
-            vertices = self.model(flame).vertices[0]  # [V, 3]
-            pose_vertices = self.model(flame.with_zero_expression()).vertices[0]
+            vertices, pose_vertices = self.model(FlameParams.cat([flame, flame.with_zero_expression()])).vertices
             return _FramePose(vertices, pose_vertices, {k: v.tolist() for k, v in flame.to_numpy_dict().items()})
 
     def _encode_nersemble(
@@ -580,7 +579,10 @@ def pack_with(
             (out / f"{plan.name}.tar").unlink(missing_ok=True)
     connect(address)
     units = [WorkUnit(plan.name, {"plan": plan}) for plan in plans]
-    report = run_units(job, units, commits, workers=workers, max_retries=max_retries, desc="pack", progress=progress)
+    # one CPU per actor: a sample's work is single-threaded compiled loops and small torch ops, for which intra-op
+    # threads only contend; packing scales over shards (more workers), not threads per worker
+    report = run_units(job, units, commits, workers=workers, cpus_per_worker=1, max_retries=max_retries, desc="pack",
+                       progress=progress)  # fmt: skip
     samples = build_manifest(out)
     return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out)
 

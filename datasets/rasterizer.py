@@ -9,12 +9,20 @@ fragments, then made perspective-correct (1/z is affine in screen space).
 
 Pixel centres sit at integer coordinates (OpenCV convention, see cameras.py). Triangles with any vertex
 closer than ``near`` are culled (no near-plane clipping); that drops everything behind the camera.
+
+On CPU tensors the same algorithm (same float64 setup, float32 coverage and depth, same tie-break) runs as one
+numba-compiled scanline loop instead: enumerating pairs as tensors costs ~0.25 s per 256 px FLAME view on
+CPU, the loop ~5 ms, and packing renders two views per sample. The tensor path stays for CUDA tensors
+and as the reference the compiled one is tested against (``backend="torch"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+import numba
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,15 +92,22 @@ def rasterize(
     cull_backfaces: bool = False,
     perspective_correct: bool = True,
     max_pairs: int = _DEFAULT_MAX_PAIRS,
+    backend: Literal["auto", "torch", "numba"] = "auto",
 ) -> Fragments:
     """Rasterize camera-space triangles (OpenCV camera, z forward) into ``height`` x ``width`` fragments.
 
     ``cull_backfaces`` drops triangles whose corners appear clockwise on screen, i.e. whose
     cross(v1-v0, v2-v0) normal points away from the camera (counter-clockwise-outward meshes like FLAME).
+    ``backend="auto"`` compiles CPU tensors with numba and enumerates pairs with tensors elsewhere;
+    ``max_pairs`` bounds the tensor path's memory only.
     """
     K = torch.as_tensor(K)
     faces = torch.as_tensor(faces, dtype=torch.long, device=vertices_cam.device)
     _check_inputs(vertices_cam, faces, K)
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"rasterize: backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    if backend == "numba" or (backend == "auto" and vertices_cam.device.type == "cpu"):
+        return _rasterize_numba(vertices_cam, faces, K, height, width, near, cull_backfaces, perspective_correct)
     device = vertices_cam.device
     with torch.no_grad():
         corners, corner_z = _screen_triangles(vertices_cam, faces, K)
@@ -233,6 +248,109 @@ def _final_barycentrics(
         screen = screen / corner_z[face]
     bary[pixels] = (screen / screen.sum(dim=1, keepdim=True)).float()
     return bary
+
+
+def _rasterize_numba(
+    vertices_cam: Tensor, faces: Tensor, K: Tensor, height: int, width: int, near: float, cull_backfaces: bool,
+    perspective_correct: bool,
+) -> Fragments:
+    vertices = vertices_cam.detach().cpu().to(torch.float64).numpy()
+    face_index, bary, depth = _zbuffer_numba(
+        np.ascontiguousarray(vertices), np.ascontiguousarray(faces.cpu().numpy()),
+        np.ascontiguousarray(K.detach().cpu().to(torch.float64).numpy()), height, width, near, cull_backfaces,
+        perspective_correct,
+    )
+    device = vertices_cam.device
+    return Fragments(
+        face_index=torch.from_numpy(face_index).to(device).view(height, width),
+        bary=torch.from_numpy(bary).to(device).view(height, width, 3),
+        depth=torch.from_numpy(depth).to(device).view(height, width),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, perspective_correct):
+    """The tensor path's arithmetic, one face at a time: -> face_index [H*W], bary [H*W, 3], depth [H*W]."""
+    n_faces = faces.shape[0]
+    pixels = np.empty((vertices.shape[0], 2))
+    for v in range(vertices.shape[0]):
+        x, y, z = vertices[v, 0], vertices[v, 1], vertices[v, 2]
+        w = max(K[2, 0] * x + K[2, 1] * y + K[2, 2] * z, 1e-12)
+        pixels[v, 0] = (K[0, 0] * x + K[0, 1] * y + K[0, 2] * z) / w
+        pixels[v, 1] = (K[1, 0] * x + K[1, 1] * y + K[1, 2] * z) / w
+    coeff = np.zeros((n_faces, 3, 3))  # per face: bary_i = a*dx + b*dy + c from the box origin (float64)
+    origin = np.zeros((n_faces, 2), np.int64)
+    best_depth = np.full(height * width, np.inf, np.float32)
+    best_face = np.full(height * width, -1, np.int64)
+    corners = np.empty((3, 2))
+    for f in range(n_faces):
+        inside_near = True
+        for i in range(3):
+            corners[i, 0] = pixels[faces[f, i], 0]
+            corners[i, 1] = pixels[faces[f, i], 1]
+            inside_near &= vertices[faces[f, i], 2] > near
+        area2 = (corners[1, 0] - corners[0, 0]) * (corners[2, 1] - corners[0, 1]) - (
+            corners[2, 0] - corners[0, 0]
+        ) * (corners[1, 1] - corners[0, 1])
+        if not inside_near or abs(area2) <= 1e-12 or (cull_backfaces and area2 >= 0):
+            continue
+        lo_x = np.ceil(min(corners[0, 0], corners[1, 0], corners[2, 0]))
+        lo_y = np.ceil(min(corners[0, 1], corners[1, 1], corners[2, 1]))
+        hi_x = np.floor(max(corners[0, 0], corners[1, 0], corners[2, 0]))
+        hi_y = np.floor(max(corners[0, 1], corners[1, 1], corners[2, 1]))
+        if lo_x > width - 1 or lo_y > height - 1:
+            continue
+        x0 = int(min(max(lo_x, 0.0), width - 1))
+        y0 = int(min(max(lo_y, 0.0), height - 1))
+        box_w = int(min(hi_x, width - 1)) - x0 + 1
+        box_h = int(min(hi_y, height - 1)) - y0 + 1
+        if box_w <= 0 or box_h <= 0:
+            continue
+        origin[f, 0], origin[f, 1] = x0, y0
+        inv_a = inv_b = inv_c = 0.0
+        for i in range(3):
+            nxt, prv = (i + 1) % 3, (i + 2) % 3
+            a = (corners[nxt, 1] - corners[prv, 1]) / area2
+            b = (corners[prv, 0] - corners[nxt, 0]) / area2
+            c = -(a * (corners[nxt, 0] - x0) + b * (corners[nxt, 1] - y0))
+            coeff[f, i, 0], coeff[f, i, 1], coeff[f, i, 2] = a, b, c
+            inv_z = 1.0 / vertices[faces[f, i], 2]
+            inv_a += a * inv_z
+            inv_b += b * inv_z
+            inv_c += c * inv_z
+        # coverage and depth in float32, as the tensor path evaluates them
+        a1, b1, c1 = np.float32(coeff[f, 1, 0]), np.float32(coeff[f, 1, 1]), np.float32(coeff[f, 1, 2])
+        a2, b2, c2 = np.float32(coeff[f, 2, 0]), np.float32(coeff[f, 2, 1]), np.float32(coeff[f, 2, 2])
+        ia, ib, ic = np.float32(inv_a), np.float32(inv_b), np.float32(inv_c)
+        for row in range(box_h):
+            dy = np.float32(row)
+            for col in range(box_w):
+                dx = np.float32(col)
+                w1 = c1 + a1 * dx + b1 * dy
+                w2 = c2 + a2 * dx + b2 * dy
+                inv_z32 = ic + ia * dx + ib * dy
+                if w1 >= 0 and w2 >= 0 and w1 + w2 <= 1 and inv_z32 > 0:
+                    depth = np.float32(1.0) / inv_z32
+                    p = (y0 + row) * width + x0 + col
+                    if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
+                        best_depth[p], best_face[p] = depth, f
+    bary = np.zeros((height * width, 3), np.float32)
+    screen = np.empty(3)
+    for p in range(height * width):
+        f = best_face[p]
+        if f < 0:
+            continue
+        dx, dy = p % width - origin[f, 0], p // width - origin[f, 1]
+        total = 0.0
+        for i in range(3):
+            s = max(coeff[f, i, 0] * dx + coeff[f, i, 1] * dy + coeff[f, i, 2], 0.0)
+            if perspective_correct:
+                s /= vertices[faces[f, i], 2]
+            screen[i] = s
+            total += s
+        for i in range(3):
+            bary[p, i] = screen[i] / total
+    return best_face, bary, best_depth
 
 
 def interpolate(vertex_attrs: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -66,10 +67,57 @@ def _rasterize_head(model: FlameModel, params: FlameParams, camera: Camera) -> t
     return _rasterize_vertices(_frame_vertices(model, params), model.faces, camera)
 
 
-def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:
-    """Interpolated vertex normals [H, W, 3] in our convention (0 on background)."""
+def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments, backend: str = "auto") -> Tensor:
+    """Interpolated vertex normals [H, W, 3] in our convention (0 on background).
+
+    CPU tensors take one compiled pass (``backend="auto"``): the tensor ops cost more than the rasterization
+    they follow; ``backend="torch"`` is the reference it is tested against.
+    """
+    if backend == "numba" or (backend == "auto" and vertices_cam.device.type == "cpu"):
+        height, width = fragments.face_index.shape
+        image = _normal_image_numba(
+            vertices_cam.detach().cpu().float().numpy(), np.ascontiguousarray(faces.cpu().numpy(), np.int64),
+            fragments.face_index.cpu().numpy().reshape(-1), fragments.bary.cpu().numpy().reshape(-1, 3),
+        )
+        return torch.from_numpy(image.reshape(height, width, 3)).to(vertices_cam.device)
     normals = interpolate(vertex_normals(vertices_cam, faces), faces, fragments)
     return normals_to_convention(torch.nn.functional.normalize(normals, dim=-1))
+
+
+@numba.njit(cache=True, nogil=True)
+def _unit3(vector: np.ndarray) -> None:
+    """In place: ``vector / max(|vector|, 1e-12)`` as torch's normalize does."""
+    norm = max(np.sqrt(vector[0] * vector[0] + vector[1] * vector[1] + vector[2] * vector[2]), np.float32(1e-12))
+    for c in range(3):
+        vector[c] /= norm
+
+
+@numba.njit(cache=True, nogil=True)
+def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.ndarray, bary: np.ndarray):
+    """Area-weighted unit vertex normals, interpolated, renormalised, y and z flipped: -> [H*W, 3] float32."""
+    normals = np.zeros_like(vertices)
+    for corner in range(3):
+        for f in range(faces.shape[0]):
+            a, b, c = vertices[faces[f, 0]], vertices[faces[f, 1]], vertices[faces[f, 2]]
+            e1x, e1y, e1z = b[0] - a[0], b[1] - a[1], b[2] - a[2]
+            e2x, e2y, e2z = c[0] - a[0], c[1] - a[1], c[2] - a[2]
+            v = faces[f, corner]
+            normals[v, 0] += e1y * e2z - e1z * e2y
+            normals[v, 1] += e1z * e2x - e1x * e2z
+            normals[v, 2] += e1x * e2y - e1y * e2x
+    for v in range(normals.shape[0]):
+        _unit3(normals[v])
+    image = np.zeros((face_index.shape[0], 3), np.float32)
+    for p in range(face_index.shape[0]):
+        f = face_index[p]
+        if f < 0:
+            continue
+        for k in range(3):
+            for c in range(3):
+                image[p, c] += bary[p, k] * normals[faces[f, k], c]
+        _unit3(image[p])
+        image[p, 1], image[p, 2] = -image[p, 1], -image[p, 2]  # OpenCV (y down, z forward) -> ours
+    return image
 
 
 def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:

@@ -166,6 +166,16 @@ def test_with_zero_expression_keeps_pose(head_model):
     assert torch.equal(zeroed.rotation, params.rotation) and torch.equal(zeroed.neck, params.neck)
 
 
+def test_one_call_on_concatenated_frames_equals_one_call_per_frame(head_model):
+    """Packing poses a frame and its expression-free twin in one call; the vertices must not change."""
+    params = random_params(head_model, batch=1, seed=5)
+    both = FlameParams.cat([params, params.with_zero_expression()])
+    with torch.no_grad():
+        batched = head_model(both).vertices
+        torch.testing.assert_close(batched[0], head_model(params).vertices[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched[1], head_model(params.with_zero_expression()).vertices[0], atol=1e-6, rtol=0)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

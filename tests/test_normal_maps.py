@@ -1,5 +1,6 @@
 """Normal PNG encoding and depth-derived normals against an exactly ray-cast sphere."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from geodiff4d.datasets.normal_maps import (
     encode_normal_png,
     normals_from_depth,
     sphere_depth_and_normals,
+    unit,
     write_normal_png,
 )
 
@@ -75,6 +77,38 @@ def test_normals_from_depth_match_analytic_sphere():
     assert np.median(errors) < 1.0
     # A wrong axis convention would be caught: flipping y is far off.
     assert np.median(angular_error_deg(derived * [1, -1, 1], normal, mask)) > 10.0
+
+
+def _numpy_unit(vectors):
+    """The plain numpy normalisation the compiled float32 path replaced (kept as its reference)."""
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.where(norm > 1e-12, vectors / np.maximum(norm, 1e-12), 0.0)
+
+
+def test_compiled_unit_encoding_and_decoding_are_bit_identical_to_numpy():
+    rng = np.random.default_rng(0)
+    normal = (rng.standard_normal((64, 48, 3)) * rng.uniform(0, 3, (64, 48, 1))).astype(np.float32)
+    normal[:4] = 0.0
+    normal[4, :, 0] = 1e-13  # below eps: zero
+    mask = rng.uniform(size=(64, 48)) > 0.3
+    expected = _numpy_unit(normal)
+    assert expected.dtype == np.float32 and np.array_equal(unit(normal), expected)
+    assert np.array_equal(unit(normal.astype(np.float64)), _numpy_unit(normal.astype(np.float64)))
+    scale = np.float32(65535 / 2)
+    codes = np.where(mask[..., None], np.rint((np.clip(expected, -1.0, 1.0) + 1.0) * scale), 0).astype(np.uint16)
+    decoded = cv2.imdecode(np.frombuffer(encode_normal_png(normal, mask), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(decoded[..., ::-1], codes)
+    assert encode_normal_png(normal.transpose(2, 0, 1), mask) == encode_normal_png(normal, mask)
+    for image in (decoded, (rng.uniform(size=(32, 40, 4)) * 255).astype(np.uint8)):  # 16-bit BGR, 8-bit BGRA
+        image[:3] = 0
+        ok, png = cv2.imencode(".png", image)
+        rgb = image[..., 2::-1]
+        mask = np.any(rgb > 0, axis=-1)
+        scale = np.float32(2 / (65535 if image.dtype == np.uint16 else 255))
+        expected = _numpy_unit(rgb.astype(np.float32) * scale - np.float32(1.0))
+        expected[~mask] = 0.0
+        normal, got_mask = decode_normal_png(png.tobytes())
+        assert np.array_equal(got_mask, mask) and normal.dtype == np.float32 and np.array_equal(normal, expected)
 
 
 def test_decode_rejects_garbage(tmp_path):

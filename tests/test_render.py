@@ -74,6 +74,16 @@ def test_nose_tip_lands_on_the_rendered_head(head):
     assert abs(render.depth[v, u].item() - camera.to_cam(nose)[0, 2]) < 0.01
 
 
+def test_compiled_normal_image_equals_the_tensor_ops(head):
+    from geodiff4d.datasets.render import _normal_image, _rasterize_head
+
+    model, params = head
+    for camera in list(nersemble_rig(width=SIZE, height=SIZE).values())[::4]:
+        vertices_cam, fragments = _rasterize_head(model, params, camera)
+        reference = _normal_image(vertices_cam, model.faces, fragments, backend="torch")
+        torch.testing.assert_close(_normal_image(vertices_cam, model.faces, fragments), reference, atol=1e-6, rtol=0)
+
+
 def test_pose_map_ignores_expression(head):
     model, params = head
     camera = _frontal()
