@@ -4,8 +4,10 @@ A job is any picklable object with ``setup()`` (once per actor: load models, ope
 ``run(unit) -> stats``. ``run`` writes its outputs atomically (temp name + rename); the driver then
 writes the unit's commit marker. A rerun skips committed units, so an interrupted job resumes and a
 finished job does no work. A unit whose worker raises or dies is retried on a fresh actor up to
-``max_retries`` times and then reported, never silently dropped. A job whose ``setup`` raises (missing
-weights, a bad setting) fails each unit once with that message: it would fail the same way on any actor.
+``max_retries`` times and then reported, never silently dropped. Once no unit is left to hand out, idle
+actors are released: a replacement for an actor lost with its node may need their resources. A job whose
+``setup`` raises (missing weights, a bad setting) fails each unit once with that message: it would fail the
+same way on any actor.
 
 Every actor of every stage gets its CPUs by one rule (:func:`worker_cpus`) and runs exactly that many
 torch threads (:func:`use_cpus`), so one worker on a laptop uses every core and several never oversubscribe.
@@ -195,6 +197,10 @@ def run_units(
             while queue and idle:
                 worker, unit = idle.pop(), queue.pop()
                 in_flight[worker.run.remote(unit)] = (worker, unit)
+            if not queue:  # nothing left to hand out: idle workers give their CPUs back, which a replacement
+                for worker in idle:  # for a worker lost with its node may be waiting for (else: a deadlock)
+                    ray.kill(worker, no_restart=True)
+                idle.clear()
             done, _ = ray.wait(list(in_flight), num_returns=1)
             worker, unit = in_flight.pop(done[0])
             try:

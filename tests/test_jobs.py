@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,43 @@ def test_killed_worker_is_replaced_and_unit_retried(local_ray, tmp_path):
     assert report.ok and sorted(report.completed) == ["u000", "u001", "u002"]
     assert (tmp_path / "out" / ".killed-u001").exists()
     assert json.loads((tmp_path / "out" / "u001.json").read_text()) == {"value": 1}
+
+
+@ray.remote(num_cpus=1)
+class _Capacity:
+    """Holds a CPU: the share of the cluster that went away with a dead node."""
+
+    def ready(self) -> bool:
+        return True
+
+
+class _DieWithItsNode(_WriteFiles):
+    """On ``kill_once``, takes a CPU away from the cluster (a detached actor claims it) as its process dies,
+    as when a whole node is lost: its replacement finds no free CPU until another worker gives its back."""
+
+    def run(self, unit: WorkUnit) -> dict:
+        flag = self.out / f".killed-{unit.id}"
+        if unit.id == self.kill_once and not flag.exists():
+            flag.touch()
+            _Capacity.options(name="lost-node", lifetime="detached").remote()  # waits for this worker's CPU
+            time.sleep(1)  # the claim reaches the raylet before this worker's CPU comes free
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(unit)
+
+
+@pytest.mark.timeout(180)
+def test_worker_lost_with_its_node_is_replaced_once_others_are_done(local_ray, tmp_path):
+    """Two workers take both CPUs; one dies and its CPU is gone: the replacement runs once the other worker,
+    with nothing left to do, gives its CPU back (an idle worker that kept it would hang the job)."""
+    commits = CommitLog(tmp_path / "commits")
+    try:
+        report = run_units(_DieWithItsNode(tmp_path / "out", kill_once="u001"), _units(4), commits, workers=2,
+                           cpus_per_worker=1, progress=False)
+        assert ray.get(ray.get_actor("lost-node").ready.remote(), timeout=10)  # the CPU really was taken
+    finally:
+        ray.kill(ray.get_actor("lost-node"))
+    assert report.ok and sorted(report.completed) == [u.id for u in _units(4)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [f"{u.id}.json" for u in _units(4)]
 
 
 def test_duplicate_unit_ids_are_refused(tmp_path):

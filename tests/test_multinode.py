@@ -24,10 +24,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 import skimage.data
+import yaml
 
+from geodiff4d.datasets.flame_tracking import TRACKING_V2
 from geodiff4d.datasets.manifest import read_manifest
+
+sys.path.insert(0, str(Path(__file__).parent))  # gen_synthetic, test_gen_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # a loaded 2-core machine: minutes
 
@@ -64,6 +69,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 @dataclass
 class Node:
     name: str
@@ -76,6 +88,16 @@ class Node:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill_processes(self) -> list[int]:
+        """SIGKILL every process of the node (raylet, object store, agents, workers) by its pid."""
+        pids = [proc.pid for proc in psutil.process_iter() if _process_group(proc.pid) == self.process.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
@@ -174,7 +196,7 @@ def data(cluster) -> Path:
     return root
 
 
-PACK = ("--resolution", "48", "--samples-per-shard", "3", "--workers", "2")
+PACK = ("--resolution", "16", "--samples-per-shard", "3", "--workers", "2")
 
 
 def _pack_args(root: Path, out: Path) -> tuple[str, ...]:
@@ -216,30 +238,29 @@ def _write_eval_trees(gt: Path, pred: Path) -> None:
                 cv2.imwrite(str(folder / f"{t:05d}.png"), image[..., ::-1])
 
 
-def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, data):
-    reference = data.parent / "shards"
-    assert (reference / "manifest.parquet").is_file(), "runs after test_pack_and_eval_land_on_both_nodes"
-    out = data.parent / "shards_killed"
-    driver = subprocess.Popen([str(BIN / "geodiff4d"), *_pack_args(data, out), "--address", cluster.address],
-                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.2)
-    second = next(node for node in cluster.nodes if node.name == "second")
-    second.kill()  # the whole node: raylet, object store, its workers
-    first_output = driver.communicate(timeout=600)[0]
-    print("run with the node killed:", first_output.splitlines()[-3:])
+def test_generate_with_a_tiny_model_lands_on_both_nodes(cluster, data):
+    """A model trained one step here; reference, identity, driving and cameras from the packed subject."""
+    from gen_synthetic import make_batches_factory, one_thread
+    from test_gen_data import SEQUENCE, config
 
-    rerun = cluster.run(*_pack_args(data, out), check=False)  # resumes whatever the first run did not commit
-    print("rerun:", rerun.stdout.splitlines()[-3:])
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
-    expected = read_manifest(reference).to_pandas()
-    got = read_manifest(out).to_pandas()
-    assert got["key"].is_unique and sorted(got["key"]) == sorted(expected["key"])
-    for tar in sorted(reference.glob("*.tar")):  # pack is deterministic: the same bytes, however it got there
-        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name
-    assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in reference.glob("*.tar"))
-    assert "verify OK" in cluster.run("verify", str(out), "--workers", "1").stdout
+    from geodiff4d.gen.train import train_loop
+    run, shards = data.parent / "tiny_run", data.parent / "shards"
+    with one_thread():
+        train_loop(config(), 1, make_batches_factory(2, 16, crop=16), run, max_steps=1, quiet=True)
+    camera = sorted(read_manifest(shards, columns=["camera"]).column("camera").to_pylist())[0]
+    packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
+    tracking = data / "nersemble/001/sequences" / SEQUENCE / "tracking" / TRACKING_V2
+    subject = {"name": "s0", "reference": {**packed, "camera": camera, "frame": 1},
+               "identity": {"tracking": str(tracking)}, "driving": {**packed, "camera": camera}, "frames": 4,
+               "cameras": {"nersemble": str(data / "nersemble"), "subject": "001", "sequence": SEQUENCE}}
+    spec = data.parent / "generate.yaml"
+    spec.write_text(yaml.safe_dump({"run": str(run), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2,
+                                    "subjects": [subject]}))
+    out = data.parent / "generated"
+    counts = _units_per_node(cluster.run("generate", str(spec), "--out", str(out), "--workers", "2").stdout)
+    _show("generate", counts)
+    assert len(counts) == 2 and all(n > 0 for n in counts.values())
+    assert len(list((out / "rgb").rglob("*.png"))) == 4 * 3  # 4 frames x the subject's 3 cameras
 
 
 def test_client_without_the_token_is_refused(cluster, tmp_path):
@@ -292,3 +313,41 @@ def test_embedded_connect_never_attaches_to_a_started_cluster(cluster):
     own = subprocess.run([sys.executable, "-c", probe.format("connect(num_cpus=1)")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert "nodes 1" in own.stdout, own.stderr[-2000:]
+
+
+def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, data):
+    """Runs last: the second node stays dead. Its processes are killed by pid (SIGKILL, no goodbye to the GCS)
+    once the first unit has committed; the run's own retries or the rerun must finish with every unit
+    committed once and every shard byte-identical to the two-node run's."""
+    reference = data.parent / "shards"
+    assert (reference / "manifest.parquet").is_file(), "runs after test_pack_and_eval_land_on_both_nodes"
+    expected_units = sorted(p.name for p in reference.glob("*.stats.json"))
+    out = data.parent / "shards_killed"
+    driver = subprocess.Popen([str(BIN / "geodiff4d"), *_pack_args(data, out), "--address", cluster.address],
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.1)
+    second = next(node for node in cluster.nodes if node.name == "second")
+    killed = second.kill_processes()
+    committed_at_kill = len(list(out.glob("*.stats.json")))
+    assert driver.poll() is None and 0 < committed_at_kill < len(expected_units), "the kill came mid-run"
+    first_output = driver.communicate(timeout=600)[0]
+    committed_first = len(list(out.glob("*.stats.json")))
+    print(f"killed the second node's {len(killed)} processes with {committed_at_kill}/{len(expected_units)} "
+          f"units committed; the run ({committed_first} committed): {first_output.splitlines()[-3:]}")
+    rerun = cluster.run(*_pack_args(data, out), check=False)  # resumes whatever the first run did not commit
+    print("rerun:", rerun.stdout.splitlines()[-3:])
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+
+    assert sorted(p.name for p in out.glob("*.stats.json")) == expected_units  # every unit committed
+    done, skipped, failed = map(int, re.search(r"(\d+) done, (\d+) already committed, (\d+) failed",
+                                               rerun.stdout).groups())
+    assert (done, skipped, failed) == (len(expected_units) - committed_first, committed_first, 0)  # none twice
+    expected = read_manifest(reference).to_pandas()
+    got = read_manifest(out).to_pandas()
+    assert got["key"].is_unique and sorted(got["key"]) == sorted(expected["key"])
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in reference.glob("*.tar"))
+    for tar in sorted(reference.glob("*.tar")):  # pack is deterministic: the same bytes, however it got there
+        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name
+    assert "verify OK" in cluster.run("verify", str(out), "--workers", "1").stdout
