@@ -357,10 +357,11 @@ def benchmark(
 @app.command()
 def doctor(
     address: AddressOption = None,
-    arcface_model: Annotated[Path | None, typer.Option(**Exists, help="insightface model folder/ONNX to check.")] = None,
-    fan_weights: Annotated[Path | None, typer.Option(**Exists, help="face-alignment 2DFAN-4 checkpoint (or folder) to check.")] = None,
+    arcface_model: Annotated[Path | None, typer.Option(help="insightface model folder/ONNX to check.")] = None,
+    fan_weights: Annotated[Path | None, typer.Option(help="face-alignment 2DFAN-4 checkpoint (or folder) to check.")] = None,
 ) -> None:
-    """Which backends, packaged weights, GPUs and Ray address are available, and what is missing for each."""
+    """Which backends, packaged weights, GPUs and Ray address are available, and what is missing for each
+    (paths are reported as found or not, never refused: finding out is the point)."""
     from geodiff4d.cluster.doctor import render, run_checks
 
     typer.echo(render(run_checks(address, arcface_model, fan_weights)))

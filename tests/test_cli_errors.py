@@ -153,8 +153,8 @@ CASES: list[tuple[str, str]] = [
     ("benchmark benchmark-demo --out {t}/out --parallel 0", "--parallel"),
     ("benchmark benchmark-demo --out {t}/afile", "{t}/afile"),
     ("demo --out {t}/afile", "{t}/afile"),
-    # doctor
-    ("doctor --fan-weights {t}/nope.pth", "{t}/nope.pth"),
+    # doctor: reports missing weights rather than refusing them (test_doctor_and_configs); usage errors only
+    ("doctor --fan-weight {t}/nope.pth", "--fan-weight"),
 ]
 
 
