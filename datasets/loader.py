@@ -302,7 +302,7 @@ def _frame_tensors(sample: dict[str, Any], images: BatchImages, config: LoaderCo
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def single_torch_thread() -> Iterator[None]:
     """Torch ops on one batch's small crops with one thread, the caller's thread count restored after.
 
     DataLoader workers already run single-threaded; in the main process (``num_workers=0``) torch's intra-op
@@ -322,7 +322,7 @@ def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -
     images = BatchImages()
     frames = [[_frame_tensors(t, images, config) for t in u.targets] for u in units]
     drivings = [d for u in units for d in u.drivings]
-    with _one_torch_thread():
+    with single_torch_thread():
         driving = augment_driving(
             torch.from_numpy(np.stack([images(d, "rgb.png", 3) for d in drivings])),
             torch.from_numpy(np.stack([images(d, "mask.png", 1) for d in drivings])),

@@ -1,4 +1,5 @@
-"""A small synthetic batch source following the loader's batch contract (api_batches.md), for gen tests.
+"""A small synthetic batch source following the loader's batch contract (docs/formats.md, "Training batches"),
+for gen tests.
 
 Each sample is a disc whose colour is the identity (shared with the reference image) and whose normals
 are a hemisphere; the pose map is the same hemisphere, so pose -> normals is learnable.
@@ -6,10 +7,10 @@ are a hemisphere; the pose map is the same hemisphere, so pose -> normals is lea
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
+
+from geodiff4d.datasets.loader import single_torch_thread
 
 
 def _disc(res: int, cx: torch.Tensor, cy: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +58,8 @@ def make_batches_factory(batch: int, res: int, frames: int = 1, crop: int = 32):
     return make_batches
 
 
-@contextmanager
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads thrash: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Tiny models gain nothing from threads, and on a shared 2-core machine two threads thrash: use one.
+one_thread = single_torch_thread
 
 
 @pytest.fixture(autouse=True)
