@@ -31,6 +31,7 @@ from geodiff4d.cluster.generate_spec import (
 from geodiff4d.datasets.cameras import HEAD_FIELD_OF_VIEW_M, Camera, CameraError, intrinsics, look_at_camera
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.frame_folder import FrameFolderError, read_cameras
+from geodiff4d.datasets.image_io import ImageError, read_rgb8
 from geodiff4d.datasets.loader import augment_driving
 from geodiff4d.datasets.packing import crop, square_box
 from geodiff4d.datasets.render import render_head, render_pose_map
@@ -138,12 +139,10 @@ class Resolver:
                 identity = self.fit(index, "reference", (sample["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
                                     camera, None, ref.shards)
             return sample["rgb"], sample["posemap"], identity
-        from PIL import Image
         try:
-            with Image.open(ref.image) as image:
-                photo = np.asarray(image.convert("RGB"))
-        except OSError as exc:
-            raise self.fail(index, "reference.image", f"{ref.image}: cannot read image: {exc}") from exc
+            photo = read_rgb8(ref.image)
+        except ImageError as exc:
+            raise self.fail(index, "reference.image", str(exc)) from exc
         camera = self.frontal_camera(photo.shape[1], photo.shape[0])
         params = self.fit(index, "reference.image", photo, camera, identity, ref.image)
         box = self.head_box(params, camera)
