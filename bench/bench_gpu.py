@@ -132,21 +132,37 @@ def _paper_sampler():
     return cfg, model, VaeLatents(vae).cuda()
 
 
+def _unit_inputs(codec, size: int, driving_size: int, views: int, frames: int) -> dict[str, torch.Tensor]:
+    """Random inputs of one `generate` unit: the reference and its pose map, driving crops, target pose maps, noise."""
+    from geodiff4d.gen.pipeline import latent_shape
+
+    g = torch.Generator().manual_seed(0)
+    ref_rgb, ref_posemap = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
+    driving = torch.rand(frames, 3, driving_size, driving_size, generator=g)
+    posemaps = torch.rand(views, frames, 3, size, size, generator=g)
+    noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
+    return {"ref_rgb": ref_rgb, "ref_posemap": ref_posemap, "driving": driving, "posemaps": posemaps, "noise": noise}
+
+
+def _denoise(model, codec, inputs: dict[str, torch.Tensor], guidance, views: slice = slice(None)):
+    """The unit's views `views` denoised as one batch, DDIM, seed 0."""
+    from geodiff4d.gen.pipeline import denoise_views, make_scheduler
+
+    return denoise_views(model, codec, make_scheduler("ddim"), inputs["ref_rgb"], inputs["ref_posemap"],
+                         inputs["driving"], inputs["posemaps"][views], inputs["noise"][views],
+                         torch.Generator().manual_seed(0), guidance)  # fmt: skip
+
+
 def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
+    from geodiff4d.gen.pipeline import Guidance
 
     cfg, model, codec = _paper_sampler()
-    g = torch.Generator().manual_seed(0)
-    size, r = cfg.data.resolution, cfg.model.driving_size
-    ref, ref_pose = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
-    driving, posemaps = torch.rand(frames, 3, r, r, generator=g), torch.rand(views, frames, 3, size, size, generator=g)
-    noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
+    size = cfg.data.resolution
+    inputs = _unit_inputs(codec, size, cfg.model.driving_size, views, frames)
     guidance = Guidance(steps, 2.0, 2.0, 16, 4)
 
     def run():
-        out = denoise_views(model, codec, make_scheduler("ddim"), ref, ref_pose, driving, posemaps, noise,
-                            torch.Generator().manual_seed(0), guidance)
-        assert torch.isfinite(out.rgb).all()
+        assert torch.isfinite(_denoise(model, codec, inputs, guidance).rgb).all()
 
     spent = {"denoiser": 0.0, "vae decode": 0.0}
 
@@ -177,26 +193,16 @@ def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
 def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] = (256, 512)) -> None:
     """One `generate` unit's views denoised as one batch vs one view at a time (same noise, so the same frames:
     views of a unit are independent), at 256 and 512 px: what `cameras_per_unit` buys on a GPU."""
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, latent_shape, make_scheduler
+    from geodiff4d.gen.pipeline import Guidance
 
     cfg, model, codec = _paper_sampler()
-    r, views = cfg.model.driving_size, 4
-    guidance = Guidance(steps, 2.0, 2.0, 16, 4)
+    views, guidance = 4, Guidance(steps, 2.0, 2.0, 16, 4)
     for size in sizes:
-        g = torch.Generator().manual_seed(0)
-        ref, ref_pose = torch.rand(3, size, size, generator=g), torch.rand(3, size, size, generator=g)
-        driving, posemaps = torch.rand(frames, 3, r, r, generator=g), torch.rand(views, frames, 3, size, size, generator=g)
-        noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
-
-        def run(first: int, count: int, inputs=(ref, ref_pose, driving, posemaps, noise)):
-            ref_rgb, ref_posemap, drive, targets, start = inputs
-            return denoise_views(model, codec, make_scheduler("ddim"), ref_rgb, ref_posemap, drive,
-                                 targets[first:first + count], start[first:first + count],
-                                 torch.Generator().manual_seed(0), guidance)
-
-        run(0, 1)  # warm-up
-        batched = _timed(lambda run=run: run(0, views), 1)
-        alone = _timed(lambda run=run: [run(v, 1) for v in range(views)], 1)
+        inputs = _unit_inputs(codec, size, cfg.model.driving_size, views, frames)
+        _denoise(model, codec, inputs, guidance, slice(0, 1))  # warm-up
+        batched = _timed(lambda inputs=inputs: _denoise(model, codec, inputs, guidance), 1)
+        alone = _timed(lambda inputs=inputs: [_denoise(model, codec, inputs, guidance, slice(v, v + 1))
+                                              for v in range(views)], 1)  # fmt: skip
         print(f"{size} px, {views} views x {frames} frames, DDIM {steps}: batched {views * frames / batched:.2f} "
               f"frames/s, one view at a time {views * frames / alone:.2f} frames/s -> ratio {alone / batched:.2f}x",
               flush=True)
