@@ -50,6 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         log_to_driver=True,
         logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": "geodiff4d.cluster.runtime.quiet_state_api_polls"},
     )
 
 
@@ -58,6 +59,24 @@ class _DropNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+class _DropStateApiPoll(logging.Filter):
+    """Drops Ray Train's "Failed to query Ray Train Controller actor state" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to query Ray Train Controller actor state")
+
+
+def quiet_state_api_polls() -> None:
+    """Worker setup hook of the embedded Ray: Ray Train's placement-group cleaner asks the state API every few
+    seconds whether the training controller lives, and the state API needs the dashboard, which the embedded Ray
+    leaves out, so every poll of every training run would print a warning. Its purpose (removing a dead
+    controller's placement group) ends with the embedded Ray itself; on a cluster (with a dashboard) nothing is
+    filtered."""
+    cleaner_log = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    if not any(isinstance(f, _DropStateApiPoll) for f in cleaner_log.filters):
+        cleaner_log.addFilter(_DropStateApiPoll())
 
 
 def _quiet_auth_notice() -> None:

@@ -1,4 +1,5 @@
-"""The embedded Ray: token authentication on, Ray's notice about it not printed, real errors still shown."""
+"""The embedded Ray: token authentication on, Ray's notice about it and Ray Train's state-API polls (no dashboard)
+not printed, real errors still shown."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def test_embedded_ray_keeps_token_auth_quietly_and_shows_real_errors(tmp_path):
         "connect(num_cpus=1)\n"
         "print('token auth', is_token_auth_enabled())\n"
         "@ray.remote\n"
+        "def train_cleaner_logs():\n"
+        "    import logging\n"
+        "    log = logging.getLogger('ray.train.v2._internal.execution.controller.placement_group_cleaner')\n"
+        "    log.warning('Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.')\n"
+        "    log.warning('Failed to clean up placement group: a real problem')\n"
+        "ray.get(train_cleaner_logs.remote())\n"
+        "@ray.remote\n"
         "def broken():\n"
         "    raise ValueError('a real error')\n"
         "ray.get(broken.remote())\n"
@@ -25,6 +33,8 @@ def test_embedded_ray_keeps_token_auth_quietly_and_shows_real_errors(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert "token auth True" in result.stdout, result.stderr[-3000:]
     assert "Token authentication is enabled" not in result.stderr + result.stdout
+    assert "Failed to query Ray Train Controller" not in result.stderr + result.stdout
+    assert "Failed to clean up placement group: a real problem" in result.stderr + result.stdout
     assert result.returncode != 0 and "ValueError: a real error" in result.stderr
 
 
