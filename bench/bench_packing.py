@@ -101,8 +101,8 @@ def in_process(tmp: Path, sources: dict[str, Path], shards: Path, resolution: in
     job = PackJob(tmp / "inprocess", PackSettings(resolution=resolution))
     job.out.mkdir()
     job.setup()
-    refs = list_inputs(list(sources.items()), job.settings, (job.model.n_shape, job.model.n_expr))
-    plans = plan_shards(refs, samples_per_shard, DEFAULT_MAX_SHARD_BYTES, sample_bytes_bound(resolution))
+    blocks = list_inputs(list(sources.items()), job.settings, (job.model.n_shape, job.model.n_expr))
+    plans = plan_shards(blocks, samples_per_shard, DEFAULT_MAX_SHARD_BYTES, sample_bytes_bound(resolution))
     packs, floors = [], []
     for _ in range(repeats):
         start = time.perf_counter()

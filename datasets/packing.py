@@ -83,15 +83,52 @@ class SampleRef:
                 "frame": self.frame, "camera": self.camera}
 
 
+@dataclass(frozen=True, order=True)
+class SampleBlock:
+    """Every listed frame x every camera of one subject/sequence of one source folder, frame-major: a listing is
+    made of blocks, not of samples, so NeRSemble's ~38M samples are ~8,000 blocks in the driver
+    (bench/bench_scale.py). Frames and cameras are sorted, so blocks in order expand to sorted sample refs."""
+
+    source: str
+    subject: str
+    sequence: str
+    frames: tuple[int, ...]
+    cameras: tuple[str, ...]
+    root: str
+
+    def __len__(self) -> int:
+        return len(self.frames) * len(self.cameras)
+
+    def refs(self, start: int = 0, stop: int | None = None) -> Iterator[SampleRef]:
+        """Samples ``start:stop`` in frame-major order."""
+        cameras = len(self.cameras)
+        for i in range(start, len(self) if stop is None else stop):
+            frame, camera = divmod(i, cameras)
+            yield SampleRef(self.source, self.subject, self.sequence, self.frames[frame], self.cameras[camera], self.root)
+
+    def keys(self) -> list[str]:
+        prefix = f"{self.source}_{self.subject}_{self.sequence}_"
+        return [f"{prefix}{frame:05d}_{camera}" for frame in self.frames for camera in self.cameras]
+
+
 @dataclass(frozen=True)
 class ShardPlan:
+    """One shard: consecutive sample ranges ``(block, start, stop)`` of one source's blocks."""
+
     source: str
     index: int
-    samples: tuple[SampleRef, ...]
+    spans: tuple[tuple[SampleBlock, int, int], ...]
 
     @property
     def name(self) -> str:
         return shard_name(self.source, self.index)
+
+    @property
+    def samples(self) -> tuple[SampleRef, ...]:
+        return tuple(ref for block, start, stop in self.spans for ref in block.refs(start, stop))
+
+    def __len__(self) -> int:
+        return sum(stop - start for _, start, stop in self.spans)
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -108,49 +145,51 @@ def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
     return sorted(found)
 
 
-def list_nersemble(root: Path, n_shape: int | None = None, n_expr: int | None = None) -> list[SampleRef]:
-    """Tracked frames of every camera. Tracking (v2, else v1) is required: it gives the crop and the pose map.
+def list_nersemble(root: Path, n_shape: int | None = None, n_expr: int | None = None) -> list[SampleBlock]:
+    """Tracked frames of every camera, a block per sequence. Tracking (v2, else v1) is required: it gives the
+    crop and the pose map.
 
     Reading it with the head model's sizes here, before any Ray work, refuses real 300/100-coefficient tracking
     read with a smaller model.
     """
     dataset = NersembleDataset(root)
-    refs = []
+    blocks = []
     for subject in dataset.subjects():
-        serials = _camera_serials(dataset, subject)
+        serials = tuple(_camera_serials(dataset, subject))
         for sequence in dataset.sequences(subject):
             tracking = sequence_tracking(dataset.sequence_dir(subject, sequence), n_shape, n_expr)
             if tracking is None:
                 raise PackError(missing_tracking_message(dataset.sequence_dir(subject, sequence)))
-            frames = sorted(int(f) for f in tracking.frames)
-            refs += [SampleRef("nersemble", subject, sequence, f, s, str(root)) for f in frames for s in serials]
-    return refs
+            frames = tuple(sorted(int(f) for f in tracking.frames))
+            blocks.append(SampleBlock("nersemble", subject, sequence, frames, serials, str(root)))
+    return blocks
 
 
-def list_synthhuman(root: Path, subset: str = "all") -> list[SampleRef]:
-    """Every sample, or with ``subset="face"`` the face-crop part of the release (indices below 98,040)."""
+def list_synthhuman(root: Path, subset: str = "all") -> list[SampleBlock]:
+    """Every sample (a block each), or with ``subset="face"`` the face-crop part of the release (indices below
+    98,040)."""
     indices = SynthHumanDataset(root).indices()
     if subset == "face":
         indices = [i for i in indices if i < SYNTHHUMAN_FACE_SAMPLES]
-    return [SampleRef("synthhuman", f"{i:07d}", "synthhuman", 0, "0", str(root)) for i in indices]
+    return [SampleBlock("synthhuman", f"{i:07d}", "synthhuman", (0,), ("0",), str(root)) for i in indices]
 
 
 def list_inputs(sources: Sequence[tuple[str, Path]], settings: PackSettings | None = None,
-                model_sizes: tuple[int, int] | None = None) -> list[SampleRef]:  # fmt: skip
+                model_sizes: tuple[int, int] | None = None) -> list[SampleBlock]:  # fmt: skip
     """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking."""
     settings = settings or PackSettings()
-    refs = []
+    blocks = []
     for kind, root in sources:
         if kind == "nersemble":
-            refs += list_nersemble(Path(root), *(model_sizes or (None, None)))
+            blocks += list_nersemble(Path(root), *(model_sizes or (None, None)))
         elif kind == "synthhuman":
-            refs += list_synthhuman(Path(root), settings.synthhuman_subset)
+            blocks += list_synthhuman(Path(root), settings.synthhuman_subset)
         else:
             raise PackError(f"unknown source kind {kind!r} for {root} (known: {list(SOURCES)})")
-    keys = [r.key for r in refs]
-    if len(set(keys)) != len(keys):
+    ids = [(b.source, b.subject, b.sequence) for b in blocks]
+    if len(set(ids)) != len(ids):
         raise PackError("two inputs give the same sample keys: pack each source folder once")
-    return sorted(refs)
+    return sorted(blocks)
 
 
 # --------------------------------------------------------------------------------------------------- plan
@@ -162,25 +201,35 @@ def sample_bytes_bound(resolution: int) -> int:
     return int(raw * 1.01) + 5 * 1024 + 16 * 1024
 
 
-def plan_shards(refs: Sequence[SampleRef], samples_per_shard: int, max_shard_bytes: int, sample_bytes: int) -> list[ShardPlan]:
-    """Sorted refs -> shards per source; whole frames stay together unless one frame exceeds the bounds."""
+def plan_shards(blocks: Sequence[SampleBlock], samples_per_shard: int, max_shard_bytes: int,
+                sample_bytes: int) -> list[ShardPlan]:  # fmt: skip
+    """Sorted blocks -> shards per source; whole frames stay together unless one frame exceeds the bounds."""
     per_shard = min(samples_per_shard, max_shard_bytes // sample_bytes)
     if per_shard < 1:
         raise PackError(f"max_shard_bytes={max_shard_bytes} is below one sample's bound ({sample_bytes} bytes)")
     plans = []
-    for source in sorted({r.source for r in refs}):
-        groups: dict[tuple, list[SampleRef]] = {}
-        for ref in sorted(r for r in refs if r.source == source):
-            groups.setdefault((ref.root, ref.subject, ref.sequence, ref.frame), []).append(ref)
-        shards: list[list[SampleRef]] = [[]]
-        for group in groups.values():
-            if shards[-1] and len(shards[-1]) + len(group) > per_shard:
-                shards.append([])
-            for ref in group:  # a frame larger than a shard is split
-                if len(shards[-1]) == per_shard:
+    for source in sorted({b.source for b in blocks}):
+        shards: list[list[list]] = [[]]  # shard -> spans [block, start, stop]
+        filled = 0
+        for block in sorted(b for b in blocks if b.source == source):
+            frame_size = len(block.cameras)
+            for start in range(0, len(block), frame_size):
+                if filled and filled + frame_size > per_shard:
                     shards.append([])
-                shards[-1].append(ref)
-        plans += [ShardPlan(source, i, tuple(s)) for i, s in enumerate(shards) if s]
+                    filled = 0
+                position, stop = start, start + frame_size
+                while position < stop:  # a frame larger than a shard is split
+                    if filled == per_shard:
+                        shards.append([])
+                        filled = 0
+                    take = min(stop - position, per_shard - filled)
+                    span = shards[-1][-1] if shards[-1] else None
+                    if span is not None and span[0] is block and span[2] == position:
+                        span[2] += take
+                    else:
+                        shards[-1].append([block, position, position + take])
+                    position, filled = position + take, filled + take
+        plans += [ShardPlan(source, i, tuple(map(tuple, spans))) for i, spans in enumerate(shards) if spans]
     return plans
 
 
@@ -531,9 +580,13 @@ def check_synthhuman_convention(root: Path) -> None:
         )
 
 
-def listing_digest(refs: Sequence[SampleRef]) -> str:
-    """sha256 of the sorted sample keys: the shard plan is a function of it, so a rerun can tell that it changed."""
-    return hashlib.sha256("\n".join(ref.key for ref in refs).encode()).hexdigest()
+def listing_digest(blocks: Sequence[SampleBlock]) -> str:
+    """sha256 of the sorted sample keys joined by newlines, a block at a time: the shard plan is a function of
+    it, so a rerun can tell that it changed."""
+    digest = hashlib.sha256()
+    for i, block in enumerate(blocks):
+        digest.update((("\n" if i else "") + "\n".join(block.keys())).encode())
+    return digest.hexdigest()
 
 
 def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
@@ -566,13 +619,13 @@ def pack_with(
     if job.settings.normal_estimator is not None:
         OnnxNormalEstimator(job.settings.normal_estimator)  # loads, or names the file
     model = head_model(job.settings)
-    refs = list_inputs(sources, job.settings, (model.n_shape, model.n_expr))
+    blocks = list_inputs(sources, job.settings, (model.n_shape, model.n_expr))
     for kind, root in sources:
-        if kind == "synthhuman" and any(ref.source == "synthhuman" for ref in refs):
+        if kind == "synthhuman" and any(block.source == "synthhuman" for block in blocks):
             check_synthhuman_convention(Path(root))
-    plans = plan_shards(refs, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution))
+    plans = plan_shards(blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution))
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(refs))
+    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
     commits = CommitLog(out)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,9 +27,10 @@ from geodiff4d.datasets.normal_maps import angular_error_deg, decode_normal_png
 from geodiff4d.datasets.packing import (
     PackJob,
     PackSettings,
-    SampleRef,
+    SampleBlock,
     background_mask,
     list_inputs,
+    listing_digest,
     pack,
     pack_with,
     plan_shards,
@@ -78,20 +80,36 @@ def _manifest_keys(out: Path) -> list[str]:
 
 
 def test_plan_is_pure_bounded_and_keeps_frames_whole():
-    refs = [SampleRef("nersemble", "001", "EXP", f, f"cam{c}", "/r") for f in range(10) for c in range(4)]
-    refs += [SampleRef("synthhuman", f"{i:07d}", "synthhuman", 0, "0", "/s") for i in range(5)]
-    plans = plan_shards(refs, samples_per_shard=10, max_shard_bytes=10**9, sample_bytes=1000)
-    assert plans == plan_shards(list(reversed(refs)), 10, 10**9, 1000)
+    cameras = tuple(f"cam{c}" for c in range(4))
+    blocks = [SampleBlock("nersemble", "001", "EXP", tuple(range(6)), cameras, "/r"),
+              SampleBlock("nersemble", "002", "EXP", tuple(range(4)), cameras, "/r")]
+    blocks += [SampleBlock("synthhuman", f"{i:07d}", "synthhuman", (0,), ("0",), "/s") for i in range(5)]
+    refs = [ref for block in sorted(blocks) for ref in block.refs()]
+    assert refs == sorted(refs)  # blocks in order expand to sorted refs
+    plans = plan_shards(blocks, samples_per_shard=10, max_shard_bytes=10**9, sample_bytes=1000)
+    assert plans == plan_shards(list(reversed(blocks)), 10, 10**9, 1000)
     nersemble = [p for p in plans if p.source == "nersemble"]
     assert [len(p.samples) for p in nersemble] == [8, 8, 8, 8, 8]  # 2 whole frames (8) fit in 10
-    assert all(len({r.frame for r in p.samples}) * 4 == len(p.samples) for p in nersemble)
-    assert sorted(r for p in plans for r in p.samples) == sorted(refs)
+    assert [len(p) for p in nersemble] == [8, 8, 8, 8, 8]
+    assert all(len({(r.subject, r.frame) for r in p.samples}) * 4 == len(p.samples) for p in nersemble)
+    assert [r for p in plans for r in p.samples] == refs  # every sample once, in order
     assert [p.name for p in plans][-1] == "synthhuman-000000"
-    by_bytes = plan_shards(refs, samples_per_shard=100, max_shard_bytes=5500, sample_bytes=1000)
+    by_bytes = plan_shards(blocks, samples_per_shard=100, max_shard_bytes=5500, sample_bytes=1000)
     assert {len(p.samples) for p in by_bytes if p.source == "nersemble"} == {4}  # 5 by bytes; frames of 4
     assert max(len(p.samples) for p in by_bytes) == 5
-    split = plan_shards(refs, samples_per_shard=3, max_shard_bytes=10**9, sample_bytes=1000)
-    assert max(len(p.samples) for p in split) == 3 and sum(len(p.samples) for p in split) == len(refs)
+    split = plan_shards(blocks, samples_per_shard=3, max_shard_bytes=10**9, sample_bytes=1000)
+    assert max(len(p.samples) for p in split) == 3 and [r for p in split for r in p.samples] == refs
+
+
+def test_listing_digest_is_the_sha256_of_the_sorted_keys():
+    """The digest kept in pack_settings.json: computed a block at a time, it must equal the sha256 of every sample
+    key of the listing joined by newlines (what folders packed before blocks recorded)."""
+    blocks = [SampleBlock("nersemble", "001", "EXP-1", (0, 7, 12), ("220700191", "222200037"), "/r"),
+                                     SampleBlock("synthhuman", "0000003", "synthhuman", (0,), ("0",), "/s")]
+    keys = [ref.key for block in blocks for ref in block.refs()]
+    assert keys == [k for block in blocks for k in block.keys()]
+    assert listing_digest(blocks) == hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    assert listing_digest(blocks[:1]) != listing_digest(blocks)
 
 
 def test_pack_counts_verify_determinism_and_idle_rerun(data, tmp_path):
