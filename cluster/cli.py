@@ -260,7 +260,7 @@ def evaluate(
     pred: Annotated[Path | None, typer.Option(help="ROOT/<method>/<subject>/<sequence>/<camera>/<frame>.png")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", help="NAME=PATH, one method at a time.")] = None,
     protocol: Annotated[str, typer.Option(help="self (vs ground truth) or cross (vs driving/identity).")] = "self",
-    metrics: Annotated[list[str] | None, typer.Option(help="Subset of psnr ssim lpips csim akd aed jod.")] = None,
+    metrics: Annotated[list[str] | None, typer.Option(help="Subset of psnr ssim lpips csim akd aed jod normal_deg.")] = None,
     identity: Annotated[Path | None, typer.Option(help="cross protocol: folder of <subject>.png identity images.")] = None,
     fps: Annotated[float, typer.Option(help="Frames per second of the sequences (JOD).")] = 25.0,
     csim_backend: Annotated[str, typer.Option(help="facenet (packaged), dlib (packaged) or arcface.")] = "facenet",
@@ -272,6 +272,8 @@ def evaluate(
     resolution: Annotated[int | None, typer.Option(help="Evaluate at this height (default: as predicted).")] = None,
     masked: Annotated[bool, typer.Option(help="Pixel metrics over the ground-truth foreground only.")] = False,
     gt_mask: Annotated[Path | None, typer.Option(help="Ground-truth masks mirroring --gt (frame-tree ground truth).")] = None,
+    gt_normal: Annotated[Path | None, typer.Option(
+        help="Ground-truth normal maps mirroring --gt: adds normal_deg (a method's normals: the normal/ beside its rgb/).")] = None,
     background: Annotated[float | None, typer.Option(
         help="Composite prediction and ground truth on this grey level in [0,1] with the GT alpha before any metric "
              "(for methods that render no backdrop).")] = None,
@@ -304,7 +306,7 @@ def evaluate(
             identity=identity, fps=fps, csim_backend=csim_backend, arcface_model=_text(arcface_model),
             aed_backend=aed_backend, aed_head_model=_text(aed_head_model), lpips_net=lpips_net,
             lpips_checkpoint=_text(lpips_checkpoint), jod_display=jod_display, resolution=resolution, masked=masked,
-            background=background, akd_backend=akd_backend, fan_weights=_text(fan_weights),
+            background=background, gt_normal=gt_normal, akd_backend=akd_backend, fan_weights=_text(fan_weights),
             fan_detector=fan_detector, device=device,
         )
     except (ValueError, ModelFileNotFound, EvalError) as error:
