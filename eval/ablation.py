@@ -79,7 +79,7 @@ def paired(frames: pd.DataFrame, full: str, variant: str, metric: str, seed: int
     means = {m: balanced_means(shared[shared["method"] == m], metric)[0] for m in (full, variant)}
     difference = (means[variant] - means[full]).dropna().to_numpy(np.float64)  # per subject (or sequence)
     low, high = bootstrap_ci(difference, seed=seed)
-    return {"full": float(means[full].mean()), "variant": float(means[variant].mean()),
+    return {"full_mean": float(means[full].mean()), "variant_mean": float(means[variant].mean()),
             "difference": float(difference.mean()) if difference.size else math.nan, "lo": low, "hi": high,
             "clusters": int(difference.size)}
 
@@ -120,8 +120,8 @@ def _number(value: float) -> str:
 
 def _cells(line: pd.Series) -> list[str]:
     interval = "n/a" if math.isnan(line["lo"]) else f"[{line['lo']:.4f}, {line['hi']:.4f}]"
-    return [line["variant"], line["protocol"], f"{line['metric'].upper()} {arrow(line['metric'])}", _number(line["full"]),
-            _number(line["variant"]), f"{_number(line['difference'])} {interval}", line["paper"], line["ours"], line["verdict"]]
+    return [line["variant"], line["protocol"], f"{line['metric'].upper()} {arrow(line['metric'])}", _number(line["full_mean"]),
+            _number(line["variant_mean"]), f"{_number(line['difference'])} {interval}", line["paper"], line["ours"], line["verdict"]]
 
 
 HEAD = ["variant", "protocol", "metric", "full", "variant value", "variant - full [95% CI]", "paper", "ours", "verdict"]
