@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test test-slow test-cluster demo bench lint clean image
+.PHONY: setup test test-slow test-cluster demo ablations bench lint clean image
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test-cluster: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/geodiff4d demo --out $(DEMO_OUT)
+
+# The paper's ablations on procedural data, held-out subjects (a few hours on 2 cores; reruns resume):
+# the table is RUN/ablations/ablations.{md,html}
+ABLATIONS_OUT ?= runs/ablations
+ablations: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/geodiff4d benchmark configs/ablations.yaml --out $(ABLATIONS_OUT)
 
 bench: setup
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -30,7 +30,7 @@ import numpy as np
 import ray
 import yaml
 
-from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes, write_json_atomic
 from geodiff4d.cluster.benchmark_config import (
     BenchmarkConfig,
     MethodConfig,
@@ -109,9 +109,10 @@ class Benchmark:
 
         spec, c = self.config.data.procedural, self.config
         names, sequences = [subject_id(i) for i in range(spec.subjects)], SEQUENCE_NAMES[: spec.sequences]
-        unknown = sorted(set(c.subjects or []) - set(names))
-        if unknown:
-            raise BenchmarkError(f"subjects: {unknown} are not among the {spec.subjects} procedural subjects {names}")
+        for field, chosen in (("subjects", c.subjects), ("generation.train_subjects", c.generation.train_subjects)):
+            unknown = sorted(set(chosen or []) - set(names))
+            if unknown:
+                raise BenchmarkError(f"{field}: {unknown} are not among the {spec.subjects} procedural subjects {names}")
         if c.train_sequence is not None and c.train_sequence not in sequences:
             raise BenchmarkError(f"train_sequence: {c.train_sequence!r} is not a procedural sequence {list(sequences)}")
 
@@ -124,11 +125,12 @@ class Benchmark:
             dataset, c = NersembleDataset(self.data_root), self.config
         except NersembleError as error:
             raise BenchmarkError(f"data.nersemble: {error}") from error
-        available = dataset.subjects()
-        chosen = c.subjects or available
-        missing = sorted(set(chosen) - set(available))
-        if missing:
-            raise BenchmarkError(f"subjects: {missing} not in {self.data_root} (has {available})")
+        available, training = dataset.subjects(), c.generation.train_subjects or []
+        chosen = c.subjects or [s for s in available if s not in training]  # the training subjects are held out
+        for field, names in (("subjects", chosen), ("generation.train_subjects", training)):
+            missing = sorted(set(names) - set(available))
+            if missing:
+                raise BenchmarkError(f"{field}: {missing} not in {self.data_root} (has {available})")
         if "cross" in c.protocols and len(chosen) < 2:
             raise BenchmarkError("protocols: cross needs at least two subjects")
         subjects = []
@@ -189,8 +191,9 @@ class Benchmark:
     def ground_truth(self, protocol: str, subjects: list[Subject]) -> dict:
         """The protocol's scored frames (hold-out cameras) as links into the real frame folder."""
         root = self.layout.gt(protocol)
+        parts = ("rgb", "mask") if protocol == "cross" else ("rgb", "mask", "normal")  # cross: another head's shape
         for subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
-            for part in ("rgb", "mask"):
+            for part in parts:
                 for camera in self.config.holdout_cameras:
                     _link(self.layout.frames / part / data_subject / sequence / camera, root / part / subject / name / camera)
         return {"units": len(self.scored_units(protocol, subjects))}
@@ -201,16 +204,39 @@ class Benchmark:
 
     def model_key(self, method: MethodConfig) -> str:
         variant = method_config(self.config, method)
-        return digest({"model": self.gen_mapping(method), "steps": variant.generation.train_steps})
+        key = {"model": self.gen_mapping(method), "steps": variant.generation.train_steps}
+        if variant.generation.train_subjects is not None:
+            key["train_subjects"] = sorted(variant.generation.train_subjects)
+        return digest(key)
 
-    def pack(self, resolution: int) -> dict:
+    def shards(self, method: MethodConfig, role: str) -> Path:
+        """Packed data of ``method``'s resolution: what its model trains on (``role`` "train") or what generation
+        reads the evaluated subjects' reference and driving frames from ("inputs"). With
+        ``generation.train_subjects`` these are two packs, the training subjects (and SynthHuman) and every other
+        subject, so no evaluated subject is ever seen in training; without it one pack of everything."""
+        resolution = self.gen_mapping(method)["data"]["resolution"]
+        training = method_config(self.config, method).generation.train_subjects
+        if training is None:
+            return self.layout.shards / str(resolution)
+        kind = "train" if role == "train" else "heldout"
+        return self.layout.shards / f"{resolution}-{kind}-{digest(sorted(training))}"
+
+    def pack(self, out: Path, training: list[str] | None, role: str) -> dict:
+        """Pack the data into ``out``: everything (``training`` None), else the training subjects with SynthHuman
+        (role "train") or every subject but them ("inputs"), through a folder of links to those subjects."""
+        from geodiff4d.datasets.nersemble import NersembleDataset
         from geodiff4d.datasets.packing import pack
 
-        sources = [("nersemble", self.data_root)]
-        if (self.layout.data / "synthhuman").is_dir():
+        root, resolution = self.data_root, int(out.name.split("-")[0])
+        if training is not None:
+            keep = [s for s in NersembleDataset(root).subjects() if (s in training) == (role == "train")]
+            root = self.layout.subsets / out.name / "nersemble"
+            for subject in keep:
+                _link(self.data_root / subject, root / subject)
+        sources = [("nersemble", root)]
+        if role == "train" and (self.layout.data / "synthhuman").is_dir():
             sources.append(("synthhuman", self.layout.data / "synthhuman"))
-        report = pack(self.layout.shards / str(resolution), sources, resolution=resolution, workers=2,
-                      address=self.address)  # fmt: skip
+        report = pack(out, sources, resolution=resolution, workers=2, address=self.address)
         if not report.ok:
             raise RuntimeError(f"pack failed:\n{report.summary()}")
         return {"resolution": resolution}
@@ -224,7 +250,7 @@ class Benchmark:
         config_path = folder / "config.yaml"
         with atomic_output(config_path) as tmp:
             tmp.write_text(yaml.safe_dump(self.gen_mapping(method), sort_keys=False))
-        shards = self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"])
+        shards = self.shards(method, "train")
         steps = variant.generation.train_steps
         for stage in (1, 2):
             run = folder / f"stage{stage}"
@@ -241,7 +267,8 @@ class Benchmark:
 
     def generation_key(self, method: MethodConfig) -> str:
         variant = method_config(self.config, method)
-        return digest({"model": str(self.model_run(method)), "generation": variant.generation.model_dump(mode="json")})
+        generation = variant.generation.model_dump(mode="json", exclude={"train_subjects"})  # in the model's key
+        return digest({"model": str(self.model_run(method)), "generation": generation})
 
     def generate(self, method: MethodConfig, subject: Subject) -> dict:
         """Multi-view image+normal frames of the training sequence from the subject's reference image, by
@@ -253,7 +280,7 @@ class Benchmark:
         c, out = variant.generation, self.layout.generated / self.generation_key(method)
         run, frames = self.model_run(method), self.layout.frames
         tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
-        shards = self.layout.shards / str(self.gen_mapping(method)["data"]["resolution"])
+        shards = self.shards(method, "inputs")
         packed = {"shards": str(shards), "subject": subject.id, "sequence": subject.train_sequence,
                   "camera": self.config.train_camera}  # fmt: skip
         entry = {
@@ -350,12 +377,13 @@ class Benchmark:
         if absent:
             self.echo(f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered")
         metrics = self.config.eval.metrics.get(protocol)
+        gt_normal = self.layout.gt(protocol) / "normal"
         report = evaluate(present, self.layout.gt(protocol) / "rgb", PROTOCOL_EVAL[protocol],
                           self.layout.eval / protocol, self.address, metrics=metrics, workers=self.config.eval.workers,
                           gt_mask=self.layout.gt(protocol) / "mask", identity=self.layout.identity,
                           masked=self.config.eval.masked, resolution=self.config.eval.resolution,
                           background=self.config.eval.background,
-                          progress=False)  # fmt: skip
+                          gt_normal=gt_normal if gt_normal.is_dir() else None, progress=False)  # fmt: skip
         return {"units": len(report.completed) + len(report.skipped)}
 
     def leaderboard(self) -> dict:
@@ -365,51 +393,126 @@ class Benchmark:
         files = build_leaderboard(runs, self.layout.leaderboard, seed=self.config.seed)
         return {kind: str(path) for kind, path in files.items()}
 
+    def ablations(self) -> dict:
+        from geodiff4d.eval.ablation import write_ablation_report
+
+        a = self.config.ablation
+        runs = {p: self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()}
+        files = write_ablation_report(runs, self.layout.ablations, a.full, a.rows, seed=self.config.seed)
+        return {kind: str(path) for kind, path in files.items()}
+
+    # -- recomputing one variant -------------------------------------------------------------------------
+    def forget_scores(self, method: MethodConfig, subject: str | None = None) -> None:
+        """Drop the evaluation units of ``method`` (one avatar subject, or all) before its frames are redone, so
+        that evaluation scores them again instead of refusing changed predictions."""
+        from geodiff4d.eval.run import unit_id
+
+        prefix = unit_id(method.name, subject, "") if subject else unit_id(method.name, "", "")[:-2]  # "m--s--", "m--"
+        for protocol in self.config.protocols:
+            root = self.layout.eval / protocol
+            for unit in (root / "commits").glob(f"{prefix}*.stats.json"):
+                name = unit.name.removesuffix(".stats.json")
+                for path in (unit, root / "frames" / f"{name}.parquet", root / "videos" / f"{name}.parquet"):
+                    path.unlink(missing_ok=True)
+
+    def clean_generated(self, method: MethodConfig, subject: Subject) -> None:
+        from geodiff4d.cluster.generate import STATE
+
+        out = self.layout.generated / self.generation_key(method)
+        for kind in ("rgb", "normal", "mask"):
+            shutil.rmtree(out / kind / subject.id, ignore_errors=True)
+        for marker in (out / STATE / "commits").glob(f"{subject.id}.*"):
+            marker.unlink()
+
+    def clean_avatar(self, method: MethodConfig, subject: Subject) -> None:
+        folder = self.avatar_folder(method)
+        shutil.rmtree(folder / subject.id, ignore_errors=True)
+        for marker in (folder / "_commits").glob(f"{subject.id}.*"):
+            marker.unlink()
+
+    def clean_predictions(self, method: MethodConfig, subject: Subject | None = None) -> None:
+        """A method's rendered frames (one avatar subject's, or all) and their scores."""
+        for protocol in self.config.protocols:
+            root = self.layout.pred(protocol, method.name)
+            for part in (("rgb", "mask", "normal") if subject else ("",)):
+                shutil.rmtree(root / part / subject.id if subject else root, ignore_errors=True)
+        self.forget_scores(method, subject.id if subject else None)
+
+    def variant_outputs(self, method: MethodConfig) -> dict[str, str]:
+        """The folders a method's results live in (``variants.json``): delete them to recompute that method."""
+        out: dict[str, str] = {"predictions": str(self.layout.root / "pred" / "*" / method.name)}
+        if method.kind in ("geodiff4d", "oracle"):
+            out["avatars"] = str(self.avatar_folder(method))
+        if method.kind == "geodiff4d":
+            out["generated"] = str(self.layout.generated / self.generation_key(method))
+            out["model"] = str(self.model_run(method).parent)
+        return out
+
     # -- the graph ----------------------------------------------------------------------------------------
     def graph(self, subjects: list[Subject]) -> StageGraph:
-        graph, c = StageGraph(self.commits, self.echo), self.config
-        frames = {s.id: graph.add(f"frames:{s.id}", lambda s=s: self.export_subject(s)) for s in subjects}
-        truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()))
-                 for p in c.protocols}  # fmt: skip
-        models: dict[str, str] = {}  # method -> its model stage (geodiff4d methods that train here)
+        """Every stage with the outputs whose absence reruns it (and what then goes stale: see StageGraph)."""
+        graph, c, layout = StageGraph(self.commits, self.echo), self.config, self.layout
+        frames = {s.id: graph.add(f"frames:{s.id}", lambda s=s: self.export_subject(s),
+                                  outputs=[layout.frames / "rgb" / s.id]) for s in subjects}  # fmt: skip
+        truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()),
+                              outputs=[layout.gt(p) / "rgb"]) for p in c.protocols}  # fmt: skip
+        model_needs: dict[str, list[str]] = {}  # method -> its model stage and input pack (methods that train here)
         for method in c.methods:
             if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
-                resolution = self.gen_mapping(method)["data"]["resolution"]
-                pack = f"pack:{resolution}"
-                if pack not in graph.stages:
-                    graph.add(pack, lambda r=resolution: self.pack(r))
-                models[method.name] = f"model:{self.model_key(method)}"
-                if models[method.name] not in graph.stages:
-                    graph.add(models[method.name], lambda m=method: self.train_model(m), needs=[pack])
+                training = method_config(c, method).generation.train_subjects
+                packs = []
+                for role in ("train", "inputs"):
+                    folder = self.shards(method, role)
+                    pack = f"pack:{folder.name}"
+                    if pack not in graph.stages:
+                        graph.add(pack, lambda f=folder, t=training, r=role: self.pack(f, t, r), outputs=[folder])
+                    packs.append(pack)
+                model = f"model:{self.model_key(method)}"
+                if model not in graph.stages:
+                    run = self.model_run(method)
+                    graph.add(model, lambda m=method: self.train_model(m), needs=packs[:1], outputs=[run],
+                              clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True))  # fmt: skip
+                model_needs[method.name] = [model, *dict.fromkeys(packs[1:])]
+        models = list(dict.fromkeys(needs[0] for needs in model_needs.values()))
         produced: list[str] = []
         for method in c.methods:
             if method.kind in ("reference_copy", "gt_noise"):
                 produced.append(graph.add(f"baseline:{method.name}", lambda m=method: self.baseline(m),
-                                          needs=list(truth.values())))  # fmt: skip
+                                          needs=list(truth.values()),
+                                          outputs=[layout.pred(p, method.name) / "rgb" for p in c.protocols],
+                                          clean=lambda m=method: self.clean_predictions(m)))  # fmt: skip
                 continue
             if method.kind == "external":
                 continue
-            model_needs = [models[method.name]] if method.name in models else []
+            trained = model_needs.get(method.name, [])
             for subject in subjects:
-                chain = [frames[subject.id], *model_needs]
+                chain = [frames[subject.id], *trained]
                 if method.kind == "geodiff4d":
                     generated = f"generate:{self.generation_key(method)}:{subject.id}"
+                    out = layout.generated / self.generation_key(method) / "rgb" / subject.id
                     if generated not in graph.stages:
-                        graph.add(generated, lambda m=method, s=subject: self.generate(m, s), needs=chain)
+                        graph.add(generated, lambda m=method, s=subject: self.generate(m, s), needs=chain,
+                                  outputs=[out], clean=lambda m=method, s=subject: self.clean_generated(m, s))
                     chain = [generated]
                 avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
                 if avatar not in graph.stages:
                     # reconstructions from real frames wait for training: training asks Ray for whole workers'
                     # CPUs and would otherwise wait behind them; afterwards they run beside generation
-                    after = list(dict.fromkeys(models.values())) if method.kind != "geodiff4d" else []
-                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain, after=after)
+                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain,
+                              outputs=[self.avatar_folder(method) / subject.id],
+                              clean=lambda m=method, s=subject: self.clean_avatar(m, s),
+                              waits_for=models if method.kind != "geodiff4d" else [])  # fmt: skip
                 drivers = [frames[s.id] for s in subjects]
                 produced.append(graph.add(f"render:{method.name}:{subject.id}",
                                           lambda m=method, s=subject: self.render(m, s, subjects),
-                                          needs=[avatar, *drivers]))  # fmt: skip
-        evals = [graph.add(f"eval:{p}", lambda p=p: self.evaluate(p), needs=[truth[p]], after=produced)
-                 for p in c.protocols]  # fmt: skip
-        graph.add("leaderboard", self.leaderboard, after=evals)
+                                          needs=[avatar, *drivers],
+                                          outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in c.protocols],
+                                          clean=lambda m=method, s=subject: self.clean_predictions(m, s)))  # fmt: skip
+        evals = [graph.add(f"eval:{p}", lambda p=p: self.evaluate(p), needs=[truth[p]], after=produced,
+                           outputs=[layout.eval / p / "run.json"]) for p in c.protocols]  # fmt: skip
+        board = graph.add("leaderboard", self.leaderboard, after=evals, outputs=[layout.leaderboard / "leaderboard.md"])
+        if c.ablation is not None:
+            graph.add("ablations", self.ablations, after=[board], outputs=[layout.ablations / "ablations.md"])
         return graph
 
     def run(self, parallel: int = 2) -> GraphReport:
@@ -425,13 +528,16 @@ class Benchmark:
             if not self.commits.is_committed("data"):
                 self.commits.commit("data", self.synthesize())
             subjects = self.subjects()
+        variants = {m.name: self.variant_outputs(m) for m in self.config.methods if m.kind != "external"}
+        write_json_atomic(self.layout.root / "variants.json", variants)
         return self.graph(subjects).run(parallel)
 
 
 def _remember_config(path: Path, config: BenchmarkConfig) -> None:
-    """The run folder keeps its config; a rerun with another config is refused rather than mixed in."""
+    """The run folder keeps its config; a rerun with another config is refused rather than mixed in (compared as
+    validated configs, so a field added to the schema later, at its default, is the same config)."""
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    if path.is_file() and path.read_text() != text:
+    if path.is_file() and BenchmarkConfig.model_validate(yaml.safe_load(path.read_text())) != config:
         raise BenchmarkError(f"{path.parent} was run with another config ({path}); use a new --out folder")
     with atomic_output(path) as tmp:
         tmp.write_text(text)

@@ -58,6 +58,9 @@ class GenerationConfig(Strict):
     frames: int | None = Field(None, ge=1)  # frames of the training sequence to generate (default: all)
     workers: int = Field(1, ge=1)  # generate's Ray actors per subject
     seed: int = 0
+    # the subjects the model trains on, held out of evaluation (default: it trains on every subject, evaluated
+    # ones included); the evaluated subjects then default to every other subject of the data
+    train_subjects: list[str] | None = None
 
     @field_validator("train_steps")
     @classmethod
@@ -93,6 +96,14 @@ class MethodConfig(Strict):
         return self
 
 
+class AblationConfig(Strict):
+    """An ablation study: each row a variant method against the full one, with the paper's row it repeats; the
+    benchmark then writes ``RUN/ablations/`` (eval/ablation.py) after the leaderboard."""
+
+    full: str  # the full method's name
+    rows: dict[str, Literal["joint_normals", "domain_attention", "cross_view_pairs", "synthetic_data", "normal_loss"]]
+
+
 class BenchmarkConfig(Strict):
     data: DataConfig
     subjects: list[str] | None = None  # default: every subject of the data
@@ -104,6 +115,7 @@ class BenchmarkConfig(Strict):
     recon: dict[str, Any] = Field(default_factory=dict)  # ReconConfig fields, validated like recon --config
     methods: list[MethodConfig]
     eval: EvalConfig = EvalConfig()
+    ablation: AblationConfig | None = None
     seed: int = 0
 
     @model_validator(mode="after")
@@ -116,6 +128,14 @@ class BenchmarkConfig(Strict):
             raise ValueError(f"methods: duplicated names {duplicated}")
         if self.train_camera in self.holdout_cameras:
             raise ValueError(f"train_camera {self.train_camera} is also a hold-out camera")
+        if self.ablation is not None:
+            unknown = sorted({self.ablation.full, *self.ablation.rows} - set(names))
+            if unknown:
+                raise ValueError(f"ablation names methods that are not in methods: {unknown}")
+        seen = sorted(set(self.subjects or []) & set(self.generation.train_subjects or []))
+        if seen:
+            raise ValueError(f"subjects {seen} are also generation.train_subjects: evaluated subjects must be held out "
+                             f"of training")
         unknown = sorted(set(self.eval.metrics) - set(self.protocols))
         if unknown:
             raise ValueError(f"eval.metrics names protocols not run: {unknown}")

@@ -64,7 +64,8 @@ Folder = {"exists": True, "file_okay": False}
 File = {"exists": True, "dir_okay": False}
 Exists = {"exists": True}
 OutFolder = {"file_okay": False}
-Metric = Enum("Metric", {name: name for name in ("psnr", "ssim", "lpips", "csim", "akd", "aed", "jod")}, type=str)
+Metric = Enum("Metric", {name: name for name in ("psnr", "ssim", "lpips", "csim", "akd", "aed", "jod", "normal_deg")},
+              type=str)
 """eval.settings.ALL_METRICS, restated so that ``--help`` does not import the metric backends."""
 
 
@@ -270,6 +271,8 @@ def evaluate(
     resolution: Annotated[int | None, typer.Option(min=1, help="Evaluate at this height (default: as predicted).")] = None,
     masked: Annotated[bool, typer.Option(help="Pixel metrics over the ground-truth foreground only.")] = False,
     gt_mask: Annotated[Path | None, typer.Option(**Folder, help="Ground-truth masks mirroring --gt (frame-tree ground truth).")] = None,
+    gt_normal: Annotated[Path | None, typer.Option(**Folder,
+        help="Ground-truth normal maps mirroring --gt: adds normal_deg (a method's normals: the normal/ beside its rgb/).")] = None,
     background: Annotated[float | None, typer.Option(min=0, max=1,
         help="Composite prediction and ground truth on this grey level in [0,1] with the GT alpha before any metric "
              "(for methods that render no backdrop).")] = None,
@@ -301,7 +304,7 @@ def evaluate(
         identity=identity, fps=fps, csim_backend=csim_backend, arcface_model=_text(arcface_model),
         aed_backend=aed_backend, aed_head_model=_text(aed_head_model), lpips_net=lpips_net,
         lpips_checkpoint=_text(lpips_checkpoint), jod_display=jod_display, resolution=resolution, masked=masked,
-        background=background, akd_backend=akd_backend, fan_weights=_text(fan_weights),
+        background=background, gt_normal=gt_normal, akd_backend=akd_backend, fan_weights=_text(fan_weights),
         fan_detector=fan_detector, device=device,
     )
     typer.echo(report.summary())

@@ -2,7 +2,9 @@
 
 The benchmark is many small chains (one per method and subject) that meet at evaluation. Running them as a
 graph keeps a cluster busy (subject B's reconstruction does not wait for subject A's generation), and a stage's
-commit marker makes a rerun skip it, so a killed run resumes where it stopped. The heavy work inside a stage
+commit marker makes a rerun skip it, so a killed run resumes where it stopped. A committed stage whose outputs
+are gone (deleted by hand to recompute them) runs again, and so does everything downstream of a stage that runs:
+deleting one variant's folders recomputes that variant and what reads it, nothing else. The heavy work inside a stage
 runs on Ray (actors, Ray Train); the graph itself only orders and commits, from driver threads.
 """
 
@@ -13,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from geodiff4d.cluster.jobs import CommitLog
@@ -24,6 +27,9 @@ class Stage:
     run: Callable[[], dict[str, Any]]  # does the work (idempotent, resumable inside), returns stats to commit
     needs: tuple[str, ...] = ()  # must be committed first; a failure there blocks this stage
     after: tuple[str, ...] = ()  # must have finished first, successfully or not (evaluation of what exists)
+    waits_for: tuple[str, ...] = ()  # only ordering: starts after these finished; never reruns with them
+    outputs: tuple[Path, ...] = ()  # what it writes: a committed stage with one of them missing runs again
+    clean: Callable[[], None] | None = None  # drops its stale outputs before a committed stage runs again
 
 
 @dataclass
@@ -52,18 +58,40 @@ class StageGraph:
         self.commits, self.echo, self.stages = commits, echo, {}
 
     def add(self, name: str, run: Callable[[], dict[str, Any]], needs: tuple[str, ...] | list[str] = (),
-            after: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+            after: tuple[str, ...] | list[str] = (), outputs: tuple[Path, ...] | list[Path] = (),
+            clean: Callable[[], None] | None = None, waits_for: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
         if name in self.stages:
             raise ValueError(f"stage {name!r} added twice")
-        missing = [n for n in (*needs, *after) if n not in self.stages]
+        missing = [n for n in (*needs, *after, *waits_for) if n not in self.stages]
         if missing:
             raise ValueError(f"stage {name!r} needs stages not added before it: {missing}")
-        self.stages[name] = Stage(name, run, tuple(needs), tuple(after))
+        self.stages[name] = Stage(name, run, tuple(needs), tuple(after), tuple(waits_for), tuple(outputs), clean)
         return name
+
+    def stale(self) -> dict[str, str]:
+        """Committed stages that must run again -> why: an output is missing, or a stage they read runs again
+        (stages are added in dependency order, so one pass sees every cause first)."""
+        reruns: dict[str, str] = {}
+        for stage in self.stages.values():
+            if not self.commits.is_committed(stage.name):
+                continue
+            missing = next((path for path in stage.outputs if not path.exists()), None)
+            upstream = next((n for n in (*stage.needs, *stage.after)
+                             if n in reruns or not self.commits.is_committed(n)), None)  # fmt: skip
+            if missing is not None:
+                reruns[stage.name] = f"output {missing} is missing"
+            elif upstream is not None:
+                reruns[stage.name] = f"{upstream} runs again"
+        return reruns
 
     def run(self, parallel: int = 2) -> GraphReport:
         """Run every uncommitted stage once its needs are committed; a failure blocks only its dependents."""
         report = GraphReport()
+        for name, why in self.stale().items():  # uncommitted first: a killed rerun must not leave them skippable
+            self.echo(f"[{name}] committed, but {why}: running it again")
+            self.commits.marker(name).unlink()
+            if self.stages[name].clean is not None:
+                self.stages[name].clean()
         pending = dict(self.stages)
         for name in list(pending):
             if self.commits.is_committed(name):
@@ -80,7 +108,8 @@ class StageGraph:
                         report.blocked[stage.name] = report.blocked.get(cause, cause)
                         finished_names.add(stage.name)
                         del pending[stage.name]
-                    elif (all(n in committed for n in stage.needs) and all(n in finished_names for n in stage.after)
+                    elif (all(n in committed for n in stage.needs)
+                          and all(n in finished_names for n in (*stage.after, *stage.waits_for))
                           and len(running) < max(1, parallel)):
                         self.echo(f"[{stage.name}] running")
                         running[pool.submit(self._timed, stage)] = stage

@@ -38,7 +38,7 @@ def metric_cell(table, i: int, metric: str, bold: tuple[str, str] = ("", ""), ci
     return f"{bold[0]}{text}{bold[1]}" if value == best else text
 
 
-def _png(fig) -> str:  # noqa: ANN001 - matplotlib Figure
+def figure_html(fig) -> str:  # noqa: ANN001 - matplotlib Figure
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -52,7 +52,7 @@ def bar_chart(table, metric: str) -> str:  # noqa: ANN001 - DataFrame
     ax.bar(table["method"], means, yerr=np.nan_to_num(err), capsize=4, color="#4c72b0")
     ax.set_title(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better), 95% CI")
     ax.tick_params(axis="x", rotation=30)
-    return _png(fig)
+    return figure_html(fig)
 
 
 def heatmap(subjects, metric: str) -> str:  # noqa: ANN001 - DataFrame
@@ -63,7 +63,7 @@ def heatmap(subjects, metric: str) -> str:  # noqa: ANN001 - DataFrame
     ax.set_yticks(range(grid.shape[0]), grid.index)
     ax.set_title(f"{metric.upper()} per subject")
     fig.colorbar(im, ax=ax)
-    return _png(fig)
+    return figure_html(fig)
 
 
 def frame_curves(frames, metric: str) -> str:  # noqa: ANN001 - DataFrame
@@ -74,7 +74,7 @@ def frame_curves(frames, metric: str) -> str:  # noqa: ANN001 - DataFrame
     ax.set_xlabel("frame")
     ax.set_title(f"{metric.upper()} per frame (mean over subjects, sequences, cameras)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return figure_html(fig)
 
 
 def render_html(sections: list[dict]) -> str:

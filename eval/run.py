@@ -31,11 +31,13 @@ from geodiff4d.eval.inputs import (
     tree_fingerprint,
 )
 from geodiff4d.eval.lpips_metric import backbone_candidates
+from geodiff4d.eval.normals import normal_error_deg, normal_root, read_normal_clip, resize_normals
 from geodiff4d.eval.scoring import MetricModels, composite_on_background, resize_clip, score_clip
 from geodiff4d.eval.settings import (
     ALL_METRICS,
     COMPARABILITY_NOTE,
     FRAME_METRICS,
+    NORMAL_METRICS,
     PIXEL_METRICS,
     PROTOCOL_METRICS,
     EvalSettings,
@@ -70,6 +72,7 @@ class EvalJob:
     gt_mask: str | None = None
     identity: str | None = None  # cross protocol: folder of <subject>.png source identity images
     fps: float = 25.0
+    gt_normal: str | None = None  # ground-truth normal tree mirroring gt (normal_deg)
 
     def setup(self) -> None:
         self.models = MetricModels(self.settings)
@@ -94,6 +97,8 @@ class EvalJob:
                     raise InputError(f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}")
                 pred, ref = (composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref))
             columns, video_jod = score_clip(self.models, pred, ref, identity)
+            if "normal_deg" in self.settings.metrics:
+                columns["normal_deg"] = self.normal_errors(method, subject, sequence, pred_cam, ref_cam, ref.masks)
             height, width = pred.frames.shape[1:3]
             for t in range(len(pred.frames)):
                 row = {"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam,
@@ -109,6 +114,20 @@ class EvalJob:
         return {"frames": len(frames), "cameras": len(video_rows),
                 **{f"{m}_misses": int(frames[m].isna().sum()) for m in ("csim", "akd", "aed")
                    if m in self.settings.metrics}}
+
+
+    def normal_errors(self, method: str, subject: str, sequence: str, pred_cam: str, ref_cam: str,
+                      masks: np.ndarray | None) -> list[float]:
+        """Per-frame normal angular error; NaN for a method that wrote no normals (baselines, RGB-only peers)."""
+        root = normal_root(self.methods[method])
+        pred = None if root is None else read_normal_clip(root, subject, sequence, pred_cam)
+        gt = read_normal_clip(Path(self.gt_normal), subject, sequence, ref_cam)
+        if gt is None:
+            raise InputError(f"no ground-truth normals in {Path(self.gt_normal) / subject / sequence / ref_cam}")
+        gt = resize_normals(gt, self.settings.resolution)
+        if pred is None:
+            return [np.nan] * len(gt)
+        return normal_error_deg(resize_normals(pred, self.settings.resolution), gt, masks)
 
 
 def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkUnit]:  # noqa: ANN001
@@ -140,11 +159,11 @@ def run_metadata(settings: EvalSettings) -> dict:
 
 
 def input_fingerprints(methods: dict[str, Path], units: list[WorkUnit], gt: str | Path, gt_mask: str | Path | None,
-                       identity: str | Path | None, fps: float) -> dict:
+                       identity: str | Path | None, fps: float, gt_normal: str | Path | None = None) -> dict:
     """Digests of everything a score depends on besides the settings: ground truth, masks, identity images,
     fps, and each unit's predicted frames (per unit, so a method folder may grow while a benchmark runs)."""
     return {"ground_truth": tree_fingerprint(gt), "gt_mask": tree_fingerprint(gt_mask),
-            "identity": tree_fingerprint(identity), "fps": fps,
+            "identity": tree_fingerprint(identity), "fps": fps, "gt_normal": tree_fingerprint(gt_normal),
             "units": {u.id: tree_fingerprint(methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"])
                       for u in units}}
 
@@ -156,7 +175,7 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
         return []
     changed = [] if previous.get("settings") == current["settings"] else ["settings"]
     before, now = previous.get("inputs", {}), current["inputs"]
-    changed += [k for k in ("ground_truth", "gt_mask", "identity", "fps") if before.get(k) != now[k]]
+    changed += [k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]]
     changed += [f"predictions of {unit}" for unit, digest in now["units"].items()
                 if committed.is_committed(unit) and before.get("units", {}).get(unit) != digest]
     return changed
@@ -175,15 +194,21 @@ def evaluate(
     identity: str | Path | None = None,
     fps: float = 25.0,
     progress: bool = True,
+    gt_normal: str | Path | None = None,
     **settings: object,
 ) -> JobReport:
     """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
 
+    ``gt_normal`` is the ground-truth normal tree mirroring ``gt``: with it the default metrics include normal
+    accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``).
     ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, akd_backend, fan_weights,
     lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
     checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
     """
-    config = EvalSettings(protocol=protocol, metrics=tuple(metrics or PROTOCOL_METRICS.get(protocol, ALL_METRICS)), **settings)
+    default = [m for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS) if gt_normal is not None or m not in NORMAL_METRICS]
+    config = EvalSettings(protocol=protocol, metrics=tuple(metrics or default), **settings)
+    if set(config.metrics) & set(NORMAL_METRICS) and gt_normal is None:
+        raise InputError("normal_deg needs the ground-truth normals: give --gt-normal, a tree mirroring --gt")
     if "akd" in config.metrics and config.akd_backend == "fan":  # the file every actor loads, named in the report
         config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
     if protocol == "cross" and "csim" in config.metrics and identity is None:
@@ -197,7 +222,7 @@ def evaluate(
     units = plan_units(methods, reference, protocol)
     out = Path(out)
     meta = run_metadata(config)
-    meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps)
+    meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)
     meta_path, committed = out / "run.json", CommitLog(out / "commits")
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
@@ -208,7 +233,8 @@ def evaluate(
         meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
     write_json_atomic(meta_path, meta)
     job = EvalJob({k: str(v) for k, v in methods.items()}, str(gt), str(out), config,
-                  str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps)
+                  str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps,
+                  str(gt_normal) if gt_normal else None)
     connect(address)
     report = run_units(job, units, committed, workers=workers, gpus_per_worker=gpus_per_worker,
                        desc="eval", progress=progress)

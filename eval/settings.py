@@ -9,12 +9,14 @@ from geodiff4d.eval.fan_landmarks import FAN_DETECTORS
 from geodiff4d.eval.jod import DEFAULT_DISPLAY
 from geodiff4d.eval.landmarks import AKD_BACKENDS
 
-FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed")
+FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed", "normal_deg")
 VIDEO_METRICS = ("jod",)
 ALL_METRICS = FRAME_METRICS + VIDEO_METRICS
 FACE_METRICS = ("csim", "akd", "aed")
 PIXEL_METRICS = ("psnr", "ssim", "lpips")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "csim": True, "akd": False, "aed": False, "jod": True}
+NORMAL_METRICS = ("normal_deg",)  # need ground-truth normals (--gt-normal) and the method's normal/ tree
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "csim": True, "akd": False, "aed": False, "jod": True,
+                    "normal_deg": False}
 PROTOCOL_METRICS = {"self": ALL_METRICS, "cross": ("csim", "akd", "aed", "jod")}
 
 COMPARABILITY_NOTE = (
@@ -99,5 +101,8 @@ class EvalSettings:
                     + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "") + f"; {faces}",
             "akd": f"AKD in pixels, backend {self.akd_backend} ({self._akd_backend()}); {faces}",
             "aed": f"AED regressor {self.aed_backend} ({self._aed_regressor()}); {faces}",
+            "normal_deg": f"normal angular error in degrees against the ground-truth normals (the method's normal/ "
+                          f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
+                          f"90 degrees; n/a for methods without normals; {resolution}",
             "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}{backdrop}",
         }

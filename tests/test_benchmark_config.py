@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -58,6 +60,12 @@ def _nersemble(root, tracked_sequences):
      "unknown field methods[v]: recon.fit.lambda_nrml"),
     ({"methods": [{"name": "v", "kind": "geodiff4d", "overrides": {"generation.model_overrides.model.joint_normal": 1}}]},
      "methods[v]: generation.model.model.joint_normal: Extra inputs are not permitted"),
+    ({"subjects": ["001"], "generation": {"train_subjects": ["001"]}},
+     "subjects ['001'] are also generation.train_subjects: evaluated subjects must be held out"),
+    ({"generation": {"train_subjects": ["007"]}}, "generation.train_subjects: ['007'] are not among the 2 procedural"),
+    ({"ablation": {"full": "geodiff4d", "rows": {"nope": "joint_normals"}}},
+     "ablation names methods that are not in methods: ['nope']"),
+    ({"ablation": {"full": "geodiff4d", "rows": {"copy": "no_such_row"}}}, "ablation.rows.copy: Input should be"),
 ])
 def test_bad_config_names_the_field(tmp_path, change, message):
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, **change})
@@ -95,3 +103,17 @@ def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
     result = _run(tmp_path, {"data": data, "methods": METHODS})
     assert result.exit_code == 2
     assert "data.procedural.frames (8) is shorter than the 16-frame clips" in result.output, result.output
+
+
+def test_ablation_variants_share_only_what_they_do_not_change(tmp_path):
+    """Each training switch its own model; the recon-only variant the full model and its generated frames."""
+    from geodiff4d.cluster.benchmark import Benchmark
+
+    config = load_benchmark_config(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml")
+    bench = Benchmark(config, tmp_path)
+    methods = {m.name: m for m in config.methods if m.kind == "geodiff4d"}
+    keys = {n: (bench.model_key(m), bench.generation_key(m), bench.avatar_folder(m).name) for n, m in methods.items()}
+    assert keys["no-normal-loss"][:2] == keys["full"][:2] and keys["no-normal-loss"][2] != keys["full"][2]
+    assert len({k[0] for k in keys.values()}) == 5 and len({k[2] for k in keys.values()}) == 6
+    full = methods["full"]
+    assert bench.shards(full, "train") != bench.shards(full, "inputs")  # evaluated subjects never packed for training

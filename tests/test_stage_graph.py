@@ -49,3 +49,67 @@ def test_a_failure_blocks_only_its_chain_and_evaluation_stays_uncommitted(tmp_pa
     calls.clear()
     fixed = _graph(tmp_path, calls).run(parallel=2)  # the rerun does only what was not committed
     assert sorted(calls) == ["avatar:b", "eval", "render:b"] and fixed.ok
+
+
+def test_a_deleted_output_reruns_its_stage_and_what_reads_it_only(tmp_path):
+    outputs = {name: tmp_path / "out" / name.replace(":", "_") for name in ("avatar:a", "avatar:b")}
+    cleaned, calls = [], []
+
+    def build():
+        graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
+
+        def stage(name):
+            def run():
+                calls.append(name)
+                if name in outputs:
+                    outputs[name].mkdir(parents=True, exist_ok=True)
+                return {}
+            return run
+
+        graph.add("data", stage("data"))
+        for subject in ("a", "b"):
+            name = f"avatar:{subject}"
+            graph.add(name, stage(name), needs=["data"], outputs=[outputs[name]], clean=lambda n=name: cleaned.append(n))
+            graph.add(f"render:{subject}", stage(f"render:{subject}"), needs=[name])
+        graph.add("eval", stage("eval"), after=["render:a", "render:b"])
+        return graph
+
+    assert build().run(parallel=1).ok and len(calls) == 6
+    calls.clear()
+    outputs["avatar:b"].rmdir()  # one variant's outputs deleted by hand
+    report = build().run(parallel=1)
+    assert sorted(calls) == ["avatar:b", "eval", "render:b"] and cleaned == ["avatar:b"], calls
+    assert report.ok and sorted(report.skipped) == ["avatar:a", "data", "render:a"]
+    calls.clear()
+    assert build().run(parallel=1).ok and calls == []
+
+
+def test_waits_for_orders_without_reading(tmp_path):
+    """An oracle reconstruction waits for training (it would queue behind its CPUs) but does not read it: it
+    starts after the training finished however it ended, and neither reruns with it nor fails with it."""
+    calls, marker = [], tmp_path / "model"
+
+    def build(fail=()):
+        graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
+
+        def stage(name):
+            def run():
+                calls.append(name)
+                if name in fail:
+                    raise ValueError(f"{name} broke")
+                if name == "model":
+                    marker.mkdir(exist_ok=True)
+                return {}
+            return run
+
+        graph.add("model", stage("model"), outputs=[marker])
+        graph.add("oracle", stage("oracle"), waits_for=["model"])
+        return graph
+
+    failed = build(fail={"model"}).run(parallel=2)
+    assert calls == ["model", "oracle"] and set(failed.failed) == {"model"} and "oracle" in failed.done
+    calls.clear()
+    assert build().run(parallel=2).ok and calls == ["model"]
+    calls.clear()
+    marker.rmdir()  # the model is recomputed; the oracle is not
+    assert build().run(parallel=2).ok and calls == ["model"]
