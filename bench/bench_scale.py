@@ -2,9 +2,10 @@
 build (shard stats markers -> manifest.parquet) and verify's bookkeeping (manifest keys -> duplicates, shard
 list; one unit's shard rows by filter).
 
-The full listing is 400 subjects x 20 sequences x 16 cameras x 300 frames = 38.4M samples; ``--subjects``
-takes a slice of it (the costs are per sample, so they scale linearly: the full-size figures are printed as
-extrapolations, and ``--subjects 400`` measures them outright on a machine with the memory for it). Each stage
+The full listing is 400 subjects x 20 sequences x 16 cameras x 300 frames = 38.4M samples; ``--subjects SMALL
+LARGE`` measures two slices of it, and the full-size figures extrapolate from the larger one along the slope
+between them (so fixed costs are not multiplied; ``--subjects 200 400`` measures the full size outright on a
+machine with the memory for it). The listing is what list_nersemble returns: a block per sequence. Each stage
 runs in its own process so that its peak memory is its own; each time is also a ratio to a reference measured
 in the same run on the same number of samples (sorting the sample keys; parsing the stats markers with json;
 reading the manifest's key column).
@@ -130,33 +131,53 @@ def run_stage(stage: Callable, subjects: int, out: Path) -> dict[str, Any]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=10, help=f"of {FULL_SUBJECTS} (default 10: 2.5%%)")
-    args = parser.parse_args()
-    samples = args.subjects * SEQUENCES * CAMERAS * FRAMES
-    scale = FULL_SUBJECTS / args.subjects
-    print(f"{args.subjects} subjects x {SEQUENCES} sequences x {CAMERAS} cameras x {FRAMES} frames = {samples:,} "
-          f"samples; full size x{scale:g} = {samples * scale / 1e6:.1f}M")
+def measure(subjects: int) -> dict[str, dict[str, Any]]:
+    """Every stage at one size, each in its own process, on a fresh folder."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         out = Path(tmp)
-        plan = run_stage(stage_plan, args.subjects, out)
-        planning = plan["list_s"] + plan["plan_s"] + plan["digest_s"]
-        print(f"pack plan: listing {plan['list_s']:.2f} s + plan {plan['plan_s']:.2f} s + listing digest "
+        figures = {"plan": run_stage(stage_plan, subjects, out), "written": run_stage(stage_write_stats, subjects, out)}
+        figures["manifest"] = run_stage(stage_manifest, subjects, out)
+        figures["verify"] = run_stage(stage_verify, subjects, out)
+    return figures
+
+
+def at_full_size(small: float, large: float, sizes: tuple[int, int]) -> float:
+    """A figure at 400 subjects from two sizes: the larger one plus the per-subject slope between them, so fixed
+    overhead (imports, Arrow pools) is not multiplied."""
+    slope = max(large - small, 0.0) / (sizes[1] - sizes[0])
+    return large + slope * (FULL_SUBJECTS - sizes[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, nargs=2, default=(1, 4), metavar=("SMALL", "LARGE"),
+                        help=f"two slices of the {FULL_SUBJECTS} subjects (default 1 4)")
+    sizes = tuple(parser.parse_args().subjects)
+    if not 0 < sizes[0] < sizes[1]:
+        parser.error("--subjects SMALL LARGE needs 0 < SMALL < LARGE")
+    runs = {}
+    for subjects in sizes:
+        samples = subjects * SEQUENCES * CAMERAS * FRAMES
+        print(f"{subjects} subjects x {SEQUENCES} sequences x {CAMERAS} cameras x {FRAMES} frames = {samples:,} samples")
+        runs[subjects] = f = measure(subjects)
+        plan, manifest, verify = f["plan"], f["manifest"], f["verify"]
+        plan["total_s"] = plan["list_s"] + plan["plan_s"] + plan["digest_s"]
+        print(f"  pack plan: listing {plan['list_s']:.2f} s + plan {plan['plan_s']:.2f} s + listing digest "
               f"{plan['digest_s']:.2f} s, peak {plan['peak_mb']:.0f} MB; ratio to '{plan['reference']}' "
-              f"{planning / plan['reference_s']:.2f}x; at full size ~{planning * scale / 60:.1f} min, "
-              f"~{plan['peak_mb'] * scale / 1024:.1f} GB")
-        written = run_stage(stage_write_stats, args.subjects, out)
-        manifest = run_stage(stage_manifest, args.subjects, out)
-        print(f"manifest build: {manifest['rows']:,} rows from {written['shards']} markers in {manifest['build_s']:.1f} s, "
-              f"peak {manifest['peak_mb']:.0f} MB, {manifest['manifest_mb']:.0f} MB file; ratio to "
-              f"'{manifest['reference']}' {manifest['build_s'] / manifest['reference_s']:.2f}x; at full size "
-              f"~{manifest['build_s'] * scale / 60:.0f} min, peak memory independent of size (streamed)")
-        verify = run_stage(stage_verify, args.subjects, out)
-        print(f"verify bookkeeping: index of {verify['shards']} shards in {verify['index_s']:.2f} s, peak "
+              f"{plan['total_s'] / plan['reference_s']:.2f}x")
+        print(f"  manifest build: {manifest['rows']:,} rows from {f['written']['shards']} markers in "
+              f"{manifest['build_s']:.1f} s, peak {manifest['peak_mb']:.0f} MB, {manifest['manifest_mb']:.0f} MB file; "
+              f"ratio to '{manifest['reference']}' {manifest['build_s'] / manifest['reference_s']:.2f}x")
+        print(f"  verify bookkeeping: index of {verify['shards']} shards in {verify['index_s']:.2f} s, peak "
               f"{verify['peak_mb']:.0f} MB; one unit's rows by filter {verify['unit_rows_s'] * 1000:.0f} ms; ratio to "
-              f"'{verify['reference']}' {verify['index_s'] / verify['reference_s']:.1f}x; at full size "
-              f"~{verify['index_s'] * scale:.0f} s, ~{verify['peak_mb'] * scale / 1024:.1f} GB")
+              f"'{verify['reference']}' {verify['index_s'] / verify['reference_s']:.1f}x")
+    full = FULL_SUBJECTS * SEQUENCES * CAMERAS * FRAMES
+    print(f"at full size ({full / 1e6:.1f}M samples; the larger run plus the per-subject slope between the two):")
+    for label, stage, seconds in (("pack plan", "plan", "total_s"), ("manifest build", "manifest", "build_s"),
+                                  ("verify bookkeeping", "verify", "index_s")):  # fmt: skip
+        small, large = runs[sizes[0]][stage], runs[sizes[1]][stage]
+        print(f"  {label}: ~{at_full_size(small[seconds], large[seconds], sizes) / 60:.1f} min, "
+              f"peak ~{at_full_size(small['peak_mb'], large['peak_mb'], sizes) / 1024:.2f} GB")
 
 
 if __name__ == "__main__":
