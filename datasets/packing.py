@@ -503,7 +503,7 @@ class PackJob:
         if pose is None:
             return np.zeros((*mask.shape, 3), np.float32), np.zeros(mask.shape, bool), "none"
         normal, normal_mask = render_normals(pose.vertices, self.model.faces, camera)
-        return normal.permute(1, 2, 0).numpy(), normal_mask.numpy(), "flame"
+        return normal.numpy(), normal_mask.numpy(), "flame"
 
     def _posemap(self, pose: _FramePose | None, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
         """Pose map [R, R, 3] and its mask [R, R], rendered at the packed resolution."""
@@ -511,7 +511,7 @@ class PackJob:
         if pose is None:
             return np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)
         normal, mask = render_normals(pose.pose_vertices, self.model.faces, camera)
-        return normal.permute(1, 2, 0).numpy(), mask.numpy()
+        return normal.numpy(), mask.numpy()
 
     def _synthhuman_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         res = self.settings.resolution
