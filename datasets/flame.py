@@ -76,7 +76,7 @@ class FlameParams:
     def batch_size(self) -> int:
         return self.rotation.shape[0]
 
-    def __getitem__(self, index: int | slice) -> FlameParams:
+    def __getitem__(self, index: int | slice | Sequence[int]) -> FlameParams:
         """Frames ``index`` as a new batch (an int keeps a batch of one)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         return FlameParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})

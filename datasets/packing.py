@@ -32,7 +32,12 @@ from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.datasets.flame_tracking import TrackingError, missing_tracking_message, sequence_tracking
+from geodiff4d.datasets.flame_tracking import (
+    FlameTracking,
+    TrackingError,
+    missing_tracking_message,
+    sequence_tracking,
+)
 from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
@@ -52,6 +57,7 @@ DEFAULT_SAMPLES_PER_SHARD = 512
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face crops, then full and upper body
 SYNTHHUMAN_SUBSETS = ("all", "face")
+POSE_BATCH = 4  # tracked frames per FLAME call (PackJob._poses)
 T = TypeVar("T")
 
 
@@ -431,7 +437,7 @@ class PackJob:
         samples = []
         for (root, subject, sequence), cameras in sorted(wanted.items()):
             dataset = datasets[root]
-            poses: dict[int, _FramePose | None] = {}
+            poses = self._poses(dataset.tracking(subject, sequence), set().union(*cameras.values()))
             for serial, frames in sorted(cameras.items()):
                 backdrop = _background(dataset, subject, serial)
                 decoded = dataset.frames(subject, sequence, serial, start=min(frames), stop=max(frames) + 1,
@@ -440,19 +446,31 @@ class PackJob:
                     if frame.frame not in frames:
                         continue
                     self.packed_video_frames += 1 + (frame.alpha is not None)
-                    if frame.frame not in poses:
-                        poses[frame.frame] = self._pose(frame.flame)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
-                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, poses[frame.frame])))
+                    pose = poses.get(frame.frame)
+                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, pose)))
         return samples
 
-    def _pose(self, flame: FlameParams | None) -> _FramePose | None:
-        """FLAME once per frame (not per camera): the tracked mesh, its expression-free pose-map mesh, its json."""
-        if flame is None:
-            return None
+    def _poses(self, tracking: FlameTracking | None, frames: set[int]) -> dict[int, _FramePose]:
+        """FLAME once per tracked frame of ``frames`` (not per camera): the tracked mesh, its expression-free
+        pose-map mesh, its json.
+
+        A few frames per model call: posing reads the blendshapes and correctives (MBs, evicted by each
+        sample's decoding and encoding) once per call, and larger batches' temporaries outgrow the cache.
+        """
+        if tracking is None:
+            return {}
+        rows = [(int(frame), row) for row, frame in enumerate(tracking.frames) if int(frame) in frames]
+        poses = {}
         with self.clock("flame"), torch.no_grad():
-            vertices, pose_vertices = self.model(FlameParams.cat([flame, flame.with_zero_expression()])).vertices
-            return _FramePose(vertices, pose_vertices, {k: v.tolist() for k, v in flame.to_numpy_dict().items()})
+            for start in range(0, len(rows), POSE_BATCH):
+                chunk = rows[start : start + POSE_BATCH]
+                params = tracking.params[[row for _, row in chunk]]
+                vertices = self.model(FlameParams.cat([params, params.with_zero_expression()])).vertices
+                for i, (frame, row) in enumerate(chunk):
+                    flame_json = {k: v.tolist() for k, v in tracking.params[row].to_numpy_dict().items()}
+                    poses[frame] = _FramePose(vertices[i], vertices[len(chunk) + i], flame_json)
+        return poses
 
     def _encode_nersemble(
         self, dataset: NersembleDataset, frame: Any, backdrop: np.ndarray | None, pose: _FramePose | None
