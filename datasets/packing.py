@@ -263,9 +263,9 @@ def crop(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.nd
 def crop_normals(normal: np.ndarray, mask: np.ndarray, box: tuple[int, int, int], resolution: int):
     """Crop and resize a normal map without mixing background into the edge: -> (normal [R,R,3], mask [R,R])."""
     weight = crop(mask.astype(np.float32), box, resolution)
-    summed = crop((normal * mask[..., None]).astype(np.float32), box, resolution)
+    summed = crop((normal * mask[..., None]).astype(np.float32, copy=False), box, resolution)
     inside = weight > 0.5
-    return np.where(inside[..., None], unit(summed), 0.0).astype(np.float32), inside
+    return np.where(inside[..., None], unit(summed), np.float32(0.0)), inside
 
 
 def background_mask(rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BACKGROUND_THRESHOLD) -> np.ndarray:
