@@ -76,7 +76,7 @@ class FlameParams:
     def batch_size(self) -> int:
         return self.rotation.shape[0]
 
-    def __getitem__(self, index: int | slice) -> FlameParams:
+    def __getitem__(self, index: int | slice | Sequence[int]) -> FlameParams:
         """Frames ``index`` as a new batch (an int keeps a batch of one)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         return FlameParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -189,7 +189,9 @@ class FlameModel(torch.nn.Module):
         i64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
         self.register_buffer("v_template", f32(v_template))
         self.register_buffer("faces", i64(faces))
-        self.register_buffer("shapedirs", f32(shapedirs[:, :, : n_shape + n_expr]))
+        # [V, 3, n_shape + n_expr] laid out component-major in memory, so blending is one contiguous matmul
+        components = f32(shapedirs[:, :, : n_shape + n_expr]).permute(2, 0, 1).contiguous()
+        self.register_buffer("shapedirs", components.permute(1, 2, 0))
         self.register_buffer("posedirs", f32(np.reshape(posedirs, (n_vertices * 3, -1)).T))  # [36, V*3]
         self.register_buffer("j_regressor", f32(j_regressor))
         self.register_buffer("weights", f32(weights))
@@ -278,26 +280,31 @@ class FlameModel(torch.nn.Module):
         )  # fmt: skip
 
     def forward(self, params: FlameParams) -> FlameOutput:
+        """Posed world-space vertices, joints and landmarks of a batch.
+
+        Products over the vertex axis are plain matmuls or elementwise: einsums and broadcast [3, 3] @ [3, 1]
+        products over vertices become thousands of tiny GEMMs on CPU, which made posing a frame twice as slow.
+        """
         batch = params.batch_size
         coefficients = torch.cat([params.shape, params.expression], dim=1)  # [B, n_shape + n_expr]
-        v_shaped = self.v_template + torch.einsum("bl,vcl->bvc", coefficients, self.shapedirs)
-        joints = torch.einsum("jv,bvc->bjc", self.j_regressor, v_shaped)  # [B, 5, 3]
+        blend = coefficients @ self.shapedirs.reshape(-1, self.shapedirs.shape[2]).T  # [B, V*3], no copy
+        v_shaped = self.v_template + blend.view(batch, -1, 3)
+        joints = self.j_regressor @ v_shaped  # [B, 5, 3]
         rotations = rodrigues(params.full_pose().reshape(-1, 3)).view(batch, N_JOINTS, 3, 3)
         eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
         pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)  # [B, 36]
         v_posed = v_shaped + (pose_feature @ self.posedirs).view(batch, -1, 3)
         world_minus_eye, displacement = self._chain(rotations, joints)
-        blended = torch.einsum("vj,bjcd->bvcd", self.weights, world_minus_eye)  # [B, V, 3, 3]
-        joint_offsets = displacement - torch.einsum("bjcd,bjd->bjc", world_minus_eye, joints)  # [B, 5, 3]
-        v_lbs = (
-            v_posed
-            + torch.einsum("bvcd,bvd->bvc", blended, v_posed)
-            + torch.einsum("vj,bjc->bvc", self.weights, joint_offsets)
-        )
+        joint_offsets = displacement - (world_minus_eye @ joints[..., None])[..., 0]  # [B, 5, 3]
+        per_joint = torch.cat([world_minus_eye.reshape(batch, N_JOINTS, 9), joint_offsets], dim=2)  # [B, 5, 12]
+        skinning = self.weights @ per_joint  # [B, V, 12]: blended (R - I) and offset per vertex
+        blended = skinning[..., :9].reshape(batch, -1, 3, 3)
+        x, y, z = v_posed[..., 0:1], v_posed[..., 1:2], v_posed[..., 2:3]
+        v_lbs = v_posed + (blended[..., 0] * x + blended[..., 1] * y + blended[..., 2] * z) + skinning[..., 9:]
         transform = params.model_to_world()  # [B, 4, 4]
-        linear, translation = transform[:, None, :3, :3], transform[:, None, :3, 3]
-        vertices = (linear @ v_lbs[..., None])[..., 0] + translation
-        posed_joints = (linear @ (joints + displacement)[..., None])[..., 0] + translation
+        linear, translation = transform[:, :3, :3], transform[:, :3, 3]
+        vertices = torch.baddbmm(translation[:, None], v_lbs, linear.transpose(1, 2))
+        posed_joints = torch.baddbmm(translation[:, None], joints + displacement, linear.transpose(1, 2))
         landmark_corners = vertices[:, self.faces[self.landmark_faces]]  # [B, 68, 3, 3]
         landmarks = torch.einsum("blkc,lk->blc", landmark_corners, self.landmark_bary)
         return FlameOutput(vertices=vertices, joints=posed_joints, landmarks=landmarks)

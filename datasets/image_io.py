@@ -21,13 +21,21 @@ class ImageError(UserError, ValueError):
     """An image that cannot be read, decoded or encoded; the message names it."""
 
 
+_SWAP_RB = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}  # each is its own inverse
+_CVT_DTYPES = (np.uint8, np.uint16, np.float32)  # what cvtColor takes
+
+
 def _swap_rb(image: np.ndarray) -> np.ndarray:
-    """RGB(A) <-> BGR(A): OpenCV's channel order at its edges only."""
-    if image.ndim == 3 and image.shape[2] == 3:
-        return image[..., ::-1]
-    if image.ndim == 3 and image.shape[2] == 4:
-        return image[..., [2, 1, 0, 3]]
-    return image
+    """RGB(A) <-> BGR(A): OpenCV's channel order at its edges only.
+
+    cvtColor writes the swapped copy in one pass; copying a channel-reversed numpy view cost ~15x as much,
+    several times per packed sample.
+    """
+    if image.ndim != 3 or image.shape[2] not in _SWAP_RB:
+        return image
+    if image.dtype in _CVT_DTYPES:
+        return cv2.cvtColor(image, _SWAP_RB[image.shape[2]])
+    return image[..., [2, 1, 0, 3][: image.shape[2]]]
 
 
 def encode_png(image: np.ndarray, compression: int | None = None, name: str = "image") -> bytes:

@@ -115,6 +115,7 @@ class NersembleDataset:
         self.n_shape, self.n_expr = n_shape, n_expr
         self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
         self._frame_counts: dict[tuple[str, str], int] = {}
+        self._tracking: dict[tuple[str, str], FlameTracking | None] = {}
 
     # --- layout
     def subjects(self) -> list[str]:
@@ -262,14 +263,21 @@ class NersembleDataset:
         return self._frame_counts[key]
 
     def tracking(self, subject: str, sequence: str) -> FlameTracking | None:
-        """FLAME tracking of the sequence (v2, else v1; None when neither exists), sized to the dataset's model."""
-        tracking = sequence_tracking(self.sequence_dir(subject, sequence), self.n_shape, self.n_expr)
-        if tracking is None:
-            return None
-        n_frames = self.frame_count(subject, sequence)
-        if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
-            raise NersembleError(f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames")
-        return tracking
+        """FLAME tracking of the sequence (v2, else v1; None when neither exists), sized to the dataset's model.
+
+        Read and checked once per sequence and kept: every camera's ``frames`` and packing's posing ask for it.
+        """
+        key = (subject, sequence)
+        if key not in self._tracking:
+            tracking = sequence_tracking(self.sequence_dir(subject, sequence), self.n_shape, self.n_expr)
+            if tracking is not None:
+                n_frames = self.frame_count(subject, sequence)
+                if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
+                    raise NersembleError(
+                        f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames"
+                    )
+            self._tracking[key] = tracking
+        return self._tracking[key]
 
     def frames(
         self,

@@ -32,7 +32,12 @@ from geodiff4d.cluster.runtime import connect
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.datasets.flame_tracking import TrackingError, missing_tracking_message, sequence_tracking
+from geodiff4d.datasets.flame_tracking import (
+    FlameTracking,
+    TrackingError,
+    missing_tracking_message,
+    sequence_tracking,
+)
 from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
@@ -52,6 +57,7 @@ DEFAULT_SAMPLES_PER_SHARD = 512
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face crops, then full and upper body
 SYNTHHUMAN_SUBSETS = ("all", "face")
+POSE_BATCH = 4  # tracked frames per FLAME call (PackJob._poses)
 T = TypeVar("T")
 
 
@@ -257,9 +263,9 @@ def crop(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.nd
 def crop_normals(normal: np.ndarray, mask: np.ndarray, box: tuple[int, int, int], resolution: int):
     """Crop and resize a normal map without mixing background into the edge: -> (normal [R,R,3], mask [R,R])."""
     weight = crop(mask.astype(np.float32), box, resolution)
-    summed = crop((normal * mask[..., None]).astype(np.float32), box, resolution)
+    summed = crop((normal * mask[..., None]).astype(np.float32, copy=False), box, resolution)
     inside = weight > 0.5
-    return np.where(inside[..., None], unit(summed), 0.0).astype(np.float32), inside
+    return np.where(inside[..., None], unit(summed), np.float32(0.0)), inside
 
 
 def background_mask(rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BACKGROUND_THRESHOLD) -> np.ndarray:
@@ -431,7 +437,7 @@ class PackJob:
         samples = []
         for (root, subject, sequence), cameras in sorted(wanted.items()):
             dataset = datasets[root]
-            poses: dict[int, _FramePose | None] = {}
+            poses = self._poses(dataset.tracking(subject, sequence), set().union(*cameras.values()))
             for serial, frames in sorted(cameras.items()):
                 backdrop = _background(dataset, subject, serial)
                 decoded = dataset.frames(subject, sequence, serial, start=min(frames), stop=max(frames) + 1,
@@ -440,19 +446,31 @@ class PackJob:
                     if frame.frame not in frames:
                         continue
                     self.packed_video_frames += 1 + (frame.alpha is not None)
-                    if frame.frame not in poses:
-                        poses[frame.frame] = self._pose(frame.flame)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
-                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, poses[frame.frame])))
+                    pose = poses.get(frame.frame)
+                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, pose)))
         return samples
 
-    def _pose(self, flame: FlameParams | None) -> _FramePose | None:
-        """FLAME once per frame (not per camera): the tracked mesh, its expression-free pose-map mesh, its json."""
-        if flame is None:
-            return None
+    def _poses(self, tracking: FlameTracking | None, frames: set[int]) -> dict[int, _FramePose]:
+        """FLAME once per tracked frame of ``frames`` (not per camera): the tracked mesh, its expression-free
+        pose-map mesh, its json.
+
+        A few frames per model call: posing reads the blendshapes and correctives (MBs, evicted by each
+        sample's decoding and encoding) once per call, and larger batches' temporaries outgrow the cache.
+        """
+        if tracking is None:
+            return {}
+        rows = [(int(frame), row) for row, frame in enumerate(tracking.frames) if int(frame) in frames]
+        poses = {}
         with self.clock("flame"), torch.no_grad():
-            vertices, pose_vertices = self.model(FlameParams.cat([flame, flame.with_zero_expression()])).vertices
-            return _FramePose(vertices, pose_vertices, {k: v.tolist() for k, v in flame.to_numpy_dict().items()})
+            for start in range(0, len(rows), POSE_BATCH):
+                chunk = rows[start : start + POSE_BATCH]
+                params = tracking.params[[row for _, row in chunk]]
+                vertices = self.model(FlameParams.cat([params, params.with_zero_expression()])).vertices
+                for i, (frame, row) in enumerate(chunk):
+                    flame_json = {k: v.tolist() for k, v in tracking.params[row].to_numpy_dict().items()}
+                    poses[frame] = _FramePose(vertices[i], vertices[len(chunk) + i], flame_json)
+        return poses
 
     def _encode_nersemble(
         self, dataset: NersembleDataset, frame: Any, backdrop: np.ndarray | None, pose: _FramePose | None
@@ -503,7 +521,7 @@ class PackJob:
         if pose is None:
             return np.zeros((*mask.shape, 3), np.float32), np.zeros(mask.shape, bool), "none"
         normal, normal_mask = render_normals(pose.vertices, self.model.faces, camera)
-        return normal.permute(1, 2, 0).numpy(), normal_mask.numpy(), "flame"
+        return normal.numpy(), normal_mask.numpy(), "flame"
 
     def _posemap(self, pose: _FramePose | None, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
         """Pose map [R, R, 3] and its mask [R, R], rendered at the packed resolution."""
@@ -511,7 +529,7 @@ class PackJob:
         if pose is None:
             return np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)
         normal, mask = render_normals(pose.pose_vertices, self.model.faces, camera)
-        return normal.permute(1, 2, 0).numpy(), mask.numpy()
+        return normal.numpy(), mask.numpy()
 
     def _synthhuman_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         res = self.settings.resolution

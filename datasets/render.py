@@ -162,16 +162,17 @@ def render_head(
 
 
 def render_normals(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Tensor]:
-    """Normals [3, H, W] (our convention, 0 on background) and mask [H, W] of an already posed mesh [V, 3].
+    """Normals [H, W, 3] (our convention, 0 on background) and mask [H, W] of an already posed mesh [V, 3].
 
-    For callers that pose FLAME once per frame and look at it from many cameras (packing).
+    For callers that pose FLAME once per frame and look at it from many cameras (packing, which encodes
+    channel-last images, so the normals stay channel-last).
     """
     vertices_cam, fragments = _rasterize_vertices(vertices_world, faces, camera)
     with torch.no_grad():
-        normal = _normal_image(vertices_cam, faces, fragments).permute(2, 0, 1).contiguous()
-    return normal, fragments.mask
+        return _normal_image(vertices_cam, faces, fragments), fragments.mask
 
 
 def render_pose_map(model: FlameModel, params: FlameParams, camera: Camera) -> Tensor:
     """Pose map [3, H, W]: the head's normals with expression, jaw and eyes zeroed (pose only)."""
-    return render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)[0]
+    normal, _ = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
+    return normal.permute(2, 0, 1).contiguous()
