@@ -204,10 +204,17 @@ def _pack_args(root: Path, out: Path) -> tuple[str, ...]:
             f"synthhuman:{root / 'synthhuman'}", *PACK)
 
 
-def test_pack_and_eval_land_on_both_nodes(cluster, data):
+@pytest.fixture(scope="module")
+def packed(cluster, data) -> tuple[Path, str]:
+    """The data packed once on the cluster, and the command's output: the pack test checks it, the generate and
+    node-kill tests read the shards (whichever of them runs first)."""
     shards = data.parent / "shards"
-    packed = cluster.run(*_pack_args(data, shards))
-    counts = _units_per_node(packed.stdout)
+    return shards, cluster.run(*_pack_args(data, shards)).stdout
+
+
+def test_pack_and_eval_land_on_both_nodes(cluster, packed, data):
+    shards, output = packed
+    counts = _units_per_node(output)
     _show("pack", counts)
     assert len(counts) == 2 and all(n > 0 for n in counts.values())
     assert "verify OK" in cluster.run("verify", str(shards), "--workers", "2").stdout
@@ -238,16 +245,17 @@ def _write_eval_trees(gt: Path, pred: Path) -> None:
                 cv2.imwrite(str(folder / f"{t:05d}.png"), image[..., ::-1])
 
 
-def test_generate_with_a_tiny_model_lands_on_both_nodes(cluster, data):
+def test_generate_with_a_tiny_model_lands_on_both_nodes(cluster, packed, data):
     """A model trained one step here; reference, identity, driving and cameras from the packed subject."""
     from gen_synthetic import make_batches_factory, one_thread
     from test_gen_data import SEQUENCE, config
 
     from geodiff4d.gen.train import train_loop
-    run, shards = data.parent / "tiny_run", data.parent / "shards"
+    run, (shards, _) = data.parent / "tiny_run", packed
     with one_thread():
         train_loop(config(), 1, make_batches_factory(2, 16, crop=16), run, max_steps=1, quiet=True)
-    camera = sorted(read_manifest(shards, columns=["camera"]).column("camera").to_pylist())[0]
+    cameras = read_manifest(shards, columns=["camera"], filters=[("source", "==", "nersemble")]).column("camera")
+    camera = sorted(cameras.to_pylist())[0]  # a capture camera (the shards also hold SynthHuman's camera "0")
     packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
     tracking = data / "nersemble/001/sequences" / SEQUENCE / "tracking" / TRACKING_V2
     subject = {"name": "s0", "reference": {**packed, "camera": camera, "frame": 1},
@@ -315,12 +323,11 @@ def test_embedded_connect_never_attaches_to_a_started_cluster(cluster):
     assert "nodes 1" in own.stdout, own.stderr[-2000:]
 
 
-def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, data):
+def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, packed, data):
     """Runs last: the second node stays dead. Its processes are killed by pid (SIGKILL, no goodbye to the GCS)
     once the first unit has committed; the run's own retries or the rerun must finish with every unit
     committed once and every shard byte-identical to the two-node run's."""
-    reference = data.parent / "shards"
-    assert (reference / "manifest.parquet").is_file(), "runs after test_pack_and_eval_land_on_both_nodes"
+    reference, _ = packed
     expected_units = sorted(p.name for p in reference.glob("*.stats.json"))
     out = data.parent / "shards_killed"
     driver = subprocess.Popen([str(BIN / "geodiff4d"), *_pack_args(data, out), "--address", cluster.address],
