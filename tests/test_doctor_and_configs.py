@@ -26,7 +26,7 @@ def test_configs_are_addressed_by_name_from_any_directory(tmp_path, monkeypatch)
 
 def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: benchmark-demo, demo, generate, paper, recon"):
+    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: ablations, benchmark-demo, demo, generate, paper, recon"):
         resolve_config("nope")
 
 
