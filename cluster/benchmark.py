@@ -221,20 +221,22 @@ class Benchmark:
         kind = "train" if role == "train" else "heldout"
         return self.layout.shards / f"{resolution}-{kind}-{digest(sorted(training))}"
 
-    def pack(self, out: Path, training: list[str] | None, role: str) -> dict:
-        """Pack the data into ``out``: everything (``training`` None), else the training subjects with SynthHuman
-        (role "train") or every subject but them ("inputs"), through a folder of links to those subjects."""
+    def pack(self, method: MethodConfig, role: str) -> dict:
+        """Pack ``self.shards(method, role)``: everything (no ``generation.train_subjects``), else the training
+        subjects with SynthHuman (role "train") or every subject but them ("inputs"), through a folder of links to
+        those subjects."""
         from geodiff4d.datasets.nersemble import NersembleDataset
         from geodiff4d.datasets.packing import pack
 
-        root, resolution = self.data_root, int(out.name.split("-")[0])
+        out, resolution = self.shards(method, role), self.gen_mapping(method)["data"]["resolution"]
+        training, root = method_config(self.config, method).generation.train_subjects, self.data_root
         if training is not None:
             keep = [s for s in NersembleDataset(root).subjects() if (s in training) == (role == "train")]
             root = self.layout.subsets / out.name / "nersemble"
             for subject in keep:
                 _link(self.data_root / subject, root / subject)
         sources = [("nersemble", root)]
-        if role == "train" and (self.layout.data / "synthhuman").is_dir():
+        if (training is None or role == "train") and (self.layout.data / "synthhuman").is_dir():
             sources.append(("synthhuman", self.layout.data / "synthhuman"))
         report = pack(out, sources, resolution=resolution, workers=2, address=self.address)
         if not report.ok:
@@ -456,24 +458,22 @@ class Benchmark:
                                   outputs=[layout.frames / "rgb" / s.id]) for s in subjects}  # fmt: skip
         truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()),
                               outputs=[layout.gt(p) / "rgb"]) for p in c.protocols}  # fmt: skip
-        model_needs: dict[str, list[str]] = {}  # method -> its model stage and input pack (methods that train here)
+        trained: dict[str, list[str]] = {}  # method -> [its model stage, the pack its generation reads]
         for method in c.methods:
             if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
-                training = method_config(c, method).generation.train_subjects
                 packs = []
-                for role in ("train", "inputs"):
+                for role in ("train", "inputs"):  # one pack for both without generation.train_subjects
                     folder = self.shards(method, role)
-                    pack = f"pack:{folder.name}"
-                    if pack not in graph.stages:
-                        graph.add(pack, lambda f=folder, t=training, r=role: self.pack(f, t, r), outputs=[folder])
-                    packs.append(pack)
+                    packs.append(f"pack:{folder.name}")
+                    if packs[-1] not in graph.stages:
+                        graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
                 model = f"model:{self.model_key(method)}"
                 if model not in graph.stages:
                     run = self.model_run(method)
                     graph.add(model, lambda m=method: self.train_model(m), needs=packs[:1], outputs=[run],
                               clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True))  # fmt: skip
-                model_needs[method.name] = [model, *dict.fromkeys(packs[1:])]
-        models = list(dict.fromkeys(needs[0] for needs in model_needs.values()))
+                trained[method.name] = [model, packs[1]]
+        models = list(dict.fromkeys(stages[0] for stages in trained.values()))
         produced: list[str] = []
         for method in c.methods:
             if method.kind in ("reference_copy", "gt_noise"):
@@ -484,9 +484,8 @@ class Benchmark:
                 continue
             if method.kind == "external":
                 continue
-            trained = model_needs.get(method.name, [])
             for subject in subjects:
-                chain = [frames[subject.id], *trained]
+                chain = [frames[subject.id], *trained.get(method.name, [])]
                 if method.kind == "geodiff4d":
                     generated = f"generate:{self.generation_key(method)}:{subject.id}"
                     out = layout.generated / self.generation_key(method) / "rgb" / subject.id

@@ -69,6 +69,11 @@ class PackError(UserError, ValueError):
 PACK_INPUT_ERRORS = (PackError, NersembleError, SynthHumanError, TrackingError, NormalEstimatorError)
 
 
+def sample_key(source: str, subject: str, sequence: str, frame: int, camera: str) -> str:
+    """A sample's id in the shards and the manifest."""
+    return f"{source}_{subject}_{sequence}_{frame:05d}_{camera}"
+
+
 @dataclass(frozen=True, order=True)
 class SampleRef:
     """One entry of the input listing: a (subject, sequence, frame, camera) of one source folder."""
@@ -82,7 +87,7 @@ class SampleRef:
 
     @property
     def key(self) -> str:
-        return f"{self.source}_{self.subject}_{self.sequence}_{self.frame:05d}_{self.camera}"
+        return sample_key(self.source, self.subject, self.sequence, self.frame, self.camera)
 
     def ids(self) -> dict[str, Any]:
         return {"source": self.source, "subject": self.subject, "sequence": self.sequence,
@@ -113,8 +118,9 @@ class SampleBlock:
             yield SampleRef(self.source, self.subject, self.sequence, self.frames[frame], self.cameras[camera], self.root)
 
     def keys(self) -> list[str]:
-        prefix = f"{self.source}_{self.subject}_{self.sequence}_"
-        return [f"{prefix}{frame:05d}_{camera}" for frame in self.frames for camera in self.cameras]
+        """Every sample's key, without making its SampleRef (the listing digest hashes ~38M of them)."""
+        ids = (self.source, self.subject, self.sequence)
+        return [sample_key(*ids, frame, camera) for frame in self.frames for camera in self.cameras]
 
 
 @dataclass(frozen=True)
