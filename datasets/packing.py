@@ -46,7 +46,7 @@ from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png,
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
-from geodiff4d.datasets.shards import shard_name, write_shard
+from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
 from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
 from geodiff4d.datasets.video import DecodeCount
 
@@ -310,7 +310,6 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
 # ------------------------------------------------------------------------------------------------ the job
 
 
-PACK_SETTINGS = "pack_settings.json"  # a shard folder's PackSettings (plus shard limits), written on first pack
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving, make_loader
-from geodiff4d.datasets.packing import PACK_SETTINGS
+from geodiff4d.datasets.shards import PACK_SETTINGS
 from geodiff4d.gen.config import GenConfig
 
 MakeBatches = Callable[[int, int], Iterator[dict]]
