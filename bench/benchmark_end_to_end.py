@@ -28,6 +28,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from geodiff4d.cluster.benchmark_config import anchor_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 GEODIFF4D = [sys.executable, "-m", "geodiff4d.cluster.cli"]
 
@@ -83,7 +85,7 @@ def main() -> None:
     if run.exists():
         sys.exit(f"--out {run} exists: this script needs a fresh run folder")
     run.parent.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load(args.config.read_text())
+    config = anchor_runs(yaml.safe_load(args.config.read_text()), args.config.parent)  # RUN.yaml is elsewhere
     config["data"]["procedural"]["subjects"] = args.subjects
     args.config = run.parent / f"{run.name}.yaml"
     args.config.write_text(yaml.safe_dump(config, sort_keys=False))

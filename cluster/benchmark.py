@@ -209,12 +209,19 @@ class Benchmark:
             key["train_subjects"] = sorted(variant.generation.train_subjects)
         return digest(key)
 
+    def model_resolution(self, method: MethodConfig) -> int:
+        """The resolution ``method``'s model works at: its given run's, else its diffusion config's."""
+        from geodiff4d.gen.model_run import run_config
+
+        run = method_config(self.config, method).generation.run
+        return run_config(run).data.resolution if run is not None else self.gen_mapping(method)["data"]["resolution"]
+
     def shards(self, method: MethodConfig, role: str) -> Path:
         """Packed data of ``method``'s resolution: what its model trains on (``role`` "train") or what generation
         reads the evaluated subjects' reference and driving frames from ("inputs"). With
         ``generation.train_subjects`` these are two packs, the training subjects (and SynthHuman) and every other
         subject, so no evaluated subject is ever seen in training; without it one pack of everything."""
-        resolution = self.gen_mapping(method)["data"]["resolution"]
+        resolution = self.model_resolution(method)
         training = method_config(self.config, method).generation.train_subjects
         if training is None:
             return self.layout.shards / str(resolution)
@@ -228,7 +235,7 @@ class Benchmark:
         from geodiff4d.datasets.nersemble import NersembleDataset
         from geodiff4d.datasets.packing import pack
 
-        out, resolution = self.shards(method, role), self.gen_mapping(method)["data"]["resolution"]
+        out, resolution = self.shards(method, role), self.model_resolution(method)
         training, root = method_config(self.config, method).generation.train_subjects, self.data_root
         if training is not None:
             keep = [s for s in NersembleDataset(root).subjects() if (s in training) == (role == "train")]
@@ -287,11 +294,11 @@ class Benchmark:
                   "camera": self.config.train_camera}  # fmt: skip
         entry = {
             "name": subject.id, "sequence": subject.train_sequence,
-            "reference": {**packed, "frame": 0} if shards.is_dir() else {"image": str(self.layout.identity / f"{subject.id}.png")},
+            "reference": {**packed, "frame": 0},
             "identity": {"tracking": str(tracking)},
             "cameras": {"cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
                         "serials": c.views or self.training_views(subject)},
-            "driving": packed if shards.is_dir() else {"tracking": str(tracking)},
+            "driving": packed,
             "frames": c.frames or len(list((frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png"))),
         }  # fmt: skip
         spec = out / "specs" / f"{subject.id}.yaml"
@@ -458,22 +465,28 @@ class Benchmark:
                                   outputs=[layout.frames / "rgb" / s.id]) for s in subjects}  # fmt: skip
         truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()),
                               outputs=[layout.gt(p) / "rgb"]) for p in c.protocols}  # fmt: skip
-        trained: dict[str, list[str]] = {}  # method -> [its model stage, the pack its generation reads]
+        trained: dict[str, list[str]] = {}  # method -> [its model stage (unless given a run), the pack it reads]
+        models: list[str] = []
         for method in c.methods:
-            if method.kind == "geodiff4d" and method_config(c, method).generation.run is None:
+            if method.kind == "geodiff4d":
+                # generation reads its reference and driving frames from the "inputs" pack, also with a given run
+                given = method_config(c, method).generation.run is not None
                 packs = []
-                for role in ("train", "inputs"):  # one pack for both without generation.train_subjects
+                for role in ("inputs",) if given else ("train", "inputs"):  # one pack for both without train_subjects
                     folder = self.shards(method, role)
                     packs.append(f"pack:{folder.name}")
                     if packs[-1] not in graph.stages:
                         graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
+                trained[method.name] = packs[-1:]
+                if given:
+                    continue
                 model = f"model:{self.model_key(method)}"
                 if model not in graph.stages:
                     run = self.model_run(method)
                     graph.add(model, lambda m=method: self.train_model(m), needs=packs[:1], outputs=[run],
                               clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True))  # fmt: skip
-                trained[method.name] = [model, packs[1]]
-        models = list(dict.fromkeys(stages[0] for stages in trained.values()))
+                    models.append(model)
+                trained[method.name] = [model, packs[-1]]
         produced: list[str] = []
         for method in c.methods:
             if method.kind in ("reference_copy", "gt_noise"):

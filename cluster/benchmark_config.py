@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from geodiff4d.cluster.config_files import ConfigError, load_yaml_config, read_mapping, validate
+from geodiff4d.cluster.config_files import ConfigError, read_mapping, resolve_config, validate
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = "222200037"
@@ -177,11 +177,14 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
     from geodiff4d.gen.config import GenConfig
     from geodiff4d.recon.run import recon_config_from_mapping
 
-    config = load_yaml_config(path, BenchmarkConfig)
+    path = resolve_config(path)
+    config = validate(path, anchor_runs(read_mapping(path), path.parent), BenchmarkConfig)
     for method in config.methods:
         where = f"methods[{method.name}]"
         variant = method_config(config, method, f"{path}: {where}.overrides")
         recon_config_from_mapping(variant.recon, path, prefix=f"{where}: recon")
+        if method.kind == "geodiff4d" and variant.generation.run is not None:
+            _check_run(variant.generation.run, f"{path}: {where}: generation.run")
         if method.kind == "geodiff4d" and variant.generation.run is None:
             gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
             clip, procedural = gen.train.stage2.frames, variant.data.procedural
@@ -189,3 +192,34 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
                 raise ConfigError(f"{path}: data.procedural.frames ({procedural.frames}) is shorter than the "
                                   f"{clip}-frame clips that training stage 2 of {where} needs")
     return config
+
+
+def anchor_runs(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``generation.run`` (top level and in method overrides) relative to the config file's folder, so a config
+    that ships a run beside it (configs/benchmark-demo.yaml) works from any working directory."""
+    def anchored(run: Any) -> Any:
+        return str((folder / run).resolve()) if isinstance(run, str) and not Path(run).is_absolute() else run
+
+    raw = dict(raw)
+    if isinstance(raw.get("generation"), dict) and "run" in raw["generation"]:
+        raw["generation"] = {**raw["generation"], "run": anchored(raw["generation"]["run"])}
+    if isinstance(raw.get("methods"), list):
+        raw["methods"] = methods = list(raw["methods"])
+        for i, method in enumerate(methods):
+            overrides = method.get("overrides") if isinstance(method, dict) else None
+            if isinstance(overrides, dict) and "generation.run" in overrides:
+                run = anchored(overrides["generation.run"])
+                methods[i] = {**method, "overrides": {**overrides, "generation.run": run}}
+    return raw
+
+
+def _check_run(run: Path, where: str) -> None:
+    """A trained run folder that sampling can load: its config and a weights folder."""
+    from geodiff4d.gen.checkpoint import resolve_init
+    from geodiff4d.gen.model_run import run_config
+
+    try:
+        run_config(run)
+        resolve_init(run)
+    except (ConfigError, FileNotFoundError) as err:
+        raise ConfigError(f"{where}: not a trained run folder: {err}") from err

@@ -98,6 +98,33 @@ def test_demo_config_is_valid():
     assert {m.kind for m in config.methods} == {"geodiff4d", "oracle", "reference_copy", "gt_noise"}
 
 
+def test_demo_samples_from_the_shipped_checkpoint(tmp_path, monkeypatch):
+    """benchmark-demo's generation.run is relative to the config file: found from any working directory, and
+    its files are the ones MADE.json recorded (a damaged or partial checkout fails here, not mid-demo)."""
+    import hashlib
+    import json
+
+    from geodiff4d.gen.checkpoint import resolve_init
+    from geodiff4d.gen.config import load_config
+    from geodiff4d.gen.model_run import run_config
+
+    monkeypatch.chdir(tmp_path)
+    run = load_benchmark_config("benchmark-demo").generation.run
+    assert run.is_absolute() and run.name == "demo-32px"
+    made = json.loads((run / "MADE.json").read_text())
+    weights = resolve_init(run) / "diffusion_pytorch_model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == made["sha256"]
+    assert run_config(run).model == load_config("demo").model, "the checkpoint is configs/demo.yaml's model"
+
+
+def test_a_generation_run_that_is_no_run_is_named(tmp_path):
+    (tmp_path / "not-a-run").mkdir()
+    result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, "generation": {"run": "not-a-run"}})
+    assert result.exit_code == 2, result.output
+    assert "methods[geodiff4d]: generation.run: not a trained run folder" in result.output, result.output
+    assert str(tmp_path / "not-a-run") in result.output  # relative to the config file, not the working directory
+
+
 def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
     data = {"procedural": {**PROCEDURAL["procedural"], "frames": 8}}
     result = _run(tmp_path, {"data": data, "methods": METHODS})
