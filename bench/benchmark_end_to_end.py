@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
+from PIL import Image
 
 from geodiff4d.cluster.benchmark_config import anchor_runs
 
@@ -72,6 +74,25 @@ def run_benchmark(config: Path, run: Path, env: dict[str, str], log: Path) -> st
     if code != 0:
         sys.exit(f"benchmark exited {code}; log: {log}")
     return text
+
+
+def generated_grid(run: Path, out: Path, views: int = 4, frames: int = 3, zoom: int = 3) -> Path:
+    """One image of what the model generated: per subject a row of RGB and a row of normals, `views` cameras x
+    `frames` frames (the first, middle and last generated), each shown `zoom` times larger."""
+    rows = []
+    for method_folder in sorted((run / "generated").iterdir()):
+        for subject in sorted((method_folder / "rgb").iterdir()):
+            sequence = next(subject.iterdir())
+            cameras = sorted(p.name for p in sequence.iterdir())[:views]
+            names = sorted(p.name for p in (sequence / cameras[0]).glob("*.png"))
+            picked = [names[i] for i in np.linspace(0, len(names) - 1, frames).round().astype(int)]
+            for domain in ("rgb", "normal"):
+                folder = method_folder / domain / subject.name / sequence.name
+                rows.append(np.concatenate([np.asarray(Image.open(folder / c / n).convert("RGB"))
+                                            for c in cameras for n in picked], axis=1))
+    grid = np.concatenate(rows, axis=0).repeat(zoom, axis=0).repeat(zoom, axis=1)
+    Image.fromarray(grid).save(out)
+    return out
 
 
 def main() -> None:
@@ -154,6 +175,8 @@ def main() -> None:
         print(f"  {better} > {worse}: PSNR {'yes' if psnr_ok else 'NO'}, LPIPS {'yes' if lpips_ok else 'NO'}; "
               f"intervals {'disjoint' if separated else 'overlap'}")
         failures += [f"{better} not above {worse} on {m}" for m, ok in (("PSNR", psnr_ok), ("LPIPS", lpips_ok)) if not ok]
+    grid = generated_grid(run, run.parent / f"{run.name}-generated.png")
+    print(f"generated frames (rows per subject: RGB, normals; {grid.name}): {grid}")
     print(f"total {time.time() - started:.0f} s; report: {run / 'leaderboard' / 'report.html'}")
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))

@@ -173,6 +173,7 @@ def render_normals(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tup
 
 
 def render_pose_map(model: FlameModel, params: FlameParams, camera: Camera) -> Tensor:
-    """Pose map [3, H, W]: the head's normals with expression, jaw and eyes zeroed (pose only)."""
-    normal, _ = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
-    return normal.permute(2, 0, 1).contiguous()
+    """Pose map [3, H, W] as the model is conditioned on it: the head's normals with expression, jaw and eyes
+    zeroed (pose only), (n + 1) / 2 on the head and 0 elsewhere, which is what a packed posemap.png decodes to."""
+    normal, mask = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
+    return torch.where(mask[..., None], (normal + 1) / 2, 0.0).permute(2, 0, 1).contiguous()

@@ -58,7 +58,8 @@ class GeoDiff4DPipeline(DiffusionPipeline):
                  posemaps: torch.Tensor, generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None) -> SampleOutput:
         """reference/reference_posemap [3, H, W], driving [T, 3, r, r], posemaps [T, 3, H, W] (one view) or
-        [N, T, 3, H, W] (N views, one batch); noise [N, C, T, h, w] defaults to a draw from `generator`."""
+        [N, T, 3, H, W] (N views, one batch), all in [0, 1]: pose maps as `datasets.render.render_pose_map` gives
+        them ((n + 1) / 2 on the head, 0 elsewhere); noise [N, C, T, h, w] defaults to a draw from `generator`."""
         one_view = posemaps.dim() == 4
         views = posemaps[None] if one_view else posemaps
         generator = generator or torch.Generator()

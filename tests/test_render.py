@@ -89,7 +89,7 @@ def test_pose_map_ignores_expression(head):
     camera = _frontal()
     pose_map = render_pose_map(model, params, camera)
     neutral = render_head(model, params.with_zero_expression(), camera, None)
-    assert torch.equal(pose_map, neutral.normal)
+    assert torch.equal(pose_map, torch.where(neutral.mask > 0, (neutral.normal + 1) / 2, 0.0))
     other = params.with_zero_expression()
     other.rotation, other.translation = params.rotation, params.translation
     other.expression = torch.randn(1, model.n_expr, generator=torch.Generator().manual_seed(1)) * 2.0
@@ -100,3 +100,19 @@ def test_pose_map_ignores_expression(head):
     rotated = params.with_zero_expression()
     rotated.rotation = torch.tensor([[0.05, -0.3, 0.0]])
     assert not torch.equal(render_pose_map(model, rotated, camera), pose_map)  # but head pose does
+
+
+def test_pose_map_is_what_training_reads_from_a_packed_posemap(head):
+    """Sampling conditions on render_pose_map; training on the packer's posemap.png as the loader decodes it.
+    Both must be one encoding ((n + 1) / 2 on the head, 0 elsewhere): raw normals in [-1, 1] at sampling time
+    made every generated frame noisy while the training previews were clean."""
+    from geodiff4d.datasets.loader import _decode_png
+    from geodiff4d.datasets.normal_maps import encode_normal_png
+    from geodiff4d.datasets.render import _frame_vertices, render_normals
+
+    model, params = head
+    camera = _frontal()
+    normal, mask = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
+    packed = torch.from_numpy(_decode_png(encode_normal_png(normal.numpy(), mask.numpy()), "posemap"))  # [3, H, W]
+    assert mask.float().mean() > 0.05
+    torch.testing.assert_close(render_pose_map(model, params, camera), packed.float(), atol=2e-5, rtol=0)
