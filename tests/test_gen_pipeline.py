@@ -74,3 +74,23 @@ def test_config_errors_name_file_and_field(tmp_path):
     assert str(bad) in msg and "model.joint_normalz" in msg and "train.stage1.batch_size" in msg
     cfg = load_config("configs/demo.yaml")
     assert cfg.train.stage1.frames == 1 and cfg.train.stage2.frames == 16
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++"])
+def test_initial_latents_carry_the_domain_means_at_the_first_steps_signal_level(scheduler):
+    """At the first timestep the schedule keeps sqrt(alpha_bar) of the image: the start latents' mean over the
+    image is that much of each domain's mean; the rest is the noise, shared by the domains, with mean zero."""
+    from geodiff4d.gen.pipeline import initial_latents, make_scheduler
+    sched = make_scheduler(scheduler)
+    sched.set_timesteps(20)
+    noise = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # [N, C, T, h, w]
+    means = torch.tensor([[0.5, -0.2, 0.1], [-0.9, 0.3, 0.0]])  # [D, C]
+    x = initial_latents(sched, noise, means)
+    assert x.shape == (2, 2, 3, 4, 8, 8)
+    alpha_bar = sched.alphas_cumprod[int(sched.timesteps[0])]
+    expected_mean = alpha_bar.sqrt() * means[None, :, :, None].expand(2, 2, 3, 4)
+    torch.testing.assert_close(x.mean(dim=(-2, -1)), expected_mean, atol=1e-5, rtol=0)
+    zero_mean = (1 - alpha_bar).sqrt() * (noise - noise.mean(dim=(-2, -1), keepdim=True))
+    for domain in range(2):
+        torch.testing.assert_close(x[:, domain] - x[:, domain].mean(dim=(-2, -1), keepdim=True), zero_mean,
+                                   atol=1e-5, rtol=0)
