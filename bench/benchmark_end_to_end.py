@@ -148,7 +148,7 @@ def main() -> None:
         scored = pd.concat([pd.read_parquet(f) for f in (run / "eval" / protocol / "frames").glob("*.parquet")])
         keys = [c for c in ("method", "subject", "sequence", "camera", "frame") if c in scored.columns]
         duplicates = int(scored.duplicated(keys).sum())
-        per_method = scored.groupby("method")["subject"].nunique()
+        per_method = {m: int(n) for m, n in scored.groupby("method")["subject"].nunique().items()}
         print(f"eval {protocol}: {len(scored)} scored frames, {duplicates} duplicates; subjects per method "
               f"{dict(per_method)}")
         if duplicates:
