@@ -454,7 +454,8 @@ class Benchmark:
             out["avatars"] = str(self.avatar_folder(method))
         if method.kind == "geodiff4d":
             out["generated"] = str(self.layout.generated / self.generation_key(method))
-            out["model"] = str(self.model_run(method).parent)
+            given = method_config(self.config, method).generation.run  # else the folder of both training stages
+            out["model"] = str(given if given is not None else self.model_run(method).parent)
         return out
 
     # -- the graph ----------------------------------------------------------------------------------------
