@@ -133,14 +133,18 @@ def render_bound(
     background: Tensor | None = None,
     backend: str = "auto",
     residuals: dict[str, Tensor] | None = None,
+    dilation: float = 0.0,
 ):
     """Render the avatar on the mesh ``vertices`` [V, 3] (one frame's deformed head) into one camera.
 
     ``residuals``: per-Gaussian refinement of this frame (local_xyz, local_quat, log_scale, sh_dc).
+    ``dilation``: world variance (m^2) added to every Gaussian (rasterize.resolution_dilation).
     """
     from geodiff4d.recon.rasterize import render_gaussians
 
     means, quats, scales = to_world(gaussians, triangle_frames(vertices, faces), residuals)
+    if dilation > 0:
+        scales = (scales**2 + dilation).sqrt()
     sh = gaussians.sh
     if residuals and "sh_dc" in residuals:
         sh = torch.cat([(gaussians.sh_dc + residuals["sh_dc"])[:, None], gaussians.sh_rest], dim=1)

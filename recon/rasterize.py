@@ -35,6 +35,20 @@ from geodiff4d.recon.sh import sh_to_rgb
 EPS2D = 0.3
 
 
+def pixel_size(world_to_cam: Tensor, K: Tensor, point: Tensor) -> float:
+    """Metres per pixel at ``point`` [3] (world) in a camera: its depth over the focal length."""
+    depth = (world_to_cam[:3, :3] @ point + world_to_cam[:3, 3])[2]
+    return float(depth / K[0, 0])
+
+
+def resolution_dilation(trained_pixel: float, pixel: float) -> float:
+    """World variance (m^2) to add to every Gaussian so that a render with pixels of ``pixel`` metres shows the
+    footprints the fit saw with pixels of ``trained_pixel`` metres: the rasterizer's EPS2D px^2 low-pass was part
+    of every training render, and a finer render shrinks it (a fit on 32 px views rendered at 128 px falls apart
+    into sub-pixel blobs). Zero at the training resolution or coarser."""
+    return EPS2D * max(0.0, trained_pixel**2 - pixel**2)
+
+
 @dataclass
 class GaussianRender:
     rgb: Tensor  # [3, H, W] composited over the background

@@ -35,6 +35,7 @@ from geodiff4d.recon.losses import psnr
 from geodiff4d.recon.normals import shortest_axis
 from geodiff4d.recon.ply import write_point_cloud_ply
 from geodiff4d.recon.progress import FitProgress
+from geodiff4d.recon.rasterize import pixel_size, resolution_dilation
 from geodiff4d.recon.reenact import HEAD_POSES, reenact
 from geodiff4d.recon.refine import HierarchicalDeformer, RefineConfig
 from geodiff4d.recon.sh import n_coefficients
@@ -139,6 +140,7 @@ class SubjectData:
     views: FrameStore  # compact; decoded one view at a time
     sequences: dict[str, int]  # sequence -> number of frames
     params: dict[str, FlameParams]
+    pixel_m: float  # metres per pixel at the head in the training views (median): rendering at other sizes needs it
 
     @property
     def all_params(self) -> FlameParams:
@@ -149,7 +151,7 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
                  tracking_cache: Path | None = None, progress: bool = False) -> SubjectData:  # fmt: skip
     """Every training view of the subject (compact: images are read and stored one at a time) and the FLAME
     meshes of its frames, tracking each sequence first when our tracker is configured."""
-    vertices, views, counts, all_params = [], FrameStore(), {}, {}
+    vertices, views, counts, all_params, pixels = [], FrameStore(), {}, {}, []
     for sequence in frame_io.sequences(root, subject):
         cameras = frame_io.read_cameras(root / "cameras" / subject / f"{sequence}.json")
         params = sequence_tracking(root, subject, sequence, model, config, tracking_cache, progress)
@@ -162,9 +164,15 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
             if image.frame >= seq_vertices.shape[0]:
                 raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frame {image.frame} has no tracking")
             views.add_image(offset + image.frame, cameras[image.camera], image)
+            pixels.append(_pixel_m(cameras[image.camera], seq_vertices[image.frame].mean(0)))
     if not len(views):
         raise frame_io.FrameFolderError(f"{root}/rgb/{subject}: no frames of the training cameras")
-    return SubjectData(torch.cat(vertices), views, counts, all_params)
+    return SubjectData(torch.cat(vertices), views, counts, all_params, float(np.median(pixels)))
+
+
+def _pixel_m(camera, point: torch.Tensor) -> float:
+    return pixel_size(torch.as_tensor(camera.world_to_cam, dtype=torch.float32),
+                      torch.as_tensor(camera.K, dtype=torch.float32), point.float())
 
 
 def make_deformer(model: FlameModel, params: FlameParams, config: ReconConfig) -> torch.nn.Module:
@@ -279,7 +287,8 @@ def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: Subject
             frame_io.write_tracking(folder / "flame_refined" / f"{sequence}.npz", refined)
         offset += params.batch_size
     with atomic_output(folder / "avatar.json") as tmp:
-        tmp.write_text(json.dumps({"config": asdict(config), "sequences": data.sequences}, indent=1))
+        tmp.write_text(json.dumps({"config": asdict(config), "sequences": data.sequences, "pixel_m": data.pixel_m},
+                                  indent=1))
 
 
 def reconstruct(
@@ -364,10 +373,12 @@ def render_avatar(
         meshes = [(deformer(f), deformer.attribute_residuals(f, gaussians)) for f in frames]
         for serial, cam in cameras.items():
             w2c, K = (torch.tensor(m, dtype=torch.float32, device=device) for m in (cam.world_to_cam, cam.K))
+            # avatars from before pixel_m was recorded render as they always did
+            dilation = resolution_dilation(meta.get("pixel_m", 0.0), pixel_size(w2c, K, meshes[0][0].mean(0)))
             for index, (vertices, residuals) in enumerate(meshes):
                 start = time.perf_counter()
                 image = render_bound(gaussians, vertices, faces, w2c, K, cam.width, cam.height, backend=backend,
-                                     residuals=residuals)  # fmt: skip
+                                     residuals=residuals, dilation=dilation)  # fmt: skip
                 seconds += time.perf_counter() - start
                 normal = image.normal / image.alpha.clamp_min(1e-6)[None]
                 frame_io.write_frame(out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu())
