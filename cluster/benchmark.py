@@ -478,8 +478,8 @@ class Benchmark:
                     packs.append(f"pack:{folder.name}")
                     if packs[-1] not in graph.stages:
                         graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
-                trained[method.name] = packs[-1:]
                 if given:
+                    trained[method.name] = packs
                     continue
                 model = f"model:{self.model_key(method)}"
                 if model not in graph.stages:

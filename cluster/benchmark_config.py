@@ -183,9 +183,11 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
         where = f"methods[{method.name}]"
         variant = method_config(config, method, f"{path}: {where}.overrides")
         recon_config_from_mapping(variant.recon, path, prefix=f"{where}: recon")
-        if method.kind == "geodiff4d" and variant.generation.run is not None:
+        if method.kind != "geodiff4d":
+            continue
+        if variant.generation.run is not None:
             _check_run(variant.generation.run, f"{path}: {where}: generation.run")
-        if method.kind == "geodiff4d" and variant.generation.run is None:
+        else:
             gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
             clip, procedural = gen.train.stage2.frames, variant.data.procedural
             if procedural is not None and procedural.frames < clip:

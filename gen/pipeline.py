@@ -122,8 +122,9 @@ def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor,
                                                         drop_reference=dr, drop_expression=de)
                                 for dr, de in ((no, no), (no, yes), (yes, yes)))
     d = model.num_domains
-    with autocast:
-        means = torch.cat([ref_latent, codec.encode(ref_posemap[None].to(device))][:d]).float().mean(dim=(2, 3))  # [D, C]
+    with autocast:  # the normal domain's expected mean: the reference pose map's
+        domains = [ref_latent, codec.encode(ref_posemap[None].to(device))] if d == 2 else [ref_latent]
+        means = torch.cat(domains).float().mean(dim=(2, 3))  # [D, C]
     x = initial_latents(scheduler, noise.to(device).float(), means)  # [N, D, C, T, h, w]
     windows = temporal_windows(frames, g.window, g.overlap)
     posemaps = posemaps.to(device)

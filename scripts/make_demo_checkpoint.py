@@ -13,8 +13,6 @@ Ray can run it on shards packed elsewhere (`--shards`).
 The output folder is a training run folder (config.yaml, scheduler/, checkpoints/step_*/ema) holding only the
 EMA weights, plus MADE.json: the command, the time per stage, the device, the git commit and the weights'
 sha256. A rerun gives an equivalent model, not the same bytes (GPU kernels are not deterministic).
-`--time-budget S` first times a few steps of each stage, then picks the step counts that fit S seconds; the
-counts it chose are in MADE.json, and passing them as --steps1/--steps2 repeats the run.
 """
 
 from __future__ import annotations
@@ -72,25 +70,12 @@ def training_config(args: argparse.Namespace) -> GenConfig:
     return cfg.model_copy(update={"train": train, "data": data})
 
 
-def train_stage(cfg: GenConfig, stage: int, shards: Path, run: Path, device: torch.device,
-                max_steps: int | None = None) -> float:
+def train_stage(cfg: GenConfig, stage: int, shards: Path, run: Path, device: torch.device) -> float:
     """One stage into `run` (stage 2 starts from the stage-1 run beside it); returns its seconds."""
     started = time.perf_counter()
     batches = shard_batches(shards, cfg, stage, cfg.data.loader_workers)
-    train_loop(cfg, stage, batches, run, max_steps=max_steps, init=run.parent / "stage1" if stage == 2 else None,
-               device=device)
+    train_loop(cfg, stage, batches, run, init=run.parent / "stage1" if stage == 2 else None, device=device)
     return time.perf_counter() - started
-
-
-def seconds_per_step(cfg: GenConfig, shards: Path, work: Path, device: torch.device, probe: int = 40) -> dict:
-    """Seconds per step of each stage, from `probe` steps (set-up included, so an overestimate)."""
-    folder = work / "probe"
-    shutil.rmtree(folder, ignore_errors=True)
-    timed = {}
-    for stage in (1, 2):
-        timed[stage] = train_stage(cfg, stage, shards, folder / f"stage{stage}", device, max_steps=probe) / probe
-    shutil.rmtree(folder)
-    return timed
 
 
 def export(run: Path, out: Path, made: dict) -> None:
@@ -129,32 +114,22 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--loader-workers", type=int, default=4)
     parser.add_argument("--source-commit", default=None, help="the code's commit (default: git rev-parse HEAD)")
-    parser.add_argument("--time-budget", type=float, help="seconds: time a few steps, then fit the step counts")
     args = parser.parse_args()
     started = time.perf_counter()
     work, device = args.work.resolve(), torch.device(args.device)
     shards = args.shards.resolve() if args.shards else pack_demo_data(work)
     pack_seconds = time.perf_counter() - started
-    probe = None
-    if args.time_budget:
-        probe = seconds_per_step(training_config(args), shards, work, device)
-        left = args.time_budget - (time.perf_counter() - started)
-        args.steps1 = max(500, int(0.7 * left / probe[1]) // 500 * 500)
-        args.steps2 = max(100, int(0.25 * left / probe[2]) // 100 * 100)
-        print(f"seconds per step {probe}: training {args.steps1} + {args.steps2} steps", flush=True)
     cfg = training_config(args)
     runs = work / "runs"
-    shutil.rmtree(runs, ignore_errors=True)  # a fresh run: the step counts may have changed
+    shutil.rmtree(runs, ignore_errors=True)  # a fresh run: the settings may have changed
     seconds = {stage: train_stage(cfg, stage, shards, runs / f"stage{stage}", device) for stage in (1, 2)}
     made = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "repeat_with": f"--steps1 {args.steps1} --steps2 {args.steps2} --batch1 {args.batch1} --batch2 {args.batch2}",
         "date": time.strftime("%Y-%m-%d"), "git_commit": args.source_commit or _git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "data": {"benchmark_config": "configs/benchmark-demo.yaml", "subjects": SUBJECTS},
-        "seconds": {"pack": round(pack_seconds, 1), "probe_per_step": probe,
-                    "stage1": round(seconds[1], 1), "stage2": round(seconds[2], 1)},
-        "train": yaml.safe_load(yaml.safe_dump(cfg.train.model_dump(mode="json"))),
+        "seconds": {"pack": round(pack_seconds, 1), "stage1": round(seconds[1], 1), "stage2": round(seconds[2], 1)},
+        "train": cfg.train.model_dump(mode="json"),
     }
     export(runs / "stage2", args.out.resolve(), made)
     print(json.dumps(made, indent=2))
