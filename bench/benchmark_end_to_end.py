@@ -8,7 +8,9 @@ direction a user expects (oracle > geodiff4d > reference copy on PSNR and LPIPS)
    kill is rewritten, and every method x protocol x subject x sequence of the config is scored exactly once.
 3. Runs it a third time: no stage runs.
 4. Prints the self-reenactment leaderboard (mean and 95 % bootstrap interval over subjects) and checks the
-   expected order on PSNR (higher is better) and LPIPS (lower is better).
+   expected order on PSNR (higher is better) and LPIPS (lower is better), beside the sampling bound
+   (bench/sampling_bound.py): the ground truth at the generated views' pixel pitch, the best any avatar built from
+   them can score.
 
 Exits non-zero when a check fails. Default: configs/benchmark-demo.yaml (`make demo`) with 3 procedural subjects,
 written beside the run folder as RUN.yaml.
@@ -31,6 +33,9 @@ import yaml
 from PIL import Image
 
 from geodiff4d.cluster.benchmark_config import anchor_runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampling_bound import sampling_bound  # noqa: E402  (a sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
 GEODIFF4D = [sys.executable, "-m", "geodiff4d.cluster.cli"]
@@ -175,6 +180,10 @@ def main() -> None:
         print(f"  {better} > {worse}: PSNR {'yes' if psnr_ok else 'NO'}, LPIPS {'yes' if lpips_ok else 'NO'}; "
               f"intervals {'disjoint' if separated else 'overlap'}")
         failures += [f"{better} not above {worse} on {m}" for m, ok in (("PSNR", psnr_ok), ("LPIPS", lpips_ok)) if not ok]
+    bound = sampling_bound(run).iloc[0]
+    verdict = "beats" if bound.lpips > board.lpips["reference_copy"] else "loses to"
+    print(f"  sampling bound (the ground truth at the generated views' pixel pitch, scored alike): "
+          f"PSNR {bound.psnr:.2f}, LPIPS {bound.lpips:.3f}; reference_copy {verdict} it on LPIPS")
     grid = generated_grid(run, run.parent / f"{run.name}-generated.png")
     print(f"generated frames (rows per subject: RGB, normals; {grid.name}): {grid}")
     print(f"total {time.time() - started:.0f} s; report: {run / 'leaderboard' / 'report.html'}")
