@@ -3,16 +3,18 @@
 `make demo` samples from this run (`generation.run` in configs/benchmark-demo.yaml) instead of training the
 32 px model for 800 + 200 steps on CPU, which leaves its RGB speckled. The data is the demo's own procedural
 data (3 subjects, seed 0: the demo's 2 and the third that the end-to-end benchmark adds, plus 16 SynthHuman
-samples), packed at 32 px by the benchmark's own stages; the model is configs/demo.yaml with bigger batches
-and more steps. Training is `gen.train.train_loop` in this process (no Ray Train), so a GPU machine without
-Ray can run it on shards packed elsewhere (`--shards`).
+samples), packed at the model's resolution (`--resolution`, 32 px for the shipped one) by the benchmark's own
+stages; the model is configs/demo.yaml with bigger batches and more steps. Training is `gen.train.train_loop` in
+this process (no Ray Train), so a GPU machine without Ray can run it on shards packed elsewhere (`--shards`).
+Rerun with the same arguments, it continues the runs in `--work` from their latest checkpoints (a GPU call cut
+short by its time limit loses only the steps since the last one).
 
     python scripts/make_demo_checkpoint.py --work /tmp/demockpt                 # synth + pack + train
     python scripts/make_demo_checkpoint.py --work W --shards SHARDS --device cuda --steps1 N --steps2 M
 
 The output folder is a training run folder (config.yaml, scheduler/, checkpoints/step_*/ema) holding only the
-EMA weights, plus MADE.json: the command, the time per stage, the device, the git commit and the weights'
-sha256. A rerun gives an equivalent model, not the same bytes (GPU kernels are not deterministic).
+EMA weights, plus MADE.json: the command, the time per stage, the device, the git commit and
+the weights' sha256. A rerun gives an equivalent model, not the same bytes (GPU kernels are not deterministic).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from geodiff4d.gen.model_run import CONFIG_FILE, SCHEDULER_FILE
 from geodiff4d.gen.train import train_loop
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "configs" / "checkpoints" / "demo-32px"
 SUBJECTS = 3
 
 
-def pack_demo_data(work: Path) -> Path:
-    """Synthesize and pack the demo's procedural data (with SUBJECTS subjects) through the benchmark's stages."""
+def pack_demo_data(work: Path, resolution: int) -> Path:
+    """Synthesize and pack the demo's procedural data (with SUBJECTS subjects) through the benchmark's stages, at
+    the model's resolution."""
     from geodiff4d.cluster.benchmark import Benchmark
     from geodiff4d.cluster.benchmark_config import BenchmarkConfig
     from geodiff4d.cluster.runtime import connect
@@ -49,6 +51,7 @@ def pack_demo_data(work: Path) -> Path:
     raw = yaml.safe_load((REPO / "configs" / "benchmark-demo.yaml").read_text())
     raw["data"]["procedural"]["subjects"] = SUBJECTS
     raw["generation"].pop("run", None)  # pack as a benchmark that trains its own model would
+    raw["generation"]["model_overrides"] = {"data": {"resolution": resolution}}
     config = BenchmarkConfig.model_validate(raw)
     bench = Benchmark(config, work)
     connect(None)
@@ -59,23 +62,43 @@ def pack_demo_data(work: Path) -> Path:
 
 
 def training_config(args: argparse.Namespace) -> GenConfig:
-    """configs/demo.yaml with this run's batches, steps and loader processes."""
+    """configs/demo.yaml with this run's resolution, batches, steps and loader processes."""
     cfg = load_config("demo")
     train = cfg.train.model_copy(update={
         "stage1": cfg.train.stage1.model_copy(update={"batch_size": args.batch1, "steps": args.steps1}),
         "stage2": cfg.train.stage2.model_copy(update={"batch_size": args.batch2, "steps": args.steps2}),
         "checkpoint_every": args.checkpoint_every, "sample_every": max(args.steps1, args.steps2), "log_every": 10,
         "count_flops": False})
-    data = cfg.data.model_copy(update={"loader_workers": args.loader_workers})
+    data = cfg.data.model_copy(update={"loader_workers": args.loader_workers, "resolution": args.resolution})
     return cfg.model_copy(update={"train": train, "data": data})
 
 
 def train_stage(cfg: GenConfig, stage: int, shards: Path, run: Path, device: torch.device) -> float:
-    """One stage into `run` (stage 2 starts from the stage-1 run beside it); returns its seconds."""
+    """One stage into `run` (stage 2 starts from the stage-1 run beside it), continuing from the run's latest
+    checkpoint: a call cut short (a device machine's time limit per command) is finished by the next one, and a
+    finished stage trains no further. Returns this call's seconds."""
     started = time.perf_counter()
     batches = shard_batches(shards, cfg, stage, cfg.data.loader_workers)
-    train_loop(cfg, stage, batches, run, init=run.parent / "stage1" if stage == 2 else None, device=device)
+    train_loop(cfg, stage, batches, run, init=run.parent / "stage1" if stage == 2 else None,
+               restore=latest_checkpoint(run), device=device)  # fmt: skip
     return time.perf_counter() - started
+
+
+def check_resumable(runs: Path, cfg: GenConfig) -> None:
+    """Refuse to continue runs that were trained with other settings (they would mix two models)."""
+    for written in sorted(runs.glob(f"stage*/{CONFIG_FILE}")):
+        if yaml.safe_load(written.read_text()) != cfg.model_dump(mode="json"):
+            sys.exit(f"{written.parent}: trained with other settings than these; give a new --work or delete {runs}")
+
+
+def add_seconds(runs: Path, seconds: dict[str, float]) -> dict[str, float]:
+    """Each stage's seconds over the calls that trained these runs to their end (runs/seconds.json; a call killed
+    by a time limit records nothing, so a resumed run's time is a lower bound)."""
+    path = runs / "seconds.json"
+    total = json.loads(path.read_text()) if path.is_file() else {}
+    total = {k: round(total.get(k, 0.0) + seconds.get(k, 0.0), 1) for k in sorted({*total, *seconds})}
+    path.write_text(json.dumps(total))
+    return total
 
 
 def export(run: Path, out: Path, made: dict) -> None:
@@ -104,7 +127,8 @@ def _git_commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder: data, shards, training runs")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, help="default: configs/checkpoints/demo-{resolution}px")
+    parser.add_argument("--resolution", type=int, default=32, help="the model's (and the packed data's) pixels")
     parser.add_argument("--shards", type=Path, help="already packed demo shards (skips synth and pack)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps1", type=int, default=6000)
@@ -117,21 +141,24 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     work, device = args.work.resolve(), torch.device(args.device)
-    shards = args.shards.resolve() if args.shards else pack_demo_data(work)
+    shards = args.shards.resolve() if args.shards else pack_demo_data(work, args.resolution)
     pack_seconds = time.perf_counter() - started
     cfg = training_config(args)
     runs = work / "runs"
-    shutil.rmtree(runs, ignore_errors=True)  # a fresh run: the settings may have changed
-    seconds = {stage: train_stage(cfg, stage, shards, runs / f"stage{stage}", device) for stage in (1, 2)}
+    check_resumable(runs, cfg)
+    seconds = {f"stage{s}": train_stage(cfg, s, shards, runs / f"stage{s}", device) for s in (1, 2)}
+    seconds = add_seconds(runs, {"pack": pack_seconds, **seconds})
     made = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d"), "git_commit": args.source_commit or _git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "data": {"benchmark_config": "configs/benchmark-demo.yaml", "subjects": SUBJECTS},
-        "seconds": {"pack": round(pack_seconds, 1), "stage1": round(seconds[1], 1), "stage2": round(seconds[2], 1)},
+        "torch": torch.__version__,
+        "data": {"benchmark_config": "configs/benchmark-demo.yaml", "subjects": SUBJECTS, "resolution": args.resolution},
+        "seconds": seconds,
         "train": cfg.train.model_dump(mode="json"),
     }
-    export(runs / "stage2", args.out.resolve(), made)
+    out = args.out or REPO / "configs" / "checkpoints" / f"demo-{args.resolution}px"
+    export(runs / "stage2", out.resolve(), made)
     print(json.dumps(made, indent=2))
 
 
