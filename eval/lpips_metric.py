@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,10 @@ def load_lpips(net: str = "alex", checkpoint: str | Path | None = None, device: 
     import lpips
 
     features, source = load_backbone_features(net, checkpoint)
-    network = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips builds the backbone with torchvision's deprecated `pretrained=False`
+        warnings.filterwarnings("ignore", message=r"(The parameter 'pretrained'|Arguments other than a weight)",
+                                category=UserWarning, module="torchvision")  # fmt: skip
+        network = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     backbone = {}
     for name, _ in network.net.named_parameters():  # slice{k}.{index}.{weight|bias}
         backbone[name] = features[name.split(".", 1)[1]]

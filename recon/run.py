@@ -171,8 +171,9 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
 
 
 def _pixel_m(camera, point: torch.Tensor) -> float:
-    return pixel_size(torch.as_tensor(camera.world_to_cam, dtype=torch.float32),
-                      torch.as_tensor(camera.K, dtype=torch.float32), point.float())
+    # torch.tensor copies: the camera's arrays are read-only, which torch.as_tensor warns about
+    return pixel_size(torch.tensor(camera.world_to_cam, dtype=torch.float32),
+                      torch.tensor(camera.K, dtype=torch.float32), point.float())
 
 
 def make_deformer(model: FlameModel, params: FlameParams, config: ReconConfig) -> torch.nn.Module:
