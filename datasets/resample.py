@@ -67,7 +67,7 @@ def _combine_rows(source: np.ndarray, first: np.ndarray, count: np.ndarray, weig
 
 
 def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.ndarray:
-    """Window ``box`` = (x, y, side) of ``image`` [H, W] or [H, W, C] (uint8 or float32), zero outside the
+    """Window ``box`` = (x, y, side) of ``image`` [H, W] or [H, W, C <= 4] (uint8 or float32), zero outside the
     image, area-downsampled to [resolution, resolution(, C)] in the input's dtype; ``side >= resolution``.
 
     Both passes combine whole rows: the horizontal one runs on the transposed window, so each tap adds an
@@ -76,8 +76,9 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     x, y, side = box
     if side < resolution:
         raise ValueError(f"area_window downsamples: window side {side} < resolution {resolution}")
-    if image.dtype not in (np.uint8, np.float32):
-        raise TypeError(f"area_window takes uint8 or float32 images, got {image.dtype}")
+    if image.dtype not in (np.uint8, np.float32) or image.ndim not in (2, 3) or image.shape[2:] > (4,):
+        raise TypeError(f"area_window takes uint8 or float32 images of up to 4 channels, got {image.dtype} "
+                        f"{image.shape}")
     planes = image[..., None] if image.ndim == 2 else image  # [H, W] -> [H, W, C]
     height, width, channels = planes.shape
     x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
