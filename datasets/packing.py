@@ -42,7 +42,12 @@ from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
-from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png, from_mask_weighted, mask_weighted
+from geodiff4d.datasets.normal_maps import (
+    decode_normal_png,
+    encode_normal_png,
+    from_mask_weighted,
+    mask_weighted,
+)
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
