@@ -156,6 +156,9 @@ def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=3,
+                        help="captures of --frames frames each; more than one (run 3 had 1: 7 shards in ~5 s) keeps "
+                             "both workers of the 2-worker pack busy to the end")
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--cameras", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=256)
@@ -167,7 +170,7 @@ def main() -> None:
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
     args = parser.parse_args()
     print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    spec = SynthSpec(subjects=1, frames=args.frames, cameras=args.cameras, resolution=args.resolution,
+    spec = SynthSpec(subjects=args.subjects, frames=args.frames, cameras=args.cameras, resolution=args.resolution,
                      synthetic=args.synthetic)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -176,7 +179,8 @@ def main() -> None:
         reencode(tmp / "data" / "nersemble", args.keyframe_interval)
         sources = {"nersemble": tmp / "data" / "nersemble", "synthhuman": tmp / "data" / "synthhuman"}
         print(f"data: {spec}, videos re-encoded with a {args.keyframe_interval}-frame GOP; "
-              f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px")
+              f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px; {args.subjects} subject(s) "
+              f"of {args.frames} frames (up to run 3: 1 subject, too few shards to keep 2 workers busy)")
         wall = {}
         for workers in (1, 2):
             out = tmp / f"pack{workers}"

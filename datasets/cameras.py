@@ -116,14 +116,27 @@ class Camera:
         K[1, :] *= sy
         K[0, 2] = (self.K[0, 2] + 0.5) * sx - 0.5
         K[1, 2] = (self.K[1, 2] + 0.5) * sy - 0.5
-        return Camera(self.world_to_cam, K, width, height)
+        return self._derived(K, width, height)
 
     def cropped(self, x0: int, y0: int, width: int, height: int) -> Camera:
         """The camera seeing the window [x0, x0+width) x [y0, y0+height) of this camera's image."""
         K = self.K.copy()
         K[0, 2] -= x0
         K[1, 2] -= y0
-        return Camera(self.world_to_cam, K, width, height)
+        return self._derived(K, width, height)
+
+    def _derived(self, K: np.ndarray, width: int, height: int) -> Camera:
+        """This camera's validated pose with intrinsics ``K`` derived from its own by a crop or a positive
+        resize, which keep K valid: only the new size is checked. Validating the rotation again cost ~0.15 ms,
+        twice per packed sample."""
+        if isinstance(width, bool) or isinstance(height, bool) or int(width) != width or int(height) != height \
+                or width <= 0 or height <= 0:
+            raise CameraError(f"camera size must be positive integers, got {width!r} x {height!r}")
+        K.setflags(write=False)
+        camera = object.__new__(Camera)
+        for name, value in (("world_to_cam", self.world_to_cam), ("K", K), ("width", int(width)), ("height", int(height))):
+            object.__setattr__(camera, name, value)
+        return camera
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (exact: float64 values survive json's repr round trip)."""

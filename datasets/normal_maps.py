@@ -126,6 +126,44 @@ def _decode_rgb(codes: np.ndarray, scale: np.float32) -> tuple[np.ndarray, np.nd
     return normal, mask
 
 
+def mask_weighted(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """normal [H, W, 3], mask [H, W] (bool or 0/1) -> float32 [H, W, 4]: (normal * mask, mask), the image a
+    normal map is resampled as so that background never mixes into the edge (see :func:`from_mask_weighted`)."""
+    return _mask_weighted(np.ascontiguousarray(normal), np.ascontiguousarray(mask))
+
+
+@numba.njit(cache=True, nogil=True)
+def _mask_weighted(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # one pass: numpy's broadcast multiply over a 3-wide last axis cost ~1.3 ms per 256 px map
+    height, width = mask.shape
+    out = np.empty((height, width, 4), np.float32)
+    for y in range(height):
+        for x in range(width):
+            m = np.float32(mask[y, x])
+            for c in range(3):
+                out[y, x, c] = np.float32(normal[y, x, c] * m)
+            out[y, x, 3] = m
+    return out
+
+
+def from_mask_weighted(weighted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled (normal * mask, mask) [H, W, 4] float32 -> (unit normals float32 [H, W, 3], 0 where the
+    resampled mask is <= 0.5; that mask bool [H, W])."""
+    height, width = weighted.shape[:2]
+    normal, inside = _from_mask_weighted(np.ascontiguousarray(weighted, np.float32).reshape(-1, 4))
+    return normal.reshape(height, width, 3), inside.reshape(height, width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _from_mask_weighted(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    normal = np.zeros((rows.shape[0], 3), np.float32)
+    inside = rows[:, 3] > 0.5
+    for i in range(rows.shape[0]):
+        if inside[i]:
+            normal[i, 0], normal[i, 1], normal[i, 2] = _unit_row(rows[i, 0], rows[i, 1], rows[i, 2], np.float32(1e-12))
+    return normal, inside
+
+
 def write_normal_png(path: str | os.PathLike, normal: np.ndarray, mask: np.ndarray) -> None:
     atomic_write_bytes(path, encode_normal_png(normal, mask))
 

@@ -42,10 +42,16 @@ from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
-from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png, unit
+from geodiff4d.datasets.normal_maps import (
+    decode_normal_png,
+    encode_normal_png,
+    from_mask_weighted,
+    mask_weighted,
+)
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
+from geodiff4d.datasets.resample import area_window
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
 from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
 from geodiff4d.datasets.video import DecodeCount
@@ -255,8 +261,15 @@ def square_box(x0: float, y0: float, x1: float, y1: float, margin: float = CROP_
 
 
 def crop(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.ndarray:
-    """Window ``box`` of ``image`` (zero outside it), area-resized to resolution x resolution."""
+    """Window ``box`` of ``image`` (zero outside it), area-resized to resolution x resolution.
+
+    Downsampling by a non-integer factor (the usual head crop) takes :func:`area_window`, which reads the
+    image in place and costs a quarter of OpenCV's general INTER_AREA; OpenCV keeps its fast integer-factor
+    path and upsampling.
+    """
     x, y, side = box
+    if side > resolution and side % resolution:
+        return area_window(image, box, resolution)
     canvas = np.zeros((side, side, *image.shape[2:]), dtype=image.dtype)
     sx0, sy0 = max(x, 0), max(y, 0)
     sx1, sy1 = min(x + side, image.shape[1]), min(y + side, image.shape[0])
@@ -267,11 +280,17 @@ def crop(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.nd
 
 
 def crop_normals(normal: np.ndarray, mask: np.ndarray, box: tuple[int, int, int], resolution: int):
-    """Crop and resize a normal map without mixing background into the edge: -> (normal [R,R,3], mask [R,R])."""
-    weight = crop(mask.astype(np.float32), box, resolution)
-    summed = crop((normal * mask[..., None]).astype(np.float32, copy=False), box, resolution)
-    inside = weight > 0.5
-    return np.where(inside[..., None], unit(summed), np.float32(0.0)), inside
+    """Crop and resize a normal map without mixing background into the edge: -> (normal [R,R,3], mask [R,R]).
+
+    The masked normals and the mask are resampled together as one 4-channel image (each channel is resampled
+    alone, so this is the same as two calls); only the window's part of the image is weighted.
+    """
+    x, y, side = box
+    height, width = mask.shape
+    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
+    x1, y1 = max(min(x + side, width), x0), max(min(y + side, height), y0)
+    weighted = mask_weighted(normal[y0:y1, x0:x1], mask[y0:y1, x0:x1])  # [h, w, 4]
+    return from_mask_weighted(crop(weighted, (x - x0, y - y0, side), resolution))
 
 
 def background_mask(rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BACKGROUND_THRESHOLD) -> np.ndarray:

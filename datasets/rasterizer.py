@@ -278,8 +278,10 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
         w = max(K[2, 0] * x + K[2, 1] * y + K[2, 2] * z, 1e-12)
         pixels[v, 0] = (K[0, 0] * x + K[0, 1] * y + K[0, 2] * z) / w
         pixels[v, 1] = (K[1, 0] * x + K[1, 1] * y + K[1, 2] * z) / w
-    coeff = np.zeros((n_faces, 3, 3))  # per face: bary_i = a*dx + b*dy + c from the box origin (float64)
-    origin = np.zeros((n_faces, 2), np.int64)
+    # per face: bary_i = a*dx + b*dy + c from the box origin (float64); written for every face that can win a pixel,
+    # and read only for winners, so left unzeroed (~1.4 MB per 16k-face view)
+    coeff = np.empty((n_faces, 3, 3))
+    origin = np.empty((n_faces, 2), np.int64)
     best_depth = np.full(height * width, np.inf, np.float32)
     best_face = np.full(height * width, -1, np.int64)
     corners = np.empty((3, 2))

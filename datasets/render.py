@@ -95,16 +95,20 @@ def _unit3(vector: np.ndarray) -> None:
 @numba.njit(cache=True, nogil=True)
 def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.ndarray, bary: np.ndarray):
     """Area-weighted unit vertex normals, interpolated, renormalised, y and z flipped: -> [H*W, 3] float32."""
+    crosses = np.empty((faces.shape[0], 3), vertices.dtype)  # area-weighted face normals, computed once
+    for f in range(faces.shape[0]):
+        a, b, c = vertices[faces[f, 0]], vertices[faces[f, 1]], vertices[faces[f, 2]]
+        e1x, e1y, e1z = b[0] - a[0], b[1] - a[1], b[2] - a[2]
+        e2x, e2y, e2z = c[0] - a[0], c[1] - a[1], c[2] - a[2]
+        crosses[f, 0] = e1y * e2z - e1z * e2y
+        crosses[f, 1] = e1z * e2x - e1x * e2z
+        crosses[f, 2] = e1x * e2y - e1y * e2x
     normals = np.zeros_like(vertices)
-    for corner in range(3):
+    for corner in range(3):  # corner-major, the summation order of the torch reference's index_add
         for f in range(faces.shape[0]):
-            a, b, c = vertices[faces[f, 0]], vertices[faces[f, 1]], vertices[faces[f, 2]]
-            e1x, e1y, e1z = b[0] - a[0], b[1] - a[1], b[2] - a[2]
-            e2x, e2y, e2z = c[0] - a[0], c[1] - a[1], c[2] - a[2]
             v = faces[f, corner]
-            normals[v, 0] += e1y * e2z - e1z * e2y
-            normals[v, 1] += e1z * e2x - e1x * e2z
-            normals[v, 2] += e1x * e2y - e1y * e2x
+            for k in range(3):
+                normals[v, k] += crosses[f, k]
     for v in range(normals.shape[0]):
         _unit3(normals[v])
     image = np.zeros((face_index.shape[0], 3), np.float32)

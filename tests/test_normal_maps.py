@@ -11,6 +11,8 @@ from geodiff4d.datasets.normal_maps import (
     backproject,
     decode_normal_png,
     encode_normal_png,
+    from_mask_weighted,
+    mask_weighted,
     normals_from_depth,
     sphere_depth_and_normals,
     unit,
@@ -116,3 +118,19 @@ def test_decode_rejects_garbage(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(NormalMapError, match="bad.png"):
         decode_normal_png(bad)
+
+
+def test_mask_weighted_round_trip_matches_numpy():
+    """(normal * mask, mask) and back: unit normals where the mask is > 0.5, zero elsewhere (float masks too)."""
+    rng = np.random.default_rng(7)
+    normal = rng.normal(size=(9, 11, 3)).astype(np.float32)
+    normal[0, 0] = 0.0  # a zero vector stays zero
+    for mask in (rng.random((9, 11)) > 0.4, rng.random((9, 11)).astype(np.float32)):
+        weighted = mask_weighted(normal, mask)
+        np.testing.assert_array_equal(weighted[..., :3], (normal * mask[..., None]).astype(np.float32))
+        np.testing.assert_array_equal(weighted[..., 3], mask.astype(np.float32))
+        back, inside = from_mask_weighted(weighted)
+        np.testing.assert_array_equal(inside, weighted[..., 3] > 0.5)
+        want = np.where(inside[..., None], unit(weighted[..., :3].astype(np.float64)), 0.0)
+        np.testing.assert_allclose(back, want, atol=1e-6)
+        assert back.dtype == np.float32
