@@ -9,6 +9,7 @@ numbers are not comparable with theirs; the regressor's name goes into every rep
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +43,9 @@ class MediapipeBlendshapes:
             running_mode=vision.RunningMode.IMAGE,
         )
         self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        # closed when this object goes, or at exit while modules still exist: MediaPipe's own __del__ runs during
+        # interpreter teardown and prints a TypeError traceback at the end of every run that measured AED
+        weakref.finalize(self, self._landmarker.close)
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
         import mediapipe as mp

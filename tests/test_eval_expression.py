@@ -3,6 +3,9 @@ and both regressors tell different expressions (same identity and pose) from a s
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +126,13 @@ def test_landmark_submodel_equals_full_model(head_model):
     assert sub.n_vertices < head_model.n_vertices // 10
     with torch.no_grad():
         assert torch.allclose(sub(p).landmarks, head_model(p).landmarks, atol=1e-6)
+
+
+def test_mediapipe_regressor_exits_quietly():
+    """A process that measured AED ends without MediaPipe's teardown traceback (its __del__ ran after the modules
+    it needs were gone; the regressor now closes it first)."""
+    script = ("import numpy as np; from geodiff4d.eval.expression import make_expression_regressor; "
+              "make_expression_regressor('mediapipe')(np.zeros((64, 64, 3), np.uint8))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
