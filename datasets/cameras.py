@@ -23,6 +23,13 @@ class CameraError(UserError, ValueError):
     """Invalid camera data; the message names the field (and the source, when known)."""
 
 
+def _pixel_count(value: Any, field: str) -> int:
+    """A camera's width or height: a positive whole number (bools refused), as int."""
+    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
+        raise CameraError(f"camera field {field!r}: sizes must be positive integers, got {value!r}")
+    return int(value)
+
+
 def _as_matrix(value: Any, shape: tuple[int, int], field: str) -> np.ndarray:
     try:
         array = np.array(value, dtype=np.float64)
@@ -67,10 +74,7 @@ class Camera:
                 f"camera field 'K' must be upper triangular with last row [0,0,1], got {K.tolist()}"
             )
         for field in ("width", "height"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or int(value) != value or int(value) <= 0:
-                raise CameraError(f"camera field {field!r} must be a positive integer, got {value!r}")
-            object.__setattr__(self, field, int(value))
+            object.__setattr__(self, field, _pixel_count(getattr(self, field), field))
         object.__setattr__(self, "world_to_cam", world_to_cam)
         object.__setattr__(self, "K", K)
 
@@ -129,12 +133,10 @@ class Camera:
         """This camera's validated pose with intrinsics ``K`` derived from its own by a crop or a positive
         resize, which keep K valid: only the new size is checked. Validating the rotation again cost ~0.15 ms,
         twice per packed sample."""
-        if isinstance(width, bool) or isinstance(height, bool) or int(width) != width or int(height) != height \
-                or width <= 0 or height <= 0:
-            raise CameraError(f"camera size must be positive integers, got {width!r} x {height!r}")
+        width, height = _pixel_count(width, "width"), _pixel_count(height, "height")
         K.setflags(write=False)
         camera = object.__new__(Camera)
-        for name, value in (("world_to_cam", self.world_to_cam), ("K", K), ("width", int(width)), ("height", int(height))):
+        for name, value in (("world_to_cam", self.world_to_cam), ("K", K), ("width", width), ("height", height)):
             object.__setattr__(camera, name, value)
         return camera
 

@@ -51,7 +51,7 @@ from geodiff4d.datasets.normal_maps import (
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
-from geodiff4d.datasets.resample import area_window
+from geodiff4d.datasets.resample import area_window, window_in_image
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
 from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
 from geodiff4d.datasets.video import DecodeCount
@@ -271,8 +271,7 @@ def crop(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.nd
     if side > resolution and side % resolution:
         return area_window(image, box, resolution)
     canvas = np.zeros((side, side, *image.shape[2:]), dtype=image.dtype)
-    sx0, sy0 = max(x, 0), max(y, 0)
-    sx1, sy1 = min(x + side, image.shape[1]), min(y + side, image.shape[0])
+    sx0, sy0, sx1, sy1 = window_in_image(box, *image.shape[:2])
     if sx1 > sx0 and sy1 > sy0:
         canvas[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = image[sy0:sy1, sx0:sx1]
     interpolation = cv2.INTER_AREA if side >= resolution else cv2.INTER_LINEAR
@@ -286,9 +285,7 @@ def crop_normals(normal: np.ndarray, mask: np.ndarray, box: tuple[int, int, int]
     alone, so this is the same as two calls); only the window's part of the image is weighted.
     """
     x, y, side = box
-    height, width = mask.shape
-    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
-    x1, y1 = max(min(x + side, width), x0), max(min(y + side, height), y0)
+    x0, y0, x1, y1 = window_in_image(box, *mask.shape)
     weighted = mask_weighted(normal[y0:y1, x0:x1], mask[y0:y1, x0:x1])  # [h, w, 4]
     return from_mask_weighted(crop(weighted, (x - x0, y - y0, side), resolution))
 

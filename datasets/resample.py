@@ -66,6 +66,14 @@ def _combine_rows(source: np.ndarray, first: np.ndarray, count: np.ndarray, weig
     return out
 
 
+def window_in_image(box: tuple[int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the part of the square window ``box`` = (x, y, side) inside a height x width image
+    (empty, x1 == x0 or y1 == y0, when they do not overlap)."""
+    x, y, side = box
+    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
+    return x0, y0, max(min(x + side, width), x0), max(min(y + side, height), y0)
+
+
 def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -> np.ndarray:
     """Window ``box`` = (x, y, side) of ``image`` [H, W] or [H, W, C <= 4] (uint8 or float32), zero outside the
     image, area-downsampled to [resolution, resolution(, C)] in the input's dtype; ``side >= resolution``.
@@ -81,8 +89,7 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
                         f"{image.shape}")
     planes = image[..., None] if image.ndim == 2 else image  # [H, W] -> [H, W, C]
     height, width, channels = planes.shape
-    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
-    x1, y1 = max(min(x + side, width), x0), max(min(y + side, height), y0)
+    x0, y0, x1, y1 = window_in_image(box, height, width)
     if x1 == x0 or y1 == y0:
         return np.zeros((resolution, resolution, *image.shape[2:]), image.dtype)
     region = planes[y0:y1, x0:x1]  # [h, w, C]: the part of the window inside the image
