@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, help="generated pixels per ground-truth pixel (default: the run's)")
     args = parser.parse_args()
     run = args.run.resolve()
+    if not (run / "variants.json").is_file() or not (run / "leaderboard" / "self_leaderboard.parquet").is_file():
+        sys.exit(f"{run}: not a finished `geodiff4d benchmark` run (no variants.json or self leaderboard)")
     bound = sampling_bound(run, args.method, args.ratio)
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
     print(pd.concat([board[["psnr", "lpips"]], bound]).round(3).to_string())
