@@ -81,20 +81,24 @@ def run_benchmark(config: Path, run: Path, env: dict[str, str], log: Path) -> st
     return text
 
 
-def generated_grid(run: Path, out: Path, views: int = 4, frames: int = 3, zoom: int = 3) -> Path:
-    """One image of what the model generated: per subject a row of RGB and a row of normals, `views` cameras x
-    `frames` frames (the first, middle and last generated), each shown `zoom` times larger."""
-    rows = []
-    for method_folder in sorted((run / "generated").iterdir()):
-        for subject in sorted((method_folder / "rgb").iterdir()):
-            sequence = next(subject.iterdir())
-            cameras = sorted(p.name for p in sequence.iterdir())[:views]
-            names = sorted(p.name for p in (sequence / cameras[0]).glob("*.png"))
-            picked = [names[i] for i in np.linspace(0, len(names) - 1, frames).round().astype(int)]
-            for domain in ("rgb", "normal"):
-                folder = method_folder / domain / subject.name / sequence.name
-                rows.append(np.concatenate([np.asarray(Image.open(folder / c / n).convert("RGB"))
-                                            for c in cameras for n in picked], axis=1))
+def generated_rows(folder: Path, subject: str, views: int = 4, frames: int = 3) -> dict[str, np.ndarray]:
+    """What one generation key made for one subject: a row per domain it has (rgb, normal), `views` cameras x
+    `frames` frames (the first, middle and last generated) of the subject's generated sequence."""
+    sequence = next((folder / "rgb" / subject).iterdir())
+    cameras = sorted(p.name for p in sequence.iterdir())[:views]
+    names = sorted(p.name for p in (sequence / cameras[0]).glob("*.png"))
+    picked = [names[i] for i in np.linspace(0, len(names) - 1, frames).round().astype(int)]
+    return {domain: np.concatenate([np.asarray(Image.open(folder / domain / subject / sequence.name / c / n)
+                                               .convert("RGB")) for c in cameras for n in picked], axis=1)
+            for domain in ("rgb", "normal") if (folder / domain / subject).is_dir()}  # fmt: skip
+
+
+def generated_grid(run: Path, out: Path, zoom: int = 3) -> Path:
+    """One image of what the model generated: per subject a row of RGB and a row of normals, each shown `zoom`
+    times larger."""
+    rows = [row for method_folder in sorted((run / "generated").iterdir())
+            for subject in sorted(p.name for p in (method_folder / "rgb").iterdir())
+            for row in generated_rows(method_folder, subject).values()]  # fmt: skip
     grid = np.concatenate(rows, axis=0).repeat(zoom, axis=0).repeat(zoom, axis=1)
     Image.fromarray(grid).save(out)
     return out
