@@ -43,7 +43,6 @@ from geodiff4d.cluster.runtime import connect
 from geodiff4d.cluster.stage_graph import GraphReport, StageGraph
 
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
-TRAIN_START_TIMEOUT_ENV, TRAIN_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 6 * 3600
 
 
 class BenchmarkError(UserError, ValueError):
@@ -540,7 +539,7 @@ class Benchmark:
         # Stages run side by side, so a model's training often waits for CPUs/GPUs that another training or a
         # generation holds. Ray Train gives up waiting after 60 s and retries, logging a traceback every minute;
         # wait quietly instead, as a Ray task would (Ray Train passes the variable on to its controller)
-        os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, str(TRAIN_START_TIMEOUT_S))
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(6 * 3600))
         connect(self.address)
         if self.config.data.procedural is not None:
             if not self.commits.is_committed("data"):
