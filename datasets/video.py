@@ -15,6 +15,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from geodiff4d.cluster.atomic import atomic_output
 from geodiff4d.cluster.errors import UserError
@@ -91,16 +92,22 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     return container
 
 
+def _frame_array(frame: av.VideoFrame, reformatter: VideoReformatter, gray: bool) -> np.ndarray:
+    """uint8 [H, W, 3] (or [H, W] with ``gray``) through one video's reformatter: ``to_ndarray(format=...)``
+    builds a new swscale context per frame, ~3 ms of a 256 px frame's ~3.3 ms; the pixels are the same."""
+    return reformatter.reformat(frame, format="gray" if gray else "rgb24").to_ndarray()
+
+
 def iter_video(path: str | os.PathLike, gray: bool = False) -> Iterator[np.ndarray]:
     """Yield uint8 frames [H, W, 3] (or [H, W] with ``gray``); raises VideoError if decoding falls short."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        expected, decoded = stream.frames, 0
+        expected, decoded, reformatter = stream.frames, 0, VideoReformatter()
         try:
             for frame in container.decode(stream):
                 decoded += 1
-                yield frame.to_ndarray(format="gray" if gray else "rgb24")
+                yield _frame_array(frame, reformatter, gray)
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: corrupt video after {decoded} frames: {exc}") from exc
         if decoded == 0 or (expected and decoded != expected):
@@ -165,7 +172,7 @@ def _decode_range(
             if not rate or stream.time_base is None:
                 raise _SeekMissed
             container.seek((stream.start_time or 0) + int(start / rate / stream.time_base), stream=stream)
-        expected = start
+        expected, reformatter = start, VideoReformatter()
         try:
             for position, frame in enumerate(container.decode(stream)):
                 count.frames += 1
@@ -178,7 +185,7 @@ def _decode_range(
                     continue
                 if index != expected:
                     raise VideoError(f"{path}: frame {index} follows frame {expected - 1}: frames missing or reordered")
-                yield index, frame.to_ndarray(format="gray" if gray else "rgb24")
+                yield index, _frame_array(frame, reformatter, gray)
                 expected += 1
                 if expected == stop:
                     return
