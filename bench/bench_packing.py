@@ -164,9 +164,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="packed resolution")
     parser.add_argument("--capture-resolution", type=int, default=512,
                         help="the procedural captures' frame size: 512 as the mono FLAME-avatar benchmark's "
-                             "face-cropped frames (the NVS benchmark's are 1604x1100, the raw release's "
-                             "3208x2200); up to run 4 the captures were at the packed 256 px, the least decoding "
-                             "per packed sample of any real release")
+                             "face-cropped frames (the NVS benchmark's are 1604x1100, the raw release's 3208x2200)")
     parser.add_argument("--synthetic", type=int, default=20)
     parser.add_argument("--samples-per-shard", type=int, default=20)
     parser.add_argument("--keyframe-interval", type=int, default=8)
