@@ -4,9 +4,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test test-slow test-cluster demo ablations bench lint clean image
+.PHONY: setup system-libs test test-slow test-cluster demo ablations bench lint clean image
 
-setup: $(VENV)/.installed
+setup: system-libs $(VENV)/.installed
+
+# System libraries the wheels link against (libusb for open3d): installed with apt-get as root, else named
+system-libs:
+	@bash scripts/system_libs.sh
 
 $(VENV)/.installed: requirements.txt requirements.lock requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
