@@ -65,7 +65,7 @@ def make_spec(work: Path, frames: int, views: int, cameras_per_unit: int, frames
 def frames_per_second(spec: Path, out: Path, workers: int) -> tuple[float, float]:
     """Frames/s of `generate` into `out` (whose inputs `prepare` resolved before): over the whole call, and from
     the first unit's start to the last unit's end (actor start-up and model loading excluded)."""
-    from geodiff4d.cluster.generate import STATE, generate, prepare
+    from geodiff4d.gen.generate import STATE, generate, prepare
     _, subjects = prepare(spec, out)
     total = sum(s.tracking.batch_size * len(s.cameras) for s in subjects)
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def connect_with_retries(attempts: int = 5) -> None:
     """An embedded Ray; on a heavily shared machine its start can time out (Ray waits 30 s), so try again."""
     import ray
 
-    from geodiff4d.cluster.runtime import connect
+    from geodiff4d.core.runtime import connect
     for attempt in range(attempts):
         try:
             connect(num_cpus=2)
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--frames-per-unit", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    from geodiff4d.cluster.generate import prepare
+    from geodiff4d.gen.generate import prepare
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_run(work / "run", args.resolution, args.steps)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from geodiff4d.cluster.runtime import connect, shutdown
+from geodiff4d.core.runtime import connect, shutdown
 from geodiff4d.datasets.loader import LoaderConfig, Unit, collate, make_loader, worker_rng
 from geodiff4d.datasets.packing import pack
 from geodiff4d.datasets.procedural import SynthSpec, synthesize

@@ -28,8 +28,9 @@ import cv2
 import numpy as np
 import torch
 
-from geodiff4d.cluster.jobs import WorkUnit
-from geodiff4d.cluster.runtime import connect, shutdown
+from geodiff4d.core.io.video import iter_video_range, read_video, write_video
+from geodiff4d.core.jobs import WorkUnit
+from geodiff4d.core.runtime import connect, shutdown
 from geodiff4d.datasets.manifest import read_manifest, stats_files
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.packing import (
@@ -44,7 +45,6 @@ from geodiff4d.datasets.packing import (
 from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.datasets.synthhuman import MEMBERS, SynthHumanDataset, member_path
-from geodiff4d.datasets.video import iter_video_range, read_video, write_video
 
 PNG_MEMBERS = ("rgb.png", "mask.png", "normal.png", "posemap.png")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.core.jobs import CommitLog
 from geodiff4d.datasets.manifest import build_manifest, read_manifest, stats_files
 from geodiff4d.datasets.packing import SampleBlock, listing_digest, plan_shards, sample_bytes_bound
 from geodiff4d.datasets.verify import ManifestIndex

@@ -30,17 +30,17 @@ import numpy as np
 import ray
 import yaml
 
-from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes, write_json_atomic
 from geodiff4d.cluster.benchmark_config import (
     BenchmarkConfig,
     MethodConfig,
     gen_config_mapping,
     method_config,
 )
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.cluster.jobs import CommitLog
-from geodiff4d.cluster.runtime import connect
-from geodiff4d.cluster.stage_graph import GraphReport, StageGraph
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output, atomic_write_bytes, write_json_atomic
+from geodiff4d.core.jobs import CommitLog
+from geodiff4d.core.runtime import connect
+from geodiff4d.core.stage_graph import GraphReport, StageGraph
 
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
 
@@ -283,7 +283,7 @@ class Benchmark:
         """Multi-view image+normal frames of the training sequence from the subject's reference image, by
         ``geodiff4d generate`` (its spec written into the run): the reference is the train camera's first frame
         and the driving its video, as packed; the identity and head motion come from the sequence's tracking."""
-        from geodiff4d.cluster.generate import generate
+        from geodiff4d.gen.generate import generate
 
         variant = method_config(self.config, method)
         c, out = variant.generation, self.layout.generated / self.generation_key(method)
@@ -425,7 +425,7 @@ class Benchmark:
                     path.unlink(missing_ok=True)
 
     def clean_generated(self, method: MethodConfig, subject: Subject) -> None:
-        from geodiff4d.cluster.generate import STATE
+        from geodiff4d.gen.generate import STATE
 
         out = self.layout.generated / self.generation_key(method)
         for kind in ("rgb", "normal", "mask"):
@@ -571,7 +571,7 @@ def _link(target: Path, link: Path) -> None:
 
 
 def _read_rgb8(path: Path) -> np.ndarray:
-    from geodiff4d.datasets.image_io import read_rgb8
+    from geodiff4d.core.io.images import read_rgb8
 
     return read_rgb8(path)
 

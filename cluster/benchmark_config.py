@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from geodiff4d.cluster.config_files import ConfigError, read_mapping, resolve_config, validate
+from geodiff4d.core.config import ConfigError, read_mapping, resolve_config, validate
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = "222200037"

@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 
 
 class _Commands(TyperGroup):
@@ -197,7 +197,7 @@ def generate(
     address: AddressOption = None,
 ) -> None:
     """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""
-    from geodiff4d.cluster.generate import generate as run_generate
+    from geodiff4d.gen.generate import generate as run_generate
 
     report = run_generate(spec, out, workers, gpus_per_worker, address)
     typer.echo(report.summary())

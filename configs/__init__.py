@@ -1,1 +1,1 @@
-"""Packaged YAML configs, addressed by name (``--config demo``) or by path; see cluster.config_files."""
+"""Packaged YAML configs, addressed by name (``--config demo``) or by path; see core.config."""

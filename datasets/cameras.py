@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 
 _ROT_TOL = 1e-5
 _OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # flips camera y and z axes (self-inverse)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse
 from numpy.lib import format as npy_format
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 
 
 class UnsafePickleError(UserError, pickle.UnpicklingError):

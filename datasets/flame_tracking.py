@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 
 TRACKING_V2 = "flame2023_tracking_v2.npz"

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geodiff4d.cluster.atomic import atomic_output, atomic_write_bytes
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output, atomic_write_bytes
+from geodiff4d.core.io.images import read_image
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
-from geodiff4d.datasets.image_io import read_image
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
 from geodiff4d.datasets.procedural import gt_normal_path

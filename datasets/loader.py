@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor
 
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.datasets.image_io import decode_image
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.images import decode_image
 from geodiff4d.datasets.manifest import read_manifest
 
 KINDS = ("frame", "pair", "clip")

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.datasets.shards import MemberRecord, group_members
 
 MANIFEST_NAME = "manifest.parquet"

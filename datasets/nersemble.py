@@ -22,13 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
-from geodiff4d.datasets.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
 
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")

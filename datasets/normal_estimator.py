@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 from geodiff4d.datasets.normal_maps import unit
 from geodiff4d.datasets.synthhuman import SYNTHHUMAN_NORMAL_TO_OURS
 

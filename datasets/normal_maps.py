@@ -13,9 +13,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.datasets.image_io import ImageError, decode_image, encode_png
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.images import ImageError, decode_image, encode_png
 
 _U16_MAX = 65535.0
 

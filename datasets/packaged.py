@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 
 DLIB_LANDMARKS_68 = ("face_recognition_models", "models/shape_predictor_68_face_landmarks.dat")
 

@@ -25,10 +25,12 @@ import cv2
 import numpy as np
 import torch
 
-from geodiff4d.cluster.atomic import write_json_atomic
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.images import encode_png, read_rgb8
+from geodiff4d.core.io.video import DecodeCount
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
@@ -38,7 +40,6 @@ from geodiff4d.datasets.flame_tracking import (
     missing_tracking_message,
     sequence_tracking,
 )
-from geodiff4d.datasets.image_io import encode_png, read_rgb8
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
@@ -54,7 +55,6 @@ from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.resample import area_window, window_in_image
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
 from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
-from geodiff4d.datasets.video import DecodeCount
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent

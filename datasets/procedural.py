@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geodiff4d.cluster.atomic import write_json_atomic
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.video import write_video
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.cameras import NERSEMBLE_LAYOUT, Camera, look_at_camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V2, write_nersemble_tracking, write_npz
@@ -30,7 +31,6 @@ from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_head
 from geodiff4d.datasets.synthhuman import write_synthhuman_sample
 from geodiff4d.datasets.textures import skin_texture
-from geodiff4d.datasets.video import write_video
 
 FPS = 25
 SEQUENCE_NAMES = ("EXP-1-head", "EMO-1-shout+laugh", "SEN-01-cramp_small_danger", "FREE")

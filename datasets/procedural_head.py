@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse
 from scipy.interpolate import PchipInterpolator
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.datasets.flame import FlameModel
 
 N_ROWS, N_COLS = 90, 88  # skin grid: rows crown -> neck bottom, columns around the head (seam at the back)

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
 
 Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
 PACK_SETTINGS = "pack_settings.json"  # a shard folder's PackSettings (plus shard limits), written on first pack

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.exr import ExrError, read_exr, write_exr
+from geodiff4d.core.io.images import read_image, to_float, write_png
 from geodiff4d.datasets.cameras import Camera, CameraError
-from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
-from geodiff4d.datasets.image_io import read_image, to_float, write_png
 from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS, angular_error_deg, normals_from_depth, unit
 
 # ours = SYNTHHUMAN_NORMAL_TO_OURS @ stored. Assumption: stored in OpenCV camera space (x right, y down,

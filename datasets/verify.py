@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from geodiff4d.cluster.jobs import CommitLog, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
+from geodiff4d.core.jobs import CommitLog, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.manifest import read_manifest
 
 _END_MARKER = 2 * tarfile.BLOCKSIZE

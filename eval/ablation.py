@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.eval.leaderboard import N_BOOTSTRAP, balanced_means, bootstrap_ci, coverage, on_units
 from geodiff4d.eval.report import arrow, figure_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic

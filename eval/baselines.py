@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.datasets.image_io import write_png
+from geodiff4d.core.io.images import write_png
 from geodiff4d.eval.inputs import ClipSource, InputError, open_ground_truth
 
 GT_NOISE_SIGMA = 0.05  # of the [0,1] range

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.datasets.image_io import read_image
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.images import read_image
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
@@ -46,7 +46,7 @@ def _read_image(path: Path) -> np.ndarray:
 def _read_mp4(path: Path, gray: bool = False) -> tuple[np.ndarray, float]:
     import av
 
-    from geodiff4d.datasets.video import read_video
+    from geodiff4d.core.io.video import read_video
 
     with av.open(str(path)) as container:
         rate = container.streams.video[0].average_rate

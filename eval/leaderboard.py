@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
+from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.eval.report import arrow, metric_cell, render_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic
 from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS

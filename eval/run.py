@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geodiff4d.cluster.atomic import atomic_output, write_json_atomic
-from geodiff4d.cluster.errors import WorkFailed
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
-from geodiff4d.datasets.image_io import read_rgb8
+from geodiff4d.core.errors import WorkFailed
+from geodiff4d.core.io.atomic import atomic_output, write_json_atomic
+from geodiff4d.core.io.images import read_rgb8
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
     FolderSource,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 from geodiff4d.eval.fan_landmarks import FAN_DETECTORS
 from geodiff4d.eval.jod import DEFAULT_DISPLAY
 from geodiff4d.eval.landmarks import AKD_BACKENDS

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.eval.inputs import FolderSource, InputError
 
 MONO_FLAME_AVATAR_SIZE = 512  # the writer's (and the benchmark's) frame width and height

@@ -82,7 +82,7 @@ def save_checkpoint(run: Path, model: JointDenoiser, ema: EMAModel, optimizer: t
     ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     torch.save({"optimizer": optimizer.state_dict(), "ema": ema_meta, "step": step}, tmp / "training_state.pt")
     torch.save([asdict(r) for r in ranks], tmp / RANKS)
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; checkpoints are shared data (cluster.atomic does the same for files)
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; checkpoints are shared data (core.io.atomic does the same for files)
     if final.exists():  # written before a crash that came ahead of Ray registering it: this one replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from geodiff4d.cluster.config_files import load_yaml_config
+from geodiff4d.core.config import load_yaml_config
 
 
 class _Strict(BaseModel):

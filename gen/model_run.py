@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.cluster.config_files import ConfigError
+from geodiff4d.core.config import ConfigError
+from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.gen.build import build_codec
 from geodiff4d.gen.checkpoint import resolve_init
 from geodiff4d.gen.config import GenConfig, load_config

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.gen.denoiser import Conditions, JointDenoiser
 from geodiff4d.gen.latents import decode_domains
 

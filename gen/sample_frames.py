@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodiff4d.cluster.atomic import atomic_write_bytes, write_json_atomic
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_write_bytes, write_json_atomic
+from geodiff4d.core.io.images import decode_image, encode_png, to_float
 from geodiff4d.datasets.frame_folder import frame_relpath
-from geodiff4d.datasets.image_io import decode_image, encode_png, to_float
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png

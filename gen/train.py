@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
-from geodiff4d.cluster.config_files import ConfigError
+from geodiff4d.core.config import ConfigError
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
     CHECKPOINTS,
@@ -233,7 +233,7 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from geodiff4d.cluster.jobs import use_cpus
+    from geodiff4d.core.jobs import use_cpus
     use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -295,9 +295,9 @@ def train(config_path: str | Path, stage: int, shards: str | Path | None, out: s
     shards = Path(shards).resolve() if shards is not None else None
     resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
-        from geodiff4d.cluster.runtime import connect
+        from geodiff4d.core.runtime import connect
         connect(address)
-    from geodiff4d.cluster.jobs import worker_cpus
+    from geodiff4d.core.jobs import worker_cpus
     cpus = worker_cpus(workers)
     resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
     trainer = TorchTrainer(

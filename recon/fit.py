@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.recon import adaptive
 from geodiff4d.recon.binding import Regrowth, prune, render_bound, triangle_frames
 from geodiff4d.recon.gaussians import PARAMETER_NAMES, BoundGaussians

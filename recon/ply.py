@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from plyfile import PlyData, PlyElement
 
-from geodiff4d.cluster.atomic import atomic_output
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.recon.sh import n_coefficients
 
 PLY_SH_DEGREE = 3

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodiff4d.cluster.progress import progress_bar
+from geodiff4d.core.progress import progress_bar
 from geodiff4d.recon.fit import Fitter, View
 from geodiff4d.recon.losses import psnr
 

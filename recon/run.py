@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.config_files import read_mapping, validate
-from geodiff4d.cluster.errors import UserError
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
+from geodiff4d.core.config import read_mapping, validate
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import load_tracking as load_tracking_file

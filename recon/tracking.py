@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geodiff4d.cluster.atomic import write_json_atomic
-from geodiff4d.cluster.progress import progress_bar
+from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.progress import progress_bar
 from geodiff4d.datasets import frame_folder
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameModel, FlameParams, euler_xyz_matrix, rodrigues

@@ -46,7 +46,7 @@ def pack_demo_data(work: Path, resolution: int) -> Path:
     the model's resolution."""
     from geodiff4d.cluster.benchmark import Benchmark
     from geodiff4d.cluster.benchmark_config import BenchmarkConfig
-    from geodiff4d.cluster.runtime import connect
+    from geodiff4d.core.runtime import connect
 
     raw = yaml.safe_load((REPO / "configs" / "benchmark-demo.yaml").read_text())
     raw["data"]["procedural"]["subjects"] = SUBJECTS

@@ -2,7 +2,7 @@
 
 import pytest
 
-from geodiff4d.cluster.runtime import connect, shutdown
+from geodiff4d.core.runtime import connect, shutdown
 from geodiff4d.datasets.flame import FlameModel
 from geodiff4d.datasets.procedural_head import procedural_head_model
 

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from geodiff4d.cluster.benchmark_config import dotted_to_nested, load_benchmark_config, merge
 from geodiff4d.cluster.cli import app
+from geodiff4d.core.io.video import write_video
 from geodiff4d.datasets.cameras import nersemble_rig
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import write_nersemble_tracking
 from geodiff4d.datasets.nersemble import write_camera_params
-from geodiff4d.datasets.video import write_video
 
 runner = CliRunner()
 CAMERAS = ("222200037", "222200046", "220700191", "222200039")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
-from geodiff4d.cluster.config_files import ConfigError, packaged_configs, resolve_config
+from geodiff4d.core.config import ConfigError, packaged_configs, resolve_config
 from geodiff4d.gen.config import load_config
 
 runner = CliRunner()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from geodiff4d.cluster.config_files import ConfigError
+from geodiff4d.core.config import ConfigError
 from geodiff4d.gen.config import load_config
 from geodiff4d.gen.flops import module_counts
 from geodiff4d.gen.latents import PixelLatents

@@ -22,8 +22,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
-from geodiff4d.cluster.generate import GenerateJob, generate, plan_units, prepare
-from geodiff4d.cluster.jobs import WorkUnit
+from geodiff4d.core.jobs import WorkUnit
+from geodiff4d.gen.generate import GenerateJob, generate, plan_units, prepare
 from geodiff4d.gen.model_run import run_config as config_of
 from geodiff4d.gen.sample_frames import read_sequence
 from geodiff4d.recon.run import ReconConfig, reconstruct
@@ -56,10 +56,10 @@ def inputs(tmp_path_factory) -> Path:
     from gen_synthetic import make_batches_factory, one_thread
     from skimage import data as images
 
+    from geodiff4d.core.io.video import write_video
     from geodiff4d.datasets.flame import FlameParams
     from geodiff4d.datasets.frame_folder import write_tracking
     from geodiff4d.datasets.procedural_head import procedural_head_model
-    from geodiff4d.datasets.video import write_video
     from geodiff4d.gen.train import train_loop
     root = tmp_path_factory.mktemp("generate")
     with one_thread():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from geodiff4d.cluster.atomic import write_json_atomic
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 
 
 class _WriteFiles:

@@ -288,11 +288,11 @@ def test_workers_import_the_drivers_code(cluster):
     """From a checkout, connect() ships the package (runtime_env py_modules): workers import that copy."""
     probe = (
         "import ray\n"
-        "from geodiff4d.cluster.runtime import connect\n"
+        "from geodiff4d.core.runtime import connect\n"
         f"connect({cluster.address!r})\n"
         "@ray.remote(num_cpus=0)\n"
         "def where():\n"
-        "    import geodiff4d.cluster.jobs as jobs\n"
+        "    import geodiff4d.core.jobs as jobs\n"
         "    return jobs.__file__\n"
         "print(ray.get(where.remote()))\n"
     )
@@ -312,7 +312,7 @@ def test_embedded_connect_never_attaches_to_a_started_cluster(cluster):
     (temp / "ray" / "ray_current_cluster").write_text(cluster.address)
     env = cluster.env | {"RAY_TMPDIR": str(temp)}
     probe = ("import ray\n"
-             "from geodiff4d.cluster.runtime import connect\n"
+             "from geodiff4d.core.runtime import connect\n"
              "{}\n"
              "print('nodes', len(ray.nodes()))\n")
     attached = subprocess.run([sys.executable, "-c", probe.format("ray.init()")], env=env, capture_output=True,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from geodiff4d.core.io.video import write_video
 from geodiff4d.datasets.cameras import Camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V2, TrackingError, write_nersemble_tracking
@@ -16,7 +17,6 @@ from geodiff4d.datasets.nersemble import (
     write_camera_params,
     write_color_calibration,
 )
-from geodiff4d.datasets.video import write_video
 
 SERIALS = ("222200037", "222200046", "220700191")
 N_FRAMES, WIDTH, HEIGHT, N_SHAPE, N_EXPR = 4, 64, 48, 20, 10

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V1, TRACKING_V2, write_nersemble_tracking
 from geodiff4d.datasets.packing import SYNTHHUMAN_FACE_SAMPLES, list_synthhuman
@@ -118,7 +118,7 @@ def test_synthhuman_face_subset_is_the_first_98040_indices(data):
 
 
 def test_synthhuman_normals_in_another_convention_are_refused_at_pack_start(data, tmp_path):
-    from geodiff4d.datasets.exr import read_exr, write_exr
+    from geodiff4d.core.io.exr import read_exr, write_exr
 
     root = data / "synthhuman"
     for index in range(SPEC.synthetic):

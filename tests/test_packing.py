@@ -17,7 +17,8 @@ import pytest
 import ray
 from onnx import TensorProto, helper
 
-from geodiff4d.cluster.jobs import WorkUnit
+from geodiff4d.core.io.video import write_video
+from geodiff4d.core.jobs import WorkUnit
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import write_nersemble_tracking
@@ -40,7 +41,6 @@ from geodiff4d.datasets.procedural import SEQUENCE_NAMES, SynthSpec, subject_id,
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.datasets.synthhuman import write_synthhuman_sample
 from geodiff4d.datasets.verify import verify
-from geodiff4d.datasets.video import write_video
 
 SPEC = SynthSpec(subjects=2, sequences=1, frames=4, cameras=3, resolution=64, synthetic=3, seed=0)
 EXPECTED = SPEC.subjects * SPEC.frames * SPEC.cameras + SPEC.synthetic

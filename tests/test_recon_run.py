@@ -71,7 +71,7 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     _frame_folder(frames_root)
     config = ReconConfig(steps=8, fit={"checkpoint_every": 3}, holdout_camera="222200037", progress_every=4)
     job = _KillOnceJob(frames_root, out, config, progress=False)
-    from geodiff4d.cluster.jobs import CommitLog, WorkUnit, run_units
+    from geodiff4d.core.jobs import CommitLog, WorkUnit, run_units
 
     report = run_units(job, [WorkUnit("s0"), WorkUnit("s1")], CommitLog(out / "_commits"), workers=1, progress=False)
     assert report.ok and sorted(report.completed) == ["s0", "s1"]
@@ -128,7 +128,7 @@ def test_recon_with_our_tracking_and_refinement_renders_a_scorable_folder(tmp_pa
     )  # fmt: skip
     job = ReconJob(frames_root, out, config)
     job.setup()
-    from geodiff4d.cluster.jobs import WorkUnit
+    from geodiff4d.core.jobs import WorkUnit
 
     stats = job.run(WorkUnit("s0"))
     assert stats["steps"] == 2

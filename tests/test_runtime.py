@@ -7,14 +7,14 @@ import logging
 import subprocess
 import sys
 
-from geodiff4d.cluster.runtime import _DropNotice
+from geodiff4d.core.runtime import _DropNotice
 
 
 def test_embedded_ray_keeps_token_auth_quietly_and_shows_real_errors(tmp_path):
     probe = (
         "import ray\n"
         "from ray._private.authentication.authentication_utils import is_token_auth_enabled\n"
-        "from geodiff4d.cluster.runtime import connect\n"
+        "from geodiff4d.core.runtime import connect\n"
         "connect(num_cpus=1)\n"
         "print('token auth', is_token_auth_enabled())\n"
         "@ray.remote\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.core.jobs import CommitLog
 from geodiff4d.datasets.manifest import MANIFEST_NAME, build_manifest, read_manifest, shard_stats
 from geodiff4d.datasets.shards import ShardError, iter_shard, shard_name, write_shard
 from geodiff4d.datasets.verify import verify

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from geodiff4d.cluster.jobs import CommitLog
-from geodiff4d.cluster.stage_graph import StageGraph
+from geodiff4d.core.jobs import CommitLog
+from geodiff4d.core.stage_graph import StageGraph
 
 
 def _graph(tmp_path, calls, fail=()):

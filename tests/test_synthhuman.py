@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from geodiff4d.core.io.exr import read_exr, write_exr
 from geodiff4d.datasets.cameras import intrinsics
-from geodiff4d.datasets.exr import read_exr, write_exr
 from geodiff4d.datasets.normal_maps import angular_error_deg, normals_from_depth, sphere_depth_and_normals
 from geodiff4d.datasets.synthhuman import (
     INVALID_DEPTH_CM,

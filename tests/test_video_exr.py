@@ -4,8 +4,8 @@ import av
 import numpy as np
 import pytest
 
-from geodiff4d.datasets.exr import ExrError, read_exr, write_exr
-from geodiff4d.datasets.video import (
+from geodiff4d.core.io.exr import ExrError, read_exr, write_exr
+from geodiff4d.core.io.video import (
     DecodeCount,
     VideoError,
     iter_video_range,

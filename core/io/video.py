@@ -17,8 +17,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
 
 DEFAULT_CRF = 14  # visually lossless for 8-bit yuv420p, ~40+ dB PSNR on rendered heads
 

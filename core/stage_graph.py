@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geodiff4d.cluster.jobs import CommitLog
+from geodiff4d.core.jobs import CommitLog
 
 
 @dataclass(frozen=True)

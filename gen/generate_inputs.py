@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodiff4d.cluster.config_files import ConfigError
-from geodiff4d.cluster.generate_spec import (
+from geodiff4d.core.config import ConfigError
+from geodiff4d.core.io.images import ImageError, read_rgb8
+from geodiff4d.datasets.cameras import HEAD_FIELD_OF_VIEW_M, Camera, CameraError, intrinsics, look_at_camera
+from geodiff4d.datasets.flame import FlameModel, FlameParams
+from geodiff4d.datasets.frame_folder import FrameFolderError, read_cameras
+from geodiff4d.datasets.loader import augment_driving
+from geodiff4d.datasets.packing import crop, square_box
+from geodiff4d.datasets.render import render_head, render_pose_map
+from geodiff4d.gen.generate_spec import (
     FittedIdentity,
     JsonCameras,
     OrbitCameras,
@@ -28,13 +35,6 @@ from geodiff4d.cluster.generate_spec import (
     TrackingDriving,
     VideoDriving,
 )
-from geodiff4d.datasets.cameras import HEAD_FIELD_OF_VIEW_M, Camera, CameraError, intrinsics, look_at_camera
-from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.datasets.frame_folder import FrameFolderError, read_cameras
-from geodiff4d.datasets.image_io import ImageError, read_rgb8
-from geodiff4d.datasets.loader import augment_driving
-from geodiff4d.datasets.packing import crop, square_box
-from geodiff4d.datasets.render import render_head, render_pose_map
 
 
 class InputError(ConfigError):
@@ -193,7 +193,7 @@ class Resolver:
         return self.video_driving(index, drv, identity, frames)
 
     def video_driving(self, index: int, drv: VideoDriving, identity: FlameParams, frames: int):
-        from geodiff4d.datasets.video import VideoError, read_video
+        from geodiff4d.core.io.video import VideoError, read_video
         try:
             video = read_video(drv.video)
         except VideoError as exc:

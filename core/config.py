@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
 
 Schema = TypeVar("Schema")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_output
 
 
 class ExrError(UserError, ValueError):

@@ -27,8 +27,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from geodiff4d.cluster.atomic import write_json_atomic
-from geodiff4d.cluster.config_files import ConfigError
+from geodiff4d.core.config import ConfigError
+from geodiff4d.core.io.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def run_units(
 
     ``sizes`` (unit id -> items, e.g. frames) makes the progress bar count items, so it shows items/s.
     Each actor gets ``cpus_per_worker`` CPUs (default: :func:`worker_cpus`'s rule) and as many torch threads.
-    Needs a connected Ray (:func:`geodiff4d.cluster.runtime.connect`).
+    Needs a connected Ray (:func:`geodiff4d.core.runtime.connect`).
     """
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):

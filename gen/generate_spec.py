@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from geodiff4d.cluster.config_files import ConfigError, load_yaml_config
+from geodiff4d.core.config import ConfigError, load_yaml_config
 
 
 class _Strict(BaseModel):

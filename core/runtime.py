@@ -50,7 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         log_to_driver=True,
         logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "geodiff4d.cluster.runtime.quiet_state_api_polls"},
+        runtime_env={"worker_process_setup_hook": "geodiff4d.core.runtime.quiet_state_api_polls"},
     )
 
 

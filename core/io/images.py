@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from geodiff4d.cluster.atomic import atomic_write_bytes
-from geodiff4d.cluster.errors import UserError
+from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.atomic import atomic_write_bytes
 
 
 class ImageError(UserError, ValueError):

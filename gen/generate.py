@@ -5,7 +5,7 @@ frames on each side, all of its views as one batch, with the sampler's overlappi
 always, and writes only the frames it owns; neighbouring units share the context frames' noise, so they
 agree across the seam. Noise is drawn per (seed, subject, camera, frame) and the scheduler's generator per
 (seed, subject, window, camera group), never from a worker: any number of workers gives the same bytes.
-Units commit through cluster.jobs, so a killed actor or a rerun redoes only uncommitted units.
+Units commit through core.jobs, so a killed actor or a rerun redoes only uncommitted units.
 
 The frame folder is what `geodiff4d recon` reads: rgb/normal/mask PNGs, cameras/ JSON, tracking/ npz (the
 identity's shape with the driving's motion, NeRSemble names) and latents/ npz (expression latents).
@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from geodiff4d.cluster.atomic import atomic_output
-from geodiff4d.cluster.config_files import ConfigError
-from geodiff4d.cluster.generate_inputs import Resolver, SubjectInputs
-from geodiff4d.cluster.generate_spec import GenerateSpec, load_spec
-from geodiff4d.cluster.jobs import CommitLog, JobReport, WorkUnit, run_units
-from geodiff4d.cluster.runtime import connect
+from geodiff4d.core.config import ConfigError
+from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.frame_folder import tracking_path, write_cameras, write_tracking
 from geodiff4d.datasets.render import render_pose_map
+from geodiff4d.gen.generate_inputs import Resolver, SubjectInputs
+from geodiff4d.gen.generate_spec import GenerateSpec, load_spec
 
 STATE = "_generate"  # OUT/_generate/{inputs,commits}: resolved inputs and commit markers
 
