@@ -52,6 +52,7 @@ image:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -28,11 +28,21 @@ def tiny_config(out: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "ablations.yaml").read_text())
     config["data"]["procedural"].update(subjects=4, frames=4, resolution=64, synthetic=2)
     gen = config["generation"]
-    gen.update(train_subjects=["001", "002"], train_steps={1: 2, 2: 2}, views=["222200037", "222200044"], frames=4,
-               model_overrides={"train": {"stage2": {"batch_size": 1, "steps": 2, "frames": 2}},
-                                "sample": {"steps": 2, "window": 4, "overlap": 1}})
+    gen.update(
+        train_subjects=["001", "002"],
+        train_steps={1: 2, 2: 2},
+        views=["222200037", "222200044"],
+        frames=4,
+        model_overrides={
+            "train": {"stage2": {"batch_size": 1, "steps": 2, "frames": 2}},
+            "sample": {"steps": 2, "window": 4, "overlap": 1},
+        },
+    )
     config["recon"]["steps"] = 5
-    config["eval"]["metrics"] = {"self": ["psnr", "ssim", "normal_deg"], "novel_views": ["psnr", "normal_deg"]}
+    config["eval"]["metrics"] = {
+        "self": ["psnr", "ssim", "normal_deg"],
+        "novel_views": ["psnr", "normal_deg"],
+    }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -40,8 +50,12 @@ def tiny_config(out: Path) -> Path:
 
 def run(config: Path, out: Path) -> set[str]:
     """One benchmark run; the stages it ran (its "[stage] running" lines)."""
-    result = subprocess.run([sys.executable, "-m", "geodiff4d.cluster.cli", "benchmark", str(config), "--out", str(out)],
-                            capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
+    result = subprocess.run(
+        [sys.executable, "-m", "geodiff4d.cluster.cli", "benchmark", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", **os.environ},
+    )
     log = result.stdout + result.stderr
     (out.parent / f"{out.name}.log").open("a").write(log)
     if result.returncode:
@@ -80,8 +94,10 @@ def main() -> None:
     shared = redo - own
     assert shared <= {"eval:self", "eval:novel_views", "leaderboard", "ablations"}, shared
     assert any(s.startswith("model:") for s in own) and any(s.startswith("render:") for s in own), own
-    print("OK: five rows, a rerun does no work, deleting one variant recomputes only it "
-          f"({len(own)} of its stages) and the evaluation/tables that read it")
+    print(
+        "OK: five rows, a rerun does no work, deleting one variant recomputes only it "
+        f"({len(own)} of its stages) and the evaluation/tables that read it"
+    )
 
 
 if __name__ == "__main__":

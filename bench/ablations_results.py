@@ -24,8 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_end_to_end import generated_rows  # noqa: E402  (a sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["ablations/ablations.md", "ablations/ablations.html", "ablations/ablations.csv", "leaderboard/leaderboard.md",
-          "leaderboard/report.html"]  # fmt: skip
+COPIED = [
+    "ablations/ablations.md",
+    "ablations/ablations.html",
+    "ablations/ablations.csv",
+    "leaderboard/leaderboard.md",
+    "leaderboard/report.html",
+]
 LABEL_WIDTH = 150
 
 
@@ -61,9 +66,13 @@ def stage_seconds(run: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a finished `geodiff4d benchmark configs/ablations.yaml` run folder")
+    parser.add_argument(
+        "run", type=Path, help="a finished `geodiff4d benchmark configs/ablations.yaml` run folder"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ablations")
-    parser.add_argument("--subject", default=None, help="the subject shown in generated.png (default: the first evaluated)")
+    parser.add_argument(
+        "--subject", default=None, help="the subject shown in generated.png (default: the first evaluated)"
+    )
     args = parser.parse_args()
     run = args.run.resolve()
     missing = [name for name in COPIED if not (run / name).is_file()]

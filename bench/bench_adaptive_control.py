@@ -29,13 +29,21 @@ from geodiff4d.recon.run import ReconConfig, load_subject, new_fitter  # noqa: E
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp folder; reused if given)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="work folder (default: a temp folder; reused if given)"
+    )
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--schedule", type=int, nargs=4, default=None, metavar=("FROM", "EVERY", "UNTIL", "RESET"),
-                        help="explicit densify_from, densify_every, densify_until, opacity_reset_every "
-                             "(default: the run's own schedule from recon.adaptive)")  # fmt: skip
+    parser.add_argument(
+        "--schedule",
+        type=int,
+        nargs=4,
+        default=None,
+        metavar=("FROM", "EVERY", "UNTIL", "RESET"),
+        help="explicit densify_from, densify_every, densify_until, opacity_reset_every "
+        "(default: the run's own schedule from recon.adaptive)",
+    )
     args = parser.parse_args()
     schedule_overrides = {}
     if args.schedule:
@@ -46,8 +54,10 @@ def main() -> None:
     print(f"work folder {work}; load average {os.getloadavg()}; {args.threads} torch thread(s)")
     root = work / "frames"
     if not root.exists():  # one subject, written in this process (no Ray to start on a busy machine)
-        job = SynthJob(work / "synth", SynthSpec(subjects=1, sequences=1, frames=args.frames, cameras=16,
-                                                 resolution=128, synthetic=0))  # fmt: skip
+        job = SynthJob(
+            work / "synth",
+            SynthSpec(subjects=1, sequences=1, frames=args.frames, cameras=16, resolution=128, synthetic=0),
+        )
         job.setup()
         for unit in synth_units(job.spec):
             job.run(unit)
@@ -56,19 +66,30 @@ def main() -> None:
     train = sorted(set(read_cameras(root / "cameras" / subject / f"{sequence}.json")) - set(HELD_OUT))
     model = procedural_head_model(0)
     for adaptive in (True, False):
-        config = ReconConfig(steps=args.steps, per_face=1, train_cameras=train, fit={"adaptive_control": adaptive, **schedule_overrides})
+        config = ReconConfig(
+            steps=args.steps,
+            per_face=1,
+            train_cameras=train,
+            fit={"adaptive_control": adaptive, **schedule_overrides},
+        )
         fitter = new_fitter(load_subject(root, subject, model, config), model, config)
         start = time.perf_counter()
         fitter.run(args.steps)
         seconds = time.perf_counter() - start
         score, normal_error = held_out_scores(fitter, root, subject, sequence)
         schedule = fitter.schedule
-        plan = (f"densify every {schedule.densify_every} from {schedule.densify_from} until {schedule.densify_until}, "
-                f"opacity reset every {schedule.opacity_reset_every}" if schedule else "no densification")  # fmt: skip
-        print(f"adaptive control {'on ' if adaptive else 'off'}: held-out PSNR {score:.2f} dB, median normal error "
-              f"{normal_error:.2f} deg, {len(fitter.gaussians)} Gaussians from {len(fitter.faces)} "
-              f"({args.steps} steps, {plan}; {seconds / 60:.1f} min; {len(train)} train / {len(HELD_OUT)} held-out "
-              f"cameras, {args.frames} frames, 128 px)")  # fmt: skip
+        plan = (
+            f"densify every {schedule.densify_every} from {schedule.densify_from} until {schedule.densify_until}, "
+            f"opacity reset every {schedule.opacity_reset_every}"
+            if schedule
+            else "no densification"
+        )
+        print(
+            f"adaptive control {'on ' if adaptive else 'off'}: held-out PSNR {score:.2f} dB, median normal error "
+            f"{normal_error:.2f} deg, {len(fitter.gaussians)} Gaussians from {len(fitter.faces)} "
+            f"({args.steps} steps, {plan}; {seconds / 60:.1f} min; {len(train)} train / {len(HELD_OUT)} held-out "
+            f"cameras, {args.frames} frames, 128 px)"
+        )
     print(f"load average at the end {os.getloadavg()}")
 
 

@@ -30,10 +30,12 @@ def photos() -> dict[str, np.ndarray]:
     """Single-face crops: scikit-image's astronaut, insightface's Tom Hanks and two faces of its t1.jpg group."""
     group = cv2.cvtColor(cv2.imread(str(packaged_photo("t1.jpg"))), cv2.COLOR_BGR2RGB)
     hanks = cv2.cvtColor(cv2.imread(str(packaged_photo("Tom_Hanks_54745.png"))), cv2.COLOR_BGR2RGB)
-    return {"astronaut": skimage.data.astronaut()[:320, 80:400].copy(),
-            "tom_hanks": cv2.resize(hanks, (320, 320), interpolation=cv2.INTER_AREA),
-            "t1_left": group[:, : group.shape[1] // 3].copy(),
-            "t1_right": group[:, 2 * group.shape[1] // 3:].copy()}
+    return {
+        "astronaut": skimage.data.astronaut()[:320, 80:400].copy(),
+        "tom_hanks": cv2.resize(hanks, (320, 320), interpolation=cv2.INTER_AREA),
+        "t1_left": group[:, : group.shape[1] // 3].copy(),
+        "t1_right": group[:, 2 * group.shape[1] // 3 :].copy(),
+    }
 
 
 def noise_floor(landmarker: Landmarker, images: dict[str, np.ndarray], seeds: int) -> dict[str, float]:
@@ -48,13 +50,20 @@ def noise_floor(landmarker: Landmarker, images: dict[str, np.ndarray], seeds: in
         shifts.append(keypoint_distance(landmarker(np.roll(image, 1, axis=1)), clean))
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
-            noisy = np.clip(np.rint(image + rng.normal(0.0, SIGMA * 255.0, image.shape)), 0, 255).astype(np.uint8)
+            noisy = np.clip(np.rint(image + rng.normal(0.0, SIGMA * 255.0, image.shape)), 0, 255).astype(
+                np.uint8
+            )
             d = keypoint_distance(landmarker(noisy), clean)
             misses += d is None
             if d is not None:
                 floors.append(d)
-    return {"floor": float(np.mean(floors)), "floor_max": float(np.max(floors)),
-            "shift_1px": float(np.nanmean(np.array(shifts, dtype=float))), "measured": len(floors), "misses": misses}
+    return {
+        "floor": float(np.mean(floors)),
+        "floor_max": float(np.max(floors)),
+        "shift_1px": float(np.nanmean(np.array(shifts, dtype=float))),
+        "measured": len(floors),
+        "misses": misses,
+    }
 
 
 def main() -> None:
@@ -63,22 +72,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="noise draws per photo")
     args = parser.parse_args()
     images = photos()
-    print(f"AKD noise floor, sigma = 1/255, {len(images)} photos x {args.seeds} noise draws; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"AKD noise floor, sigma = 1/255, {len(images)} photos x {args.seeds} noise draws; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     backends = {"dlib": lambda: make_landmarker("dlib")}
     backends["fan"] = lambda: make_landmarker("fan", fan_weights=args.fan_weights)
     for name, build in backends.items():
         try:
             landmarker = build()
         except ModelFileNotFound as missing:
-            print(f"{name:>5}: not measured: needs the real face-alignment weights ({missing}); "
-                  "give --fan-weights PATH or $GEODIFF4D_FAN_WEIGHTS")
+            print(
+                f"{name:>5}: not measured: needs the real face-alignment weights ({missing}); "
+                "give --fan-weights PATH or $GEODIFF4D_FAN_WEIGHTS"
+            )
             continue
         start = time.perf_counter()
         r = noise_floor(landmarker, images, args.seeds)
-        print(f"{name:>5}: noise floor {r['floor']:.3f} px (max {r['floor_max']:.3f}) over {r['measured']} pairs, "
-              f"{r['misses']} misses; 1 px shift reads {r['shift_1px']:.3f} px; "
-              f"floor / shift = {r['floor'] / r['shift_1px']:.2f}  ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"{name:>5}: noise floor {r['floor']:.3f} px (max {r['floor_max']:.3f}) over {r['measured']} pairs, "
+            f"{r['misses']} misses; 1 px shift reads {r['shift_1px']:.3f} px; "
+            f"floor / shift = {r['floor'] / r['shift_1px']:.2f}  ({time.perf_counter() - start:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

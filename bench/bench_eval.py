@@ -53,8 +53,15 @@ def bench_psnr_ssim(pred: Clip, gt: Clip) -> None:
     def reference() -> None:
         for p, g in zip(fp, fg, strict=True):
             peak_signal_noise_ratio(g, p, data_range=1)
-            structural_similarity(g, p, channel_axis=-1, data_range=1, gaussian_weights=True, sigma=1.5,
-                                  use_sample_covariance=False)
+            structural_similarity(
+                g,
+                p,
+                channel_axis=-1,
+                data_range=1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
 
     ref = N / _seconds(reference)
     ours_one = N / _seconds(lambda: (psnr(tp, tg), ssim(tp, tg)))
@@ -62,8 +69,10 @@ def bench_psnr_ssim(pred: Clip, gt: Clip) -> None:
     torch.set_num_threads(threads)
     ours_all = N / _seconds(lambda: (psnr(tp, tg), ssim(tp, tg)))
     torch.set_num_threads(1)
-    print(f"{size}px PSNR+SSIM  skimage {ref:6.1f} f/s | ours 1 thread {ours_one:6.1f} f/s "
-          f"(ratio {ours_one / ref:.2f}x) | ours {threads} threads {ours_all:6.1f} f/s (ratio {ours_all / ref:.2f}x)")
+    print(
+        f"{size}px PSNR+SSIM  skimage {ref:6.1f} f/s | ours 1 thread {ours_one:6.1f} f/s "
+        f"(ratio {ours_one / ref:.2f}x) | ours {threads} threads {ours_all:6.1f} f/s (ratio {ours_all / ref:.2f}x)"
+    )
 
 
 def bench_full(models: MetricModels, pred: Clip, gt: Clip) -> None:
@@ -75,8 +84,10 @@ def bench_full(models: MetricModels, pred: Clip, gt: Clip) -> None:
     columns, video_jod = score_clip(models, head(pred, N_FULL), head(gt, N_FULL))
     rate = N_FULL / (time.perf_counter() - start)
     means = ", ".join(f"{m} {np.nanmean(v):.3f}" for m, v in columns.items())
-    print(f"{size}px full metric set ({', '.join(models.settings.metrics)}): {rate:5.2f} frames/s "
-          f"[{means}, jod {video_jod:.2f}]")
+    print(
+        f"{size}px full metric set ({', '.join(models.settings.metrics)}): {rate:5.2f} frames/s "
+        f"[{means}, jod {video_jod:.2f}]"
+    )
 
 
 def main() -> None:

@@ -42,10 +42,14 @@ def write_folder(root: Path, frames: int, cameras: int, size: int) -> None:
     rig = nersemble_rig(width=size, height=size)
     serials = sorted(rig)[:cameras]
     write_cameras(root / "cameras" / "s0" / "EXP-1.json", {s: rig[s] for s in serials})
-    write_tracking(root / "tracking" / "s0" / "EXP-1.npz", FlameParams.zeros(frames, model.n_shape, model.n_expr))
+    write_tracking(
+        root / "tracking" / "s0" / "EXP-1.npz", FlameParams.zeros(frames, model.n_shape, model.n_expr)
+    )
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     inside = (xs**2 + ys**2) < 0.8
-    normal = torch.nn.functional.normalize(torch.stack([xs, -ys, (1.2 - xs**2 - ys**2).clamp_min(0.05)]), dim=0)
+    normal = torch.nn.functional.normalize(
+        torch.stack([xs, -ys, (1.2 - xs**2 - ys**2).clamp_min(0.05)]), dim=0
+    )
     g = torch.Generator().manual_seed(0)
     for serial in serials:
         for frame in range(frames):
@@ -74,16 +78,25 @@ def measure(root: Path, mode: str, steps: int) -> dict:
     before = _rss_mb()
     started = time.perf_counter()
     data = load_subject(root, "s0", model, config)
-    if mode == "float32":  # the reference: every view decoded to float32 tensors and kept, as recon did before
+    if (
+        mode == "float32"
+    ):  # the reference: every view decoded to float32 tensors and kept, as recon did before
         cameras = frame_io.read_cameras(root / "cameras" / "s0" / "EXP-1.json")
         views = []
         data.views = None  # drop the store (a quarter of the views' size) before reading the frames again
         for image in frame_io.iter_frames(root, "s0", "EXP-1"):
             mask = torch.from_numpy(image.mask)
             cam = cameras[image.camera]
-            views.append(View(image.frame, torch.tensor(cam.world_to_cam, dtype=torch.float32),
-                              torch.tensor(cam.K, dtype=torch.float32), torch.from_numpy(image.rgb).permute(2, 0, 1) * mask,
-                              mask, torch.from_numpy(image.normal).permute(2, 0, 1) * mask))  # fmt: skip
+            views.append(
+                View(
+                    image.frame,
+                    torch.tensor(cam.world_to_cam, dtype=torch.float32),
+                    torch.tensor(cam.K, dtype=torch.float32),
+                    torch.from_numpy(image.rgb).permute(2, 0, 1) * mask,
+                    mask,
+                    torch.from_numpy(image.normal).permute(2, 0, 1) * mask,
+                )
+            )
         data.views = views
         held = sum(t.numel() * t.element_size() for v in views for t in (v.rgb, v.mask, v.normal))
     else:
@@ -92,12 +105,21 @@ def measure(root: Path, mode: str, steps: int) -> dict:
     fitter = new_fitter(data, model, config)
     fitter.run(steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "views": len(data.views), "pixel_mb": held / 2**20, "before_mb": before, "peak_mb": peak,
-            "load_s": loaded, "fit_steps": steps}  # fmt: skip
+    return {
+        "mode": mode,
+        "views": len(data.views),
+        "pixel_mb": held / 2**20,
+        "before_mb": before,
+        "peak_mb": peak,
+        "load_s": loaded,
+        "fit_steps": steps,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--cameras", type=int, default=12)
     parser.add_argument("--size", type=int, default=256)
@@ -108,21 +130,31 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.steps)))
         return
-    print(f"# {' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()}")  # fmt: skip
+    print(
+        f"# {' '.join(sys.argv)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()}"
+    )
     root = args.work / f"{args.frames}x{args.cameras}x{args.size}"
     write_folder(root, args.frames, args.cameras, args.size)
     runs = {}
     for mode in ("uint8", "float32"):
-        out = subprocess.run([sys.executable, __file__, "--measure", str(root), mode, "--steps", str(args.steps)],
-                             check=True, capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", str(root), mode, "--steps", str(args.steps)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         runs[mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode:>8}: {r['views']} views, pixel data {r['pixel_mb']:7.0f} MB, peak RSS {r['peak_mb']:7.0f} MB "
-              f"(before loading {r['before_mb']:5.0f} MB), load {r['load_s']:.0f} s + {r['fit_steps']} fit steps")  # fmt: skip
+        print(
+            f"{mode:>8}: {r['views']} views, pixel data {r['pixel_mb']:7.0f} MB, peak RSS {r['peak_mb']:7.0f} MB "
+            f"(before loading {r['before_mb']:5.0f} MB), load {r['load_s']:.0f} s + {r['fit_steps']} fit steps"
+        )
     small, big = runs["uint8"], runs["float32"]
     print(f"pixel data ratio uint8 / float32: {small['pixel_mb'] / big['pixel_mb']:.3f}  (target <= 0.3)")
-    print(f"peak RSS growth ratio uint8 / float32: "
-          f"{(small['peak_mb'] - small['before_mb']) / (big['peak_mb'] - big['before_mb']):.3f}")  # fmt: skip
+    print(
+        f"peak RSS growth ratio uint8 / float32: "
+        f"{(small['peak_mb'] - small['before_mb']) / (big['peak_mb'] - big['before_mb']):.3f}"
+    )
     print(f"peak RSS ratio uint8 / float32: {small['peak_mb'] / big['peak_mb']:.3f}")
 
 

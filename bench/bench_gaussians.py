@@ -48,15 +48,26 @@ def naive_tiled(means, quats, scales, opacities, colors, w2c, K, width, height, 
     conic = torch.linalg.inv(cov2d)
     radius = 3 * torch.sqrt(torch.linalg.eigvalsh(cov2d.detach())[:, 1])
     order = torch.argsort(depth.detach())
-    means2d, conic, radius, opacities, colors = means2d[order], conic[order], radius[order], opacities[order], colors[order]
+    means2d, conic, radius, opacities, colors = (
+        means2d[order],
+        conic[order],
+        radius[order],
+        opacities[order],
+        colors[order],
+    )
     in_front = depth.detach()[order] > 0.01
     rows = []
     for ty in range(0, height, tile):
         row = []
         for tx in range(0, width, tile):
             m = means2d.detach()
-            hit = in_front & (m[:, 0] + radius >= tx) & (m[:, 0] - radius < tx + tile) & (m[:, 1] + radius >= ty) & (
-                m[:, 1] - radius < ty + tile)  # fmt: skip
+            hit = (
+                in_front
+                & (m[:, 0] + radius >= tx)
+                & (m[:, 0] - radius < tx + tile)
+                & (m[:, 1] + radius >= ty)
+                & (m[:, 1] - radius < ty + tile)
+            )
             ys, xs = torch.meshgrid(torch.arange(ty, ty + tile), torch.arange(tx, tx + tile), indexing="ij")
             d = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None] - means2d[hit][:, None]  # [G, P, 2]
             c = conic[hit]
@@ -85,15 +96,19 @@ def timed(fn, repeats: int) -> dict[str, float]:
 
 
 def report(name: str, t: dict[str, float], n: int, size: int) -> None:
-    print(f"{name:<14} N={n} {size}px: forward {t['fwd']:.3f} s, backward {t['bwd']:.3f} s wall; "
-          f"forward {t['fwd_cpu']:.3f} s, backward {t['bwd_cpu']:.3f} s CPU")  # fmt: skip
+    print(
+        f"{name:<14} N={n} {size}px: forward {t['fwd']:.3f} s, backward {t['bwd']:.3f} s wall; "
+        f"forward {t['fwd_cpu']:.3f} s, backward {t['bwd_cpu']:.3f} s CPU"
+    )
 
 
 def speedup(name: str, ours: dict[str, float], naive: dict[str, float]) -> None:
     for clock, suffix in (("wall", ""), ("CPU", "_cpu")):
         f, b = naive["fwd" + suffix] / ours["fwd" + suffix], naive["bwd" + suffix] / ours["bwd" + suffix]
         both = (naive["fwd" + suffix] + naive["bwd" + suffix]) / (ours["fwd" + suffix] + ours["bwd" + suffix])
-        print(f"speed-up of {name} over naive ({clock}): forward x{f:.1f}, backward x{b:.1f}, fwd+bwd x{both:.1f}")
+        print(
+            f"speed-up of {name} over naive ({clock}): forward x{f:.1f}, backward x{b:.1f}, fwd+bwd x{both:.1f}"
+        )
 
 
 def main() -> None:
@@ -133,7 +148,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scene = head_like_scene(args.render_n, seed=1, device=device)
     f = 1.2 * args.render_size / (2 * 0.25)
-    Kr = torch.tensor([[f, 0, (args.render_size - 1) / 2], [0, f, (args.render_size - 1) / 2], [0, 0, 1.0]], device=device)
+    Kr = torch.tensor(
+        [[f, 0, (args.render_size - 1) / 2], [0, f, (args.render_size - 1) / 2], [0, 0, 1.0]], device=device
+    )
     backends = ["torch"] + (["gsplat"] if device == "cuda" else [])
     for backend in backends:
         with torch.no_grad():
@@ -142,7 +159,9 @@ def main() -> None:
                 torch.cuda.synchronize()
             t0, frames = time.perf_counter(), 0
             while time.perf_counter() - t0 < 3.0 or frames < 2:
-                render_gaussians(*scene[:5], scene[5], Kr, args.render_size, args.render_size, backend=backend)
+                render_gaussians(
+                    *scene[:5], scene[5], Kr, args.render_size, args.render_size, backend=backend
+                )
                 if device == "cuda":
                     torch.cuda.synchronize()
                 frames += 1

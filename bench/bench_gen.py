@@ -34,9 +34,15 @@ def load_average() -> str:
 def random_batch(g: torch.Generator, batch: int, res: int, crop: int) -> dict:
     """A batch of the loader's contract; timing needs the shapes, not the content."""
     image = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    return {"rgb": image(batch, 3, res, res), "normal": image(batch, 3, res, res), "posemap": image(batch, 3, res, res),
-            "ref_rgb": image(batch, 3, res, res), "ref_posemap": image(batch, 3, res, res),
-            "driving": image(batch, 3, crop, crop), "has_normal": torch.ones(batch, dtype=torch.bool)}
+    return {
+        "rgb": image(batch, 3, res, res),
+        "normal": image(batch, 3, res, res),
+        "posemap": image(batch, 3, res, res),
+        "ref_rgb": image(batch, 3, res, res),
+        "ref_posemap": image(batch, 3, res, res),
+        "driving": image(batch, 3, crop, crop),
+        "has_normal": torch.ones(batch, dtype=torch.bool),
+    }
 
 
 def steps_per_second(cfg: GenConfig, steps: int, warmup: int = 2) -> float:
@@ -63,7 +69,9 @@ def throughput(config: Path, resolution: int, steps: int) -> None:
         base["model"]["joint_normals"] = joint
         rates[joint] = steps_per_second(GenConfig.model_validate(base), steps)
     batch = base["train"]["stage1"]["batch_size"]
-    print(f"denoiser training at {resolution} px, batch {batch}, {torch.get_num_threads()} thread(s), {load_average()}")
+    print(
+        f"denoiser training at {resolution} px, batch {batch}, {torch.get_num_threads()} thread(s), {load_average()}"
+    )
     print(f"  joint RGB+normals: {rates[True]:.3f} steps/s")
     print(f"  RGB only:          {rates[False]:.3f} steps/s")
     print(f"  joint model cost ratio (time per step, joint / RGB-only): {rates[False] / rates[True]:.2f}")
@@ -72,11 +80,21 @@ def throughput(config: Path, resolution: int, steps: int) -> None:
 def make_data(root: Path, resolution: int, seed: int, subjects: int, frames: int, synthetic: int) -> Path:
     from geodiff4d.datasets.packing import pack
     from geodiff4d.datasets.procedural import SynthSpec, synthesize
-    spec = SynthSpec(subjects=subjects, sequences=1, frames=frames, cameras=4, resolution=128, synthetic=synthetic,
-                     seed=seed)
+
+    spec = SynthSpec(
+        subjects=subjects,
+        sequences=1,
+        frames=frames,
+        cameras=4,
+        resolution=128,
+        synthetic=synthetic,
+        seed=seed,
+    )
     if not synthesize(root / "raw", spec, workers=2, progress=False).ok:
         raise RuntimeError(f"{root}: synthesis failed")
-    sources = [("nersemble", root / "raw/nersemble")] + ([("synthhuman", root / "raw/synthhuman")] if synthetic else [])
+    sources = [("nersemble", root / "raw/nersemble")] + (
+        [("synthhuman", root / "raw/synthhuman")] if synthetic else []
+    )
     report = pack(root / "shards", sources, resolution=resolution, workers=2, progress=False)
     if not report.ok:
         raise RuntimeError(report.summary())
@@ -86,6 +104,7 @@ def make_data(root: Path, resolution: int, seed: int, subjects: int, frames: int
 def step_losses(run: Path) -> np.ndarray:
     """The per-step training loss from the run's TensorBoard scalars (the config logs every step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = sorted((run / "tensorboard").glob("events.*"))
     values = {}
     for path in events:
@@ -95,10 +114,13 @@ def step_losses(run: Path) -> np.ndarray:
     return np.array([values[s] for s in sorted(values)])
 
 
-def normal_errors(frame_root: Path, shards: Path, subject: str, sequence: str) -> tuple[np.ndarray, np.ndarray]:
+def normal_errors(
+    frame_root: Path, shards: Path, subject: str, sequence: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Angular errors (deg) over the ground truth's foreground: sampled normals, and a constant (0, 0, 1) map."""
     from geodiff4d.datasets.normal_maps import angular_error_deg, decode_normal_png
     from geodiff4d.gen.sample_frames import read_sequence
+
     data = read_sequence(shards, subject, sequence)
     sampled, constant = [], []
     for path in sorted((frame_root / "normal" / subject / sequence).glob("*/*.png")):
@@ -118,6 +140,7 @@ def quality(config: Path, work: Path, frames: int) -> bool:
 
     from geodiff4d.gen.sample_frames import sample_to_frame_folder
     from geodiff4d.gen.train import train
+
     cfg = load_config(config)
     res = cfg.data.resolution
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -133,16 +156,24 @@ def quality(config: Path, work: Path, frames: int) -> bool:
     losses = step_losses(work / "stage1")
     first, last = losses[:50].mean(), losses[-50:].mean()
     t = time.perf_counter()
-    sample_to_frame_folder(config, work / "stage2", held_out, "001", "EXP-1-head", None, None, work / "frames", seed=0)
+    sample_to_frame_folder(
+        config, work / "stage2", held_out, "001", "EXP-1-head", None, None, work / "frames", seed=0
+    )
     sample_time = time.perf_counter() - t
     errors, baseline = normal_errors(work / "frames", held_out, "001", "EXP-1-head")
     s2 = step_losses(work / "stage2")
-    print(f"stage 1: {len(losses)} steps in {times[1]:.0f} s (Ray start included); stage 2: {len(s2)} steps "
-          f"in {times[2]:.0f} s; sampling the held-out subject: {sample_time:.0f} s; {load_average()}")
-    print(f"stage-1 loss: first-50-step mean {first:.4f}, last-50-step mean {last:.4f}, ratio {last / first:.3f} "
-          f"(must be <= 0.5); stage-2 loss first/last 10-step mean {s2[:10].mean():.4f} / {s2[-10:].mean():.4f}")
-    print(f"held-out normals: median angular error {np.median(errors):.1f} deg sampled vs {np.median(baseline):.1f} "
-          f"deg constant facing-the-camera map ({errors.size} foreground pixels); grid: {work}/frames/grids/")
+    print(
+        f"stage 1: {len(losses)} steps in {times[1]:.0f} s (Ray start included); stage 2: {len(s2)} steps "
+        f"in {times[2]:.0f} s; sampling the held-out subject: {sample_time:.0f} s; {load_average()}"
+    )
+    print(
+        f"stage-1 loss: first-50-step mean {first:.4f}, last-50-step mean {last:.4f}, ratio {last / first:.3f} "
+        f"(must be <= 0.5); stage-2 loss first/last 10-step mean {s2[:10].mean():.4f} / {s2[-10:].mean():.4f}"
+    )
+    print(
+        f"held-out normals: median angular error {np.median(errors):.1f} deg sampled vs {np.median(baseline):.1f} "
+        f"deg constant facing-the-camera map ({errors.size} foreground pixels); grid: {work}/frames/grids/"
+    )
     return last <= 0.5 * first and np.median(errors) < np.median(baseline)
 
 
@@ -151,10 +182,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/demo.yaml")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a Ray Train CPU worker runs 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a Ray Train CPU worker runs 1)"
+    )
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--frames", type=int, default=24, help="--quality: frames per training sequence")
-    parser.add_argument("--work", type=Path, default=None, help="--quality: keep outputs here (default: temp)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="--quality: keep outputs here (default: temp)"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@ def make_run(run: Path, resolution: int, steps: int) -> None:
     from geodiff4d.gen.build import build_codec, build_model
     from geodiff4d.gen.config import GenConfig, load_config
     from geodiff4d.gen.model_run import write_run_files
+
     raw = load_config(ROOT / "configs/demo.yaml").model_dump()
     raw["data"]["resolution"] = resolution
     raw["sample"]["steps"] = steps
@@ -48,17 +49,33 @@ def make_spec(work: Path, frames: int, views: int, cameras_per_unit: int, frames
     from geodiff4d.datasets.flame import FlameParams
     from geodiff4d.datasets.frame_folder import write_tracking
     from geodiff4d.datasets.procedural_head import procedural_head_model
+
     Image.fromarray(data.astronaut()[:384, 64:448]).save(work / "reference.png")
     head = procedural_head_model(0)
     driving = FlameParams.zeros(frames, head.n_shape, head.n_expr)
     driving.expression[:] = torch.from_numpy(np.random.default_rng(0).normal(0, 0.5, (frames, head.n_expr)))
     write_tracking(work / "driving.npz", driving)
     spec = work / f"spec-{cameras_per_unit}.yaml"
-    spec.write_text(yaml.safe_dump({
-        "run": str(work / "run"), "seed": 0, "frames_per_unit": frames_per_unit, "cameras_per_unit": cameras_per_unit,
-        "subjects": [{"name": "astronaut", "reference": {"image": str(work / "reference.png")}, "identity": {"fit": True},
-                      "cameras": {"orbit": views}, "driving": {"tracking": str(work / "driving.npz")},
-                      "frames": frames}]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "run": str(work / "run"),
+                "seed": 0,
+                "frames_per_unit": frames_per_unit,
+                "cameras_per_unit": cameras_per_unit,
+                "subjects": [
+                    {
+                        "name": "astronaut",
+                        "reference": {"image": str(work / "reference.png")},
+                        "identity": {"fit": True},
+                        "cameras": {"orbit": views},
+                        "driving": {"tracking": str(work / "driving.npz")},
+                        "frames": frames,
+                    }
+                ],
+            }
+        )
+    )
     return spec
 
 
@@ -66,13 +83,16 @@ def frames_per_second(spec: Path, out: Path, workers: int) -> tuple[float, float
     """Frames/s of `generate` into `out` (whose inputs `prepare` resolved before): over the whole call, and from
     the first unit's start to the last unit's end (actor start-up and model loading excluded)."""
     from geodiff4d.gen.generate import STATE, generate, prepare
+
     _, subjects = prepare(spec, out)
     total = sum(s.tracking.batch_size * len(s.cameras) for s in subjects)
     start = time.perf_counter()
     report = generate(spec, out, workers=workers, progress=False)
     seconds = time.perf_counter() - start
     assert report.ok and len(report.completed) > 0, report.summary()
-    windows = [json.loads(f.read_text())["unit_window"] for f in (out / STATE / "commits").glob("*.stats.json")]
+    windows = [
+        json.loads(f.read_text())["unit_window"] for f in (out / STATE / "commits").glob("*.stats.json")
+    ]
     return total / seconds, total / (max(w[1] for w in windows) - min(w[0] for w in windows))
 
 
@@ -81,6 +101,7 @@ def connect_with_retries(attempts: int = 5) -> None:
     import ray
 
     from geodiff4d.core.runtime import connect
+
     for attempt in range(attempts):
         try:
             connect(num_cpus=2)
@@ -100,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     from geodiff4d.gen.generate import prepare
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_run(work / "run", args.resolution, args.steps)
@@ -108,17 +130,28 @@ def main() -> None:
         for spec, out in ((batched, "one"), (batched, "two"), (single, "single")):
             prepare(spec, work / out)  # dlib + tracking of the reference: not part of the timing
         connect_with_retries()
-        print(f"demo model at {args.resolution} px, DDIM {args.steps} steps, {args.frames} frames x {args.views} views, "
-              f"{args.frames_per_unit} frames per unit; {os.cpu_count()} cores, load average {os.getloadavg()}")
-        (one_all, one), (two_all, two) = frames_per_second(batched, work / "one", 1), frames_per_second(batched, work / "two", 2)
+        print(
+            f"demo model at {args.resolution} px, DDIM {args.steps} steps, {args.frames} frames x {args.views} views, "
+            f"{args.frames_per_unit} frames per unit; {os.cpu_count()} cores, load average {os.getloadavg()}"
+        )
+        (one_all, one), (two_all, two) = (
+            frames_per_second(batched, work / "one", 1),
+            frames_per_second(batched, work / "two", 2),
+        )
         alone_all, alone = frames_per_second(single, work / "single", 1)
-        print("frames/s from the first unit's start to the last unit's end (in brackets: the whole call, actor start")
+        print(
+            "frames/s from the first unit's start to the last unit's end (in brackets: the whole call, actor start"
+        )
         print("and model loading included)")
         print(f"1 actor, views batched:        {one:.2f} ({one_all:.2f}) frames/s")
-        print(f"2 actors, views batched:       {two:.2f} ({two_all:.2f}) frames/s  -> ratio 2/1 actors {two / one:.2f}x "
-              f"({two_all / one_all:.2f}x)")
-        print(f"1 actor, one view at a time:   {alone:.2f} ({alone_all:.2f}) frames/s  -> ratio batched/one view "
-              f"{one / alone:.2f}x ({one_all / alone_all:.2f}x)")
+        print(
+            f"2 actors, views batched:       {two:.2f} ({two_all:.2f}) frames/s  -> ratio 2/1 actors {two / one:.2f}x "
+            f"({two_all / one_all:.2f}x)"
+        )
+        print(
+            f"1 actor, one view at a time:   {alone:.2f} ({alone_all:.2f}) frames/s  -> ratio batched/one view "
+            f"{one / alone:.2f}x ({one_all / alone_all:.2f}x)"
+        )
         print(f"load average after: {os.getloadavg()}")
 
 

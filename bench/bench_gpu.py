@@ -38,7 +38,9 @@ def _scene(n: int, generator: torch.Generator, device: str):
     """A head-sized shell of Gaussians 1 m in front of a camera looking down +z."""
     direction = torch.randn(n, 3, generator=generator)
     direction = direction / direction.norm(dim=1, keepdim=True)
-    means = 0.1 * direction * (1 + 0.05 * torch.rand(n, 1, generator=generator)) + torch.tensor([0.0, 0.0, 1.0])
+    means = 0.1 * direction * (1 + 0.05 * torch.rand(n, 1, generator=generator)) + torch.tensor(
+        [0.0, 0.0, 1.0]
+    )
     quats = torch.randn(n, 4, generator=generator)
     quats = quats / quats.norm(dim=1, keepdim=True)
     scales = 0.002 + 0.004 * torch.rand(n, 3, generator=generator)
@@ -66,11 +68,15 @@ def gaussian_figures() -> None:
                 name: (getattr(ours, name) - getattr(theirs, name)).abs().max().item()
                 for name in ("rgb", "alpha", "depth", "normal")
             }
-            print(f"{n} Gaussians at {size} px, max |torch - gsplat|: "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+            print(
+                f"{n} Gaussians at {size} px, max |torch - gsplat|: "
+                + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            )
             t_ours, t_gsplat = _timed(lambda: run("torch"), 3), _timed(lambda: run("gsplat"), 20)
-        print(f"  render frames/s: gsplat {1 / t_gsplat:.1f}, torch backend on GPU {1 / t_ours:.1f}, "
-              f"ratio {t_ours / t_gsplat:.1f}x")
+        print(
+            f"  render frames/s: gsplat {1 / t_gsplat:.1f}, torch backend on GPU {1 / t_ours:.1f}, "
+            f"ratio {t_ours / t_gsplat:.1f}x"
+        )
 
 
 def denoiser_figures() -> None:
@@ -106,8 +112,10 @@ def denoiser_figures() -> None:
             assert math.isfinite(loss.item())
 
         seconds[joint] = _timed(step, 5)
-        print(f"paper denoiser ({'joint RGB+normal' if joint else 'RGB only'}): {1 / seconds[joint]:.2f} steps/s, "
-              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(
+            f"paper denoiser ({'joint RGB+normal' if joint else 'RGB only'}): {1 / seconds[joint]:.2f} steps/s, "
+            f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
         del model, optimizer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -127,8 +135,13 @@ def _paper_sampler():
     torch.manual_seed(0)
     model = JointDenoiser(**model_kwargs(cfg, 2, latent_channels=4, latent_downscale=8)).cuda().eval()
     blocks = 4  # SD-1.5's VAE: 4 levels (8x downscale), 4 latent channels
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, layers_per_block=2)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=4,
+        layers_per_block=2,
+    )
     return cfg, model, VaeLatents(vae).cuda()
 
 
@@ -141,16 +154,31 @@ def _unit_inputs(codec, size: int, driving_size: int, views: int, frames: int) -
     driving = torch.rand(frames, 3, driving_size, driving_size, generator=g)
     posemaps = torch.rand(views, frames, 3, size, size, generator=g)
     noise = torch.randn(latent_shape(codec, views, frames, (size, size)), generator=g)
-    return {"ref_rgb": ref_rgb, "ref_posemap": ref_posemap, "driving": driving, "posemaps": posemaps, "noise": noise}
+    return {
+        "ref_rgb": ref_rgb,
+        "ref_posemap": ref_posemap,
+        "driving": driving,
+        "posemaps": posemaps,
+        "noise": noise,
+    }
 
 
 def _denoise(model, codec, inputs: dict[str, torch.Tensor], guidance, views: slice = slice(None)):
     """The unit's views `views` denoised as one batch, DDIM, seed 0."""
     from geodiff4d.gen.pipeline import denoise_views, make_scheduler
 
-    return denoise_views(model, codec, make_scheduler("ddim"), inputs["ref_rgb"], inputs["ref_posemap"],
-                         inputs["driving"], inputs["posemaps"][views], inputs["noise"][views],
-                         torch.Generator().manual_seed(0), guidance)  # fmt: skip
+    return denoise_views(
+        model,
+        codec,
+        make_scheduler("ddim"),
+        inputs["ref_rgb"],
+        inputs["ref_posemap"],
+        inputs["driving"],
+        inputs["posemaps"][views],
+        inputs["noise"][views],
+        torch.Generator().manual_seed(0),
+        guidance,
+    )
 
 
 def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
@@ -174,6 +202,7 @@ def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
             torch.cuda.synchronize()
             spent[name] += time.perf_counter() - start
             return out
+
         return timed
 
     run()  # warm-up
@@ -184,10 +213,17 @@ def sampling_figures(views: int = 4, frames: int = 16, steps: int = 25) -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     fps = views * frames / seconds
-    print("  time per batch: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()) + f", total {seconds:.1f} s")
-    print(f"sampling at {size} px (bf16, DDIM {steps} steps, {views} views x {frames} frames per batch): "
-          f"{fps:.2f} frames/s per GPU, {fps / 0.67:.1f}x the paper's 0.67 (goal 3.3); "
-          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    print(
+        "  time per batch: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
+        + f", total {seconds:.1f} s"
+    )
+    print(
+        f"sampling at {size} px (bf16, DDIM {steps} steps, {views} views x {frames} frames per batch): "
+        f"{fps:.2f} frames/s per GPU, {fps / 0.67:.1f}x the paper's 0.67 (goal 3.3); "
+        f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+        flush=True,
+    )
 
 
 def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] = (256, 512)) -> None:
@@ -201,14 +237,25 @@ def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] =
         inputs = _unit_inputs(codec, size, cfg.model.driving_size, views, frames)
         _denoise(model, codec, inputs, guidance, slice(0, 1))  # warm-up
         batched = _timed(lambda inputs=inputs: _denoise(model, codec, inputs, guidance), 1)
-        alone = _timed(lambda inputs=inputs: [_denoise(model, codec, inputs, guidance, slice(v, v + 1))
-                                              for v in range(views)], 1)  # fmt: skip
-        print(f"{size} px, {views} views x {frames} frames, DDIM {steps}: batched {views * frames / batched:.2f} "
-              f"frames/s, one view at a time {views * frames / alone:.2f} frames/s -> ratio {alone / batched:.2f}x",
-              flush=True)
+        alone = _timed(
+            lambda inputs=inputs: [
+                _denoise(model, codec, inputs, guidance, slice(v, v + 1)) for v in range(views)
+            ],
+            1,
+        )
+        print(
+            f"{size} px, {views} views x {frames} frames, DDIM {steps}: batched {views * frames / batched:.2f} "
+            f"frames/s, one view at a time {views * frames / alone:.2f} frames/s -> ratio {alone / batched:.2f}x",
+            flush=True,
+        )
 
 
-SECTIONS = {"sampling": sampling_figures, "batching": batching_figures, "gaussians": gaussian_figures, "denoiser": denoiser_figures}
+SECTIONS = {
+    "sampling": sampling_figures,
+    "batching": batching_figures,
+    "gaussians": gaussian_figures,
+    "denoiser": denoiser_figures,
+}
 
 
 def main(names: list[str]) -> None:

@@ -52,10 +52,13 @@ def batch_files(recorded: dict[str, list[str]]) -> dict[str, set[str]]:
 def read_units(folder: Path, recorded: dict[str, list[str]]) -> list[Unit]:
     """The batch's units with every member it uses read from its own file."""
     samples = {
-        key: {"__key__": key, "meta": json.loads((folder / f"{key}.json").read_bytes()),
-              **{member: (folder / f"{key}.{member}").read_bytes() for member in members}}
+        key: {
+            "__key__": key,
+            "meta": json.loads((folder / f"{key}.json").read_bytes()),
+            **{member: (folder / f"{key}.{member}").read_bytes() for member in members},
+        }
         for key, members in batch_files(recorded).items()
-    }  # fmt: skip
+    }
     return [
         Unit(source, [samples[key]], [samples[driving]], samples[ref])
         for key, driving, ref, source in zip(
@@ -103,7 +106,9 @@ def reading_share(folder: Path, batches: Recorded, config: LoaderConfig) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -115,7 +120,9 @@ def main() -> None:
         connect(num_cpus=2)
         synthesize(tmp / "data", spec, workers=2, progress=False)
         sources = [("nersemble", tmp / "data" / "nersemble"), ("synthhuman", tmp / "data" / "synthhuman")]
-        assert pack(tmp / "shards", sources, resolution=args.resolution, samples_per_shard=32, progress=False).ok
+        assert pack(
+            tmp / "shards", sources, resolution=args.resolution, samples_per_shard=32, progress=False
+        ).ok
         shutdown()
         folder = tmp / "plain"
         folder.mkdir()
@@ -123,23 +130,31 @@ def main() -> None:
             for sample in iter_shard(tar):
                 for member in (*MEMBERS, "json"):
                     (folder / f"{sample['__key__']}.{member}").write_bytes(sample[member])
-        print(f"data: {spec}, packed at {args.resolution} px; {args.batches} batches of {args.batch_size} per run "
-              f"after one warm-up batch; torch threads in this process: {torch.get_num_threads()}")
+        print(
+            f"data: {spec}, packed at {args.resolution} px; {args.batches} batches of {args.batch_size} per run "
+            f"after one warm-up batch; torch threads in this process: {torch.get_num_threads()}"
+        )
         for kind, workers in itertools.product(("frame", "pair"), (0, 2)):
             config = LoaderConfig(kind=kind, batch_size=args.batch_size, driving_size=args.resolution // 2)
-            ours, batches = timed_batches(iter(make_loader(tmp / "shards", config, num_workers=workers)), args.batches)
+            ours, batches = timed_batches(
+                iter(make_loader(tmp / "shards", config, num_workers=workers)), args.batches
+            )
             plain = PlainFolderBatches(folder, batches, config)
             loader = torch.utils.data.DataLoader(plain, batch_size=None, num_workers=workers)
             replayed = args.batches - 1  # the reference's warm-up batch is one of the recorded ones
             reference, _ = timed_batches(iter(loader), replayed)
             samples = args.batch_size
-            print(f"kind={kind} num_workers={workers}: loader {args.batches * samples / ours:6.1f} samples/s, "
-                  f"plain folder {replayed * samples / reference:6.1f} samples/s; ratio loader/plain = "
-                  f"{(args.batches / ours) / (replayed / reference):.3f}")
+            print(
+                f"kind={kind} num_workers={workers}: loader {args.batches * samples / ours:6.1f} samples/s, "
+                f"plain folder {replayed * samples / reference:6.1f} samples/s; ratio loader/plain = "
+                f"{(args.batches / ours) / (replayed / reference):.3f}"
+            )
             if workers == 0:
                 share = reading_share(folder, batches, config)
-                print(f"  reference single-process time reading files: {100 * share:.1f} %: a loader that read for "
-                      f"free would be at most {1 / (1 - share):.2f}x the reference")
+                print(
+                    f"  reference single-process time reading files: {100 * share:.1f} %: a loader that read for "
+                    f"free would be at most {1 / (1 - share):.2f}x the reference"
+                )
     print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

@@ -65,12 +65,20 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
             video = (r["subject"], r["sequence"], r["camera"])
             last[video] = max(last[video], r["frame"])
     dataset = NersembleDataset(sources["nersemble"])
-    normals = [gt_normal_path(dataset.root, r["subject"], r["sequence"], r["camera"], r["frame"])
-               for r in rows if r["source"] == "nersemble"]  # fmt: skip
+    normals = [
+        gt_normal_path(dataset.root, r["subject"], r["sequence"], r["camera"], r["frame"])
+        for r in rows
+        if r["source"] == "nersemble"
+    ]
     start = time.perf_counter()
     for (subject, sequence, serial), frame in sorted(last.items()):
-        for path in (dataset.video_path(subject, sequence, serial), dataset.alpha_path(subject, sequence, serial)):
-            for _ in iter_video_range(path, 0, frame + 1):  # alpha too: the official reader takes RGB's first channel
+        for path in (
+            dataset.video_path(subject, sequence, serial),
+            dataset.alpha_path(subject, sequence, serial),
+        ):
+            for _ in iter_video_range(
+                path, 0, frame + 1
+            ):  # alpha too: the official reader takes RGB's first channel
                 pass
     for path in normals:
         if path.is_file():
@@ -82,7 +90,9 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
     decode = time.perf_counter() - start
     images = [
         cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_UNCHANGED)
-        for tar in sorted(shards.glob("*.tar")) for sample in iter_shard(tar) for member in PNG_MEMBERS
+        for tar in sorted(shards.glob("*.tar"))
+        for sample in iter_shard(tar)
+        for member in PNG_MEMBERS
     ]
     start = time.perf_counter()
     for image in images:
@@ -90,8 +100,9 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
     return decode, time.perf_counter() - start
 
 
-def in_process(tmp: Path, sources: dict[str, Path], shards: Path, resolution: int, samples_per_shard: int,
-               repeats: int) -> None:
+def in_process(
+    tmp: Path, sources: dict[str, Path], shards: Path, resolution: int, samples_per_shard: int, repeats: int
+) -> None:
     """Every shard packed by one PackJob in this process (no Ray, one thread) and the floor, best of ``repeats``.
 
     On a shared machine other jobs' load inflates single timings; the best of a few is the least disturbed,
@@ -110,9 +121,11 @@ def in_process(tmp: Path, sources: dict[str, Path], shards: Path, resolution: in
             job.run(WorkUnit(plan.name, {"plan": plan}))
         packs.append(time.perf_counter() - start)
         floors.append(sum(floor_seconds(shards, sources)))
-    print(f"in this process (no Ray, one thread), best of {repeats}: pack {min(packs):.2f} s "
-          f"(all {', '.join(f'{t:.2f}' for t in packs)}), floor {min(floors):.2f} s "
-          f"(all {', '.join(f'{t:.2f}' for t in floors)}): {min(floors) / min(packs):.3f}x the floor")
+    print(
+        f"in this process (no Ray, one thread), best of {repeats}: pack {min(packs):.2f} s "
+        f"(all {', '.join(f'{t:.2f}' for t in packs)}), floor {min(floors):.2f} s "
+        f"(all {', '.join(f'{t:.2f}' for t in floors)}): {min(floors) / min(packs):.3f}x the floor"
+    )
 
 
 def shard_stats(shards: Path) -> list[dict]:
@@ -127,87 +140,139 @@ def print_stages(stats: list[dict], samples: int, wall: float, workers: int) -> 
             seconds[stage] += value
     seconds["other (tar assembly, json, idle workers, scheduling)"] = wall * workers - sum(seconds.values())
     for stage, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        print(f"    {stage:<70s} {1000 * value / samples:7.1f} ms/sample  {100 * value / (wall * workers):5.1f} %")
+        print(
+            f"    {stage:<70s} {1000 * value / samples:7.1f} ms/sample  {100 * value / (wall * workers):5.1f} %"
+        )
 
 
 def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> None:
     """Pack SynthHuman folders of each size (hard links of a few rendered samples) with 2 workers."""
-    synthesize(tmp / "few", SynthSpec(subjects=1, frames=1, cameras=1, resolution=resolution, synthetic=8),
-               workers=2, progress=False)
+    synthesize(
+        tmp / "few",
+        SynthSpec(subjects=1, frames=1, cameras=1, resolution=resolution, synthetic=8),
+        workers=2,
+        progress=False,
+    )
     seconds = {}
     for size in sizes:
         folder = tmp / f"synthhuman{size}"
         folder.mkdir()
         for index in range(size):
             for member in MEMBERS:
-                os.link(member_path(tmp / "few" / "synthhuman", index % 8, member), member_path(folder, index, member))
+                os.link(
+                    member_path(tmp / "few" / "synthhuman", index % 8, member),
+                    member_path(folder, index, member),
+                )
         start = time.perf_counter()
-        report = pack(tmp / f"pack{size}", [("synthhuman", folder)], resolution=resolution, workers=2,
-                      samples_per_shard=512, progress=False)
+        report = pack(
+            tmp / f"pack{size}",
+            [("synthhuman", folder)],
+            resolution=resolution,
+            workers=2,
+            samples_per_shard=512,
+            progress=False,
+        )
         seconds[size] = time.perf_counter() - start
         assert report.ok and report.samples == size, report.summary()
-        print(f"  synthhuman {size:5d} samples at {resolution} px, 2 workers: {seconds[size]:6.2f} s = "
-              f"{1000 * seconds[size] / size:5.2f} ms/sample")
+        print(
+            f"  synthhuman {size:5d} samples at {resolution} px, 2 workers: {seconds[size]:6.2f} s = "
+            f"{1000 * seconds[size] / size:5.2f} ms/sample"
+        )
     small, large = min(sizes), max(sizes)
-    print(f"  time ratio {large}/{small} = {seconds[large] / seconds[small]:.2f} for a size ratio of "
-          f"{large / small:.2f}: per-sample cost ratio {seconds[large] / large / (seconds[small] / small):.2f} "
-          f"(1.0 = linear)")
+    print(
+        f"  time ratio {large}/{small} = {seconds[large] / seconds[small]:.2f} for a size ratio of "
+        f"{large / small:.2f}: per-sample cost ratio {seconds[large] / large / (seconds[small] / small):.2f} "
+        f"(1.0 = linear)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=3,
-                        help="captures of --frames frames each; more than one (run 3 had 1: 7 shards in ~5 s) keeps "
-                             "both workers of the 2-worker pack busy to the end")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        default=3,
+        help="captures of --frames frames each; more than one (run 3 had 1: 7 shards in ~5 s) keeps "
+        "both workers of the 2-worker pack busy to the end",
+    )
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--cameras", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=256, help="packed resolution")
-    parser.add_argument("--capture-resolution", type=int, default=512,
-                        help="the procedural captures' frame size: 512 as the mono FLAME-avatar benchmark's "
-                             "face-cropped frames (the NVS benchmark's are 1604x1100, the raw release's 3208x2200)")
+    parser.add_argument(
+        "--capture-resolution",
+        type=int,
+        default=512,
+        help="the procedural captures' frame size: 512 as the mono FLAME-avatar benchmark's "
+        "face-cropped frames (the NVS benchmark's are 1604x1100, the raw release's 3208x2200)",
+    )
     parser.add_argument("--synthetic", type=int, default=20)
     parser.add_argument("--samples-per-shard", type=int, default=20)
     parser.add_argument("--keyframe-interval", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="in-process pack and floor runs (best is reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="in-process pack and floor runs (best is reported)"
+    )
     parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[500, 2000])
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
     args = parser.parse_args()
     print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    spec = SynthSpec(subjects=args.subjects, frames=args.frames, cameras=args.cameras,
-                     resolution=args.capture_resolution, synthetic=args.synthetic)
+    spec = SynthSpec(
+        subjects=args.subjects,
+        frames=args.frames,
+        cameras=args.cameras,
+        resolution=args.capture_resolution,
+        synthetic=args.synthetic,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         connect(num_cpus=2)
         synthesize(tmp / "data", spec, workers=2, progress=False)
         reencode(tmp / "data" / "nersemble", args.keyframe_interval)
         sources = {"nersemble": tmp / "data" / "nersemble", "synthhuman": tmp / "data" / "synthhuman"}
-        print(f"data: {spec}, videos re-encoded with a {args.keyframe_interval}-frame GOP; "
-              f"{args.samples_per_shard} samples per shard, {args.capture_resolution} px captures packed at "
-              f"{args.resolution} px; {args.subjects} subject(s) "
-              f"of {args.frames} frames (up to run 3: 1 subject, too few shards to keep 2 workers busy)")
+        print(
+            f"data: {spec}, videos re-encoded with a {args.keyframe_interval}-frame GOP; "
+            f"{args.samples_per_shard} samples per shard, {args.capture_resolution} px captures packed at "
+            f"{args.resolution} px; {args.subjects} subject(s) "
+            f"of {args.frames} frames (up to run 3: 1 subject, too few shards to keep 2 workers busy)"
+        )
         wall = {}
         for workers in (1, 2):
             out = tmp / f"pack{workers}"
             start = time.perf_counter()
-            report = pack(out, list(sources.items()), resolution=args.resolution, workers=workers,
-                          samples_per_shard=args.samples_per_shard, progress=False)
+            report = pack(
+                out,
+                list(sources.items()),
+                resolution=args.resolution,
+                workers=workers,
+                samples_per_shard=args.samples_per_shard,
+                progress=False,
+            )
             assert report.ok, report.summary()
             stats = shard_stats(out)
             wall[workers] = max(s["unit_window"][1] for s in stats) - min(s["unit_window"][0] for s in stats)
-            print(f"pack workers={workers}: {time.perf_counter() - start:.2f} s with actor start and manifest, "
-                  f"{wall[workers]:.2f} s from the first unit's start to the last unit's end:")
+            print(
+                f"pack workers={workers}: {time.perf_counter() - start:.2f} s with actor start and manifest, "
+                f"{wall[workers]:.2f} s from the first unit's start to the last unit's end:"
+            )
             decoded = sum(s["decoded_video_frames"] for s in stats)
             packed = sum(s["packed_video_frames"] for s in stats)
-            print(f"  {report.samples} samples in {report.shards} shards, {wall[workers]:.2f} s "
-                  f"= {report.samples / wall[workers]:.2f} samples/s; decoded {decoded} video frames for {packed} "
-                  f"packed ({decoded / packed:.3f}x)")
+            print(
+                f"  {report.samples} samples in {report.shards} shards, {wall[workers]:.2f} s "
+                f"= {report.samples / wall[workers]:.2f} samples/s; decoded {decoded} video frames for {packed} "
+                f"packed ({decoded / packed:.3f}x)"
+            )
             print_stages(stats, report.samples, wall[workers], workers)
             # right after each pack, so a change in the machine's load biases the ratio least
             decode, encode = floor_seconds(out, sources)
             floor = decode + encode
-            print(f"  floor (no Ray, 1 thread), measured next: decode {decode:.2f} s + PNG encode {encode:.2f} s "
-                  f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s")
-            print(f"  throughput per worker, workers={workers}: {floor / (wall[workers] * workers):.3f}x the floor")
+            print(
+                f"  floor (no Ray, 1 thread), measured next: decode {decode:.2f} s + PNG encode {encode:.2f} s "
+                f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s"
+            )
+            print(
+                f"  throughput per worker, workers={workers}: {floor / (wall[workers] * workers):.3f}x the floor"
+            )
         print(f"2 workers vs 1: {wall[1] / wall[2]:.2f}x")
         in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
         synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)

@@ -79,7 +79,9 @@ def render_fps(n: int, size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, figures not meaningful")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny budgets, figures not meaningful"
+    )
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3000)
@@ -90,8 +92,12 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     work = args.out or Path(tempfile.mkdtemp(prefix="bench_recon_"))
     print(f"work folder {work}; load average {os.getloadavg()}")
-    synthesize(work / "synth", SynthSpec(subjects=1, sequences=1, frames=args.frames, cameras=16, resolution=128,
-                                         synthetic=0), workers=1, progress=False)  # fmt: skip
+    synthesize(
+        work / "synth",
+        SynthSpec(subjects=1, sequences=1, frames=args.frames, cameras=16, resolution=128, synthetic=0),
+        workers=1,
+        progress=False,
+    )
     root = work / "frames"
     export_frame_folder(work / "synth" / "nersemble", root)
     subject, sequence = "001", "EXP-1-head"
@@ -100,25 +106,35 @@ def main() -> None:
 
     results = {}
     for name, lambda_normal in (("with normal term", 0.1), ("without normal term", 0.0)):
-        config = ReconConfig(steps=args.steps, per_face=2, train_cameras=train, fit={"lambda_normal": lambda_normal})
+        config = ReconConfig(
+            steps=args.steps, per_face=2, train_cameras=train, fit={"lambda_normal": lambda_normal}
+        )
         fitter = new_fitter(load_subject(root, subject, model, config), model, config)
         seconds = fit_within(fitter, args.steps, args.minutes * 60)
         results[name] = (*held_out_scores(fitter, root, subject, sequence), fitter.step_index, seconds)
-        print(f"{name:>20}: held-out PSNR {results[name][0]:.2f} dB, median normal error {results[name][1]:.2f} deg "
-              f"({fitter.step_index} steps, {len(fitter.gaussians)} Gaussians, {seconds / 60:.1f} min, "
-              f"{len(train)} train / {len(HELD_OUT)} held-out cameras, {args.frames} frames, 128 px)")  # fmt: skip
+        print(
+            f"{name:>20}: held-out PSNR {results[name][0]:.2f} dB, median normal error {results[name][1]:.2f} deg "
+            f"({fitter.step_index} steps, {len(fitter.gaussians)} Gaussians, {seconds / 60:.1f} min, "
+            f"{len(train)} train / {len(HELD_OUT)} held-out cameras, {args.frames} frames, 128 px)"
+        )
     with_n, without_n = results["with normal term"][1], results["without normal term"][1]
-    print(f"normal term lowers the held-out median normal error: {with_n < without_n} ({without_n:.2f} -> {with_n:.2f} deg)")
+    print(
+        f"normal term lowers the held-out median normal error: {with_n < without_n} ({without_n:.2f} -> {with_n:.2f} deg)"
+    )
 
-    tracking_config = TrackingConfig(rigid_steps=20, landmark_steps=20, steps=10) if args.quick else TrackingConfig()
+    tracking_config = (
+        TrackingConfig(rigid_steps=20, landmark_steps=20, steps=10) if args.quick else TrackingConfig()
+    )
     start = time.perf_counter()
     estimated = track_frame_folder(root, subject, sequence, model, tracking_config, cameras=train)
     with np.load(gt_flame_path(work / "synth" / "nersemble", subject, sequence)) as data:
         truth = FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
     errors = tracking_errors(estimated, truth)
-    print(f"tracking ({len(train)} cameras, {args.frames} frames, {time.perf_counter() - start:.0f} s): "
-          f"global rotation max error {errors['rotation_deg_max']:.2f} deg, jaw max error {errors['jaw_deg_max']:.2f} deg, "
-          f"expression correlation {errors['expression_corr']:.3f}")  # fmt: skip
+    print(
+        f"tracking ({len(train)} cameras, {args.frames} frames, {time.perf_counter() - start:.0f} s): "
+        f"global rotation max error {errors['rotation_deg_max']:.2f} deg, jaw max error {errors['jaw_deg_max']:.2f} deg, "
+        f"expression correlation {errors['expression_corr']:.3f}"
+    )
 
     n, size = (20000, 256) if args.quick else (100000, 512)
     print(f"render torch backend N={n} {size}px on cpu: {render_fps(n, size):.2f} frames/s")

@@ -43,8 +43,11 @@ def _memory_mb(field: str) -> float:
 def listing(subjects: int) -> list[SampleBlock]:
     """What list_nersemble returns for a NeRSemble v2 download of this size: a block per sequence."""
     serials = tuple(f"{220700191 + i}" for i in range(CAMERAS))
-    return [SampleBlock("nersemble", f"{s:03d}", f"EXP-{q}", tuple(range(FRAMES)), serials, "/data/nersemble")
-            for s in range(subjects) for q in range(SEQUENCES)]
+    return [
+        SampleBlock("nersemble", f"{s:03d}", f"EXP-{q}", tuple(range(FRAMES)), serials, "/data/nersemble")
+        for s in range(subjects)
+        for q in range(SEQUENCES)
+    ]
 
 
 def stage_plan(subjects: int, _: Path) -> dict[str, Any]:
@@ -63,8 +66,14 @@ def stage_plan(subjects: int, _: Path) -> dict[str, Any]:
     keys = [key for block in blocks for key in block.keys()]
     made = time.perf_counter()
     del keys
-    return {"list_s": listed - start, "plan_s": planned - listed, "digest_s": digested - planned,
-            "reference_s": made - reference, "reference": "make the sample keys", "peak_at_mb": peak}
+    return {
+        "list_s": listed - start,
+        "plan_s": planned - listed,
+        "digest_s": digested - planned,
+        "reference_s": made - reference,
+        "reference": "make the sample keys",
+        "peak_at_mb": peak,
+    }
 
 
 def stage_write_stats(subjects: int, out: Path) -> dict[str, Any]:
@@ -76,12 +85,26 @@ def stage_write_stats(subjects: int, out: Path) -> dict[str, Any]:
         for ref in plan.samples:
             members = []
             for ext in MEMBERS:
-                members.append({"name": f"{ref.key}.{ext}", "offset": offset, "data_offset": offset + 512,
-                                "size": 100_000, "sha256": f"{hash((ref.key, ext)) & (2**256 - 1):064x}"})
+                members.append(
+                    {
+                        "name": f"{ref.key}.{ext}",
+                        "offset": offset,
+                        "data_offset": offset + 512,
+                        "size": 100_000,
+                        "sha256": f"{hash((ref.key, ext)) & (2**256 - 1):064x}",
+                    }
+                )
                 offset += 512 + 100_352
             samples.append({**ref.ids(), "key": ref.key, "normal_source": "estimated", "members": members})
-        commits.commit(plan.name, {"tar": f"{plan.name}.tar", "samples": samples, "tar_bytes": offset + 1024,
-                                   "member_bytes": 100_000 * len(members) * len(samples)})
+        commits.commit(
+            plan.name,
+            {
+                "tar": f"{plan.name}.tar",
+                "samples": samples,
+                "tar_bytes": offset + 1024,
+                "member_bytes": 100_000 * len(members) * len(samples),
+            },
+        )
     return {"shards": len(plans)}
 
 
@@ -92,8 +115,13 @@ def stage_manifest(_: int, out: Path) -> dict[str, Any]:
     parsed = sum(len(json.loads(p.read_text())["samples"]) for p in stats_files(out))
     reference = time.perf_counter() - built
     assert parsed == rows
-    return {"rows": rows, "build_s": built - start, "reference_s": reference, "reference": "json.loads of the markers",
-            "manifest_mb": (out / "manifest.parquet").stat().st_size / 2**20}
+    return {
+        "rows": rows,
+        "build_s": built - start,
+        "reference_s": reference,
+        "reference": "json.loads of the markers",
+        "manifest_mb": (out / "manifest.parquet").stat().st_size / 2**20,
+    }
 
 
 def stage_verify(_: int, out: Path) -> dict[str, Any]:
@@ -104,9 +132,18 @@ def stage_verify(_: int, out: Path) -> dict[str, Any]:
     unit_rows = time.perf_counter()
     pq.read_table(out / "manifest.parquet", columns=["key"])
     reference = time.perf_counter() - unit_rows
-    assert not index.duplicated and one.num_rows > 0 and set(one["shard"].to_pylist()) == {index.shards[len(index.shards) // 2]}
-    return {"index_s": indexed - start, "unit_rows_s": unit_rows - indexed, "reference_s": reference,
-            "reference": "read the key column", "shards": len(index.shards)}
+    assert (
+        not index.duplicated
+        and one.num_rows > 0
+        and set(one["shard"].to_pylist()) == {index.shards[len(index.shards) // 2]}
+    )
+    return {
+        "index_s": indexed - start,
+        "unit_rows_s": unit_rows - indexed,
+        "reference_s": reference,
+        "reference": "read the key column",
+        "shards": len(index.shards),
+    }
 
 
 def _child(stage: Callable, subjects: int, out: Path, results: multiprocessing.Queue) -> None:
@@ -135,7 +172,10 @@ def measure(subjects: int) -> dict[str, dict[str, Any]]:
     """Every stage at one size, each in its own process, on a fresh folder."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         out = Path(tmp)
-        figures = {"plan": run_stage(stage_plan, subjects, out), "written": run_stage(stage_write_stats, subjects, out)}
+        figures = {
+            "plan": run_stage(stage_plan, subjects, out),
+            "written": run_stage(stage_write_stats, subjects, out),
+        }
         figures["manifest"] = run_stage(stage_manifest, subjects, out)
         figures["verify"] = run_stage(stage_verify, subjects, out)
     return figures
@@ -149,35 +189,58 @@ def at_full_size(small: float, large: float, sizes: tuple[int, int]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, nargs=2, default=(1, 4), metavar=("SMALL", "LARGE"),
-                        help=f"two slices of the {FULL_SUBJECTS} subjects (default 1 4)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        nargs=2,
+        default=(1, 4),
+        metavar=("SMALL", "LARGE"),
+        help=f"two slices of the {FULL_SUBJECTS} subjects (default 1 4)",
+    )
     sizes = tuple(parser.parse_args().subjects)
     if not 0 < sizes[0] < sizes[1]:
         parser.error("--subjects SMALL LARGE needs 0 < SMALL < LARGE")
     runs = {}
     for subjects in sizes:
         samples = subjects * SEQUENCES * CAMERAS * FRAMES
-        print(f"{subjects} subjects x {SEQUENCES} sequences x {CAMERAS} cameras x {FRAMES} frames = {samples:,} samples")
+        print(
+            f"{subjects} subjects x {SEQUENCES} sequences x {CAMERAS} cameras x {FRAMES} frames = {samples:,} samples"
+        )
         runs[subjects] = f = measure(subjects)
         plan, manifest, verify = f["plan"], f["manifest"], f["verify"]
         plan["total_s"] = plan["list_s"] + plan["plan_s"] + plan["digest_s"]
-        print(f"  pack plan: listing {plan['list_s']:.2f} s + plan {plan['plan_s']:.2f} s + listing digest "
-              f"{plan['digest_s']:.2f} s, peak {plan['peak_mb']:.0f} MB; ratio to '{plan['reference']}' "
-              f"{plan['total_s'] / plan['reference_s']:.2f}x")
-        print(f"  manifest build: {manifest['rows']:,} rows from {f['written']['shards']} markers in "
-              f"{manifest['build_s']:.1f} s, peak {manifest['peak_mb']:.0f} MB, {manifest['manifest_mb']:.0f} MB file; "
-              f"ratio to '{manifest['reference']}' {manifest['build_s'] / manifest['reference_s']:.2f}x")
-        print(f"  verify bookkeeping: index of {verify['shards']} shards in {verify['index_s']:.2f} s, peak "
-              f"{verify['peak_mb']:.0f} MB; one unit's rows by filter {verify['unit_rows_s'] * 1000:.0f} ms; ratio to "
-              f"'{verify['reference']}' {verify['index_s'] / verify['reference_s']:.1f}x")
+        print(
+            f"  pack plan: listing {plan['list_s']:.2f} s + plan {plan['plan_s']:.2f} s + listing digest "
+            f"{plan['digest_s']:.2f} s, peak {plan['peak_mb']:.0f} MB; ratio to '{plan['reference']}' "
+            f"{plan['total_s'] / plan['reference_s']:.2f}x"
+        )
+        print(
+            f"  manifest build: {manifest['rows']:,} rows from {f['written']['shards']} markers in "
+            f"{manifest['build_s']:.1f} s, peak {manifest['peak_mb']:.0f} MB, {manifest['manifest_mb']:.0f} MB file; "
+            f"ratio to '{manifest['reference']}' {manifest['build_s'] / manifest['reference_s']:.2f}x"
+        )
+        print(
+            f"  verify bookkeeping: index of {verify['shards']} shards in {verify['index_s']:.2f} s, peak "
+            f"{verify['peak_mb']:.0f} MB; one unit's rows by filter {verify['unit_rows_s'] * 1000:.0f} ms; ratio to "
+            f"'{verify['reference']}' {verify['index_s'] / verify['reference_s']:.1f}x"
+        )
     full = FULL_SUBJECTS * SEQUENCES * CAMERAS * FRAMES
-    print(f"at full size ({full / 1e6:.1f}M samples; the larger run plus the per-subject slope between the two):")
-    for label, stage, seconds in (("pack plan", "plan", "total_s"), ("manifest build", "manifest", "build_s"),
-                                  ("verify bookkeeping", "verify", "index_s")):  # fmt: skip
+    print(
+        f"at full size ({full / 1e6:.1f}M samples; the larger run plus the per-subject slope between the two):"
+    )
+    for label, stage, seconds in (
+        ("pack plan", "plan", "total_s"),
+        ("manifest build", "manifest", "build_s"),
+        ("verify bookkeeping", "verify", "index_s"),
+    ):
         small, large = runs[sizes[0]][stage], runs[sizes[1]][stage]
-        print(f"  {label}: ~{at_full_size(small[seconds], large[seconds], sizes) / 60:.1f} min, "
-              f"peak ~{at_full_size(small['peak_mb'], large['peak_mb'], sizes) / 1024:.2f} GB")
+        print(
+            f"  {label}: ~{at_full_size(small[seconds], large[seconds], sizes) / 60:.1f} min, "
+            f"peak ~{at_full_size(small['peak_mb'], large['peak_mb'], sizes) / 1024:.2f} GB"
+        )
 
 
 if __name__ == "__main__":

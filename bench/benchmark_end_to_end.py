@@ -73,8 +73,12 @@ def kill_tree(process: subprocess.Popen, ray_tmp: Path) -> int:
 
 def run_benchmark(config: Path, run: Path, env: dict[str, str], log: Path) -> str:
     with log.open("w") as out:
-        code = subprocess.call([*GEODIFF4D, "benchmark", str(config), "--out", str(run)], env=env, stdout=out,
-                               stderr=subprocess.STDOUT)  # fmt: skip
+        code = subprocess.call(
+            [*GEODIFF4D, "benchmark", str(config), "--out", str(run)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     text = log.read_text()
     if code != 0:
         sys.exit(f"benchmark exited {code}; log: {log}")
@@ -88,17 +92,29 @@ def generated_rows(folder: Path, subject: str, views: int = 4, frames: int = 3) 
     cameras = sorted(p.name for p in sequence.iterdir())[:views]
     names = sorted(p.name for p in (sequence / cameras[0]).glob("*.png"))
     picked = [names[i] for i in np.linspace(0, len(names) - 1, frames).round().astype(int)]
-    return {domain: np.concatenate([np.asarray(Image.open(folder / domain / subject / sequence.name / c / n)
-                                               .convert("RGB")) for c in cameras for n in picked], axis=1)
-            for domain in ("rgb", "normal") if (folder / domain / subject).is_dir()}  # fmt: skip
+    return {
+        domain: np.concatenate(
+            [
+                np.asarray(Image.open(folder / domain / subject / sequence.name / c / n).convert("RGB"))
+                for c in cameras
+                for n in picked
+            ],
+            axis=1,
+        )
+        for domain in ("rgb", "normal")
+        if (folder / domain / subject).is_dir()
+    }
 
 
 def generated_grid(run: Path, out: Path, zoom: int = 3) -> Path:
     """One image of what the model generated: per subject a row of RGB and a row of normals, each shown `zoom`
     times larger."""
-    rows = [row for method_folder in sorted((run / "generated").iterdir())
-            for subject in sorted(p.name for p in (method_folder / "rgb").iterdir())
-            for row in generated_rows(method_folder, subject).values()]  # fmt: skip
+    rows = [
+        row
+        for method_folder in sorted((run / "generated").iterdir())
+        for subject in sorted(p.name for p in (method_folder / "rgb").iterdir())
+        for row in generated_rows(method_folder, subject).values()
+    ]
     grid = np.concatenate(rows, axis=0).repeat(zoom, axis=0).repeat(zoom, axis=1)
     Image.fromarray(grid).save(out)
     return out
@@ -109,7 +125,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark-demo.yaml")
     parser.add_argument("--subjects", type=int, default=3, help="procedural subjects (replaces the config's)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (must not exist)")
-    parser.add_argument("--kill-delay", type=float, default=30.0, help="seconds after the first generate commit")
+    parser.add_argument(
+        "--kill-delay", type=float, default=30.0, help="seconds after the first generate commit"
+    )
     args = parser.parse_args()
     run, failures = args.out.resolve(), []
     if run.exists():
@@ -126,8 +144,13 @@ def main() -> None:
     # 1. the killed run
     log1 = run.parent / f"{run.name}.log1"
     with log1.open("w") as out:
-        process = subprocess.Popen([*GEODIFF4D, "benchmark", str(args.config), "--out", str(run)], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [*GEODIFF4D, "benchmark", str(args.config), "--out", str(run)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         committed_generate = None
         while process.poll() is None:
             if committed_generate is None and any((run / "state").glob("generate:*.stats.json")):
@@ -136,34 +159,47 @@ def main() -> None:
                 break
             time.sleep(1)
         if process.poll() is not None:
-            sys.exit(f"the first run ended (exit {process.returncode}) before it could be killed; log: {log1}")
+            sys.exit(
+                f"the first run ended (exit {process.returncode}) before it could be killed; log: {log1}"
+            )
         killed = kill_tree(process, ray_tmp)
     before = markers(run)
     committed_stages = {p.name.removesuffix(".stats.json") for p in (run / "state").glob("*.stats.json")}
-    print(f"killed after {time.time() - started:.0f} s ({killed} Ray processes killed with the driver): "
-          f"{len(committed_stages)} stages and {len(before) - len(committed_stages)} unit markers committed")
+    print(
+        f"killed after {time.time() - started:.0f} s ({killed} Ray processes killed with the driver): "
+        f"{len(committed_stages)} stages and {len(before) - len(committed_stages)} unit markers committed"
+    )
 
     # 2. the rerun
     start = time.time()
     log2 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log2")
     again = stages_run(log2) & committed_stages
     rewritten = [p for p, mtime in before.items() if not p.exists() or p.stat().st_mtime != mtime]
-    print(f"rerun: {len(stages_run(log2))} stages run in {time.time() - start:.0f} s; stages committed before the kill "
-          f"run again: {sorted(again) or 'none'}; unit markers rewritten or lost: {len(rewritten)}")
+    print(
+        f"rerun: {len(stages_run(log2))} stages run in {time.time() - start:.0f} s; stages committed before the kill "
+        f"run again: {sorted(again) or 'none'}; unit markers rewritten or lost: {len(rewritten)}"
+    )
     failures += [f"stage {s} ran twice" for s in again] + [f"marker rewritten: {p}" for p in rewritten]
 
     expected_subjects = args.subjects
     for protocol in config["protocols"]:
-        scored = pd.concat([pd.read_parquet(f) for f in (run / "eval" / protocol / "frames").glob("*.parquet")])
+        scored = pd.concat(
+            [pd.read_parquet(f) for f in (run / "eval" / protocol / "frames").glob("*.parquet")]
+        )
         keys = [c for c in ("method", "subject", "sequence", "camera", "frame") if c in scored.columns]
         duplicates = int(scored.duplicated(keys).sum())
         per_method = {m: int(n) for m, n in scored.groupby("method")["subject"].nunique().items()}
-        print(f"eval {protocol}: {len(scored)} scored frames, {duplicates} duplicates; subjects per method "
-              f"{dict(per_method)}")
+        print(
+            f"eval {protocol}: {len(scored)} scored frames, {duplicates} duplicates; subjects per method "
+            f"{dict(per_method)}"
+        )
         if duplicates:
             failures.append(f"{protocol}: {duplicates} duplicate rows")
-        failures += [f"{protocol}: {m} scored on {n} of {expected_subjects} subjects"
-                     for m, n in per_method.items() if n != expected_subjects]
+        failures += [
+            f"{protocol}: {m} scored on {n} of {expected_subjects} subjects"
+            for m, n in per_method.items()
+            if n != expected_subjects
+        ]
 
     # 3. the run after success
     log3 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log3")
@@ -175,19 +211,31 @@ def main() -> None:
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
     print("self reenactment, mean [95 % bootstrap interval over subjects]:")
     for method, row in board.iterrows():
-        print(f"  {method:26s} PSNR {row.psnr:6.2f} [{row.psnr_lo:6.2f}, {row.psnr_hi:6.2f}]   "
-              f"LPIPS {row.lpips:.3f} [{row.lpips_lo:.3f}, {row.lpips_hi:.3f}]")
+        print(
+            f"  {method:26s} PSNR {row.psnr:6.2f} [{row.psnr_lo:6.2f}, {row.psnr_hi:6.2f}]   "
+            f"LPIPS {row.lpips:.3f} [{row.lpips_lo:.3f}, {row.lpips_hi:.3f}]"
+        )
     order = ["oracle", "geodiff4d", "reference_copy"]
     for better, worse in zip(order, order[1:], strict=False):
         psnr_ok, lpips_ok = board.psnr[better] > board.psnr[worse], board.lpips[better] < board.lpips[worse]
-        separated = board.psnr_lo[better] > board.psnr_hi[worse] and board.lpips_hi[better] < board.lpips_lo[worse]
-        print(f"  {better} > {worse}: PSNR {'yes' if psnr_ok else 'NO'}, LPIPS {'yes' if lpips_ok else 'NO'}; "
-              f"intervals {'disjoint' if separated else 'overlap'}")
-        failures += [f"{better} not above {worse} on {m}" for m, ok in (("PSNR", psnr_ok), ("LPIPS", lpips_ok)) if not ok]
+        separated = (
+            board.psnr_lo[better] > board.psnr_hi[worse] and board.lpips_hi[better] < board.lpips_lo[worse]
+        )
+        print(
+            f"  {better} > {worse}: PSNR {'yes' if psnr_ok else 'NO'}, LPIPS {'yes' if lpips_ok else 'NO'}; "
+            f"intervals {'disjoint' if separated else 'overlap'}"
+        )
+        failures += [
+            f"{better} not above {worse} on {m}"
+            for m, ok in (("PSNR", psnr_ok), ("LPIPS", lpips_ok))
+            if not ok
+        ]
     bound = sampling_bound(run).iloc[0]
     verdict = "beats" if bound.lpips > board.lpips["reference_copy"] else "loses to"
-    print(f"  sampling bound (the ground truth at the generated views' pixel pitch, scored alike): "
-          f"PSNR {bound.psnr:.2f}, LPIPS {bound.lpips:.3f}; reference_copy {verdict} it on LPIPS")
+    print(
+        f"  sampling bound (the ground truth at the generated views' pixel pitch, scored alike): "
+        f"PSNR {bound.psnr:.2f}, LPIPS {bound.lpips:.3f}; reference_copy {verdict} it on LPIPS"
+    )
     grid = generated_grid(run, run.parent / f"{run.name}-generated.png")
     print(f"generated frames (rows per subject: RGB, normals; {grid.name}): {grid}")
     print(f"total {time.time() - started:.0f} s; report: {run / 'leaderboard' / 'report.html'}")

@@ -52,7 +52,9 @@ def write_resampled(gt: Path, out: Path, ratio: float) -> int:
             continue
         image = cv2.imread(str(frame), cv2.IMREAD_COLOR)
         h, w = image.shape[:2]
-        low = cv2.resize(image, (max(1, round(w * ratio)), max(1, round(h * ratio))), interpolation=cv2.INTER_AREA)
+        low = cv2.resize(
+            image, (max(1, round(w * ratio)), max(1, round(h * ratio))), interpolation=cv2.INTER_AREA
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(target), cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR))
     return count
@@ -66,24 +68,41 @@ def sampling_bound(run: Path, method: str = "geodiff4d", ratio: float | None = N
     ratio = ratio or sampling_ratio(run, method)
     work = run.parent / f"{run.name}-sampling-bound-{ratio:.3f}"
     frames = write_resampled(run / "gt" / "self" / "rgb", work / "pred" / "rgb", ratio)
-    evaluate({"sampling_bound": work / "pred" / "rgb"}, run / "gt" / "self" / "rgb", "self", work / "eval",
-             metrics=["psnr", "lpips"], gt_mask=run / "gt" / "self" / "mask", masked=eval_config.get("masked", True),
-             background=eval_config.get("background", 0.5), resolution=eval_config.get("resolution"),
-             progress=False)  # fmt: skip
+    evaluate(
+        {"sampling_bound": work / "pred" / "rgb"},
+        run / "gt" / "self" / "rgb",
+        "self",
+        work / "eval",
+        metrics=["psnr", "lpips"],
+        gt_mask=run / "gt" / "self" / "mask",
+        masked=eval_config.get("masked", True),
+        background=eval_config.get("background", 0.5),
+        resolution=eval_config.get("resolution"),
+        progress=False,
+    )
     scored = pd.concat([pd.read_parquet(p) for p in (work / "eval" / "frames").glob("*.parquet")])
-    print(f"generated views sampling the head at {ratio:.3f} of the ground truth's pixels: "
-          f"{frames} hold-out frames resampled, scored in {work / 'eval'}")
+    print(
+        f"generated views sampling the head at {ratio:.3f} of the ground truth's pixels: "
+        f"{frames} hold-out frames resampled, scored in {work / 'eval'}"
+    )
     return scored[["psnr", "lpips"]].mean().to_frame("sampling_bound").T
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished `geodiff4d benchmark` run folder")
-    parser.add_argument("--method", default="geodiff4d", help="the geodiff4d method whose generated views count")
-    parser.add_argument("--ratio", type=float, help="generated pixels per ground-truth pixel (default: the run's)")
+    parser.add_argument(
+        "--method", default="geodiff4d", help="the geodiff4d method whose generated views count"
+    )
+    parser.add_argument(
+        "--ratio", type=float, help="generated pixels per ground-truth pixel (default: the run's)"
+    )
     args = parser.parse_args()
     run = args.run.resolve()
-    if not (run / "variants.json").is_file() or not (run / "leaderboard" / "self_leaderboard.parquet").is_file():
+    if (
+        not (run / "variants.json").is_file()
+        or not (run / "leaderboard" / "self_leaderboard.parquet").is_file()
+    ):
         sys.exit(f"{run}: not a finished `geodiff4d benchmark` run (no variants.json or self leaderboard)")
     bound = sampling_bound(run, args.method, args.ratio)
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")

@@ -81,8 +81,13 @@ class Subject:
 
 
 class Benchmark:
-    def __init__(self, config: BenchmarkConfig, out: str | Path, address: str | None = None,
-                 echo: Callable[[str], None] = print):  # fmt: skip
+    def __init__(
+        self,
+        config: BenchmarkConfig,
+        out: str | Path,
+        address: str | None = None,
+        echo: Callable[[str], None] = print,
+    ):
         self.config, self.layout, self.address, self.echo = config, Layout(Path(out).resolve()), address, echo
         self.commits = CommitLog(self.layout.state)
 
@@ -109,12 +114,19 @@ class Benchmark:
 
         spec, c = self.config.data.procedural, self.config
         names, sequences = [subject_id(i) for i in range(spec.subjects)], SEQUENCE_NAMES[: spec.sequences]
-        for field, chosen in (("subjects", c.subjects), ("generation.train_subjects", c.generation.train_subjects)):
+        for field, chosen in (
+            ("subjects", c.subjects),
+            ("generation.train_subjects", c.generation.train_subjects),
+        ):
             unknown = sorted(set(chosen or []) - set(names))
             if unknown:
-                raise BenchmarkError(f"{field}: {unknown} are not among the {spec.subjects} procedural subjects {names}")
+                raise BenchmarkError(
+                    f"{field}: {unknown} are not among the {spec.subjects} procedural subjects {names}"
+                )
         if c.train_sequence is not None and c.train_sequence not in sequences:
-            raise BenchmarkError(f"train_sequence: {c.train_sequence!r} is not a procedural sequence {list(sequences)}")
+            raise BenchmarkError(
+                f"train_sequence: {c.train_sequence!r} is not a procedural sequence {list(sequences)}"
+            )
 
     def subjects(self) -> list[Subject]:
         """The subjects to benchmark, checked against the data: every named subject, sequence and camera."""
@@ -126,7 +138,9 @@ class Benchmark:
         except NersembleError as error:
             raise BenchmarkError(f"data.nersemble: {error}") from error
         available, training = dataset.subjects(), c.generation.train_subjects or []
-        chosen = c.subjects or [s for s in available if s not in training]  # the training subjects are held out
+        chosen = c.subjects or [
+            s for s in available if s not in training
+        ]  # the training subjects are held out
         for field, names in (("subjects", chosen), ("generation.train_subjects", training)):
             missing = sorted(set(names) - set(available))
             if missing:
@@ -141,19 +155,24 @@ class Benchmark:
                 raise BenchmarkError(f"train_sequence: {subject} has no sequence {train!r} (has {sequences})")
             tests = tuple(s for s in sequences if s != train)
             if ("self" in c.protocols or "cross" in c.protocols) and not tests:
-                raise BenchmarkError(f"protocols self/cross need a held-out sequence; {subject} has only {train!r}")
+                raise BenchmarkError(
+                    f"protocols self/cross need a held-out sequence; {subject} has only {train!r}"
+                )
             for sequence in (train, *tests):
                 serials = set(dataset.sequence_serials(subject, sequence))
                 absent = sorted({c.train_camera, *c.holdout_cameras} - serials)
                 if absent:
-                    raise BenchmarkError(f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras) "
-                                         f"not recorded")
+                    raise BenchmarkError(
+                        f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras) not recorded"
+                    )
             needs_tracking = any(m.kind in ("geodiff4d", "oracle") for m in c.methods)
             for sequence in (train, *tests):
                 folder = dataset.sequence_dir(subject, sequence)
                 if needs_tracking and find_tracking(folder) is None:
-                    raise BenchmarkError(f"{missing_tracking_message(folder)}; the geodiff4d/oracle methods drive "
-                                         f"avatars with it")
+                    raise BenchmarkError(
+                        f"{missing_tracking_message(folder)}; the geodiff4d/oracle methods drive "
+                        f"avatars with it"
+                    )
             subjects.append(Subject(subject, train, tests))
         return subjects
 
@@ -164,11 +183,15 @@ class Benchmark:
 
         frames = self.layout.frames
         export_frame_folder(self.data_root, frames, [subject.id])
-        first = sorted((frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png"))[0]
+        first = sorted(
+            (frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png")
+        )[0]
         atomic_write_bytes(self.layout.identity / f"{subject.id}.png", first.read_bytes())
         for part in ("rgb", "mask", "normal"):  # the oracle sees the training sequence only
-            _link(frames / part / subject.id / subject.train_sequence,
-                  self.layout.oracle_input / part / subject.id / subject.train_sequence)
+            _link(
+                frames / part / subject.id / subject.train_sequence,
+                self.layout.oracle_input / part / subject.id / subject.train_sequence,
+            )
         for part, suffix in (("cameras", ".json"), ("tracking", ".npz")):
             name = f"{subject.train_sequence}{suffix}"
             _link(frames / part / subject.id / name, self.layout.oracle_input / part / subject.id / name)
@@ -191,11 +214,16 @@ class Benchmark:
     def ground_truth(self, protocol: str, subjects: list[Subject]) -> dict:
         """The protocol's scored frames (hold-out cameras) as links into the real frame folder."""
         root = self.layout.gt(protocol)
-        parts = ("rgb", "mask") if protocol == "cross" else ("rgb", "mask", "normal")  # cross: another head's shape
+        parts = (
+            ("rgb", "mask") if protocol == "cross" else ("rgb", "mask", "normal")
+        )  # cross: another head's shape
         for subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
             for part in parts:
                 for camera in self.config.holdout_cameras:
-                    _link(self.layout.frames / part / data_subject / sequence / camera, root / part / subject / name / camera)
+                    _link(
+                        self.layout.frames / part / data_subject / sequence / camera,
+                        root / part / subject / name / camera,
+                    )
         return {"units": len(self.scored_units(protocol, subjects))}
 
     # -- stages: the diffusion model -------------------------------------------------------------------------
@@ -214,7 +242,11 @@ class Benchmark:
         from geodiff4d.gen.model_run import run_config
 
         run = method_config(self.config, method).generation.run
-        return run_config(run).data.resolution if run is not None else self.gen_mapping(method)["data"]["resolution"]
+        return (
+            run_config(run).data.resolution
+            if run is not None
+            else self.gen_mapping(method)["data"]["resolution"]
+        )
 
     def shards(self, method: MethodConfig, role: str) -> Path:
         """Packed data of ``method``'s resolution: what its model trains on (``role`` "train") or what generation
@@ -263,8 +295,17 @@ class Benchmark:
         steps = variant.generation.train_steps
         for stage in (1, 2):
             run = folder / f"stage{stage}"
-            train(config_path, stage, shards, run, max_steps=steps[stage], init=folder / "stage1" if stage == 2 else None,
-                  resume=latest_checkpoint(run) is not None, address=self.address, quiet=True)  # fmt: skip
+            train(
+                config_path,
+                stage,
+                shards,
+                run,
+                max_steps=steps[stage],
+                init=folder / "stage1" if stage == 2 else None,
+                resume=latest_checkpoint(run) is not None,
+                address=self.address,
+                quiet=True,
+            )
         return {"run": str(folder / "stage2")}
 
     def model_run(self, method: MethodConfig) -> Path:
@@ -276,7 +317,9 @@ class Benchmark:
 
     def generation_key(self, method: MethodConfig) -> str:
         variant = method_config(self.config, method)
-        generation = variant.generation.model_dump(mode="json", exclude={"train_subjects"})  # in the model's key
+        generation = variant.generation.model_dump(
+            mode="json", exclude={"train_subjects"}
+        )  # in the model's key
         return digest({"model": str(self.model_run(method)), "generation": generation})
 
     def generate(self, method: MethodConfig, subject: Subject) -> dict:
@@ -290,21 +333,39 @@ class Benchmark:
         run, frames = self.model_run(method), self.layout.frames
         tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
         shards = self.shards(method, "inputs")
-        packed = {"shards": str(shards), "subject": subject.id, "sequence": subject.train_sequence,
-                  "camera": self.config.train_camera}  # fmt: skip
+        packed = {
+            "shards": str(shards),
+            "subject": subject.id,
+            "sequence": subject.train_sequence,
+            "camera": self.config.train_camera,
+        }
         entry = {
-            "name": subject.id, "sequence": subject.train_sequence,
+            "name": subject.id,
+            "sequence": subject.train_sequence,
             "reference": {**packed, "frame": 0},
             "identity": {"tracking": str(tracking)},
-            "cameras": {"cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
-                        "serials": c.views or self.training_views(subject)},
+            "cameras": {
+                "cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
+                "serials": c.views or self.training_views(subject),
+            },
             "driving": packed,
-            "frames": c.frames or len(list((frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png"))),
-        }  # fmt: skip
+            "frames": c.frames
+            or len(
+                list(
+                    (frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob(
+                        "*.png"
+                    )
+                )
+            ),
+        }
         spec = out / "specs" / f"{subject.id}.yaml"
         with atomic_output(spec) as tmp:
-            tmp.write_text(yaml.safe_dump({"run": str(run), "seed": c.seed, "subjects": [entry]}, sort_keys=False))
-        report = generate(spec, out, workers=self.config.generation.workers, address=self.address, progress=False)
+            tmp.write_text(
+                yaml.safe_dump({"run": str(run), "seed": c.seed, "subjects": [entry]}, sort_keys=False)
+            )
+        report = generate(
+            spec, out, workers=self.config.generation.workers, address=self.address, progress=False
+        )
         if not report.ok:
             raise RuntimeError(f"generate failed:\n{report.summary()}")
         return {"frames": entry["frames"], "views": len(entry["cameras"]["serials"])}
@@ -317,22 +378,35 @@ class Benchmark:
 
     # -- stages: avatars and their renders -------------------------------------------------------------------
     def recon_input(self, method: MethodConfig) -> Path:
-        return self.layout.generated / self.generation_key(method) if method.kind == "geodiff4d" else self.layout.oracle_input
-
+        return (
+            self.layout.generated / self.generation_key(method)
+            if method.kind == "geodiff4d"
+            else self.layout.oracle_input
+        )
 
     def avatar_folder(self, method: MethodConfig) -> Path:
         variant = method_config(self.config, method)
-        return self.layout.avatars / digest({"input": str(self.recon_input(method)), "recon": variant.recon,
-                                             "kind": method.kind})  # fmt: skip
+        return self.layout.avatars / digest(
+            {"input": str(self.recon_input(method)), "recon": variant.recon, "kind": method.kind}
+        )
 
     def reconstruct(self, method: MethodConfig, subject: Subject) -> dict:
         from geodiff4d.recon.run import recon_config_from_mapping, reconstruct
 
-        settings = recon_config_from_mapping(method_config(self.config, method).recon, f"methods[{method.name}].recon")
+        settings = recon_config_from_mapping(
+            method_config(self.config, method).recon, f"methods[{method.name}].recon"
+        )
         if method.kind == "oracle" and settings.train_cameras is None:  # the real views, hold-outs excepted
             settings.train_cameras = self.training_views(subject)
-        report = reconstruct(self.recon_input(method), self.avatar_folder(method), [subject.id], workers=1,
-                             address=self.address, config=settings, progress=False)  # fmt: skip
+        report = reconstruct(
+            self.recon_input(method),
+            self.avatar_folder(method),
+            [subject.id],
+            workers=1,
+            address=self.address,
+            config=settings,
+            progress=False,
+        )
         if not report.ok:
             raise RuntimeError(f"recon failed:\n{report.summary()}")
         return {"avatar": str(self.avatar_folder(method) / subject.id)}
@@ -351,8 +425,15 @@ class Benchmark:
                 cameras = read_cameras(frames / "cameras" / data_subject / f"{sequence}.json")
                 held_out = self.layout.root / "holdout_cameras" / data_subject / f"{sequence}.json"
                 write_cameras(held_out, {s: cameras[s] for s in self.config.holdout_cameras})
-                renders.append(render_task.remote(avatar, held_out, frames / "tracking" / data_subject / f"{sequence}.npz",
-                                                  self.layout.pred(protocol, method.name), sequence=name))  # fmt: skip
+                renders.append(
+                    render_task.remote(
+                        avatar,
+                        held_out,
+                        frames / "tracking" / data_subject / f"{sequence}.npz",
+                        self.layout.pred(protocol, method.name),
+                        sequence=name,
+                    )
+                )
         fps = ray.get(renders)
         return {"sequences": len(renders), "frames_per_second": round(float(np.mean(fps)), 2)}
 
@@ -384,21 +465,37 @@ class Benchmark:
         present = {name: path for name, path in methods.items() if path.is_dir() and any(path.iterdir())}
         absent = sorted(set(methods) - set(present))
         if absent:
-            self.echo(f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered")
+            self.echo(
+                f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered"
+            )
         metrics = self.config.eval.metrics.get(protocol)
         gt_normal = self.layout.gt(protocol) / "normal"
-        report = evaluate(present, self.layout.gt(protocol) / "rgb", PROTOCOL_EVAL[protocol],
-                          self.layout.eval / protocol, self.address, metrics=metrics, workers=self.config.eval.workers,
-                          gt_mask=self.layout.gt(protocol) / "mask", identity=self.layout.identity,
-                          masked=self.config.eval.masked, resolution=self.config.eval.resolution,
-                          background=self.config.eval.background,
-                          gt_normal=gt_normal if gt_normal.is_dir() else None, progress=False)  # fmt: skip
+        report = evaluate(
+            present,
+            self.layout.gt(protocol) / "rgb",
+            PROTOCOL_EVAL[protocol],
+            self.layout.eval / protocol,
+            self.address,
+            metrics=metrics,
+            workers=self.config.eval.workers,
+            gt_mask=self.layout.gt(protocol) / "mask",
+            identity=self.layout.identity,
+            masked=self.config.eval.masked,
+            resolution=self.config.eval.resolution,
+            background=self.config.eval.background,
+            gt_normal=gt_normal if gt_normal.is_dir() else None,
+            progress=False,
+        )
         return {"units": len(report.completed) + len(report.skipped)}
 
     def leaderboard(self) -> dict:
         from geodiff4d.eval.leaderboard import build_leaderboard
 
-        runs = {p: self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()}
+        runs = {
+            p: self.layout.eval / p
+            for p in self.config.protocols
+            if (self.layout.eval / p / "run.json").is_file()
+        }
         files = build_leaderboard(runs, self.layout.leaderboard, seed=self.config.seed)
         return {kind: str(path) for kind, path in files.items()}
 
@@ -406,7 +503,11 @@ class Benchmark:
         from geodiff4d.eval.ablation import write_ablation_report
 
         a = self.config.ablation
-        runs = {p: self.layout.eval / p for p in self.config.protocols if (self.layout.eval / p / "run.json").is_file()}
+        runs = {
+            p: self.layout.eval / p
+            for p in self.config.protocols
+            if (self.layout.eval / p / "run.json").is_file()
+        }
         files = write_ablation_report(runs, self.layout.ablations, a.full, a.rows, seed=self.config.seed)
         return {kind: str(path) for kind, path in files.items()}
 
@@ -416,7 +517,9 @@ class Benchmark:
         that evaluation scores them again instead of refusing changed predictions."""
         from geodiff4d.eval.run import unit_id
 
-        prefix = unit_id(method.name, subject, "") if subject else unit_id(method.name, "", "")[:-2]  # "m--s--", "m--"
+        prefix = (
+            unit_id(method.name, subject, "") if subject else unit_id(method.name, "", "")[:-2]
+        )  # "m--s--", "m--"
         for protocol in self.config.protocols:
             root = self.layout.eval / protocol
             for unit in (root / "commits").glob(f"{prefix}*.stats.json"):
@@ -443,7 +546,7 @@ class Benchmark:
         """A method's rendered frames (one avatar subject's, or all) and their scores."""
         for protocol in self.config.protocols:
             root = self.layout.pred(protocol, method.name)
-            for part in (("rgb", "mask", "normal") if subject else ("",)):
+            for part in ("rgb", "mask", "normal") if subject else ("",):
                 shutil.rmtree(root / part / subject.id if subject else root, ignore_errors=True)
         self.forget_scores(method, subject.id if subject else None)
 
@@ -454,7 +557,9 @@ class Benchmark:
             out["avatars"] = str(self.avatar_folder(method))
         if method.kind == "geodiff4d":
             out["generated"] = str(self.layout.generated / self.generation_key(method))
-            given = method_config(self.config, method).generation.run  # else the folder of both training stages
+            given = method_config(
+                self.config, method
+            ).generation.run  # else the folder of both training stages
             out["model"] = str(given if given is not None else self.model_run(method).parent)
         return out
 
@@ -462,18 +567,33 @@ class Benchmark:
     def graph(self, subjects: list[Subject]) -> StageGraph:
         """Every stage with the outputs whose absence reruns it (and what then goes stale: see StageGraph)."""
         graph, c, layout = StageGraph(self.commits, self.echo), self.config, self.layout
-        frames = {s.id: graph.add(f"frames:{s.id}", lambda s=s: self.export_subject(s),
-                                  outputs=[layout.frames / "rgb" / s.id]) for s in subjects}  # fmt: skip
-        truth = {p: graph.add(f"gt:{p}", lambda p=p: self.ground_truth(p, subjects), needs=list(frames.values()),
-                              outputs=[layout.gt(p) / "rgb"]) for p in c.protocols}  # fmt: skip
-        trained: dict[str, list[str]] = {}  # method -> [its model stage (unless given a run), the pack it reads]
+        frames = {
+            s.id: graph.add(
+                f"frames:{s.id}", lambda s=s: self.export_subject(s), outputs=[layout.frames / "rgb" / s.id]
+            )
+            for s in subjects
+        }
+        truth = {
+            p: graph.add(
+                f"gt:{p}",
+                lambda p=p: self.ground_truth(p, subjects),
+                needs=list(frames.values()),
+                outputs=[layout.gt(p) / "rgb"],
+            )
+            for p in c.protocols
+        }
+        trained: dict[
+            str, list[str]
+        ] = {}  # method -> [its model stage (unless given a run), the pack it reads]
         models: list[str] = []
         for method in c.methods:
             if method.kind == "geodiff4d":
                 # generation reads its reference and driving frames from the "inputs" pack, also with a given run
                 given = method_config(c, method).generation.run is not None
                 packs = []
-                for role in ("inputs",) if given else ("train", "inputs"):  # one pack for both without train_subjects
+                for role in (
+                    ("inputs",) if given else ("train", "inputs")
+                ):  # one pack for both without train_subjects
                     folder = self.shards(method, role)
                     packs.append(f"pack:{folder.name}")
                     if packs[-1] not in graph.stages:
@@ -484,17 +604,27 @@ class Benchmark:
                 model = f"model:{self.model_key(method)}"
                 if model not in graph.stages:
                     run = self.model_run(method)
-                    graph.add(model, lambda m=method: self.train_model(m), needs=packs[:1], outputs=[run],
-                              clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True))  # fmt: skip
+                    graph.add(
+                        model,
+                        lambda m=method: self.train_model(m),
+                        needs=packs[:1],
+                        outputs=[run],
+                        clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True),
+                    )
                     models.append(model)
                 trained[method.name] = [model, packs[-1]]
         produced: list[str] = []
         for method in c.methods:
             if method.kind in ("reference_copy", "gt_noise"):
-                produced.append(graph.add(f"baseline:{method.name}", lambda m=method: self.baseline(m),
-                                          needs=list(truth.values()),
-                                          outputs=[layout.pred(p, method.name) / "rgb" for p in c.protocols],
-                                          clean=lambda m=method: self.clean_predictions(m)))  # fmt: skip
+                produced.append(
+                    graph.add(
+                        f"baseline:{method.name}",
+                        lambda m=method: self.baseline(m),
+                        needs=list(truth.values()),
+                        outputs=[layout.pred(p, method.name) / "rgb" for p in c.protocols],
+                        clean=lambda m=method: self.clean_predictions(m),
+                    )
+                )
                 continue
             if method.kind == "external":
                 continue
@@ -504,26 +634,49 @@ class Benchmark:
                     generated = f"generate:{self.generation_key(method)}:{subject.id}"
                     out = layout.generated / self.generation_key(method) / "rgb" / subject.id
                     if generated not in graph.stages:
-                        graph.add(generated, lambda m=method, s=subject: self.generate(m, s), needs=chain,
-                                  outputs=[out], clean=lambda m=method, s=subject: self.clean_generated(m, s))
+                        graph.add(
+                            generated,
+                            lambda m=method, s=subject: self.generate(m, s),
+                            needs=chain,
+                            outputs=[out],
+                            clean=lambda m=method, s=subject: self.clean_generated(m, s),
+                        )
                     chain = [generated]
                 avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
                 if avatar not in graph.stages:
                     # reconstructions from real frames wait for training: training asks Ray for whole workers'
                     # CPUs and would otherwise wait behind them; afterwards they run beside generation
-                    graph.add(avatar, lambda m=method, s=subject: self.reconstruct(m, s), needs=chain,
-                              outputs=[self.avatar_folder(method) / subject.id],
-                              clean=lambda m=method, s=subject: self.clean_avatar(m, s),
-                              waits_for=models if method.kind != "geodiff4d" else [])  # fmt: skip
+                    graph.add(
+                        avatar,
+                        lambda m=method, s=subject: self.reconstruct(m, s),
+                        needs=chain,
+                        outputs=[self.avatar_folder(method) / subject.id],
+                        clean=lambda m=method, s=subject: self.clean_avatar(m, s),
+                        waits_for=models if method.kind != "geodiff4d" else [],
+                    )
                 drivers = [frames[s.id] for s in subjects]
-                produced.append(graph.add(f"render:{method.name}:{subject.id}",
-                                          lambda m=method, s=subject: self.render(m, s, subjects),
-                                          needs=[avatar, *drivers],
-                                          outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in c.protocols],
-                                          clean=lambda m=method, s=subject: self.clean_predictions(m, s)))  # fmt: skip
-        evals = [graph.add(f"eval:{p}", lambda p=p: self.evaluate(p), needs=[truth[p]], after=produced,
-                           outputs=[layout.eval / p / "run.json"]) for p in c.protocols]  # fmt: skip
-        board = graph.add("leaderboard", self.leaderboard, after=evals, outputs=[layout.leaderboard / "leaderboard.md"])
+                produced.append(
+                    graph.add(
+                        f"render:{method.name}:{subject.id}",
+                        lambda m=method, s=subject: self.render(m, s, subjects),
+                        needs=[avatar, *drivers],
+                        outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in c.protocols],
+                        clean=lambda m=method, s=subject: self.clean_predictions(m, s),
+                    )
+                )
+        evals = [
+            graph.add(
+                f"eval:{p}",
+                lambda p=p: self.evaluate(p),
+                needs=[truth[p]],
+                after=produced,
+                outputs=[layout.eval / p / "run.json"],
+            )
+            for p in c.protocols
+        ]
+        board = graph.add(
+            "leaderboard", self.leaderboard, after=evals, outputs=[layout.leaderboard / "leaderboard.md"]
+        )
         if c.ablation is not None:
             graph.add("ablations", self.ablations, after=[board], outputs=[layout.ablations / "ablations.md"])
         return graph
@@ -574,4 +727,3 @@ def _read_rgb8(path: Path) -> np.ndarray:
     from geodiff4d.core.io.images import read_rgb8
 
     return read_rgb8(path)
-

@@ -71,7 +71,9 @@ class GenerationConfig(Strict):
 
 
 class EvalConfig(Strict):
-    metrics: dict[str, list[str]] = Field(default_factory=dict)  # protocol -> metrics (default: the protocol's)
+    metrics: dict[str, list[str]] = Field(
+        default_factory=dict
+    )  # protocol -> metrics (default: the protocol's)
     masked: bool = True  # pixel metrics over the ground-truth foreground (stated in the report)
     # prediction and ground truth composited on this grey with the ground-truth alpha before every metric:
     # avatars render no studio backdrop, so every metric sees the same pixels (None: as they are)
@@ -101,7 +103,9 @@ class AblationConfig(Strict):
     benchmark then writes ``RUN/ablations/`` (eval/ablation.py) after the leaderboard."""
 
     full: str  # the full method's name
-    rows: dict[str, Literal["joint_normals", "domain_attention", "cross_view_pairs", "synthetic_data", "normal_loss"]]
+    rows: dict[
+        str, Literal["joint_normals", "domain_attention", "cross_view_pairs", "synthetic_data", "normal_loss"]
+    ]
 
 
 class BenchmarkConfig(Strict):
@@ -134,8 +138,10 @@ class BenchmarkConfig(Strict):
                 raise ValueError(f"ablation names methods that are not in methods: {unknown}")
         seen = sorted(set(self.subjects or []) & set(self.generation.train_subjects or []))
         if seen:
-            raise ValueError(f"subjects {seen} are also generation.train_subjects: evaluated subjects must be held out "
-                             f"of training")
+            raise ValueError(
+                f"subjects {seen} are also generation.train_subjects: evaluated subjects must be held out "
+                f"of training"
+            )
         unknown = sorted(set(self.eval.metrics) - set(self.protocols))
         if unknown:
             raise ValueError(f"eval.metrics names protocols not run: {unknown}")
@@ -156,7 +162,9 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         *path, leaf = dotted.split(".")
-        nested = merge(nested, functools.reduce(lambda inner, key: {key: inner}, reversed(path), {leaf: value}))
+        nested = merge(
+            nested, functools.reduce(lambda inner, key: {key: inner}, reversed(path), {leaf: value})
+        )
     return nested
 
 
@@ -191,14 +199,17 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
             gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
             clip, procedural = gen.train.stage2.frames, variant.data.procedural
             if procedural is not None and procedural.frames < clip:
-                raise ConfigError(f"{path}: data.procedural.frames ({procedural.frames}) is shorter than the "
-                                  f"{clip}-frame clips that training stage 2 of {where} needs")
+                raise ConfigError(
+                    f"{path}: data.procedural.frames ({procedural.frames}) is shorter than the "
+                    f"{clip}-frame clips that training stage 2 of {where} needs"
+                )
     return config
 
 
 def anchor_runs(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``generation.run`` (top level and in method overrides) relative to the config file's folder, so a config
     that ships a run beside it (configs/benchmark-demo.yaml) works from any working directory."""
+
     def anchored(run: Any) -> Any:
         return str((folder / run).resolve()) if isinstance(run, str) and not Path(run).is_absolute() else run
 

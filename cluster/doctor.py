@@ -46,11 +46,20 @@ def _compute_checks() -> list[Check]:
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    checks = [Check("compute", "torch", True, f"torch {torch.__version__}"),
-              Check("compute", "GPUs", bool(gpus), ", ".join(gpus) if gpus else "none: every stage runs on the CPU")]
+    checks = [
+        Check("compute", "torch", True, f"torch {torch.__version__}"),
+        Check(
+            "compute", "GPUs", bool(gpus), ", ".join(gpus) if gpus else "none: every stage runs on the CPU"
+        ),
+    ]
     gsplat = importlib.util.find_spec("gsplat") is not None
-    detail = ("gsplat on CUDA" if gpus and gsplat else
-              "our PyTorch CPU backend (gsplat needs CUDA)" if gsplat else "our PyTorch CPU backend (gsplat not installed)")
+    detail = (
+        "gsplat on CUDA"
+        if gpus and gsplat
+        else "our PyTorch CPU backend (gsplat needs CUDA)"
+        if gsplat
+        else "our PyTorch CPU backend (gsplat not installed)"
+    )
     checks.append(Check("compute", "Gaussian renderer", True, detail))
     return checks
 
@@ -79,20 +88,36 @@ def _metric_checks(arcface_model: Path | None, fan_weights: Path | None) -> list
     def arcface() -> str:
         if arcface_model is None:
             raise ModelFileNotFound("insightface ArcFace ONNX (pass --arcface-model DIR_OR_ONNX)", [])
-        return str(first_existing("ArcFace ONNX", [arcface_model] + sorted(Path(arcface_model).glob("*.onnx"))))
+        return str(
+            first_existing("ArcFace ONNX", [arcface_model] + sorted(Path(arcface_model).glob("*.onnx")))
+        )
 
     return [
         Check("metric", "psnr, ssim", True, "built in"),
-        _check("metric", "lpips (alex)", lambda: str(first_existing("LPIPS alex backbone", backbone_candidates("alex")))),
-        _check("metric", "lpips (vgg)", lambda: str(first_existing("LPIPS vgg backbone", backbone_candidates("vgg")))),
+        _check(
+            "metric",
+            "lpips (alex)",
+            lambda: str(first_existing("LPIPS alex backbone", backbone_candidates("alex"))),
+        ),
+        _check(
+            "metric",
+            "lpips (vgg)",
+            lambda: str(first_existing("LPIPS vgg backbone", backbone_candidates("vgg"))),
+        ),
         _check("metric", "csim facenet", lambda: _packaged(FACENET_GRAPH, *mtcnn)),
         _check("metric", "csim dlib", lambda: _packaged(DLIB_RECOGNITION, DLIB_LANDMARKS_68)),
         _check("metric", "csim arcface", arcface),
         _check("metric", "akd dlib", lambda: _packaged(DLIB_LANDMARKS_68) + " (whole-pixel landmarks)"),
-        _check("metric", "akd fan", lambda: _module("face_alignment", "face-alignment") + "; "
-               + str(find_fan_file(fan_weights))),
-        _check("metric", "aed mediapipe", lambda: _module("mediapipe", "mediapipe") + "; "
-               + _packaged(MEDIAPIPE_FACE_LANDMARKER)),
+        _check(
+            "metric",
+            "akd fan",
+            lambda: _module("face_alignment", "face-alignment") + "; " + str(find_fan_file(fan_weights)),
+        ),
+        _check(
+            "metric",
+            "aed mediapipe",
+            lambda: _module("mediapipe", "mediapipe") + "; " + _packaged(MEDIAPIPE_FACE_LANDMARKER),
+        ),
         _check("metric", "jod", lambda: _module("pycvvdp", "cvvdp") + " (ships its display calibration)"),
     ]
 
@@ -100,14 +125,21 @@ def _metric_checks(arcface_model: Path | None, fan_weights: Path | None) -> list
 def _data_checks() -> list[Check]:
     return [
         _check("data", "video decode", lambda: _module("av", "av")),
-        Check("data", "real FLAME", True, "pass --flame FLAME2023.pkl for real NeRSemble tracking "
-              "(the procedural head is built in)"),
+        Check(
+            "data",
+            "real FLAME",
+            True,
+            "pass --flame FLAME2023.pkl for real NeRSemble tracking (the procedural head is built in)",
+        ),
     ]
 
 
-def run_checks(address: str | None = None, arcface_model: Path | None = None,
-               fan_weights: Path | None = None) -> list[Check]:  # fmt: skip
-    return _compute_checks() + _ray_checks(address) + _metric_checks(arcface_model, fan_weights) + _data_checks()
+def run_checks(
+    address: str | None = None, arcface_model: Path | None = None, fan_weights: Path | None = None
+) -> list[Check]:
+    return (
+        _compute_checks() + _ray_checks(address) + _metric_checks(arcface_model, fan_weights) + _data_checks()
+    )
 
 
 def render(checks: list[Check]) -> str:

@@ -26,7 +26,9 @@ class ConfigError(UserError, ValueError):
 def packaged_configs() -> dict[str, Path]:
     """The configs that ship with the package, by name (file stem)."""
     folder = importlib.resources.files("geodiff4d.configs")
-    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+    return {
+        Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")
+    }
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
@@ -38,8 +40,10 @@ def resolve_config(name_or_path: str | Path) -> Path:
     name = path.stem if path.suffix == ".yaml" and path.parent == Path(".") else str(name_or_path)
     if name in packaged:
         return packaged[name]
-    raise ConfigError(f"{name_or_path}: no such config file, and no packaged config of that name "
-                      f"(packaged: {', '.join(sorted(packaged))})")  # fmt: skip
+    raise ConfigError(
+        f"{name_or_path}: no such config file, and no packaged config of that name "
+        f"(packaged: {', '.join(sorted(packaged))})"
+    )
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
@@ -61,13 +65,16 @@ def validate(path: str | Path, raw: dict[str, Any], schema: type[Schema], prefix
         known = sorted(f.name for f in dataclasses.fields(schema))
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise ConfigError(f"{path}: unknown field {', '.join(where + k for k in unknown)} "
-                              f"(known: {', '.join(known)})")  # fmt: skip
+            raise ConfigError(
+                f"{path}: unknown field {', '.join(where + k for k in unknown)} (known: {', '.join(known)})"
+            )
     try:
         return TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
-        lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-                 for e in err.errors()]  # an empty loc: a check of the whole object (__post_init__, validators)
+        lines = [
+            f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in err.errors()
+        ]  # an empty loc: a check of the whole object (__post_init__, validators)
         raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err
 
 

@@ -57,9 +57,13 @@ class JobReport:
         return not self.failed
 
     def summary(self) -> str:
-        lines = [f"{len(self.completed)} done, {len(self.skipped)} already committed, {len(self.failed)} failed"]
+        lines = [
+            f"{len(self.completed)} done, {len(self.skipped)} already committed, {len(self.failed)} failed"
+        ]
         if self.nodes:
-            lines.append("units per node: " + ", ".join(f"{node}={n}" for node, n in sorted(self.nodes.items())))
+            lines.append(
+                "units per node: " + ", ".join(f"{node}={n}" for node, n in sorted(self.nodes.items()))
+            )
         lines += [f"  FAILED {unit_id}: {error}" for unit_id, error in sorted(self.failed.items())]
         return "\n".join(lines)
 
@@ -91,7 +95,9 @@ def worker_cpus(workers: int, requested: float | None = None) -> float:
     largest = max(node_cpus, default=total)
     if requested is not None:
         if not 0 < requested <= largest:
-            raise ConfigError(f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node")
+            raise ConfigError(
+                f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node"
+            )
         return float(requested)
     return float(max(1, min(int(total // max(1, workers)), int(largest))))
 
@@ -183,7 +189,12 @@ def run_units(
     queue = list(reversed(pending))
     actor_cpus = worker_cpus(min(workers, len(pending)), cpus_per_worker)
     # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
-    options = {"num_cpus": actor_cpus, "num_gpus": gpus_per_worker, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
+    options = {
+        "num_cpus": actor_cpus,
+        "num_gpus": gpus_per_worker,
+        "max_restarts": 0,
+        "scheduling_strategy": "SPREAD",
+    }
 
     def new_worker() -> Any:
         return _UnitWorker.options(**options).remote(job, actor_cpus)
@@ -234,4 +245,3 @@ def _worker_dead(worker: Any) -> bool:
         return False
     except Exception:  # noqa: BLE001 - any failure to answer means we replace the worker
         return True
-

@@ -20,8 +20,19 @@ import geodiff4d
 log = logging.getLogger(__name__)
 
 # Top-level entries of a checkout that are not part of the installed package (pyproject's package-dir map).
-_NOT_PACKAGED = {".git", ".venv", ".ci", "tests", "bench", "docs", "runs", "demo_out", "__pycache__", ".pytest_cache",
-                 ".ruff_cache"}
+_NOT_PACKAGED = {
+    ".git",
+    ".venv",
+    ".ci",
+    "tests",
+    "bench",
+    "docs",
+    "runs",
+    "demo_out",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -99,9 +110,15 @@ def code_runtime_env(staging: Path) -> dict[str, Any] | None:
     if root is None:
         return None
     package = staging / "geodiff4d"  # py_modules imports a folder by its name
-    shutil.copytree(root, package, ignore=lambda folder, names: [
-        n for n in names if n.endswith((".pyc", ".tar", ".parquet")) or (Path(folder) == root and n in _NOT_PACKAGED)
-    ])
+    shutil.copytree(
+        root,
+        package,
+        ignore=lambda folder, names: [
+            n
+            for n in names
+            if n.endswith((".pyc", ".tar", ".parquet")) or (Path(folder) == root and n in _NOT_PACKAGED)
+        ],
+    )
     log.info("shipping the checkout %s to the cluster's workers (runtime_env py_modules)", root)
     return {"py_modules": [str(package)]}
 

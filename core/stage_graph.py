@@ -38,17 +38,23 @@ class GraphReport:
     skipped: list[str] = field(default_factory=list)  # committed before
     failed: dict[str, str] = field(default_factory=dict)  # stage -> error
     blocked: dict[str, str] = field(default_factory=dict)  # stage -> the failed stage it needed
-    partial: list[str] = field(default_factory=list)  # ran over incomplete inputs: not committed, rerun next time
+    partial: list[str] = field(
+        default_factory=list
+    )  # ran over incomplete inputs: not committed, rerun next time
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.blocked and not self.partial
 
     def summary(self) -> str:
-        lines = [f"{len(self.done)} stages run, {len(self.skipped)} already committed, "
-                 f"{len(self.failed)} failed, {len(self.blocked)} not run, {len(self.partial)} partial"]
+        lines = [
+            f"{len(self.done)} stages run, {len(self.skipped)} already committed, "
+            f"{len(self.failed)} failed, {len(self.blocked)} not run, {len(self.partial)} partial"
+        ]
         lines += [f"  FAILED {name}: {error}" for name, error in self.failed.items()]
-        lines += [f"  partial {name}: ran without some of its inputs; a rerun completes it" for name in self.partial]
+        lines += [
+            f"  partial {name}: ran without some of its inputs; a rerun completes it" for name in self.partial
+        ]
         lines += [f"  not run {name}: needs {cause}" for name, cause in self.blocked.items()]
         return "\n".join(lines)
 
@@ -57,15 +63,24 @@ class StageGraph:
     def __init__(self, commits: CommitLog, echo: Callable[[str], None] = print):
         self.commits, self.echo, self.stages = commits, echo, {}
 
-    def add(self, name: str, run: Callable[[], dict[str, Any]], needs: tuple[str, ...] | list[str] = (),
-            after: tuple[str, ...] | list[str] = (), outputs: tuple[Path, ...] | list[Path] = (),
-            clean: Callable[[], None] | None = None, waits_for: tuple[str, ...] | list[str] = ()) -> str:  # fmt: skip
+    def add(
+        self,
+        name: str,
+        run: Callable[[], dict[str, Any]],
+        needs: tuple[str, ...] | list[str] = (),
+        after: tuple[str, ...] | list[str] = (),
+        outputs: tuple[Path, ...] | list[Path] = (),
+        clean: Callable[[], None] | None = None,
+        waits_for: tuple[str, ...] | list[str] = (),
+    ) -> str:
         if name in self.stages:
             raise ValueError(f"stage {name!r} added twice")
         missing = [n for n in (*needs, *after, *waits_for) if n not in self.stages]
         if missing:
             raise ValueError(f"stage {name!r} needs stages not added before it: {missing}")
-        self.stages[name] = Stage(name, run, tuple(needs), tuple(after), tuple(waits_for), tuple(outputs), clean)
+        self.stages[name] = Stage(
+            name, run, tuple(needs), tuple(after), tuple(waits_for), tuple(outputs), clean
+        )
         return name
 
     def stale(self) -> dict[str, str]:
@@ -76,8 +91,10 @@ class StageGraph:
             if not self.commits.is_committed(stage.name):
                 continue
             missing = next((path for path in stage.outputs if not path.exists()), None)
-            upstream = next((n for n in (*stage.needs, *stage.after)
-                             if n in reruns or not self.commits.is_committed(n)), None)  # fmt: skip
+            upstream = next(
+                (n for n in (*stage.needs, *stage.after) if n in reruns or not self.commits.is_committed(n)),
+                None,
+            )
             if missing is not None:
                 reruns[stage.name] = f"output {missing} is missing"
             elif upstream is not None:
@@ -87,7 +104,10 @@ class StageGraph:
     def run(self, parallel: int = 2) -> GraphReport:
         """Run every uncommitted stage once its needs are committed; a failure blocks only its dependents."""
         report = GraphReport()
-        for name, why in self.stale().items():  # uncommitted first: a killed rerun must not leave them skippable
+        for (
+            name,
+            why,
+        ) in self.stale().items():  # uncommitted first: a killed rerun must not leave them skippable
             self.echo(f"[{name}] committed, but {why}: running it again")
             self.commits.marker(name).unlink()
             if self.stages[name].clean is not None:
@@ -108,9 +128,11 @@ class StageGraph:
                         report.blocked[stage.name] = report.blocked.get(cause, cause)
                         finished_names.add(stage.name)
                         del pending[stage.name]
-                    elif (all(n in committed for n in stage.needs)
-                          and all(n in finished_names for n in (*stage.after, *stage.waits_for))
-                          and len(running) < max(1, parallel)):
+                    elif (
+                        all(n in committed for n in stage.needs)
+                        and all(n in finished_names for n in (*stage.after, *stage.waits_for))
+                        and len(running) < max(1, parallel)
+                    ):
                         self.echo(f"[{stage.name}] running")
                         running[pool.submit(self._timed, stage)] = stage
                         del pending[stage.name]

@@ -136,7 +136,12 @@ class Camera:
         width, height = _pixel_count(width, "width"), _pixel_count(height, "height")
         K.setflags(write=False)
         camera = object.__new__(Camera)
-        for name, value in (("world_to_cam", self.world_to_cam), ("K", K), ("width", width), ("height", height)):
+        for name, value in (
+            ("world_to_cam", self.world_to_cam),
+            ("K", K),
+            ("width", width),
+            ("height", height),
+        ):
             object.__setattr__(camera, name, value)
         return camera
 

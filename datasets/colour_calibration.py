@@ -11,7 +11,22 @@ import colour
 import numpy as np
 from colour.characterisation import apply_matrix_colour_correction_Cheung2004
 
-CHEUNG2004_TERMS = (3, 4, 5, 7, 8, 10, 11, 14, 16, 17, 19, 20, 22, 35)  # the expansions colour-science defines
+CHEUNG2004_TERMS = (
+    3,
+    4,
+    5,
+    7,
+    8,
+    10,
+    11,
+    14,
+    16,
+    17,
+    19,
+    20,
+    22,
+    35,
+)  # the expansions colour-science defines
 
 
 def ccm_shape_error(matrix: np.ndarray) -> str | None:

@@ -46,10 +46,16 @@ def euler_xyz_matrix(angles: Tensor) -> Tensor:
     """
     (ca, cb, cc), (sa, sb, sc) = torch.cos(angles).unbind(1), torch.sin(angles).unbind(1)
     entries = [
-        cb * cc, -cb * sc, sb,
-        ca * sc + sa * sb * cc, ca * cc - sa * sb * sc, -sa * cb,
-        sa * sc - ca * sb * cc, sa * cc + ca * sb * sc, ca * cb,
-    ]  # fmt: skip
+        cb * cc,
+        -cb * sc,
+        sb,
+        ca * sc + sa * sb * cc,
+        ca * cc - sa * sb * sc,
+        -sa * cb,
+        sa * sc - ca * sb * cc,
+        sa * cc + ca * sb * sc,
+        ca * cb,
+    ]
     return torch.stack(entries, dim=1).view(-1, 3, 3)
 
 
@@ -89,9 +95,15 @@ class FlameParams:
     def with_zero_expression(self) -> FlameParams:
         """Same pose, shape and placement with expression, jaw and eyes zeroed (the pose-map input)."""
         return FlameParams(
-            self.shape, torch.zeros_like(self.expression), self.rotation, self.neck,
-            torch.zeros_like(self.jaw), torch.zeros_like(self.eyes), self.translation, self.scale,
-        )  # fmt: skip
+            self.shape,
+            torch.zeros_like(self.expression),
+            self.rotation,
+            self.neck,
+            torch.zeros_like(self.jaw),
+            torch.zeros_like(self.eyes),
+            self.translation,
+            self.scale,
+        )
 
     def full_pose(self) -> Tensor:
         """[B, 5, 3] axis-angle per joint in FLAME order; the root stays zero (``rotation`` places the model)."""
@@ -122,10 +134,16 @@ class FlameParams:
                     f"FlameParams.to_numpy_dict: {name} differs across frames; the npz stores one"
                 )
         arrays = {
-            "shape": self.shape[:1], "expression": self.expression, "rotation": self.rotation,
-            "rotation_matrices": self.rotation_matrices(), "translation": self.translation, "jaw": self.jaw,
-            "neck": self.neck, "eyes": self.eyes, "scale": self.scale[:1],
-        }  # fmt: skip
+            "shape": self.shape[:1],
+            "expression": self.expression,
+            "rotation": self.rotation,
+            "rotation_matrices": self.rotation_matrices(),
+            "translation": self.translation,
+            "jaw": self.jaw,
+            "neck": self.neck,
+            "eyes": self.eyes,
+            "scale": self.scale[:1],
+        }
         return {name: value.detach().cpu().numpy().astype(np.float32) for name, value in arrays.items()}
 
     @classmethod
@@ -150,9 +168,15 @@ class FlameParams:
             return torch.from_numpy(fitted)
 
         return cls(
-            column("shape", n_shape), column("expression", n_expr), column("rotation", 3), column("neck", 3),
-            column("jaw", 3), column("eyes", 6), column("translation", 3), column("scale", 1),
-        )  # fmt: skip
+            column("shape", n_shape),
+            column("expression", n_expr),
+            column("rotation", 3),
+            column("neck", 3),
+            column("jaw", 3),
+            column("eyes", 6),
+            column("translation", 3),
+            column("scale", 1),
+        )
 
 
 @dataclass
@@ -275,9 +299,20 @@ class FlameModel(torch.nn.Module):
         vt, ft = _uv_arrays(data, source, uv_npz, faces)
         lmk_faces, lmk_bary = _landmark_arrays(data, landmark_embedding)
         return cls(
-            v_template, faces, shapedirs, np.asarray(data["posedirs"]), j_regressor, parents,
-            np.asarray(data["weights"]), n_shape, n_expr, vt, ft, lmk_faces, lmk_bary,
-        )  # fmt: skip
+            v_template,
+            faces,
+            shapedirs,
+            np.asarray(data["posedirs"]),
+            j_regressor,
+            parents,
+            np.asarray(data["weights"]),
+            n_shape,
+            n_expr,
+            vt,
+            ft,
+            lmk_faces,
+            lmk_bary,
+        )
 
     def forward(self, params: FlameParams) -> FlameOutput:
         """Posed world-space vertices, joints and landmarks of a batch.
@@ -296,11 +331,15 @@ class FlameModel(torch.nn.Module):
         v_posed = v_shaped + (pose_feature @ self.posedirs).view(batch, -1, 3)
         world_minus_eye, displacement = self._chain(rotations, joints)
         joint_offsets = displacement - (world_minus_eye @ joints[..., None])[..., 0]  # [B, 5, 3]
-        per_joint = torch.cat([world_minus_eye.reshape(batch, N_JOINTS, 9), joint_offsets], dim=2)  # [B, 5, 12]
+        per_joint = torch.cat(
+            [world_minus_eye.reshape(batch, N_JOINTS, 9), joint_offsets], dim=2
+        )  # [B, 5, 12]
         skinning = self.weights @ per_joint  # [B, V, 12]: blended (R - I) and offset per vertex
         blended = skinning[..., :9].reshape(batch, -1, 3, 3)
         x, y, z = v_posed[..., 0:1], v_posed[..., 1:2], v_posed[..., 2:3]
-        v_lbs = v_posed + (blended[..., 0] * x + blended[..., 1] * y + blended[..., 2] * z) + skinning[..., 9:]
+        v_lbs = (
+            v_posed + (blended[..., 0] * x + blended[..., 1] * y + blended[..., 2] * z) + skinning[..., 9:]
+        )
         transform = params.model_to_world()  # [B, 4, 4]
         linear, translation = transform[:, :3, :3], transform[:, :3, 3]
         vertices = torch.baddbmm(translation[:, None], v_lbs, linear.transpose(1, 2))

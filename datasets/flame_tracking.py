@@ -39,7 +39,14 @@ TRACKING_FILES = {"v2": TRACKING_V2, "v1": TRACKING_V1}  # in order of preferenc
 TRACKING_SHAPE_DIM, TRACKING_EXPR_DIM = 300, 100
 ROTATION_MATRIX_TOLERANCE = 1e-4  # rotation_matrices vs Euler XYZ of rotation (float32 files)
 _PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes": 6}
-_VHAP_PER_FRAME_WIDTH = {"expr": None, "rotation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6, "translation": 3}
+_VHAP_PER_FRAME_WIDTH = {
+    "expr": None,
+    "rotation": 3,
+    "neck_pose": 3,
+    "jaw_pose": 3,
+    "eyes_pose": 6,
+    "translation": 3,
+}
 
 
 class TrackingError(UserError, ValueError):
@@ -85,7 +92,9 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         raise TrackingError(f"{path}: unreadable tracking file: {exc}") from exc
 
 
-def _check_fits(path: Path, arrays: Mapping[str, np.ndarray], n_shape: int, n_expr: int, names: tuple[str, str]) -> None:
+def _check_fits(
+    path: Path, arrays: Mapping[str, np.ndarray], n_shape: int, n_expr: int, names: tuple[str, str]
+) -> None:
     """Refuse to drop non-zero coefficients: real tracking read with a smaller head model loses its identity."""
     for name, kept in zip(names, (n_shape, n_expr), strict=True):
         dropped = np.asarray(arrays[name])[..., kept:]
@@ -107,12 +116,21 @@ def read_nersemble_tracking(
     """
     path = Path(path)
     arrays = _load_arrays(path)
-    missing = [name for name in ("shape", "expression", "scale", "frames", *_PER_FRAME_WIDTH) if name not in arrays]
+    missing = [
+        name for name in ("shape", "expression", "scale", "frames", *_PER_FRAME_WIDTH) if name not in arrays
+    ]
     if missing:
         raise TrackingError(f"{path}: missing array(s) {missing}")
     n_frames = arrays["frames"].shape[0] if arrays["frames"].ndim else 0
-    n_shape_file, n_expr_file = (arrays[name].shape[-1] if arrays[name].ndim else 0 for name in ("shape", "expression"))
-    expected = {"frames": (n_frames,), "scale": (1, 1), "shape": (1, n_shape_file), "expression": (n_frames, n_expr_file)}
+    n_shape_file, n_expr_file = (
+        arrays[name].shape[-1] if arrays[name].ndim else 0 for name in ("shape", "expression")
+    )
+    expected = {
+        "frames": (n_frames,),
+        "scale": (1, 1),
+        "shape": (1, n_shape_file),
+        "expression": (n_frames, n_expr_file),
+    }
     expected |= {name: (n_frames, width) for name, width in _PER_FRAME_WIDTH.items()}
     if "rotation_matrices" in arrays:
         expected["rotation_matrices"] = (n_frames, 3, 3)
@@ -150,17 +168,28 @@ def read_vhap_tracking(path: str | os.PathLike, model: FlameModel) -> FlameTrack
     for name, width in _VHAP_PER_FRAME_WIDTH.items():
         shape = arrays[name].shape
         if len(shape) != 2 or shape[0] != n_frames or (width is not None and shape[1] != width):
-            raise TrackingError(f"{path}: array {name} must have shape ({n_frames}, {width or 'D'}), got {shape}")
+            raise TrackingError(
+                f"{path}: array {name} must have shape ({n_frames}, {width or 'D'}), got {shape}"
+            )
     for name in ("static_offset", "dynamic_offset"):
         if name in arrays and np.any(arrays[name] != 0):
-            raise TrackingError(f"{path}: non-zero {name}: per-vertex FLAME offsets are not supported by our head model")
+            raise TrackingError(
+                f"{path}: non-zero {name}: per-vertex FLAME offsets are not supported by our head model"
+            )
     shape = np.asarray(arrays["shape"], np.float32).reshape(1, -1)
-    _check_fits(path, {"shape": shape, "expr": arrays["expr"]}, model.n_shape, model.n_expr, ("shape", "expr"))
+    _check_fits(
+        path, {"shape": shape, "expr": arrays["expr"]}, model.n_shape, model.n_expr, ("shape", "expr")
+    )
     nersemble = {
-        "shape": shape, "expression": arrays["expr"], "rotation": np.zeros((n_frames, 3)), "neck": arrays["neck_pose"],
-        "jaw": arrays["jaw_pose"], "eyes": arrays["eyes_pose"], "translation": np.zeros((n_frames, 3)),
+        "shape": shape,
+        "expression": arrays["expr"],
+        "rotation": np.zeros((n_frames, 3)),
+        "neck": arrays["neck_pose"],
+        "jaw": arrays["jaw_pose"],
+        "eyes": arrays["eyes_pose"],
+        "translation": np.zeros((n_frames, 3)),
         "scale": np.ones((1, 1)),
-    }  # fmt: skip
+    }
     params = FlameParams.from_numpy_dict(nersemble, model.n_shape, model.n_expr)
     with torch.no_grad():
         root = model(params).joints[:, 0].double().numpy()  # [T, 3] root joint, identity placement
@@ -202,7 +231,9 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+            archive.writestr(
+                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue()
+            )
 
 
 def _pad(values: np.ndarray, width: int, name: str) -> np.ndarray:
@@ -211,7 +242,9 @@ def _pad(values: np.ndarray, width: int, name: str) -> np.ndarray:
     return np.pad(values, ((0, 0), (0, width - values.shape[1])))
 
 
-def write_nersemble_tracking(path: str | os.PathLike, params: FlameParams, frames: np.ndarray | None = None) -> None:
+def write_nersemble_tracking(
+    path: str | os.PathLike, params: FlameParams, frames: np.ndarray | None = None
+) -> None:
     """A NeRSemble tracking npz (names, shapes, float32, ``rotation_matrices``); shape/expression zero-padded to
     300/100; ``frames`` defaults to 0..T-1."""
     arrays = params.to_numpy_dict()

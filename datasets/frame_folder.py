@@ -90,7 +90,9 @@ def _camera_dirs(root: Path, subject: str, sequence: str, cameras: list[str] | N
     return sorted(p for p in seq_dir.iterdir() if p.is_dir() and (cameras is None or p.name in cameras))
 
 
-def sequence_index(root: Path, subject: str, sequence: str, cameras: list[str] | None = None) -> tuple[list[str], list[int]]:
+def sequence_index(
+    root: Path, subject: str, sequence: str, cameras: list[str] | None = None
+) -> tuple[list[str], list[int]]:
     """The camera serials and frame numbers of one sequence, from file names alone (nothing decoded)."""
     dirs = _camera_dirs(root, subject, sequence, cameras)
     frames = sorted({int(p.stem) for d in dirs for p in d.glob("*.png")})
@@ -99,8 +101,13 @@ def sequence_index(root: Path, subject: str, sequence: str, cameras: list[str] |
     return [d.name for d in dirs], frames
 
 
-def iter_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None,
-                frames: Collection[int] | None = None) -> Iterator[FrameImage]:  # fmt: skip
+def iter_frames(
+    root: Path,
+    subject: str,
+    sequence: str,
+    cameras: list[str] | None = None,
+    frames: Collection[int] | None = None,
+) -> Iterator[FrameImage]:
     """The (camera, frame) images of one sequence (every frame, or ``frames``), sorted, decoded one at a time
     so that a caller can keep them compactly; mask and normal are optional per frame."""
     root = Path(root)
@@ -117,8 +124,13 @@ def iter_frames(root: Path, subject: str, sequence: str, cameras: list[str] | No
             yield FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal)
 
 
-def read_frames(root: Path, subject: str, sequence: str, cameras: list[str] | None = None,
-                frames: Collection[int] | None = None) -> list[FrameImage]:  # fmt: skip
+def read_frames(
+    root: Path,
+    subject: str,
+    sequence: str,
+    cameras: list[str] | None = None,
+    frames: Collection[int] | None = None,
+) -> list[FrameImage]:
     """All (camera, frame) images of one sequence (or of ``frames``), sorted."""
     images = list(iter_frames(root, subject, sequence, cameras, frames))
     if not images:
@@ -136,8 +148,16 @@ def frame_relpath(subject: str, sequence: str, camera: str, frame: int) -> Path:
     return Path(subject) / sequence / camera / f"{frame:05d}.png"
 
 
-def write_frame(root: Path, subject: str, sequence: str, camera: str, frame: int,
-                rgb: torch.Tensor, alpha: torch.Tensor, normal: torch.Tensor | None) -> None:  # fmt: skip
+def write_frame(
+    root: Path,
+    subject: str,
+    sequence: str,
+    camera: str,
+    frame: int,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor,
+    normal: torch.Tensor | None,
+) -> None:
     """Write rgb [3,H,W], mask (alpha > 0.5) and unit normal [3,H,W] PNGs of one frame, atomically."""
     rel = frame_relpath(subject, sequence, camera, frame)
     mask = alpha.detach().cpu().numpy() > 0.5
@@ -149,7 +169,9 @@ def write_frame(root: Path, subject: str, sequence: str, camera: str, frame: int
         atomic_write_bytes(Path(root) / "normal" / rel, encode_normal_png(normal_hwc, mask))
 
 
-def export_frame_folder(nersemble_root: str | Path, out: str | Path, subjects: list[str] | None = None) -> list[str]:
+def export_frame_folder(
+    nersemble_root: str | Path, out: str | Path, subjects: list[str] | None = None
+) -> list[str]:
     """Turn a NeRSemble v2 folder into a frame folder: rgb (as captured), mask (alpha), normal (the procedural
     ground truth where present), cameras JSON and the FLAME tracking npz per sequence. Returns the subjects."""
     nersemble_root, out = Path(nersemble_root), Path(out)

@@ -116,7 +116,9 @@ class ShardIndex:
             track.setdefault((m["subject"], m["sequence"], m["camera"]), {})[m["frame"]] = s
         self.tracks = track
         self.clip_starts = [
-            (k, f) for k, frames in sorted(track.items()) for f in sorted(frames)
+            (k, f)
+            for k, frames in sorted(track.items())
+            for f in sorted(frames)
             if all(f + i in frames for i in range(clip_len))
         ]
         self.pair_targets = [s for s in samples if len(self.by_frame[_frame_id(s)]) > 1]
@@ -141,7 +143,9 @@ def draw_units(
         if config.kind == "clip" and not index.clip_starts:
             barren += 1
             if barren > 100:
-                raise LoaderError(f"source {source}: no shard holds {config.clip_len} consecutive frames of a camera")
+                raise LoaderError(
+                    f"source {source}: no shard holds {config.clip_len} consecutive frames of a camera"
+                )
             continue
         barren = 0
         for _ in range(config.units_per_shard):
@@ -178,7 +182,8 @@ def _clip_drivings(index: ShardIndex, targets: list[dict], rng: np.random.Genera
     subject, sequence, camera = (targets[0]["meta"][k] for k in ("subject", "sequence", "camera"))
     wanted = [t["meta"]["frame"] for t in targets]
     cameras = sorted(
-        cam for (sub, seq, cam), frames in index.tracks.items()
+        cam
+        for (sub, seq, cam), frames in index.tracks.items()
         if (sub, seq) == (subject, sequence) and cam != camera and all(f in frames for f in wanted)
     )
     if not cameras:
@@ -238,7 +243,9 @@ class BatchImages:
         if slot not in self._decoded:
             data = sample.get(member)
             if data is None:
-                raise LoaderError(f"sample {sample['__key__']} in {sample.get('__url__')} lacks member {member}")
+                raise LoaderError(
+                    f"sample {sample['__key__']} in {sample.get('__url__')} lacks member {member}"
+                )
             self._decoded[slot] = _decode_png(data, sample["__key__"])
         image = self._decoded[slot]
         return image[:channels] if image.shape[0] >= channels else np.repeat(image, channels, axis=0)
@@ -251,7 +258,9 @@ def _normal(sample: dict[str, Any], images: BatchImages, config: LoaderConfig) -
     return np.zeros((3, height, width), np.float32), False
 
 
-def augment_driving(rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config: LoaderConfig, rng: np.random.Generator) -> Tensor:
+def augment_driving(
+    rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config: LoaderConfig, rng: np.random.Generator
+) -> Tensor:
     """Face crops of driving frames with spatial (scale, shift) and pixel (colour, noise) augmentation.
 
     rgb [N, 3, H, W], mask [N, 1, H, W] -> [N, 3, r, r] in one batched resampling (or one frame [3, H, W],
@@ -263,7 +272,9 @@ def augment_driving(rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config:
     rgb, mask = (rgb[None], mask[None]) if single else (rgb, mask)
     n, _, height, width = rgb.shape
     boxes = np.array([_head_extent(m[0].numpy(), height, width) for m in mask])  # [N, 4] y0, y1, x0, x1
-    side = np.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]) * rng.uniform(*config.crop_scale, n)
+    side = np.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]) * rng.uniform(
+        *config.crop_scale, n
+    )
     shift = rng.uniform(-1, 1, (n, 2)) * config.crop_shift * side[:, None]
     cy, cx = (boxes[:, 0] + boxes[:, 1]) / 2 + shift[:, 0], (boxes[:, 2] + boxes[:, 3]) / 2 + shift[:, 1]
     r = config.driving_size
@@ -271,9 +282,15 @@ def augment_driving(rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config:
     theta = np.zeros((n, 2, 3))
     theta[:, 0, 0], theta[:, 0, 2] = side / width, 2 * cx / width - 1
     theta[:, 1, 1], theta[:, 1, 2] = side / height, 2 * cy / height - 1
-    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32), [n, 3, r, r], align_corners=False)  # [N, r, r, 2]
-    crop = F.grid_sample(rgb.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [N, 3, r, r]
-    jitter = torch.as_tensor(rng.uniform(-1, 1, (3, n, 1, 1, 1)), dtype=torch.float32)  # saturation, contrast, brightness
+    grid = F.affine_grid(
+        torch.as_tensor(theta, dtype=torch.float32), [n, 3, r, r], align_corners=False
+    )  # [N, r, r, 2]
+    crop = F.grid_sample(
+        rgb.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # [N, 3, r, r]
+    jitter = torch.as_tensor(
+        rng.uniform(-1, 1, (3, n, 1, 1, 1)), dtype=torch.float32
+    )  # saturation, contrast, brightness
     gray = crop.mean(dim=1, keepdim=True)
     crop = gray + (crop - gray) * (1 + jitter[0] * config.saturation)
     mean = crop.mean(dim=(1, 2, 3), keepdim=True)
@@ -372,6 +389,8 @@ def make_loader(
     shard_dir: str | os.PathLike, config: LoaderConfig = LoaderConfig(), num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        TrainingStream(shard_dir, config), batch_size=None, num_workers=num_workers,
+        TrainingStream(shard_dir, config),
+        batch_size=None,
+        num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

@@ -52,12 +52,16 @@ class ManifestError(UserError, ValueError):
     """A stats file or manifest that does not match the schema; the message names the file."""
 
 
-def shard_stats(tar_path: Path, ids: dict[str, dict[str, Any]], records: Sequence[MemberRecord]) -> dict[str, Any]:
+def shard_stats(
+    tar_path: Path, ids: dict[str, dict[str, Any]], records: Sequence[MemberRecord]
+) -> dict[str, Any]:
     """The commit marker of a written shard: ``ids`` maps key -> {source, subject, sequence, frame, camera, ...}."""
     tar_name = tar_path.name
     grouped = group_members(records)
     if set(grouped) != set(ids):
-        raise ManifestError(f"{tar_name}: member keys and sample ids differ: {sorted(set(grouped) ^ set(ids))[:5]}")
+        raise ManifestError(
+            f"{tar_name}: member keys and sample ids differ: {sorted(set(grouped) ^ set(ids))[:5]}"
+        )
     samples = []
     for key in sorted(grouped):
         meta = ids[key]
@@ -99,7 +103,9 @@ def build_manifest(out: str | os.PathLike) -> int:
     size (a NeRSemble-sized listing has ~38M rows: bench/bench_scale.py).
     """
     out = Path(out)
-    paths = sorted(stats_files(out), key=lambda p: p.name.removesuffix(STATS_SUFFIX) + ".tar")  # = shard order
+    paths = sorted(
+        stats_files(out), key=lambda p: p.name.removesuffix(STATS_SUFFIX) + ".tar"
+    )  # = shard order
     rows: list[dict[str, Any]] = []
     count = 0
     with atomic_output(out / MANIFEST_NAME) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
@@ -114,7 +120,9 @@ def build_manifest(out: str | os.PathLike) -> int:
     return count
 
 
-def read_manifest(out: str | os.PathLike, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+def read_manifest(
+    out: str | os.PathLike, columns: list[str] | None = None, filters: list | None = None
+) -> pa.Table:
     """The manifest, or some ``columns`` / the rows matching ``filters`` (pyarrow's), checked against SCHEMA."""
     path = Path(out) / MANIFEST_NAME
     if not path.is_file():

@@ -80,7 +80,9 @@ def write_camera_params(
 
 def write_color_calibration(path: str | os.PathLike, matrices: Mapping[str, np.ndarray]) -> None:
     """color_calibration.json: serial -> (3, terms) colour correction matrix (see ``colour_calibration``)."""
-    atomic_write_bytes(path, _json_bytes({s: np.asarray(m, np.float64).tolist() for s, m in matrices.items()}))
+    atomic_write_bytes(
+        path, _json_bytes({s: np.asarray(m, np.float64).tolist() for s, m in matrices.items()})
+    )
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -296,8 +298,10 @@ class NersembleDataset:
         n_frames = self.frame_count(subject, sequence)
         stop = n_frames if stop is None else stop
         if not 0 <= start < stop <= n_frames:
-            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
-                                 f"within its {n_frames} frames")
+            raise NersembleError(
+                f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
+                f"within its {n_frames} frames"
+            )
         if serial not in self.sequence_serials(subject, sequence):
             raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
         video = self.video_path(subject, sequence, serial)
@@ -309,8 +313,12 @@ class NersembleDataset:
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
         # which differs by one level in places)
         alphas = (
-            ((i, rgb[..., 0]) for i, rgb in iter_video_range(alpha_path, start, stop, threads=threads, count=count))
-            if alpha_path.exists() else None
+            (
+                (i, rgb[..., 0])
+                for i, rgb in iter_video_range(alpha_path, start, stop, threads=threads, count=count)
+            )
+            if alpha_path.exists()
+            else None
         )
         try:
             for index, rgb in iter_video_range(video, start, stop, threads=threads, count=count):

@@ -48,12 +48,16 @@ class OnnxNormalEstimator:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model file
             raise NormalEstimatorError(f"{self.path}: not a loadable ONNX model: {exc}") from exc
         model_input = self.session.get_inputs()[0]
         if len(model_input.shape) != 4 or model_input.shape[1] not in (3, "3"):
-            raise NormalEstimatorError(f"{self.path}: expected an NCHW input with 3 channels, got {model_input.shape}")
+            raise NormalEstimatorError(
+                f"{self.path}: expected an NCHW input with 3 channels, got {model_input.shape}"
+            )
         self.input = model_input.name
         size = model_input.shape[2]
         self.size = size if isinstance(size, int) and size > 0 else DEFAULT_INPUT_SIZE
@@ -70,7 +74,9 @@ class OnnxNormalEstimator:
         batch = model_in.transpose(2, 0, 1)[None]  # [1, 3, S, S]
         output = self.session.run(None, {self.input: batch})[0]
         if output.shape != (1, 3, self.size, self.size):
-            raise NormalEstimatorError(f"{self.path}: output shape {output.shape}, expected (1, 3, {self.size}, {self.size})")
+            raise NormalEstimatorError(
+                f"{self.path}: output shape {output.shape}, expected (1, 3, {self.size}, {self.size})"
+            )
         stored = cv2.resize(output[0].transpose(1, 2, 0), (side, side), interpolation=cv2.INTER_CUBIC)
         stored = stored[top : side - bottom, left : side - right]  # [H, W, 3] SynthHuman axes
         return unit(stored.astype(np.float64) @ SYNTHHUMAN_NORMAL_TO_OURS.T).astype(np.float32)

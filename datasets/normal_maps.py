@@ -25,7 +25,9 @@ class NormalMapError(UserError, ValueError):
 
 
 def _channel_last(normal: np.ndarray) -> np.ndarray:
-    normal = np.asarray(normal, dtype=np.float32)  # float32 is exact enough for 16-bit codes, and twice as fast
+    normal = np.asarray(
+        normal, dtype=np.float32
+    )  # float32 is exact enough for 16-bit codes, and twice as fast
     if normal.ndim == 3 and normal.shape[-1] == 3:
         return normal
     if normal.ndim == 3 and normal.shape[0] == 3:
@@ -39,7 +41,12 @@ def unit(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     float32 [..., 3] (every normal map packing touches) takes one compiled pass with the same float32
     arithmetic; numpy's temporaries made this a fifth of a packed sample's time.
     """
-    if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.ndim and vectors.shape[-1] == 3:
+    if (
+        isinstance(vectors, np.ndarray)
+        and vectors.dtype == np.float32
+        and vectors.ndim
+        and vectors.shape[-1] == 3
+    ):
         rows = np.ascontiguousarray(vectors).reshape(-1, 3)
         return _unit_rows(rows, np.float32(eps)).reshape(vectors.shape)
     norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
@@ -160,7 +167,9 @@ def _from_mask_weighted(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inside = rows[:, 3] > 0.5
     for i in range(rows.shape[0]):
         if inside[i]:
-            normal[i, 0], normal[i, 1], normal[i, 2] = _unit_row(rows[i, 0], rows[i, 1], rows[i, 2], np.float32(1e-12))
+            normal[i, 0], normal[i, 1], normal[i, 2] = _unit_row(
+                rows[i, 0], rows[i, 1], rows[i, 2], np.float32(1e-12)
+            )
     return normal, inside
 
 

@@ -96,8 +96,13 @@ class SampleRef:
         return sample_key(self.source, self.subject, self.sequence, self.frame, self.camera)
 
     def ids(self) -> dict[str, Any]:
-        return {"source": self.source, "subject": self.subject, "sequence": self.sequence,
-                "frame": self.frame, "camera": self.camera}
+        return {
+            "source": self.source,
+            "subject": self.subject,
+            "sequence": self.sequence,
+            "frame": self.frame,
+            "camera": self.camera,
+        }
 
 
 @dataclass(frozen=True, order=True)
@@ -121,7 +126,9 @@ class SampleBlock:
         cameras = len(self.cameras)
         for i in range(start, len(self) if stop is None else stop):
             frame, camera = divmod(i, cameras)
-            yield SampleRef(self.source, self.subject, self.sequence, self.frames[frame], self.cameras[camera], self.root)
+            yield SampleRef(
+                self.source, self.subject, self.sequence, self.frames[frame], self.cameras[camera], self.root
+            )
 
     def keys(self) -> list[str]:
         """Every sample's key, without making its SampleRef (the listing digest hashes ~38M of them)."""
@@ -192,8 +199,11 @@ def list_synthhuman(root: Path, subset: str = "all") -> list[SampleBlock]:
     return [SampleBlock("synthhuman", f"{i:07d}", "synthhuman", (0,), ("0",), str(root)) for i in indices]
 
 
-def list_inputs(sources: Sequence[tuple[str, Path]], settings: PackSettings | None = None,
-                model_sizes: tuple[int, int] | None = None) -> list[SampleBlock]:  # fmt: skip
+def list_inputs(
+    sources: Sequence[tuple[str, Path]],
+    settings: PackSettings | None = None,
+    model_sizes: tuple[int, int] | None = None,
+) -> list[SampleBlock]:
     """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking."""
     settings = settings or PackSettings()
     blocks = []
@@ -219,12 +229,15 @@ def sample_bytes_bound(resolution: int) -> int:
     return int(raw * 1.01) + 5 * 1024 + 16 * 1024
 
 
-def plan_shards(blocks: Sequence[SampleBlock], samples_per_shard: int, max_shard_bytes: int,
-                sample_bytes: int) -> list[ShardPlan]:  # fmt: skip
+def plan_shards(
+    blocks: Sequence[SampleBlock], samples_per_shard: int, max_shard_bytes: int, sample_bytes: int
+) -> list[ShardPlan]:
     """Sorted blocks -> shards per source; whole frames stay together unless one frame exceeds the bounds."""
     per_shard = min(samples_per_shard, max_shard_bytes // sample_bytes)
     if per_shard < 1:
-        raise PackError(f"max_shard_bytes={max_shard_bytes} is below one sample's bound ({sample_bytes} bytes)")
+        raise PackError(
+            f"max_shard_bytes={max_shard_bytes} is below one sample's bound ({sample_bytes} bytes)"
+        )
     plans = []
     for source in sorted({b.source for b in blocks}):
         shards: list[list[list]] = [[]]  # shard -> spans [block, start, stop]
@@ -254,7 +267,9 @@ def plan_shards(blocks: Sequence[SampleBlock], samples_per_shard: int, max_shard
 # ---------------------------------------------------------------------------------------- image encoding
 
 
-def square_box(x0: float, y0: float, x1: float, y1: float, margin: float = CROP_MARGIN) -> tuple[int, int, int]:
+def square_box(
+    x0: float, y0: float, x1: float, y1: float, margin: float = CROP_MARGIN
+) -> tuple[int, int, int]:
     """A square integer window (x, y, side) around a box, ``margin`` times its larger extent."""
     side = max(int(round(max(x1 - x0, y1 - y0) * margin)), 2)
     return int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2)), side
@@ -290,11 +305,15 @@ def crop_normals(normal: np.ndarray, mask: np.ndarray, box: tuple[int, int, int]
     return from_mask_weighted(crop(weighted, (x - x0, y - y0, side), resolution))
 
 
-def background_mask(rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BACKGROUND_THRESHOLD) -> np.ndarray:
+def background_mask(
+    rgb: np.ndarray, backdrop: np.ndarray, threshold: float = BACKGROUND_THRESHOLD
+) -> np.ndarray:
     """Foreground by background subtraction: largest connected changed region, holes filled -> float [H, W]."""
     if backdrop.shape != rgb.shape:
         backdrop = cv2.resize(backdrop, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_AREA)
-    changed = (np.abs(rgb.astype(np.int16) - backdrop.astype(np.int16)).max(axis=-1) > threshold * 255).astype(np.uint8)
+    changed = (
+        np.abs(rgb.astype(np.int16) - backdrop.astype(np.int16)).max(axis=-1) > threshold * 255
+    ).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     changed = cv2.morphologyEx(changed, cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(changed)
@@ -314,7 +333,9 @@ def _head_box(pose: _FramePose | None, camera: Camera, alpha: np.ndarray, frame:
         return square_box(xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
     box = _mask_box(alpha)
     if box is None:
-        raise PackError(f"{frame.subject}/{frame.sequence}/cam_{frame.serial} frame {frame.frame}: empty mask, no tracking")
+        raise PackError(
+            f"{frame.subject}/{frame.sequence}/cam_{frame.serial} frame {frame.frame}: empty mask, no tracking"
+        )
     return square_box(*box)
 
 
@@ -324,8 +345,6 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-
-
 
 
 @dataclass(frozen=True)
@@ -340,7 +359,9 @@ class PackSettings:
         if not isinstance(self.resolution, int) or self.resolution < 2 or self.resolution % 2:
             raise PackError(f"--resolution must be a positive even number of pixels, got {self.resolution}")
         if self.synthhuman_subset not in SYNTHHUMAN_SUBSETS:
-            raise PackError(f"--synthhuman-subset must be one of {SYNTHHUMAN_SUBSETS}, got {self.synthhuman_subset!r}")
+            raise PackError(
+                f"--synthhuman-subset must be one of {SYNTHHUMAN_SUBSETS}, got {self.synthhuman_subset!r}"
+            )
         for option, path in (("--normal-estimator", self.normal_estimator), ("--flame", self.flame_model)):
             if path is not None and not Path(path).is_file():
                 raise PackError(f"{option} {path}: file not found")
@@ -415,7 +436,9 @@ class PackJob:
 
     def setup(self) -> None:
         self.model = head_model(self.settings)
-        self.estimator = OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
+        self.estimator = (
+            OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
+        )
 
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         """Write the shard; its stats also say how many video frames were decoded for how many packed."""
@@ -429,8 +452,13 @@ class PackJob:
         with self.clock("write"):
             records = write_shard(path, samples)
         stats = shard_stats(path, ids, records)
-        stats["decoded_video_frames"], stats["packed_video_frames"] = self.decoded.frames, self.packed_video_frames
-        stats["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())}
+        stats["decoded_video_frames"], stats["packed_video_frames"] = (
+            self.decoded.frames,
+            self.packed_video_frames,
+        )
+        stats["stage_seconds"] = {
+            stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())
+        }
         stats["unit_window"] = [started, time.time()]  # wall clock, so throughput can exclude actor start
         return stats
 
@@ -452,17 +480,28 @@ class PackJob:
         """Each camera video of the shard is decoded once, from the shard's first frame; FLAME runs once per frame."""
         wanted: dict[tuple[str, str, str], dict[str, set[int]]] = {}
         for ref in refs:
-            wanted.setdefault((ref.root, ref.subject, ref.sequence), {}).setdefault(ref.camera, set()).add(ref.frame)
+            wanted.setdefault((ref.root, ref.subject, ref.sequence), {}).setdefault(ref.camera, set()).add(
+                ref.frame
+            )
         by_id = {(r.root, r.subject, r.sequence, r.camera, r.frame): r for r in refs}
-        datasets = {root: NersembleDataset(root, self.model.n_shape, self.model.n_expr) for root, _, _ in wanted}
+        datasets = {
+            root: NersembleDataset(root, self.model.n_shape, self.model.n_expr) for root, _, _ in wanted
+        }
         samples = []
         for (root, subject, sequence), cameras in sorted(wanted.items()):
             dataset = datasets[root]
             poses = self._poses(dataset.tracking(subject, sequence), set().union(*cameras.values()))
             for serial, frames in sorted(cameras.items()):
                 backdrop = _background(dataset, subject, serial)
-                decoded = dataset.frames(subject, sequence, serial, start=min(frames), stop=max(frames) + 1,
-                                         threads=self.decode_threads, count=self.decoded)
+                decoded = dataset.frames(
+                    subject,
+                    sequence,
+                    serial,
+                    start=min(frames),
+                    stop=max(frames) + 1,
+                    threads=self.decode_threads,
+                    count=self.decoded,
+                )
                 for frame in self.clock.timed_iter("decode", decoded):
                     if frame.frame not in frames:
                         continue
@@ -570,8 +609,14 @@ class PackJob:
                 mask = crop(item.alpha, box, res)
             with self.clock("normal"):
                 normal, normal_mask = crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res)
-            meta = {"camera_params": camera.to_json(), "crop": list(box), "mask_source": "alpha",
-                    "normal_source": "gt", "flame": None, "color_calibrated": False}
+            meta = {
+                "camera_params": camera.to_json(),
+                "crop": list(box),
+                "mask_source": "alpha",
+                "normal_source": "gt",
+                "flame": None,
+                "color_calibrated": False,
+            }
             no_posemap = np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)  # no FLAME fit
             samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, *no_posemap, meta)))
         return samples
@@ -629,8 +674,12 @@ def listing_digest(blocks: Sequence[SampleBlock]) -> str:
 
 
 def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
-    for option, value, least in (("--workers", workers, 1), ("--samples-per-shard", samples_per_shard, 1),
-                                 ("--max-shard-mb", max_shard_bytes, 1), ("max_retries", max_retries, 0)):
+    for option, value, least in (
+        ("--workers", workers, 1),
+        ("--samples-per-shard", samples_per_shard, 1),
+        ("--max-shard-mb", max_shard_bytes, 1),
+        ("max_retries", max_retries, 0),
+    ):
         if not isinstance(value, int) or value < least:
             raise PackError(f"{option} must be an integer >= {least}, got {value}")
 
@@ -662,7 +711,9 @@ def pack_with(
     for kind, root in sources:
         if kind == "synthhuman" and any(block.source == "synthhuman" for block in blocks):
             check_synthhuman_convention(Path(root))
-    plans = plan_shards(blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution))
+    plans = plan_shards(
+        blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution)
+    )
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
     commits = CommitLog(out)
@@ -673,8 +724,16 @@ def pack_with(
     units = [WorkUnit(plan.name, {"plan": plan}) for plan in plans]
     # one CPU per actor: a sample's work is single-threaded compiled loops and small torch ops, for which intra-op
     # threads only contend; packing scales over shards (more workers), not threads per worker
-    report = run_units(job, units, commits, workers=workers, cpus_per_worker=1, max_retries=max_retries, desc="pack",
-                       progress=progress)  # fmt: skip
+    report = run_units(
+        job,
+        units,
+        commits,
+        workers=workers,
+        cpus_per_worker=1,
+        max_retries=max_retries,
+        desc="pack",
+        progress=progress,
+    )
     samples = build_manifest(out)
     return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out)
 
@@ -702,18 +761,29 @@ def pack(
         synthhuman_subset=synthhuman_subset,
     )
     return pack_with(
-        PackJob(out, settings, decode_threads), sources, workers=workers, address=address, samples_per_shard=samples_per_shard,
-        max_shard_bytes=max_shard_bytes, max_retries=max_retries, progress=progress,
+        PackJob(out, settings, decode_threads),
+        sources,
+        workers=workers,
+        address=address,
+        samples_per_shard=samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        max_retries=max_retries,
+        progress=progress,
     )
 
 
-def _check_settings(out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int,
-                    digest: str) -> None:  # fmt: skip
+def _check_settings(
+    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
+) -> None:
     """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
     refuse it. Written only after the inputs validated."""
     path = out / PACK_SETTINGS
-    wanted = {**asdict(settings), "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
-              "listing_sha256": digest}  # fmt: skip
+    wanted = {
+        **asdict(settings),
+        "samples_per_shard": samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+        "listing_sha256": digest,
+    }
     if path.exists():
         found = json.loads(path.read_text())
         if found.get("listing_sha256", digest) != digest:

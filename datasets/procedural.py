@@ -57,7 +57,9 @@ class SynthSpec:
         if not 1 <= self.cameras <= 16:
             raise SynthSpecError(f"cameras must be between 1 and 16 (the NeRSemble rig), got {self.cameras}")
         if not 1 <= self.sequences <= len(SEQUENCE_NAMES):
-            raise SynthSpecError(f"sequences must be between 1 and {len(SEQUENCE_NAMES)}, got {self.sequences}")
+            raise SynthSpecError(
+                f"sequences must be between 1 and {len(SEQUENCE_NAMES)}, got {self.sequences}"
+            )
         if min(self.subjects, self.frames) < 1 or self.synthetic < 0:
             raise SynthSpecError("subjects and frames must be positive and synthetic non-negative")
 
@@ -76,7 +78,16 @@ def subject_id(index: int) -> str:
 
 def gt_normal_path(nersemble_root: Path, subject: str, sequence: str, serial: str, frame: int) -> Path:
     """Exact camera-space normals (our convention, 16-bit PNG) of one procedural frame."""
-    return nersemble_root / subject / "sequences" / sequence / "gt" / "normal" / f"cam_{serial}" / f"{frame:05d}.png"
+    return (
+        nersemble_root
+        / subject
+        / "sequences"
+        / sequence
+        / "gt"
+        / "normal"
+        / f"cam_{serial}"
+        / f"{frame:05d}.png"
+    )
 
 
 def gt_flame_path(nersemble_root: Path, subject: str, sequence: str) -> Path:
@@ -88,7 +99,9 @@ def identity_shape(model: FlameModel, rng: np.random.Generator) -> torch.Tensor:
     return torch.as_tensor(rng.normal(0.0, 0.8, size=(1, model.n_shape)), dtype=torch.float32)
 
 
-def sequence_params(model: FlameModel, shape: torch.Tensor, frames: int, rng: np.random.Generator) -> FlameParams:
+def sequence_params(
+    model: FlameModel, shape: torch.Tensor, frames: int, rng: np.random.Generator
+) -> FlameParams:
     """Smooth talking / smiling / jaw curves and a gentle head sway for one sequence."""
     t = np.arange(frames, dtype=np.float64) / FPS
     params = FlameParams.zeros(frames, model.n_shape, model.n_expr)
@@ -103,7 +116,9 @@ def sequence_params(model: FlameModel, shape: torch.Tensor, frames: int, rng: np
     params.jaw[:, 0] = torch.as_tensor(0.25 * talking**2, dtype=torch.float32)
     sway = rng.uniform(0, 2 * np.pi, size=3)
     params.rotation[:, 0] = torch.as_tensor(0.12 * np.sin(2 * np.pi * 0.4 * t + sway[0]), dtype=torch.float32)
-    params.rotation[:, 1] = torch.as_tensor(0.30 * np.sin(2 * np.pi * 0.25 * t + sway[1]), dtype=torch.float32)
+    params.rotation[:, 1] = torch.as_tensor(
+        0.30 * np.sin(2 * np.pi * 0.25 * t + sway[1]), dtype=torch.float32
+    )
     params.rotation[:, 2] = torch.as_tensor(0.05 * np.sin(2 * np.pi * 0.3 * t + sway[2]), dtype=torch.float32)
     return params
 
@@ -165,7 +180,9 @@ class SynthJob:
     def write_sequence(self, root: Path, sequence: str, params: FlameParams, texture: np.ndarray) -> None:
         seq_dir = root / "sequences" / sequence
         frames = np.arange(self.spec.frames)
-        write_nersemble_tracking(seq_dir / "tracking" / TRACKING_V2, params, frames)  # what the benchmark ships
+        write_nersemble_tracking(
+            seq_dir / "tracking" / TRACKING_V2, params, frames
+        )  # what the benchmark ships
         write_npz(gt_flame_path(root.parent, root.name, sequence), params.to_numpy_dict())
         for serial, camera in self.cameras.items():
             backdrop = background(camera, serial)
@@ -186,13 +203,19 @@ class SynthJob:
             rng = np.random.default_rng([self.spec.seed, 1_000_000 + index])
             params = FlameParams.zeros(1, self.model.n_shape, self.model.n_expr)
             params.shape = identity_shape(self.model, rng)
-            params.expression = torch.as_tensor(rng.normal(0, 1.0, (1, self.model.n_expr)), dtype=torch.float32)
+            params.expression = torch.as_tensor(
+                rng.normal(0, 1.0, (1, self.model.n_expr)), dtype=torch.float32
+            )
             params.jaw[:, 0] = float(rng.uniform(0.0, 0.3))
-            params.rotation = torch.as_tensor(rng.uniform([-0.3, -0.7, -0.1], [0.3, 0.7, 0.1])[None], dtype=torch.float32)
+            params.rotation = torch.as_tensor(
+                rng.uniform([-0.3, -0.7, -0.1], [0.3, 0.7, 0.1])[None], dtype=torch.float32
+            )
             camera = synthetic_camera(rng, self.spec.resolution)
             texture = skin_texture(self.model, identity_seed=int(rng.integers(1 << 30)))
             render = render_head(self.model, params, camera, texture)
-            backdrop = np.broadcast_to(rng.uniform(0.1, 0.9, 3).astype(np.float32), (camera.height, camera.width, 3))
+            backdrop = np.broadcast_to(
+                rng.uniform(0.1, 0.9, 3).astype(np.float32), (camera.height, camera.width, 3)
+            )
             write_synthhuman_sample(
                 root,
                 index,
@@ -212,7 +235,9 @@ def synthetic_camera(rng: np.random.Generator, resolution: int) -> Camera:
     eye = distance * np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
     focal = resolution * distance / 0.3
     K = np.array([[focal, 0, resolution / 2], [0, focal, resolution / 2], [0, 0, 1]])
-    return look_at_camera(eye, target=np.zeros(3), up=np.array([0.0, 1.0, 0.0]), K=K, width=resolution, height=resolution)
+    return look_at_camera(
+        eye, target=np.zeros(3), up=np.array([0.0, 1.0, 0.0]), K=K, width=resolution, height=resolution
+    )
 
 
 def _mkparent(path: Path) -> Path:
@@ -221,7 +246,9 @@ def _mkparent(path: Path) -> Path:
 
 
 def synth_units(spec: SynthSpec) -> list[WorkUnit]:
-    units = [WorkUnit(f"subject-{subject_id(i)}", {"kind": "subject", "index": i}) for i in range(spec.subjects)]
+    units = [
+        WorkUnit(f"subject-{subject_id(i)}", {"kind": "subject", "index": i}) for i in range(spec.subjects)
+    ]
     for start in range(0, spec.synthetic, SYNTHETIC_CHUNK):
         stop = min(start + SYNTHETIC_CHUNK, spec.synthetic)
         units.append(WorkUnit(f"synthhuman-{start:07d}", {"kind": "synthetic", "start": start, "stop": stop}))
@@ -236,7 +263,9 @@ def synthesize(
     _check_spec(out, spec)
     connect(address)
     commits = CommitLog(out / ".commits")
-    return run_units(SynthJob(out, spec), synth_units(spec), commits, workers=workers, desc="synth", progress=progress)
+    return run_units(
+        SynthJob(out, spec), synth_units(spec), commits, workers=workers, desc="synth", progress=progress
+    )
 
 
 def _check_spec(out: Path, spec: SynthSpec) -> None:

@@ -36,25 +36,87 @@ SKIN_V_RANGE = (0.04, 1.0)  # skin occupies this v band of the UV square; the mo
 CAVITY_V_RANGE = (0.0, 0.03)
 
 # Canonical 68-point iBUG layout (x right, y down, unit face box), mirrored to symmetry in _landmark_layout.
-_IBUG_TEMPLATE = np.array([
-    (0.0792, 0.3392), (0.0829, 0.4570), (0.0968, 0.5756), (0.1221, 0.6919), (0.1687, 0.8003), (0.2398, 0.8957),
-    (0.3257, 0.9771), (0.4223, 1.0433), (0.5318, 1.0608), (0.6413, 1.0398), (0.7381, 0.9723), (0.8244, 0.8896),
-    (0.8948, 0.7925), (0.9394, 0.6815), (0.9611, 0.5622), (0.9706, 0.4418), (0.9712, 0.3221), (0.1638, 0.2492),
-    (0.2178, 0.2043), (0.2913, 0.1924), (0.3675, 0.2036), (0.4393, 0.2331), (0.5864, 0.2281), (0.6602, 0.1959),
-    (0.7375, 0.1824), (0.8132, 0.1928), (0.8708, 0.2353), (0.5153, 0.3186), (0.5162, 0.3962), (0.5171, 0.4738),
-    (0.5182, 0.5532), (0.4337, 0.6041), (0.4755, 0.6208), (0.5207, 0.6343), (0.5659, 0.6188), (0.6071, 0.6016),
-    (0.2524, 0.3311), (0.2987, 0.3026), (0.3557, 0.3030), (0.4037, 0.3387), (0.3525, 0.3500), (0.2968, 0.3505),
-    (0.6313, 0.3341), (0.6791, 0.2965), (0.7360, 0.2947), (0.7829, 0.3213), (0.7403, 0.3418), (0.6850, 0.3437),
-    (0.3532, 0.7462), (0.4146, 0.7191), (0.4777, 0.7068), (0.5227, 0.7171), (0.5698, 0.7054), (0.6352, 0.7157),
-    (0.6995, 0.7394), (0.6394, 0.8052), (0.5764, 0.8354), (0.5254, 0.8417), (0.4764, 0.8375), (0.4138, 0.8100),
-    (0.3801, 0.7500), (0.4780, 0.7451), (0.5234, 0.7489), (0.5711, 0.7433), (0.6724, 0.7442), (0.5725, 0.7766),
-    (0.5240, 0.7834), (0.4776, 0.7785),
-])  # fmt: skip
+_IBUG_TEMPLATE = np.array(
+    [
+        (0.0792, 0.3392),
+        (0.0829, 0.4570),
+        (0.0968, 0.5756),
+        (0.1221, 0.6919),
+        (0.1687, 0.8003),
+        (0.2398, 0.8957),
+        (0.3257, 0.9771),
+        (0.4223, 1.0433),
+        (0.5318, 1.0608),
+        (0.6413, 1.0398),
+        (0.7381, 0.9723),
+        (0.8244, 0.8896),
+        (0.8948, 0.7925),
+        (0.9394, 0.6815),
+        (0.9611, 0.5622),
+        (0.9706, 0.4418),
+        (0.9712, 0.3221),
+        (0.1638, 0.2492),
+        (0.2178, 0.2043),
+        (0.2913, 0.1924),
+        (0.3675, 0.2036),
+        (0.4393, 0.2331),
+        (0.5864, 0.2281),
+        (0.6602, 0.1959),
+        (0.7375, 0.1824),
+        (0.8132, 0.1928),
+        (0.8708, 0.2353),
+        (0.5153, 0.3186),
+        (0.5162, 0.3962),
+        (0.5171, 0.4738),
+        (0.5182, 0.5532),
+        (0.4337, 0.6041),
+        (0.4755, 0.6208),
+        (0.5207, 0.6343),
+        (0.5659, 0.6188),
+        (0.6071, 0.6016),
+        (0.2524, 0.3311),
+        (0.2987, 0.3026),
+        (0.3557, 0.3030),
+        (0.4037, 0.3387),
+        (0.3525, 0.3500),
+        (0.2968, 0.3505),
+        (0.6313, 0.3341),
+        (0.6791, 0.2965),
+        (0.7360, 0.2947),
+        (0.7829, 0.3213),
+        (0.7403, 0.3418),
+        (0.6850, 0.3437),
+        (0.3532, 0.7462),
+        (0.4146, 0.7191),
+        (0.4777, 0.7068),
+        (0.5227, 0.7171),
+        (0.5698, 0.7054),
+        (0.6352, 0.7157),
+        (0.6995, 0.7394),
+        (0.6394, 0.8052),
+        (0.5764, 0.8354),
+        (0.5254, 0.8417),
+        (0.4764, 0.8375),
+        (0.4138, 0.8100),
+        (0.3801, 0.7500),
+        (0.4780, 0.7451),
+        (0.5234, 0.7489),
+        (0.5711, 0.7433),
+        (0.6724, 0.7442),
+        (0.5725, 0.7766),
+        (0.5240, 0.7834),
+        (0.4776, 0.7785),
+    ]
+)
 _MIRROR = np.array(
-    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
+    list(range(16, -1, -1))
+    + list(range(26, 16, -1))
+    + [27, 28, 29, 30]
+    + [35, 34, 33, 32, 31]
     + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65]
-)  # fmt: skip
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]
+    + [64, 63, 62, 61, 60, 67, 66, 65]
+)
 INNER_UPPER_LIP, INNER_LOWER_LIP = [60, 61, 62, 63, 64], [65, 66, 67]
 
 
@@ -110,21 +172,49 @@ def _profiles(face: _Face) -> dict[str, tuple[PchipInterpolator, PchipInterpolat
     keys = {
         "front": (
             [0, 0.05, 0.082, 0.094, 0.092, 0.094, 0.092, 0.092, 0.087, 0.072, 0.05, 0.042, 0.043, 0.046],
-            face_y + [f.y_chin + 0.012, f.y_chin - 0.006, f.y_chin - 0.008, f.y_chin - 0.022, f.y_chin - 0.045,
-                      f.y_chin - 0.12],
+            face_y
+            + [
+                f.y_chin + 0.012,
+                f.y_chin - 0.006,
+                f.y_chin - 0.008,
+                f.y_chin - 0.022,
+                f.y_chin - 0.045,
+                f.y_chin - 0.12,
+            ],
         ),
         "side": (
             [0, 0.045, 0.07, 0.077, 0.078, 0.076, 0.071, 0.0708, 0.064, 0.058, 0.054, 0.053, 0.053, 0.055],
-            face_y[:-2] + [f.y_mouth, f.y_mouth - 0.0035]  # evenly spaced rows: the lip split is frontal only
-            + [f.y_chin + 0.02, f.y_chin + 0.005, f.y_chin - 0.01, f.y_chin - 0.025, f.y_chin - 0.045, f.y_chin - 0.12],
+            face_y[:-2]
+            + [f.y_mouth, f.y_mouth - 0.0035]  # evenly spaced rows: the lip split is frontal only
+            + [
+                f.y_chin + 0.02,
+                f.y_chin + 0.005,
+                f.y_chin - 0.01,
+                f.y_chin - 0.025,
+                f.y_chin - 0.045,
+                f.y_chin - 0.12,
+            ],
         ),
         "back": (
             [0, 0.05, 0.085, 0.098, 0.1, 0.096, 0.085, 0.084, 0.072, 0.066, 0.065, 0.066, 0.067, 0.068],
-            [f.top, f.top - 0.008, f.y_brow + 0.045, f.y_brow + 0.01, f.y_eye, f.y_nose_base, f.y_mouth + 0.008,
-             f.y_mouth + 0.006, f.y_chin + 0.03, f.y_chin + 0.015, f.y_chin, f.y_chin - 0.02, f.y_chin - 0.045,
-             f.y_chin - 0.12],
+            [
+                f.top,
+                f.top - 0.008,
+                f.y_brow + 0.045,
+                f.y_brow + 0.01,
+                f.y_eye,
+                f.y_nose_base,
+                f.y_mouth + 0.008,
+                f.y_mouth + 0.006,
+                f.y_chin + 0.03,
+                f.y_chin + 0.015,
+                f.y_chin,
+                f.y_chin - 0.02,
+                f.y_chin - 0.045,
+                f.y_chin - 0.12,
+            ],
         ),
-    }  # fmt: skip
+    }
     return {name: (PchipInterpolator(rows, r), PchipInterpolator(rows, y)) for name, (r, y) in keys.items()}
 
 
@@ -319,19 +409,34 @@ def _shape_fields(points: np.ndarray, face: _Face, nose: np.ndarray) -> np.ndarr
         (zeros, zeros, 0.04 * z),  # head depth
         (zeros, -0.005 * lower_face * front, zeros),  # face length
         (zeros, zeros, 0.35 * nose),  # nose size
-        (0.25 * x * _gauss(points, (0, f.y_nose_base + 0.005, 0.1), (0.02, 0.015, 0.03)), zeros, zeros),  # nose width
+        (
+            0.25 * x * _gauss(points, (0, f.y_nose_base + 0.005, 0.1), (0.02, 0.015, 0.03)),
+            zeros,
+            zeros,
+        ),  # nose width
         (0.06 * x * lower_face, zeros, zeros),  # jaw width
-        (zeros, -0.002 * _gauss(points, (0, f.y_chin, 0.08), (0.02, 0.015, 0.03)),
-         0.005 * _gauss(points, (0, f.y_chin, 0.08), (0.02, 0.015, 0.03))),  # chin protrusion
+        (
+            zeros,
+            -0.002 * _gauss(points, (0, f.y_chin, 0.08), (0.02, 0.015, 0.03)),
+            0.005 * _gauss(points, (0, f.y_chin, 0.08), (0.02, 0.015, 0.03)),
+        ),  # chin protrusion
         (0.003 * side * cheek, zeros, 0.003 * cheek),  # cheekbones
         (zeros, zeros, 0.004 * _gauss(points, (0, f.y_brow, 0.095), (0.045, 0.009, 0.03))),  # brow ridge
-        (0.003 * side * _gauss(_fold_x(points), (f.eye_x, f.y_eye, 0.08), (0.02, 0.02, 0.04)), zeros, zeros),  # eye spacing
-        (zeros, zeros, -0.003 * _gauss(_fold_x(points), (f.eye_x, f.y_eye, 0.08), (0.018, 0.012, 0.03))),  # eye depth
+        (
+            0.003 * side * _gauss(_fold_x(points), (f.eye_x, f.y_eye, 0.08), (0.02, 0.02, 0.04)),
+            zeros,
+            zeros,
+        ),  # eye spacing
+        (
+            zeros,
+            zeros,
+            -0.003 * _gauss(_fold_x(points), (f.eye_x, f.y_eye, 0.08), (0.018, 0.012, 0.03)),
+        ),  # eye depth
         (zeros, zeros, 0.003 * lips),  # lip thickness
         (0.15 * x * lips, zeros, zeros),  # mouth width
         (zeros, zeros, 0.12 * (y - f.y_brow) * _smoothstep((y - f.y_brow) / 0.02) * front),  # forehead slope
         (0.1 * x * neck, zeros, 0.1 * (z + 0.012) * neck),  # neck thickness
-    ]  # fmt: skip
+    ]
     return np.stack([np.stack(field, axis=1) for field in fields], axis=2)
 
 
@@ -356,7 +461,11 @@ def _expression_fields(points: np.ndarray, face: _Face) -> np.ndarray:
     upper_lip = _gauss(points, (0, f.y_mouth + 0.006, 0.09), (0.02, 0.006, 0.03))
     above_split = np.tanh((y - f.y_mouth) / 0.003)  # +1 on the upper lip, -1 on the lower lip
     fields = [
-        (zeros, (0.005 * above_split - 0.002) * lips, zeros),  # lips parting: upper lip up 3 mm, lower lip down 7 mm
+        (
+            zeros,
+            (0.005 * above_split - 0.002) * lips,
+            zeros,
+        ),  # lips parting: upper lip up 3 mm, lower lip down 7 mm
         (0.005 * side * corner, 0.006 * corner + 0.002 * cheek, -0.002 * corner + 0.002 * cheek),  # smile
         (zeros, 0.005 * brow, zeros),  # brow raise
         (-0.003 * side * inner_brow, -0.003 * inner_brow, 0.001 * inner_brow),  # brow furrow
@@ -366,7 +475,7 @@ def _expression_fields(points: np.ndarray, face: _Face) -> np.ndarray:
         (0.005 * side * puff, zeros, 0.003 * puff),  # cheek puff
         (zeros, -0.004 * lid, zeros),  # eye closing
         (zeros, -0.004 * corner, zeros),  # frown (corners down)
-    ]  # fmt: skip
+    ]
     return np.stack([np.stack(field, axis=1) for field in fields], axis=2)
 
 
@@ -442,8 +551,12 @@ def build_procedural_head(seed: int = 0) -> dict:
         ]
     )
     n_vertices = len(vertices)
-    parts = {"skin": slice(0, n_skin), "left": slice(offsets[1], offsets[2]), "right": slice(offsets[2], offsets[3]),
-             "cavity": slice(offsets[3], n_vertices)}  # fmt: skip
+    parts = {
+        "skin": slice(0, n_skin),
+        "left": slice(offsets[1], offsets[2]),
+        "right": slice(offsets[2], offsets[3]),
+        "cavity": slice(offsets[3], n_vertices),
+    }
 
     # Joints: root and neck from rings of the neck, jaw from the two hinge regions, eyes from their eyeballs.
     regressor = np.zeros((5, n_vertices))
@@ -501,18 +614,29 @@ def build_procedural_head(seed: int = 0) -> dict:
     lmk_faces, lmk_bary = _landmark_embedding(layout, skin, mesh.skin_faces)
     lmk_uv = np.einsum("lk,lkc->lc", lmk_bary, mesh.skin_uv[mesh.skin_uv_faces[lmk_faces]])
     cavity_uv = np.stack(
-        [0.5 + 0.4 * (mesh.cavity_vertices[:, 0] - mesh.cavity_centre[0]) / 0.022,
-         np.mean(CAVITY_V_RANGE) + 0.01 * (mesh.cavity_vertices[:, 1] - mesh.cavity_centre[1]) / 0.014], axis=1
-    )  # fmt: skip
-    vt = np.concatenate([
-        mesh.skin_uv, _eye_uv(layout, lmk_uv, eye_left, slice(42, 48)),
-        _eye_uv(layout, lmk_uv, eye_right, slice(36, 42)), cavity_uv,
-    ])  # fmt: skip
+        [
+            0.5 + 0.4 * (mesh.cavity_vertices[:, 0] - mesh.cavity_centre[0]) / 0.022,
+            np.mean(CAVITY_V_RANGE) + 0.01 * (mesh.cavity_vertices[:, 1] - mesh.cavity_centre[1]) / 0.014,
+        ],
+        axis=1,
+    )
+    vt = np.concatenate(
+        [
+            mesh.skin_uv,
+            _eye_uv(layout, lmk_uv, eye_left, slice(42, 48)),
+            _eye_uv(layout, lmk_uv, eye_right, slice(36, 42)),
+            cavity_uv,
+        ]
+    )
     n_skin_uv = len(mesh.skin_uv)
-    ft = np.concatenate([
-        mesh.skin_uv_faces, mesh.eye_faces + n_skin_uv, eye_right_faces + n_skin_uv + n_eye,
-        mesh.cavity_faces + n_skin_uv + 2 * n_eye,
-    ])  # fmt: skip
+    ft = np.concatenate(
+        [
+            mesh.skin_uv_faces,
+            mesh.eye_faces + n_skin_uv,
+            eye_right_faces + n_skin_uv + n_eye,
+            mesh.cavity_faces + n_skin_uv + 2 * n_eye,
+        ]
+    )
 
     kintree = np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64)
     return {

@@ -107,7 +107,9 @@ def rasterize(
     if backend not in ("auto", "torch", "numba"):
         raise ValueError(f"rasterize: backend must be 'auto', 'torch' or 'numba', got {backend!r}")
     if backend == "numba" or (backend == "auto" and vertices_cam.device.type == "cpu"):
-        return _rasterize_numba(vertices_cam, faces, K, height, width, near, cull_backfaces, perspective_correct)
+        return _rasterize_numba(
+            vertices_cam, faces, K, height, width, near, cull_backfaces, perspective_correct
+        )
     device = vertices_cam.device
     with torch.no_grad():
         corners, corner_z = _screen_triangles(vertices_cam, faces, K)
@@ -251,13 +253,24 @@ def _final_barycentrics(
 
 
 def _rasterize_numba(
-    vertices_cam: Tensor, faces: Tensor, K: Tensor, height: int, width: int, near: float, cull_backfaces: bool,
+    vertices_cam: Tensor,
+    faces: Tensor,
+    K: Tensor,
+    height: int,
+    width: int,
+    near: float,
+    cull_backfaces: bool,
     perspective_correct: bool,
 ) -> Fragments:
     vertices = vertices_cam.detach().cpu().to(torch.float64).numpy()
     face_index, bary, depth = _zbuffer_numba(
-        np.ascontiguousarray(vertices), np.ascontiguousarray(faces.cpu().numpy()),
-        np.ascontiguousarray(K.detach().cpu().to(torch.float64).numpy()), height, width, near, cull_backfaces,
+        np.ascontiguousarray(vertices),
+        np.ascontiguousarray(faces.cpu().numpy()),
+        np.ascontiguousarray(K.detach().cpu().to(torch.float64).numpy()),
+        height,
+        width,
+        near,
+        cull_backfaces,
         perspective_correct,
     )
     device = vertices_cam.device

@@ -76,8 +76,10 @@ def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments, bac
     if backend == "numba" or (backend == "auto" and vertices_cam.device.type == "cpu"):
         height, width = fragments.face_index.shape
         image = _normal_image_numba(
-            vertices_cam.detach().cpu().float().numpy(), np.ascontiguousarray(faces.cpu().numpy(), np.int64),
-            fragments.face_index.cpu().numpy().reshape(-1), fragments.bary.cpu().numpy().reshape(-1, 3),
+            vertices_cam.detach().cpu().float().numpy(),
+            np.ascontiguousarray(faces.cpu().numpy(), np.int64),
+            fragments.face_index.cpu().numpy().reshape(-1),
+            fragments.bary.cpu().numpy().reshape(-1, 3),
         )
         return torch.from_numpy(image.reshape(height, width, 3)).to(vertices_cam.device)
     normals = interpolate(vertex_normals(vertices_cam, faces), faces, fragments)
@@ -87,7 +89,9 @@ def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments, bac
 @numba.njit(cache=True, nogil=True)
 def _unit3(vector: np.ndarray) -> None:
     """In place: ``vector / max(|vector|, 1e-12)`` as torch's normalize does."""
-    norm = max(np.sqrt(vector[0] * vector[0] + vector[1] * vector[1] + vector[2] * vector[2]), np.float32(1e-12))
+    norm = max(
+        np.sqrt(vector[0] * vector[0] + vector[1] * vector[1] + vector[2] * vector[2]), np.float32(1e-12)
+    )
     for c in range(3):
         vector[c] /= norm
 

@@ -16,7 +16,9 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _area_taps(source: int, target: int, offset: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _area_taps(
+    source: int, target: int, offset: int, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV's ``computeResizeAreaTab`` weights for ``source`` -> ``target`` samples, as per-output runs:
     first source index [T] (image coordinates: window index + ``offset``), tap count [T], weights [T, taps].
 
@@ -85,15 +87,18 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     if side < resolution:
         raise ValueError(f"area_window downsamples: window side {side} < resolution {resolution}")
     if image.dtype not in (np.uint8, np.float32) or image.ndim not in (2, 3) or image.shape[2:] > (4,):
-        raise TypeError(f"area_window takes uint8 or float32 images of up to 4 channels, got {image.dtype} "
-                        f"{image.shape}")
+        raise TypeError(
+            f"area_window takes uint8 or float32 images of up to 4 channels, got {image.dtype} {image.shape}"
+        )
     planes = image[..., None] if image.ndim == 2 else image  # [H, W] -> [H, W, C]
     height, width, channels = planes.shape
     x0, y0, x1, y1 = window_in_image(box, height, width)
     if x1 == x0 or y1 == y0:
         return np.zeros((resolution, resolution, *image.shape[2:]), image.dtype)
     region = planes[y0:y1, x0:x1]  # [h, w, C]: the part of the window inside the image
-    columns = cv2.transpose(region).reshape(x1 - x0, -1)  # [w, h * C] (cv2: numpy's copy of it is ~30x slower)
+    columns = cv2.transpose(region).reshape(
+        x1 - x0, -1
+    )  # [w, h * C] (cv2: numpy's copy of it is ~30x slower)
     across = _combine_rows(columns, *_area_taps(side, resolution, x - x0, x1 - x0))  # [R, h * C]
     rows = cv2.transpose(across.reshape(resolution, y1 - y0, channels)).reshape(y1 - y0, -1)  # [h, R * C]
     out = _combine_rows(rows, *_area_taps(side, resolution, y - y0, y1 - y0))  # [R, R * C]

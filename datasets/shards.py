@@ -21,7 +21,9 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
 
 Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
-PACK_SETTINGS = "pack_settings.json"  # a shard folder's PackSettings (plus shard limits), written on first pack
+PACK_SETTINGS = (
+    "pack_settings.json"  # a shard folder's PackSettings (plus shard limits), written on first pack
+)
 
 _FIXED_MTIME = 946684800  # 2000-01-01: any constant works; a real date keeps `tar -tv` readable
 _MODE = 0o444

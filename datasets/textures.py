@@ -31,7 +31,9 @@ CAVITY_COLOUR = np.array([0.30, 0.08, 0.08])
 def face_photos() -> list[np.ndarray]:
     """Real face photos (uint8 HxWx3): scikit-image's astronaut and insightface's sample images."""
     photos = [skimage.data.astronaut()]
-    photos += [skimage.io.imread(package_file("insightface", f"data/images/{name}")) for name in INSIGHTFACE_IMAGES]
+    photos += [
+        skimage.io.imread(package_file("insightface", f"data/images/{name}")) for name in INSIGHTFACE_IMAGES
+    ]
     return [np.ascontiguousarray(photo[..., :3]) for photo in photos]
 
 

@@ -85,7 +85,9 @@ def _scan(path: Path) -> _ShardScan:
                 scan.digests[info.name] = hashlib.sha256(data).hexdigest()
             stop = tar.offset
         if not _ended_cleanly(path, stop):
-            scan.broken = f"tar stops at byte {stop} without an end-of-archive marker (truncated or bad header)"
+            scan.broken = (
+                f"tar stops at byte {stop} without an end-of-archive marker (truncated or bad header)"
+            )
     except (tarfile.TarError, OSError) as exc:
         scan.broken = f"unreadable tar: {exc}"
         if key is not None:
@@ -102,7 +104,11 @@ def _check_sample(row: dict[str, Any], seen: list[tarfile.TarInfo], scan: _Shard
             return f"member {member['name']} absent from {row['shard']}"
         if scan.digests.get(member["name"]) != member["sha256"]:
             return f"member {member['name']} sha256 differs from the manifest"
-        if (info.offset, info.offset_data, info.size) != (member["offset"], member["data_offset"], member["size"]):
+        if (info.offset, info.offset_data, info.size) != (
+            member["offset"],
+            member["data_offset"],
+            member["size"],
+        ):
             return f"member {member['name']} offset/size differ from the manifest"
     expected = {m["name"] for m in row["members"]}
     surplus = sorted(set(by_name) - expected)
@@ -170,7 +176,9 @@ def check_shard(path: Path, expected: dict[str, dict[str, Any]]) -> dict[str, An
     return found
 
 
-def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None, progress: bool = True) -> VerifyReport:
+def verify(
+    out: str | os.PathLike, workers: int = 2, address: str | None = None, progress: bool = True
+) -> VerifyReport:
     """Check every tar in ``out`` against ``out/manifest.parquet``, one Ray unit per shard.
 
     Findings are kept in a fresh commit folder per run: a verification describes the files as they are now,
@@ -183,8 +191,14 @@ def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None,
     connect(address)
     with tempfile.TemporaryDirectory(prefix="geodiff4d-verify-") as folder:
         commits = CommitLog(folder)
-        job = run_units(VerifyJob(out), [WorkUnit(name) for name in shard_names], commits, workers=workers,
-                        desc="verify", progress=progress)
+        job = run_units(
+            VerifyJob(out),
+            [WorkUnit(name) for name in shard_names],
+            commits,
+            workers=workers,
+            desc="verify",
+            progress=progress,
+        )
         if not job.ok:
             raise RuntimeError(f"verify could not check every shard:\n{job.summary()}")
         for name in shard_names:
@@ -194,7 +208,9 @@ def verify(out: str | os.PathLike, workers: int = 2, address: str | None = None,
             report.extra += found["extra"]
             report.duplicated += found["duplicated"]
             report.corrupt.update(found["corrupt"])
-    extra = pa.array(report.extra, pa.string())  # a key outside its shard's rows: twice if it is anywhere else
+    extra = pa.array(
+        report.extra, pa.string()
+    )  # a key outside its shard's rows: twice if it is anywhere else
     duplicated |= set(extra.filter(pc.is_in(extra, value_set=keys["key"])).to_pylist())
     duplicated |= {key for key, n in Counter(report.extra).items() if n > 1}
     report.duplicated = sorted(duplicated | set(report.duplicated))

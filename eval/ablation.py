@@ -28,11 +28,26 @@ from geodiff4d.eval.settings import ALL_METRICS, HIGHER_IS_BETTER
 # A row's direction per metric is the sign of (row - its full model); metrics the paper did not report (SSIM,
 # LPIPS, normal accuracy) carry its claim that the component helps ("worse without it", marked claimed).
 PAPER_TABLE: dict[str, tuple[str, dict[str, float]]] = {
-    "joint_normals": ("VGM w/o Joint Repr.", {"psnr": 20.809, "csim": 0.757, "jod": 6.960, "akd": 4.216, "aed": 2.489}),
-    "domain_attention": ("VGM w/o Domain Attn.", {"psnr": 20.984, "csim": 0.743, "jod": 7.029, "akd": 4.195, "aed": 2.556}),
-    "cross_view_pairs": ("VGM w/o Cross-view Pairing", {"psnr": 19.895, "csim": 0.734, "jod": 6.859, "akd": 5.367, "aed": 3.113}),
-    "synthetic_data": ("VGM w/o Synth Data", {"psnr": 20.892, "csim": 0.743, "jod": 6.978, "akd": 4.339, "aed": 2.527}),
-    "normal_loss": ("Recon w/o Normal Reg.", {"psnr": 19.950, "csim": 0.734, "jod": 6.774, "akd": 4.291, "aed": 2.713}),
+    "joint_normals": (
+        "VGM w/o Joint Repr.",
+        {"psnr": 20.809, "csim": 0.757, "jod": 6.960, "akd": 4.216, "aed": 2.489},
+    ),
+    "domain_attention": (
+        "VGM w/o Domain Attn.",
+        {"psnr": 20.984, "csim": 0.743, "jod": 7.029, "akd": 4.195, "aed": 2.556},
+    ),
+    "cross_view_pairs": (
+        "VGM w/o Cross-view Pairing",
+        {"psnr": 19.895, "csim": 0.734, "jod": 6.859, "akd": 5.367, "aed": 3.113},
+    ),
+    "synthetic_data": (
+        "VGM w/o Synth Data",
+        {"psnr": 20.892, "csim": 0.743, "jod": 6.978, "akd": 4.339, "aed": 2.527},
+    ),
+    "normal_loss": (
+        "Recon w/o Normal Reg.",
+        {"psnr": 19.950, "csim": 0.734, "jod": 6.774, "akd": 4.291, "aed": 2.713},
+    ),
 }
 PAPER_FULL = {
     "vgm": {"psnr": 21.586, "csim": 0.754, "jod": 7.127, "akd": 4.016, "aed": 2.340},
@@ -79,9 +94,14 @@ def paired(frames: pd.DataFrame, full: str, variant: str, metric: str, seed: int
     means = {m: balanced_means(shared[shared["method"] == m], metric)[0] for m in (full, variant)}
     difference = (means[variant] - means[full]).dropna().to_numpy(np.float64)  # per subject (or sequence)
     low, high = bootstrap_ci(difference, seed=seed)
-    return {"full_mean": float(means[full].mean()), "variant_mean": float(means[variant].mean()),
-            "difference": float(difference.mean()) if difference.size else math.nan, "lo": low, "hi": high,
-            "clusters": int(difference.size)}
+    return {
+        "full_mean": float(means[full].mean()),
+        "variant_mean": float(means[variant].mean()),
+        "difference": float(difference.mean()) if difference.size else math.nan,
+        "lo": low,
+        "hi": high,
+        "clusters": int(difference.size),
+    }
 
 
 def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed: int = 0) -> pd.DataFrame:
@@ -93,14 +113,25 @@ def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed:
         for variant, paper_row in rows.items():
             for metric in metrics:
                 source = videos if metric == "jod" else frames
-                if not {full, variant} <= set(source["method"]) or source.loc[source["method"] == variant, metric].isna().all():
+                if (
+                    not {full, variant} <= set(source["method"])
+                    or source.loc[source["method"] == variant, metric].isna().all()
+                ):
                     continue
                 stats = paired(source, full, variant, metric, seed)
                 expected = paper_direction(paper_row, metric)
-                lines.append({"variant": variant, "paper_row": PAPER_TABLE[paper_row][0], "protocol": protocol,
-                              "metric": metric, **stats, "paper": expected,
-                              "ours": _direction(stats["difference"], metric),
-                              "verdict": verdict(stats["lo"], stats["hi"], expected, metric)})
+                lines.append(
+                    {
+                        "variant": variant,
+                        "paper_row": PAPER_TABLE[paper_row][0],
+                        "protocol": protocol,
+                        "metric": metric,
+                        **stats,
+                        "paper": expected,
+                        "ours": _direction(stats["difference"], metric),
+                        "verdict": verdict(stats["lo"], stats["hi"], expected, metric),
+                    }
+                )
     return pd.DataFrame(lines)
 
 
@@ -109,8 +140,14 @@ def summary(table: pd.DataFrame, rows: dict[str, str]) -> pd.DataFrame:
     out = []
     for variant, paper_row in rows.items():
         verdicts = table.loc[table["variant"] == variant, "verdict"].tolist()
-        out.append({"variant": variant, "paper_row": PAPER_TABLE[paper_row][0], "verdict": row_verdict(verdicts),
-                    **{v: verdicts.count(v) for v in VERDICTS}})
+        out.append(
+            {
+                "variant": variant,
+                "paper_row": PAPER_TABLE[paper_row][0],
+                "verdict": row_verdict(verdicts),
+                **{v: verdicts.count(v) for v in VERDICTS},
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -120,31 +157,59 @@ def _number(value: float) -> str:
 
 def _cells(line: pd.Series) -> list[str]:
     interval = "n/a" if math.isnan(line["lo"]) else f"[{line['lo']:.4f}, {line['hi']:.4f}]"
-    return [line["variant"], line["protocol"], f"{line['metric'].upper()} {arrow(line['metric'])}", _number(line["full_mean"]),
-            _number(line["variant_mean"]), f"{_number(line['difference'])} {interval}", line["paper"], line["ours"], line["verdict"]]
+    return [
+        line["variant"],
+        line["protocol"],
+        f"{line['metric'].upper()} {arrow(line['metric'])}",
+        _number(line["full_mean"]),
+        _number(line["variant_mean"]),
+        f"{_number(line['difference'])} {interval}",
+        line["paper"],
+        line["ours"],
+        line["verdict"],
+    ]
 
 
-HEAD = ["variant", "protocol", "metric", "full", "variant value", "variant - full [95% CI]", "paper", "ours", "verdict"]
+HEAD = [
+    "variant",
+    "protocol",
+    "metric",
+    "full",
+    "variant value",
+    "variant - full [95% CI]",
+    "paper",
+    "ours",
+    "verdict",
+]
 SUMMARY_HEAD = ["variant", "paper's row", "verdict", *VERDICTS]
 
 
 def note(full: str, seed: int) -> str:
-    return (f"Each variant against {full} on the (subject, sequence) units both covered: subject-balanced means, the "
-            f"mean paired difference per subject with a 95% percentile bootstrap over subjects ({N_BOOTSTRAP} "
-            f"resamples, seed {seed}). Verdict: reproduced when the interval excludes zero on the paper's side, "
-            "contradicted on the other side, not separated when it holds zero. 'paper': the variant against the full "
-            "model in the paper's ablation table; '(claimed)' where the paper reports no number for the metric.")
+    return (
+        f"Each variant against {full} on the (subject, sequence) units both covered: subject-balanced means, the "
+        f"mean paired difference per subject with a 95% percentile bootstrap over subjects ({N_BOOTSTRAP} "
+        f"resamples, seed {seed}). Verdict: reproduced when the interval excludes zero on the paper's side, "
+        "contradicted on the other side, not separated when it holds zero. 'paper': the variant against the full "
+        "model in the paper's ablation table; '(claimed)' where the paper reports no number for the metric."
+    )
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    )
 
 
 def _html_table(head: list[str], rows: list[list[str]]) -> str:
     e = html.escape
-    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
 
 
 def difference_plot(table: pd.DataFrame, protocol: str, metric: str) -> str:
@@ -161,24 +226,54 @@ def difference_plot(table: pd.DataFrame, protocol: str, metric: str) -> str:
     return figure_html(fig)
 
 
-def write_ablation_report(runs: dict[str, Path], out: Path, full: str, rows: dict[str, str], seed: int = 0) -> dict:
+def write_ablation_report(
+    runs: dict[str, Path], out: Path, full: str, rows: dict[str, str], seed: int = 0
+) -> dict:
     """``ablations.md``, ``ablations.html`` (tables and plots), ``ablations.parquet`` and ``ablations.csv`` in ``out``."""
     table = ablation_table(runs, full, rows, seed)
     if table.empty:
-        raise ValueError(f"no metric was measured for both {full} and any of {sorted(rows)} in {sorted(runs)}")
+        raise ValueError(
+            f"no metric was measured for both {full} and any of {sorted(rows)} in {sorted(runs)}"
+        )
     rows_summary = summary(table, rows)
     lines = [_cells(line) for _, line in table.iterrows()]
-    short = [[r["variant"], r["paper_row"], r["verdict"], *(r[v] for v in VERDICTS)] for _, r in rows_summary.iterrows()]
+    short = [
+        [r["variant"], r["paper_row"], r["verdict"], *(r[v] for v in VERDICTS)]
+        for _, r in rows_summary.iterrows()
+    ]
     text = note(full, seed)
-    md = "\n".join(["# Ablations", "", text, "", "## Rows", "", _markdown(SUMMARY_HEAD, short), "",
-                    "## Every metric", "", _markdown(HEAD, lines), ""])
-    plots = [difference_plot(table, p, m) for p, m in table[["protocol", "metric"]].drop_duplicates().itertuples(index=False)]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1100px;"
-            "margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}</style></head><body><h1>Ablations</h1>"
-            f"<p>{html.escape(text)}</p><h2>Rows</h2>{_html_table(SUMMARY_HEAD, short)}<h2>Every metric</h2>"
-            f"{_html_table(HEAD, lines)}<h2>Paired differences</h2>{''.join(plots)}</body></html>")
-    written = {"markdown": out / "ablations.md", "html": out / "ablations.html", "parquet": out / "ablations.parquet",
-               "csv": out / "ablations.csv"}
+    md = "\n".join(
+        [
+            "# Ablations",
+            "",
+            text,
+            "",
+            "## Rows",
+            "",
+            _markdown(SUMMARY_HEAD, short),
+            "",
+            "## Every metric",
+            "",
+            _markdown(HEAD, lines),
+            "",
+        ]
+    )
+    plots = [
+        difference_plot(table, p, m)
+        for p, m in table[["protocol", "metric"]].drop_duplicates().itertuples(index=False)
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1100px;"
+        "margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}</style></head><body><h1>Ablations</h1>"
+        f"<p>{html.escape(text)}</p><h2>Rows</h2>{_html_table(SUMMARY_HEAD, short)}<h2>Every metric</h2>"
+        f"{_html_table(HEAD, lines)}<h2>Paired differences</h2>{''.join(plots)}</body></html>"
+    )
+    written = {
+        "markdown": out / "ablations.md",
+        "html": out / "ablations.html",
+        "parquet": out / "ablations.parquet",
+        "csv": out / "ablations.csv",
+    }
     atomic_write_bytes(written["markdown"], md.encode())
     atomic_write_bytes(written["html"], page.encode())
     write_parquet_atomic(table, written["parquet"])

@@ -52,13 +52,20 @@ def reference_copy(gt: ClipSource, out: str | Path, references: Mapping[str, np.
             frames = gt.clip(subject, sequence, camera).frames
             t, h, w = frames.shape[:3]
             reference = references[subject]
-            image = reference if reference.shape[:2] == (h, w) else cv2.resize(reference, (w, h),
-                                                                               interpolation=cv2.INTER_AREA)
-            identical = np.flatnonzero((frames == image[None]).all(axis=(1, 2, 3)))  # [k] scored frames equal to it
+            image = (
+                reference
+                if reference.shape[:2] == (h, w)
+                else cv2.resize(reference, (w, h), interpolation=cv2.INTER_AREA)
+            )
+            identical = np.flatnonzero(
+                (frames == image[None]).all(axis=(1, 2, 3))
+            )  # [k] scored frames equal to it
             if len(identical):
-                raise InputError(f"reference copy: {subject}'s reference image is scored frame {identical[0]} of "
-                                 f"{subject}/{sequence}/{camera} itself; take it from a camera or sequence that "
-                                 "is not scored (e.g. the train camera)")
+                raise InputError(
+                    f"reference copy: {subject}'s reference image is scored frame {identical[0]} of "
+                    f"{subject}/{sequence}/{camera} itself; take it from a camera or sequence that "
+                    "is not scored (e.g. the train camera)"
+                )
             write_frames(out / subject / sequence / camera, np.repeat(image[None], t, axis=0))
     return out
 
@@ -75,11 +82,14 @@ def gt_noise(gt: ClipSource, out: str | Path, sigma: float = GT_NOISE_SIGMA, see
     return out
 
 
-def demo_baselines(gt_root: str | Path, pred_root: str | Path, references: Mapping[str, np.ndarray],
-                   seed: int = 0) -> dict[str, Path]:
+def demo_baselines(
+    gt_root: str | Path, pred_root: str | Path, references: Mapping[str, np.ndarray], seed: int = 0
+) -> dict[str, Path]:
     """Write both baselines under ``pred_root/<name>`` for a ground truth (a NeRSemble folder or a frame tree):
     ``{name: method folder}``, ready for ``evaluate(pred_root, gt_root)``."""
     gt = open_ground_truth(gt_root)
     pred_root = Path(pred_root)
-    return {"reference_copy": reference_copy(gt, pred_root / "reference_copy", references),
-            "gt_noise": gt_noise(gt, pred_root / "gt_noise", seed=seed)}
+    return {
+        "reference_copy": reference_copy(gt, pred_root / "reference_copy", references),
+        "gt_noise": gt_noise(gt, pred_root / "gt_noise", seed=seed),
+    }

@@ -50,7 +50,9 @@ class MediapipeBlendshapes:
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
         import mediapipe as mp
 
-        result = self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+        result = self._landmarker.detect(
+            mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
+        )
         if not result.face_blendshapes:
             return None
         return np.array([c.score for c in result.face_blendshapes[0]], np.float64)  # [52]
@@ -71,7 +73,9 @@ class LandmarkFitExpression:
         return None if points is None else fit_expression(self.model, points).coefficients  # [n_expr + 3]
 
 
-def make_expression_regressor(backend: str = "mediapipe", head_model: str | Path | None = None) -> ExpressionRegressor:
+def make_expression_regressor(
+    backend: str = "mediapipe", head_model: str | Path | None = None
+) -> ExpressionRegressor:
     """The AED regressor by name: ``mediapipe`` or ``landmark_fit`` (``head_model``: a FLAME pkl, default the
     procedural head)."""
     if backend == "mediapipe":

@@ -56,7 +56,9 @@ class MtcnnDetector:
         for d in self._mtcnn.detect_faces(np.ascontiguousarray(image)):
             x, y, w, h = (float(v) for v in d["box"])
             k = d["keypoints"]
-            kps = np.array([k["left_eye"], k["right_eye"], k["nose"], k["mouth_left"], k["mouth_right"]], np.float32)
+            kps = np.array(
+                [k["left_eye"], k["right_eye"], k["nose"], k["mouth_left"], k["mouth_right"]], np.float32
+            )
             faces.append(Face((x, y, x + w, y + h), float(d["confidence"]), kps))
         return faces
 
@@ -74,4 +76,7 @@ class DlibDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         rects, scores, _ = self._detector.run(np.ascontiguousarray(image), self._upsample, 0.0)
-        return [Face((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in zip(rects, scores, strict=True)]
+        return [
+            Face((r.left(), r.top(), r.right(), r.bottom()), float(s))
+            for r, s in zip(rects, scores, strict=True)
+        ]

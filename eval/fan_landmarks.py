@@ -45,8 +45,11 @@ def find_fan_file(weights: str | Path | None = None, name: str = FAN_CHECKPOINT)
     for path in candidates:
         if path.is_file():
             return path
-    source = f"--fan-weights {weights}" if weights is not None else (
-        f"${FAN_WEIGHTS_ENV}" if os.environ.get(FAN_WEIGHTS_ENV) else "torch hub cache")
+    source = (
+        f"--fan-weights {weights}"
+        if weights is not None
+        else (f"${FAN_WEIGHTS_ENV}" if os.environ.get(FAN_WEIGHTS_ENV) else "torch hub cache")
+    )
     raise ModelFileNotFound(f"face-alignment weights {name} (from {source})", candidates)
 
 
@@ -82,14 +85,20 @@ class FanLandmarks:
             package_detector, detector_kwargs = "sfd", {"path_to_detector": str(s3fd)}
         with _package_cache_holding(self.checkpoint):
             self._fan = face_alignment.FaceAlignment(
-                face_alignment.LandmarksType.TWO_D, device=device, face_detector=package_detector,
-                face_detector_kwargs=detector_kwargs, compile=False)
+                face_alignment.LandmarksType.TWO_D,
+                device=device,
+                face_detector=package_detector,
+                face_detector_kwargs=detector_kwargs,
+                compile=False,
+            )
         self.detector = DlibDetector() if detector == "dlib" else None
 
     def faces(self, image: np.ndarray) -> list[Face]:
         if self.detector is not None:
             return self.detector.detect(image)
-        boxes = self._fan.face_detector.detect_from_image(np.ascontiguousarray(image))  # [x0, y0, x1, y1, score]
+        boxes = self._fan.face_detector.detect_from_image(
+            np.ascontiguousarray(image)
+        )  # [x0, y0, x1, y1, score]
         return [Face(tuple(float(v) for v in b[:4]), float(b[4])) for b in boxes]
 
     @torch.no_grad()
@@ -115,7 +124,9 @@ class FanLandmarks:
         heatmaps = net(x)[-1]  # [1, 68, 64, 64]
         if fan.flip_input:
             heatmaps = heatmaps + flip(net(flip(x))[-1], is_label=True)
-        points, _, _ = get_preds_fromhm(heatmaps.to("cpu", torch.float32).numpy())  # [1, 68, 2] heatmap pixels
+        points, _, _ = get_preds_fromhm(
+            heatmaps.to("cpu", torch.float32).numpy()
+        )  # [1, 68, 2] heatmap pixels
         side = SCALE_FACTOR * scale  # the crop's side in image pixels
         return points[0].astype(np.float64) * side / HEATMAP_RESOLUTION + center - side / 2  # [68, 2]
 

@@ -57,7 +57,9 @@ class FacenetEmbedder:
         x0, y0, x1, y1 = face.box
         x0, y0 = int(max(x0 - self.margin / 2, 0)), int(max(y0 - self.margin / 2, 0))
         x1, y1 = int(min(x1 + self.margin / 2, w)), int(min(y1 + self.margin / 2, h))
-        crop = cv2.resize(image[y0:y1, x0:x1], (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        crop = cv2.resize(
+            image[y0:y1, x0:x1], (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR
+        )
         return ((crop.astype(np.float32) - 127.5) / 128.0).astype(np.float32)
 
     def embed_face(self, image: np.ndarray, face: Face) -> np.ndarray:
@@ -124,7 +126,9 @@ def make_embedder(backend: str = "facenet", arcface_model: str | Path | None = N
         return DlibEmbedder()
     if backend == "arcface":
         if arcface_model is None:
-            raise ValueError("the arcface CSIM backend needs a local insightface recognition ONNX (arcface_model)")
+            raise ValueError(
+                "the arcface CSIM backend needs a local insightface recognition ONNX (arcface_model)"
+            )
         return ArcfaceEmbedder(arcface_model)
     raise ValueError(f"unknown CSIM backend {backend!r}; choose facenet, dlib or arcface")
 

@@ -18,7 +18,9 @@ PSNR_MSE_FLOOR = 1e-10  # identical images score 100 dB instead of inf, so means
 
 def _check(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None) -> None:
     if pred.shape != gt.shape or pred.ndim < 3 or pred.shape[-3] != 3:
-        raise ValueError(f"expected matching (..., 3, H, W) images, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+        raise ValueError(
+            f"expected matching (..., 3, H, W) images, got {tuple(pred.shape)} and {tuple(gt.shape)}"
+        )
     if mask is not None and mask.shape != pred.shape[:-3] + pred.shape[-2:]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match images {tuple(pred.shape)}")
 
@@ -61,10 +63,10 @@ def _blur_valid(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2] - n + 1, x.shape[-1] - n + 1
     rows = x[:, :h, :] * _WINDOW[0]
     for k in range(1, n):
-        rows.add_(x[:, k:k + h, :], alpha=_WINDOW[k])
+        rows.add_(x[:, k : k + h, :], alpha=_WINDOW[k])
     out = rows[:, :, :w] * _WINDOW[0]
     for k in range(1, n):
-        out.add_(rows[:, :, k:k + w], alpha=_WINDOW[k])
+        out.add_(rows[:, :, k : k + w], alpha=_WINDOW[k])
     return out
 
 
@@ -92,7 +94,7 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     x = pred.reshape(-1, h, w).float()  # [N*3, H, W]
     y = gt.reshape(-1, h, w).float()
     step = len(x) if x.is_cuda else 1
-    s = torch.cat([_ssim_planes(x[i:i + step], y[i:i + step]) for i in range(0, len(x), step)])
+    s = torch.cat([_ssim_planes(x[i : i + step], y[i : i + step]) for i in range(0, len(x), step)])
     return s.reshape(*lead, 3, h - 2 * SSIM_RADIUS, w - 2 * SSIM_RADIUS).mean(dim=-3)
 
 

@@ -79,17 +79,27 @@ class FolderSource:
             raise InputError(f"{self.name}: folder {self.root} does not exist")
 
     def units(self) -> list[tuple[str, str]]:
-        return sorted((sub.name, seq.name) for sub in self.root.iterdir() if sub.is_dir()
-                      for seq in sub.iterdir() if seq.is_dir())
+        return sorted(
+            (sub.name, seq.name)
+            for sub in self.root.iterdir()
+            if sub.is_dir()
+            for seq in sub.iterdir()
+            if seq.is_dir()
+        )
 
     def cameras(self, subject: str, sequence: str) -> list[str]:
         folder = self.root / subject / sequence
         if not folder.is_dir():
             raise InputError(f"{self.name}: sequence folder {folder} is missing")
-        return sorted(p.stem if p.suffix == ".mp4" else p.name for p in folder.iterdir()
-                      if p.is_dir() or p.suffix == ".mp4")
+        return sorted(
+            p.stem if p.suffix == ".mp4" else p.name
+            for p in folder.iterdir()
+            if p.is_dir() or p.suffix == ".mp4"
+        )
 
-    def _frames(self, root: Path, subject: str, sequence: str, camera: str, gray: bool) -> tuple[np.ndarray, float, str]:
+    def _frames(
+        self, root: Path, subject: str, sequence: str, camera: str, gray: bool
+    ) -> tuple[np.ndarray, float, str]:
         folder = root / subject / sequence / camera
         video = folder.with_suffix(".mp4")
         if folder.is_dir():
@@ -140,7 +150,9 @@ class NersembleSource:
 
         serial = camera.removeprefix("cam_")
         frames = list(self.dataset.frames(subject, sequence, serial))
-        rgb = np.stack([f.rgb if f.color_matrix is None else correct_colour(f.rgb, f.color_matrix) for f in frames])  # [T, H, W, 3]
+        rgb = np.stack(
+            [f.rgb if f.color_matrix is None else correct_colour(f.rgb, f.color_matrix) for f in frames]
+        )  # [T, H, W, 3]
         alphas = [f.alpha for f in frames]
         masks = None if any(a is None for a in alphas) else np.stack(alphas)  # [T, H, W]
         return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, serial)))
@@ -151,7 +163,9 @@ class NersembleSource:
         if NERSEMBLE_FRONTAL in serials:
             return NERSEMBLE_FRONTAL
         cameras = self.dataset.cameras(subject, sequence)
-        directions = np.stack([cameras[s].center / np.linalg.norm(cameras[s].center) for s in serials])  # [C, 3]
+        directions = np.stack(
+            [cameras[s].center / np.linalg.norm(cameras[s].center) for s in serials]
+        )  # [C, 3]
         return serials[int(np.argmax(directions @ directions.mean(axis=0)))]
 
 
@@ -176,8 +190,10 @@ def tree_fingerprint(path: str | Path | None) -> str | None:
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
-        digest.update(f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0"
-                      f"{stat.st_mtime_ns}\n".encode())
+        digest.update(
+            f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0"
+            f"{stat.st_mtime_ns}\n".encode()
+        )
     return digest.hexdigest()
 
 
@@ -217,8 +233,12 @@ def match_cameras(method: str, pred_cams: list[str], gt_cams: list[str], where: 
 def check_clips(method: str, where: str, pred: Clip, gt: Clip) -> None:
     """Frame counts and sizes must agree; the error names both sources."""
     if len(pred.frames) != len(gt.frames):
-        raise InputError(f"{method}: {where}: frame count {len(pred.frames)} in {pred.source} "
-                         f"!= {len(gt.frames)} in {gt.source}")
+        raise InputError(
+            f"{method}: {where}: frame count {len(pred.frames)} in {pred.source} "
+            f"!= {len(gt.frames)} in {gt.source}"
+        )
     if pred.frames.shape[1:3] != gt.frames.shape[1:3]:
-        raise InputError(f"{method}: {where}: frame size {pred.frames.shape[1:3]} in {pred.source} "
-                         f"!= {gt.frames.shape[1:3]} in {gt.source}")
+        raise InputError(
+            f"{method}: {where}: frame size {pred.frames.shape[1:3]} in {pred.source} "
+            f"!= {gt.frames.shape[1:3]} in {gt.source}"
+        )

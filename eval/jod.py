@@ -20,11 +20,18 @@ def _metric(display: str, device: str):  # noqa: ANN202 - pycvvdp.cvvdp
     return pycvvdp.cvvdp(display_name=display, device=torch.device(device), quiet=True)
 
 
-def jod(pred: torch.Tensor, reference: torch.Tensor, fps: float, display: str = DEFAULT_DISPLAY,
-        device: str = "cpu") -> float:
+def jod(
+    pred: torch.Tensor,
+    reference: torch.Tensor,
+    fps: float,
+    display: str = DEFAULT_DISPLAY,
+    device: str = "cpu",
+) -> float:
     """JOD (10 = indistinguishable) of videos ``(T, 3, H, W)`` in [0,1] (display-encoded sRGB)."""
     if pred.shape != reference.shape or pred.ndim != 4 or pred.shape[1] != 3:
-        raise ValueError(f"expected matching (T, 3, H, W) videos, got {tuple(pred.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            f"expected matching (T, 3, H, W) videos, got {tuple(pred.shape)} and {tuple(reference.shape)}"
+        )
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     metric = _metric(display, device)

@@ -76,8 +76,9 @@ def landmark_submodel(model: FlameModel) -> FlameModel:
     )
 
 
-def _project(model: FlameModel, params: FlameParams, scale: torch.Tensor, shift: torch.Tensor,
-             focal: float | None) -> torch.Tensor:
+def _project(
+    model: FlameModel, params: FlameParams, scale: torch.Tensor, shift: torch.Tensor, focal: float | None
+) -> torch.Tensor:
     """Image points [68, 2] (x right, y down) in units of the normalised target.
 
     Weak perspective (``focal`` None): ``scale * (x, -y) + shift``. Perspective: the head sits at depth
@@ -90,8 +91,9 @@ def _project(model: FlameModel, params: FlameParams, scale: torch.Tensor, shift:
     return focal * landmarks[:, :2] / depth + shift
 
 
-def fit_expression(model: FlameModel, points: np.ndarray, K: np.ndarray | None = None,
-                   iterations: int = ITERATIONS) -> LandmarkFit:
+def fit_expression(
+    model: FlameModel, points: np.ndarray, K: np.ndarray | None = None, iterations: int = ITERATIONS
+) -> LandmarkFit:
     """Fit expression, jaw, shape, rotation, scale and 2D shift so the model's landmarks match ``points`` [68, 2].
 
     With intrinsics ``K`` the projection is perspective with that focal length (the head's depth follows from
@@ -129,8 +131,12 @@ def fit_expression(model: FlameModel, points: np.ndarray, K: np.ndarray | None =
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         residual = _project(model, current(), log_scale.exp(), shift, focal) - target  # [68, 2]
-        loss = (residual**2).sum(dim=1).mean() + EXPRESSION_PRIOR * (expression**2).sum() \
-            + SHAPE_PRIOR * (shape**2).sum() + JAW_PRIOR * (jaw**2).sum()
+        loss = (
+            (residual**2).sum(dim=1).mean()
+            + EXPRESSION_PRIOR * (expression**2).sum()
+            + SHAPE_PRIOR * (shape**2).sum()
+            + JAW_PRIOR * (jaw**2).sum()
+        )
         loss.backward()
         return loss
 

@@ -38,7 +38,9 @@ class DlibLandmarks:
     def landmarks_of(self, image: np.ndarray, face: Face) -> np.ndarray:
         import dlib
 
-        shape = self._predictor(np.ascontiguousarray(image), dlib.rectangle(*(int(round(v)) for v in face.box)))
+        shape = self._predictor(
+            np.ascontiguousarray(image), dlib.rectangle(*(int(round(v)) for v in face.box))
+        )
         return np.array([(p.x, p.y) for p in shape.parts()], np.float64)
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
@@ -49,8 +51,12 @@ class DlibLandmarks:
 AKD_BACKENDS = ("dlib", "fan")
 
 
-def make_landmarker(backend: str = "dlib", fan_weights: str | Path | None = None, fan_detector: str = "dlib",
-                    device: str = "cpu") -> Landmarker:
+def make_landmarker(
+    backend: str = "dlib",
+    fan_weights: str | Path | None = None,
+    fan_detector: str = "dlib",
+    device: str = "cpu",
+) -> Landmarker:
     """The AKD backend by name; ``fan_*`` configure :class:`FanLandmarks` (weights never downloaded)."""
     if backend == "dlib":
         return DlibLandmarks()

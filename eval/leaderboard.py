@@ -19,7 +19,10 @@ from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER,
 
 N_BOOTSTRAP = 1000
 PAPER_COLUMNS = {"self": ("psnr", "ssim", "lpips", "csim", "jod"), "cross": ("csim", "jod")}
-UNIT = ["subject", "sequence"]  # what an evaluation run commits; methods are compared on the units all covered
+UNIT = [
+    "subject",
+    "sequence",
+]  # what an evaluation run commits; methods are compared on the units all covered
 
 
 def coverage(frames: pd.DataFrame) -> tuple[set[tuple[str, str]], dict[str, set[tuple[str, str]]]]:
@@ -36,9 +39,11 @@ def coverage_warnings(covered: dict[str, set[tuple[str, str]]]) -> list[str]:
     for method, units in sorted(covered.items()):
         missing = sorted(every - units)
         if missing:
-            out.append(f"{method} covers {len(units)} of {len(every)} units; missing "
-                       + ", ".join(f"{s}/{q}" for s, q in missing)
-                       + ": every method is ranked on the units all methods covered only")
+            out.append(
+                f"{method} covers {len(units)} of {len(every)} units; missing "
+                + ", ".join(f"{s}/{q}" for s, q in missing)
+                + ": every method is ranked on the units all methods covered only"
+            )
     return out
 
 
@@ -74,17 +79,24 @@ def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], se
     sequences), ``{m}_rank``, ``{m}_miss_rate`` for face metrics, and ``ci_over`` (what was resampled)."""
     common, covered = coverage(frames)
     if not common:
-        raise ValueError("no (subject, sequence) unit was scored for every method: "
-                         + "; ".join(f"{m}: {len(u)} units" for m, u in sorted(covered.items()))
-                         + ". Evaluate the methods on shared units, or leave one out")
+        raise ValueError(
+            "no (subject, sequence) unit was scored for every method: "
+            + "; ".join(f"{m}: {len(u)} units" for m, u in sorted(covered.items()))
+            + ". Evaluate the methods on shared units, or leave one out"
+        )
     every = set().union(*covered.values())
     f_all, v_all = on_units(frames, common), on_units(videos, common)
     rows = []
     for method in sorted(covered):
         f, v = f_all[f_all["method"] == method], v_all[v_all["method"] == method]
-        row: dict[str, object] = {"method": method, "coverage": f"{len(covered[method])}/{len(every)}",
-                                  "units": len(common), "frames": len(f), "subjects": f["subject"].nunique(),
-                                  "videos": len(v)}
+        row: dict[str, object] = {
+            "method": method,
+            "coverage": f"{len(covered[method])}/{len(every)}",
+            "units": len(common),
+            "frames": len(f),
+            "subjects": f["subject"].nunique(),
+            "videos": len(v),
+        }
         for m in metrics:
             source = v if m in VIDEO_METRICS else f
             clusters, row["ci_over"] = balanced_means(source, m)
@@ -112,8 +124,11 @@ def per_subject(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str]) 
 
 
 def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
-    head = ["method", "coverage", "frames"] + [f"{m.upper()} {arrow(m)}" for m in metrics] + \
-           [f"{m.upper()} miss" for m in metrics if m in FACE_METRICS]
+    head = (
+        ["method", "coverage", "frames"]
+        + [f"{m.upper()} {arrow(m)}" for m in metrics]
+        + [f"{m.upper()} miss" for m in metrics if m in FACE_METRICS]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in table.index:
         cells = [table.loc[i, "method"], table.loc[i, "coverage"], str(table.loc[i, "frames"])]
@@ -126,20 +141,35 @@ def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
 def latex_table(tables: dict[str, pd.DataFrame]) -> str:
     """The paper's layout: methods as rows, Self PSNR/SSIM/LPIPS/CSIM/JOD then Cross CSIM/JOD; each value's rank
     as a superscript, the best in bold."""
-    groups = [(p, [m for m in PAPER_COLUMNS[p] if m in tables[p].columns]) for p in ("self", "cross") if p in tables]
+    groups = [
+        (p, [m for m in PAPER_COLUMNS[p] if m in tables[p].columns]) for p in ("self", "cross") if p in tables
+    ]
     methods = sorted(set().union(*(set(t["method"]) for t in tables.values())))
     ncols = sum(len(ms) for _, ms in groups)
-    out = [r"\begin{tabular}{l" + "c" * ncols + "}", r"\toprule",
-           " & " + " & ".join(rf"\multicolumn{{{len(ms)}}}{{c}}{{{p.capitalize()}}}" for p, ms in groups) + r" \\",
-           "Method & " + " & ".join(m.upper() + (r"$\uparrow$" if HIGHER_IS_BETTER[m] else r"$\downarrow$")
-                                    for _, ms in groups for m in ms) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{tabular}{l" + "c" * ncols + "}",
+        r"\toprule",
+        " & "
+        + " & ".join(rf"\multicolumn{{{len(ms)}}}{{c}}{{{p.capitalize()}}}" for p, ms in groups)
+        + r" \\",
+        "Method & "
+        + " & ".join(
+            m.upper() + (r"$\uparrow$" if HIGHER_IS_BETTER[m] else r"$\downarrow$")
+            for _, ms in groups
+            for m in ms
+        )
+        + r" \\",
+        r"\midrule",
+    ]
     for method in methods:
         cells = []
         for p, ms in groups:
             t = tables[p].reset_index(drop=True)
             hit = t.index[t["method"] == method]
             for m in ms:
-                cells.append("--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True))
+                cells.append(
+                    "--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True)
+                )
         out.append(method.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out)
@@ -148,15 +178,18 @@ def latex_table(tables: dict[str, pd.DataFrame]) -> str:
 def method_note(table: pd.DataFrame, seed: int) -> str:
     """How the table was computed, for the reader of the report."""
     over = table["ci_over"].iloc[0] if "ci_over" in table and len(table) else "subjects"
-    return (f"Ranked on the {table['units'].iloc[0]} (subject, sequence) units every method covered "
-            f"(coverage: units a method covered of all units scored). Means per unit, then per subject, then over "
-            f"subjects, so each subject weighs the same; [95% interval] from a percentile bootstrap over {over} "
-            f"({N_BOOTSTRAP} resamples, seed {seed}; n/a with fewer than two), not frames; #k = rank; "
-            "best in bold; ↑ higher is better, ↓ lower is better.")
+    return (
+        f"Ranked on the {table['units'].iloc[0]} (subject, sequence) units every method covered "
+        f"(coverage: units a method covered of all units scored). Means per unit, then per subject, then over "
+        f"subjects, so each subject weighs the same; [95% interval] from a percentile bootstrap over {over} "
+        f"({N_BOOTSTRAP} resamples, seed {seed}; n/a with fewer than two), not frames; #k = rank; "
+        "best in bold; ↑ higher is better, ↓ lower is better."
+    )
 
 
-def build_leaderboard(runs: str | Path | list[str | Path] | dict[str, str | Path], out: str | Path | None = None,
-                      seed: int = 0) -> dict:  # fmt: skip
+def build_leaderboard(
+    runs: str | Path | list[str | Path] | dict[str, str | Path], out: str | Path | None = None, seed: int = 0
+) -> dict:
     """Aggregate one or more runs (e.g. a self and a cross run) into ``out`` (default: the first run's
     ``leaderboard/``); returns ``{kind: path}`` of every file written. Runs are named by their protocol, or
     by the keys of a ``{name: run}`` mapping (two runs of one protocol, e.g. self-reenactment and novel views)."""
@@ -180,23 +213,48 @@ def build_leaderboard(runs: str | Path | list[str | Path] | dict[str, str | Path
         write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
         write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
         table.to_csv(out / f"{protocol}_leaderboard.csv", index=False)
-        written.update({f"{protocol}_parquet": out / f"{protocol}_leaderboard.parquet",
-                        f"{protocol}_csv": out / f"{protocol}_leaderboard.csv"})
-        sections.append({"protocol": protocol, "run": str(run), "meta": meta, "metrics": metrics, "table": table,
-                         "markdown": markdown_table(table, metrics), "subjects": subjects,
-                         "frames": on_units(frames, common), "warnings": coverage_warnings(covered),
-                         "method_note": method_note(table, seed)})
+        written.update(
+            {
+                f"{protocol}_parquet": out / f"{protocol}_leaderboard.parquet",
+                f"{protocol}_csv": out / f"{protocol}_leaderboard.csv",
+            }
+        )
+        sections.append(
+            {
+                "protocol": protocol,
+                "run": str(run),
+                "meta": meta,
+                "metrics": metrics,
+                "table": table,
+                "markdown": markdown_table(table, metrics),
+                "subjects": subjects,
+                "frames": on_units(frames, common),
+                "warnings": coverage_warnings(covered),
+                "method_note": method_note(table, seed),
+            }
+        )
     md = [f"# Leaderboard\n\n{sections[0]['meta']['note']}\n"]
     for s in sections:
-        md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [f"> WARNING: {w}\n" for w in s["warnings"]]
+        md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [
+            f"> WARNING: {w}\n" for w in s["warnings"]
+        ]
         md += [s["markdown"], "", s["method_note"], ""]
         md += [f"- {m.upper()}: {s['meta']['describe'][m]}" for m in s["metrics"]]
         lp = s["meta"].get("lpips")
         if lp and not lp["available"]:
-            md.append(f"- LPIPS unavailable: no backbone weights found; looked in {', '.join(lp['looked_in'])}")
+            md.append(
+                f"- LPIPS unavailable: no backbone weights found; looked in {', '.join(lp['looked_in'])}"
+            )
         md.append("")
-    written["markdown"], written["latex"], written["html"] = out / "leaderboard.md", out / "leaderboard.tex", \
-        out / "report.html"
-    for kind, text in (("markdown", "\n".join(md)), ("latex", latex_table(tables)), ("html", render_html(sections))):
+    written["markdown"], written["latex"], written["html"] = (
+        out / "leaderboard.md",
+        out / "leaderboard.tex",
+        out / "report.html",
+    )
+    for kind, text in (
+        ("markdown", "\n".join(md)),
+        ("latex", latex_table(tables)),
+        ("html", render_html(sections)),
+    ):
         atomic_write_bytes(written[kind], text.encode())
     return written

@@ -29,14 +29,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Refuses anything but numpy arrays and dicts: a weight file must not run code."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing {module}.{name} in an LPIPS weight pickle")
         import numpy.core.multiarray  # noqa: F401 - registers the legacy module path
+
         return super().find_class(module.replace("numpy.core", "numpy._core"), name)
 
 
@@ -91,9 +94,13 @@ class LpipsMetric:
     backbone_file: Path
 
     @torch.no_grad()
-    def __call__(self, pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[1] != 3:
-            raise ValueError(f"expected matching (B, 3, H, W) images, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+            raise ValueError(
+                f"expected matching (B, 3, H, W) images, got {tuple(pred.shape)} and {tuple(gt.shape)}"
+            )
         device = next(self.network.parameters()).device
         x, y = pred.to(device).float() * 2 - 1, gt.to(device).float() * 2 - 1  # [0,1] -> [-1,1], once
         if mask is None:
@@ -111,9 +118,15 @@ def load_lpips(net: str = "alex", checkpoint: str | Path | None = None, device: 
     import lpips
 
     features, source = load_backbone_features(net, checkpoint)
-    with warnings.catch_warnings():  # lpips builds the backbone with torchvision's deprecated `pretrained=False`
-        warnings.filterwarnings("ignore", message=r"(The parameter 'pretrained'|Arguments other than a weight)",
-                                category=UserWarning, module="torchvision")  # fmt: skip
+    with (
+        warnings.catch_warnings()
+    ):  # lpips builds the backbone with torchvision's deprecated `pretrained=False`
+        warnings.filterwarnings(
+            "ignore",
+            message=r"(The parameter 'pretrained'|Arguments other than a weight)",
+            category=UserWarning,
+            module="torchvision",
+        )
         network = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     backbone = {}
     for name, _ in network.net.named_parameters():  # slice{k}.{index}.{weight|bias}

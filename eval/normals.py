@@ -28,7 +28,9 @@ def normal_root(rgb_root: str | Path) -> Path | None:
 def read_normal_clip(root: Path, subject: str, sequence: str, camera: str) -> np.ndarray | None:
     """Unit normals [T, H, W, 3] (zero on the background) of one camera; None when the camera has none."""
     folder = root / subject / sequence / camera
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES) if folder.is_dir() else []
+    )
     if not files:
         return None
     try:

@@ -20,8 +20,14 @@ def arrow(metric: str) -> str:
     return "↑" if HIGHER_IS_BETTER[metric] else "↓"
 
 
-def metric_cell(table, i: int, metric: str, bold: tuple[str, str] = ("", ""), ci: bool = True,  # noqa: ANN001
-                latex: bool = False) -> str:
+def metric_cell(
+    table,
+    i: int,
+    metric: str,
+    bold: tuple[str, str] = ("", ""),
+    ci: bool = True,  # noqa: ANN001
+    latex: bool = False,
+) -> str:
     """``mean [lo, hi] #rank`` of row ``i`` (LaTeX: the rank as a superscript); the column's best value wrapped in
     ``bold``; ``n/a`` when the metric could not be measured."""
     value = table.loc[i, metric]
@@ -48,7 +54,11 @@ def figure_html(fig) -> str:  # noqa: ANN001 - matplotlib Figure
 def bar_chart(table, metric: str) -> str:  # noqa: ANN001 - DataFrame
     fig, ax = plt.subplots(figsize=(4, 2.6))
     means = table[metric].to_numpy(float)
-    err = np.abs(np.stack([means - table[f"{metric}_lo"].to_numpy(float), table[f"{metric}_hi"].to_numpy(float) - means]))
+    err = np.abs(
+        np.stack(
+            [means - table[f"{metric}_lo"].to_numpy(float), table[f"{metric}_hi"].to_numpy(float) - means]
+        )
+    )
     ax.bar(table["method"], means, yerr=np.nan_to_num(err), capsize=4, color="#4c72b0")
     ax.set_title(f"{metric.upper()} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better), 95% CI")
     ax.tick_params(axis="x", rotation=30)
@@ -58,7 +68,9 @@ def bar_chart(table, metric: str) -> str:  # noqa: ANN001 - DataFrame
 def heatmap(subjects, metric: str) -> str:  # noqa: ANN001 - DataFrame
     grid = subjects[subjects["metric"] == metric].pivot(index="method", columns="subject", values="mean")
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * grid.shape[1], 0.8 + 0.4 * grid.shape[0]))
-    im = ax.imshow(grid.to_numpy(float), cmap="viridis" if HIGHER_IS_BETTER[metric] else "viridis_r", aspect="auto")
+    im = ax.imshow(
+        grid.to_numpy(float), cmap="viridis" if HIGHER_IS_BETTER[metric] else "viridis_r", aspect="auto"
+    )
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=45)
     ax.set_yticks(range(grid.shape[0]), grid.index)
     ax.set_title(f"{metric.upper()} per subject")
@@ -86,29 +98,49 @@ def render_html(sections: list[dict]) -> str:
         body.append(f"<h2>{e(s['protocol'].capitalize())} protocol</h2><p>run: {e(s['run'])}</p>")
         body += [f"<p class='warning'>WARNING: {e(w)}</p>" for w in s["warnings"]]
         body.append(_table_html(table, metrics) + f"<p>{e(s['method_note'])}</p>")
-        body.append("<h3>Settings</h3><ul>" + "".join(
-            f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics) + "</ul>")
+        body.append(
+            "<h3>Settings</h3><ul>"
+            + "".join(f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics)
+            + "</ul>"
+        )
         lp = s["meta"].get("lpips")
         if lp and not lp["available"]:
-            body.append(f"<p>LPIPS unavailable: no backbone weights; looked in {e(', '.join(lp['looked_in']))}</p>")
+            body.append(
+                f"<p>LPIPS unavailable: no backbone weights; looked in {e(', '.join(lp['looked_in']))}</p>"
+            )
         plotted = [m for m in metrics if table[m].notna().any()]
-        body.append("<h3>Means with 95% bootstrap intervals</h3>" + "".join(bar_chart(table, m) for m in plotted))
+        body.append(
+            "<h3>Means with 95% bootstrap intervals</h3>" + "".join(bar_chart(table, m) for m in plotted)
+        )
         body.append("<h3>Per subject</h3>" + "".join(heatmap(s["subjects"], m) for m in plotted))
-        body.append("<h3>Per frame</h3>" + "".join(
-            frame_curves(s["frames"], m) for m in plotted if m not in VIDEO_METRICS))
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
-             ".warning{color:#a00;font-weight:bold}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" \
-           + "\n".join(body) + "</body></html>"
+        body.append(
+            "<h3>Per frame</h3>"
+            + "".join(frame_curves(s["frames"], m) for m in plotted if m not in VIDEO_METRICS)
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
+        ".warning{color:#a00;font-weight:bold}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
 
 
 def _table_html(table, metrics: list[str]) -> str:  # noqa: ANN001 - DataFrame
-    head = "<th>method</th><th>coverage</th><th>frames</th>" + "".join(
-        f"<th>{m.upper()} {arrow(m)}</th>" for m in metrics) + "".join(
-        f"<th>{m.upper()} miss</th>" for m in metrics if m in FACE_METRICS)
+    head = (
+        "<th>method</th><th>coverage</th><th>frames</th>"
+        + "".join(f"<th>{m.upper()} {arrow(m)}</th>" for m in metrics)
+        + "".join(f"<th>{m.upper()} miss</th>" for m in metrics if m in FACE_METRICS)
+    )
     rows = []
     for i in table.index:
-        cells = [html.escape(str(table.loc[i, "method"])), table.loc[i, "coverage"], str(table.loc[i, "frames"])]
+        cells = [
+            html.escape(str(table.loc[i, "method"])),
+            table.loc[i, "coverage"],
+            str(table.loc[i, "frames"]),
+        ]
         cells += [metric_cell(table, i, m, ("<b>", "</b>")) for m in metrics]
         cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

@@ -82,8 +82,9 @@ class EvalJob:
         method, subject, sequence = (unit.payload[k] for k in ("method", "subject", "sequence"))
         pred_source = FolderSource(method, Path(self.methods[method]), fps=self.fps)
         where = f"{subject}/{sequence}"
-        cams = match_cameras(method, pred_source.cameras(subject, sequence),
-                             self.reference.cameras(subject, sequence), where)
+        cams = match_cameras(
+            method, pred_source.cameras(subject, sequence), self.reference.cameras(subject, sequence), where
+        )
         identity = None
         if self.settings.protocol == "cross" and "csim" in self.settings.metrics:
             identity = _read_rgb(Path(self.identity) / f"{subject}.png")
@@ -92,38 +93,70 @@ class EvalJob:
             pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
             ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
             check_clips(method, f"{where}/{pred_cam}", pred, ref)
-            if self.settings.background is not None:  # every metric sees the same pixels: no backdrop advantage
+            if (
+                self.settings.background is not None
+            ):  # every metric sees the same pixels: no backdrop advantage
                 if ref.masks is None:
-                    raise InputError(f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}")
-                pred, ref = (composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref))
+                    raise InputError(
+                        f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}"
+                    )
+                pred, ref = (
+                    composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref)
+                )
             columns, video_jod = score_clip(self.models, pred, ref, identity)
             if "normal_deg" in self.settings.metrics:
-                columns["normal_deg"] = self.normal_errors(method, subject, sequence, pred_cam, ref_cam, ref.masks)
+                columns["normal_deg"] = self.normal_errors(
+                    method, subject, sequence, pred_cam, ref_cam, ref.masks
+                )
             height, width = pred.frames.shape[1:3]
             for t in range(len(pred.frames)):
-                row = {"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam,
-                       "frame": t, "width": width, "height": height}
+                row = {
+                    "method": method,
+                    "subject": subject,
+                    "sequence": sequence,
+                    "camera": pred_cam,
+                    "frame": t,
+                    "width": width,
+                    "height": height,
+                }
                 row.update({m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS})
                 frame_rows.append(row)
-            video_rows.append({"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam,
-                               "frames": len(pred.frames), "fps": ref.fps, "jod": video_jod})
+            video_rows.append(
+                {
+                    "method": method,
+                    "subject": subject,
+                    "sequence": sequence,
+                    "camera": pred_cam,
+                    "frames": len(pred.frames),
+                    "fps": ref.fps,
+                    "jod": video_jod,
+                }
+            )
         out = Path(self.out)
         write_parquet_atomic(pd.DataFrame(frame_rows), out / "frames" / f"{unit.id}.parquet")
         write_parquet_atomic(pd.DataFrame(video_rows), out / "videos" / f"{unit.id}.parquet")
         frames = pd.DataFrame(frame_rows)
-        return {"frames": len(frames), "cameras": len(video_rows),
-                **{f"{m}_misses": int(frames[m].isna().sum()) for m in ("csim", "akd", "aed")
-                   if m in self.settings.metrics}}
+        return {
+            "frames": len(frames),
+            "cameras": len(video_rows),
+            **{
+                f"{m}_misses": int(frames[m].isna().sum())
+                for m in ("csim", "akd", "aed")
+                if m in self.settings.metrics
+            },
+        }
 
-
-    def normal_errors(self, method: str, subject: str, sequence: str, pred_cam: str, ref_cam: str,
-                      masks: np.ndarray | None) -> list[float]:
+    def normal_errors(
+        self, method: str, subject: str, sequence: str, pred_cam: str, ref_cam: str, masks: np.ndarray | None
+    ) -> list[float]:
         """Per-frame normal angular error; NaN for a method that wrote no normals (baselines, RGB-only peers)."""
         root = normal_root(self.methods[method])
         pred = None if root is None else read_normal_clip(root, subject, sequence, pred_cam)
         gt = read_normal_clip(Path(self.gt_normal), subject, sequence, ref_cam)
         if gt is None:
-            raise InputError(f"no ground-truth normals in {Path(self.gt_normal) / subject / sequence / ref_cam}")
+            raise InputError(
+                f"no ground-truth normals in {Path(self.gt_normal) / subject / sequence / ref_cam}"
+            )
         gt = resize_normals(gt, self.settings.resolution)
         if pred is None:
             return [np.nan] * len(gt)
@@ -141,9 +174,15 @@ def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkU
         for subject, sequence in pred_units:
             if (subject, sequence) not in available:
                 what = "ground truth" if protocol == "self" else "driving frames"
-                raise InputError(f"{method}: {subject}/{sequence} has no {what} in {getattr(reference, 'root', '')}")
-            units.append(WorkUnit(unit_id(method, subject, sequence),
-                                  {"method": method, "subject": subject, "sequence": sequence}))
+                raise InputError(
+                    f"{method}: {subject}/{sequence} has no {what} in {getattr(reference, 'root', '')}"
+                )
+            units.append(
+                WorkUnit(
+                    unit_id(method, subject, sequence),
+                    {"method": method, "subject": subject, "sequence": sequence},
+                )
+            )
     return units
 
 
@@ -153,19 +192,38 @@ def run_metadata(settings: EvalSettings) -> dict:
     if "lpips" in settings.metrics:
         looked = backbone_candidates(settings.lpips_net, settings.lpips_checkpoint)
         found = [str(p) for p in looked if p.is_file()]
-        meta["lpips"] = {"available": bool(found), "backbone": found[0] if found else None,
-                         "looked_in": [str(p) for p in looked]}
+        meta["lpips"] = {
+            "available": bool(found),
+            "backbone": found[0] if found else None,
+            "looked_in": [str(p) for p in looked],
+        }
     return meta
 
 
-def input_fingerprints(methods: dict[str, Path], units: list[WorkUnit], gt: str | Path, gt_mask: str | Path | None,
-                       identity: str | Path | None, fps: float, gt_normal: str | Path | None = None) -> dict:
+def input_fingerprints(
+    methods: dict[str, Path],
+    units: list[WorkUnit],
+    gt: str | Path,
+    gt_mask: str | Path | None,
+    identity: str | Path | None,
+    fps: float,
+    gt_normal: str | Path | None = None,
+) -> dict:
     """Digests of everything a score depends on besides the settings: ground truth, masks, identity images,
     fps, and each unit's predicted frames (per unit, so a method folder may grow while a benchmark runs)."""
-    return {"ground_truth": tree_fingerprint(gt), "gt_mask": tree_fingerprint(gt_mask),
-            "identity": tree_fingerprint(identity), "fps": fps, "gt_normal": tree_fingerprint(gt_normal),
-            "units": {u.id: tree_fingerprint(methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"])
-                      for u in units}}
+    return {
+        "ground_truth": tree_fingerprint(gt),
+        "gt_mask": tree_fingerprint(gt_mask),
+        "identity": tree_fingerprint(identity),
+        "fps": fps,
+        "gt_normal": tree_fingerprint(gt_normal),
+        "units": {
+            u.id: tree_fingerprint(
+                methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"]
+            )
+            for u in units
+        },
+    }
 
 
 def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
@@ -175,9 +233,14 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
         return []
     changed = [] if previous.get("settings") == current["settings"] else ["settings"]
     before, now = previous.get("inputs", {}), current["inputs"]
-    changed += [k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]]
-    changed += [f"predictions of {unit}" for unit, digest in now["units"].items()
-                if committed.is_committed(unit) and before.get("units", {}).get(unit) != digest]
+    changed += [
+        k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]
+    ]
+    changed += [
+        f"predictions of {unit}"
+        for unit, digest in now["units"].items()
+        if committed.is_committed(unit) and before.get("units", {}).get(unit) != digest
+    ]
     return changed
 
 
@@ -205,20 +268,32 @@ def evaluate(
     lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
     checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
     """
-    default = [m for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS) if gt_normal is not None or m not in NORMAL_METRICS]
+    default = [
+        m
+        for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS)
+        if gt_normal is not None or m not in NORMAL_METRICS
+    ]
     config = EvalSettings(protocol=protocol, metrics=tuple(metrics or default), **settings)
     if set(config.metrics) & set(NORMAL_METRICS) and gt_normal is None:
         raise InputError("normal_deg needs the ground-truth normals: give --gt-normal, a tree mirroring --gt")
-    if "akd" in config.metrics and config.akd_backend == "fan":  # the file every actor loads, named in the report
+    if (
+        "akd" in config.metrics and config.akd_backend == "fan"
+    ):  # the file every actor loads, named in the report
         config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
     if protocol == "cross" and "csim" in config.metrics and identity is None:
-        raise InputError("the cross protocol's CSIM needs --identity, a folder of <subject>.png source images")
+        raise InputError(
+            "the cross protocol's CSIM needs --identity, a folder of <subject>.png source images"
+        )
     methods = discover_methods(pred)
     reference = open_ground_truth(gt, gt_mask, fps)
-    needs_masks = config.background is not None or (config.masked and set(config.metrics) & set(PIXEL_METRICS))
+    needs_masks = config.background is not None or (
+        config.masked and set(config.metrics) & set(PIXEL_METRICS)
+    )
     if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
-        raise InputError(f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
-                         f"needs ground-truth masks: give --gt-mask for {gt}")
+        raise InputError(
+            f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
+            f"needs ground-truth masks: give --gt-mask for {gt}"
+        )
     units = plan_units(methods, reference, protocol)
     out = Path(out)
     meta = run_metadata(config)
@@ -228,16 +303,31 @@ def evaluate(
         previous = json.loads(meta_path.read_text())
         changed = changed_inputs(previous, meta, committed)
         if changed:
-            raise InputError(f"{meta_path}: {', '.join(changed)} changed since units were scored; "
-                            "use a new --out folder")
+            raise InputError(
+                f"{meta_path}: {', '.join(changed)} changed since units were scored; use a new --out folder"
+            )
         meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
     write_json_atomic(meta_path, meta)
-    job = EvalJob({k: str(v) for k, v in methods.items()}, str(gt), str(out), config,
-                  str(gt_mask) if gt_mask else None, str(identity) if identity else None, fps,
-                  str(gt_normal) if gt_normal else None)
+    job = EvalJob(
+        {k: str(v) for k, v in methods.items()},
+        str(gt),
+        str(out),
+        config,
+        str(gt_mask) if gt_mask else None,
+        str(identity) if identity else None,
+        fps,
+        str(gt_normal) if gt_normal else None,
+    )
     connect(address)
-    report = run_units(job, units, committed, workers=workers, gpus_per_worker=gpus_per_worker,
-                       desc="eval", progress=progress)
+    report = run_units(
+        job,
+        units,
+        committed,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        desc="eval",
+        progress=progress,
+    )
     if not report.ok:
         raise EvalError(report.summary())
     return report
@@ -253,6 +343,8 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if not frames:
         raise InputError(f"{run}/frames has no Parquet files: the run has not finished any unit")
     videos = sorted((run / "videos").glob("*.parquet"))
-    return (pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
-            pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
-            json.loads(meta_path.read_text()))
+    return (
+        pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
+        pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
+        json.loads(meta_path.read_text()),
+    )

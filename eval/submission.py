@@ -47,15 +47,21 @@ def submission_videos(method_root: str | Path) -> list[tuple[str, str, str, int,
     for subject, sequence in source.units():
         where = source.root / subject / sequence
         if not subject.isdigit() or int(subject) not in BENCHMARK_MONO_FLAME_AVATAR_IDS:
-            raise InputError(f"{source.root / subject}: not a participant of the mono FLAME-avatar benchmark "
-                             f"(expected one of {BENCHMARK_MONO_FLAME_AVATAR_IDS})")
+            raise InputError(
+                f"{source.root / subject}: not a participant of the mono FLAME-avatar benchmark "
+                f"(expected one of {BENCHMARK_MONO_FLAME_AVATAR_IDS})"
+            )
         if sequence not in BENCHMARK_MONO_FLAME_AVATAR_SEQUENCES_TEST:
-            raise InputError(f"{where}: not a test sequence (expected {BENCHMARK_MONO_FLAME_AVATAR_SEQUENCES_TEST})")
+            raise InputError(
+                f"{where}: not a test sequence (expected {BENCHMARK_MONO_FLAME_AVATAR_SEQUENCES_TEST})"
+            )
         for camera in source.cameras(subject, sequence):
             serial = camera.removeprefix("cam_")
             if serial not in BENCHMARK_MONO_FLAME_AVATAR_SERIALS:
-                raise InputError(f"{where / camera}: serial {serial} is not submitted "
-                                 f"(expected {BENCHMARK_MONO_FLAME_AVATAR_SERIALS})")
+                raise InputError(
+                    f"{where / camera}: serial {serial} is not submitted "
+                    f"(expected {BENCHMARK_MONO_FLAME_AVATAR_SERIALS})"
+                )
             videos.append((subject, sequence, camera, int(subject), serial))
     if not videos:
         raise InputError(f"{method_root}: no <participant>/<sequence>/<camera> frames to submit")

@@ -24,21 +24,42 @@ def _graph_message_class() -> type:
     """A protobuf class for the subset of tensorflow/core/framework/graph.proto that frozen graphs use."""
     T = descriptor_pb2.FieldDescriptorProto
     opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
-    fd = descriptor_pb2.FileDescriptorProto(name="geodiff4d_tf_graph_min.proto", package="tfmin", syntax="proto3")
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="geodiff4d_tf_graph_min.proto", package="tfmin", syntax="proto3"
+    )
     schema = {  # message -> (field name, number, type, label, message type)
         "Dim": [("size", 1, T.TYPE_INT64, opt, ""), ("name", 2, T.TYPE_STRING, opt, "")],
         "Shape": [("dim", 2, T.TYPE_MESSAGE, rep, "Dim"), ("unknown_rank", 3, T.TYPE_BOOL, opt, "")],
-        "Tensor": [("dtype", 1, T.TYPE_INT32, opt, ""), ("tensor_shape", 2, T.TYPE_MESSAGE, opt, "Shape"),
-                   ("tensor_content", 4, T.TYPE_BYTES, opt, ""), ("float_val", 5, T.TYPE_FLOAT, rep, ""),
-                   ("double_val", 6, T.TYPE_DOUBLE, rep, ""), ("int_val", 7, T.TYPE_INT32, rep, ""),
-                   ("int64_val", 10, T.TYPE_INT64, rep, "")],
-        "ListValue": [("s", 2, T.TYPE_BYTES, rep, ""), ("i", 3, T.TYPE_INT64, rep, ""), ("f", 4, T.TYPE_FLOAT, rep, "")],
-        "AttrValue": [("list", 1, T.TYPE_MESSAGE, opt, "ListValue"), ("s", 2, T.TYPE_BYTES, opt, ""),
-                      ("i", 3, T.TYPE_INT64, opt, ""), ("f", 4, T.TYPE_FLOAT, opt, ""), ("b", 5, T.TYPE_BOOL, opt, ""),
-                      ("type", 6, T.TYPE_INT32, opt, ""), ("tensor", 8, T.TYPE_MESSAGE, opt, "Tensor")],
+        "Tensor": [
+            ("dtype", 1, T.TYPE_INT32, opt, ""),
+            ("tensor_shape", 2, T.TYPE_MESSAGE, opt, "Shape"),
+            ("tensor_content", 4, T.TYPE_BYTES, opt, ""),
+            ("float_val", 5, T.TYPE_FLOAT, rep, ""),
+            ("double_val", 6, T.TYPE_DOUBLE, rep, ""),
+            ("int_val", 7, T.TYPE_INT32, rep, ""),
+            ("int64_val", 10, T.TYPE_INT64, rep, ""),
+        ],
+        "ListValue": [
+            ("s", 2, T.TYPE_BYTES, rep, ""),
+            ("i", 3, T.TYPE_INT64, rep, ""),
+            ("f", 4, T.TYPE_FLOAT, rep, ""),
+        ],
+        "AttrValue": [
+            ("list", 1, T.TYPE_MESSAGE, opt, "ListValue"),
+            ("s", 2, T.TYPE_BYTES, opt, ""),
+            ("i", 3, T.TYPE_INT64, opt, ""),
+            ("f", 4, T.TYPE_FLOAT, opt, ""),
+            ("b", 5, T.TYPE_BOOL, opt, ""),
+            ("type", 6, T.TYPE_INT32, opt, ""),
+            ("tensor", 8, T.TYPE_MESSAGE, opt, "Tensor"),
+        ],
         "AttrEntry": [("key", 1, T.TYPE_STRING, opt, ""), ("value", 2, T.TYPE_MESSAGE, opt, "AttrValue")],
-        "Node": [("name", 1, T.TYPE_STRING, opt, ""), ("op", 2, T.TYPE_STRING, opt, ""),
-                 ("input", 3, T.TYPE_STRING, rep, ""), ("attr", 5, T.TYPE_MESSAGE, rep, "AttrEntry")],
+        "Node": [
+            ("name", 1, T.TYPE_STRING, opt, ""),
+            ("op", 2, T.TYPE_STRING, opt, ""),
+            ("input", 3, T.TYPE_STRING, rep, ""),
+            ("attr", 5, T.TYPE_MESSAGE, rep, "AttrEntry"),
+        ],
         "Graph": [("node", 1, T.TYPE_MESSAGE, rep, "Node")],
     }
     for name, fields in schema.items():
@@ -59,7 +80,9 @@ def _tensor_value(t) -> np.ndarray:  # noqa: ANN001 - dynamic protobuf message
     shape = [d.size for d in t.tensor_shape.dim]
     if t.tensor_content:
         return np.frombuffer(t.tensor_content, dtype=dtype).reshape(shape).copy()
-    values = np.asarray(list(t.float_val) or list(t.double_val) or list(t.int_val) or list(t.int64_val), dtype)
+    values = np.asarray(
+        list(t.float_val) or list(t.double_val) or list(t.int_val) or list(t.int64_val), dtype
+    )
     if values.size == 0:  # TensorFlow omits all-zero values
         return np.zeros(shape, dtype)
     if values.size == int(np.prod(shape)):
@@ -80,7 +103,9 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def _pad_spatial(x: torch.Tensor, padding: str, kernel: tuple[int, int], stride: tuple[int, int], value: float):
+def _pad_spatial(
+    x: torch.Tensor, padding: str, kernel: tuple[int, int], stride: tuple[int, int], value: float
+):
     """SAME padding of an NCHW tensor the way TensorFlow splits it (extra pixel after)."""
     if padding == "VALID":
         return x

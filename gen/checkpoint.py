@@ -36,18 +36,23 @@ def checkpoint_name(step: int) -> str:
 class RankState:
     """One worker's state besides the shared weights: every RNG it may draw from and its data position."""
 
-    position: int                     # batches consumed from make_batches(seed + rank, 0)
-    generator: torch.Tensor           # the training noise / timestep / dropout generator
+    position: int  # batches consumed from make_batches(seed + rank, 0)
+    generator: torch.Tensor  # the training noise / timestep / dropout generator
     torch_cpu: torch.Tensor
-    torch_cuda: list[torch.Tensor]    # one per visible device; empty without CUDA
-    numpy: dict                       # np.random legacy global state, its key as a tensor (weights_only loads)
+    torch_cuda: list[torch.Tensor]  # one per visible device; empty without CUDA
+    numpy: dict  # np.random legacy global state, its key as a tensor (weights_only loads)
     python: tuple
 
     @classmethod
     def capture(cls, generator: torch.Generator, position: int) -> RankState:
         state = np.random.get_state(legacy=False)
-        numpy = {**state, "state": {"key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
-                                    "pos": state["state"]["pos"]}}
+        numpy = {
+            **state,
+            "state": {
+                "key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
+                "pos": state["state"]["pos"],
+            },
+        }
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         return cls(position, generator.get_state(), torch.get_rng_state(), cuda, numpy, random.getstate())
 
@@ -71,8 +76,14 @@ def _ema_weights_saved(model: JointDenoiser, ema: EMAModel, folder: Path) -> Non
         ema.restore(params)
 
 
-def save_checkpoint(run: Path, model: JointDenoiser, ema: EMAModel, optimizer: torch.optim.Optimizer, step: int,
-                    ranks: list[RankState]) -> Path:
+def save_checkpoint(
+    run: Path,
+    model: JointDenoiser,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    ranks: list[RankState],
+) -> Path:
     """Write `RUN/checkpoints/step_*` (ranks: every worker's RankState, in rank order); returns its folder."""
     final = Path(run) / CHECKPOINTS / checkpoint_name(step)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +91,13 @@ def save_checkpoint(run: Path, model: JointDenoiser, ema: EMAModel, optimizer: t
     model.save_pretrained(tmp / "model", safe_serialization=True)
     _ema_weights_saved(model, ema, tmp / "ema")
     ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    torch.save({"optimizer": optimizer.state_dict(), "ema": ema_meta, "step": step}, tmp / "training_state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "ema": ema_meta, "step": step}, tmp / "training_state.pt"
+    )
     torch.save([asdict(r) for r in ranks], tmp / RANKS)
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; checkpoints are shared data (core.io.atomic does the same for files)
+    os.chmod(
+        tmp, 0o755
+    )  # mkdtemp makes 0700; checkpoints are shared data (core.io.atomic does the same for files)
     if final.exists():  # written before a crash that came ahead of Ray registering it: this one replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -105,13 +120,21 @@ def saved_rank_states(folder: Path, world_size: int) -> list[dict]:
     """The checkpoint's per-worker states; an error unless it was written by `world_size` workers."""
     ranks = torch.load(Path(folder) / RANKS, map_location="cpu", weights_only=True)
     if len(ranks) != world_size:
-        raise ValueError(f"{folder} was written by {len(ranks)} worker(s); resume it with {len(ranks)}, "
-                         f"not {world_size} (each worker's RNG streams and data position are its own)")
+        raise ValueError(
+            f"{folder} was written by {len(ranks)} worker(s); resume it with {len(ranks)}, "
+            f"not {world_size} (each worker's RNG streams and data position are its own)"
+        )
     return ranks
 
 
-def load_checkpoint(folder: Path, model: JointDenoiser, ema: EMAModel, optimizer: torch.optim.Optimizer,
-                    rank: int = 0, world_size: int = 1) -> tuple[int, RankState]:
+def load_checkpoint(
+    folder: Path,
+    model: JointDenoiser,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[int, RankState]:
     """Restore model, EMA and optimizer in place from a checkpoint folder; returns its step and `rank`'s state."""
     folder = Path(folder)
     ranks = saved_rank_states(folder, world_size)
@@ -119,7 +142,9 @@ def load_checkpoint(folder: Path, model: JointDenoiser, ema: EMAModel, optimizer
     shadow = _weights_of(folder / "ema")
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     device = next(model.parameters()).device
-    ema.load_state_dict({**saved["ema"], "shadow_params": [shadow[n].to(device) for n, _ in model.named_parameters()]})
+    ema.load_state_dict(
+        {**saved["ema"], "shadow_params": [shadow[n].to(device) for n, _ in model.named_parameters()]}
+    )
     optimizer.load_state_dict(saved["optimizer"])
     return saved["step"], RankState(**ranks[rank])
 
@@ -141,4 +166,6 @@ def load_stage1_weights(model: JointDenoiser, init: Path) -> None:
     missing, unexpected = model.load_state_dict(_weights_of(folder), strict=False)
     bad = [k for k in missing if ".processor.temporal." not in k]
     if bad or unexpected:
-        raise ValueError(f"{folder}: weights do not fit this model; missing {bad[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{folder}: weights do not fit this model; missing {bad[:5]}, unexpected {unexpected[:5]}"
+        )

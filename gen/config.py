@@ -24,9 +24,17 @@ class UNetConfig(_Strict):
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     down_block_types: tuple[str, ...] = (
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     up_block_types: tuple[str, ...] = (
-        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     layers_per_block: int = 2
     attention_head_dim: int | tuple[int, ...] = 8
     cross_attention_dim: int = 768
@@ -36,17 +44,21 @@ class UNetConfig(_Strict):
     def _same_depth(self) -> UNetConfig:
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"down_block_types and up_block_types need {n} entries (one per block_out_channels)")
+            raise ValueError(
+                f"down_block_types and up_block_types need {n} entries (one per block_out_channels)"
+            )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}")
+            raise ValueError(
+                f"every block_out_channels entry must be divisible by norm_num_groups={self.norm_num_groups}"
+            )
         return self
 
 
 class ModelConfig(_Strict):
     unet: UNetConfig = UNetConfig()
-    pretrained: str | None = None          # local SD-1.5 diffusers folder (unet/, vae/) used for initialization
+    pretrained: str | None = None  # local SD-1.5 diffusers folder (unet/, vae/) used for initialization
     latents: Literal["vae", "pixel"] = "vae"
-    vae: str | None = None                 # diffusers folder holding vae/ (defaults to `pretrained`)
+    vae: str | None = None  # diffusers folder holding vae/ (defaults to `pretrained`)
     pose_injection: Literal["add", "concat"] = "add"
     pose_guider_channels: tuple[int, ...] = (16, 32, 64, 128)
     expression_tokens: int = Field(4, ge=1)
@@ -70,14 +82,14 @@ class DataConfig(_Strict):
     # data-side ablation switches, passed through to the loader
     cross_view_pairs: bool = True
     synthetic_data: bool = True
-    synthetic_weight: float = Field(0.1, ge=0)   # multi-view : synthetic = 10 : 1 per sample
-    loader_workers: int = Field(0, ge=0)         # DataLoader processes per training worker (0: in-process)
+    synthetic_weight: float = Field(0.1, ge=0)  # multi-view : synthetic = 10 : 1 per sample
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0: in-process)
 
 
 class StageConfig(_Strict):
-    batch_size: int = Field(ge=1)          # global: samples per optimizer step over all workers and accumulation
+    batch_size: int = Field(ge=1)  # global: samples per optimizer step over all workers and accumulation
     steps: int = Field(ge=1)
-    frames: int = Field(1, ge=1)           # 1 in stage 1 (no temporal layers), 16 in stage 2
+    frames: int = Field(1, ge=1)  # 1 in stage 1 (no temporal layers), 16 in stage 2
     lr: float = Field(1e-5, gt=0)
 
 
@@ -89,10 +101,10 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     gradient_checkpointing: bool = False
-    lr_scaling: Literal["none", "linear"] = "none"    # linear: the stage lr is per sample, times batch_size
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: the stage lr is per sample, times batch_size
     # condition dropout for classifier-free guidance: the sampler needs e(ref, exp), e(ref, -) and e(-, -)
-    drop_both: float = Field(0.05, ge=0, le=1)         # reference and expression dropped together (unconditional)
-    drop_reference: float = Field(0.05, ge=0, le=1)    # each alone, independently of the joint drop
+    drop_both: float = Field(0.05, ge=0, le=1)  # reference and expression dropped together (unconditional)
+    drop_reference: float = Field(0.05, ge=0, le=1)  # each alone, independently of the joint drop
     drop_expression: float = Field(0.05, ge=0, le=1)
     num_train_timesteps: int = Field(1000, ge=2)
     checkpoint_every: int = Field(1000, ge=1)
@@ -110,8 +122,10 @@ class TrainConfig(_Strict):
         """Per-worker micro-batch of the stage's global batch, split over workers and accumulation steps."""
         global_batch, parts = self.stage(stage).batch_size, world_size * self.grad_accumulation
         if global_batch % parts:
-            raise ValueError(f"train.stage{stage}.batch_size {global_batch} (global) is not divisible by "
-                             f"{world_size} worker(s) x grad_accumulation {self.grad_accumulation}")
+            raise ValueError(
+                f"train.stage{stage}.batch_size {global_batch} (global) is not divisible by "
+                f"{world_size} worker(s) x grad_accumulation {self.grad_accumulation}"
+            )
         return global_batch // parts
 
     def learning_rate(self, stage: int) -> float:

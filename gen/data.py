@@ -33,8 +33,14 @@ def loader_config(cfg: GenConfig, stage: int, seed: int, world_size: int = 1) ->
     weights = {MULTI_VIEW: 1.0}
     if cfg.data.synthetic_data and kind != "clip":
         weights[SYNTHETIC] = cfg.data.synthetic_weight
-    return LoaderConfig(kind=kind, batch_size=cfg.train.worker_batch(stage, world_size), clip_len=st.frames, driving_size=cfg.model.driving_size,
-                        weights=weights, seed=seed)
+    return LoaderConfig(
+        kind=kind,
+        batch_size=cfg.train.worker_batch(stage, world_size),
+        clip_len=st.frames,
+        driving_size=cfg.model.driving_size,
+        weights=weights,
+        seed=seed,
+    )
 
 
 def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
@@ -43,10 +49,14 @@ def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
     try:
         packed = json.loads(path.read_text())["resolution"]
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?") from err
+        raise ValueError(
+            f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?"
+        ) from err
     if packed != cfg.data.resolution:
-        raise ValueError(f"{shards} holds {packed} px samples ({path}) but the config's data.resolution is "
-                         f"{cfg.data.resolution}: pack at {cfg.data.resolution} or change the config")
+        raise ValueError(
+            f"{shards} holds {packed} px samples ({path}) but the config's data.resolution is "
+            f"{cfg.data.resolution}: pack at {cfg.data.resolution} or change the config"
+        )
 
 
 def segment_seed(seed: int, segment: int) -> int:
@@ -56,13 +66,23 @@ def segment_seed(seed: int, segment: int) -> int:
 def same_view_drivings(batch: dict, config: LoaderConfig, rng: np.random.Generator) -> dict:
     """Clips without cross-view pairs: each frame drives itself (the loader's clips always take another camera)."""
     rgb, mask = batch["rgb"], batch["mask"]  # [B, T, 3, R, R], [B, T, 1, R, R]
-    crops = [augment_driving(rgb[b, t], mask[b, t], config, rng) for b in range(rgb.shape[0]) for t in range(rgb.shape[1])]
+    crops = [
+        augment_driving(rgb[b, t], mask[b, t], config, rng)
+        for b in range(rgb.shape[0])
+        for t in range(rgb.shape[1])
+    ]
     driving = torch.stack(crops).view(*rgb.shape[:2], *crops[0].shape)  # [B, T, 3, r, r]
-    return {**batch, "driving": driving, "driving_key": batch["key"], "cross_view": torch.zeros(rgb.shape[0], dtype=torch.bool)}
+    return {
+        **batch,
+        "driving": driving,
+        "driving_key": batch["key"],
+        "cross_view": torch.zeros(rgb.shape[0], dtype=torch.bool),
+    }
 
 
-def shard_batches(shards: str | Path, cfg: GenConfig, stage: int, num_workers: int = 0,
-                  world_size: int = 1) -> MakeBatches:
+def shard_batches(
+    shards: str | Path, cfg: GenConfig, stage: int, num_workers: int = 0, world_size: int = 1
+) -> MakeBatches:
     """make_batches(seed, position) of one of `world_size` workers over the shard folder `shards`."""
     segment = cfg.train.checkpoint_every * cfg.train.grad_accumulation  # batches per segment
 

@@ -29,20 +29,35 @@ class GeoDiff4DPipeline(DiffusionPipeline):
 
     _optional_components = ["vae"]  # None: pixel latents
 
-    def __init__(self, denoiser: JointDenoiser, scheduler, vae: AutoencoderKL | None = None, steps: int = 25,
-                 guidance_reference: float = 2.0, guidance_expression: float = 2.0, window: int = 16,
-                 overlap: int = 4):
+    def __init__(
+        self,
+        denoiser: JointDenoiser,
+        scheduler,
+        vae: AutoencoderKL | None = None,
+        steps: int = 25,
+        guidance_reference: float = 2.0,
+        guidance_expression: float = 2.0,
+        window: int = 16,
+        overlap: int = 4,
+    ):
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
-        self.register_to_config(steps=steps, guidance_reference=guidance_reference,
-                                guidance_expression=guidance_expression, window=window, overlap=overlap)
+        self.register_to_config(
+            steps=steps,
+            guidance_reference=guidance_reference,
+            guidance_expression=guidance_expression,
+            window=window,
+            overlap=overlap,
+        )
 
     @classmethod
     def from_run(cls, loaded) -> GeoDiff4DPipeline:
         """From a LoadedRun (geodiff4d.gen.model_run.load_run)."""
         g = loaded.guidance
         vae = loaded.codec.vae if isinstance(loaded.codec, VaeLatents) else None
-        return cls(loaded.model, loaded.scheduler(), vae, g.steps, g.reference, g.expression, g.window, g.overlap)
+        return cls(
+            loaded.model, loaded.scheduler(), vae, g.steps, g.reference, g.expression, g.window, g.overlap
+        )
 
     @property
     def codec(self) -> PixelLatents | VaeLatents:
@@ -54,9 +69,15 @@ class GeoDiff4DPipeline(DiffusionPipeline):
         return Guidance(c.steps, c.guidance_reference, c.guidance_expression, c.window, c.overlap)
 
     @torch.no_grad()
-    def __call__(self, reference: torch.Tensor, reference_posemap: torch.Tensor, driving: torch.Tensor,
-                 posemaps: torch.Tensor, generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None) -> SampleOutput:
+    def __call__(
+        self,
+        reference: torch.Tensor,
+        reference_posemap: torch.Tensor,
+        driving: torch.Tensor,
+        posemaps: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> SampleOutput:
         """reference/reference_posemap [3, H, W], driving [T, 3, r, r], posemaps [T, 3, H, W] (one view) or
         [N, T, 3, H, W] (N views, one batch), all in [0, 1]: pose maps as `datasets.render.render_pose_map` gives
         them ((n + 1) / 2 on the head, 0 elsewhere); noise [N, C, T, h, w] defaults to a draw from `generator`."""
@@ -67,8 +88,18 @@ class GeoDiff4DPipeline(DiffusionPipeline):
             shape = latent_shape(self.codec, views.shape[0], views.shape[1], reference.shape[-2:])
             noise = torch.randn(shape, generator=generator, device=generator.device)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state per call
-        out = denoise_views(self.denoiser, self.codec, scheduler, reference, reference_posemap, driving, views,
-                            noise, generator, self.guidance)
+        out = denoise_views(
+            self.denoiser,
+            self.codec,
+            scheduler,
+            reference,
+            reference_posemap,
+            driving,
+            views,
+            noise,
+            generator,
+            self.guidance,
+        )
         if one_view:
             return SampleOutput(out.rgb[0], None if out.normal is None else out.normal[0], out.expression)
         return out
@@ -83,7 +114,8 @@ class GeoDiff4DPipeline(DiffusionPipeline):
         index["_class_name"] = [MODULE_NAME, type(self).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / f"{MODULE_NAME}.py").write_text(
-            f"from {__name__} import {type(self).__name__}  # noqa: F401  (the class lives in geodiff4d)\n")
+            f"from {__name__} import {type(self).__name__}  # noqa: F401  (the class lives in geodiff4d)\n"
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -42,8 +42,16 @@ def _attend(attn: Attention, queries: torch.Tensor, context: torch.Tensor) -> to
 class CrossAttnProcessor(AttnProcessor2_0):
     """Stock cross-attention that accepts (and ignores) the joint model's kwargs without warnings."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 layout: Layout | None = None, reference_bank: dict | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        layout: Layout | None = None,
+        reference_bank: dict | None = None,
+    ):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -54,8 +62,16 @@ class ReferenceWriteProcessor(AttnProcessor2_0):
         super().__init__()
         self.name = name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 layout: Layout | None = None, reference_bank: dict | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        layout: Layout | None = None,
+        reference_bank: dict | None = None,
+    ):
         if reference_bank is not None:
             reference_bank[self.name] = hidden_states
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -70,9 +86,16 @@ class JointSelfAttnProcessor(nn.Module):
         self.domain_attention = domain_attention
         self.temporal = temporal
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, layout: Layout | None = None,
-                 reference_bank: dict | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        layout: Layout | None = None,
+        reference_bank: dict | None = None,
+    ) -> torch.Tensor:
         n, length, dim = hidden_states.shape
         lay = layout or Layout(n, 1, 1)
         b, d, t = lay.batch, lay.domains, lay.frames
@@ -105,9 +128,13 @@ def _set_processors(unet: nn.Module, make_self, make_cross) -> None:
 
 def install_denoiser_processors(unet: nn.Module, domain_attention: bool, temporal_heads: int | None) -> None:
     """Every attn1 gets a JointSelfAttnProcessor (with a temporal layer if temporal_heads), attn2 a plain one."""
-    _set_processors(unet, lambda name, m: JointSelfAttnProcessor(
-        name, domain_attention, TemporalAttention(m.query_dim, temporal_heads) if temporal_heads else None),
-        CrossAttnProcessor)
+    _set_processors(
+        unet,
+        lambda name, m: JointSelfAttnProcessor(
+            name, domain_attention, TemporalAttention(m.query_dim, temporal_heads) if temporal_heads else None
+        ),
+        CrossAttnProcessor,
+    )
 
 
 def install_reference_processors(unet: nn.Module) -> None:

@@ -14,7 +14,13 @@ from torch import nn
 
 
 class ExpressionEncoder(nn.Module):
-    def __init__(self, num_tokens: int, token_dim: int, context_dim: int, channels: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(
+        self,
+        num_tokens: int,
+        token_dim: int,
+        context_dim: int,
+        channels: tuple[int, ...] = (32, 64, 128, 256),
+    ):
         super().__init__()
         self.num_tokens, self.token_dim = num_tokens, token_dim
         layers: list[nn.Module] = []

@@ -23,7 +23,9 @@ def sdpa_flop_handle(inputs, outputs) -> Counter:
 
 def module_counts(model: torch.nn.Module, inputs: tuple, depth: int = 1) -> dict[str, tuple[int, int]]:
     """{module name: (multiply-adds of one forward with `inputs`, parameters)} for modules up to `depth`."""
-    analysis = FlopCountAnalysis(model, inputs).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+    analysis = FlopCountAnalysis(model, inputs).set_op_handle(
+        "aten::scaled_dot_product_attention", sdpa_flop_handle
+    )
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     flops = analysis.by_module()
     params = parameter_count(model)

@@ -39,7 +39,9 @@ STATE = "_generate"  # OUT/_generate/{inputs,commits}: resolved inputs and commi
 def frame_noise(seed: int, subject: str, camera: str, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The initial noise [C, h, w] of one (camera, frame): the same whichever unit or worker draws it."""
     state = np.random.SeedSequence([seed, zlib.crc32(subject.encode()), zlib.crc32(camera.encode()), frame])
-    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1)))
+    return torch.randn(
+        shape, generator=torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+    )
 
 
 def unit_generator(seed: int, subject: str, start: int, group: int) -> torch.Generator:
@@ -55,9 +57,18 @@ def plan_units(inputs: SubjectInputs, frames_per_unit: int, cameras_per_unit: in
     for start in range(0, frames, frames_per_unit):
         stop = min(start + frames_per_unit, frames)
         for group, first in enumerate(range(0, len(serials), cameras_per_unit)):
-            units.append(WorkUnit(f"{inputs.name}.f{start:05d}-{stop:05d}.c{group:03d}",
-                                  {"subject": inputs.name, "start": start, "stop": stop, "group": group,
-                                   "cameras": serials[first:first + cameras_per_unit]}))
+            units.append(
+                WorkUnit(
+                    f"{inputs.name}.f{start:05d}-{stop:05d}.c{group:03d}",
+                    {
+                        "subject": inputs.name,
+                        "start": start,
+                        "stop": stop,
+                        "group": group,
+                        "cameras": serials[first : first + cameras_per_unit],
+                    },
+                )
+            )
     return units
 
 
@@ -65,11 +76,18 @@ class GenerateJob:
     """Ray work-unit job: the pipeline is loaded once per actor; each unit samples one window x camera group."""
 
     def __init__(self, run: Path, out: Path, seed: int, head_model: str, use_gpu: bool):
-        self.run_folder, self.out, self.seed, self.head_model, self.use_gpu = Path(run), Path(out), seed, head_model, use_gpu
+        self.run_folder, self.out, self.seed, self.head_model, self.use_gpu = (
+            Path(run),
+            Path(out),
+            seed,
+            head_model,
+            use_gpu,
+        )
 
     def setup(self) -> None:
         from geodiff4d.gen.model_run import load_run
         from geodiff4d.recon.run import load_head_model
+
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
         self.loaded = load_run(self.run_folder)
         self.loaded.model.to(self.device)
@@ -88,25 +106,46 @@ class GenerateJob:
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         from geodiff4d.gen.pipeline import SampleOutput, denoise_views, latent_shape
         from geodiff4d.gen.sample_frames import write_camera_frames, write_latents
+
         started, p = time.time(), unit.payload
         inputs, loaded = self.subject(p["subject"]), self.loaded
         total, overlap = inputs.tracking.batch_size, loaded.guidance.overlap
         span = range(max(0, p["start"] - overlap), min(total, p["stop"] + overlap))  # owned frames + context
         cameras = p["cameras"]
-        posemaps = torch.stack([torch.stack([render_pose_map(self.head, inputs.tracking[t], inputs.cameras[c])
-                                             for t in span]) for c in cameras])  # [N, T, 3, R, R]
+        posemaps = torch.stack(
+            [
+                torch.stack([render_pose_map(self.head, inputs.tracking[t], inputs.cameras[c]) for t in span])
+                for c in cameras
+            ]
+        )  # [N, T, 3, R, R]
         _, channels, _, height, width = latent_shape(loaded.codec, 1, 1, posemaps.shape[-2:])
         shape = (channels, height, width)
-        noise = torch.stack([torch.stack([frame_noise(self.seed, inputs.name, c, t, shape) for t in span], 1)
-                             for c in cameras])  # [N, C, T, h, w]
-        result = denoise_views(loaded.model, loaded.codec, loaded.scheduler(), inputs.ref_rgb, inputs.ref_posemap,
-                               inputs.driving[span.start:span.stop], posemaps, noise,
-                               unit_generator(self.seed, inputs.name, p["start"], p["group"]), loaded.guidance)
+        noise = torch.stack(
+            [
+                torch.stack([frame_noise(self.seed, inputs.name, c, t, shape) for t in span], 1)
+                for c in cameras
+            ]
+        )  # [N, C, T, h, w]
+        result = denoise_views(
+            loaded.model,
+            loaded.codec,
+            loaded.scheduler(),
+            inputs.ref_rgb,
+            inputs.ref_posemap,
+            inputs.driving[span.start : span.stop],
+            posemaps,
+            noise,
+            unit_generator(self.seed, inputs.name, p["start"], p["group"]),
+            loaded.guidance,
+        )
         own = slice(p["start"] - span.start, p["stop"] - span.start)
         frames = list(range(p["start"], p["stop"]))
         for i, camera in enumerate(cameras):
-            view = SampleOutput(result.rgb[i, own].cpu(), None if result.normal is None else result.normal[i, own].cpu(),
-                                result.expression)
+            view = SampleOutput(
+                result.rgb[i, own].cpu(),
+                None if result.normal is None else result.normal[i, own].cpu(),
+                result.expression,
+            )
             write_camera_frames(self.out, inputs.name, inputs.sequence, camera, frames, view)
         if p["start"] == 0 and p["group"] == 0:  # the latents depend on the driving frames only: one writer
             with torch.no_grad():
@@ -114,8 +153,11 @@ class GenerateJob:
             write_latents(self.out, inputs.name, inputs.sequence, list(range(total)), latents)
         self.after_write(unit)
         finished = time.time()  # wall clock: windows of units on different actors compare (bench_generate)
-        return {"frames": len(frames) * len(cameras), "seconds": round(finished - started, 3),
-                "unit_window": [started, finished]}
+        return {
+            "frames": len(frames) * len(cameras),
+            "seconds": round(finished - started, 3),
+            "unit_window": [started, finished],
+        }
 
 
 def inputs_path(out: Path, name: str) -> Path:
@@ -128,9 +170,14 @@ def load_inputs(out: Path, name: str) -> SubjectInputs:
 
 def _input_key(spec: GenerateSpec, index: int, checkpoint: Path) -> str:
     """What a subject's outputs depend on: its spec entry, the weights, the head model, seed and unit plan."""
-    fields = {"subject": spec.subjects[index].model_dump(mode="json"), "checkpoint": str(checkpoint.resolve()),
-              "head_model": spec.head_model, "seed": spec.seed, "frames_per_unit": spec.frames_per_unit,
-              "cameras_per_unit": spec.cameras_per_unit}
+    fields = {
+        "subject": spec.subjects[index].model_dump(mode="json"),
+        "checkpoint": str(checkpoint.resolve()),
+        "head_model": spec.head_model,
+        "seed": spec.seed,
+        "frames_per_unit": spec.frames_per_unit,
+        "cameras_per_unit": spec.cameras_per_unit,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,6 +195,7 @@ def prepare(spec_path: str | Path, out: str | Path) -> tuple[GenerateSpec, list[
     from geodiff4d.gen.checkpoint import resolve_init
     from geodiff4d.gen.model_run import run_config
     from geodiff4d.recon.run import load_head_model
+
     spec, out = load_spec(spec_path), Path(out)
     try:
         cfg, checkpoint = run_config(spec.run), resolve_init(spec.run)
@@ -172,15 +220,29 @@ def prepare(spec_path: str | Path, out: str | Path) -> tuple[GenerateSpec, list[
     return spec, subjects
 
 
-def generate(spec_path: str | Path, out: str | Path, workers: int = 1, gpus_per_worker: float = 0,
-             address: str | None = None, progress: bool = True, job: type[GenerateJob] = GenerateJob,
-             max_retries: int = 2) -> JobReport:
+def generate(
+    spec_path: str | Path,
+    out: str | Path,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    address: str | None = None,
+    progress: bool = True,
+    job: type[GenerateJob] = GenerateJob,
+    max_retries: int = 2,
+) -> JobReport:
     """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable."""
     spec, subjects = prepare(spec_path, out)
     units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
     connect(address)
-    return run_units(job(spec.run, Path(out).resolve(), spec.seed, spec.head_model, gpus_per_worker > 0), units,
-                     CommitLog(Path(out) / STATE / "commits"), workers=workers, gpus_per_worker=gpus_per_worker,
-                     max_retries=max_retries, desc="generate", progress=progress,
-                     sizes={u.id: (u.payload["stop"] - u.payload["start"]) * len(u.payload["cameras"]) for u in units},
-                     size_name="frame")
+    return run_units(
+        job(spec.run, Path(out).resolve(), spec.seed, spec.head_model, gpus_per_worker > 0),
+        units,
+        CommitLog(Path(out) / STATE / "commits"),
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        max_retries=max_retries,
+        desc="generate",
+        progress=progress,
+        sizes={u.id: (u.payload["stop"] - u.payload["start"]) * len(u.payload["cameras"]) for u in units},
+        size_name="frame",
+    )

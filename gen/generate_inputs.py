@@ -45,21 +45,30 @@ class InputError(ConfigError):
 class SubjectInputs:
     name: str
     sequence: str
-    ref_rgb: torch.Tensor          # [3, R, R] in [0, 1]
-    ref_posemap: torch.Tensor      # [3, R, R] unit normals, expression zeroed
-    driving: torch.Tensor          # [T, 3, r, r] face crops
-    tracking: FlameParams          # T frames: identity shape/scale + driving motion
-    cameras: dict[str, Camera]     # serial -> camera at R x R
+    ref_rgb: torch.Tensor  # [3, R, R] in [0, 1]
+    ref_posemap: torch.Tensor  # [3, R, R] unit normals, expression zeroed
+    driving: torch.Tensor  # [T, 3, r, r] face crops
+    tracking: FlameParams  # T frames: identity shape/scale + driving motion
+    cameras: dict[str, Camera]  # serial -> camera at R x R
 
     def to_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("name", "sequence", "ref_rgb", "ref_posemap", "driving")},
-                "tracking": dataclasses.asdict(self.tracking),
-                "cameras": {s: c.to_json() for s, c in self.cameras.items()}}
+        return {
+            **{k: getattr(self, k) for k in ("name", "sequence", "ref_rgb", "ref_posemap", "driving")},
+            "tracking": dataclasses.asdict(self.tracking),
+            "cameras": {s: c.to_json() for s, c in self.cameras.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> SubjectInputs:
-        return cls(data["name"], data["sequence"], data["ref_rgb"], data["ref_posemap"], data["driving"],
-                   FlameParams(**data["tracking"]), {s: Camera.from_json(c) for s, c in data["cameras"].items()})
+        return cls(
+            data["name"],
+            data["sequence"],
+            data["ref_rgb"],
+            data["ref_posemap"],
+            data["driving"],
+            FlameParams(**data["tracking"]),
+            {s: Camera.from_json(c) for s, c in data["cameras"].items()},
+        )
 
 
 @dataclass
@@ -78,7 +87,9 @@ class Resolver:
     def frontal_camera(self, width: int, height: int) -> Camera:
         """A camera 1 m in front of the FLAME origin that frames a head in an image of this size."""
         K = intrinsics(min(width, height) / HEAD_FIELD_OF_VIEW_M, width, height)
-        return look_at_camera(np.array([0.0, 0.0, 1.0]), np.zeros(3), np.array([0.0, 1.0, 0.0]), K, width, height)
+        return look_at_camera(
+            np.array([0.0, 0.0, 1.0]), np.zeros(3), np.array([0.0, 1.0, 0.0]), K, width, height
+        )
 
     def vertices(self, params: FlameParams) -> np.ndarray:
         """World vertices [T, V, 3] of tracking parameters: the one place that poses FLAME here (the NeRSemble
@@ -97,13 +108,20 @@ class Resolver:
     def crops(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """rgb [T, 3, H, W], mask [T, 1, H, W] -> unaugmented face crops [T, 3, r, r], as sampling always took."""
         from geodiff4d.gen.sample_frames import plain_driving_config
-        config, rng = plain_driving_config(self.driving_size), np.random.default_rng(0)  # rng unused when plain
+
+        config, rng = (
+            plain_driving_config(self.driving_size),
+            np.random.default_rng(0),
+        )  # rng unused when plain
         return torch.stack([augment_driving(rgb[t], mask[t], config, rng) for t in range(rgb.shape[0])])
 
-    def track_landmarks(self, images: np.ndarray, camera: Camera, init: FlameParams | None) -> FlameParams | None:
+    def track_landmarks(
+        self, images: np.ndarray, camera: Camera, init: FlameParams | None
+    ) -> FlameParams | None:
         """FLAME per frame from 68 landmarks of images uint8 [T, H, W, 3] (None when a frame has no face)."""
         from geodiff4d.recon.landmarks import LandmarkDetector
         from geodiff4d.recon.tracking import TrackingConfig, build_targets, track
+
         masks = np.ones(images.shape[:3], np.float32)[:, None]
         targets = build_targets([camera], images[:, None], masks, None, LandmarkDetector(), 32)
         if not bool(targets.has_landmarks.all()):
@@ -117,11 +135,14 @@ class Resolver:
             return None
         params = self.load_tracking(index, "identity.tracking", spec.identity.tracking)
         if spec.identity.frame >= params.batch_size:
-            raise self.fail(index, "identity.frame", f"{spec.identity.tracking} has {params.batch_size} frames")
+            raise self.fail(
+                index, "identity.frame", f"{spec.identity.tracking} has {params.batch_size} frames"
+            )
         return params[spec.identity.frame]
 
     def load_tracking(self, index: int, field: str, path: Path) -> FlameParams:
         from geodiff4d.recon.run import load_tracking
+
         try:
             return load_tracking(path, self.head)
         except (OSError, KeyError, ValueError) as exc:
@@ -131,13 +152,23 @@ class Resolver:
         """-> (rgb [3, R, R], posemap [3, R, R], identity shape/scale [1])."""
         ref = spec.reference
         if isinstance(ref, ShardReference):
-            sample = self.shard_frames(index, "reference", ref.shards, ref.subject, ref.sequence).get((ref.camera, ref.frame))
+            sample = self.shard_frames(index, "reference", ref.shards, ref.subject, ref.sequence).get(
+                (ref.camera, ref.frame)
+            )
             if sample is None:
-                raise self.fail(index, "reference", f"{ref.shards}: no sample of camera {ref.camera!r}, frame {ref.frame}")
+                raise self.fail(
+                    index, "reference", f"{ref.shards}: no sample of camera {ref.camera!r}, frame {ref.frame}"
+                )
             if identity is None:
                 camera = Camera.from_json(sample["meta"]["camera_params"])
-                identity = self.fit(index, "reference", (sample["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
-                                    camera, None, ref.shards)
+                identity = self.fit(
+                    index,
+                    "reference",
+                    (sample["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
+                    camera,
+                    None,
+                    ref.shards,
+                )
             return sample["rgb"], sample["posemap"], identity
         try:
             photo = read_rgb8(ref.image)
@@ -150,8 +181,15 @@ class Resolver:
         posemap = render_pose_map(self.head, params, self.square_camera(camera, box))
         return rgb.contiguous(), posemap, identity if identity is not None else params
 
-    def fit(self, index: int, field: str, photo: np.ndarray, camera: Camera, init: FlameParams | None,
-            source: Path) -> FlameParams:
+    def fit(
+        self,
+        index: int,
+        field: str,
+        photo: np.ndarray,
+        camera: Camera,
+        init: FlameParams | None,
+        source: Path,
+    ) -> FlameParams:
         params = self.track_landmarks(photo[None], camera, init)
         if params is None:
             raise self.fail(index, field, f"{source}: no detectable face in the reference image")
@@ -159,16 +197,21 @@ class Resolver:
 
     def shard_frames(self, index: int, field: str, shards: Path, subject: str, sequence: str) -> dict:
         from geodiff4d.gen.sample_frames import SampleFramesError, read_sequence
+
         try:
             data = read_sequence(shards, subject, sequence)
         except (SampleFramesError, OSError) as exc:
             raise self.fail(index, field, str(exc)) from exc
         size = next(iter(data.values()))["rgb"].shape[-1]
         if size != self.resolution:
-            raise self.fail(index, field, f"{shards}: samples are {size} px, the model samples {self.resolution} px")
+            raise self.fail(
+                index, field, f"{shards}: samples are {size} px, the model samples {self.resolution} px"
+            )
         return data
 
-    def driving(self, index: int, spec: SubjectSpec, identity: FlameParams) -> tuple[torch.Tensor, FlameParams]:
+    def driving(
+        self, index: int, spec: SubjectSpec, identity: FlameParams
+    ) -> tuple[torch.Tensor, FlameParams]:
         """-> (crops [T, 3, r, r], motion [T]) for the first `frames` frames of the driving source."""
         drv, frames = spec.driving, spec.frames
         if isinstance(drv, TrackingDriving):
@@ -177,23 +220,52 @@ class Resolver:
             motion = motion[:frames]
             size = 4 * self.driving_size
             camera = self.frontal_camera(size, size)
-            renders = [render_head(self.head, self.posed(identity, motion[t], still=True), camera) for t in range(frames)]
-            return self.crops(torch.stack([r.rgb for r in renders]), torch.stack([r.mask[None] for r in renders])), motion
+            renders = [
+                render_head(self.head, self.posed(identity, motion[t], still=True), camera)
+                for t in range(frames)
+            ]
+            return self.crops(
+                torch.stack([r.rgb for r in renders]), torch.stack([r.mask[None] for r in renders])
+            ), motion
         if isinstance(drv, ShardDriving):
             data = self.shard_frames(index, "driving", drv.shards, drv.subject, drv.sequence)
             ids = sorted(f for c, f in data if c == drv.camera)
-            self.require(index, "driving", f"{drv.shards} ({drv.subject}/{drv.sequence}/{drv.camera})", len(ids), frames)
+            self.require(
+                index,
+                "driving",
+                f"{drv.shards} ({drv.subject}/{drv.sequence}/{drv.camera})",
+                len(ids),
+                frames,
+            )
             samples = [data[(drv.camera, f)] for f in ids[:frames]]
             if any(s["meta"].get("flame") is None for s in samples):
-                raise self.fail(index, "driving", f"{drv.shards}: the driving samples carry no FLAME parameters")
-            motion = FlameParams(**{
-                k: torch.cat([getattr(FlameParams.from_numpy_dict(s["meta"]["flame"], self.head.n_shape, self.head.n_expr), k)
-                              for s in samples]) for k in vars(identity)})
-            return self.crops(torch.stack([s["rgb"] for s in samples]), torch.stack([s["mask"] for s in samples])), motion
+                raise self.fail(
+                    index, "driving", f"{drv.shards}: the driving samples carry no FLAME parameters"
+                )
+            motion = FlameParams(
+                **{
+                    k: torch.cat(
+                        [
+                            getattr(
+                                FlameParams.from_numpy_dict(
+                                    s["meta"]["flame"], self.head.n_shape, self.head.n_expr
+                                ),
+                                k,
+                            )
+                            for s in samples
+                        ]
+                    )
+                    for k in vars(identity)
+                }
+            )
+            return self.crops(
+                torch.stack([s["rgb"] for s in samples]), torch.stack([s["mask"] for s in samples])
+            ), motion
         return self.video_driving(index, drv, identity, frames)
 
     def video_driving(self, index: int, drv: VideoDriving, identity: FlameParams, frames: int):
         from geodiff4d.core.io.video import VideoError, read_video
+
         try:
             video = read_video(drv.video)
         except VideoError as exc:
@@ -208,14 +280,18 @@ class Resolver:
         masks = torch.zeros(frames, 1, *video.shape[1:3])
         for t in range(frames):
             x, y, side = self.head_box(motion[t], camera)
-            masks[t, :, max(y, 0):y + side, max(x, 0):x + side] = 1
+            masks[t, :, max(y, 0) : y + side, max(x, 0) : x + side] = 1
         rgb = torch.from_numpy(video.astype(np.float32) / 255).permute(0, 3, 1, 2)
         return self.crops(rgb, masks), motion
 
     def require(self, index: int, field: str, source, available: int, frames: int) -> None:
         if available < frames:
-            raise self.fail(index, field, f"{source}: the driving sequence has {available} frames, "
-                                          f"{frames} were asked (subjects[{index}].frames)")
+            raise self.fail(
+                index,
+                field,
+                f"{source}: the driving sequence has {available} frames, "
+                f"{frames} were asked (subjects[{index}].frames)",
+            )
 
     @staticmethod
     def posed(identity: FlameParams, motion: FlameParams, still: bool = False) -> FlameParams:
@@ -225,8 +301,16 @@ class Resolver:
         if still:
             zero = torch.zeros(frames, 3)
             return FlameParams(shape, motion.expression, zero, zero, motion.jaw, motion.eyes, zero, scale)
-        return FlameParams(shape, motion.expression, motion.rotation, motion.neck, motion.jaw, motion.eyes,
-                           motion.translation, scale)
+        return FlameParams(
+            shape,
+            motion.expression,
+            motion.rotation,
+            motion.neck,
+            motion.jaw,
+            motion.eyes,
+            motion.translation,
+            scale,
+        )
 
     def cameras(self, index: int, spec: SubjectSpec, tracking: FlameParams) -> dict[str, Camera]:
         cams = spec.cameras
@@ -238,9 +322,12 @@ class Resolver:
             pitch = np.radians(cams.pitch)
             rig = {}
             for i, yaw in enumerate(np.radians(yaws)):
-                direction = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
-                rig[f"orbit{i:03d}"] = look_at_camera(center + cams.radius * direction, center, np.array([0.0, 1.0, 0.0]),
-                                                      K, res, res)
+                direction = np.array(
+                    [np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)]
+                )
+                rig[f"orbit{i:03d}"] = look_at_camera(
+                    center + cams.radius * direction, center, np.array([0.0, 1.0, 0.0]), K, res, res
+                )
             return rig
         if isinstance(cams, JsonCameras):
             field, source = "cameras.cameras_json", cams.cameras_json
@@ -251,6 +338,7 @@ class Resolver:
         else:
             field, source = "cameras.nersemble", cams.nersemble
             from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
+
             try:
                 rig = NersembleDataset(source).cameras(cams.subject, cams.sequence)
             except (NersembleError, OSError) as exc:
@@ -258,13 +346,22 @@ class Resolver:
         missing = sorted(set(cams.serials or []) - set(rig))
         if missing:
             raise self.fail(index, "cameras.serials", f"{source} has no camera {missing}")
-        return {s: self.square_camera(rig[s], self.head_box(tracking, rig[s])) for s in (cams.serials or sorted(rig))}
+        return {
+            s: self.square_camera(rig[s], self.head_box(tracking, rig[s]))
+            for s in (cams.serials or sorted(rig))
+        }
 
     def resolve(self, index: int, spec: SubjectSpec) -> SubjectInputs:
         identity = self.identity(index, spec)
         ref_rgb, ref_posemap, identity = self.reference(index, spec, identity)
         driving, motion = self.driving(index, spec, identity)
         tracking = self.posed(identity, motion)
-        return SubjectInputs(spec.name, spec.sequence, ref_rgb, ref_posemap, driving, tracking,
-                             self.cameras(index, spec, tracking))
-
+        return SubjectInputs(
+            spec.name,
+            spec.sequence,
+            ref_rgb,
+            ref_posemap,
+            driving,
+            tracking,
+            self.cameras(index, spec, tracking),
+        )

@@ -20,11 +20,13 @@ class _Strict(BaseModel):
 
 class ImageReference(_Strict):
     """Any photo with one face in it; cropped around the detected face like packing crops the head."""
+
     image: Path
 
 
 class ShardReference(_Strict):
     """One packed sample (already cropped, with its pose map)."""
+
     shards: Path
     subject: str
     sequence: str
@@ -34,23 +36,27 @@ class ShardReference(_Strict):
 
 class TrackingIdentity(_Strict):
     """FLAME shape and scale from a tracking npz in NeRSemble's names (row `frame`)."""
+
     tracking: Path
     frame: int = Field(0, ge=0)
 
 
 class FittedIdentity(_Strict):
     """FLAME shape fitted to the reference image's landmarks by our tracker (recon.tracking)."""
+
     fit: bool = True
 
 
 class JsonCameras(_Strict):
     """A cameras JSON (serial -> world_to_cam, K, width, height), e.g. a frame folder's cameras/ file."""
+
     cameras_json: Path
     serials: list[str] | None = None
 
 
 class NersembleCameras(_Strict):
     """The calibration of a NeRSemble v2 subject (its camera_params.json and video sizes)."""
+
     nersemble: Path
     subject: str
     sequence: str
@@ -59,6 +65,7 @@ class NersembleCameras(_Strict):
 
 class OrbitCameras(_Strict):
     """`orbit` views on a circle around the head at eye level +`pitch`, yaw spread over [-yaw, +yaw] degrees."""
+
     orbit: int = Field(ge=1)
     yaw: float = Field(60.0, ge=0, le=180)
     pitch: float = 0.0
@@ -67,11 +74,13 @@ class OrbitCameras(_Strict):
 
 class TrackingDriving(_Strict):
     """Expressions and head motion from a tracking npz (driving crops are renders of the identity's head)."""
+
     tracking: Path
 
 
 class ShardDriving(_Strict):
     """A packed sequence seen by one camera: its frames drive, its packed FLAME parameters move the head."""
+
     shards: Path
     subject: str
     sequence: str
@@ -80,6 +89,7 @@ class ShardDriving(_Strict):
 
 class VideoDriving(_Strict):
     """A video of a face: its frames drive; FLAME is tracked from its landmarks by our tracker."""
+
     video: Path
 
 
@@ -94,11 +104,11 @@ class SubjectSpec(_Strict):
 
 
 class GenerateSpec(_Strict):
-    run: Path                                   # training run folder (config.yaml + checkpoints)
+    run: Path  # training run folder (config.yaml + checkpoints)
     seed: int = 0
-    head_model: str = "procedural:0"            # "procedural:SEED" or a FLAME .pkl path (recon reads the same)
-    frames_per_unit: int = Field(32, ge=1)      # temporal window of one work unit
-    cameras_per_unit: int = Field(4, ge=1)      # views denoised together as one batch
+    head_model: str = "procedural:0"  # "procedural:SEED" or a FLAME .pkl path (recon reads the same)
+    frames_per_unit: int = Field(32, ge=1)  # temporal window of one work unit
+    cameras_per_unit: int = Field(4, ge=1)  # views denoised together as one batch
     subjects: list[SubjectSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -128,6 +138,7 @@ def _absolute(spec: GenerateSpec, base: Path) -> GenerateSpec:
         if isinstance(value, list):
             return [fix(v) for v in value]
         return base / value if isinstance(value, Path) else value
+
     return fix(spec)
 
 

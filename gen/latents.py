@@ -50,7 +50,9 @@ def make_latents(mode: str, folder: str | Path | None = None) -> PixelLatents | 
     if mode == "vae":
         if folder is None:
             raise ValueError("latents: vae needs a diffusers folder with a vae/ subfolder")
-        return VaeLatents(AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False))
+        return VaeLatents(
+            AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False)
+        )
     raise ValueError(f"latents must be 'vae' or 'pixel', got {mode!r}")
 
 

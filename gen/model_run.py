@@ -38,7 +38,9 @@ def guidance(cfg: GenConfig) -> Guidance:
 def write_run_files(run: str | Path, cfg: GenConfig) -> None:
     """RUN/config.yaml and RUN/scheduler/scheduler_config.json, written atomically (training calls this)."""
     run = Path(run)
-    atomic_write_bytes(run / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    atomic_write_bytes(
+        run / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()
+    )
     atomic_write_bytes(run / SCHEDULER_FILE, sampler_scheduler(cfg).to_json_string().encode())
 
 
@@ -46,7 +48,7 @@ def write_run_files(run: str | Path, cfg: GenConfig) -> None:
 class LoadedRun:
     cfg: GenConfig
     model: JointDenoiser  # EMA weights of the latest checkpoint, eval mode
-    codec: object         # PixelLatents | VaeLatents
+    codec: object  # PixelLatents | VaeLatents
 
     @property
     def guidance(self) -> Guidance:
@@ -60,8 +62,10 @@ def run_config(run: str | Path, config: str | Path | None = None) -> GenConfig:
     """The run's own config.yaml, or `config` for runs trained before runs saved it."""
     path = Path(config) if config is not None else Path(run) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{path}: no config; a training run folder holds config.yaml "
-                                "(runs from older versions need --config)")
+        raise ConfigError(
+            f"{path}: no config; a training run folder holds config.yaml "
+            "(runs from older versions need --config)"
+        )
     return load_config(path)
 
 

@@ -21,10 +21,12 @@ from geodiff4d.gen.latents import decode_domains
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 _SCHEDULERS = {
     "ddpm": lambda n: DDPMScheduler(num_train_timesteps=n, clip_sample=False, **_SD_BETAS),
-    "ddim": lambda n: DDIMScheduler(num_train_timesteps=n, clip_sample=False, set_alpha_to_one=False,
-                                    steps_offset=1, **_SD_BETAS),
-    "dpmsolver++": lambda n: DPMSolverMultistepScheduler(num_train_timesteps=n, algorithm_type="dpmsolver++",
-                                                         **_SD_BETAS),
+    "ddim": lambda n: DDIMScheduler(
+        num_train_timesteps=n, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **_SD_BETAS
+    ),
+    "dpmsolver++": lambda n: DPMSolverMultistepScheduler(
+        num_train_timesteps=n, algorithm_type="dpmsolver++", **_SD_BETAS
+    ),
 }
 
 
@@ -47,9 +49,9 @@ def temporal_windows(frames: int, window: int, overlap: int) -> list[range]:
 
 @dataclass
 class SampleOutput:
-    rgb: torch.Tensor            # [T, 3, H, W] in [0, 1] ([N, T, 3, H, W] from denoise_views)
+    rgb: torch.Tensor  # [T, 3, H, W] in [0, 1] ([N, T, 3, H, W] from denoise_views)
     normal: torch.Tensor | None  # like rgb, (n+1)/2 encoded; None without joint normals
-    expression: torch.Tensor     # [T, K, d] expression latents
+    expression: torch.Tensor  # [T, K, d] expression latents
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,15 @@ def latent_shape(codec, views: int, frames: int, size: tuple[int, int]) -> tuple
 
 def _repeat(conds: list[Conditions], views: int, frames: range) -> Conditions:
     """CFG branches x views, branch-major: [c0]*N + [c1]*N + ... (each condition has batch 1)."""
+
     def cat(tensors):
         return torch.cat([t.expand(views, *t.shape[1:]) for t in tensors])
-    return Conditions({k: cat([c.reference[k] for c in conds]) for k in conds[0].reference},
-                      cat([c.context[:, frames.start:frames.stop] for c in conds]),
-                      cat([c.expression for c in conds]))
+
+    return Conditions(
+        {k: cat([c.reference[k] for c in conds]) for k in conds[0].reference},
+        cat([c.context[:, frames.start : frames.stop] for c in conds]),
+        cat([c.expression for c in conds]),
+    )
 
 
 def _tent(length: int, device: torch.device) -> torch.Tensor:
@@ -99,9 +105,18 @@ def initial_latents(scheduler, noise: torch.Tensor, means: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor, ref_posemap: torch.Tensor,
-                  driving: torch.Tensor, posemaps: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
-                  guidance: Guidance = Guidance()) -> SampleOutput:
+def denoise_views(
+    model: JointDenoiser,
+    codec,
+    scheduler,
+    ref_rgb: torch.Tensor,
+    ref_posemap: torch.Tensor,
+    driving: torch.Tensor,
+    posemaps: torch.Tensor,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+    guidance: Guidance = Guidance(),
+) -> SampleOutput:
     """All N target views of one sequence denoised as one batch (they share reference and expression).
 
     ref_rgb/ref_posemap [3, H, W], driving [T, 3, r, r], posemaps [N, T, 3, H, W] (all [0,1]), noise
@@ -118,9 +133,16 @@ def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor,
     with autocast:
         ref_latent = codec.encode(ref_rgb[None].to(device))
         yes, no = (torch.full((1,), v, dtype=torch.bool, device=device) for v in (True, False))
-        full, ref_only, none = (model.encode_conditions(ref_latent, ref_posemap[None].to(device), driving[None].to(device),
-                                                        drop_reference=dr, drop_expression=de)
-                                for dr, de in ((no, no), (no, yes), (yes, yes)))
+        full, ref_only, none = (
+            model.encode_conditions(
+                ref_latent,
+                ref_posemap[None].to(device),
+                driving[None].to(device),
+                drop_reference=dr,
+                drop_expression=de,
+            )
+            for dr, de in ((no, no), (no, yes), (yes, yes))
+        )
     d = model.num_domains
     with autocast:  # the normal domain's expected mean: the reference pose map's
         domains = [ref_latent, codec.encode(ref_posemap[None].to(device))] if d == 2 else [ref_latent]
@@ -132,14 +154,24 @@ def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor,
         eps = torch.zeros_like(x)
         weight = torch.zeros(frames, device=device)
         for win in windows:
-            x_in = scheduler.scale_model_input(x[:, :, :, win.start:win.stop], t).repeat(3, 1, 1, 1, 1, 1)  # [3N, ...]
+            x_in = scheduler.scale_model_input(x[:, :, :, win.start : win.stop], t).repeat(
+                3, 1, 1, 1, 1, 1
+            )  # [3N, ...]
             with autocast:
-                e_full, e_ref, e_none = model.denoise(x_in, t.expand(3 * views), posemaps[:, win.start:win.stop].repeat(3, 1, 1, 1, 1),
-                                                      _repeat([full, ref_only, none], views, win)).float().chunk(3)
+                e_full, e_ref, e_none = (
+                    model.denoise(
+                        x_in,
+                        t.expand(3 * views),
+                        posemaps[:, win.start : win.stop].repeat(3, 1, 1, 1, 1),
+                        _repeat([full, ref_only, none], views, win),
+                    )
+                    .float()
+                    .chunk(3)
+                )
             guided = e_none + g.reference * (e_ref - e_none) + g.expression * (e_full - e_ref)
             tent = _tent(len(win), device)
-            eps[:, :, :, win.start:win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
-            weight[win.start:win.stop] += tent
+            eps[:, :, :, win.start : win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
+            weight[win.start : win.stop] += tent
         eps = eps / weight.view(1, 1, 1, -1, 1, 1)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     with autocast:
@@ -147,19 +179,42 @@ def denoise_views(model: JointDenoiser, codec, scheduler, ref_rgb: torch.Tensor,
     return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, full.expression[0].float())
 
 
-def sample_sequence(model: JointDenoiser, codec, ref_rgb: torch.Tensor, ref_posemap: torch.Tensor,
-                    driving: torch.Tensor, posemaps: torch.Tensor, generator: torch.Generator,
-                    scheduler: str = "ddim", steps: int = 25, guidance_reference: float = 2.0,
-                    guidance_expression: float = 2.0, window: int = 16, overlap: int = 4,
-                    num_train_timesteps: int = 1000) -> SampleOutput:
+def sample_sequence(
+    model: JointDenoiser,
+    codec,
+    ref_rgb: torch.Tensor,
+    ref_posemap: torch.Tensor,
+    driving: torch.Tensor,
+    posemaps: torch.Tensor,
+    generator: torch.Generator,
+    scheduler: str = "ddim",
+    steps: int = 25,
+    guidance_reference: float = 2.0,
+    guidance_expression: float = 2.0,
+    window: int = 16,
+    overlap: int = 4,
+    num_train_timesteps: int = 1000,
+) -> SampleOutput:
     """One target view: ref_rgb/ref_posemap [3, H, W], driving [T, 3, r, r], posemaps [T, 3, H, W] -> SampleOutput."""
     if driving.shape[0] != posemaps.shape[0]:
         raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {posemaps.shape[0]}")
-    noise = torch.randn(latent_shape(codec, 1, driving.shape[0], ref_rgb.shape[-2:]), generator=generator,
-                        device=generator.device)
-    out = denoise_views(model, codec, make_scheduler(scheduler, num_train_timesteps), ref_rgb, ref_posemap, driving,
-                        posemaps[None], noise, generator,
-                        Guidance(steps, guidance_reference, guidance_expression, window, overlap))
+    noise = torch.randn(
+        latent_shape(codec, 1, driving.shape[0], ref_rgb.shape[-2:]),
+        generator=generator,
+        device=generator.device,
+    )
+    out = denoise_views(
+        model,
+        codec,
+        make_scheduler(scheduler, num_train_timesteps),
+        ref_rgb,
+        ref_posemap,
+        driving,
+        posemaps[None],
+        noise,
+        generator,
+        Guidance(steps, guidance_reference, guidance_expression, window, overlap),
+    )
     return SampleOutput(out.rgb[0], None if out.normal is None else out.normal[0], out.expression)
 
 
@@ -168,7 +223,9 @@ def save_image(path: Path, image: torch.Tensor) -> None:
     from PIL import Image
 
     with atomic_output(path) as tmp:
-        Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(tmp, format="PNG")
+        Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(
+            tmp, format="PNG"
+        )
 
 
 def write_grid(path: Path, rows: list[torch.Tensor]) -> None:

@@ -15,7 +15,9 @@ from torch import nn
 
 
 class PoseGuider(nn.Module):
-    def __init__(self, mode: str, latent_channels: int, downscale: int, channels: tuple[int, ...] = (16, 32, 64, 128)):
+    def __init__(
+        self, mode: str, latent_channels: int, downscale: int, channels: tuple[int, ...] = (16, 32, 64, 128)
+    ):
         super().__init__()
         if mode not in ("add", "concat"):
             raise ValueError(f"pose_injection must be 'add' or 'concat', got {mode!r}")

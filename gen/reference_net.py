@@ -26,6 +26,11 @@ class ReferenceNet(nn.Module):
         bank: dict[str, torch.Tensor] = {}
         b = sample.shape[0]
         zeros = torch.zeros(b, dtype=torch.long, device=sample.device)
-        self.unet(sample, zeros, encoder_hidden_states=context, class_labels=zeros,
-                  cross_attention_kwargs={"reference_bank": bank})
+        self.unet(
+            sample,
+            zeros,
+            encoder_hidden_states=context,
+            class_labels=zeros,
+            cross_attention_kwargs={"reference_bank": bank},
+        )
         return bank

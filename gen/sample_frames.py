@@ -42,12 +42,16 @@ def _decode(data: bytes, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[..., :channels].transpose(2, 0, 1)))
 
 
-def read_sequence(shards: str | Path, subject: str, sequence: str, source: str = "nersemble") -> dict[tuple[str, int], dict]:
+def read_sequence(
+    shards: str | Path, subject: str, sequence: str, source: str = "nersemble"
+) -> dict[tuple[str, int], dict]:
     """(camera, frame) -> {rgb, mask, posemap, normal, meta} of one subject/sequence, read via the manifest."""
     table = read_manifest(shards).to_pandas()
     rows = table[(table.source == source) & (table.subject == subject) & (table.sequence == sequence)]
     if rows.empty:
-        raise SampleFramesError(f"{shards}: no {source} samples of subject {subject!r}, sequence {sequence!r}")
+        raise SampleFramesError(
+            f"{shards}: no {source} samples of subject {subject!r}, sequence {sequence!r}"
+        )
     wanted = set(rows.key)
     found = {}
     for shard in sorted(set(rows.shard)):
@@ -55,16 +59,27 @@ def read_sequence(shards: str | Path, subject: str, sequence: str, source: str =
             if sample["__key__"] in wanted:
                 meta = json.loads(sample["json"])
                 found[(meta["camera"], int(meta["frame"]))] = {
-                    "rgb": _decode(sample["rgb.png"], 3), "mask": _decode(sample["mask.png"], 1),
-                    "posemap": _decode(sample["posemap.png"], 3), "normal": _decode(sample["normal.png"], 3),
-                    "meta": meta}
+                    "rgb": _decode(sample["rgb.png"], 3),
+                    "mask": _decode(sample["mask.png"], 1),
+                    "posemap": _decode(sample["posemap.png"], 3),
+                    "normal": _decode(sample["normal.png"], 3),
+                    "meta": meta,
+                }
     return found
 
 
 def plain_driving_config(driving_size: int) -> LoaderConfig:
     """Driving crops as sampling takes them: the loader's face crop without augmentation."""
-    return dataclasses.replace(LoaderConfig(), driving_size=driving_size, crop_scale=(1.0, 1.0), crop_shift=0.0,
-                               brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
+    return dataclasses.replace(
+        LoaderConfig(),
+        driving_size=driving_size,
+        crop_scale=(1.0, 1.0),
+        crop_shift=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        noise_std=0.0,
+    )
 
 
 def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: Path) -> None:
@@ -79,8 +94,9 @@ def _png8(image: torch.Tensor) -> bytes:
     return encode_png(array[..., 0] if array.shape[2] == 1 else array)
 
 
-def write_camera_frames(root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int],
-                        result: SampleOutput) -> None:
+def write_camera_frames(
+    root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int], result: SampleOutput
+) -> None:
     """RGB, normal (16-bit, our convention) and mask PNGs of one camera; mask = foreground of the normals."""
     for i, frame in enumerate(frames):
         rel = frame_relpath(subject, sequence, camera, frame)
@@ -88,13 +104,19 @@ def write_camera_frames(root: Path, subject: str, sequence: str, camera: str, fr
         if result.normal is not None:
             encoded = result.normal[i]  # [3, H, W], (n+1)/2
             mask = encoded[2] > FOREGROUND_Z
-            atomic_write_bytes(root / "normal" / rel, encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy()))
+            atomic_write_bytes(
+                root / "normal" / rel, encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy())
+            )
             atomic_write_bytes(root / "mask" / rel, _png8(mask[None].float()))
 
 
-def write_latents(root: Path, subject: str, sequence: str, frames: Sequence[int], expression: torch.Tensor) -> None:
+def write_latents(
+    root: Path, subject: str, sequence: str, frames: Sequence[int], expression: torch.Tensor
+) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, frames=np.asarray(frames, np.int64), expression=expression.cpu().numpy().astype(np.float32))
+    np.savez(
+        buffer, frames=np.asarray(frames, np.int64), expression=expression.cpu().numpy().astype(np.float32)
+    )
     atomic_write_bytes(root / "latents" / subject / f"{sequence}.npz", buffer.getvalue())
 
 
@@ -104,10 +126,20 @@ def _camera_entry(data: dict, camera: str, frames: Sequence[int]) -> dict:
     return {**per_frame[str(frames[0])], "per_frame": per_frame}
 
 
-def sample_to_frame_folder(config: str | Path | None, run: str | Path, shards: str | Path, subject: str, sequence: str,
-                           cameras: Sequence[str] | None, frames: Sequence[int] | None, out: str | Path,
-                           seed: int = 0, *, driving_camera: str | None = None,
-                           reference: tuple[str, int] | None = None) -> Path:
+def sample_to_frame_folder(
+    config: str | Path | None,
+    run: str | Path,
+    shards: str | Path,
+    subject: str,
+    sequence: str,
+    cameras: Sequence[str] | None,
+    frames: Sequence[int] | None,
+    out: str | Path,
+    seed: int = 0,
+    *,
+    driving_camera: str | None = None,
+    reference: tuple[str, int] | None = None,
+) -> Path:
     """Sample `frames` of `subject`/`sequence` for every camera in `cameras` into the frame folder `out`.
 
     cameras / frames default to all of the sequence's; the driving camera defaults to the first camera and
@@ -125,22 +157,40 @@ def sample_to_frame_folder(config: str | Path | None, run: str | Path, shards: s
     _require(data, [reference[0]], [reference[1]], shards)
     plain = plain_driving_config(cfg.model.driving_size)
     rng = np.random.default_rng(seed)  # unused by an unaugmented crop, required by the signature
-    driving = torch.stack([augment_driving(data[(driving_camera, f)]["rgb"], data[(driving_camera, f)]["mask"], plain, rng)
-                           for f in frames])  # [T, 3, r, r]
+    driving = torch.stack(
+        [
+            augment_driving(data[(driving_camera, f)]["rgb"], data[(driving_camera, f)]["mask"], plain, rng)
+            for f in frames
+        ]
+    )  # [T, 3, r, r]
     ref = data[reference]
     model, codec, s = loaded.model, loaded.codec, cfg.sample
     rows, expression = [], None
     for i, camera in enumerate(cameras):
         posemaps = torch.stack([data[(camera, f)]["posemap"] for f in frames])  # [T, 3, H, W]
-        result = sample_sequence(model, codec, ref["rgb"], ref["posemap"], driving, posemaps,
-                                 torch.Generator().manual_seed(seed * 1_000 + i), s.scheduler, s.steps,
-                                 s.guidance_reference, s.guidance_expression, s.window, s.overlap,
-                                 cfg.train.num_train_timesteps)
+        result = sample_sequence(
+            model,
+            codec,
+            ref["rgb"],
+            ref["posemap"],
+            driving,
+            posemaps,
+            torch.Generator().manual_seed(seed * 1_000 + i),
+            s.scheduler,
+            s.steps,
+            s.guidance_reference,
+            s.guidance_expression,
+            s.window,
+            s.overlap,
+            cfg.train.num_train_timesteps,
+        )
         write_camera_frames(root, subject, sequence, camera, frames, result)
         rows += [result.rgb] + ([result.normal] if result.normal is not None else [])
         expression = result.expression
     write_latents(root, subject, sequence, frames, expression)
-    write_json_atomic(root / "cameras" / subject / f"{sequence}.json", {c: _camera_entry(data, c, frames) for c in cameras})
+    write_json_atomic(
+        root / "cameras" / subject / f"{sequence}.json", {c: _camera_entry(data, c, frames) for c in cameras}
+    )
     grid = root / "grids" / subject / f"{sequence}.png"
     write_grid(grid, rows)
     return grid

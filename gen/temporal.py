@@ -16,7 +16,9 @@ from torch import nn
 def frame_position_embedding(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Sinusoidal embedding of frame index -> [T, dim] (lets attention tell frame order)."""
     half = dim // 2
-    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+    freq = torch.exp(
+        -math.log(10_000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1)
+    )
     angles = torch.arange(frames, device=device, dtype=torch.float32)[:, None] * freq[None]
     emb = torch.cat([angles.sin(), angles.cos()], dim=1)
     if dim % 2:
@@ -38,7 +40,9 @@ class TemporalAttention(nn.Module):
     def forward(self, tokens: torch.Tensor, frames: int) -> torch.Tensor:
         """tokens [(G*T), L, C] (frames innermost among groups) -> residual update of the same shape."""
         gt, length, dim = tokens.shape
-        x = tokens.view(gt // frames, frames, length, dim).permute(0, 2, 1, 3).reshape(-1, frames, dim)  # [G*L, T, C]
+        x = (
+            tokens.view(gt // frames, frames, length, dim).permute(0, 2, 1, 3).reshape(-1, frames, dim)
+        )  # [G*L, T, C]
         x = x + frame_position_embedding(frames, dim, x.device, x.dtype)
         x = self.attn(self.norm(x))
         return x.view(gt // frames, length, frames, dim).permute(0, 2, 1, 3).reshape(gt, length, dim)

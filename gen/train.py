@@ -48,23 +48,42 @@ def _frames(x: torch.Tensor, image_dims: int = 3) -> torch.Tensor:
     return x if x.dim() == image_dims + 2 else x[:, None]
 
 
-def diffusion_loss(model, codec, batch: dict, noise_scheduler, generator: torch.Generator, cfg: GenConfig,
-                   device: torch.device) -> torch.Tensor:
+def diffusion_loss(
+    model,
+    codec,
+    batch: dict,
+    noise_scheduler,
+    generator: torch.Generator,
+    cfg: GenConfig,
+    device: torch.device,
+) -> torch.Tensor:
     """Noise-prediction MSE over both domains; the normal domain only where the source has normals."""
     rgb = _frames(batch["rgb"]).to(device)  # [B, T, 3, R, R]
     joint = cfg.model.joint_normals
-    targets = torch.stack([rgb, _frames(batch["normal"]).to(device)], 1) if joint else rgb[:, None]  # [B, D, T, 3, R, R]
+    targets = (
+        torch.stack([rgb, _frames(batch["normal"]).to(device)], 1) if joint else rgb[:, None]
+    )  # [B, D, T, 3, R, R]
     latents = encode_domains(codec, targets)  # [B, D, C, T, h, w]
     b, d = latents.shape[:2]
     noise = torch.randn((b, 1, *latents.shape[2:]), generator=generator).to(device).expand_as(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(
+        device
+    )
     drop_ref, drop_exp = condition_dropout(b, generator, cfg)
     drop_ref, drop_exp = drop_ref.to(device), drop_exp.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     ref_latent = codec.encode(batch["ref_rgb"].to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        pred = model(noisy, timesteps, _frames(batch["posemap"]).to(device), ref_latent,
-                     batch["ref_posemap"].to(device), _frames(batch["driving"]).to(device), drop_ref, drop_exp)
+        pred = model(
+            noisy,
+            timesteps,
+            _frames(batch["posemap"]).to(device),
+            ref_latent,
+            batch["ref_posemap"].to(device),
+            _frames(batch["driving"]).to(device),
+            drop_ref,
+            drop_exp,
+        )
     err = (pred.float() - noise).pow(2).mean(dim=(2, 4, 5))  # [B, D, T]
     weight = torch.ones(b, d, device=device)
     if joint:
@@ -72,7 +91,9 @@ def diffusion_loss(model, codec, batch: dict, noise_scheduler, generator: torch.
     return (err * weight[:, :, None]).sum() / (weight.sum() * err.shape[2])
 
 
-def condition_dropout(batch: int, generator: torch.Generator, cfg: GenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def condition_dropout(
+    batch: int, generator: torch.Generator, cfg: GenConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B] bool masks (drop reference, drop expression): both with drop_both, else each with its own rate.
 
     Guidance needs the unconditional prediction e(-, -); independent drops alone would train it on only
@@ -96,13 +117,26 @@ def gather_rank_states(state: RankState, world_size: int) -> list[RankState]:
 def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int) -> torch.Tensor:
     """Rows of [reference, target rgb, sampled rgb, target normal, sampled normal] -> grid image [3, H, W]."""
     from torchvision.utils import make_grid
+
     rows = []
     for i in range(min(2, batch["rgb"].shape[0])):
         pose, drv = _frames(batch["posemap"])[i], _frames(batch["driving"])[i]
-        out = sample_sequence(model, codec, batch["ref_rgb"][i], batch["ref_posemap"][i], drv, pose,
-                              torch.Generator().manual_seed(seed), cfg.sample.scheduler, cfg.sample.steps,
-                              cfg.sample.guidance_reference, cfg.sample.guidance_expression,
-                              cfg.sample.window, cfg.sample.overlap, cfg.train.num_train_timesteps)
+        out = sample_sequence(
+            model,
+            codec,
+            batch["ref_rgb"][i],
+            batch["ref_posemap"][i],
+            drv,
+            pose,
+            torch.Generator().manual_seed(seed),
+            cfg.sample.scheduler,
+            cfg.sample.steps,
+            cfg.sample.guidance_reference,
+            cfg.sample.guidance_expression,
+            cfg.sample.window,
+            cfg.sample.overlap,
+            cfg.train.num_train_timesteps,
+        )
         row = [batch["ref_rgb"][i], _frames(batch["rgb"])[i][0], out.rgb[0].cpu()]
         if out.normal is not None:
             row += [_frames(batch["normal"])[i][0], out.normal[0].cpu()]
@@ -110,10 +144,21 @@ def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int
     return make_grid(torch.stack(rows), nrow=len(row), padding=1)
 
 
-def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path, max_steps: int | None = None,
-               init: Path | None = None, restore: Path | None = None, device: torch.device | None = None,
-               rank: int = 0, world_size: int = 1, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-               publish: Publish | None = None, quiet: bool = False) -> list[float]:
+def train_loop(
+    cfg: GenConfig,
+    stage: int,
+    make_batches: MakeBatches,
+    out: Path,
+    max_steps: int | None = None,
+    init: Path | None = None,
+    restore: Path | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    publish: Publish | None = None,
+    quiet: bool = False,
+) -> list[float]:
     """Train stage 1 or 2 until the stage's step count (or max_steps); returns this rank's loss of every step run.
 
     restore: a checkpoint folder to continue from (rank `rank` of `world_size` takes its own RankState).
@@ -132,7 +177,9 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
         model.enable_gradient_checkpointing()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate(stage), weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.learning_rate(stage), weight_decay=cfg.train.weight_decay
+    )
     ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     step = position = 0
@@ -149,6 +196,7 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
     if rank == 0 and not quiet:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
+
         # a restart repeats the steps after its checkpoint: drop what the lost attempt logged for them
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if restore is not None else None)
         bar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step")
@@ -162,8 +210,10 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
         for _ in range(cfg.train.grad_accumulation):
             batch = next(batches)
             if len(batch["rgb"]) != micro_batch:
-                raise ValueError(f"make_batches gave {len(batch['rgb'])} samples; the config's global batch "
-                                 f"asks {micro_batch} per worker and accumulation step")
+                raise ValueError(
+                    f"make_batches gave {len(batch['rgb'])} samples; the config's global batch "
+                    f"asks {micro_batch} per worker and accumulation step"
+                )
             loss = diffusion_loss(net, codec, batch, noise_scheduler, generator, cfg, device)
             (loss / cfg.train.grad_accumulation).backward()
             step_loss += loss.item() / cfg.train.grad_accumulation
@@ -199,11 +249,18 @@ def train_loop(cfg: GenConfig, stage: int, make_batches: MakeBatches, out: Path,
 
 def _print_counts(model, codec, batch: dict, cfg: GenConfig, device: torch.device) -> None:
     from geodiff4d.gen.flops import format_counts, module_counts
+
     one = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
     rgb = _frames(one["rgb"]).to(device)
     latent = encode_domains(codec, torch.stack([rgb] * model.num_domains, 1))
-    inputs = (latent, torch.zeros(1, dtype=torch.long, device=device), _frames(one["posemap"]).to(device),
-              codec.encode(one["ref_rgb"].to(device)), one["ref_posemap"].to(device), _frames(one["driving"]).to(device))
+    inputs = (
+        latent,
+        torch.zeros(1, dtype=torch.long, device=device),
+        _frames(one["posemap"]).to(device),
+        codec.encode(one["ref_rgb"].to(device)),
+        one["ref_posemap"].to(device),
+        _frames(one["driving"]).to(device),
+    )
     print(format_counts(module_counts(model, inputs)), flush=True)
 
 
@@ -225,8 +282,13 @@ def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:
     """Every rank reports; rank 0's checkpoint is already in Ray's run folder, so Ray only registers it."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
-    ray.train.report(metrics, checkpoint=Checkpoint(str(folder)) if folder else None,
-                     checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    ray.train.report(
+        metrics,
+        checkpoint=Checkpoint(str(folder)) if folder else None,
+        checkpoint_dir_name=checkpoint_name(step),
+        checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+    )
 
 
 def _worker(config: dict) -> None:
@@ -234,26 +296,48 @@ def _worker(config: dict) -> None:
     import ray.train.torch
 
     from geodiff4d.core.jobs import use_cpus
+
     use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    make_batches = config["make_batches"] or shard_batches(config["shards"], cfg, config["stage"],
-                                                           cfg.data.loader_workers, world_size)
+    make_batches = config["make_batches"] or shard_batches(
+        config["shards"], cfg, config["stage"], cfg.data.loader_workers, world_size
+    )
     # Ray's last reported checkpoint (a restart after a failure, or a rerun of a run with Ray's snapshot);
     # else the run's latest checkpoint when resuming one that Ray never registered (e.g. written by train_loop)
     reported = ray.train.get_checkpoint()
     restore = Path(reported.path) if reported else config["resume_from"]
-    train_loop(cfg, config["stage"], make_batches, Path(config["out"]), config["max_steps"], config["init"],
-               restore, ray.train.torch.get_device(), rank, world_size,
-               wrap=lambda m: ray.train.torch.prepare_model(
-                   m, parallel_strategy_kwargs={"find_unused_parameters": True}),
-               publish=_report_to_ray, quiet=config["quiet"])
+    train_loop(
+        cfg,
+        config["stage"],
+        make_batches,
+        Path(config["out"]),
+        config["max_steps"],
+        config["init"],
+        restore,
+        ray.train.torch.get_device(),
+        rank,
+        world_size,
+        wrap=lambda m: ray.train.torch.prepare_model(
+            m, parallel_strategy_kwargs={"find_unused_parameters": True}
+        ),
+        publish=_report_to_ray,
+        quiet=config["quiet"],
+    )
 
 
-def _checked_inputs(config_path: str | Path, cfg: GenConfig, stage: int, shards: Path | None, out: Path,
-                    init: str | Path | None, resume: bool, workers: int,
-                    make_batches: MakeBatches | None) -> Path | None:
+def _checked_inputs(
+    config_path: str | Path,
+    cfg: GenConfig,
+    stage: int,
+    shards: Path | None,
+    out: Path,
+    init: str | Path | None,
+    resume: bool,
+    workers: int,
+    make_batches: MakeBatches | None,
+) -> Path | None:
     """Every user error before Ray starts, as a ConfigError naming the input; returns the checkpoint to resume."""
     if stage == 2 and init is None and not resume:
         raise ConfigError("stage 2 starts from a stage-1 run: pass init (the stage-1 run folder)")
@@ -269,8 +353,10 @@ def _checked_inputs(config_path: str | Path, cfg: GenConfig, stage: int, shards:
     if latest is None:
         return None
     if not resume:
-        raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}): resume it, or train "
-                          f"into another folder")
+        raise ConfigError(
+            f"{out} already holds a run (latest checkpoint {latest.name}): resume it, or train "
+            f"into another folder"
+        )
     try:
         saved_rank_states(latest, workers)
     except ValueError as err:
@@ -278,10 +364,21 @@ def _checked_inputs(config_path: str | Path, cfg: GenConfig, stage: int, shards:
     return latest
 
 
-def train(config_path: str | Path, stage: int, shards: str | Path | None, out: str | Path,
-          max_steps: int | None = None, init: str | Path | None = None, resume: bool = False,
-          workers: int = 1, gpus_per_worker: float = 0, address: str | None = None,
-          make_batches: MakeBatches | None = None, quiet: bool = False, max_failures: int = 3) -> Path:
+def train(
+    config_path: str | Path,
+    stage: int,
+    shards: str | Path | None,
+    out: str | Path,
+    max_steps: int | None = None,
+    init: str | Path | None = None,
+    resume: bool = False,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    address: str | None = None,
+    make_batches: MakeBatches | None = None,
+    quiet: bool = False,
+    max_failures: int = 3,
+) -> Path:
     """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder.
 
     `out` is Ray Train's storage path, so on a multi-node cluster it must be a folder every node mounts.
@@ -290,23 +387,39 @@ def train(config_path: str | Path, stage: int, shards: str | Path | None, out: s
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
     cfg = load_config(config_path)
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
     shards = Path(shards).resolve() if shards is not None else None
     resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
         from geodiff4d.core.runtime import connect
+
         connect(address)
     from geodiff4d.core.jobs import worker_cpus
+
     cpus = worker_cpus(workers)
     resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(), "stage": stage, "shards": str(shards) if shards else None,
-                           "out": str(out), "max_steps": max_steps, "init": Path(init).resolve() if init else None,
-                           "resume_from": resume_from, "make_batches": make_batches, "quiet": quiet, "cpus": cpus},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)),
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "stage": stage,
+            "shards": str(shards) if shards else None,
+            "out": str(out),
+            "max_steps": max_steps,
+            "init": Path(init).resolve() if init else None,
+            "resume_from": resume_from,
+            "make_batches": make_batches,
+            "quiet": quiet,
+            "cpus": cpus,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
+        ),
     )
     result = trainer.fit()
     latest = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(out)

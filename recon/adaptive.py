@@ -34,11 +34,20 @@ if TYPE_CHECKING:
     from geodiff4d.recon.rasterize import GaussianRender
 
 PAPER_STEPS = 600_000  # GaussianAvatars' schedule below is for this many steps
-PAPER_SCHEDULE = {"densify_from": 10_000, "densify_every": 2_000, "densify_until": 600_000,
-                  "opacity_reset_every": 60_000}  # fmt: skip
+PAPER_SCHEDULE = {
+    "densify_from": 10_000,
+    "densify_every": 2_000,
+    "densify_until": 600_000,
+    "opacity_reset_every": 60_000,
+}
 # Scaled down to a short run, that schedule would densify every few steps on statistics of a few views and
 # reset opacities with too few steps left to recover: 3DGS's own schedule (30k steps) is the floor.
-SHORT_RUN_FLOOR = {"densify_from": 500, "densify_every": 100, "densify_until": 0, "opacity_reset_every": 3_000}
+SHORT_RUN_FLOOR = {
+    "densify_from": 500,
+    "densify_every": 100,
+    "densify_until": 0,
+    "opacity_reset_every": 3_000,
+}
 RESET_OPACITY = 0.01
 
 
@@ -111,16 +120,28 @@ def world_scale(gaussians: BoundGaussians, face_size: Tensor) -> Tensor:
     return torch.exp(gaussians.log_scale.detach().amax(dim=-1)) * face_size[gaussians.face_index]
 
 
-def grow(gaussians: BoundGaussians, statistics: DensityStatistics, face_size: Tensor, extent: float,
-         config: FitConfig, generator: torch.Generator) -> Regrowth:  # fmt: skip
+def grow(
+    gaussians: BoundGaussians,
+    statistics: DensityStatistics,
+    face_size: Tensor,
+    extent: float,
+    config: FitConfig,
+    generator: torch.Generator,
+) -> Regrowth:
     """Clone the small and split the large among the Gaussians whose mean gradient reaches the threshold."""
     selected = statistics.mean_grad() >= config.densify_grad_threshold
     large = world_scale(gaussians, face_size) > config.percent_dense * extent
     return densify(gaussians, selected & ~large, selected & large, generator)
 
 
-def prune_mask(gaussians: BoundGaussians, max_radii: Tensor, face_size: Tensor, extent: float, config: FitConfig,
-               large_too: bool) -> Tensor:  # fmt: skip
+def prune_mask(
+    gaussians: BoundGaussians,
+    max_radii: Tensor,
+    face_size: Tensor,
+    extent: float,
+    config: FitConfig,
+    large_too: bool,
+) -> Tensor:
     """[N] bool: transparent Gaussians and, with ``large_too``, the ones large on screen or in the world."""
     remove = gaussians.opacity.detach() < config.prune_opacity
     if large_too:

@@ -45,8 +45,10 @@ def to_world(
     ``residuals`` (per-frame refinement) are added to local_xyz, local_quat and log_scale first.
     """
     residuals = residuals or {}
-    local = {n: getattr(gaussians, n) + residuals[n] if n in residuals else getattr(gaussians, n)
-             for n in ("local_xyz", "local_quat", "log_scale")}  # fmt: skip
+    local = {
+        n: getattr(gaussians, n) + residuals[n] if n in residuals else getattr(gaussians, n)
+        for n in ("local_xyz", "local_quat", "log_scale")
+    }
     f = gaussians.face_index
     rotation, size = frames.rotation[f], frames.size[f][:, None]  # [N, 3, 3], [N, 1]
     means = frames.origin[f] + size * (rotation @ local["local_xyz"][:, :, None]).squeeze(-1)
@@ -60,7 +62,9 @@ def to_local(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of :func:`to_world`: world attributes -> (local_xyz, local_quat, log_scale)."""
     rotation, size = frames.rotation[face_index], frames.size[face_index][:, None]
-    local_xyz = (rotation.transpose(-1, -2) @ (means - frames.origin[face_index])[:, :, None]).squeeze(-1) / size
+    local_xyz = (rotation.transpose(-1, -2) @ (means - frames.origin[face_index])[:, :, None]).squeeze(
+        -1
+    ) / size
     local_quat = rotmat_to_quat(rotation.transpose(-1, -2) @ rotmats)
     return local_xyz, local_quat, torch.log(scales / size)
 
@@ -94,7 +98,9 @@ def densify(
     parts = [gaussians.selected(keep), gaussians.selected(cloned), tensors]
     merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     source = torch.cat([keep, cloned, parents])
-    fresh = torch.cat([torch.zeros(len(keep), dtype=torch.bool), torch.ones(len(cloned) + len(parents), dtype=torch.bool)])
+    fresh = torch.cat(
+        [torch.zeros(len(keep), dtype=torch.bool), torch.ones(len(cloned) + len(parents), dtype=torch.bool)]
+    )
     return Regrowth(gaussians.subset(source, merged), source, fresh)
 
 
@@ -149,6 +155,16 @@ def render_bound(
     if residuals and "sh_dc" in residuals:
         sh = torch.cat([(gaussians.sh_dc + residuals["sh_dc"])[:, None], gaussians.sh_rest], dim=1)
     return render_gaussians(
-        means, quats, scales, gaussians.opacity, sh, world_to_cam, K, width, height,
-        sh_degree=gaussians.active_sh_degree, background=background, backend=backend,
-    )  # fmt: skip
+        means,
+        quats,
+        scales,
+        gaussians.opacity,
+        sh,
+        world_to_cam,
+        K,
+        width,
+        height,
+        sh_degree=gaussians.active_sh_degree,
+        background=background,
+        backend=backend,
+    )

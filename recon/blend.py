@@ -68,9 +68,13 @@ def _blend_backward(grad_out, mean_x, mean_y, conic, opacity, values, px, py, al
     grad_x = (grad_sigma * (a * dx + b * dy)).sum((-1, -2))
     grad_y = (grad_sigma * (c * dy + b * dx)).sum((-1, -2))
     grad_conic = torch.stack(
-        [(grad_sigma * (0.5 * dx * dx)).sum((-1, -2)), (grad_sigma * (dx * dy)).sum((-1, -2)),
-         (grad_sigma * (0.5 * dy * dy)).sum((-1, -2))], dim=-1,
-    )  # fmt: skip
+        [
+            (grad_sigma * (0.5 * dx * dx)).sum((-1, -2)),
+            (grad_sigma * (dx * dy)).sum((-1, -2)),
+            (grad_sigma * (0.5 * dy * dy)).sum((-1, -2)),
+        ],
+        dim=-1,
+    )
     return grad_x, grad_y, grad_conic, grad_opacity, grad_values
 
 

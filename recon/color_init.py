@@ -18,7 +18,9 @@ from geodiff4d.recon.gaussians import BoundGaussians
 from geodiff4d.recon.sh import rgb_to_dc
 
 
-def colors_from_views(gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: Sequence[View]) -> Tensor:
+def colors_from_views(
+    gaussians: BoundGaussians, frame_vertices, faces: Tensor, views: Sequence[View]
+) -> Tensor:
     """Mean observed RGB [N, 3] per Gaussian; ``frame_vertices(frame)`` gives that frame's mesh [V, 3]."""
     total = torch.zeros(len(gaussians), 3)
     count = torch.zeros(len(gaussians))

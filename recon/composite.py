@@ -38,7 +38,9 @@ def _alpha(mean_x, mean_y, a, b, c, opacity, px, py):
 
 
 @numba.njit(cache=True)
-def _forward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, out, n_used):
+def _forward_kernel(
+    tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, out, n_used
+):
     """out [H, W, C] (zeros on entry) and n_used [H, W]: list entries each pixel walked before stopping."""
     height, width, channels = out.shape
     for t in range(tile_start.shape[0]):
@@ -49,8 +51,16 @@ def _forward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, valu
                 transmittance, used = 1.0, 0
                 for k in range(count):
                     g = gauss[start + k]
-                    alpha, _, _ = _alpha(means2d[g, 0], means2d[g, 1], conic[g, 0], conic[g, 1], conic[g, 2],
-                                         opacity[g], px, py)  # fmt: skip
+                    alpha, _, _ = _alpha(
+                        means2d[g, 0],
+                        means2d[g, 1],
+                        conic[g, 0],
+                        conic[g, 1],
+                        conic[g, 2],
+                        opacity[g],
+                        px,
+                        py,
+                    )
                     if alpha == 0.0:
                         continue
                     after = transmittance * (1.0 - alpha)
@@ -65,8 +75,9 @@ def _forward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, valu
 
 
 @numba.njit(cache=True)
-def _backward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, n_used,
-                     grad_out, pair_grad):  # fmt: skip
+def _backward_kernel(
+    tile_start, tile_count, gauss, means2d, conic, opacity, values, tiles_x, tile, n_used, grad_out, pair_grad
+):
     """pair_grad [P, 6 + C] (zeros on entry) per list entry: d mean_x, d mean_y, d conic (xx, xy, yy),
     d opacity, d values."""
     height, width, channels = grad_out.shape
@@ -81,8 +92,16 @@ def _backward_kernel(tile_start, tile_count, gauss, means2d, conic, opacity, val
                 transmittance = 1.0
                 for k in range(used):
                     g = gauss[start + k]
-                    alpha, _, _ = _alpha(means2d[g, 0], means2d[g, 1], conic[g, 0], conic[g, 1], conic[g, 2],
-                                         opacity[g], px, py)  # fmt: skip
+                    alpha, _, _ = _alpha(
+                        means2d[g, 0],
+                        means2d[g, 1],
+                        conic[g, 0],
+                        conic[g, 1],
+                        conic[g, 2],
+                        opacity[g],
+                        px,
+                        py,
+                    )
                     alphas[k], before[k] = alpha, transmittance
                     transmittance *= 1.0 - alpha
                 later = 0.0  # sum over j > k of w_j s_j
@@ -123,7 +142,9 @@ class CompositeTiles(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height):
+    def forward(
+        ctx, means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height
+    ):
         lists = tuple(_numpy(t) for t in (tile_start, tile_count, gauss))
         attributes = tuple(_numpy(t) for t in (means2d, conic, opacity, values))
         out = np.zeros((height, width, values.shape[1]), dtype=attributes[3].dtype)
@@ -138,14 +159,38 @@ class CompositeTiles(torch.autograd.Function):
         means2d, conic, opacity, values, tile_start, tile_count, gauss = ctx.saved_tensors
         attributes = tuple(_numpy(t) for t in (means2d, conic, opacity, values))
         pair_grad = np.zeros((gauss.shape[0], 6 + values.shape[1]), dtype=attributes[3].dtype)
-        _backward_kernel(_numpy(tile_start), _numpy(tile_count), _numpy(gauss), *attributes, ctx.tiles_x, ctx.tile,
-                         ctx.n_used, _numpy(grad_out.to(values.dtype)), pair_grad)  # fmt: skip
+        _backward_kernel(
+            _numpy(tile_start),
+            _numpy(tile_count),
+            _numpy(gauss),
+            *attributes,
+            ctx.tiles_x,
+            ctx.tile,
+            ctx.n_used,
+            _numpy(grad_out.to(values.dtype)),
+            pair_grad,
+        )
         total = values.new_zeros(means2d.shape[0], pair_grad.shape[1])
         total.index_add_(0, gauss, torch.from_numpy(pair_grad))  # [N, 6 + C]
-        return total[:, :2], total[:, 2:5], total[:, 5], total[:, 6:], None, None, None, None, None, None, None
+        return (
+            total[:, :2],
+            total[:, 2:5],
+            total[:, 5],
+            total[:, 6:],
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def composite_tiles(means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height):
+def composite_tiles(
+    means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height
+):
     """Blend the tile lists into an image [H, W, C] (differentiable in the first four arguments)."""
-    return CompositeTiles.apply(means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile,
-                                width, height)  # fmt: skip
+    return CompositeTiles.apply(
+        means2d, conic, opacity, values, tile_start, tile_count, gauss, tiles_x, tile, width, height
+    )

@@ -42,10 +42,18 @@ class View:
 # exponentially from local_xyz to local_xyz_final over the run. The FLAME residuals it fine-tunes move far
 # slower than the attributes; "deformer" is the refinement networks' rate (U-Net, attribute MLP).
 LEARNING_RATES = {
-    "local_xyz": 5e-3, "local_xyz_final": 5e-5, "local_quat": 1e-3, "log_scale": 1.7e-2, "opacity_logit": 5e-2,
-    "sh_dc": 2.5e-3, "sh_rest": 2.5e-3 / 20,
-    "flame_expression": 1e-3, "flame_pose": 1e-5, "flame_translation": 1e-6, "deformer": 1e-3,
-}  # fmt: skip
+    "local_xyz": 5e-3,
+    "local_xyz_final": 5e-5,
+    "local_quat": 1e-3,
+    "log_scale": 1.7e-2,
+    "opacity_logit": 5e-2,
+    "sh_dc": 2.5e-3,
+    "sh_rest": 2.5e-3 / 20,
+    "flame_expression": 1e-3,
+    "flame_pose": 1e-5,
+    "flame_translation": 1e-6,
+    "deformer": 1e-3,
+}
 
 
 @dataclass
@@ -76,7 +84,9 @@ class FitConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.lr) - set(LEARNING_RATES))
         if unknown:
-            raise ValueError(f"FitConfig.lr: unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})")
+            raise ValueError(
+                f"FitConfig.lr: unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})"
+            )
         self.lr = {**LEARNING_RATES, **self.lr}
 
 
@@ -108,11 +118,22 @@ class FixedVertices(nn.Module):
 
 class Fitter:
     def __init__(
-        self, gaussians: BoundGaussians, deformer: nn.Module, faces: Tensor, views: Sequence[View], config: FitConfig
+        self,
+        gaussians: BoundGaussians,
+        deformer: nn.Module,
+        faces: Tensor,
+        views: Sequence[View],
+        config: FitConfig,
     ):  # views: a list, or a compact FrameStore that decodes the view a step draws
         if not views:
             raise ValueError("Fitter: no training views")
-        self.gaussians, self.deformer, self.faces, self.views, self.config = gaussians, deformer, faces, views, config
+        self.gaussians, self.deformer, self.faces, self.views, self.config = (
+            gaussians,
+            deformer,
+            faces,
+            views,
+            config,
+        )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_index = 0
         self.losses: list[float] = []
@@ -122,7 +143,10 @@ class Fitter:
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Adam:
-        groups = [{"params": [getattr(self.gaussians, n)], "lr": self.config.lr[n], "name": n} for n in PARAMETER_NAMES]
+        groups = [
+            {"params": [getattr(self.gaussians, n)], "lr": self.config.lr[n], "name": n}
+            for n in PARAMETER_NAMES
+        ]
         for name, params in self.deformer.parameter_groups().items():
             groups.append({"params": params, "lr": self.config.lr[name], "name": name})
         return torch.optim.Adam(groups, eps=1e-15)
@@ -134,7 +158,9 @@ class Fitter:
         return self.extent * math.exp((1 - t) * math.log(start) + t * math.log(end))
 
     def step(self) -> float:
-        self.optimizer.param_groups[PARAMETER_NAMES.index("local_xyz")]["lr"] = self.position_lr(self.step_index)
+        self.optimizer.param_groups[PARAMETER_NAMES.index("local_xyz")]["lr"] = self.position_lr(
+            self.step_index
+        )
         every = self.config.sh_increase_every
         self.gaussians.active_sh_degree = min(self.gaussians.sh_degree, (self.step_index + 1) // every)
         view = self.views[int(torch.randint(len(self.views), (1,), generator=self.generator))]
@@ -143,7 +169,9 @@ class Fitter:
         render.means2d.retain_grad()
         loss = photometric_loss(render.rgb, view.rgb)
         if self.config.lambda_normal > 0 and view.normal is not None:
-            loss = loss + self.config.lambda_normal * normal_loss(render.normal, render.alpha, view.normal, view.mask)
+            loss = loss + self.config.lambda_normal * normal_loss(
+                render.normal, render.alpha, view.normal, view.mask
+            )
         if bool(render.visible.any()):  # GaussianAvatars regularizes the Gaussians this view sees
             seen = render.visible
             loss = loss + self.config.lambda_position * position_regularizer(self.gaussians.local_xyz[seen])
@@ -165,24 +193,45 @@ class Fitter:
     def render(self, frame: int, world_to_cam: Tensor, K: Tensor, width: int, height: int, **options):
         """Render the avatar as deformed (and refined) for ``frame`` into a camera."""
         residuals = self.deformer.attribute_residuals(frame, self.gaussians)
-        return render_bound(self.gaussians, self.deformer(frame), self.faces, world_to_cam, K, width, height,
-                            residuals=residuals, **options)  # fmt: skip
+        return render_bound(
+            self.gaussians,
+            self.deformer(frame),
+            self.faces,
+            world_to_cam,
+            K,
+            width,
+            height,
+            residuals=residuals,
+            **options,
+        )
 
     def densify_and_prune(self) -> None:
         """GaussianAvatars' densification step (see :mod:`geodiff4d.recon.adaptive`); world sizes on frame 0."""
         with torch.no_grad():
             face_size = triangle_frames(self.deformer(0), self.faces).size.cpu()
-        grown = adaptive.grow(self.gaussians, self.statistics, face_size, self.extent, self.config, self.generator)
+        grown = adaptive.grow(
+            self.gaussians, self.statistics, face_size, self.extent, self.config, self.generator
+        )
         self._adopt(grown)
-        remove = adaptive.prune_mask(self.gaussians, self.statistics.max_radii[grown.source], face_size, self.extent,
-                                     self.config, large_too=self.schedule.prunes_large(self.step_index))  # fmt: skip
+        remove = adaptive.prune_mask(
+            self.gaussians,
+            self.statistics.max_radii[grown.source],
+            face_size,
+            self.extent,
+            self.config,
+            large_too=self.schedule.prunes_large(self.step_index),
+        )
         self._adopt(prune(self.gaussians, remove))
         self.statistics = adaptive.DensityStatistics(len(self.gaussians))
 
     def _adopt(self, regrowth: Regrowth) -> None:
         """Switch to the regrown set, carrying each survivor's Adam moments (fresh children start at zero)."""
-        old_state = {g["name"]: self.optimizer.state.get(g["params"][0], {}) for g in self.optimizer.param_groups}
-        deformer_state = {p: self.optimizer.state[p] for p in self.deformer.parameters() if p in self.optimizer.state}
+        old_state = {
+            g["name"]: self.optimizer.state.get(g["params"][0], {}) for g in self.optimizer.param_groups
+        }
+        deformer_state = {
+            p: self.optimizer.state[p] for p in self.deformer.parameters() if p in self.optimizer.state
+        }
         self.gaussians = regrowth.gaussians
         self.optimizer = self._make_optimizer()
         keep = (~regrowth.fresh).float()
@@ -201,13 +250,17 @@ class Fitter:
                     "exp_avg_sq": state["exp_avg_sq"][regrowth.source] * mask,
                 }
 
-    def run(self, until: int, checkpoint: Path | None = None, on_step: Callable[[int, float], None] | None = None) -> None:
+    def run(
+        self, until: int, checkpoint: Path | None = None, on_step: Callable[[int, float], None] | None = None
+    ) -> None:
         """Train to step ``until``, checkpointing every ``checkpoint_every`` steps and at the end."""
         while self.step_index < until:
             loss = self.step()
             if on_step is not None:
                 on_step(self.step_index, loss)
-            if checkpoint is not None and (self.step_index % self.config.checkpoint_every == 0 or self.step_index == until):
+            if checkpoint is not None and (
+                self.step_index % self.config.checkpoint_every == 0 or self.step_index == until
+            ):
                 self.save(checkpoint)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -218,7 +271,9 @@ class Fitter:
         for group in self.optimizer.param_groups:
             for i, p in enumerate(group["params"]):
                 for key, value in self.optimizer.state.get(p, {}).items():
-                    tensors[f"adam/{group['name']}/{i}/{key}"] = value.reshape(-1) if value.dim() == 0 else value
+                    tensors[f"adam/{group['name']}/{i}/{key}"] = (
+                        value.reshape(-1) if value.dim() == 0 else value
+                    )
         tensors["fit/rng"] = self.generator.get_state()
         statistics = self.statistics
         tensors["fit/grad_sum"], tensors["fit/grad_count"] = statistics.grad_sum, statistics.count
@@ -240,17 +295,22 @@ class Fitter:
         """Rebuild a fitter from its checkpoint (the deformer's architecture is given, its weights are loaded)."""
         tensors, metadata = load_checkpoint(path)
         gaussians = load_gaussians(tensors, metadata)
-        deformer.load_state_dict({k[len("deformer/"):]: v for k, v in tensors.items() if k.startswith("deformer/")})
+        deformer.load_state_dict(
+            {k[len("deformer/") :]: v for k, v in tensors.items() if k.startswith("deformer/")}
+        )
         fitter = cls(gaussians, deformer, faces, views, config)
         for group in fitter.optimizer.param_groups:
             for i, p in enumerate(group["params"]):
                 prefix = f"adam/{group['name']}/{i}/"
-                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if state:
                     state["step"] = state["step"].reshape(())
                     fitter.optimizer.state[p] = state
         fitter.generator.set_state(tensors["fit/rng"])
-        fitter.statistics.grad_sum, fitter.statistics.count = tensors["fit/grad_sum"], tensors["fit/grad_count"]
+        fitter.statistics.grad_sum, fitter.statistics.count = (
+            tensors["fit/grad_sum"],
+            tensors["fit/grad_count"],
+        )
         if "fit/max_radii" in tensors:  # absent in checkpoints from before screen-size pruning
             fitter.statistics.max_radii = tensors["fit/max_radii"]
         fitter.step_index = int(metadata["step"])

@@ -49,8 +49,15 @@ class FrameStore(Sequence[View]):
     def __init__(self) -> None:
         self._views: list[_CompactView] = []
 
-    def add(self, frame: int, world_to_cam: Tensor, K: Tensor, rgb: np.ndarray, mask: np.ndarray,
-            normal: np.ndarray | None) -> None:  # fmt: skip
+    def add(
+        self,
+        frame: int,
+        world_to_cam: Tensor,
+        K: Tensor,
+        rgb: np.ndarray,
+        mask: np.ndarray,
+        normal: np.ndarray | None,
+    ) -> None:
         """One view from float arrays in [0, 1] (rgb [H, W, 3], mask [H, W]) and unit normals [H, W, 3]."""
         quantized = None
         if normal is not None:
@@ -59,8 +66,14 @@ class FrameStore(Sequence[View]):
 
     def add_image(self, frame: int, camera: Camera, image: FrameImage) -> None:
         """One frame folder image seen by ``camera``, as the subject's frame ``frame``."""
-        self.add(frame, torch.tensor(camera.world_to_cam, dtype=torch.float32),
-                 torch.tensor(camera.K, dtype=torch.float32), image.rgb, image.mask, image.normal)  # fmt: skip
+        self.add(
+            frame,
+            torch.tensor(camera.world_to_cam, dtype=torch.float32),
+            torch.tensor(camera.K, dtype=torch.float32),
+            image.rgb,
+            image.mask,
+            image.normal,
+        )
 
     def __len__(self) -> int:
         return len(self._views)

@@ -20,23 +20,36 @@ class BoundGaussians(nn.Module):
     it step by step as 3DGS does, so colour settles before view dependence is learnt.
     """
 
-    def __init__(self, face_index: Tensor, tensors: dict[str, Tensor], sh_degree: int,
-                 active_sh_degree: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        face_index: Tensor,
+        tensors: dict[str, Tensor],
+        sh_degree: int,
+        active_sh_degree: int | None = None,
+    ):
         super().__init__()
         n = face_index.shape[0]
         expected = {
-            "local_xyz": (n, 3), "local_quat": (n, 4), "log_scale": (n, 3), "opacity_logit": (n,),
-            "sh_dc": (n, 3), "sh_rest": (n, n_coefficients(sh_degree) - 1, 3),
-        }  # fmt: skip
+            "local_xyz": (n, 3),
+            "local_quat": (n, 4),
+            "log_scale": (n, 3),
+            "opacity_logit": (n,),
+            "sh_dc": (n, 3),
+            "sh_rest": (n, n_coefficients(sh_degree) - 1, 3),
+        }
         for name, shape in expected.items():
             if name not in tensors:
                 raise ValueError(f"BoundGaussians: missing tensor {name!r}")
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"BoundGaussians: {name!r} must have shape {shape}, got {tuple(tensors[name].shape)}")
+                raise ValueError(
+                    f"BoundGaussians: {name!r} must have shape {shape}, got {tuple(tensors[name].shape)}"
+                )
         self.sh_degree = sh_degree
         self.active_sh_degree = sh_degree if active_sh_degree is None else active_sh_degree
         if not 0 <= self.active_sh_degree <= sh_degree:
-            raise ValueError(f"BoundGaussians: active_sh_degree {self.active_sh_degree} outside 0..{sh_degree}")
+            raise ValueError(
+                f"BoundGaussians: active_sh_degree {self.active_sh_degree} outside 0..{sh_degree}"
+            )
         self.register_buffer("face_index", face_index.long().clone())
         for name in PARAMETER_NAMES:
             self.register_parameter(name, nn.Parameter(tensors[name].detach().float().clone()))

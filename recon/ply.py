@@ -40,13 +40,19 @@ def write_point_cloud_ply(
 ) -> None:
     n, n_rest = means.shape[0], n_coefficients(PLY_SH_DEGREE) - 1
     if sh_rest.shape[1] > n_rest:
-        raise ValueError(f"write_point_cloud_ply: {sh_rest.shape[1]} higher-order SH coefficients, at most {n_rest}")
+        raise ValueError(
+            f"write_point_cloud_ply: {sh_rest.shape[1]} higher-order SH coefficients, at most {n_rest}"
+        )
     sh_rest = np.concatenate([sh_rest, np.zeros((n, n_rest - sh_rest.shape[1], 3), sh_rest.dtype)], axis=1)
     columns = [
-        means, normals, sh_dc,
+        means,
+        normals,
+        sh_dc,
         np.transpose(sh_rest, (0, 2, 1)).reshape(n, 3 * n_rest),  # [N, 3 * (K-1)] channel-major
-        opacity_logit.reshape(n, 1), log_scales, quats,
-    ]  # fmt: skip
+        opacity_logit.reshape(n, 1),
+        log_scales,
+        quats,
+    ]
     table = np.concatenate([np.asarray(c, dtype=np.float32).reshape(n, -1) for c in columns], axis=1)
     names = property_names(n_rest)
     if table.shape[1] != len(names):

@@ -85,8 +85,14 @@ def render_gaussians(
     the inputs live on a CUDA device).
     """
     n = means.shape[0]
-    for name, value, shape in (("means", means, (n, 3)), ("quats", quats, (n, 4)), ("scales", scales, (n, 3)),
-                               ("opacities", opacities, (n,)), ("world_to_cam", world_to_cam, (4, 4)), ("K", K, (3, 3))):
+    for name, value, shape in (
+        ("means", means, (n, 3)),
+        ("quats", quats, (n, 4)),
+        ("scales", scales, (n, 3)),
+        ("opacities", opacities, (n,)),
+        ("world_to_cam", world_to_cam, (4, 4)),
+        ("K", K, (3, 3)),
+    ):
         if tuple(value.shape) != shape:
             raise ValueError(f"render_gaussians: {name} must have shape {shape}, got {tuple(value.shape)}")
     if backend == "auto":
@@ -98,7 +104,9 @@ def render_gaussians(
         camera_center = -world_to_cam[:3, :3].T @ world_to_cam[:3, 3]
         rgb = sh_to_rgb(colors, sh_degree, means, camera_center)
     elif colors.shape != (n, 3):
-        raise ValueError(f"render_gaussians: colors must be [N, 3] without sh_degree, got {tuple(colors.shape)}")
+        raise ValueError(
+            f"render_gaussians: colors must be [N, 3] without sh_degree, got {tuple(colors.shape)}"
+        )
     else:
         rgb = colors
     normals = camera_normals(means, quats, scales, world_to_cam)  # [N, 3]
@@ -109,7 +117,18 @@ def render_gaussians(
         )
     else:
         feats, alpha, depth, visible, means2d, radii = _torch_backend(
-            means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile_size,
+            means,
+            quats,
+            scales,
+            opacities,
+            features,
+            world_to_cam,
+            K,
+            width,
+            height,
+            near,
+            far,
+            tile_size,
             dense=backend == "torch-dense",
         )
     rgb_image = feats[:3]
@@ -134,14 +153,17 @@ def project_gaussians(
     tx = z * torch.maximum(torch.minimum(x / z, lim_x_pos), -lim_x_neg)
     ty = z * torch.maximum(torch.minimum(y / z, lim_y_pos), -lim_y_neg)
     zero = torch.zeros_like(z)
-    jac = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], dim=-1).reshape(-1, 2, 3)
+    jac = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], dim=-1).reshape(
+        -1, 2, 3
+    )
     cov2d = jac @ cov_cam @ jac.transpose(1, 2) + EPS2D * torch.eye(2, dtype=means.dtype, device=means.device)
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)
     return means2d, cov2d, z
 
 
-def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile,
-                   dense=False):  # fmt: skip
+def _torch_backend(
+    means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile, dense=False
+):
     means2d, cov2d, depth = project_gaussians(means, quats, scales, world_to_cam, K, width, height)
     a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
     det = a * c - b * b
@@ -151,10 +173,15 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     rx, ry = torch.sqrt(q * a).detach() + 0.5, torch.sqrt(q * c).detach() + 0.5
     m2 = means2d.detach()
     visible = (
-        (depth > near) & (depth < far) & (det > 0) & (opacities >= ALPHA_MIN)
-        & (m2[:, 0] + rx > -0.5) & (m2[:, 0] - rx < width - 0.5)
-        & (m2[:, 1] + ry > -0.5) & (m2[:, 1] - ry < height - 0.5)
-    )  # fmt: skip
+        (depth > near)
+        & (depth < far)
+        & (det > 0)
+        & (opacities >= ALPHA_MIN)
+        & (m2[:, 0] + rx > -0.5)
+        & (m2[:, 0] - rx < width - 0.5)
+        & (m2[:, 1] + ry > -0.5)
+        & (m2[:, 1] - ry < height - 0.5)
+    )
     tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
     n_tiles = tiles_x * tiles_y
     # tile rectangles of the visible Gaussians, front to back
@@ -170,37 +197,60 @@ def _torch_backend(means, quats, scales, opacities, features, world_to_cam, K, w
     pair_owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)
     first = torch.cumsum(counts, 0) - counts
     offset = torch.arange(int(counts.sum()), device=ids.device) - first[pair_owner]
-    pair_tile = (y0[pair_owner] + offset // span_x[pair_owner]) * tiles_x + x0[pair_owner] + offset % span_x[pair_owner]
+    pair_tile = (
+        (y0[pair_owner] + offset // span_x[pair_owner]) * tiles_x
+        + x0[pair_owner]
+        + offset % span_x[pair_owner]
+    )
     pair_tile, order = torch.sort(pair_tile, stable=True)
     gauss = ids[pair_owner[order]]  # [P] Gaussian of each pair, grouped by tile, front to back
     values = torch.cat([features, depth[:, None], torch.ones_like(depth)[:, None]], dim=-1)  # [N, 8]
     per_tile = torch.bincount(pair_tile, minlength=n_tiles)  # [n_tiles]
     tile_start = torch.cumsum(per_tile, 0) - per_tile
     if dense or means.is_cuda:  # the compiled compositor runs on the CPU; on a GPU the padded tensors do
-        image = _dense_composite(per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y,
-                                 tile, width, height)  # fmt: skip
+        image = _dense_composite(
+            per_tile,
+            tile_start,
+            gauss,
+            means2d,
+            conic,
+            opacities,
+            values,
+            tiles_x,
+            tiles_y,
+            tile,
+            width,
+            height,
+        )
     else:
-        image = composite_tiles(means2d, conic, opacities, values, tile_start, per_tile, gauss, tiles_x, tile, width,
-                                height).permute(2, 0, 1)  # fmt: skip  # [8, H, W]
+        image = composite_tiles(
+            means2d, conic, opacities, values, tile_start, per_tile, gauss, tiles_x, tile, width, height
+        ).permute(2, 0, 1)  # [8, H, W]
     major = (a + c) / 2 + torch.sqrt(((a - c) / 2) ** 2 + b * b)  # largest eigenvalue of cov2d
     radii = torch.where(visible, torch.ceil(3 * torch.sqrt(major.detach())), 0.0)
     return image[:6], image[7], image[6], visible, means2d, radii
 
 
-def _dense_composite(per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y, tile, width,
-                     height) -> Tensor:  # fmt: skip
+def _dense_composite(
+    per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tiles_y, tile, width, height
+) -> Tensor:
     """The padded-tensor compositor (pure PyTorch, the reference for :mod:`geodiff4d.recon.composite`) -> [8, H, W]."""
     tile_pixels = tile * tile
     with torch.no_grad():  # early termination: drop each tile's Gaussians behind its saturation depth
         per_tile = per_tile.clone()
         for tiles in _tile_chunks(per_tile, tile_pixels):
-            per_tile[tiles] = _saturation_counts(tiles, per_tile, tile_start, gauss, means2d.detach(), conic, opacities,
-                                                 tiles_x, tile)  # fmt: skip
+            per_tile[tiles] = _saturation_counts(
+                tiles, per_tile, tile_start, gauss, means2d.detach(), conic, opacities, tiles_x, tile
+            )
     out = values.new_zeros(tiles_x * tiles_y, tile_pixels, 8)
     for tiles in _tile_chunks(per_tile, tile_pixels):
-        out = out.index_copy(0, tiles, _blend_tiles(
-            tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile
-        ))  # fmt: skip
+        out = out.index_copy(
+            0,
+            tiles,
+            _blend_tiles(
+                tiles, per_tile, tile_start, gauss, means2d, conic, opacities, values, tiles_x, tile
+            ),
+        )
     image = out.permute(2, 0, 1).reshape(8, tiles_y, tiles_x, tile, tile).permute(0, 1, 3, 2, 4)
     return image.reshape(8, tiles_y * tile, tiles_x * tile)[:, :height, :width]
 
@@ -233,8 +283,9 @@ def _tile_slots(tiles, per_tile, tile_start, gauss, tiles_x, tile, dtype):
     return gauss[pair], valid, px, py
 
 
-def _saturation_counts(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, tiles_x, tile,
-                       block: int = 32) -> Tensor:  # fmt: skip
+def _saturation_counts(
+    tiles, per_tile, tile_start, gauss, means2d, conic, opacities, tiles_x, tile, block: int = 32
+) -> Tensor:
     """Per tile, the number of leading Gaussians that still reach some pixel: every later one meets only
     pixels whose transmittance is already spent, so it has weight 0 and gradient 0 and can be dropped.
 
@@ -269,7 +320,9 @@ def _blend_tiles(tiles, per_tile, tile_start, gauss, means2d, conic, opacities, 
     return BlendGathered.apply(means2d, conic, opacities, values, g, valid, px, py)
 
 
-def _gsplat_backend(means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile):
+def _gsplat_backend(
+    means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile
+):
     import gsplat  # CUDA extension: imported only on the GPU path
 
     # gsplat samples pixel (i, j) at (j + 0.5, i + 0.5); shift the principal point to keep integer centres
@@ -277,11 +330,23 @@ def _gsplat_backend(means, quats, scales, opacities, features, world_to_cam, K, 
     K_gsplat[0, 2] += 0.5
     K_gsplat[1, 2] += 0.5
     colors, alphas, meta = gsplat.rasterization(
-        means, quats, scales, opacities, features,
-        world_to_cam[None], K_gsplat[None], width, height,
-        near_plane=near, far_plane=far, eps2d=EPS2D, tile_size=tile,
-        render_mode="RGB+D", packed=False, rasterize_mode="classic",
-    )  # fmt: skip
+        means,
+        quats,
+        scales,
+        opacities,
+        features,
+        world_to_cam[None],
+        K_gsplat[None],
+        width,
+        height,
+        near_plane=near,
+        far_plane=far,
+        eps2d=EPS2D,
+        tile_size=tile,
+        render_mode="RGB+D",
+        packed=False,
+        rasterize_mode="classic",
+    )
     image = colors[0].permute(2, 0, 1)  # [7, H, W]: rgb, normal, accumulated depth
     radii = meta["radii"][0]
     visible = (radii > 0).all(-1) if radii.dim() == 2 else radii > 0

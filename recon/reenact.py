@@ -32,8 +32,16 @@ def reenact(avatar: FlameParams, driver: FlameParams, head_pose: str = "driver")
         rotation, translation = held(own.rotation), held(own.translation)
     else:
         rotation, translation = _relative_motion(own, driver)
-    return FlameParams(held(own.shape), driver.expression.clone(), rotation, driver.neck.clone(),
-                       driver.jaw.clone(), driver.eyes.clone(), translation, held(own.scale))  # fmt: skip
+    return FlameParams(
+        held(own.shape),
+        driver.expression.clone(),
+        rotation,
+        driver.neck.clone(),
+        driver.jaw.clone(),
+        driver.eyes.clone(),
+        translation,
+        held(own.scale),
+    )
 
 
 def _relative_motion(own: FlameParams, driver: FlameParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,13 @@ from geodiff4d.recon.gaussians import BoundGaussians
 
 RESIDUAL_NAMES = ("expression", "rotation", "neck", "jaw", "translation")
 # GaussianAvatars' optimizer groups for the FLAME parameters it fine-tunes (their rates: recon.fit.LEARNING_RATES)
-RESIDUAL_GROUPS = {"expression": "flame_expression", "rotation": "flame_pose", "neck": "flame_pose",
-                   "jaw": "flame_pose", "translation": "flame_translation"}  # fmt: skip
+RESIDUAL_GROUPS = {
+    "expression": "flame_expression",
+    "rotation": "flame_pose",
+    "neck": "flame_pose",
+    "jaw": "flame_pose",
+    "translation": "flame_translation",
+}
 FLAME_FIELDS = tuple(f.name for f in fields(FlameParams))
 
 
@@ -52,7 +57,9 @@ def subdivide(faces: Tensor, uv: Tensor, n_vertices: int) -> tuple[Tensor, Tenso
     rows = torch.cat([torch.arange(n_vertices), torch.arange(n_vertices, n_new).repeat(2)])
     cols = torch.cat([torch.arange(n_vertices), unique[:, 0], unique[:, 1]])
     vals = torch.cat([torch.ones(n_vertices), torch.full((2 * len(unique),), 0.5)])
-    mapping = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_new, n_vertices), check_invariants=False)
+    mapping = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), vals, (n_new, n_vertices), check_invariants=False
+    )
     mapping = mapping.coalesce()
     return mapping, new_faces, torch.sparse.mm(mapping, uv)
 
@@ -70,7 +77,12 @@ class UVUNet(nn.Module):
     def __init__(self, code_dim: int, size: int, width: int = 32):
         super().__init__()
         self.size = size
-        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.SiLU(), nn.Conv2d(o, o, 3, padding=1), nn.SiLU())  # noqa: E731
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1), nn.SiLU(), nn.Conv2d(o, o, 3, padding=1), nn.SiLU()
+            )
+
         self.enc1, self.enc2 = block(2 + code_dim, width), block(width, 2 * width)
         self.mid = block(2 * width, 2 * width)
         self.dec2, self.dec1 = block(4 * width, width), block(2 * width, width)
@@ -101,20 +113,32 @@ class AttributeMLP(nn.Module):
 
     def __init__(self, code_dim: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(code_dim + 3, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 13))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Linear(code_dim + 3, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 13),
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, code: Tensor, positions: Tensor) -> dict[str, Tensor]:
         out = self.net(torch.cat([code[None].expand(len(positions), -1), positions], -1))  # [N, 13]
-        return {"local_xyz": out[:, :3], "local_quat": out[:, 3:7], "log_scale": out[:, 7:10], "sh_dc": out[:, 10:]}
+        return {
+            "local_xyz": out[:, :3],
+            "local_quat": out[:, 3:7],
+            "log_scale": out[:, 7:10],
+            "sh_dc": out[:, 10:],
+        }
 
 
 class HierarchicalDeformer(nn.Module):
     """Fitter deformer: ``forward(frame)`` -> vertices of (the subdivided) head; ``attribute_residuals``."""
 
-    def __init__(self, model: FlameModel, params: FlameParams, config: RefineConfig, latents: Tensor | None = None):
+    def __init__(
+        self, model: FlameModel, params: FlameParams, config: RefineConfig, latents: Tensor | None = None
+    ):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: its buffers stay out of every checkpoint
         self.config = config
@@ -123,7 +147,9 @@ class HierarchicalDeformer(nn.Module):
             self.register_buffer(f"tracked_{name}", value.detach().float().clone())
         for name in RESIDUAL_NAMES:
             value = torch.zeros_like(getattr(params, name))
-            self.register_parameter(f"residual_{name}", nn.Parameter(value, requires_grad=config.flame_residuals))
+            self.register_parameter(
+                f"residual_{name}", nn.Parameter(value, requires_grad=config.flame_residuals)
+            )
         # frame code: the expression latent, else the tracked FLAME expression
         codes = latents.float() if latents is not None else params.expression.detach()
         if codes.shape[0] != frames:

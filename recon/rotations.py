@@ -10,10 +10,16 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     """Unnormalized wxyz quaternions [..., 4] -> rotation matrices [..., 3, 3] (columns = rotated axes)."""
     w, x, y, z = torch.unbind(quats / quats.norm(dim=-1, keepdim=True), dim=-1)
     rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ]  # fmt: skip
+        1 - 2 * (y * y + z * z),
+        2 * (x * y - w * z),
+        2 * (x * z + w * y),
+        2 * (x * y + w * z),
+        1 - 2 * (x * x + z * z),
+        2 * (y * z - w * x),
+        2 * (x * z - w * y),
+        2 * (y * z + w * x),
+        1 - 2 * (x * x + y * y),
+    ]
     return torch.stack(rows, dim=-1).reshape(quats.shape[:-1] + (3, 3))
 
 
@@ -53,9 +59,13 @@ def axis_angle_to_rotmat(axis_angle: Tensor) -> Tensor:
     theta = torch.sqrt(theta2 + 1e-12)
     small = theta2 < 1e-8
     sin_over = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
-    one_minus_cos_over = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-12))
+    one_minus_cos_over = torch.where(
+        small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-12)
+    )
     x, y, z = torch.unbind(axis_angle, dim=-1)
     zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(axis_angle.shape[:-1] + (3, 3))
+    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(
+        axis_angle.shape[:-1] + (3, 3)
+    )
     eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device).expand_as(skew)
     return eye + sin_over * skew + one_minus_cos_over * (skew @ skew)

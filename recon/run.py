@@ -66,7 +66,9 @@ class ReconConfig:
         if self.progress_every < 1:
             raise ValueError(f"ReconConfig.progress_every must be at least 1, got {self.progress_every}")
         if self.tracking_init is not None and self.tracker != "ours":
-            raise ValueError("ReconConfig.tracking_init is the initial value of our tracker: set tracker: ours")
+            raise ValueError(
+                "ReconConfig.tracking_init is the initial value of our tracker: set tracker: ours"
+            )
 
     def cameras(self, root: Path, subject: str, sequence: str) -> list[str] | None:
         """The cameras one sequence trains (and tracks) on: ``train_cameras`` (None: all) less the held-out one."""
@@ -83,7 +85,11 @@ def recon_config_from_mapping(raw: dict[str, Any], where: str | Path, prefix: st
     """A ReconConfig from a mapping; unknown or mistyped fields, in ``fit``, ``tracking_options`` and ``refine``
     too, fail here with the file (``where``) and field named rather than inside a worker an hour later."""
     config = validate(where, raw, ReconConfig, prefix=prefix)
-    for section, schema in (("fit", FitConfig), ("tracking_options", TrackingConfig), ("refine", RefineConfig)):
+    for section, schema in (
+        ("fit", FitConfig),
+        ("tracking_options", TrackingConfig),
+        ("refine", RefineConfig),
+    ):
         overrides = getattr(config, section)
         if overrides is not None:
             validate(where, overrides, schema, prefix=f"{prefix}.{section}" if prefix else section)
@@ -104,26 +110,47 @@ def load_head_model(spec: str) -> FlameModel:
 
 def load_tracking(path: Path, model: FlameModel) -> FlameParams:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no FLAME tracking for this sequence (run tracking or pass an external npz)")
+        raise FileNotFoundError(
+            f"{path}: no FLAME tracking for this sequence (run tracking or pass an external npz)"
+        )
     return load_tracking_file(path, model).params
 
 
-def sequence_tracking(root: Path, subject: str, sequence: str, model: FlameModel, config: ReconConfig,
-                      cache: Path | None = None, progress: bool = False) -> FlameParams:  # fmt: skip
+def sequence_tracking(
+    root: Path,
+    subject: str,
+    sequence: str,
+    model: FlameModel,
+    config: ReconConfig,
+    cache: Path | None = None,
+    progress: bool = False,
+) -> FlameParams:
     """FLAME parameters of one sequence: an external tracker's npz, or our tracker (cached in ``cache``, its
     finished chunks in ``cache/{sequence}.chunks`` until the whole sequence is done)."""
     if config.tracker == "file":
-        return load_tracking(Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model)
+        return load_tracking(
+            Path(config.tracking.format(root=root, subject=subject, sequence=sequence)), model
+        )
     path = cache / f"{sequence}.npz" if cache is not None else None
     if path is not None and path.is_file():
         return load_tracking(path, model)
     init = None
     if config.tracking_init is not None:
-        init = load_tracking(Path(config.tracking_init.format(root=root, subject=subject, sequence=sequence)), model)
+        init = load_tracking(
+            Path(config.tracking_init.format(root=root, subject=subject, sequence=sequence)), model
+        )
     chunks = cache / f"{sequence}.chunks" if cache is not None else None
-    params = track_frame_folder(root, subject, sequence, model, TrackingConfig(**config.tracking_options),
-                                cameras=config.cameras(root, subject, sequence), init=init, checkpoints=chunks,
-                                progress=progress)  # fmt: skip
+    params = track_frame_folder(
+        root,
+        subject,
+        sequence,
+        model,
+        TrackingConfig(**config.tracking_options),
+        cameras=config.cameras(root, subject, sequence),
+        init=init,
+        checkpoints=chunks,
+        progress=progress,
+    )
     if path is not None:
         frame_io.write_tracking(path, params)
         shutil.rmtree(chunks)
@@ -147,8 +174,14 @@ class SubjectData:
         return concat_params(list(self.params.values()))
 
 
-def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfig,
-                 tracking_cache: Path | None = None, progress: bool = False) -> SubjectData:  # fmt: skip
+def load_subject(
+    root: Path,
+    subject: str,
+    model: FlameModel,
+    config: ReconConfig,
+    tracking_cache: Path | None = None,
+    progress: bool = False,
+) -> SubjectData:
     """Every training view of the subject (compact: images are read and stored one at a time) and the FLAME
     meshes of its frames, tracking each sequence first when our tracker is configured."""
     vertices, views, counts, all_params, pixels = [], FrameStore(), {}, {}, []
@@ -162,7 +195,9 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
         vertices.append(seq_vertices)
         for image in frame_io.iter_frames(root, subject, sequence, config.cameras(root, subject, sequence)):
             if image.frame >= seq_vertices.shape[0]:
-                raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frame {image.frame} has no tracking")
+                raise frame_io.FrameFolderError(
+                    f"{root}/rgb/{subject}/{sequence}: frame {image.frame} has no tracking"
+                )
             views.add_image(offset + image.frame, cameras[image.camera], image)
             pixels.append(_pixel_m(cameras[image.camera], seq_vertices[image.frame].mean(0)))
     if not len(views):
@@ -172,8 +207,11 @@ def load_subject(root: Path, subject: str, model: FlameModel, config: ReconConfi
 
 def _pixel_m(camera, point: torch.Tensor) -> float:
     # torch.tensor copies: the camera's arrays are read-only, which torch.as_tensor warns about
-    return pixel_size(torch.tensor(camera.world_to_cam, dtype=torch.float32),
-                      torch.tensor(camera.K, dtype=torch.float32), point.float())
+    return pixel_size(
+        torch.tensor(camera.world_to_cam, dtype=torch.float32),
+        torch.tensor(camera.K, dtype=torch.float32),
+        point.float(),
+    )
 
 
 def make_deformer(model: FlameModel, params: FlameParams, config: ReconConfig) -> torch.nn.Module:
@@ -184,7 +222,9 @@ def make_deformer(model: FlameModel, params: FlameParams, config: ReconConfig) -
     return HierarchicalDeformer(model, params, RefineConfig(**config.refine))
 
 
-def new_fitter(data: SubjectData, model: FlameModel, config: ReconConfig, checkpoint: Path | None = None) -> Fitter:
+def new_fitter(
+    data: SubjectData, model: FlameModel, config: ReconConfig, checkpoint: Path | None = None
+) -> Fitter:
     """A fitter for the subject, resumed from ``checkpoint`` when that file exists."""
     fit_config = config.fit_config()
     deformer = make_deformer(model, data.all_params, config)
@@ -199,7 +239,9 @@ def new_fitter(data: SubjectData, model: FlameModel, config: ReconConfig, checkp
     return Fitter(gaussians, deformer, faces, data.views, fit_config)
 
 
-def probe_views(root: Path, subject: str, data: SubjectData, config: ReconConfig) -> tuple[Sequence[View], str]:
+def probe_views(
+    root: Path, subject: str, data: SubjectData, config: ReconConfig
+) -> tuple[Sequence[View], str]:
     """Views whose PSNR reports the fit's progress, and their name: up to 4 frames of the first sequence seen
     by the held-out camera, else 4 training views spread over the subject."""
     if config.holdout_camera is None:
@@ -211,7 +253,9 @@ def probe_views(root: Path, subject: str, data: SubjectData, config: ReconConfig
     for image in frame_io.iter_frames(root, subject, sequence, [config.holdout_camera], frames=frames):
         probe.add_image(image.frame, cameras[image.camera], image)
     if not len(probe):
-        raise frame_io.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: no frames of holdout_camera {config.holdout_camera}")
+        raise frame_io.FrameFolderError(
+            f"{root}/rgb/{subject}/{sequence}: no frames of holdout_camera {config.holdout_camera}"
+        )
     return probe, "holdout"
 
 
@@ -234,9 +278,15 @@ class ReconJob:
         checkpoint = folder / "checkpoint.safetensors"
         fitter = new_fitter(data, self.model, config, checkpoint)
         resumed_from = fitter.step_index
-        progress = FitProgress(folder, subject, config.steps, resumed_from,
-                               *probe_views(self.input_root, subject, data, config), config.progress_every,
-                               enabled=self.progress)  # fmt: skip
+        progress = FitProgress(
+            folder,
+            subject,
+            config.steps,
+            resumed_from,
+            *probe_views(self.input_root, subject, data, config),
+            config.progress_every,
+            enabled=self.progress,
+        )
 
         def on_step(step: int, loss: float) -> None:
             progress.on_step(fitter, step, loss)
@@ -246,18 +296,25 @@ class ReconJob:
         progress.close()
         export_avatar(folder, fitter, self.model, data, config)
         with torch.no_grad():
-            scores = [psnr(fitter.render(v.frame, v.world_to_cam, v.K, v.rgb.shape[-1], v.rgb.shape[-2]).rgb, v.rgb)
-                      for v in data.views[:8]]  # fmt: skip
+            scores = [
+                psnr(fitter.render(v.frame, v.world_to_cam, v.K, v.rgb.shape[-1], v.rgb.shape[-2]).rgb, v.rgb)
+                for v in data.views[:8]
+            ]
         return {
-            "subject": subject, "steps": fitter.step_index, "resumed_from_step": resumed_from,
-            "gaussians": len(fitter.gaussians), "train_psnr": float(np.mean(scores)),
+            "subject": subject,
+            "steps": fitter.step_index,
+            "resumed_from_step": resumed_from,
+            "gaussians": len(fitter.gaussians),
+            "train_psnr": float(np.mean(scores)),
             f"{progress.probe_name}_psnr": progress.last_psnr,
             "final_loss": fitter.losses[-1] if fitter.losses else None,
             "seconds": round(time.perf_counter() - started, 2),
-        }  # fmt: skip
+        }
 
 
-def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: SubjectData, config: ReconConfig) -> None:
+def export_avatar(
+    folder: Path, fitter: Fitter, model: FlameModel, data: SubjectData, config: ReconConfig
+) -> None:
     """avatar.safetensors (the fit), point_cloud.ply (canonical pose), binding.npz, flame/{sequence}.npz (the
     tracking the fit started from) and, with FLAME residuals, flame_refined/{sequence}.npz."""
     fitter.save(folder / "avatar.safetensors")
@@ -273,12 +330,21 @@ def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: Subject
         active_rest = gaussians.sh_rest.clone()
         active_rest[:, n_coefficients(gaussians.active_sh_degree) - 1 :] = 0  # viewers render every degree
         write_point_cloud_ply(
-            folder / "point_cloud.ply", means.numpy(), shortest_axis(quats, scales).numpy(),
-            gaussians.sh_dc.numpy(), active_rest.numpy(), gaussians.opacity_logit.numpy(),
-            torch.log(scales).numpy(), quats.numpy(),
-        )  # fmt: skip
+            folder / "point_cloud.ply",
+            means.numpy(),
+            shortest_axis(quats, scales).numpy(),
+            gaussians.sh_dc.numpy(),
+            active_rest.numpy(),
+            gaussians.opacity_logit.numpy(),
+            torch.log(scales).numpy(),
+            quats.numpy(),
+        )
     with atomic_output(folder / "binding.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, face_index=gaussians.face_index.numpy(), **{k: v.numpy() for k, v in gaussians.tensors().items()})
+        np.savez(
+            f,
+            face_index=gaussians.face_index.numpy(),
+            **{k: v.numpy() for k, v in gaussians.tensors().items()},
+        )
     offset = 0
     for sequence, params in data.params.items():
         frame_io.write_tracking(folder / "flame" / f"{sequence}.npz", params)
@@ -288,8 +354,11 @@ def export_avatar(folder: Path, fitter: Fitter, model: FlameModel, data: Subject
             frame_io.write_tracking(folder / "flame_refined" / f"{sequence}.npz", refined)
         offset += params.batch_size
     with atomic_output(folder / "avatar.json") as tmp:
-        tmp.write_text(json.dumps({"config": asdict(config), "sequences": data.sequences, "pixel_m": data.pixel_m},
-                                  indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"config": asdict(config), "sequences": data.sequences, "pixel_m": data.pixel_m}, indent=1
+            )
+        )
 
 
 def reconstruct(
@@ -310,8 +379,16 @@ def reconstruct(
     connect(address)
     job = ReconJob(input, out, config, progress)
     units = [WorkUnit(s) for s in subjects]
-    return run_units(job, units, CommitLog(Path(out) / "_commits"), workers=workers, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, desc="recon subjects", progress=progress)  # fmt: skip
+    return run_units(
+        job,
+        units,
+        CommitLog(Path(out) / "_commits"),
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        desc="recon subjects",
+        progress=progress,
+    )
 
 
 def render_avatar(
@@ -337,7 +414,9 @@ def render_avatar(
         raise UserError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
     avatar = Path(avatar)
     if not (avatar / "avatar.json").is_file():
-        raise UserError(f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)")
+        raise UserError(
+            f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)"
+        )
     meta = json.loads((avatar / "avatar.json").read_text())
     config = ReconConfig(**meta["config"])
     model = load_head_model(config.head_model)
@@ -345,7 +424,7 @@ def render_avatar(
     gaussians = load_gaussians(tensors, metadata)
     sequences = meta["sequences"]  # sequence -> frames, in training order
     sequence = sequence or (Path(expressions_npz).stem if expressions_npz else next(iter(sequences)))
-    deformer_state = {k[len("deformer/"):]: v for k, v in tensors.items() if k.startswith("deformer/")}
+    deformer_state = {k[len("deformer/") :]: v for k, v in tensors.items() if k.startswith("deformer/")}
     if expressions_npz is None:
         if sequence not in sequences:
             raise KeyError(f"{avatar}/avatar.json: no sequence {sequence!r} (has {list(sequences)})")
@@ -357,7 +436,9 @@ def render_avatar(
         own = load_tracking(avatar / "flame" / f"{next(iter(sequences))}.npz", model)
         params = reenact(own, load_tracking(Path(expressions_npz), model), head_pose)
         frames = range(params.batch_size)
-        per_frame = [k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))]
+        per_frame = [
+            k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))
+        ]
         for key in per_frame:  # belongs to the training frames
             deformer_state.pop(key)
     deformer = make_deformer(model, params, config)
@@ -366,7 +447,9 @@ def render_avatar(
     cameras = frame_io.read_cameras(Path(cameras_json))
     subject, out = avatar.name, Path(out)
     frame_io.write_cameras(out / "cameras" / subject / f"{sequence}.json", cameras)
-    frame_io.write_tracking(frame_io.tracking_path(out, subject, sequence), params[frames.start : frames.stop])
+    frame_io.write_tracking(
+        frame_io.tracking_path(out, subject, sequence), params[frames.start : frames.stop]
+    )
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
     gaussians, faces, deformer = gaussians.to(device), faces.to(device), deformer.to(device)
     rendered, seconds = 0, 0.0
@@ -378,10 +461,22 @@ def render_avatar(
             dilation = resolution_dilation(meta.get("pixel_m", 0.0), pixel_size(w2c, K, meshes[0][0].mean(0)))
             for index, (vertices, residuals) in enumerate(meshes):
                 start = time.perf_counter()
-                image = render_bound(gaussians, vertices, faces, w2c, K, cam.width, cam.height, backend=backend,
-                                     residuals=residuals, dilation=dilation)  # fmt: skip
+                image = render_bound(
+                    gaussians,
+                    vertices,
+                    faces,
+                    w2c,
+                    K,
+                    cam.width,
+                    cam.height,
+                    backend=backend,
+                    residuals=residuals,
+                    dilation=dilation,
+                )
                 seconds += time.perf_counter() - start
                 normal = image.normal / image.alpha.clamp_min(1e-6)[None]
-                frame_io.write_frame(out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu())
+                frame_io.write_frame(
+                    out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu()
+                )
                 rendered += 1
     return rendered / max(seconds, 1e-9)

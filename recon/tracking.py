@@ -49,7 +49,9 @@ class TrackingConfig:
     landmark_steps: int = 150  # landmarks only, every parameter
     steps: int = 150  # every term
     render_size: int = 96  # silhouettes and normals are compared at this size (longest side)
-    views_per_step: int = 1  # random cameras rendered per frame and step (every frame gets a gradient each step)
+    views_per_step: int = (
+        1  # random cameras rendered per frame and step (every frame gets a gradient each step)
+    )
     lr: float = 0.01
     render_lr: float = 0.003  # smaller steps once the noisy per-view render terms join
     landmark_weight: float = 1.0
@@ -82,8 +84,14 @@ class TrackingTargets:
     def select(self, frames: Sequence[int]) -> TrackingTargets:
         """The targets of some frames (e.g. one chunk), in the given order."""
         index = list(frames)
-        return TrackingTargets(self.cameras, self.masks[index], self.normals[index], self.has_normal[index],
-                               self.landmarks[index], self.has_landmarks[index])  # fmt: skip
+        return TrackingTargets(
+            self.cameras,
+            self.masks[index],
+            self.normals[index],
+            self.has_normal[index],
+            self.landmarks[index],
+            self.has_landmarks[index],
+        )
 
 
 class TrackedSequence(nn.Module):
@@ -102,8 +110,16 @@ class TrackedSequence(nn.Module):
 
     def params(self) -> FlameParams:
         frames = self.rotation.shape[0]
-        return FlameParams(self.shape.expand(frames, -1), self.expression, self.rotation, self.neck, self.jaw,
-                           self.eyes, self.translation, self.scale)  # fmt: skip
+        return FlameParams(
+            self.shape.expand(frames, -1),
+            self.expression,
+            self.rotation,
+            self.neck,
+            self.jaw,
+            self.eyes,
+            self.translation,
+            self.scale,
+        )
 
     def per_frame(self) -> list[Tensor]:
         return [getattr(self, name) for name in PER_FRAME]
@@ -128,20 +144,28 @@ def _render_size(camera: Camera, size: int) -> tuple[int, int]:
 
 
 def build_targets(
-    cameras: list[Camera], rgb: np.ndarray, masks: np.ndarray, normals: np.ndarray | None,
-    detector: LandmarkDetector | None, render_size: int,
-) -> TrackingTargets:  # fmt: skip
+    cameras: list[Camera],
+    rgb: np.ndarray,
+    masks: np.ndarray,
+    normals: np.ndarray | None,
+    detector: LandmarkDetector | None,
+    render_size: int,
+) -> TrackingTargets:
     """rgb uint8 [T, C, H, W, 3], masks float [T, C, H, W], normals [T, C, H, W, 3] or None (NaN = unknown)."""
     frames, n_cams = masks.shape[:2]
     width, height = _render_size(cameras[0], render_size)
-    mask_t = torch.from_numpy(np.ascontiguousarray(masks, np.float32)).flatten(0, 1)[:, None]  # [T*C, 1, H, W]
+    mask_t = torch.from_numpy(np.ascontiguousarray(masks, np.float32)).flatten(0, 1)[
+        :, None
+    ]  # [T*C, 1, H, W]
     small_mask = F.interpolate(mask_t, size=(height, width), mode="area")
     if normals is None:
         small_normal = torch.zeros(frames * n_cams, 3, height, width)
         has_normal = torch.zeros(frames, n_cams, dtype=torch.bool)
     else:
         known = ~np.isnan(normals).any(axis=(2, 3, 4))  # [T, C]
-        normal_t = torch.from_numpy(np.nan_to_num(normals).astype(np.float32)).flatten(0, 1).permute(0, 3, 1, 2)
+        normal_t = (
+            torch.from_numpy(np.nan_to_num(normals).astype(np.float32)).flatten(0, 1).permute(0, 3, 1, 2)
+        )
         small_normal = F.normalize(F.interpolate(normal_t * mask_t, size=(height, width), mode="area"), dim=1)
         has_normal = torch.from_numpy(known)
     landmarks = torch.zeros(frames, n_cams, 68, 2)
@@ -153,9 +177,13 @@ def build_targets(
                 if points is not None:
                     landmarks[t, c], found[t, c] = torch.from_numpy(points), True
     return TrackingTargets(
-        cameras, small_mask.reshape(frames, n_cams, height, width),
-        small_normal.reshape(frames, n_cams, 3, height, width), has_normal, landmarks, found,
-    )  # fmt: skip
+        cameras,
+        small_mask.reshape(frames, n_cams, height, width),
+        small_normal.reshape(frames, n_cams, 3, height, width),
+        has_normal,
+        landmarks,
+        found,
+    )
 
 
 def _camera_tensors(cameras: list[Camera]) -> tuple[Tensor, Tensor]:
@@ -189,15 +217,22 @@ def smoothness(sequence: TrackedSequence, previous: FlameParams | None = None) -
     """Mean squared change between consecutive frames, from ``previous`` (the frame before, held) on."""
     per_frame = sequence.per_frame()
     if previous is not None:
-        per_frame = [torch.cat([getattr(previous, n)[-1:].detach(), p]) for n, p in zip(PER_FRAME, per_frame, strict=True)]
+        per_frame = [
+            torch.cat([getattr(previous, n)[-1:].detach(), p])
+            for n, p in zip(PER_FRAME, per_frame, strict=True)
+        ]
     terms = [((p[1:] - p[:-1]) ** 2).sum(-1).mean() for p in per_frame if p.shape[0] > 1]
     return torch.stack(terms).sum() if terms else sequence.rotation.new_zeros(())
 
 
 def track(
-    model: FlameModel, targets: TrackingTargets, config: TrackingConfig, init: FlameParams | None = None,
-    previous: FlameParams | None = None, fit_shape: bool = True,
-) -> FlameParams:  # fmt: skip
+    model: FlameModel,
+    targets: TrackingTargets,
+    config: TrackingConfig,
+    init: FlameParams | None = None,
+    previous: FlameParams | None = None,
+    fit_shape: bool = True,
+) -> FlameParams:
     """Fit FLAME parameters to the targets of T frames; returns T frames (shape and scale shared).
 
     ``previous``: the tracked frame just before these (held; smoothness reaches across the border).
@@ -214,9 +249,11 @@ def track(
     generator = torch.Generator().manual_seed(config.seed)
 
     def regularizers() -> Tensor:
-        return (config.smooth_weight * smoothness(sequence, previous)
-                + config.prior_weight * (sequence.shape.pow(2).sum() + sequence.expression.pow(2).sum(-1).mean())
-                + config.neck_weight * sequence.neck.pow(2).sum(-1).mean())  # fmt: skip
+        return (
+            config.smooth_weight * smoothness(sequence, previous)
+            + config.prior_weight * (sequence.shape.pow(2).sum() + sequence.expression.pow(2).sum(-1).mean())
+            + config.neck_weight * sequence.neck.pow(2).sum(-1).mean()
+        )
 
     def run(steps: int, parameters: list[Tensor], with_renders: bool) -> None:
         optimizer = torch.optim.Adam(parameters, lr=config.render_lr if with_renders else config.lr)
@@ -226,7 +263,9 @@ def track(
             if with_renders:
                 picks = torch.randint(n_cams, (frames, config.views_per_step), generator=generator)
                 for t, c in ((frame, int(cam)) for frame in range(frames) for cam in picks[frame]):
-                    image = render_bound(discs, output.vertices[t], model.faces, w2c_small[c], K_small[c], width, height)
+                    image = render_bound(
+                        discs, output.vertices[t], model.faces, w2c_small[c], K_small[c], width, height
+                    )
                     mask = targets.masks[t, c]
                     view_loss = config.silhouette_weight * (image.alpha - mask).abs().mean()
                     if targets.has_normal[t, c]:
@@ -281,8 +320,14 @@ def _fingerprint(config: TrackingConfig, frames: int, init: FlameParams | None) 
     return {"config": asdict(config), "frames": frames, "init_sha256": digest}
 
 
-def _start(frames: Sequence[int], shape: Tensor, scale: Tensor, init: FlameParams | None,
-           previous: FlameParams | None, model: FlameModel) -> FlameParams:  # fmt: skip
+def _start(
+    frames: Sequence[int],
+    shape: Tensor,
+    scale: Tensor,
+    init: FlameParams | None,
+    previous: FlameParams | None,
+    model: FlameModel,
+) -> FlameParams:
     """Initial value of a chunk: the given tracking, else the previous chunk's last frame, else neutral."""
     n = len(frames)
     if init is not None:
@@ -296,10 +341,15 @@ def _start(frames: Sequence[int], shape: Tensor, scale: Tensor, init: FlameParam
 
 
 def track_sequence(
-    model: FlameModel, frames: int, load_targets: TargetLoader, config: TrackingConfig,
-    init: FlameParams | None = None, checkpoints: Path | None = None,
-    on_chunk: Callable[[int, int], None] | None = None, progress: bool = False,
-) -> FlameParams:  # fmt: skip
+    model: FlameModel,
+    frames: int,
+    load_targets: TargetLoader,
+    config: TrackingConfig,
+    init: FlameParams | None = None,
+    checkpoints: Path | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    progress: bool = False,
+) -> FlameParams:
     """Track ``frames`` frames in chunks of ``config.chunk_frames``, loading each chunk's targets on demand.
 
     ``init`` (e.g. an external tracker's result) is the initial value; ``checkpoints`` a folder for finished
@@ -311,14 +361,18 @@ def track_sequence(
     store = ChunkCheckpoints(checkpoints, _fingerprint(config, frames, init)) if checkpoints else None
     load = (lambda name: store.load(name, model)) if store else (lambda name: None)  # noqa: E731
     save = store.save if store else (lambda name, params: None)  # noqa: E731
-    shape = (init.shape[:1] if init is not None else torch.zeros(1, model.n_shape))
-    scale = (init.scale[:1] if init is not None else torch.ones(1, 1))
+    shape = init.shape[:1] if init is not None else torch.zeros(1, model.n_shape)
+    scale = init.scale[:1] if init is not None else torch.ones(1, 1)
     if len(chunks) > 1:  # one shape for every chunk, fitted on frames spread over the sequence
         identity = load("identity")
         if identity is None:
-            picks = np.unique(np.linspace(0, frames - 1, min(config.identity_frames, frames)).round().astype(int))
+            picks = np.unique(
+                np.linspace(0, frames - 1, min(config.identity_frames, frames)).round().astype(int)
+            )
             start = _start(picks.tolist(), shape, scale, init, None, model)
-            identity = track(model, load_targets(picks.tolist()), replace(config, smooth_weight=0.0), start)[:1]
+            identity = track(model, load_targets(picks.tolist()), replace(config, smooth_weight=0.0), start)[
+                :1
+            ]
             save("identity", identity)
         shape = identity.shape[:1]
     bar = progress_bar(len(chunks), "tracking chunks", enabled=progress)
@@ -328,8 +382,12 @@ def track_sequence(
         if done is None:
             previous = results[-1] if results else None
             start = _start(chunk, shape, scale, init, previous, model)
-            chunk_config = replace(config, seed=config.seed + chunk.start)  # the same draws whether resumed or not
-            done = track(model, load_targets(chunk), chunk_config, start, previous, fit_shape=len(chunks) == 1)
+            chunk_config = replace(
+                config, seed=config.seed + chunk.start
+            )  # the same draws whether resumed or not
+            done = track(
+                model, load_targets(chunk), chunk_config, start, previous, fit_shape=len(chunks) == 1
+            )
             save(f"chunk-{chunk.start:05d}", done)
         results.append(done)
         bar.update(1)
@@ -340,10 +398,17 @@ def track_sequence(
 
 
 def track_frame_folder(
-    root: str | Path, subject: str, sequence: str, model: FlameModel, config: TrackingConfig,
-    cameras: list[str] | None = None, detector: LandmarkDetector | None = None, init: FlameParams | None = None,
-    checkpoints: Path | None = None, progress: bool = False,
-) -> FlameParams:  # fmt: skip
+    root: str | Path,
+    subject: str,
+    sequence: str,
+    model: FlameModel,
+    config: TrackingConfig,
+    cameras: list[str] | None = None,
+    detector: LandmarkDetector | None = None,
+    init: FlameParams | None = None,
+    checkpoints: Path | None = None,
+    progress: bool = False,
+) -> FlameParams:
     """Track one sequence of a frame folder (every camera, or ``cameras``) from its rgb, mask and normal maps,
     reading one chunk of frames at a time; ``checkpoints``: a folder that makes a rerun resume (see
     :func:`track_sequence`)."""
@@ -351,7 +416,9 @@ def track_frame_folder(
     rig = frame_folder.read_cameras(root / "cameras" / subject / f"{sequence}.json")
     serials, frame_ids = frame_folder.sequence_index(root, subject, sequence, cameras)
     if frame_ids != list(range(len(frame_ids))):
-        raise frame_folder.FrameFolderError(f"{root}/rgb/{subject}/{sequence}: frames must be 0..T-1, got {frame_ids}")
+        raise frame_folder.FrameFolderError(
+            f"{root}/rgb/{subject}/{sequence}: frames must be 0..T-1, got {frame_ids}"
+        )
     missing = [s for s in serials if s not in rig]
     if missing:
         raise frame_folder.FrameFolderError(f"{root}/cameras/{subject}/{sequence}.json: no camera {missing}")
@@ -388,7 +455,9 @@ def tracking_errors(estimated: FlameParams, truth: FlameParams) -> dict[str, flo
     expr_est, expr_gt = estimated.expression.flatten(), truth.expression.flatten()
     corr = torch.corrcoef(torch.stack([expr_est, expr_gt]))[0, 1]
     return {
-        "rotation_deg_max": float(rotation_error_deg(estimated.rotation, truth.rotation, euler_xyz_matrix).max()),
+        "rotation_deg_max": float(
+            rotation_error_deg(estimated.rotation, truth.rotation, euler_xyz_matrix).max()
+        ),
         "jaw_deg_max": float(rotation_error_deg(estimated.jaw, truth.jaw).max()),
         "expression_corr": float(corr),
     }

@@ -64,11 +64,16 @@ def pack_demo_data(work: Path, resolution: int) -> Path:
 def training_config(args: argparse.Namespace) -> GenConfig:
     """configs/demo.yaml with this run's resolution, batches, steps and loader processes."""
     cfg = load_config("demo")
-    train = cfg.train.model_copy(update={
-        "stage1": cfg.train.stage1.model_copy(update={"batch_size": args.batch1, "steps": args.steps1}),
-        "stage2": cfg.train.stage2.model_copy(update={"batch_size": args.batch2, "steps": args.steps2}),
-        "checkpoint_every": args.checkpoint_every, "sample_every": max(args.steps1, args.steps2), "log_every": 10,
-        "count_flops": False})
+    train = cfg.train.model_copy(
+        update={
+            "stage1": cfg.train.stage1.model_copy(update={"batch_size": args.batch1, "steps": args.steps1}),
+            "stage2": cfg.train.stage2.model_copy(update={"batch_size": args.batch2, "steps": args.steps2}),
+            "checkpoint_every": args.checkpoint_every,
+            "sample_every": max(args.steps1, args.steps2),
+            "log_every": 10,
+            "count_flops": False,
+        }
+    )
     data = cfg.data.model_copy(update={"loader_workers": args.loader_workers, "resolution": args.resolution})
     return cfg.model_copy(update={"train": train, "data": data})
 
@@ -79,8 +84,15 @@ def train_stage(cfg: GenConfig, stage: int, shards: Path, run: Path, device: tor
     finished stage trains no further. Returns this call's seconds."""
     started = time.perf_counter()
     batches = shard_batches(shards, cfg, stage, cfg.data.loader_workers)
-    train_loop(cfg, stage, batches, run, init=run.parent / "stage1" if stage == 2 else None,
-               restore=latest_checkpoint(run), device=device)  # fmt: skip
+    train_loop(
+        cfg,
+        stage,
+        batches,
+        run,
+        init=run.parent / "stage1" if stage == 2 else None,
+        restore=latest_checkpoint(run),
+        device=device,
+    )
     return time.perf_counter() - started
 
 
@@ -88,7 +100,9 @@ def check_resumable(runs: Path, cfg: GenConfig) -> None:
     """Refuse to continue runs that were trained with other settings (they would mix two models)."""
     for written in sorted(runs.glob(f"stage*/{CONFIG_FILE}")):
         if yaml.safe_load(written.read_text()) != cfg.model_dump(mode="json"):
-            sys.exit(f"{written.parent}: trained with other settings than these; give a new --work or delete {runs}")
+            sys.exit(
+                f"{written.parent}: trained with other settings than these; give a new --work or delete {runs}"
+            )
 
 
 def add_seconds(runs: Path, seconds: dict[str, float]) -> dict[str, float]:
@@ -126,9 +140,13 @@ def _git_commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder: data, shards, training runs")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="scratch folder: data, shards, training runs"
+    )
     parser.add_argument("--out", type=Path, help="default: configs/checkpoints/demo-{resolution}px")
-    parser.add_argument("--resolution", type=int, default=32, help="the model's (and the packed data's) pixels")
+    parser.add_argument(
+        "--resolution", type=int, default=32, help="the model's (and the packed data's) pixels"
+    )
     parser.add_argument("--shards", type=Path, help="already packed demo shards (skips synth and pack)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps1", type=int, default=6000)
@@ -137,7 +155,9 @@ def main() -> None:
     parser.add_argument("--batch2", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--loader-workers", type=int, default=4)
-    parser.add_argument("--source-commit", default=None, help="the code's commit (default: git rev-parse HEAD)")
+    parser.add_argument(
+        "--source-commit", default=None, help="the code's commit (default: git rev-parse HEAD)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     work, device = args.work.resolve(), torch.device(args.device)
@@ -150,10 +170,15 @@ def main() -> None:
     seconds = add_seconds(runs, {"pack": pack_seconds, **seconds})
     made = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"), "git_commit": args.source_commit or _git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "git_commit": args.source_commit or _git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "data": {"benchmark_config": "configs/benchmark-demo.yaml", "subjects": SUBJECTS, "resolution": args.resolution},
+        "data": {
+            "benchmark_config": "configs/benchmark-demo.yaml",
+            "subjects": SUBJECTS,
+            "resolution": args.resolution,
+        },
         "seconds": seconds,
         "train": cfg.train.model_dump(mode="json"),
     }

@@ -41,20 +41,30 @@ def synthetic_batch(g: torch.Generator, batch: int, res: int, frames: int = 1, c
     def shaped(x):
         return x.view(batch, t, *x.shape[1:]) if frames > 1 else x
 
-    return {"rgb": shaped(rgb), "normal": shaped(normal), "mask": shaped(mask), "posemap": shaped(normal),
-            "ref_rgb": ref_rgb, "ref_posemap": ref_normal, "driving": shaped(driving),
-            "has_normal": torch.ones(batch, dtype=torch.bool), "source": ["procedural"] * batch,
-            "key": [f"s{i}" for i in range(batch)]}
+    return {
+        "rgb": shaped(rgb),
+        "normal": shaped(normal),
+        "mask": shaped(mask),
+        "posemap": shaped(normal),
+        "ref_rgb": ref_rgb,
+        "ref_posemap": ref_normal,
+        "driving": shaped(driving),
+        "has_normal": torch.ones(batch, dtype=torch.bool),
+        "source": ["procedural"] * batch,
+        "key": [f"s{i}" for i in range(batch)],
+    }
 
 
 def make_batches_factory(batch: int, res: int, frames: int = 1, crop: int = 32):
     """make_batches(seed, position): the batch stream of `seed`, starting after `position` batches."""
+
     def make_batches(seed: int, position: int):
         g = torch.Generator().manual_seed(seed)
         for _ in range(position):
             synthetic_batch(g, batch, res, frames, crop)
         while True:
             yield synthetic_batch(g, batch, res, frames, crop)
+
     return make_batches
 
 
@@ -82,4 +92,5 @@ def recording_batches(folder, batch: int, res: int, delay_s: float = 0.0, crop: 
         for item in stream(seed, position):
             time.sleep(delay_s)
             yield item
+
     return make_batches

@@ -39,34 +39,72 @@ def _nersemble(root, tracked_sequences):
     rig = nersemble_rig(width=32, height=32, focal=40.0)
     frames = np.zeros((2, 32, 32, 3), np.uint8)
     for subject in ("001", "002"):
-        write_camera_params(root / subject / "calibration" / "camera_params.json", {s: rig[s] for s in CAMERAS})
+        write_camera_params(
+            root / subject / "calibration" / "camera_params.json", {s: rig[s] for s in CAMERAS}
+        )
         for sequence in ("EXP-1-head", "FREE"):
             folder = root / subject / "sequences" / sequence
             for serial in CAMERAS:
                 write_video(folder / "images" / f"cam_{serial}.mp4", frames)
             if sequence in tracked_sequences:
-                zeros = {n: torch.zeros(2, k) for n, k in (("expression", 10), ("rotation", 3), ("neck", 3),
-                                                          ("jaw", 3), ("eyes", 6), ("translation", 3))}
+                zeros = {
+                    n: torch.zeros(2, k)
+                    for n, k in (
+                        ("expression", 10),
+                        ("rotation", 3),
+                        ("neck", 3),
+                        ("jaw", 3),
+                        ("eyes", 6),
+                        ("translation", 3),
+                    )
+                }
                 params = FlameParams(shape=torch.zeros(2, 20), scale=torch.ones(2, 1), **zeros)
-                write_nersemble_tracking(folder / "tracking" / "flame2023_tracking_v2.npz", params, np.arange(2))
+                write_nersemble_tracking(
+                    folder / "tracking" / "flame2023_tracking_v2.npz", params, np.arange(2)
+                )
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"methods": [{"name": "x", "kind": "magic"}]}, "methods.0.kind: Input should be 'geodiff4d'"),
-    ({"methods": [{"name": "x", "kind": "external"}]}, "path is required for kind 'external'"),
-    ({"subjects": ["009"]}, "subjects: ['009'] are not among the 2 procedural subjects"),
-    ({"protocols": ["sideways"]}, "protocols.0: Input should be 'self', 'cross' or 'novel_views'"),
-    ({"methods": [{"name": "v", "kind": "oracle", "overrides": {"recon.fit.lambda_nrml": 0}}]},
-     "unknown field methods[v]: recon.fit.lambda_nrml"),
-    ({"methods": [{"name": "v", "kind": "geodiff4d", "overrides": {"generation.model_overrides.model.joint_normal": 1}}]},
-     "methods[v]: generation.model.model.joint_normal: Extra inputs are not permitted"),
-    ({"subjects": ["001"], "generation": {"train_subjects": ["001"]}},
-     "subjects ['001'] are also generation.train_subjects: evaluated subjects must be held out"),
-    ({"generation": {"train_subjects": ["007"]}}, "generation.train_subjects: ['007'] are not among the 2 procedural"),
-    ({"ablation": {"full": "geodiff4d", "rows": {"nope": "joint_normals"}}},
-     "ablation names methods that are not in methods: ['nope']"),
-    ({"ablation": {"full": "geodiff4d", "rows": {"copy": "no_such_row"}}}, "ablation.rows.copy: Input should be"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": [{"name": "x", "kind": "magic"}]}, "methods.0.kind: Input should be 'geodiff4d'"),
+        ({"methods": [{"name": "x", "kind": "external"}]}, "path is required for kind 'external'"),
+        ({"subjects": ["009"]}, "subjects: ['009'] are not among the 2 procedural subjects"),
+        ({"protocols": ["sideways"]}, "protocols.0: Input should be 'self', 'cross' or 'novel_views'"),
+        (
+            {"methods": [{"name": "v", "kind": "oracle", "overrides": {"recon.fit.lambda_nrml": 0}}]},
+            "unknown field methods[v]: recon.fit.lambda_nrml",
+        ),
+        (
+            {
+                "methods": [
+                    {
+                        "name": "v",
+                        "kind": "geodiff4d",
+                        "overrides": {"generation.model_overrides.model.joint_normal": 1},
+                    }
+                ]
+            },
+            "methods[v]: generation.model.model.joint_normal: Extra inputs are not permitted",
+        ),
+        (
+            {"subjects": ["001"], "generation": {"train_subjects": ["001"]}},
+            "subjects ['001'] are also generation.train_subjects: evaluated subjects must be held out",
+        ),
+        (
+            {"generation": {"train_subjects": ["007"]}},
+            "generation.train_subjects: ['007'] are not among the 2 procedural",
+        ),
+        (
+            {"ablation": {"full": "geodiff4d", "rows": {"nope": "joint_normals"}}},
+            "ablation names methods that are not in methods: ['nope']",
+        ),
+        (
+            {"ablation": {"full": "geodiff4d", "rows": {"copy": "no_such_row"}}},
+            "ablation.rows.copy: Input should be",
+        ),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, change, message):
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, **change})
     assert result.exit_code == 2 and message in result.output, result.output
@@ -76,20 +114,28 @@ def test_missing_tracking_names_the_file_before_ray(tmp_path):
     _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head"})
     result = _run(tmp_path, {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS})
     assert result.exit_code == 2
-    assert "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/oracle methods" in result.output
+    assert (
+        "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/oracle methods"
+        in result.output
+    )
 
 
 def test_missing_hold_out_camera_and_subject_are_named(tmp_path):
     _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
     base = {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS}
     result = _run(tmp_path, {**base, "holdout_cameras": ["222200046", "220700191", "999999999"]})
-    assert result.exit_code == 2 and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
+    assert (
+        result.exit_code == 2
+        and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
+    )
     result = _run(tmp_path, {**base, "subjects": ["001", "042"]})
     assert result.exit_code == 2 and "subjects: ['042'] not in" in result.output
 
 
 def test_variants_override_dotted_fields():
-    assert dotted_to_nested({"recon.fit.steps": 5, "recon.seed": 1}) == {"recon": {"fit": {"steps": 5}, "seed": 1}}
+    assert dotted_to_nested({"recon.fit.steps": 5, "recon.seed": 1}) == {
+        "recon": {"fit": {"steps": 5}, "seed": 1}
+    }
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
 
 
@@ -122,7 +168,9 @@ def test_a_generation_run_that_is_no_run_is_named(tmp_path):
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, "generation": {"run": "not-a-run"}})
     assert result.exit_code == 2, result.output
     assert "methods[geodiff4d]: generation.run: not a trained run folder" in result.output, result.output
-    assert str(tmp_path / "not-a-run") in result.output  # relative to the config file, not the working directory
+    assert (
+        str(tmp_path / "not-a-run") in result.output
+    )  # relative to the config file, not the working directory
 
 
 def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
@@ -139,8 +187,13 @@ def test_ablation_variants_share_only_what_they_do_not_change(tmp_path):
     config = load_benchmark_config(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml")
     bench = Benchmark(config, tmp_path)
     methods = {m.name: m for m in config.methods if m.kind == "geodiff4d"}
-    keys = {n: (bench.model_key(m), bench.generation_key(m), bench.avatar_folder(m).name) for n, m in methods.items()}
+    keys = {
+        n: (bench.model_key(m), bench.generation_key(m), bench.avatar_folder(m).name)
+        for n, m in methods.items()
+    }
     assert keys["no-normal-loss"][:2] == keys["full"][:2] and keys["no-normal-loss"][2] != keys["full"][2]
     assert len({k[0] for k in keys.values()}) == 5 and len({k[2] for k in keys.values()}) == 6
     full = methods["full"]
-    assert bench.shards(full, "train") != bench.shards(full, "inputs")  # evaluated subjects never packed for training
+    assert bench.shards(full, "train") != bench.shards(
+        full, "inputs"
+    )  # evaluated subjects never packed for training

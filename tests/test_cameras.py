@@ -88,7 +88,9 @@ def test_resized_and_cropped_follow_pixel_centres():
     np.testing.assert_allclose(crop.project(points), uv - [40, 70], atol=1e-9)
     assert (crop.width, crop.height) == (200, 100)
     # derived cameras skip revalidating the pose: they must equal a fully validated construction
-    assert crop == Camera(crop.world_to_cam, crop.K, 200, 100) and half == Camera(half.world_to_cam, half.K, 300, 400)
+    assert crop == Camera(crop.world_to_cam, crop.K, 200, 100) and half == Camera(
+        half.world_to_cam, half.K, 300, 400
+    )
     assert not crop.K.flags.writeable
     for width, height in ((0, 100), (200, 10.5), (True, 100)):
         with pytest.raises(CameraError, match="positive integers"):

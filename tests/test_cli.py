@@ -30,7 +30,11 @@ def test_recon_config_is_validated_before_any_work(tmp_path):
     from geodiff4d.recon.run import load_recon_config
 
     example = load_recon_config("configs/recon.yaml")
-    assert example.tracker == "ours" and example.refine["uv_offsets"] and example.tracking_options["render_size"] == 96
+    assert (
+        example.tracker == "ours"
+        and example.refine["uv_offsets"]
+        and example.tracking_options["render_size"] == 96
+    )
     cases = {
         "steps: many\n": "steps: Input should be a valid integer",
         "tracking_options: {render_sise: 96}\n": "unknown field tracking_options.render_sise",
@@ -43,8 +47,8 @@ def test_recon_config_is_validated_before_any_work(tmp_path):
     for number, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{number}.yaml"
         bad.write_text(text)
-        result = runner.invoke(app, ["recon", str(tmp_path), "--out", str(tmp_path / "out"),
-                                     "--config", str(bad)])  # fmt: skip
+        result = runner.invoke(
+            app, ["recon", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(bad)]
+        )
         assert result.exit_code == 2 and str(bad) in result.output and message in result.output, result.output
     assert not (tmp_path / "out").exists()
-

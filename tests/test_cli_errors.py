@@ -51,7 +51,7 @@ def synthhuman_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def inputs(stages, synthhuman_data,tmp_path: Path, monkeypatch) -> Path:
+def inputs(stages, synthhuman_data, tmp_path: Path, monkeypatch) -> Path:
     """A folder of bad inputs, and Ray replaced by the tripwire."""
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", _tripwire)
@@ -87,9 +87,18 @@ CASES: list[tuple[str, str]] = [
     ("pack --out {t}/out --source synthhuman:{t}/empty", "{t}/empty"),
     ("pack --out {t}/out --source magic:{t}/empty", "--source"),
     ("pack --out {t}/out --source synthhuman:{t}/data/synthhuman --resolution -64", "--resolution"),
-    ("pack --out {t}/out --source synthhuman:{t}/data/synthhuman --synthhuman-subset legs", "--synthhuman-subset"),
-    ("pack --out {t}/out --source synthhuman:{t}/data/synthhuman --normal-estimator {t}/nope.onnx", "{t}/nope.onnx"),
-    ("pack --out {t}/pack-other --source synthhuman:{t}/data/synthhuman", "{t}/pack-other/pack_settings.json"),
+    (
+        "pack --out {t}/out --source synthhuman:{t}/data/synthhuman --synthhuman-subset legs",
+        "--synthhuman-subset",
+    ),
+    (
+        "pack --out {t}/out --source synthhuman:{t}/data/synthhuman --normal-estimator {t}/nope.onnx",
+        "{t}/nope.onnx",
+    ),
+    (
+        "pack --out {t}/pack-other --source synthhuman:{t}/data/synthhuman",
+        "{t}/pack-other/pack_settings.json",
+    ),
     # verify
     ("verify {t}/nope", "{t}/nope"),
     ("verify {t}/afile", "{t}/afile"),
@@ -108,10 +117,19 @@ CASES: list[tuple[str, str]] = [
     ("train --config demo --stage 1 --shards {t}/empty --out {t}/out --workers 0", "--workers"),
     ("train --config demo --stage 2 --shards {t}/empty --out {t}/out --init {t}/nope", "{t}/nope"),
     # sample
-    ("sample --run {t}/nope --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out", "{t}/nope"),
-    ("sample --run {t}/empty --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out", "{t}/empty"),
-    ("sample --run {t}/empty --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out "
-     "--config {t}/malformed.yaml", "{t}/malformed.yaml"),
+    (
+        "sample --run {t}/nope --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out",
+        "{t}/nope",
+    ),
+    (
+        "sample --run {t}/empty --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out",
+        "{t}/empty",
+    ),
+    (
+        "sample --run {t}/empty --shards {t}/empty --subject 000 --sequence EXP-1-head --out {t}/out "
+        "--config {t}/malformed.yaml",
+        "{t}/malformed.yaml",
+    ),
     # generate
     ("generate {t}/nope.yaml --out {t}/out", "{t}/nope.yaml"),
     ("generate {t}/malformed.yaml --out {t}/out", "{t}/malformed.yaml"),
@@ -171,7 +189,8 @@ def test_bad_input_is_one_message(inputs, line, fragment):
     seconds = time.perf_counter() - start
     assert not isinstance(result.exception, RayStarted), f"{line}: Ray started before validation"
     assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{line}: {type(result.exception).__name__}: {result.exception}")
+        f"{line}: {type(result.exception).__name__}: {result.exception}"
+    )
     assert result.exit_code == 2, f"{line}: exit {result.exit_code}\n{result.output}"
     assert "Traceback" not in result.output
     assert fragment.format(t=inputs) in result.stderr, f"{line}: {fragment!r} not in\n{result.stderr}"

@@ -25,7 +25,9 @@ DEEP_IMPORTS = ("nersemble_benchmark.data.benchmark_data", "nersemble_data.data.
 
 def _required_distributions() -> list[str]:
     names = []
-    for line in (ROOT / "requirements.txt").read_text().splitlines():  # not requirements-nodeps: weight carriers
+    for line in (
+        (ROOT / "requirements.txt").read_text().splitlines()
+    ):  # not requirements-nodeps: weight carriers
         line = line.split("#")[0].strip()
         if line:
             names.append(re.split(r"[=<>\[ ]", line)[0].lower().replace("_", "-"))
@@ -36,9 +38,14 @@ def _modules_of(distribution: str) -> list[str]:
     if distribution in IMPORT_NAMES:
         return IMPORT_NAMES[distribution]
     by_module = packages_distributions()
-    return sorted(m for m, dists in by_module.items()
-                  if distribution in {d.lower().replace("_", "-") for d in dists}
-                  and m.isidentifier() and not m.startswith("_") and m not in NOT_IMPORTABLE)  # fmt: skip
+    return sorted(
+        m
+        for m, dists in by_module.items()
+        if distribution in {d.lower().replace("_", "-") for d in dists}
+        and m.isidentifier()
+        and not m.startswith("_")
+        and m not in NOT_IMPORTABLE
+    )
 
 
 IMPORT_EACH = """
@@ -58,7 +65,9 @@ def import_failures() -> dict[str, str]:
     """Every required module imported in one fresh interpreter (a broken extension module must not poison the
     test process): module -> its traceback, for the ones that failed."""
     modules = sorted({m for d in _required_distributions() for m in _modules_of(d)})
-    result = subprocess.run([sys.executable, "-c", IMPORT_EACH, *modules], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH, *modules], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -68,7 +77,9 @@ def test_required_distribution_imports(distribution, import_failures):
     modules = _modules_of(distribution)
     assert modules, f"{distribution} is required but not installed: run make setup"
     failed = {m: import_failures[m] for m in modules if m in import_failures}
-    assert not failed, f"{distribution} does not import:\n" + "\n".join(f"{m}: {tb}" for m, tb in failed.items())
+    assert not failed, f"{distribution} does not import:\n" + "\n".join(
+        f"{m}: {tb}" for m, tb in failed.items()
+    )
 
 
 @pytest.mark.parametrize("module", DEEP_IMPORTS)

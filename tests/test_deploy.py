@@ -44,7 +44,9 @@ def test_launcher_yaml_passes_rays_validation():
 def test_launcher_runs_the_image_with_token_auth_and_shared_storage():
     config = _launcher()
     nodes = config["available_node_types"]
-    images = {config["docker"]["image"]} | {n["docker"]["worker_image"] for n in nodes.values() if "docker" in n}
+    images = {config["docker"]["image"]} | {
+        n["docker"]["worker_image"] for n in nodes.values() if "docker" in n
+    }
     assert images == IMAGES
     assert nodes["gpu_worker"]["resources"]["GPU"] >= 1 and "GPU" not in nodes["cpu_worker"]["resources"]
     assert nodes["gpu_worker"]["docker"]["worker_image"].endswith("-gpu")
@@ -59,8 +61,11 @@ def _strict(schema: dict) -> dict:
     """The CRD schema as `kubectl apply --validate=strict` applies it: unknown fields are errors."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
     elif isinstance(schema, list):
         schema = [_strict(v) for v in schema]
@@ -110,9 +115,13 @@ def test_raycluster_uses_the_image_token_secret_and_rwx_storage():
         (container,) = pod["containers"]
         images.add(container["image"])
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
-        assert (gpus is not None) == (name == "gpu") and container["image"].endswith("-gpu" if gpus else "-cpu")
+        assert (gpus is not None) == (name == "gpu") and container["image"].endswith(
+            "-gpu" if gpus else "-cpu"
+        )
         assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
-        assert {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in pod["volumes"]
+        assert {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in pod[
+            "volumes"
+        ]
     assert images == IMAGES
     job = docs["RayJob"]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": docs["RayCluster"]["metadata"]["name"]}
@@ -155,28 +164,68 @@ def test_install_script_in_a_fresh_virtualenv(tmp_path):
     base_python = Path(sys.base_prefix) / "bin" / "python3"
     subprocess.run([str(base_python), "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = _pinned_dependencies_without_the_project(tmp_path / "deps")
     (Path(purelib) / "pinned-dependencies.pth").write_text(f"{deps}\n")  # after the venv's own site-packages
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {"PYTHON": python, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     absent = subprocess.run([python, "-c", "import geodiff4d"], env=env, cwd=tmp_path, capture_output=True)
     assert absent.returncode != 0  # only the install script can make it importable
-    install = subprocess.run(["bash", str(source / "cluster" / "deploy" / "install.sh")], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        ["bash", str(source / "cluster" / "deploy" / "install.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
-    where = subprocess.run([python, "-c", "import geodiff4d; print(geodiff4d.__file__)"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import geodiff4d; print(geodiff4d.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(purelib), where  # installed, not the checkout
     cli = str(venv / "bin" / "geodiff4d")
-    help_text = subprocess.run([cli, "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    help_text = subprocess.run(
+        [cli, "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert all(command in help_text.stdout for command in ("synth", "pack", "verify", "train", "eval"))
     out = tmp_path / "synth"
-    synth = subprocess.run([cli, "synth", "--out", str(out), "--subjects", "1", "--frames", "2", "--cameras", "2",
-                            "--resolution", "64", "--synthetic", "2", "--workers", "1"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    synth = subprocess.run(
+        [
+            cli,
+            "synth",
+            "--out",
+            str(out),
+            "--subjects",
+            "1",
+            "--frames",
+            "2",
+            "--cameras",
+            "2",
+            "--resolution",
+            "64",
+            "--synthetic",
+            "2",
+            "--workers",
+            "1",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert synth.returncode == 0, synth.stdout + synth.stderr[-3000:]
     assert len(list((out / "synthhuman").rglob("*.png"))) >= 2
     assert list((out / "nersemble").rglob("*.mp4"))

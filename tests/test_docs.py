@@ -9,7 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-TOP_LEVEL = ("core", "datasets", "gen", "recon", "eval", "cluster", "configs", "bench", "docs", "tests", ".ci")
+TOP_LEVEL = (
+    "core",
+    "datasets",
+    "gen",
+    "recon",
+    "eval",
+    "cluster",
+    "configs",
+    "bench",
+    "docs",
+    "tests",
+    ".ci",
+)
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 CODE_PATH = re.compile(r"`((?:{})/[^`\s]*)`".format("|".join(re.escape(t) for t in TOP_LEVEL)))
 

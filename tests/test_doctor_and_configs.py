@@ -26,7 +26,10 @@ def test_configs_are_addressed_by_name_from_any_directory(tmp_path, monkeypatch)
 
 def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"nope: no such config file.*packaged: ablations, benchmark-demo, demo, generate, paper, recon"):
+    with pytest.raises(
+        ConfigError,
+        match=r"nope: no such config file.*packaged: ablations, benchmark-demo, demo, generate, paper, recon",
+    ):
         resolve_config("nope")
 
 
@@ -38,7 +41,16 @@ def test_version_option():
 def test_doctor_reports_every_metric_and_what_is_missing(tmp_path):
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    for name in ("GPUs", "Ray", "lpips (alex)", "csim facenet", "csim arcface", "akd dlib", "aed mediapipe", "jod"):
+    for name in (
+        "GPUs",
+        "Ray",
+        "lpips (alex)",
+        "csim facenet",
+        "csim arcface",
+        "akd dlib",
+        "aed mediapipe",
+        "jod",
+    ):
         assert name in result.output
     arcface = next(line for line in result.output.splitlines() if "csim arcface" in line)
     assert arcface.startswith("--") and "--arcface-model" in arcface

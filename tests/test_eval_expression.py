@@ -39,7 +39,9 @@ def scene(head_model: FlameModel):
     return camera, shape, skin_texture(head_model, identity_seed=3)
 
 
-def _params(model: FlameModel, shape: torch.Tensor, expression: np.ndarray, rotation=(0.0, 0.0, 0.0)) -> FlameParams:
+def _params(
+    model: FlameModel, shape: torch.Tensor, expression: np.ndarray, rotation=(0.0, 0.0, 0.0)
+) -> FlameParams:
     p = FlameParams.zeros(1, model.n_shape, model.n_expr)
     p.shape = shape
     p.expression = torch.as_tensor(np.asarray(expression)[None], dtype=torch.float32)
@@ -70,14 +72,18 @@ def random_expressions(head_model: FlameModel, scene):
 def test_fit_to_exact_landmarks_recovers_expression(head_model, scene, random_expressions):
     camera = scene[0]
     truth = np.array([t for t, _, _ in random_expressions])  # [10, n_expr]
-    fitted = np.array([fit_expression(head_model, exact, K=camera.K).expression for _, _, exact in random_expressions])
+    fitted = np.array(
+        [fit_expression(head_model, exact, K=camera.K).expression for _, _, exact in random_expressions]
+    )
     for k in OBSERVABLE:
         assert np.corrcoef(truth[:, k], fitted[:, k])[0, 1] > 0.9, k
     assert np.corrcoef(truth.ravel(), fitted.ravel())[0, 1] > 0.6
     neutral = _params(head_model, scene[1], np.zeros(head_model.n_expr))
     with torch.no_grad():
         points = camera.project(head_model(neutral).landmarks[0].numpy())
-    assert np.abs(fit_expression(head_model, points, K=camera.K).expression).mean() < 0.25  # random frames: 0.8
+    assert (
+        np.abs(fit_expression(head_model, points, K=camera.K).expression).mean() < 0.25
+    )  # random frames: 0.8
     with pytest.raises(ValueError, match="68 landmarks"):
         fit_expression(head_model, points[:60])
 
@@ -97,11 +103,17 @@ def test_landmark_fit_regressor_on_renders(head_model, random_expressions):
     assert aed(regressor, image, image) == 0.0
 
 
-@pytest.mark.parametrize(("backend", "changes"), [
-    ("mediapipe", (("expression", 0, 2.5), ("expression", 1, 3.0), ("expression", 2, 3.0))),  # lips, smile, brows
-    # dlib's landmarks barely separate parted lips from an open jaw, so the landmark fit sees the jaw itself
-    ("landmark_fit", (("jaw", 0, 0.25), ("expression", 2, 3.0))),  # jaw opening, brow raise
-])
+@pytest.mark.parametrize(
+    ("backend", "changes"),
+    [
+        (
+            "mediapipe",
+            (("expression", 0, 2.5), ("expression", 1, 3.0), ("expression", 2, 3.0)),
+        ),  # lips, smile, brows
+        # dlib's landmarks barely separate parted lips from an open jaw, so the landmark fit sees the jaw itself
+        ("landmark_fit", (("jaw", 0, 0.25), ("expression", 2, 3.0))),  # jaw opening, brow raise
+    ],
+)
 def test_aed_different_expressions_exceed_shift(backend, changes, head_model, scene):
     """Same identity and pose: expressive frames vs neutral score well above neutral vs its 4 px shift."""
     regressor = make_expression_regressor(backend)
@@ -131,8 +143,10 @@ def test_landmark_submodel_equals_full_model(head_model):
 def test_mediapipe_regressor_exits_quietly():
     """A process that measured AED ends without MediaPipe's teardown traceback (its __del__ ran after the modules
     it needs were gone; the regressor now closes it first)."""
-    script = ("import numpy as np; from geodiff4d.eval.expression import make_expression_regressor; "
-              "make_expression_regressor('mediapipe')(np.zeros((64, 64, 3), np.uint8))")  # fmt: skip
+    script = (
+        "import numpy as np; from geodiff4d.eval.expression import make_expression_regressor; "
+        "make_expression_regressor('mediapipe')(np.zeros((64, 64, 3), np.uint8))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

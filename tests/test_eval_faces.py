@@ -88,8 +88,15 @@ def test_arcface_backend_loads_local_onnx(tmp_path, astronaut):
 
     torch.manual_seed(0)
     path = tmp_path / "w600k_tiny.onnx"
-    torch.onnx.export(TinyRecognizer(), torch.zeros(1, 3, 112, 112), str(path), input_names=["data"],
-                      output_names=["fc1"], dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}}, dynamo=False)
+    torch.onnx.export(
+        TinyRecognizer(),
+        torch.zeros(1, 3, 112, 112),
+        str(path),
+        input_names=["data"],
+        output_names=["fc1"],
+        dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}},
+        dynamo=False,
+    )
     arcface = ArcfaceEmbedder(tmp_path)  # a model folder, as buffalo_l
     e = embed(arcface, astronaut)
     assert e.shape == (512,) and np.linalg.norm(e) == pytest.approx(1.0)

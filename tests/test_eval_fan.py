@@ -68,8 +68,9 @@ def test_fan_backend_matches_the_package(hub, astronaut, monkeypatch):
     assert (np.abs(points - [cx, cy]) <= side / 2).all()  # image coordinates, inside the face's crop
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))  # the package's own cache, as after its download
-    package = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device="cpu",
-                                           face_detector="folder", compile=False)
+    package = face_alignment.FaceAlignment(
+        face_alignment.LandmarksType.TWO_D, device="cpu", face_detector="folder", compile=False
+    )
     direct = package.get_landmarks_from_image(astronaut, detected_faces=[np.array(face.box)])[0]
     # the package truncates image coordinates to int32 at its very end; we keep the float it truncates
     assert direct.shape == (68, 2)
@@ -86,10 +87,29 @@ def test_missing_fan_weights_say_where_they_were_looked_for(tmp_path, hub):
     for tree in ("gt", "pred/m"):
         (tmp_path / tree / "s1" / "SEQ" / "cam").mkdir(parents=True)
         cv2.imwrite(str(tmp_path / tree / "s1" / "SEQ" / "cam" / "00000.png"), frame)
-    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "run"), "--gt", str(tmp_path / "gt"),
-                                      "--pred", str(tmp_path / "pred"), "--metrics", "akd", "--akd-backend", "fan",
-                                      "--fan-weights", str(tmp_path / "none")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--out",
+            str(tmp_path / "run"),
+            "--gt",
+            str(tmp_path / "gt"),
+            "--pred",
+            str(tmp_path / "pred"),
+            "--metrics",
+            "akd",
+            "--akd-backend",
+            "fan",
+            "--fan-weights",
+            str(tmp_path / "none"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert FAN_CHECKPOINT in result.output and str(tmp_path / "none") in result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert (
+        "Traceback" not in result.output
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    )
     assert not (tmp_path / "run").exists()  # refused before any work

@@ -26,8 +26,9 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def test_psnr_ssim_equal_skimage(pair):
     pred, gt = pair
     ref_psnr = peak_signal_noise_ratio(gt, pred, data_range=1)
-    ref_ssim = structural_similarity(gt, pred, channel_axis=-1, data_range=1, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)
+    ref_ssim = structural_similarity(
+        gt, pred, channel_axis=-1, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
     assert psnr(_t(pred), _t(gt)).item() == pytest.approx(ref_psnr, abs=1e-4)
     assert ssim(_t(pred), _t(gt)).item() == pytest.approx(ref_ssim, abs=1e-4)
 
@@ -55,8 +56,16 @@ def test_mask_ignores_background(pair):
     ref = peak_signal_noise_ratio(gt[fg], pred[fg], data_range=1)
     assert psnr(_t(pred), _t(gt), m).item() == pytest.approx(ref, abs=1e-4)
     # masked SSIM = mean of scikit-image's full SSIM map over the foreground, away from the 5 px border
-    _, full = structural_similarity(gt, pred, channel_axis=-1, data_range=1, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False, full=True)
+    _, full = structural_similarity(
+        gt,
+        pred,
+        channel_axis=-1,
+        data_range=1,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        full=True,
+    )
     ref_ssim = full.mean(axis=-1)[fg].mean()
     assert ssim(_t(pred), _t(gt), m).item() == pytest.approx(ref_ssim, abs=1e-4)
     assert psnr(_t(garbage), _t(gt)).item() < psnr(_t(pred), _t(gt)).item() - 5
@@ -81,6 +90,8 @@ def test_empty_mask_scores_nan_not_perfect(pair):
         assert torch.isnan(values[0]) and torch.isfinite(values[1]), metric.__name__
     import lpips
 
-    network = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()  # random backbone
+    network = lpips.LPIPS(
+        net="alex", pretrained=True, pnet_rand=True, verbose=False
+    ).eval()  # random backbone
     values = LpipsMetric(network, "alex", None)(batch_pred, batch_gt, masks)
     assert torch.isnan(values[0]) and torch.isfinite(values[1])

@@ -28,11 +28,31 @@ def _rows() -> tuple[pd.DataFrame, pd.DataFrame]:
     for method, subjects in SCORES.items():
         for subject, (cameras, value) in subjects.items():
             for c in range(cameras):
-                frames += [{"method": method, "subject": subject, "sequence": "EXP-1", "camera": f"cam{c}", "frame": t,
-                            "width": 64, "height": 64, "psnr": value, "akd": np.nan if t == 0 else value / 10}
-                           for t in range(N_FRAMES)]
-                videos.append({"method": method, "subject": subject, "sequence": "EXP-1", "camera": f"cam{c}",
-                               "frames": N_FRAMES, "fps": 25.0, "jod": value / 5})
+                frames += [
+                    {
+                        "method": method,
+                        "subject": subject,
+                        "sequence": "EXP-1",
+                        "camera": f"cam{c}",
+                        "frame": t,
+                        "width": 64,
+                        "height": 64,
+                        "psnr": value,
+                        "akd": np.nan if t == 0 else value / 10,
+                    }
+                    for t in range(N_FRAMES)
+                ]
+                videos.append(
+                    {
+                        "method": method,
+                        "subject": subject,
+                        "sequence": "EXP-1",
+                        "camera": f"cam{c}",
+                        "frames": N_FRAMES,
+                        "fps": 25.0,
+                        "jod": value / 5,
+                    }
+                )
     return pd.DataFrame(frames), pd.DataFrame(videos)
 
 
@@ -44,8 +64,9 @@ def _write_run(folder: Path, frames: pd.DataFrame, videos: pd.DataFrame) -> Path
     frames.to_parquet(run / "frames" / "all.parquet")
     videos.to_parquet(run / "videos" / "all.parquet")
     settings = EvalSettings(metrics=("psnr", "akd", "jod"))
-    (run / "run.json").write_text(json.dumps({"settings": settings.to_dict(), "describe": settings.describe(),
-                                              "note": "note"}))
+    (run / "run.json").write_text(
+        json.dumps({"settings": settings.to_dict(), "describe": settings.describe(), "note": "note"})
+    )
     return run
 
 
@@ -57,11 +78,15 @@ def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
     assert table.loc["full", "psnr"] == pytest.approx((30 + 20) / 2)  # per subject, not per frame (27.5)
     assert table.loc["partial", "psnr"] == pytest.approx((28 + 19) / 2)
     assert table.loc["full", "psnr_rank"] == 1 and table.loc["partial", "psnr_rank"] == 2
-    assert table.loc["full", "frames"] == table.loc["partial", "frames"] == 4 * N_FRAMES  # s1: 3 cameras, s2: 1
+    assert (
+        table.loc["full", "frames"] == table.loc["partial", "frames"] == 4 * N_FRAMES
+    )  # s1: 3 cameras, s2: 1
     assert table.loc["full", "jod"] == pytest.approx((6 + 4) / 2) and table.loc["full", "jod_rank"] == 1
     assert table.loc["full", "akd_rank"] == 2 and table.loc["full", "akd_miss_rate"] == pytest.approx(0.25)
     assert table.loc["full", "ci_over"] == "subjects"
-    assert table.loc["full", "psnr_lo"] == pytest.approx(20) and table.loc["full", "psnr_hi"] == pytest.approx(30)
+    assert table.loc["full", "psnr_lo"] == pytest.approx(20) and table.loc[
+        "full", "psnr_hi"
+    ] == pytest.approx(30)
 
     written = build_leaderboard(_write_run(tmp_path, frames, videos))
     md = written["markdown"].read_text()
@@ -114,9 +139,22 @@ def test_html_report_in_headless_chromium(tmp_path):
     html = build_leaderboard(_write_run(tmp_path, frames, videos))["html"]
     probed = tmp_path / "probed.html"
     probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
-    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                             "--enable-logging=stderr", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--enable-logging=stderr",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     dom = result.stdout
     probe = json.loads(re.search(r'data-probe="([^"]*)"', dom).group(1).replace("&quot;", '"'))

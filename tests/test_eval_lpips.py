@@ -56,8 +56,9 @@ def test_full_mask_equals_unmasked_up_to_upsampling(images):
     half = torch.zeros(1, *gt.shape[-2:])
     half[:, :, : gt.shape[-1] // 2] = 1
     corrupted = noisy.clone()
-    corrupted[..., gt.shape[-1] // 2 + 20:] = torch.rand(corrupted[..., gt.shape[-1] // 2 + 20:].shape,
-                                                         generator=torch.Generator().manual_seed(1))
+    corrupted[..., gt.shape[-1] // 2 + 20 :] = torch.rand(
+        corrupted[..., gt.shape[-1] // 2 + 20 :].shape, generator=torch.Generator().manual_seed(1)
+    )
     assert metric(corrupted, gt, half).item() < metric(corrupted, gt).item()
 
 

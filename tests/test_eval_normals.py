@@ -37,7 +37,9 @@ def test_hand_made_pair_matches_arccos_of_dot_products():
     pred = gt + rng.normal(scale=0.3, size=gt.shape)
     pred /= np.linalg.norm(pred, axis=-1, keepdims=True)
     mask = rng.random((2, 4, 5)) > 0.3
-    expected = [np.degrees(np.arccos(np.clip((pred[t] * gt[t]).sum(-1), -1, 1)))[mask[t]].mean() for t in range(2)]
+    expected = [
+        np.degrees(np.arccos(np.clip((pred[t] * gt[t]).sum(-1), -1, 1)))[mask[t]].mean() for t in range(2)
+    ]
     assert normal_error_deg(pred, gt, mask) == pytest.approx(expected, abs=1e-9)
 
 
@@ -73,9 +75,24 @@ def test_evaluation_run_reports_normal_deg(tmp_path, local_ray):
     shutil.rmtree(tmp_path / "rgb_only" / "normal")
     methods = {name: tmp_path / name / "rgb" for name in ("good", "tilted", "rgb_only")}
     with pytest.raises(InputError, match="--gt-normal"):
-        evaluate(methods, tmp_path / "gt" / "rgb", "self", tmp_path / "run0", metrics=["normal_deg"], progress=False)
-    evaluate(methods, tmp_path / "gt" / "rgb", "self", tmp_path / "run", metrics=["psnr", "normal_deg"],
-             gt_mask=tmp_path / "gt" / "mask", gt_normal=tmp_path / "gt" / "normal", progress=False)
+        evaluate(
+            methods,
+            tmp_path / "gt" / "rgb",
+            "self",
+            tmp_path / "run0",
+            metrics=["normal_deg"],
+            progress=False,
+        )
+    evaluate(
+        methods,
+        tmp_path / "gt" / "rgb",
+        "self",
+        tmp_path / "run",
+        metrics=["psnr", "normal_deg"],
+        gt_mask=tmp_path / "gt" / "mask",
+        gt_normal=tmp_path / "gt" / "normal",
+        progress=False,
+    )
     rows = pd.concat(pd.read_parquet(p) for p in (tmp_path / "run" / "frames").glob("*.parquet"))
     error = rows.groupby("method")["normal_deg"].mean()
     assert error["good"] < 0.1  # 16-bit PNG quantization only

@@ -19,7 +19,10 @@ from geodiff4d.eval.run import evaluate
 from geodiff4d.eval.settings import ALL_METRICS
 
 SPEC = SynthSpec(subjects=1, sequences=1, frames=3, cameras=2, resolution=256, synthetic=0, seed=0)
-STRENGTHS = {"mild": (0.6, 0.01), "strong": (2.5, 0.06)}  # Gaussian blur sigma (px), noise sigma ([0,1] range)
+STRENGTHS = {
+    "mild": (0.6, 0.01),
+    "strong": (2.5, 0.06),
+}  # Gaussian blur sigma (px), noise sigma ([0,1] range)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,10 @@ def test_two_strengths_ranked_in_every_metric(nersemble, tmp_path):
             clip = gt.clip(subject, sequence, camera)
             assert clip.masks is not None and clip.frames.shape == (SPEC.frames, 256, 256, 3)
             for method, (blur, noise) in STRENGTHS.items():
-                write_frames(tmp_path / "pred" / method / subject / sequence / f"cam_{camera}",
-                             _degrade(clip.frames, blur, noise, rng))
+                write_frames(
+                    tmp_path / "pred" / method / subject / sequence / f"cam_{camera}",
+                    _degrade(clip.frames, blur, noise, rng),
+                )
     run = tmp_path / "run"
     report = evaluate(tmp_path / "pred", nersemble, "self", run, workers=1, progress=False)
     assert len(report.completed) == 2
@@ -57,7 +62,9 @@ def test_two_strengths_ranked_in_every_metric(nersemble, tmp_path):
 
     written = build_leaderboard(run)
     table = pd.read_parquet(written["self_parquet"]).set_index("method")
-    for metric in (m for m in ALL_METRICS if m != "normal_deg"):  # normal_deg needs --gt-normal, not given here
+    for metric in (
+        m for m in ALL_METRICS if m != "normal_deg"
+    ):  # normal_deg needs --gt-normal, not given here
         assert table.loc["mild", f"{metric}_rank"] == 1 and table.loc["strong", f"{metric}_rank"] == 2, metric
     for metric in ("csim", "akd", "aed"):
         assert table.loc["mild", f"{metric}_miss_rate"] <= table.loc["strong", f"{metric}_miss_rate"], metric
@@ -69,10 +76,12 @@ def test_two_strengths_ranked_in_every_metric(nersemble, tmp_path):
 
 def test_demo_baselines(nersemble, tmp_path):
     gt = open_ground_truth(nersemble)
-    (subject, sequence), = gt.units()
+    ((subject, sequence),) = gt.units()
     frontal = gt.frontal_camera(subject, sequence)
     assert frontal == "222200037"  # the synthesized rig's frontal camera is among the two
-    with pytest.raises(InputError, match=f"reference image is scored frame 0 of {subject}/{sequence}/{frontal}"):
+    with pytest.raises(
+        InputError, match=f"reference image is scored frame 0 of {subject}/{sequence}/{frontal}"
+    ):
         demo_baselines(nersemble, tmp_path / "refused", reference_images(gt), seed=3)
     # scored: the other camera, as a frame tree; the reference: the frontal camera's first frame, never scored
     (scored,) = set(gt.cameras(subject, sequence)) - {frontal}
@@ -86,11 +95,17 @@ def test_demo_baselines(nersemble, tmp_path):
         assert len(files) == SPEC.frames
         for path in files:
             assert np.array_equal(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), reference)
-        noisy = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in
-                          sorted((methods["gt_noise"] / subject / sequence / camera).glob("*.png"))])
+        noisy = np.stack(
+            [
+                cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+                for p in sorted((methods["gt_noise"] / subject / sequence / camera).glob("*.png"))
+            ]
+        )
         residual = noisy - truth
         assert abs(residual.mean()) < 1.0 and 0.8 * 0.05 * 255 < residual.std() < 1.05 * 0.05 * 255
     again = demo_baselines(tmp_path / "gt", tmp_path / "again", reference_images(gt), seed=3)
     first = sorted((methods["gt_noise"]).rglob("*.png"))
-    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, sorted(again["gt_noise"].rglob("*.png")),
-                                                                  strict=True))
+    assert all(
+        a.read_bytes() == b.read_bytes()
+        for a, b in zip(first, sorted(again["gt_noise"].rglob("*.png")), strict=True)
+    )

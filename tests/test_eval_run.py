@@ -69,7 +69,9 @@ def test_run_resume_and_leaderboard(trees, local_ray):
 def test_input_errors_name_the_problem(trees):
     clip = Clip(np.zeros((3, 16, 16, 3), np.uint8), None, 25, "pred/x")
     with pytest.raises(InputError, match="frame count 2 in pred/x != 3 in gt/x"):
-        check_clips("m", "s/q/c", Clip(clip.frames[:2], None, 25, "pred/x"), Clip(clip.frames, None, 25, "gt/x"))
+        check_clips(
+            "m", "s/q/c", Clip(clip.frames[:2], None, 25, "pred/x"), Clip(clip.frames, None, 25, "gt/x")
+        )
     with pytest.raises(InputError, match=r"frame size \(8, 8\)"):
         check_clips("m", "s/q/c", Clip(clip.frames[:, :8, :8], None, 25, "p"), clip)
     with pytest.raises(InputError, match=r"m: s01/EXP-1: missing cameras \['cam_b'\]"):
@@ -94,10 +96,14 @@ def test_resume_refuses_changed_inputs_and_composites(tmp_path, local_ray):
     common = {"metrics": ["psnr"], "gt_mask": tmp_path / "mask", "progress": False}
     out = tmp_path / "run"
     evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
-    assert (pd.read_parquet(out / "frames" / "avatar--s01--EXP-1.parquet")["psnr"] == 100.0).all()  # identical
+    assert (
+        pd.read_parquet(out / "frames" / "avatar--s01--EXP-1.parquet")["psnr"] == 100.0
+    ).all()  # identical
     plain = evaluate(tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "plain", **common)
-    assert plain.completed and (pd.read_parquet(tmp_path / "plain" / "frames" / "avatar--s01--EXP-1.parquet")
-                                ["psnr"] < 20).all()  # the black backdrop against the studio's
+    assert (
+        plain.completed
+        and (pd.read_parquet(tmp_path / "plain" / "frames" / "avatar--s01--EXP-1.parquet")["psnr"] < 20).all()
+    )  # the black backdrop against the studio's
 
     with pytest.raises(InputError, match="fps changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, fps=30.0, **common)
@@ -113,4 +119,6 @@ def test_resume_refuses_changed_inputs_and_composites(tmp_path, local_ray):
     with pytest.raises(InputError, match="gt_mask, predictions of avatar--s01--EXP-1 changed"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     with pytest.raises(InputError, match="needs ground-truth masks: give --gt-mask"):
-        evaluate(tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "nomask", metrics=["psnr"], background=0.5)
+        evaluate(
+            tmp_path / "pred", tmp_path / "gt", "self", tmp_path / "nomask", metrics=["psnr"], background=0.5
+        )

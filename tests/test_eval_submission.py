@@ -19,8 +19,10 @@ def _frames(seed: int) -> np.ndarray:
     """Smooth colour ramps (video coding keeps them), a different one per video: [T, 64, 64, 3]."""
     y, x = np.mgrid[0:64, 0:64] / 63.0
     rng = np.random.default_rng(seed)
-    frames = [np.stack([x * rng.uniform(0.2, 1), y * rng.uniform(0.2, 1), np.full_like(x, rng.uniform())], -1)
-              for _ in range(N_FRAMES)]
+    frames = [
+        np.stack([x * rng.uniform(0.2, 1), y * rng.uniform(0.2, 1), np.full_like(x, rng.uniform())], -1)
+        for _ in range(N_FRAMES)
+    ]
     return (np.stack(frames) * 255).astype(np.uint8)
 
 
@@ -30,7 +32,9 @@ def test_submission_zip_reads_back_with_the_official_reader(tmp_path):
     for s, sequence in enumerate(constants.BENCHMARK_MONO_FLAME_AVATAR_SEQUENCES_TEST):
         for c, serial in enumerate(constants.BENCHMARK_MONO_FLAME_AVATAR_SERIALS):
             written[sequence, serial] = _frames(10 * s + c)
-            write_frames(tmp_path / "method" / f"{pid:03d}" / sequence / f"cam_{serial}", written[sequence, serial])
+            write_frames(
+                tmp_path / "method" / f"{pid:03d}" / sequence / f"cam_{serial}", written[sequence, serial]
+            )
     zip_path = write_mono_flame_avatar_submission(tmp_path / "method", tmp_path / "out" / "submission.zip")
 
     reader = MonoFlameAvatarSubmissionDataReader(str(zip_path))

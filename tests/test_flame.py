@@ -43,9 +43,7 @@ def reference_lbs(model: FlameModel, params: FlameParams) -> np.ndarray:
         betas = np.concatenate([arr(params.shape[b]), arr(params.expression[b])])
         v_shaped = arr(model.v_template) + arr(model.shapedirs) @ betas
         joints = arr(model.j_regressor) @ v_shaped
-        pose = np.concatenate(
-            [np.zeros(3), arr(params.neck[b]), arr(params.jaw[b]), arr(params.eyes[b])]
-        )
+        pose = np.concatenate([np.zeros(3), arr(params.neck[b]), arr(params.jaw[b]), arr(params.eyes[b])])
         rotations = Rotation.from_rotvec(pose.reshape(5, 3)).as_matrix()
         feature = (rotations[1:] - np.eye(3)).reshape(-1)
         v_posed = v_shaped + (feature @ arr(model.posedirs)).reshape(-1, 3)
@@ -63,7 +61,9 @@ def reference_lbs(model: FlameModel, params: FlameParams) -> np.ndarray:
         blended = np.einsum("vj,jab->vab", arr(model.weights), np.stack(skinning))
         homogeneous = np.concatenate([v_posed, np.ones((len(v_posed), 1))], axis=1)
         v_lbs = np.einsum("vab,vb->va", blended, homogeneous)[:, :3]
-        model_to_world = np.array(Pose.from_euler(arr(params.rotation[b]), arr(params.translation[b]), "XYZ"), np.float64)
+        model_to_world = np.array(
+            Pose.from_euler(arr(params.rotation[b]), arr(params.translation[b]), "XYZ"), np.float64
+        )
         model_to_world[:3, :3] *= arr(params.scale[b])
         vertices.append(v_lbs @ model_to_world[:3, :3].T + model_to_world[:3, 3])
     return np.stack(vertices)
@@ -99,8 +99,14 @@ def test_world_vertices_equal_the_official_flame_provider_transform(head_model):
     params.rotation = (torch.rand(6, 3, generator=gen) * 2 - 1) * torch.tensor([np.pi, np.pi / 2, np.pi])
     params.scale = 0.5 + 1.5 * torch.rand(6, 1, generator=gen)
     params.translation = torch.randn(6, 3, generator=gen)
-    unplaced = FlameParams(**{**vars(params), "rotation": torch.zeros(6, 3), "translation": torch.zeros(6, 3),
-                              "scale": torch.ones(6, 1)})  # fmt: skip
+    unplaced = FlameParams(
+        **{
+            **vars(params),
+            "rotation": torch.zeros(6, 3),
+            "translation": torch.zeros(6, 3),
+            "scale": torch.ones(6, 1),
+        }
+    )
     model_space = head_model(unplaced).vertices  # [T, V, 3]
     provider = SimpleNamespace(  # the attributes FlameProvider.__init__ sets from a FlameTracking
         _separate_transformation=True, rotation=params.rotation, translation=params.translation, scale=None
@@ -110,8 +116,11 @@ def test_world_vertices_equal_the_official_flame_provider_transform(head_model):
         provider.scale = params.scale[t : t + 1]  # the provider keeps one scale per sequence
         official = FlameProvider.apply_model_to_world_transformation(provider, model_space[t : t + 1], t)[0]
         torch.testing.assert_close(ours[t], official, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(params.rotation_matrices().numpy(),
-                               Rotation.from_euler("XYZ", params.rotation.numpy()).as_matrix(), atol=1e-6)
+    np.testing.assert_allclose(
+        params.rotation_matrices().numpy(),
+        Rotation.from_euler("XYZ", params.rotation.numpy()).as_matrix(),
+        atol=1e-6,
+    )
 
 
 def test_expression_moves_the_mouth_not_the_back_of_the_skull(head_model):
@@ -173,7 +182,9 @@ def test_one_call_on_concatenated_frames_equals_one_call_per_frame(head_model):
     with torch.no_grad():
         batched = head_model(both).vertices
         torch.testing.assert_close(batched[0], head_model(params).vertices[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(batched[1], head_model(params.with_zero_expression()).vertices[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            batched[1], head_model(params.with_zero_expression()).vertices[0], atol=1e-6, rtol=0
+        )
 
 
 class _Exploit:
@@ -215,9 +226,11 @@ def test_official_style_pkl_with_chumpy_and_landmark_npy(tmp_path, monkeypatch, 
     Ch = _fake_chumpy(monkeypatch)
     official = {key: data[key] for key in ("v_template", "f", "posedirs", "weights")}
     official.update(
-        shapedirs=Ch(shapedirs), J_regressor=scipy.sparse.csc_matrix(data["J_regressor"]),
-        kintree_table=data["kintree_table"].astype(np.uint32), bs_style="lbs",
-    )  # fmt: skip
+        shapedirs=Ch(shapedirs),
+        J_regressor=scipy.sparse.csc_matrix(data["J_regressor"]),
+        kintree_table=data["kintree_table"].astype(np.uint32),
+        bs_style="lbs",
+    )
     pkl = tmp_path / "generic_model.pkl"
     pkl.write_bytes(pickle.dumps(official, protocol=2))
     embedding = {

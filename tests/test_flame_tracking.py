@@ -48,7 +48,10 @@ def test_v2_is_preferred_then_v1_then_an_error_naming_both(tmp_path, head_model)
     (sequence / "tracking" / TRACKING_V1).unlink()
     assert sequence_tracking(sequence) is None
     message = missing_tracking_message(sequence)
-    assert str(sequence / "tracking" / TRACKING_V2) in message and str(sequence / "tracking" / TRACKING_V1) in message
+    assert (
+        str(sequence / "tracking" / TRACKING_V2) in message
+        and str(sequence / "tracking" / TRACKING_V1) in message
+    )
 
 
 def _vhap_arrays(model, params: FlameParams) -> dict[str, np.ndarray]:
@@ -56,18 +59,22 @@ def _vhap_arrays(model, params: FlameParams) -> dict[str, np.ndarray]:
 
     v = s R v0 + t (ours, s = 1) equals R (v0 - J0) + J0 + t_vhap with t_vhap = t - J0 + R J0.
     """
-    unplaced = FlameParams(**{**vars(params), "rotation": torch.zeros(FRAMES, 3),
-                              "translation": torch.zeros(FRAMES, 3)})  # fmt: skip
+    unplaced = FlameParams(
+        **{**vars(params), "rotation": torch.zeros(FRAMES, 3), "translation": torch.zeros(FRAMES, 3)}
+    )
     root = model(unplaced).joints[:, 0].double().numpy()  # [T, 3]
     rotation = Rotation.from_euler("XYZ", params.rotation.double().numpy())
     return {
-        "shape": params.shape[0].numpy(), "expr": params.expression.numpy(),
-        "rotation": rotation.as_rotvec().astype(np.float32), "neck_pose": params.neck.numpy(),
-        "jaw_pose": params.jaw.numpy(), "eyes_pose": params.eyes.numpy(),
+        "shape": params.shape[0].numpy(),
+        "expr": params.expression.numpy(),
+        "rotation": rotation.as_rotvec().astype(np.float32),
+        "neck_pose": params.neck.numpy(),
+        "jaw_pose": params.jaw.numpy(),
+        "eyes_pose": params.eyes.numpy(),
         "translation": (params.translation.double().numpy() - root + rotation.apply(root)).astype(np.float32),
         "static_offset": np.zeros((1, model.n_vertices, 3), np.float32),
         "dynamic_offset": np.zeros((FRAMES, model.n_vertices, 3), np.float32),
-    }  # fmt: skip
+    }
 
 
 def test_vhap_and_nersemble_files_of_one_motion_give_the_same_meshes(tmp_path, head_model):
@@ -98,7 +105,10 @@ def test_real_sized_tracking_is_not_truncated_to_a_smaller_model(tmp_path, head_
         load_tracking(tmp_path / TRACKING_V2, head_model)
     padded = FlameParams.zeros(FRAMES, head_model.n_shape, head_model.n_expr)  # zero padding is no loss
     write_nersemble_tracking(tmp_path / TRACKING_V2, padded)
-    assert load_tracking(tmp_path / TRACKING_V2, head_model).params.shape.shape == (FRAMES, head_model.n_shape)
+    assert load_tracking(tmp_path / TRACKING_V2, head_model).params.shape.shape == (
+        FRAMES,
+        head_model.n_shape,
+    )
 
 
 def test_rotation_matrices_of_another_convention_are_refused(tmp_path, head_model):

@@ -15,7 +15,7 @@ from geodiff4d.datasets.frame_folder import (
     read_frames,
     tracking_path,
     write_frame,
-)  # fmt: skip
+)
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.normal_maps import decode_normal_png
 from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
@@ -24,8 +24,12 @@ from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
 @pytest.fixture(scope="module")
 def procedural(tmp_path_factory, local_ray):
     out = tmp_path_factory.mktemp("synth")
-    synthesize(out, SynthSpec(subjects=1, sequences=1, frames=2, cameras=2, resolution=32, synthetic=0),
-               workers=1, progress=False)  # fmt: skip
+    synthesize(
+        out,
+        SynthSpec(subjects=1, sequences=1, frames=2, cameras=2, resolution=32, synthetic=0),
+        workers=1,
+        progress=False,
+    )
     return out / "nersemble"
 
 

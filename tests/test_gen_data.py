@@ -64,7 +64,9 @@ def test_batch_position_addresses_the_same_stream_across_segments(shards):
 def test_ablation_switches_reach_the_loader():
     demo = load_config("configs/demo.yaml")
     assert loader_config(demo, 1, 0).kind == "pair" and loader_config(demo, 1, 0).weights == {
-        "nersemble": 1.0, "synthhuman": demo.data.synthetic_weight}
+        "nersemble": 1.0,
+        "synthhuman": demo.data.synthetic_weight,
+    }
     clip = loader_config(demo, 2, 0)
     assert (clip.kind, clip.clip_len, clip.weights, clip.driving_size) == ("clip", 16, {"nersemble": 1.0}, 32)
     assert loader_config(config(cross_view_pairs=False), 1, 0).kind == "frame"
@@ -77,7 +79,9 @@ def runs(shards, tmp_path_factory):
     cfg, out = config(), tmp_path_factory.mktemp("gen_runs")
     with one_thread():
         s1 = train_loop(cfg, 1, shard_batches(shards, cfg, 1), out / "s1", max_steps=2, quiet=True)
-        s2 = train_loop(cfg, 2, shard_batches(shards, cfg, 2), out / "s2", max_steps=1, init=out / "s1", quiet=True)
+        s2 = train_loop(
+            cfg, 2, shard_batches(shards, cfg, 2), out / "s2", max_steps=1, init=out / "s1", quiet=True
+        )
     return s1, s2, out / "s2"
 
 
@@ -101,22 +105,39 @@ def test_train_refuses_bad_inputs_with_a_message(shards, runs, tmp_path):
     from typer.testing import CliRunner
 
     from geodiff4d.cluster.cli import app
+
     stage1_run = runs[2].parent / "s1"  # one worker, 2 steps
 
     def train(cfg: GenConfig, out: Path, *options: str):
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-        result = CliRunner().invoke(app, ["train", "--config", str(path), "--stage", "1", "--shards", str(shards),
-                                          "--out", str(out), *options])
+        result = CliRunner().invoke(
+            app,
+            [
+                "train",
+                "--config",
+                str(path),
+                "--stage",
+                "1",
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                *options,
+            ],
+        )
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         return result.output
 
     message = train(config(resolution=32), tmp_path / "a")
     assert f"{shards} holds 16 px samples" in message and "data.resolution is 32" in message
-    assert "batch_size 2 (global) is not divisible by 3 worker(s)" in train(config(), tmp_path / "b", "--workers", "3")
+    assert "batch_size 2 (global) is not divisible by 3 worker(s)" in train(
+        config(), tmp_path / "b", "--workers", "3"
+    )
     assert f"{stage1_run} already holds a run (latest checkpoint step_0000002)" in train(config(), stage1_run)
-    assert "was written by 1 worker(s); resume it with 1, not 2" in train(config(), stage1_run, "--resume",
-                                                                           "--workers", "2")
+    assert "was written by 1 worker(s); resume it with 1, not 2" in train(
+        config(), stage1_run, "--resume", "--workers", "2"
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -132,7 +153,11 @@ def test_sample_to_frame_folder_writes_the_layout(shards, runs, tmp_path):
         for frame in (1, 2):
             rel = f"001/{SEQUENCE}/{camera}/{frame:05d}.png"
             normal, mask = decode_normal_png(root / "normal" / rel)
-            assert (root / "rgb" / rel).is_file() and (root / "mask" / rel).is_file() and normal.shape == (16, 16, 3)
+            assert (
+                (root / "rgb" / rel).is_file()
+                and (root / "mask" / rel).is_file()
+                and normal.shape == (16, 16, 3)
+            )
             assert np.allclose(np.linalg.norm(normal[mask], axis=-1), 1, atol=1e-3)
     latents = np.load(root / f"latents/001/{SEQUENCE}.npz")
     assert latents["frames"].tolist() == [1, 2] and latents["expression"].shape == (2, 2, 4)
@@ -140,6 +165,9 @@ def test_sample_to_frame_folder_writes_the_layout(shards, runs, tmp_path):
     table = read_manifest(shards).to_pandas()
     assert sorted(written) == cameras == sorted(set(table[table.source == "nersemble"].camera))
     truth = read_sequence(shards, "001", SEQUENCE)[(cameras[0], 1)]["meta"]["camera_params"]
-    assert written[cameras[0]]["world_to_cam"] == truth["world_to_cam"] and written[cameras[0]]["K"] == truth["K"]
+    assert (
+        written[cameras[0]]["world_to_cam"] == truth["world_to_cam"]
+        and written[cameras[0]]["K"] == truth["K"]
+    )
     with pytest.raises(SampleFramesError, match="missing"):
         sample_to_frame_folder(path, run, shards, "001", SEQUENCE, None, [1, 99], tmp_path / "bad")

@@ -15,16 +15,30 @@ from geodiff4d.gen.denoiser import JointDenoiser
 sys.path.insert(0, str(Path(__file__).parent))
 from gen_synthetic import one_torch_thread  # noqa: E402, F401
 
-TINY_UNET = dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
-                 cross_attention_dim=32, norm_num_groups=8)
+TINY_UNET = dict(
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
 SD15_UNET_PARAMS = 859_520_964  # runwayml/stable-diffusion-v1-5 unet/
 
 
 def tiny(**kw) -> JointDenoiser:
     torch.manual_seed(0)
-    args = dict(backbone=TINY_UNET, sample_size=16, latent_channels=3, latent_downscale=1, pose_injection="concat",
-                expression_tokens=2, expression_dim=4, expression_channels=(8, 16))
+    args = dict(
+        backbone=TINY_UNET,
+        sample_size=16,
+        latent_channels=3,
+        latent_downscale=1,
+        pose_injection="concat",
+        expression_tokens=2,
+        expression_dim=4,
+        expression_channels=(8, 16),
+    )
     model = JointDenoiser(**{**args, **kw}).eval()
     with torch.no_grad():  # the domain embedding starts at zero; make it matter
         model.unet.class_embedding.weight.normal_()
@@ -33,9 +47,14 @@ def tiny(**kw) -> JointDenoiser:
 
 def inputs(t: int = 1, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return dict(noisy=torch.randn(2, 2, 3, t, 16, 16, generator=g), timesteps=torch.tensor([5, 700]),
-                posemap=torch.rand(2, t, 3, 16, 16, generator=g), ref_latent=torch.randn(2, 3, 16, 16, generator=g),
-                ref_posemap=torch.rand(2, 3, 16, 16, generator=g), driving=torch.rand(2, t, 3, 16, 16, generator=g))
+    return dict(
+        noisy=torch.randn(2, 2, 3, t, 16, 16, generator=g),
+        timesteps=torch.tensor([5, 700]),
+        posemap=torch.rand(2, t, 3, 16, 16, generator=g),
+        ref_latent=torch.randn(2, 3, 16, 16, generator=g),
+        ref_posemap=torch.rand(2, 3, 16, 16, generator=g),
+        driving=torch.rand(2, t, 3, 16, 16, generator=g),
+    )
 
 
 def with_other_normals(x: dict) -> dict:
@@ -139,13 +158,28 @@ def test_paper_config_has_sd15_parameter_count_on_meta_device():
 
 def _sd_shaped_folder(root):
     torch.manual_seed(3)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=16)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        sample_size=16,
+    )
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
     return unet
@@ -154,13 +188,27 @@ def _sd_shaped_folder(root):
 @torch.no_grad()
 def test_sd_shaped_folder_loads_through_from_pretrained(tmp_path):
     sd_unet = _sd_shaped_folder(tmp_path)
-    cfg = GenConfig.model_validate({
-        "model": {"pretrained": str(tmp_path), "latents": "vae", "pose_injection": "add",
-                  "unet": {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                           "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
-                           "attention_head_dim": 8, "cross_attention_dim": 32, "norm_num_groups": 32},
-                  "expression_channels": [8, 16], "pose_guider_channels": [8, 8]},
-        "data": {"resolution": 16}})
+    cfg = GenConfig.model_validate(
+        {
+            "model": {
+                "pretrained": str(tmp_path),
+                "latents": "vae",
+                "pose_injection": "add",
+                "unet": {
+                    "block_out_channels": [32, 64],
+                    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                    "layers_per_block": 1,
+                    "attention_head_dim": 8,
+                    "cross_attention_dim": 32,
+                    "norm_num_groups": 32,
+                },
+                "expression_channels": [8, 16],
+                "pose_guider_channels": [8, 8],
+            },
+            "data": {"resolution": 16},
+        }
+    )
     codec = build_codec(cfg)
     assert (codec.channels, codec.downscale) == (4, 2)
     model = build_model(cfg, 1, codec).eval()
@@ -168,11 +216,19 @@ def test_sd_shaped_folder_loads_through_from_pretrained(tmp_path):
         own = unet.state_dict()
         for key, value in sd_unet.state_dict().items():
             torch.testing.assert_close(own[key], value, rtol=0, atol=0)
-        assert not own["class_embedding.weight"].any()  # domain embedding zero: the SD UNet starts undisturbed
+        assert not own[
+            "class_embedding.weight"
+        ].any()  # domain embedding zero: the SD UNet starts undisturbed
     assert build_model(cfg, 1, codec, from_pretrained=False).unet.class_embedding.weight.abs().min() > 0
     latent = codec.encode(torch.rand(2, 3, 16, 16))
     assert latent.shape == (2, 4, 8, 8)
     noisy = torch.randn(2, 2, 4, 1, 8, 8)
-    out = model(noisy, torch.tensor([1, 2]), torch.rand(2, 1, 3, 16, 16), latent, torch.rand(2, 3, 16, 16),
-                torch.rand(2, 1, 3, 16, 16))
+    out = model(
+        noisy,
+        torch.tensor([1, 2]),
+        torch.rand(2, 1, 3, 16, 16),
+        latent,
+        torch.rand(2, 3, 16, 16),
+        torch.rand(2, 1, 3, 16, 16),
+    )
     assert out.shape == noisy.shape and torch.isfinite(out).all()

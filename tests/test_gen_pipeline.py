@@ -20,7 +20,9 @@ from gen_synthetic import one_torch_thread  # noqa: E402, F401
 from test_gen_model import tiny  # noqa: E402
 
 
-@pytest.mark.parametrize("frames,window,overlap", [(1, 4, 1), (4, 4, 1), (10, 4, 1), (17, 16, 4), (40, 16, 4)])
+@pytest.mark.parametrize(
+    "frames,window,overlap", [(1, 4, 1), (4, 4, 1), (10, 4, 1), (17, 16, 4), (40, 16, 4)]
+)
 def test_temporal_windows_cover_every_frame_with_overlap(frames, window, overlap):
     wins = temporal_windows(frames, window, overlap)
     covered = sorted({f for w in wins for f in w})
@@ -37,9 +39,19 @@ def test_sampler_runs_end_to_end_over_windows(scheduler):
     model = tiny(temporal=True, temporal_heads=2)
     g = torch.Generator().manual_seed(0)
     frames = 5
-    out = sample_sequence(model, PixelLatents(), torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g),
-                          torch.rand(frames, 3, 16, 16, generator=g), torch.rand(frames, 3, 16, 16, generator=g),
-                          torch.Generator().manual_seed(1), scheduler=scheduler, steps=3, window=3, overlap=1)
+    out = sample_sequence(
+        model,
+        PixelLatents(),
+        torch.rand(3, 16, 16, generator=g),
+        torch.rand(3, 16, 16, generator=g),
+        torch.rand(frames, 3, 16, 16, generator=g),
+        torch.rand(frames, 3, 16, 16, generator=g),
+        torch.Generator().manual_seed(1),
+        scheduler=scheduler,
+        steps=3,
+        window=3,
+        overlap=1,
+    )
     assert out.rgb.shape == out.normal.shape == (frames, 3, 16, 16)
     assert out.expression.shape == (frames, 2, 4)
     for x in (out.rgb, out.normal):
@@ -48,7 +60,13 @@ def test_sampler_runs_end_to_end_over_windows(scheduler):
 
 def test_sampler_is_deterministic_and_rgb_only_without_joint_normals():
     model = tiny(joint_normals=False)
-    args = (PixelLatents(), torch.rand(3, 16, 16), torch.rand(3, 16, 16), torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16))
+    args = (
+        PixelLatents(),
+        torch.rand(3, 16, 16),
+        torch.rand(3, 16, 16),
+        torch.rand(2, 3, 16, 16),
+        torch.rand(2, 3, 16, 16),
+    )
     a = sample_sequence(model, *args, torch.Generator().manual_seed(7), steps=2)
     b = sample_sequence(model, *args, torch.Generator().manual_seed(7), steps=2)
     assert a.normal is None
@@ -60,14 +78,16 @@ def test_flop_count_includes_scaled_dot_product_attention():
     x = torch.randn(2, 10, 32)
     counts = module_counts(attn, (x,))
     projections = 4 * 2 * 10 * 32 * 32  # q, k, v, out: each [2*10, 32] x [32, 32]
-    sdpa = 2 * 4 * 10 * 10 * (8 + 8)     # batch*heads * Lq * Lk * (E + Ev)
+    sdpa = 2 * 4 * 10 * 10 * (8 + 8)  # batch*heads * Lq * Lk * (E + Ev)
     assert counts["total"][0] == projections + sdpa
     assert counts["total"][1] == sum(p.numel() for p in attn.parameters())
 
 
 def test_config_errors_name_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  latents: pixel\n  joint_normalz: true\ntrain:\n  stage1: {batch_size: 0, steps: 1}\n")
+    bad.write_text(
+        "model:\n  latents: pixel\n  joint_normalz: true\ntrain:\n  stage1: {batch_size: 0, steps: 1}\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     msg = str(err.value)
@@ -81,6 +101,7 @@ def test_initial_latents_carry_the_domain_means_at_the_first_steps_signal_level(
     """At the first timestep the schedule keeps sqrt(alpha_bar) of the image: the start latents' mean over the
     image is that much of each domain's mean; the rest is the noise, shared by the domains, with mean zero."""
     from geodiff4d.gen.pipeline import initial_latents, make_scheduler
+
     sched = make_scheduler(scheduler)
     sched.set_timesteps(20)
     noise = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # [N, C, T, h, w]
@@ -92,5 +113,6 @@ def test_initial_latents_carry_the_domain_means_at_the_first_steps_signal_level(
     torch.testing.assert_close(x.mean(dim=(-2, -1)), expected_mean, atol=1e-5, rtol=0)
     zero_mean = (1 - alpha_bar).sqrt() * (noise - noise.mean(dim=(-2, -1), keepdim=True))
     for domain in range(2):
-        torch.testing.assert_close(x[:, domain] - x[:, domain].mean(dim=(-2, -1), keepdim=True), zero_mean,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            x[:, domain] - x[:, domain].mean(dim=(-2, -1), keepdim=True), zero_mean, atol=1e-5, rtol=0
+        )

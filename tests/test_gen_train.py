@@ -20,25 +20,47 @@ from gen_synthetic import make_batches_factory, one_torch_thread, recording_batc
 
 
 def tiny_config(**train) -> GenConfig:
-    return GenConfig.model_validate({
-        "model": {"latents": "pixel", "pose_injection": "concat",
-                  "unet": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                           "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-                           "attention_head_dim": 8, "cross_attention_dim": 32, "norm_num_groups": 8},
-                  "expression_tokens": 2, "expression_dim": 4, "expression_channels": [8, 16], "temporal_heads": 2},
-        "data": {"resolution": 16},
-        "train": {"stage1": {"batch_size": 2, "steps": 100, "lr": 1e-3},
-                  "stage2": {"batch_size": 1, "steps": 100, "frames": 3, "lr": 1e-3},
-                  "checkpoint_every": 2, "drop_reference": 0.3, "drop_expression": 0.3, "count_flops": False,
-                  **train},
-        "sample": {"steps": 2, "window": 2, "overlap": 1}})
+    return GenConfig.model_validate(
+        {
+            "model": {
+                "latents": "pixel",
+                "pose_injection": "concat",
+                "unet": {
+                    "block_out_channels": [16, 32],
+                    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                    "layers_per_block": 1,
+                    "attention_head_dim": 8,
+                    "cross_attention_dim": 32,
+                    "norm_num_groups": 8,
+                },
+                "expression_tokens": 2,
+                "expression_dim": 4,
+                "expression_channels": [8, 16],
+                "temporal_heads": 2,
+            },
+            "data": {"resolution": 16},
+            "train": {
+                "stage1": {"batch_size": 2, "steps": 100, "lr": 1e-3},
+                "stage2": {"batch_size": 1, "steps": 100, "frames": 3, "lr": 1e-3},
+                "checkpoint_every": 2,
+                "drop_reference": 0.3,
+                "drop_expression": 0.3,
+                "count_flops": False,
+                **train,
+            },
+            "sample": {"steps": 2, "window": 2, "overlap": 1},
+        }
+    )
 
 
 def test_global_batch_is_split_over_workers_and_lr_scaling_is_explicit():
     stage1 = {"batch_size": 8, "steps": 10, "lr": 1e-4}
     cfg = tiny_config(stage1=stage1, grad_accumulation=2).train
     assert [cfg.worker_batch(1, workers) for workers in (1, 2, 4)] == [4, 2, 1]
-    with pytest.raises(ValueError, match=r"train.stage1.batch_size 8 \(global\) is not divisible by 3 worker"):
+    with pytest.raises(
+        ValueError, match=r"train.stage1.batch_size 8 \(global\) is not divisible by 3 worker"
+    ):
         cfg.worker_batch(1, 3)
     assert cfg.learning_rate(1) == 1e-4
     assert tiny_config(stage1=stage1, lr_scaling="linear").train.learning_rate(1) == pytest.approx(8e-4)
@@ -61,8 +83,15 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
     batches = make_batches_factory(2, 16, crop=16)
     full = train_loop(cfg, 1, batches, tmp_path / "full", max_steps=4, quiet=True)
     first = train_loop(cfg, 1, batches, tmp_path / "cut", max_steps=2, quiet=True)
-    rest = train_loop(cfg, 1, batches, tmp_path / "cut", max_steps=4, restore=latest_checkpoint(tmp_path / "cut"),
-                      quiet=True)
+    rest = train_loop(
+        cfg,
+        1,
+        batches,
+        tmp_path / "cut",
+        max_steps=4,
+        restore=latest_checkpoint(tmp_path / "cut"),
+        quiet=True,
+    )
     assert first == full[:2]
     assert rest == full[2:]  # exact on CPU: weights, optimizer, EMA, data position and noise RNG restored
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000004"
@@ -82,10 +111,18 @@ def _ddp_rank(rank: int, world_size: int, port: int, config: str, runs: list[tup
     try:
         cfg = GenConfig.model_validate_json(config)
         for out, max_steps, restore in runs:
-            losses = train_loop(cfg, 1, make_batches_factory(1, 16, crop=16), Path(out), max_steps,
-                                restore=latest_checkpoint(Path(out)) if restore else None, rank=rank,
-                                world_size=world_size, wrap=lambda m: DistributedDataParallel(
-                                    m, find_unused_parameters=True), quiet=True)
+            losses = train_loop(
+                cfg,
+                1,
+                make_batches_factory(1, 16, crop=16),
+                Path(out),
+                max_steps,
+                restore=latest_checkpoint(Path(out)) if restore else None,
+                rank=rank,
+                world_size=world_size,
+                wrap=lambda m: DistributedDataParallel(m, find_unused_parameters=True),
+                quiet=True,
+            )
             (Path(out) / f"losses_rank{rank}_to_{max_steps}.json").write_text(json.dumps(losses))
     finally:
         dist.destroy_process_group()
@@ -103,7 +140,9 @@ def test_two_worker_ddp_resume_reproduces_every_ranks_loss_sequence(tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     for runs in ([(full, 4, False), (cut, 2, False)], [(cut, 4, True)]):  # fresh processes for the resume
         # fork: the children inherit the imported modules instead of importing torch and diffusers again
-        torch.multiprocessing.start_processes(_ddp_rank, (2, _free_port(), cfg, runs), nprocs=2, start_method="fork")
+        torch.multiprocessing.start_processes(
+            _ddp_rank, (2, _free_port(), cfg, runs), nprocs=2, start_method="fork"
+        )
 
     def losses(out: str, rank: int, steps: int) -> list[float]:
         return json.loads((Path(out) / f"losses_rank{rank}_to_{steps}.json").read_text())
@@ -119,8 +158,15 @@ def test_two_worker_ddp_resume_reproduces_every_ranks_loss_sequence(tmp_path):
 def test_stage2_starts_from_stage1_and_trains_on_clips(tmp_path):
     cfg = tiny_config()
     train_loop(cfg, 1, make_batches_factory(2, 16, crop=16), tmp_path / "s1", max_steps=2, quiet=True)
-    losses = train_loop(cfg, 2, make_batches_factory(1, 16, frames=3, crop=16), tmp_path / "s2", max_steps=2,
-                        init=tmp_path / "s1", quiet=True)
+    losses = train_loop(
+        cfg,
+        2,
+        make_batches_factory(1, 16, frames=3, crop=16),
+        tmp_path / "s2",
+        max_steps=2,
+        init=tmp_path / "s1",
+        quiet=True,
+    )
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
@@ -140,11 +186,19 @@ def test_ray_torch_trainer_runs_two_steps(tmp_path):
     import yaml
 
     from geodiff4d.gen.train import train
+
     ray.cloudpickle.register_pickle_by_value(gen_synthetic)  # a test helper, not importable in workers
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
-    latest = train(path, 1, None, tmp_path / "run", max_steps=2, make_batches=make_batches_factory(2, 16, crop=16),
-                   quiet=True)
+    latest = train(
+        path,
+        1,
+        None,
+        tmp_path / "run",
+        max_steps=2,
+        make_batches=make_batches_factory(2, 16, crop=16),
+        quiet=True,
+    )
     assert latest.name == "step_0000002" and (latest / "model/config.json").is_file()
 
 
@@ -152,6 +206,7 @@ def _kill_when_reported(run: Path, pids: Path, rank_seed: int, killed: list[int]
     """Once Ray has registered a checkpoint, SIGKILL the worker process that reads rank `rank_seed`'s stream."""
     import signal
     import time
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if (run / "checkpoints/checkpoint_manager_snapshot.json").is_file():
@@ -173,6 +228,7 @@ def test_ray_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, local_r
     import yaml
 
     from geodiff4d.gen.train import train
+
     ray.cloudpickle.register_pickle_by_value(gen_synthetic)  # a test helper, not importable in workers
     cfg = tiny_config()
     path, pids, run = tmp_path / "tiny.yaml", tmp_path / "pids", tmp_path / "run"
@@ -181,15 +237,29 @@ def test_ray_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, local_r
     killed: list[int] = []
     killer = threading.Thread(target=_kill_when_reported, args=(run, pids, cfg.train.seed + 1, killed))
     killer.start()
-    latest = train(path, 1, None, run, max_steps=8, workers=2, quiet=True,
-                   make_batches=recording_batches(pids, 1, 16, delay_s=0.3, crop=16))
+    latest = train(
+        path,
+        1,
+        None,
+        run,
+        max_steps=8,
+        workers=2,
+        quiet=True,
+        make_batches=recording_batches(pids, 1, 16, delay_s=0.3, crop=16),
+    )
     killer.join()
     assert killed and latest.name == "step_0000008"
     calls = [name.split("-") for name in sorted(p.name for p in pids.iterdir())]
-    restarted = [(seed, int(position)) for seed, position, pid in calls if int(pid) not in killed and int(position)]
+    restarted = [
+        (seed, int(position)) for seed, position, pid in calls if int(pid) not in killed and int(position)
+    ]
     assert {seed for seed, _ in restarted} == {"0", "1"}  # both ranks restarted from a checkpoint, not from 0
     reference = tmp_path / "uninterrupted"
-    torch.multiprocessing.start_processes(_ddp_rank, (2, _free_port(), cfg.model_dump_json(), [(str(reference), 8, False)]),
-                                          nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(
+        _ddp_rank,
+        (2, _free_port(), cfg.model_dump_json(), [(str(reference), 8, False)]),
+        nprocs=2,
+        start_method="fork",
+    )
     ema = "ema/diffusion_pytorch_model.safetensors"
     assert (latest / ema).read_bytes() == (reference / "checkpoints/step_0000008" / ema).read_bytes()

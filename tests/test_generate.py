@@ -61,6 +61,7 @@ def inputs(tmp_path_factory) -> Path:
     from geodiff4d.datasets.frame_folder import write_tracking
     from geodiff4d.datasets.procedural_head import procedural_head_model
     from geodiff4d.gen.train import train_loop
+
     root = tmp_path_factory.mktemp("generate")
     with one_thread():
         train_loop(config(), 1, make_batches_factory(2, 16, crop=16), root / "run", max_steps=1, quiet=True)
@@ -75,18 +76,37 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def _spec(tmp: Path, root: Path, **subject) -> Path:
-    entry = {"name": "s0", "reference": {"image": str(root / "astronaut.png")}, "identity": {"fit": True},
-             "cameras": {"orbit": VIEWS, "yaw": 40}, "driving": {"tracking": str(root / "driving.npz")},
-             "frames": FRAMES, **subject}
+    entry = {
+        "name": "s0",
+        "reference": {"image": str(root / "astronaut.png")},
+        "identity": {"fit": True},
+        "cameras": {"orbit": VIEWS, "yaw": 40},
+        "driving": {"tracking": str(root / "driving.npz")},
+        "frames": FRAMES,
+        **subject,
+    }
     path = tmp / "spec.yaml"
-    path.write_text(yaml.safe_dump({"run": str(root / "run"), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2,
-                                    "subjects": [entry]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": str(root / "run"),
+                "seed": 5,
+                "frames_per_unit": 2,
+                "cameras_per_unit": 2,
+                "subjects": [entry],
+            }
+        )
+    )
     return path
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] in ("rgb", "normal", "mask", "cameras", "tracking", "latents")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and p.relative_to(root).parts[0] in ("rgb", "normal", "mask", "cameras", "tracking", "latents")
+    }
 
 
 @pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
@@ -104,7 +124,9 @@ def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
     assert (two / ".killed").exists() and list(first.failed) == [KILLED]  # the actor really died
     assert "worker died" in first.failed[KILLED]
     committed = sorted(first.completed)
-    written = {n: (two / n).stat().st_mtime_ns for n in _outputs(two) if n.startswith("rgb/") and "/orbit002/" in n}
+    written = {
+        n: (two / n).stat().st_mtime_ns for n in _outputs(two) if n.startswith("rgb/") and "/orbit002/" in n
+    }
     rerun = generate(spec, two, workers=2, progress=False)
     assert rerun.completed == [KILLED] and sorted(rerun.skipped) == committed  # only the uncommitted unit ran
     assert all((two / n).stat().st_mtime_ns == t for n, t in written.items())  # committed frames untouched
@@ -116,8 +138,15 @@ def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
 @pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
     spec = _spec(tmp_path, inputs, cameras={"cameras_json": str(tmp_path / "rig.json")})
-    rig = {f"cam{i}": {"world_to_cam": np.eye(4).tolist(), "K": [[100, 0, 50], [0, 100, 50], [0, 0, 1]],
-                       "width": 100, "height": 100} for i in range(2)}
+    rig = {
+        f"cam{i}": {
+            "world_to_cam": np.eye(4).tolist(),
+            "K": [[100, 0, 50], [0, 100, 50], [0, 0, 1]],
+            "width": 100,
+            "height": 100,
+        }
+        for i in range(2)
+    }
     for i, x in enumerate((-0.1, 0.1)):
         rig[f"cam{i}"]["world_to_cam"][0][3] = x
         rig[f"cam{i}"]["world_to_cam"][2][3] = 0.6
@@ -165,14 +194,21 @@ def test_bad_inputs_end_with_one_message(inputs, tmp_path):
 @pytest.mark.slow  # dlib + landmark tracking of a real photo; see the module docstring
 def test_inputs_resolve_and_units_cover_every_frame_and_camera_once(inputs, tmp_path):
     """A real photo (scikit-image's astronaut) as reference with a fitted identity; a video of it as driving."""
-    _, [subject] = prepare(_spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")}), tmp_path / "out")
+    _, [subject] = prepare(
+        _spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")}), tmp_path / "out"
+    )
     assert subject.ref_rgb.shape == (3, 16, 16) and subject.driving.shape == (FRAMES, 3, 16, 16)
     assert (subject.ref_posemap.norm(dim=0) > 0.5).float().mean() > 0.2  # the fitted head fills the crop
     assert subject.tracking.batch_size == FRAMES and torch.isfinite(subject.tracking.expression).all()
     assert subject.tracking.translation[-1, 0] > subject.tracking.translation[0, 0]  # the face moves right
     assert len(subject.cameras) == VIEWS
     units = plan_units(subject, 3, 2)
-    pairs = [(f, c) for u in units for f in range(u.payload["start"], u.payload["stop"]) for c in u.payload["cameras"]]
+    pairs = [
+        (f, c)
+        for u in units
+        for f in range(u.payload["start"], u.payload["stop"])
+        for c in u.payload["cameras"]
+    ]
     assert sorted(pairs) == sorted((f, c) for f in range(FRAMES) for c in subject.cameras)
 
 
@@ -181,6 +217,7 @@ def shards(tmp_path_factory, local_ray) -> Path:
     """One procedural subject packed at 16 px."""
     from geodiff4d.datasets.packing import pack
     from geodiff4d.datasets.procedural import SynthSpec, synthesize
+
     root = tmp_path_factory.mktemp("generate_shards")
     spec = SynthSpec(subjects=1, sequences=1, frames=FRAMES, cameras=2, resolution=64, synthetic=1, seed=0)
     assert synthesize(root / "raw", spec, workers=2, progress=False).ok
@@ -197,24 +234,53 @@ def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, 
     from geodiff4d.datasets.loader import augment_driving
     from geodiff4d.gen.diffusion_pipeline import GeoDiff4DPipeline
     from geodiff4d.gen.sample_frames import plain_driving_config
+
     run = inputs / "run"
     out, frames, seed = tmp_path / "sampled", (1, 2), 3
-    result = CliRunner().invoke(app, ["sample", "--run", str(run), "--shards", str(shards), "--subject", "001",
-                                      "--sequence", SEQUENCE, "--out", str(out), "--frames", "1", "--frames", "2",
-                                      "--seed", str(seed)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--run",
+            str(run),
+            "--shards",
+            str(shards),
+            "--subject",
+            "001",
+            "--sequence",
+            SEQUENCE,
+            "--out",
+            str(out),
+            "--frames",
+            "1",
+            "--frames",
+            "2",
+            "--seed",
+            str(seed),
+        ],
+    )
     assert result.exit_code == 0, result.output
     pipe = DiffusionPipeline.from_pretrained(str(run / "pipeline"), trust_remote_code=True)
     assert type(pipe).__name__ == GeoDiff4DPipeline.__name__
     packed = read_sequence(shards, "001", SEQUENCE)
     cameras = sorted({c for c, _ in packed})
     config, rng = plain_driving_config(config_of(run).model.driving_size), np.random.default_rng(0)
-    driving = torch.stack([augment_driving(packed[(cameras[0], f)]["rgb"], packed[(cameras[0], f)]["mask"], config, rng)
-                           for f in frames])
+    driving = torch.stack(
+        [
+            augment_driving(packed[(cameras[0], f)]["rgb"], packed[(cameras[0], f)]["mask"], config, rng)
+            for f in frames
+        ]
+    )
     reference = packed[(cameras[0], frames[0])]
     for i, camera in enumerate(cameras):
         posemaps = torch.stack([packed[(camera, f)]["posemap"] for f in frames])
-        images = pipe(reference["rgb"], reference["posemap"], driving, posemaps,
-                      torch.Generator().manual_seed(seed * 1_000 + i)).rgb
+        images = pipe(
+            reference["rgb"],
+            reference["posemap"],
+            driving,
+            posemaps,
+            torch.Generator().manual_seed(seed * 1_000 + i),
+        ).rgb
         for k, frame in enumerate(frames):
             written = np.asarray(Image.open(out / "rgb/001" / SEQUENCE / camera / f"{frame:05d}.png"))
             expected = (images[k].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -225,9 +291,14 @@ def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, 
 def test_shard_reference_and_driving_with_nersemble_cameras_resolve(inputs, shards, tmp_path):
     packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
     tracking = shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking.npz"
-    spec = _spec(tmp_path, inputs, reference={**packed, "camera": "222200037", "frame": 1},
-                 identity={"tracking": str(tracking)}, driving={**packed, "camera": "222200037"},
-                 cameras={"nersemble": str(shards.parent / "raw/nersemble"), "subject": "001", "sequence": SEQUENCE})
+    spec = _spec(
+        tmp_path,
+        inputs,
+        reference={**packed, "camera": "222200037", "frame": 1},
+        identity={"tracking": str(tracking)},
+        driving={**packed, "camera": "222200037"},
+        cameras={"nersemble": str(shards.parent / "raw/nersemble"), "subject": "001", "sequence": SEQUENCE},
+    )
     _, [subject] = prepare(spec, tmp_path / "out")
     assert sorted(subject.cameras) == sorted({c for c, _ in read_sequence(shards, "001", SEQUENCE)})
     assert all((c.width, c.height) == (16, 16) for c in subject.cameras.values())

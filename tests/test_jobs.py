@@ -101,8 +101,14 @@ def test_worker_lost_with_its_node_is_replaced_once_others_are_done(local_ray, t
     with nothing left to do, gives its CPU back (an idle worker that kept it would hang the job)."""
     commits = CommitLog(tmp_path / "commits")
     try:
-        report = run_units(_DieWithItsNode(tmp_path / "out", kill_once="u001"), _units(4), commits, workers=2,
-                           cpus_per_worker=1, progress=False)
+        report = run_units(
+            _DieWithItsNode(tmp_path / "out", kill_once="u001"),
+            _units(4),
+            commits,
+            workers=2,
+            cpus_per_worker=1,
+            progress=False,
+        )
         assert ray.get(ray.get_actor("lost-node").ready.remote(), timeout=10)  # the CPU really was taken
     finally:
         ray.kill(ray.get_actor("lost-node"))
@@ -135,7 +141,9 @@ class _ReportThreads:
 def test_actor_threads_equal_the_cpus_ray_gives_it(local_ray, tmp_path, workers, cpus, threads):
     """Local Ray has 2 CPUs: one worker gets both (and 2 torch threads), two share them, or as requested."""
     commits = CommitLog(tmp_path / "commits")
-    report = run_units(_ReportThreads(), _units(2), commits, workers=workers, cpus_per_worker=cpus, progress=False)
+    report = run_units(
+        _ReportThreads(), _units(2), commits, workers=workers, cpus_per_worker=cpus, progress=False
+    )
     assert report.ok
     assert [commits.stats(u.id)["threads"] for u in _units(2)] == [threads, threads]
 
@@ -156,7 +164,9 @@ class _NoWeights(_WriteFiles):
 
 def test_a_job_whose_setup_fails_names_the_error_per_unit_without_retries(local_ray, tmp_path):
     job = _NoWeights(tmp_path / "out")
-    report = run_units(job, _units(3), CommitLog(tmp_path / "commits"), workers=1, max_retries=2, progress=False)
+    report = run_units(
+        job, _units(3), CommitLog(tmp_path / "commits"), workers=1, max_retries=2, progress=False
+    )
     assert sorted(report.failed) == ["u000", "u001", "u002"] and not report.completed
     expected = f"worker setup failed: FileNotFoundError: no weights at {tmp_path / 'out' / 'model.onnx'}"
     assert set(report.failed.values()) == {expected}

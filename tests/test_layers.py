@@ -15,7 +15,11 @@ ALLOWED = {
     "core": set(),
     "datasets": {"core"},
     "recon": {"core", "datasets"},
-    "gen": {"core", "datasets", "recon"},  # generate fits a FLAME identity to a reference with recon's tracker
+    "gen": {
+        "core",
+        "datasets",
+        "recon",
+    },  # generate fits a FLAME identity to a reference with recon's tracker
     "eval": {"core", "datasets"},  # eval scores image folders: it never imports gen or recon
     "cluster": {"core", "datasets", "gen", "recon", "eval"},
 }

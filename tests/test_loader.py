@@ -34,7 +34,9 @@ def _meta(sample: dict) -> dict:
     return sample["meta"] if "meta" in sample else json.loads(sample["json"])
 
 
-@pytest.mark.parametrize("weights", [{"nersemble": 10.0, "synthhuman": 1.0}, {"nersemble": 3.0, "synthhuman": 1.0}])
+@pytest.mark.parametrize(
+    "weights", [{"nersemble": 10.0, "synthhuman": 1.0}, {"nersemble": 3.0, "synthhuman": 1.0}]
+)
 def test_source_ratio_over_20k_draws_matches_weights(shards, weights):
     out, _ = shards
     units = unit_stream(out, LoaderConfig(weights=weights, seed=3))
@@ -48,7 +50,10 @@ def test_same_seed_same_order_other_seed_other_order(shards):
 
     def keys(seed: int) -> list[str]:
         units = unit_stream(out, LoaderConfig(kind="pair", seed=seed))
-        return [(u.targets[0]["__key__"], u.drivings[0]["__key__"], u.ref["__key__"]) for u in itertools.islice(units, 300)]
+        return [
+            (u.targets[0]["__key__"], u.drivings[0]["__key__"], u.ref["__key__"])
+            for u in itertools.islice(units, 300)
+        ]
 
     assert keys(5) == keys(5)
     assert keys(5) != keys(6)
@@ -62,7 +67,9 @@ def test_cross_view_pairs_share_frame_and_differ_in_camera(shards):
     for u in multi:
         target, driving = _meta(u.targets[0]), _meta(u.drivings[0])
         assert u.cross_view
-        assert [target[k] for k in ("subject", "sequence", "frame")] == [driving[k] for k in ("subject", "sequence", "frame")]
+        assert [target[k] for k in ("subject", "sequence", "frame")] == [
+            driving[k] for k in ("subject", "sequence", "frame")
+        ]
         assert target["camera"] != driving["camera"]
         ref = _meta(u.ref)
         assert ref["subject"] == target["subject"] and ref["frame"] != target["frame"]
@@ -156,11 +163,14 @@ def test_driving_crop_without_augmentation_is_the_head_box():
     rgb = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 4:20] = 1  # a 16 x 16 head box
-    still = LoaderConfig(driving_size=16, crop_scale=(1, 1), crop_shift=0, brightness=0, contrast=0,
-                         saturation=0, noise_std=0)
+    still = LoaderConfig(
+        driving_size=16, crop_scale=(1, 1), crop_shift=0, brightness=0, contrast=0, saturation=0, noise_std=0
+    )
     crop = augment_driving(rgb, mask, still, np.random.default_rng(0))
     assert torch.allclose(crop, rgb[:, 8:24, 4:20], atol=1e-6)
-    jittered = [augment_driving(rgb, mask, LoaderConfig(driving_size=16), np.random.default_rng(s)) for s in (1, 1, 2)]
+    jittered = [
+        augment_driving(rgb, mask, LoaderConfig(driving_size=16), np.random.default_rng(s)) for s in (1, 1, 2)
+    ]
     assert torch.equal(jittered[0], jittered[1]) and not torch.equal(jittered[0], jittered[2])
     assert not torch.allclose(jittered[0], crop, atol=0.05)
     assert jittered[0].min() >= 0 and jittered[0].max() <= 1

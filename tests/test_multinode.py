@@ -115,13 +115,21 @@ class Cluster:
     env: dict[str, str]
     nodes: list[Node]
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """``geodiff4d ARGS --address`` as a separate driver process, as a user would run it."""
-        result = subprocess.run([str(BIN / "geodiff4d"), *args, "--address", self.address], env=env or self.env,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [str(BIN / "geodiff4d"), *args, "--address", self.address],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check:
-            assert result.returncode == 0, f"geodiff4d {args[0]} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+            assert result.returncode == 0, (
+                f"geodiff4d {args[0]} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+            )
         return result
 
     def start_node(self, name: str, *args: str, attempts: int = 5) -> Node:
@@ -130,27 +138,47 @@ class Cluster:
         for attempt in range(attempts):
             temp_dir = Path(self.env["GEODIFF4D_TEST_RAY_TMP"]) / f"{name}{attempt}"
             log = (Path(self.env["GEODIFF4D_TEST_TMP"]) / f"{name}{attempt}.log").open("w")
-            command = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                       f"--num-cpus={NODE_CPUS}", "--object-store-memory=100000000", "--disable-usage-stats", "--include-log-monitor=false",
-                       f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                       f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}", *args]
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            command = [
+                sys.executable,
+                "-c",
+                PATIENT_RAY_START,
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={temp_dir}",
+                f"--num-cpus={NODE_CPUS}",
+                "--object-store-memory=100000000",
+                "--disable-usage-stats",
+                "--include-log-monitor=false",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
+                *args,
+            ]
+            process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             node = Node(name, process, temp_dir)
             self.nodes.append(node)
             if self._wait_for_nodes(len(self.nodes), node):
                 return node
             node.stop()
             self.nodes.remove(node)
-        raise AssertionError(f"{name}: ray start failed {attempts} times: see {self.env['GEODIFF4D_TEST_TMP']}/*.log")
+        raise AssertionError(
+            f"{name}: ray start failed {attempts} times: see {self.env['GEODIFF4D_TEST_TMP']}/*.log"
+        )
 
     def _wait_for_nodes(self, count: int, starting: Node, timeout: float = 180) -> bool:
-        probe = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                 "print('alive', sum(n['Alive'] for n in ray.nodes()))")
+        probe = (
+            f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print('alive', sum(n['Alive'] for n in ray.nodes()))"
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and starting.process.poll() is None:
-            result = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
-                                    timeout=120)
+            result = subprocess.run(
+                [sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120
+            )
             alive = re.search(r"^alive (\d+)$", result.stdout, re.M)  # Ray may print more at exit
             if alive and int(alive.group(1)) >= count:
                 return True
@@ -161,15 +189,29 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("raycluster")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gd4d-ray-"))  # short: Ray's socket paths must stay under 107 bytes
+    ray_tmp = Path(
+        tempfile.mkdtemp(prefix="gd4d-ray-")
+    )  # short: Ray's socket paths must stay under 107 bytes
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "GEODIFF4D_TEST_TMP": str(tmp), "GEODIFF4D_TEST_RAY_TMP": str(ray_tmp), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "GEODIFF4D_TEST_TMP": str(tmp),
+        "GEODIFF4D_TEST_RAY_TMP": str(ray_tmp),
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     cluster = Cluster(f"127.0.0.1:{port}", env, [])
     try:
-        cluster.start_node("head", "--head", f"--port={port}", "--include-dashboard=false",
-                           f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}")
+        cluster.start_node(
+            "head",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            f"--dashboard-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        )
         cluster.start_node("second", f"--address={cluster.address}")
         yield cluster
     finally:
@@ -191,8 +233,23 @@ def _show(stage: str, counts: dict[str, int]) -> None:
 @pytest.fixture(scope="module")
 def data(cluster) -> Path:
     root = Path(cluster.env["GEODIFF4D_TEST_TMP"]) / "data"
-    cluster.run("synth", "--out", str(root), "--subjects", "2", "--frames", "4", "--cameras", "3", "--resolution", "64",
-                "--synthetic", "3", "--workers", "2")
+    cluster.run(
+        "synth",
+        "--out",
+        str(root),
+        "--subjects",
+        "2",
+        "--frames",
+        "4",
+        "--cameras",
+        "3",
+        "--resolution",
+        "64",
+        "--synthetic",
+        "3",
+        "--workers",
+        "2",
+    )
     return root
 
 
@@ -200,8 +257,16 @@ PACK = ("--resolution", "16", "--samples-per-shard", "3", "--workers", "2")
 
 
 def _pack_args(root: Path, out: Path) -> tuple[str, ...]:
-    return ("pack", "--out", str(out), "--source", f"nersemble:{root / 'nersemble'}", "--source",
-            f"synthhuman:{root / 'synthhuman'}", *PACK)
+    return (
+        "pack",
+        "--out",
+        str(out),
+        "--source",
+        f"nersemble:{root / 'nersemble'}",
+        "--source",
+        f"synthhuman:{root / 'synthhuman'}",
+        *PACK,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +286,21 @@ def test_pack_and_eval_land_on_both_nodes(cluster, packed, data):
 
     gt, pred = data.parent / "eval_gt", data.parent / "eval_pred"
     _write_eval_trees(gt, pred)
-    scored = cluster.run("eval", "--pred", str(pred), "--gt", str(gt), "--out", str(data.parent / "eval_run"),
-                         "--metrics", "psnr", "--metrics", "ssim", "--workers", "2")
+    scored = cluster.run(
+        "eval",
+        "--pred",
+        str(pred),
+        "--gt",
+        str(gt),
+        "--out",
+        str(data.parent / "eval_run"),
+        "--metrics",
+        "psnr",
+        "--metrics",
+        "ssim",
+        "--workers",
+        "2",
+    )
     counts = _units_per_node(scored.stdout)
     _show("eval", counts)
     assert len(counts) == 2 and sum(counts.values()) == 4
@@ -251,19 +329,30 @@ def test_generate_with_a_tiny_model_lands_on_both_nodes(cluster, packed, data):
     from test_gen_data import SEQUENCE, config
 
     from geodiff4d.gen.train import train_loop
+
     run, (shards, _) = data.parent / "tiny_run", packed
     with one_thread():
         train_loop(config(), 1, make_batches_factory(2, 16, crop=16), run, max_steps=1, quiet=True)
-    cameras = read_manifest(shards, columns=["camera"], filters=[("source", "==", "nersemble")]).column("camera")
+    cameras = read_manifest(shards, columns=["camera"], filters=[("source", "==", "nersemble")]).column(
+        "camera"
+    )
     camera = sorted(cameras.to_pylist())[0]  # a capture camera (the shards also hold SynthHuman's camera "0")
     packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
     tracking = data / "nersemble/001/sequences" / SEQUENCE / "tracking" / TRACKING_V2
-    subject = {"name": "s0", "reference": {**packed, "camera": camera, "frame": 1},
-               "identity": {"tracking": str(tracking)}, "driving": {**packed, "camera": camera}, "frames": 4,
-               "cameras": {"nersemble": str(data / "nersemble"), "subject": "001", "sequence": SEQUENCE}}
+    subject = {
+        "name": "s0",
+        "reference": {**packed, "camera": camera, "frame": 1},
+        "identity": {"tracking": str(tracking)},
+        "driving": {**packed, "camera": camera},
+        "frames": 4,
+        "cameras": {"nersemble": str(data / "nersemble"), "subject": "001", "sequence": SEQUENCE},
+    }
     spec = data.parent / "generate.yaml"
-    spec.write_text(yaml.safe_dump({"run": str(run), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2,
-                                    "subjects": [subject]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"run": str(run), "seed": 5, "frames_per_unit": 2, "cameras_per_unit": 2, "subjects": [subject]}
+        )
+    )
     out = data.parent / "generated"
     counts = _units_per_node(cluster.run("generate", str(spec), "--out", str(out), "--workers", "2").stdout)
     _show("generate", counts)
@@ -273,14 +362,19 @@ def test_generate_with_a_tiny_model_lands_on_both_nodes(cluster, packed, data):
 
 def test_client_without_the_token_is_refused(cluster, tmp_path):
     probe = f"import ray; ray.init(address={cluster.address!r}); print('connected')"
-    no_token = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    no_token = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")} | {
+        "HOME": str(tmp_path)
+    }
     wrong_token = cluster.env | {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
     for env in (no_token, wrong_token):
-        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode != 0 and "connected" not in result.stdout
         assert "Authentication token is missing or incorrect" in result.stderr, result.stderr[-2000:]
-    with_token = subprocess.run([sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True,
-                                timeout=120)
+    with_token = subprocess.run(
+        [sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True, timeout=120
+    )
     assert "connected" in with_token.stdout, with_token.stderr[-2000:]
 
 
@@ -296,8 +390,9 @@ def test_workers_import_the_drivers_code(cluster):
         "    return jobs.__file__\n"
         "print(ray.get(where.remote()))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     worker_file = Path(result.stdout.split()[-1])
     assert "runtime_resources" in worker_file.parts and "py_modules_files" in worker_file.parts, worker_file
@@ -311,15 +406,22 @@ def test_embedded_connect_never_attaches_to_a_started_cluster(cluster):
     (temp / "ray").mkdir(parents=True)
     (temp / "ray" / "ray_current_cluster").write_text(cluster.address)
     env = cluster.env | {"RAY_TMPDIR": str(temp)}
-    probe = ("import ray\n"
-             "from geodiff4d.core.runtime import connect\n"
-             "{}\n"
-             "print('nodes', len(ray.nodes()))\n")
-    attached = subprocess.run([sys.executable, "-c", probe.format("ray.init()")], env=env, capture_output=True,
-                              text=True, timeout=300)
+    probe = "import ray\nfrom geodiff4d.core.runtime import connect\n{}\nprint('nodes', len(ray.nodes()))\n"
+    attached = subprocess.run(
+        [sys.executable, "-c", probe.format("ray.init()")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "nodes 2" in attached.stdout, attached.stderr[-2000:]  # the hazard is real: plain ray.init() joins
-    own = subprocess.run([sys.executable, "-c", probe.format("connect(num_cpus=1)")], env=env, capture_output=True,
-                         text=True, timeout=300)
+    own = subprocess.run(
+        [sys.executable, "-c", probe.format("connect(num_cpus=1)")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "nodes 1" in own.stdout, own.stderr[-2000:]
 
 
@@ -330,8 +432,13 @@ def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, packed, data
     reference, _ = packed
     expected_units = sorted(p.name for p in reference.glob("*.stats.json"))
     out = data.parent / "shards_killed"
-    driver = subprocess.Popen([str(BIN / "geodiff4d"), *_pack_args(data, out), "--address", cluster.address],
-                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [str(BIN / "geodiff4d"), *_pack_args(data, out), "--address", cluster.address],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.1)
@@ -341,16 +448,23 @@ def test_node_killed_mid_pack_loses_and_duplicates_nothing(cluster, packed, data
     assert driver.poll() is None and 0 < committed_at_kill < len(expected_units), "the kill came mid-run"
     first_output = driver.communicate(timeout=600)[0]
     committed_first = len(list(out.glob("*.stats.json")))
-    print(f"killed the second node's {len(killed)} processes with {committed_at_kill}/{len(expected_units)} "
-          f"units committed; the run ({committed_first} committed): {first_output.splitlines()[-3:]}")
+    print(
+        f"killed the second node's {len(killed)} processes with {committed_at_kill}/{len(expected_units)} "
+        f"units committed; the run ({committed_first} committed): {first_output.splitlines()[-3:]}"
+    )
     rerun = cluster.run(*_pack_args(data, out), check=False)  # resumes whatever the first run did not commit
     print("rerun:", rerun.stdout.splitlines()[-3:])
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
 
     assert sorted(p.name for p in out.glob("*.stats.json")) == expected_units  # every unit committed
-    done, skipped, failed = map(int, re.search(r"(\d+) done, (\d+) already committed, (\d+) failed",
-                                               rerun.stdout).groups())
-    assert (done, skipped, failed) == (len(expected_units) - committed_first, committed_first, 0)  # none twice
+    done, skipped, failed = map(
+        int, re.search(r"(\d+) done, (\d+) already committed, (\d+) failed", rerun.stdout).groups()
+    )
+    assert (done, skipped, failed) == (
+        len(expected_units) - committed_first,
+        committed_first,
+        0,
+    )  # none twice
     expected = read_manifest(reference).to_pandas()
     got = read_manifest(out).to_pandas()
     assert got["key"].is_unique and sorted(got["key"]) == sorted(expected["key"])

@@ -120,17 +120,26 @@ def test_tracking_npz_names_shapes_and_values(root):
         arrays = dict(npz)
     shapes = {name: array.shape for name, array in arrays.items()}
     assert shapes == {
-        "shape": (1, 300), "expression": (N_FRAMES, 100), "rotation": (N_FRAMES, 3),
-        "rotation_matrices": (N_FRAMES, 3, 3), "translation": (N_FRAMES, 3), "jaw": (N_FRAMES, 3),
-        "neck": (N_FRAMES, 3), "eyes": (N_FRAMES, 6), "scale": (1, 1), "frames": (N_FRAMES,),
-    }  # fmt: skip
+        "shape": (1, 300),
+        "expression": (N_FRAMES, 100),
+        "rotation": (N_FRAMES, 3),
+        "rotation_matrices": (N_FRAMES, 3, 3),
+        "translation": (N_FRAMES, 3),
+        "jaw": (N_FRAMES, 3),
+        "neck": (N_FRAMES, 3),
+        "eyes": (N_FRAMES, 6),
+        "scale": (1, 1),
+        "frames": (N_FRAMES,),
+    }
     np.testing.assert_array_equal(arrays["shape"][:, :N_SHAPE], params.shape[:1].numpy())
     assert not arrays["shape"][:, N_SHAPE:].any() and not arrays["expression"][:, N_EXPR:].any()
     np.testing.assert_array_equal(arrays["expression"][:, :N_EXPR], params.expression.numpy())
     np.testing.assert_array_equal(arrays["frames"], np.arange(N_FRAMES))
     for t in range(N_FRAMES):
         np.testing.assert_allclose(
-            arrays["rotation_matrices"][t], Rotation.from_euler("XYZ", arrays["rotation"][t]).as_matrix(), atol=1e-6
+            arrays["rotation_matrices"][t],
+            Rotation.from_euler("XYZ", arrays["rotation"][t]).as_matrix(),
+            atol=1e-6,
         )
     first = path.read_bytes()
     write_nersemble_tracking(path, params, np.arange(N_FRAMES))

@@ -41,7 +41,9 @@ def test_benchmark_data_manager_reads_our_folder_as_we_do(benchmark_root):
     cameras = ours.cameras(SUBJECT)
     assert sorted(calibration.world_2_cam) == sorted(cameras) == ours.serials(SUBJECT)
     for serial, camera in cameras.items():  # dreifus keeps poses and intrinsics in float32
-        np.testing.assert_array_equal(np.asarray(calibration.world_2_cam[serial]), camera.world_to_cam.astype(np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(calibration.world_2_cam[serial]), camera.world_to_cam.astype(np.float32)
+        )
         np.testing.assert_array_equal(np.asarray(calibration.intrinsics[serial]), camera.K.astype(np.float32))
     # the manager lists every folder under sequences/, BACKGROUND plates included; we list captured sequences
     assert set(manager.list_sequences()) - {"BACKGROUND"} == set(ours.sequences(SUBJECT))

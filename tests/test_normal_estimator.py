@@ -21,10 +21,12 @@ def _shifted_identity_onnx(path: Path, size: int | None = SIZE) -> None:
     half = helper.make_tensor("half", TensorProto.FLOAT, [1], [0.5])
     dims = [1, 3, size, size] if size else [1, 3, None, None]
     graph = helper.make_graph(
-        [helper.make_node("Sub", ["x", "half"], ["y"])], "shifted_identity",
+        [helper.make_node("Sub", ["x", "half"], ["y"])],
+        "shifted_identity",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)], initializer=[half],
-    )  # fmt: skip
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        initializer=[half],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
@@ -40,7 +42,9 @@ def test_channel_order_range_padding_and_output_axes(tmp_path):
     for colour, columns in ((left, slice(2, 30)), (right, slice(50, 78))):
         stored = colour[::-1] - 0.5  # the model saw BGR in [0, 1]
         expected = unit(SYNTHHUMAN_NORMAL_TO_OURS @ stored)
-        np.testing.assert_allclose(normal[:, columns], np.broadcast_to(expected, normal[:, columns].shape), atol=1e-3)
+        np.testing.assert_allclose(
+            normal[:, columns], np.broadcast_to(expected, normal[:, columns].shape), atol=1e-3
+        )
 
 
 def test_a_model_without_fixed_size_gets_davids_512(tmp_path):

@@ -97,7 +97,9 @@ def test_compiled_unit_encoding_and_decoding_are_bit_identical_to_numpy():
     assert expected.dtype == np.float32 and np.array_equal(unit(normal), expected)
     assert np.array_equal(unit(normal.astype(np.float64)), _numpy_unit(normal.astype(np.float64)))
     scale = np.float32(65535 / 2)
-    codes = np.where(mask[..., None], np.rint((np.clip(expected, -1.0, 1.0) + 1.0) * scale), 0).astype(np.uint16)
+    codes = np.where(mask[..., None], np.rint((np.clip(expected, -1.0, 1.0) + 1.0) * scale), 0).astype(
+        np.uint16
+    )
     decoded = cv2.imdecode(np.frombuffer(encode_normal_png(normal, mask), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(decoded[..., ::-1], codes)
     assert encode_normal_png(normal.transpose(2, 0, 1), mask) == encode_normal_png(normal, mask)
@@ -110,7 +112,9 @@ def test_compiled_unit_encoding_and_decoding_are_bit_identical_to_numpy():
         expected = _numpy_unit(rgb.astype(np.float32) * scale - np.float32(1.0))
         expected[~mask] = 0.0
         normal, got_mask = decode_normal_png(png.tobytes())
-        assert np.array_equal(got_mask, mask) and normal.dtype == np.float32 and np.array_equal(normal, expected)
+        assert (
+            np.array_equal(got_mask, mask) and normal.dtype == np.float32 and np.array_equal(normal, expected)
+        )
 
 
 def test_decode_rejects_garbage(tmp_path):

@@ -42,7 +42,9 @@ def data(synthesized, tmp_path) -> Path:
 
 
 def _pack(out: Path, *args: str):
-    return runner.invoke(app, ["pack", "--out", str(out), *args, "--workers", "1", "--samples-per-shard", "4"])
+    return runner.invoke(
+        app, ["pack", "--out", str(out), *args, "--workers", "1", "--samples-per-shard", "4"]
+    )
 
 
 def _sequence(data: Path, name: str = SEQUENCE) -> Path:
@@ -60,15 +62,29 @@ def _assert_refused(result, *fragments: str) -> None:
 @pytest.mark.parametrize("value", ["-64", "63", "0"])
 def test_negative_zero_or_odd_resolution(data, tmp_path, value):
     out = tmp_path / "out"
-    _assert_refused(_pack(out, "--source", f"synthhuman:{data / 'synthhuman'}", "--resolution", value),
-                    "--resolution must be a positive even number")  # fmt: skip
+    _assert_refused(
+        _pack(out, "--source", f"synthhuman:{data / 'synthhuman'}", "--resolution", value),
+        "--resolution must be a positive even number",
+    )
     assert not (out / "pack_settings.json").exists()
 
 
-@pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--samples-per-shard", "-1"), ("--max-shard-mb", "0")])
+@pytest.mark.parametrize(
+    ("option", "value"), [("--workers", "0"), ("--samples-per-shard", "-1"), ("--max-shard-mb", "0")]
+)
 def test_other_numbers_are_validated(data, tmp_path, option, value):
-    result = runner.invoke(app, ["pack", "--out", str(tmp_path / "out"), "--source", f"synthhuman:{data / 'synthhuman'}",
-                                 option, value])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "pack",
+            "--out",
+            str(tmp_path / "out"),
+            "--source",
+            f"synthhuman:{data / 'synthhuman'}",
+            option,
+            value,
+        ],
+    )
     _assert_refused(result, option)
 
 
@@ -77,12 +93,17 @@ def test_missing_tracking_names_both_files_and_a_fixed_rerun_is_not_refused(data
     kept = tracking.read_bytes()
     tracking.unlink()
     out = tmp_path / "out"
-    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"),
-                    str(tracking), str(tracking.with_name(TRACKING_V1)))  # fmt: skip
+    _assert_refused(
+        _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"),
+        str(tracking),
+        str(tracking.with_name(TRACKING_V1)),
+    )
     assert not (out / "pack_settings.json").exists()
     tracking.with_name(TRACKING_V1).write_bytes(kept)  # the fallback version is enough
     monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
-    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"), "no Ray here")
+    _assert_refused(
+        _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"), "no Ray here"
+    )
     assert json.loads((out / "pack_settings.json").read_text())["resolution"] == 32  # validated, then written
 
 
@@ -110,7 +131,9 @@ def test_synthhuman_face_subset_is_the_first_98040_indices(data):
     root = data / "synthhuman"
     for member in ("rgb", "alpha", "depth", "normal", "cam"):  # a body sample right after the face block
         suffix = {"rgb": ".png", "alpha": ".png", "depth": ".exr", "normal": ".exr", "cam": ".txt"}[member]
-        shutil.copy(root / f"{member}_0000000{suffix}", root / f"{member}_{SYNTHHUMAN_FACE_SAMPLES:07d}{suffix}")
+        shutil.copy(
+            root / f"{member}_0000000{suffix}", root / f"{member}_{SYNTHHUMAN_FACE_SAMPLES:07d}{suffix}"
+        )
     everything = [ref.subject for ref in list_synthhuman(root)]
     faces = [ref.subject for ref in list_synthhuman(root, "face")]
     assert everything == ["0000000", "0000001", f"{SYNTHHUMAN_FACE_SAMPLES:07d}"]
@@ -123,7 +146,9 @@ def test_synthhuman_normals_in_another_convention_are_refused_at_pack_start(data
     root = data / "synthhuman"
     for index in range(SPEC.synthetic):
         path = root / f"normal_{index:07d}.exr"
-        write_exr(path, (read_exr(path)[..., :3] * np.array([1.0, 1.0, -1.0])).astype(np.float32))  # z flipped
+        write_exr(
+            path, (read_exr(path)[..., :3] * np.array([1.0, 1.0, -1.0])).astype(np.float32)
+        )  # z flipped
     out = tmp_path / "out"
     _assert_refused(_pack(out, "--source", f"synthhuman:{root}"), str(root), "normals in the wrong axes")
     assert not (out / "pack_settings.json").exists()
@@ -139,8 +164,11 @@ def test_a_changed_listing_is_refused_on_rerun(local_ray, data, tmp_path):
     first = _pack(out, "--source", f"synthhuman:{root}", "--resolution", "32")
     assert first.exit_code == 0, first.output
     _add_synthhuman_sample(root, 5)
-    _assert_refused(_pack(out, "--source", f"synthhuman:{root}", "--resolution", "32"),
-                    str(out / "pack_settings.json"), "input listing changed")  # fmt: skip
+    _assert_refused(
+        _pack(out, "--source", f"synthhuman:{root}", "--resolution", "32"),
+        str(out / "pack_settings.json"),
+        "input listing changed",
+    )
     (root / "rgb_0000005.png").unlink()  # back to the packed listing: the rerun resumes (nothing to do)
     for path in root.glob("*_0000005.*"):
         path.unlink()
@@ -148,13 +176,29 @@ def test_a_changed_listing_is_refused_on_rerun(local_ray, data, tmp_path):
     assert again.exit_code == 0 and "0 done, 1 already committed" in again.output, again.output
 
 
-def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_completes(local_ray, data, tmp_path):
+def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_completes(
+    local_ray, data, tmp_path
+):
     video = _sequence(data, "EMO-1-shout+laugh") / "images" / "cam_222200037.mp4"
     kept = video.read_bytes()
     video.unlink()
     out = tmp_path / "out"
-    result = runner.invoke(app, ["pack", "--out", str(out), "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32",
-                                 "--workers", "1", "--samples-per-shard", "4"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "pack",
+            "--out",
+            str(out),
+            "--source",
+            f"nersemble:{data / 'nersemble'}",
+            "--resolution",
+            "32",
+            "--workers",
+            "1",
+            "--samples-per-shard",
+            "4",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"{video}: video not found" in result.output and "FAILED nersemble-000000" in result.output
     video.write_bytes(kept)

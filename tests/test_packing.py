@@ -71,7 +71,9 @@ def _expected_keys() -> set[str]:
     keys = {f"synthhuman_{i:07d}_synthhuman_00000_0" for i in range(SPEC.synthetic)}
     for s in range(SPEC.subjects):
         for f in range(SPEC.frames):
-            keys |= {f"nersemble_{subject_id(s)}_{SEQUENCE_NAMES[0]}_{f:05d}_{c}" for c in synth_cameras(SPEC)}
+            keys |= {
+                f"nersemble_{subject_id(s)}_{SEQUENCE_NAMES[0]}_{f:05d}_{c}" for c in synth_cameras(SPEC)
+            }
     return keys
 
 
@@ -81,8 +83,10 @@ def _manifest_keys(out: Path) -> list[str]:
 
 def test_plan_is_pure_bounded_and_keeps_frames_whole():
     cameras = tuple(f"cam{c}" for c in range(4))
-    blocks = [SampleBlock("nersemble", "001", "EXP", tuple(range(6)), cameras, "/r"),
-              SampleBlock("nersemble", "002", "EXP", tuple(range(4)), cameras, "/r")]
+    blocks = [
+        SampleBlock("nersemble", "001", "EXP", tuple(range(6)), cameras, "/r"),
+        SampleBlock("nersemble", "002", "EXP", tuple(range(4)), cameras, "/r"),
+    ]
     blocks += [SampleBlock("synthhuman", f"{i:07d}", "synthhuman", (0,), ("0",), "/s") for i in range(5)]
     refs = [ref for block in sorted(blocks) for ref in block.refs()]
     assert refs == sorted(refs)  # blocks in order expand to sorted refs
@@ -104,8 +108,10 @@ def test_plan_is_pure_bounded_and_keeps_frames_whole():
 def test_listing_digest_is_the_sha256_of_the_sorted_keys():
     """The digest kept in pack_settings.json: computed a block at a time, it must equal the sha256 of every sample
     key of the listing joined by newlines (what folders packed before blocks recorded)."""
-    blocks = [SampleBlock("nersemble", "001", "EXP-1", (0, 7, 12), ("220700191", "222200037"), "/r"),
-                                     SampleBlock("synthhuman", "0000003", "synthhuman", (0,), ("0",), "/s")]
+    blocks = [
+        SampleBlock("nersemble", "001", "EXP-1", (0, 7, 12), ("220700191", "222200037"), "/r"),
+        SampleBlock("synthhuman", "0000003", "synthhuman", (0,), ("0",), "/s"),
+    ]
     keys = [ref.key for block in blocks for ref in block.refs()]
     assert keys == [k for block in blocks for k in block.keys()]
     assert listing_digest(blocks) == hashlib.sha256("\n".join(keys).encode()).hexdigest()
@@ -131,7 +137,9 @@ def test_pack_counts_verify_determinism_and_idle_rerun(data, tmp_path):
     assert {r["normal_source"] for r in rows.values()} == {"gt"}
     sample = next(iter_shard(a / "nersemble-000000.tar"))
     meta = json.loads(sample["json"])
-    assert meta["mask_source"] == "alpha" and meta["flame"] is not None and meta["camera_params"]["width"] == RES
+    assert (
+        meta["mask_source"] == "alpha" and meta["flame"] is not None and meta["camera_params"]["width"] == RES
+    )
 
 
 class _KillOnce(PackJob):
@@ -153,7 +161,10 @@ def test_killed_worker_then_rerun_gives_exactly_the_expected_keys(data, tmp_path
     out = tmp_path / "out"
     job = _KillOnce(out, PackSettings(resolution=RES), victim="nersemble-000001")
     first = pack_with(job, _sources(data), workers=2, samples_per_shard=6, max_retries=0, progress=False)
-    assert list(first.job.failed) == ["nersemble-000001"] and "worker died" in first.job.failed["nersemble-000001"]
+    assert (
+        list(first.job.failed) == ["nersemble-000001"]
+        and "worker died" in first.job.failed["nersemble-000001"]
+    )
     assert not (out / "nersemble-000001.stats.json").exists()
     rerun = _pack(out, data)
     assert rerun.ok and rerun.job.completed == ["nersemble-000001"]
@@ -201,9 +212,12 @@ def test_background_masks_and_flame_fallback_normals(data, tmp_path):
     root = _subject_only(data, tmp_path / "data")
     shutil.rmtree(root / "nersemble" / "001" / "sequences" / "EXP-1-head" / "alpha_maps")
     out, reference = tmp_path / "out", tmp_path / "reference"
-    assert pack(out, [("nersemble", root / "nersemble")], resolution=RES, samples_per_shard=100, progress=False).ok
-    assert pack(reference, [("nersemble", data / "nersemble")], resolution=RES, samples_per_shard=100,
-                progress=False).ok
+    assert pack(
+        out, [("nersemble", root / "nersemble")], resolution=RES, samples_per_shard=100, progress=False
+    ).ok
+    assert pack(
+        reference, [("nersemble", data / "nersemble")], resolution=RES, samples_per_shard=100, progress=False
+    ).ok
     truth = {s["__key__"]: s for s in iter_shard(reference / "nersemble-000000.tar")}
     for sample in iter_shard(out / "nersemble-000000.tar"):
         meta, gt = json.loads(sample["json"]), truth[sample["__key__"]]
@@ -223,8 +237,14 @@ def test_onnx_normal_estimator(data, tmp_path):
     model = tmp_path / "normals.onnx"
     _constant_normal_onnx(model, (0.0, 0.6, 0.8))
     out = tmp_path / "out"
-    report = pack(out, [("nersemble", root / "nersemble")], resolution=RES, samples_per_shard=100,
-                  normal_estimator=model, progress=False)
+    report = pack(
+        out,
+        [("nersemble", root / "nersemble")],
+        resolution=RES,
+        samples_per_shard=100,
+        normal_estimator=model,
+        progress=False,
+    )
     assert report.ok
     for sample in iter_shard(out / "nersemble-000000.tar"):
         assert json.loads(sample["json"])["normal_source"] == "onnx"
@@ -256,7 +276,11 @@ def _long_sequence(root: Path, frames: int, keyframe_interval: int) -> Path:
     grey = np.broadcast_to((2 * np.arange(frames, dtype=np.uint8))[:, None, None, None], (frames, 32, 32, 3))
     alpha = np.zeros((frames, 32, 32), np.uint8)
     alpha[:, 8:24, 8:24] = 255
-    write_video(sequence / "images" / "cam_222200037.mp4", np.ascontiguousarray(grey), keyframe_interval=keyframe_interval)
+    write_video(
+        sequence / "images" / "cam_222200037.mp4",
+        np.ascontiguousarray(grey),
+        keyframe_interval=keyframe_interval,
+    )
     write_video(sequence / "alpha_maps" / "cam_222200037.mp4", alpha, keyframe_interval=keyframe_interval)
     still = FlameParams.zeros(frames, 20, 10)  # the procedural head 1 m in front of the camera
     still.translation[:, 2] = 1.0
@@ -295,8 +319,9 @@ def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):
     normal = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (16, 16, 3))
     K = np.array([[20.0, 0, 8], [0, 20.0, 8], [0, 0, 1]])
     for index in range(6):
-        write_synthhuman_sample(root, index, np.full((16, 16, 3), 40 * index, np.uint8), alpha,
-                                np.full((16, 16), 0.5), normal, K)
+        write_synthhuman_sample(
+            root, index, np.full((16, 16, 3), 40 * index, np.uint8), alpha, np.full((16, 16), 0.5), normal, K
+        )
     listed = []
     iterdir = Path.iterdir
     monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or iterdir(self))
@@ -307,6 +332,9 @@ def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):
     for plan in plans:
         job.run(WorkUnit(plan.name, {"plan": plan}))
     assert len(plans) == 3 and listed.count(root) == 1
-    grey = [cv2.imdecode(np.frombuffer(s["rgb.png"], np.uint8), cv2.IMREAD_COLOR)[4, 4, 0]
-            for p in plans for s in iter_shard(tmp_path / "out" / f"{p.name}.tar")]
+    grey = [
+        cv2.imdecode(np.frombuffer(s["rgb.png"], np.uint8), cv2.IMREAD_COLOR)[4, 4, 0]
+        for p in plans
+        for s in iter_shard(tmp_path / "out" / f"{p.name}.tar")
+    ]
     assert grey == [40 * i for i in range(6)]  # each shard read its own samples

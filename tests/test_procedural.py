@@ -60,7 +60,9 @@ def test_nersemble_round_trip_returns_cameras_and_flame(synth_out, head_model):
             assert (camera.width, camera.height) == (SPEC.resolution, SPEC.resolution)
         tracked = dataset.tracking(pid, SEQUENCE).params
         truth = FlameParams.from_numpy_dict(
-            dict(np.load(gt_flame_path(synth_out / "nersemble", pid, SEQUENCE))), head_model.n_shape, head_model.n_expr
+            dict(np.load(gt_flame_path(synth_out / "nersemble", pid, SEQUENCE))),
+            head_model.n_shape,
+            head_model.n_expr,
         )
         for name in ("shape", "expression", "rotation", "neck", "jaw", "eyes", "translation", "scale"):
             torch.testing.assert_close(getattr(tracked, name), getattr(truth, name), rtol=0, atol=1e-6)
@@ -74,9 +76,13 @@ def test_landmarks_project_onto_the_face(synth_out, head_model):
         pixels = np.rint(frame.camera.project(landmarks)).astype(int)
         assert (pixels >= 0).all() and (pixels < SPEC.resolution).all()
         inside.append(frame.alpha[pixels[:, 1], pixels[:, 0]] > 0.5)
-        normal, mask = decode_normal_png(gt_normal_path(synth_out / "nersemble", "002", SEQUENCE, "222200037", frame.frame))
+        normal, mask = decode_normal_png(
+            gt_normal_path(synth_out / "nersemble", "002", SEQUENCE, "222200037", frame.frame)
+        )
         nose_tip = pixels[30]
-        assert mask[nose_tip[1], nose_tip[0]] and normal[nose_tip[1], nose_tip[0], 2] > 0.5  # faces the camera
+        assert (
+            mask[nose_tip[1], nose_tip[0]] and normal[nose_tip[1], nose_tip[0], 2] > 0.5
+        )  # faces the camera
     assert np.mean(inside) > 0.97
 
 
@@ -116,4 +122,8 @@ def test_same_seed_gives_byte_identical_files(local_ray, tmp_path):
     for rel in files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
     with pytest.raises(ValueError, match="another output folder"):
-        synthesize(first, SynthSpec(subjects=2, frames=2, cameras=2, resolution=64, synthetic=2, seed=3), progress=False)
+        synthesize(
+            first,
+            SynthSpec(subjects=2, frames=2, cameras=2, resolution=64, synthetic=2, seed=3),
+            progress=False,
+        )

@@ -11,17 +11,46 @@ from geodiff4d.datasets.rasterizer import (
 )
 
 _ICOSAHEDRON_FACES = [
-    (0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11), (1, 5, 9), (5, 11, 4), (11, 10, 2), (10, 7, 6),
-    (7, 1, 8), (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8), (3, 8, 9), (4, 9, 5), (2, 4, 11), (6, 2, 10),
-    (8, 6, 7), (9, 8, 1),
-]  # fmt: skip
+    (0, 11, 5),
+    (0, 5, 1),
+    (0, 1, 7),
+    (0, 7, 10),
+    (0, 10, 11),
+    (1, 5, 9),
+    (5, 11, 4),
+    (11, 10, 2),
+    (10, 7, 6),
+    (7, 1, 8),
+    (3, 9, 4),
+    (3, 4, 2),
+    (3, 2, 6),
+    (3, 6, 8),
+    (3, 8, 9),
+    (4, 9, 5),
+    (2, 4, 11),
+    (6, 2, 10),
+    (8, 6, 7),
+    (9, 8, 1),
+]
 
 
 def icosphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
     """Unit icosphere, counter-clockwise (outward) faces."""
     t = (1 + 5**0.5) / 2
-    corners = [(-1, t, 0), (1, t, 0), (-1, -t, 0), (1, -t, 0), (0, -1, t), (0, 1, t), (0, -1, -t), (0, 1, -t),
-               (t, 0, -1), (t, 0, 1), (-t, 0, -1), (-t, 0, 1)]  # fmt: skip
+    corners = [
+        (-1, t, 0),
+        (1, t, 0),
+        (-1, -t, 0),
+        (1, -t, 0),
+        (0, -1, t),
+        (0, 1, t),
+        (0, -1, -t),
+        (0, 1, -t),
+        (t, 0, -1),
+        (t, 0, 1),
+        (-t, 0, -1),
+        (-t, 0, 1),
+    ]
     vertices = np.array(corners, dtype=np.float64)
     vertices /= np.linalg.norm(vertices, axis=1, keepdims=True)
     faces = np.array(_ICOSAHEDRON_FACES)
@@ -71,9 +100,14 @@ def sphere():
     t = (-b - np.sqrt(np.clip(disc, 0, None))) / (2 * a)
     points = rays * t[..., None]
     return {
-        "vertices": vertices, "faces": faces, "K": K, "fragments": fragments, "hit": disc > 0,
-        "depth": points[..., 2], "normal": (points - CENTRE) / RADIUS,
-    }  # fmt: skip
+        "vertices": vertices,
+        "faces": faces,
+        "K": K,
+        "fragments": fragments,
+        "hit": disc > 0,
+        "depth": points[..., 2],
+        "normal": (points - CENTRE) / RADIUS,
+    }
 
 
 def test_icosphere_faces_point_outward():
@@ -116,7 +150,9 @@ def test_sphere_mask_area_matches_projected_disc(sphere):
 
 
 def test_chunked_rasterization_is_identical(sphere):
-    small = rasterize(sphere["vertices"], sphere["faces"], sphere["K"], SIZE, SIZE, max_pairs=997, backend="torch")
+    small = rasterize(
+        sphere["vertices"], sphere["faces"], sphere["K"], SIZE, SIZE, max_pairs=997, backend="torch"
+    )
     full = rasterize(sphere["vertices"], sphere["faces"], sphere["K"], SIZE, SIZE, backend="torch")
     assert torch.equal(small.face_index, full.face_index)
     assert torch.equal(small.depth, full.depth)

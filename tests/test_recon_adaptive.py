@@ -45,15 +45,27 @@ def test_gradient_statistics_are_in_normalized_device_coordinates():
 def test_schedule_is_gaussian_avatars_in_proportion_and_on_for_runs_longer_than_the_demo():
     paper = adaptive.schedule(FitConfig(steps=600_000))
     assert (paper.densify_from, paper.densify_every, paper.densify_until, paper.opacity_reset_every) == (
-        10_000, 2_000, 600_000, 60_000)  # fmt: skip
+        10_000,
+        2_000,
+        600_000,
+        60_000,
+    )
     long = adaptive.schedule(FitConfig(steps=120_000))
     assert (long.densify_from, long.densify_every, long.densify_until, long.opacity_reset_every) == (
-        2_000, 400, 120_000, 12_000)  # fmt: skip
+        2_000,
+        400,
+        120_000,
+        12_000,
+    )
     assert long.densifies(2_400) and not long.densifies(2_000) and not long.densifies(120_000)
     assert long.resets_opacity(12_000) and not long.prunes_large(12_000) and long.prunes_large(12_400)
     short = adaptive.schedule(FitConfig(steps=3000))  # 3DGS's intervals are the floor
     assert (short.densify_from, short.densify_every, short.densify_until, short.opacity_reset_every) == (
-        500, 100, 3000, 3000)  # fmt: skip
+        500,
+        100,
+        3000,
+        3000,
+    )
     assert not any(short.resets_opacity(step) for step in range(1, 3001))
     assert adaptive.schedule(FitConfig(steps=300)) is None  # the demo's fit
     assert adaptive.schedule(FitConfig(steps=300, adaptive_control=True)) is not None
@@ -63,11 +75,13 @@ def test_schedule_is_gaussian_avatars_in_proportion_and_on_for_runs_longer_than_
 def _four_gaussians() -> BoundGaussians:
     """Faces 0, 1, 2 (triangle size 1); face 2 has only one, transparent, Gaussian."""
     tensors = {
-        "local_xyz": torch.zeros(4, 3), "local_quat": torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1),
+        "local_xyz": torch.zeros(4, 3),
+        "local_quat": torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1),
         "log_scale": torch.log(torch.tensor([[0.001] * 3, [0.05] * 3, [0.001] * 3, [0.001] * 3])),
         "opacity_logit": torch.logit(torch.tensor([0.5, 0.5, 0.003, 0.001])),
-        "sh_dc": torch.zeros(4, 3), "sh_rest": torch.zeros(4, 0, 3),
-    }  # fmt: skip
+        "sh_dc": torch.zeros(4, 3),
+        "sh_rest": torch.zeros(4, 0, 3),
+    }
     return BoundGaussians(torch.tensor([0, 1, 0, 2]), tensors, 0)
 
 
@@ -106,8 +120,14 @@ def test_opacity_reset_clamps_to_one_percent_and_forgets_its_moments():
 
 def test_fitter_densifies_resets_and_keeps_every_face():
     frames, faces, views = make_problem()
-    config = FitConfig(steps=20, adaptive_control=True, densify_from=2, densify_every=3, opacity_reset_every=9,
-                       densify_grad_threshold=1e-5)  # fmt: skip
+    config = FitConfig(
+        steps=20,
+        adaptive_control=True,
+        densify_from=2,
+        densify_every=3,
+        opacity_reset_every=9,
+        densify_grad_threshold=1e-5,
+    )
     fitter = Fitter(_student(len(faces)), FixedVertices(frames), faces, views, config)
     fitter.run(9)
     assert len(fitter.gaussians) > len(faces)
@@ -125,14 +145,23 @@ def test_learning_rates_position_schedule_and_flame_groups(head_model):
     fitter.run(1)
     rates = {g["name"]: g["lr"] for g in fitter.optimizer.param_groups}
     assert rates["local_xyz"] == fitter.position_lr(0)
-    assert (rates["log_scale"], rates["sh_dc"], rates["sh_rest"], rates["opacity_logit"]) == (0.017, 0.0025, 0.000125, 0.05)
+    assert (rates["log_scale"], rates["sh_dc"], rates["sh_rest"], rates["opacity_logit"]) == (
+        0.017,
+        0.0025,
+        0.000125,
+        0.05,
+    )
     from geodiff4d.datasets.flame import FlameParams
 
     params = FlameParams.zeros(2, head_model.n_shape, head_model.n_expr)
     deformer = HierarchicalDeformer(head_model, params, RefineConfig(attribute_mlp=True))
     groups = {name: len(ps) for name, ps in deformer.parameter_groups().items()}
     assert groups == {"flame_expression": 1, "flame_pose": 3, "flame_translation": 1, "deformer": 6}
-    assert LEARNING_RATES["flame_translation"] < LEARNING_RATES["flame_pose"] < LEARNING_RATES["flame_expression"]
+    assert (
+        LEARNING_RATES["flame_translation"]
+        < LEARNING_RATES["flame_pose"]
+        < LEARNING_RATES["flame_expression"]
+    )
 
 
 def test_unknown_learning_rate_group_is_named():

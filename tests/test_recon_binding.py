@@ -47,7 +47,9 @@ def test_position_in_triangle_frame_is_invariant_under_expression(head):
     moved = (worlds[0][0] - worlds[1][0]).norm(dim=-1)
     assert moved.max() > 5e-3  # the expression really moved Gaussians (metres)
     for frame, (means, quats, scales) in zip(frames, worlds, strict=True):
-        local_xyz, local_quat, log_scale = to_local(means, quat_to_rotmat(quats), scales, gaussians.face_index, frame)
+        local_xyz, local_quat, log_scale = to_local(
+            means, quat_to_rotmat(quats), scales, gaussians.face_index, frame
+        )
         torch.testing.assert_close(local_xyz, gaussians.local_xyz.detach(), atol=2e-4, rtol=0)
         torch.testing.assert_close(log_scale, gaussians.log_scale.detach(), atol=1e-4, rtol=0)
         same_rotation = quat_to_rotmat(local_quat) - quat_to_rotmat(gaussians.local_quat.detach())
@@ -62,7 +64,9 @@ def test_gaussian_follows_its_triangle_rigidly():
     moved_vertices = 2.0 * vertices @ rotation.T + torch.tensor([0.3, -1.0, 2.0])  # similarity transform
     means0, quats0, scales0 = to_world(gaussians, triangle_frames(vertices, faces))
     means1, quats1, scales1 = to_world(gaussians, triangle_frames(moved_vertices, faces))
-    torch.testing.assert_close(means1, 2.0 * means0 @ rotation.T + torch.tensor([0.3, -1.0, 2.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        means1, 2.0 * means0 @ rotation.T + torch.tensor([0.3, -1.0, 2.0]), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(quat_to_rotmat(quats1), rotation @ quat_to_rotmat(quats0), atol=1e-5, rtol=0)
     torch.testing.assert_close(scales1, 2.0 * scales0, atol=1e-6, rtol=1e-5)
 
@@ -77,9 +81,11 @@ def test_densify_inherits_faces_and_prune_keeps_every_face():
     grown = densify(gaussians, clone, split, g)
     assert len(grown.gaussians) == 10 - 2 + 2 + 4
     torch.testing.assert_close(grown.gaussians.face_index, gaussians.face_index[grown.source])
-    assert grown.fresh.sum() == 6 and not grown.fresh[: 8].any()
+    assert grown.fresh.sum() == 6 and not grown.fresh[:8].any()
     children = grown.gaussians.log_scale[-4:].detach()
-    torch.testing.assert_close(children, gaussians.log_scale.detach()[[6, 9, 6, 9]] - torch.log(torch.tensor(1.6)))
+    torch.testing.assert_close(
+        children, gaussians.log_scale.detach()[[6, 9, 6, 9]] - torch.log(torch.tensor(1.6))
+    )
     # prune everything on faces 0 and 3, and one of face 1's: faces keep their most opaque Gaussian
     with torch.no_grad():
         gaussians.opacity_logit.copy_(torch.arange(10.0))

@@ -25,14 +25,18 @@ def grid_mesh(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _camera(yaw: float) -> torch.Tensor:
     w2c = torch.eye(4)
-    w2c[:3, :3] = axis_angle_to_rotmat(torch.tensor([0.0, yaw, 0.0])) @ torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+    w2c[:3, :3] = axis_angle_to_rotmat(torch.tensor([0.0, yaw, 0.0])) @ torch.diag(
+        torch.tensor([1.0, -1.0, -1.0])
+    )
     w2c[2, 3] = 0.5
     return w2c
 
 
 def make_problem(size: int = 24):
     vertices, faces = grid_mesh()
-    frames = torch.stack([vertices, vertices + torch.tensor([0.0, 0.0, 0.01]) * vertices[:, :1] * 10])  # [2, V, 3]
+    frames = torch.stack(
+        [vertices, vertices + torch.tensor([0.0, 0.0, 0.01]) * vertices[:, :1] * 10]
+    )  # [2, V, 3]
     teacher = BoundGaussians.on_faces(len(faces), 2, torch.Generator().manual_seed(9), rgb=0.5)
     with torch.no_grad():
         teacher.sh_dc.copy_(torch.randn(len(teacher), 3, generator=torch.Generator().manual_seed(1)))
@@ -45,7 +49,9 @@ def make_problem(size: int = 24):
             with torch.no_grad():
                 out = render_bound(teacher, frames[frame], faces, w2c, K, size, size)
             mask = (out.alpha > 0.5).float()
-            views.append(View(frame, w2c, K, out.rgb, mask, out.normal / out.alpha.clamp_min(1e-6)[None] * mask))
+            views.append(
+                View(frame, w2c, K, out.rgb, mask, out.normal / out.alpha.clamp_min(1e-6)[None] * mask)
+            )
     return frames, faces, views
 
 
@@ -68,8 +74,17 @@ def test_fit_reduces_loss():
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path):
     frames, faces, views = make_problem()
-    config = FitConfig(steps=12, adaptive_control=True, densify_from=0, densify_every=4, densify_until=9,
-                       opacity_reset_every=10, densify_grad_threshold=1e-6, checkpoint_every=6, sh_increase_every=5)
+    config = FitConfig(
+        steps=12,
+        adaptive_control=True,
+        densify_from=0,
+        densify_every=4,
+        densify_until=9,
+        opacity_reset_every=10,
+        densify_grad_threshold=1e-6,
+        checkpoint_every=6,
+        sh_increase_every=5,
+    )
     full = Fitter(_student(len(faces)), FixedVertices(frames), faces, views, config)
     full.run(12)
     assert len(full.gaussians) > len(faces)  # densification happened, binding kept

@@ -27,12 +27,17 @@ def test_store_decodes_what_the_png_frames_hold_in_a_quarter_of_the_memory(tmp_p
     float_bytes = 0
     for image, view in zip(images, store, strict=True):
         mask = torch.from_numpy(image.mask)  # the float32 views recon held before, built the same way
-        float_rgb, float_normal = torch.from_numpy(image.rgb).permute(2, 0, 1) * mask, torch.from_numpy(image.normal).permute(2, 0, 1) * mask
+        float_rgb, float_normal = (
+            torch.from_numpy(image.rgb).permute(2, 0, 1) * mask,
+            torch.from_numpy(image.normal).permute(2, 0, 1) * mask,
+        )
         float_bytes += sum(t.numel() * 4 for t in (float_rgb, mask, float_normal))
         assert view.frame == image.frame and view.rgb.dtype == torch.float32
         assert torch.equal(view.mask, mask) and torch.equal(view.rgb, float_rgb)
         fg = image.mask > 0.5
-        error = angular_error_deg(view.normal.permute(1, 2, 0).numpy()[fg], float_normal.permute(1, 2, 0).numpy()[fg])
+        error = angular_error_deg(
+            view.normal.permute(1, 2, 0).numpy()[fg], float_normal.permute(1, 2, 0).numpy()[fg]
+        )
         assert float(np.max(error)) < 0.5
         assert torch.equal(view.normal[:, ~torch.from_numpy(fg)], torch.zeros(3, int((~fg).sum())))
     assert store.nbytes == 3 * 16 * 20 * 7 and store.nbytes <= 0.3 * float_bytes

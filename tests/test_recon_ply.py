@@ -13,10 +13,14 @@ def test_ply_round_trip_with_standard_names(tmp_path):
     rng = np.random.default_rng(0)
     n, k = 7, 16  # SH degree 3: 15 rest coefficients per channel
     arrays = {
-        "means": rng.normal(size=(n, 3)), "normals": rng.normal(size=(n, 3)), "sh_dc": rng.normal(size=(n, 3)),
-        "sh_rest": rng.normal(size=(n, k - 1, 3)), "opacity_logit": rng.normal(size=n),
-        "log_scales": rng.normal(size=(n, 3)), "quats": rng.normal(size=(n, 4)),
-    }  # fmt: skip
+        "means": rng.normal(size=(n, 3)),
+        "normals": rng.normal(size=(n, 3)),
+        "sh_dc": rng.normal(size=(n, 3)),
+        "sh_rest": rng.normal(size=(n, k - 1, 3)),
+        "opacity_logit": rng.normal(size=n),
+        "log_scales": rng.normal(size=(n, 3)),
+        "quats": rng.normal(size=(n, 4)),
+    }
     arrays = {key: value.astype(np.float32) for key, value in arrays.items()}
     path = tmp_path / "point_cloud.ply"
     write_point_cloud_ply(path, **arrays)
@@ -47,9 +51,10 @@ def test_missing_property_is_named(tmp_path):
 
 
 STANDARD_DEGREE3_LAYOUT = (
-    ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(45)]
+    ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    + [f"f_rest_{i}" for i in range(45)]
     + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-)  # fmt: skip
+)
 
 
 def _fixed_layout_reader(path) -> np.ndarray:
@@ -68,10 +73,14 @@ def test_lower_degrees_are_padded_to_the_fixed_degree3_layout(tmp_path, degree):
     rng = np.random.default_rng(degree)
     n, rest = 5, (degree + 1) ** 2 - 1
     arrays = {
-        "means": rng.normal(size=(n, 3)), "normals": rng.normal(size=(n, 3)), "sh_dc": rng.normal(size=(n, 3)),
-        "sh_rest": rng.normal(size=(n, rest, 3)), "opacity_logit": rng.normal(size=n),
-        "log_scales": rng.normal(size=(n, 3)), "quats": rng.normal(size=(n, 4)),
-    }  # fmt: skip
+        "means": rng.normal(size=(n, 3)),
+        "normals": rng.normal(size=(n, 3)),
+        "sh_dc": rng.normal(size=(n, 3)),
+        "sh_rest": rng.normal(size=(n, rest, 3)),
+        "opacity_logit": rng.normal(size=n),
+        "log_scales": rng.normal(size=(n, 3)),
+        "quats": rng.normal(size=(n, 4)),
+    }
     arrays = {key: value.astype(np.float32) for key, value in arrays.items()}
     path = tmp_path / "point_cloud.ply"
     write_point_cloud_ply(path, **arrays)
@@ -89,5 +98,13 @@ def test_lower_degrees_are_padded_to_the_fixed_degree3_layout(tmp_path, degree):
 def test_more_than_degree3_is_refused(tmp_path):
     n = 2
     with pytest.raises(ValueError, match="at most 15"):
-        write_point_cloud_ply(tmp_path / "x.ply", np.zeros((n, 3)), np.zeros((n, 3)), np.zeros((n, 3)),
-                              np.zeros((n, 24, 3)), np.zeros(n), np.zeros((n, 3)), np.zeros((n, 4)))  # fmt: skip
+        write_point_cloud_ply(
+            tmp_path / "x.ply",
+            np.zeros((n, 3)),
+            np.zeros((n, 3)),
+            np.zeros((n, 3)),
+            np.zeros((n, 24, 3)),
+            np.zeros(n),
+            np.zeros((n, 3)),
+            np.zeros((n, 4)),
+        )

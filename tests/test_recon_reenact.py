@@ -38,7 +38,10 @@ def test_driver_of_another_shape_and_scale_moves_the_face_not_the_identity(head_
     with torch.no_grad():
         # at the avatar's own placement, the neutral-expression mesh of every driven frame is the avatar's own
         at_own_pose = _neutral(driven)
-        at_own_pose.rotation, at_own_pose.translation = (avatar.rotation[:1].expand(5, -1), avatar.translation[:1].expand(5, -1))
+        at_own_pose.rotation, at_own_pose.translation = (
+            avatar.rotation[:1].expand(5, -1),
+            avatar.translation[:1].expand(5, -1),
+        )
         mesh = head_model(at_own_pose).vertices
         own = head_model(_neutral(avatar[[0] * 5])).vertices
         torch.testing.assert_close(mesh, own, rtol=0, atol=1e-6)
@@ -67,6 +70,7 @@ def test_head_pose_modes(head_model):
     own_turn = rodrigues(relative.rotation[:1]).transpose(1, 2) @ rodrigues(relative.rotation)
     driver_turn = rodrigues(driver.rotation[:1]).transpose(1, 2) @ rodrigues(driver.rotation)
     torch.testing.assert_close(own_turn, driver_turn, atol=1e-5, rtol=0)
+
     # the root joint moves as the driver's did, in head units: same path in each head's frame, scaled
     def root_path(params):
         head_frame = rodrigues(params.rotation[:1])[0]

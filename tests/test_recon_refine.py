@@ -65,8 +65,13 @@ def test_gradients_reach_every_level_through_the_fitter(head_model):
     every = BoundGaussians.on_faces(len(deformer.faces), 1, torch.Generator().manual_seed(0))
     sparse = torch.arange(0, len(every), 40)  # a few hundred Gaussians keep the CPU test fast
     gaussians = BoundGaussians(every.face_index[sparse], every.selected(sparse), 0)
-    fitter = Fitter(gaussians, deformer, deformer.faces, _views(head_model, params),
-                    FitConfig(steps=2, lr={**FitConfig().lr, "deformer": 1e-2}))  # fmt: skip
+    fitter = Fitter(
+        gaussians,
+        deformer,
+        deformer.faces,
+        _views(head_model, params),
+        FitConfig(steps=2, lr={**FitConfig().lr, "deformer": 1e-2}),
+    )
     before = {k: v.detach().clone() for k, v in deformer.named_parameters()}
     fitter.run(2)
     changed = {k for k, v in deformer.named_parameters() if not torch.equal(v, before[k])}

@@ -38,11 +38,13 @@ def _reference_render(means, quats, scales, opacities, colors, world_to_cam, K, 
     projected = []
     for i in range(len(means)):
         w, x, y, z = quats[i] / np.linalg.norm(quats[i])
-        R = np.array([
-            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-        ])  # fmt: skip
+        R = np.array(
+            [
+                [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+            ]
+        )
         cov_world = R @ np.diag(scales[i] ** 2) @ R.T
         p = w2c[:3, :3] @ means[i] + w2c[:3, 3]
         if p[2] <= 0.01:
@@ -89,9 +91,12 @@ def test_cpu_backend_matches_brute_force_reference(tile_size, backend):
     means, quats, scales, opacities, colors, w2c, K = _scene(40, seed=3)
     opacities[:5] = 0.999  # opaque ones make early termination happen
     width, height = 27, 21
-    out = render_gaussians(means, quats, scales, opacities, colors, w2c, K, width, height,
-                           backend=backend, tile_size=tile_size)  # fmt: skip
-    rgb, alpha, depth, normal = _reference_render(means, quats, scales, opacities, colors, w2c, K, width, height)
+    out = render_gaussians(
+        means, quats, scales, opacities, colors, w2c, K, width, height, backend=backend, tile_size=tile_size
+    )
+    rgb, alpha, depth, normal = _reference_render(
+        means, quats, scales, opacities, colors, w2c, K, width, height
+    )
     assert alpha.max() > 0.9 and (alpha > 0.01).mean() > 0.3  # the scene covers the image
     np.testing.assert_allclose(out.rgb.numpy(), rgb, atol=1e-4)
     np.testing.assert_allclose(out.alpha.numpy(), alpha, atol=1e-4)
@@ -104,8 +109,9 @@ def test_background_and_sh_degree_zero():
     dc = (colors - 0.5) / 0.28209479177387814
     background = torch.tensor([0.2, 0.4, 0.9])
     plain = render_gaussians(means, quats, scales, opacities, colors, w2c, K, 20, 16)
-    sh = render_gaussians(means, quats, scales, opacities, dc[:, None], w2c, K, 20, 16, sh_degree=0,
-                          background=background)  # fmt: skip
+    sh = render_gaussians(
+        means, quats, scales, opacities, dc[:, None], w2c, K, 20, 16, sh_degree=0, background=background
+    )
     expected = plain.rgb + (1 - plain.alpha)[None] * background[:, None, None]
     torch.testing.assert_close(sh.rgb, expected, atol=1e-5, rtol=0)
 
@@ -119,12 +125,16 @@ def test_renderer_is_differentiable():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     # gradient of one colour channel = sum of that Gaussian's blending weights (exact linearity)
     colors2 = colors.detach().clone().requires_grad_()
-    out2 = render_gaussians(means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors2, w2c, K, 20, 16)
+    out2 = render_gaussians(
+        means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors2, w2c, K, 20, 16
+    )
     out2.rgb[0].sum().backward()
     eps = 1.0  # colour enters linearly: a large step is exact and avoids float32 cancellation
     bumped = colors.detach().clone()
     bumped[7, 0] += eps
-    out3 = render_gaussians(means.detach(), quats.detach(), scales.detach(), opacities.detach(), bumped, w2c, K, 20, 16)
+    out3 = render_gaussians(
+        means.detach(), quats.detach(), scales.detach(), opacities.detach(), bumped, w2c, K, 20, 16
+    )
     numeric = (out3.rgb[0].sum() - out2.rgb[0].sum().detach()) / eps
     assert abs(float(colors2.grad[7, 0]) - float(numeric)) < 1e-4 * max(1.0, abs(float(numeric)))
 
@@ -152,7 +162,9 @@ def test_facing_disc_renders_normal_toward_camera():
     w2c = torch.eye(4)
     w2c[2, 3] = 2.0
     K = torch.tensor([[20.0, 0, 7.5], [0, 20.0, 7.5], [0, 0, 1]])
-    out = render_gaussians(torch.zeros(1, 3), quats, scales, torch.tensor([0.9]), torch.ones(1, 3), w2c, K, 16, 16)
+    out = render_gaussians(
+        torch.zeros(1, 3), quats, scales, torch.tensor([0.9]), torch.ones(1, 3), w2c, K, 16, 16
+    )
     center = out.normal[:, 7, 7] / out.alpha[7, 7]
     torch.testing.assert_close(center, torch.tensor([0.0, 0.0, 1.0]), atol=1e-6, rtol=0)
     assert abs(float(out.depth[7, 7] / out.alpha[7, 7]) - 2.0) < 1e-5
@@ -181,7 +193,9 @@ def test_blend_backward_matches_autograd_reference():
     values = torch.randn(T, K, C, generator=g).double()
     valid = torch.ones(T, K, dtype=torch.bool)
     valid[2, 6:] = False
-    px = (torch.arange(S, dtype=torch.float64) + torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)[:, None])[:, None]
+    px = (torch.arange(S, dtype=torch.float64) + torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)[:, None])[
+        :, None
+    ]
     py = (torch.arange(S, dtype=torch.float64) + torch.zeros(3, 1, dtype=torch.float64))[:, None]
     grad_out = torch.randn(T, S * S, C, generator=g).double()
     grads = []
@@ -202,14 +216,22 @@ def test_gathered_blend_matches_per_slot_blend():
     g = torch.Generator().manual_seed(3)
     N, T, K, S, C = 6, 2, 5, 4, 3
     means2d = (torch.rand(N, 2, generator=g) * 5).double()
-    conic = torch.stack([torch.rand(N, generator=g) + 0.3, torch.rand(N, generator=g) * 0.1,
-                         torch.rand(N, generator=g) + 0.3], -1).double()  # fmt: skip
+    conic = torch.stack(
+        [
+            torch.rand(N, generator=g) + 0.3,
+            torch.rand(N, generator=g) * 0.1,
+            torch.rand(N, generator=g) + 0.3,
+        ],
+        -1,
+    ).double()
     opacity = (torch.rand(N, generator=g) * 0.8 + 0.1).double()
     values = torch.randn(N, C, generator=g).double()
     slots = torch.randint(N, (T, K), generator=g)  # a Gaussian may appear in both tiles
     valid = torch.ones(T, K, dtype=torch.bool)
     valid[1, 3:] = False
-    px = (torch.arange(S, dtype=torch.float64) + torch.tensor([0.0, 2.0], dtype=torch.float64)[:, None])[:, None]
+    px = (torch.arange(S, dtype=torch.float64) + torch.tensor([0.0, 2.0], dtype=torch.float64)[:, None])[
+        :, None
+    ]
     py = torch.arange(S, dtype=torch.float64).expand(T, 1, S).clone()
     grad_out = torch.randn(T, S * S, C, generator=g).double()
     leaves = [t.clone().requires_grad_() for t in (means2d, conic, opacity, values)]
@@ -217,8 +239,9 @@ def test_gathered_blend_matches_per_slot_blend():
     (out * grad_out).sum().backward()
     ref_leaves = [t.clone().requires_grad_() for t in (means2d, conic, opacity, values)]
     m, c, o, v = ref_leaves
-    reference = BlendTiles.apply(m[slots, 0], m[slots, 1], c[slots], torch.where(valid, o[slots], 1.0), v[slots],
-                                 valid, px, py)  # fmt: skip
+    reference = BlendTiles.apply(
+        m[slots, 0], m[slots, 1], c[slots], torch.where(valid, o[slots], 1.0), v[slots], valid, px, py
+    )
     (reference * grad_out).sum().backward()
     torch.testing.assert_close(out, reference)
     for mine, theirs in zip(leaves, ref_leaves, strict=True):
@@ -237,14 +260,17 @@ def test_compiled_compositor_matches_dense_compositor_forward_and_backward(tile_
     for backend in ("torch", "torch-dense"):
         leaves = [t.clone().requires_grad_() for t in (means, quats, scales, opacities, colors)]
         out = render_gaussians(*leaves, w2c, K, width, height, backend=backend, tile_size=tile_size)
-        weights = torch.randn(8, height, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        weights = torch.randn(
+            8, height, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
         images = torch.cat([out.rgb, out.normal, out.depth[None], out.alpha[None]])  # [8, H, W]
         (images * weights).sum().backward()
         results[backend] = (images.detach(), [t.grad for t in leaves])
     (fast, fast_grads), (dense, dense_grads) = results["torch"], results["torch-dense"]
     assert (dense[7] > 0.999).any()  # some pixels saturate
     torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
-    for name, mine, reference in zip(("means", "quats", "scales", "opacities", "colors"), fast_grads, dense_grads,
-                                     strict=True):  # fmt: skip
+    for name, mine, reference in zip(
+        ("means", "quats", "scales", "opacities", "colors"), fast_grads, dense_grads, strict=True
+    ):
         assert reference.abs().sum() > 0, name
         torch.testing.assert_close(mine, reference, atol=1e-9, rtol=1e-9, msg=name)

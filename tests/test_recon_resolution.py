@@ -16,8 +16,18 @@ def _footprint(size: int, scale: float, dilation: float = 0.0) -> tuple[float, f
     focal = 2.0 * size
     K = torch.tensor([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1]])
     scales = torch.full((1, 3), scale**2 + dilation).sqrt()
-    image = render_gaussians(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[1.0, 0, 0, 0]]), scales,
-                             torch.tensor([0.5]), torch.ones(1, 3), torch.eye(4), K, size, size, backend="torch")
+    image = render_gaussians(
+        torch.tensor([[0.0, 0.0, 1.0]]),
+        torch.tensor([[1.0, 0, 0, 0]]),
+        scales,
+        torch.tensor([0.5]),
+        torch.ones(1, 3),
+        torch.eye(4),
+        K,
+        size,
+        size,
+        backend="torch",
+    )
     alpha = image.alpha.double()
     pixel = pixel_size(torch.eye(4), K, torch.tensor([0.0, 0.0, 1.0]))
     xs = torch.arange(size, dtype=torch.float64) + 0.5
@@ -29,13 +39,18 @@ def _footprint(size: int, scale: float, dilation: float = 0.0) -> tuple[float, f
 
 def test_a_finer_render_with_the_dilation_shows_the_training_footprint():
     scale, coarse, fine = 0.0005, 32, 128  # a Gaussian of 0.5 mm: under a pixel of either camera
-    trained = pixel_size(torch.eye(4), torch.tensor([[2.0 * coarse, 0, 0], [0, 2.0 * coarse, 0], [0, 0, 1]]),
-                         torch.tensor([0.0, 0.0, 1.0]))
+    trained = pixel_size(
+        torch.eye(4),
+        torch.tensor([[2.0 * coarse, 0, 0], [0, 2.0 * coarse, 0], [0, 0, 1]]),
+        torch.tensor([0.0, 0.0, 1.0]),
+    )
     rendered = trained * coarse / fine
     seen, seen_mass = _footprint(coarse, scale)
     shrunk, _ = _footprint(fine, scale)
     restored, restored_mass = _footprint(fine, scale, resolution_dilation(trained, rendered))
-    assert shrunk < 0.2 * seen  # without it the Gaussian shrinks with the pixel: the gaps of an aliased avatar
+    assert (
+        shrunk < 0.2 * seen
+    )  # without it the Gaussian shrinks with the pixel: the gaps of an aliased avatar
     # within 10 %: the coarse render samples a Gaussian of 0.55 px std, whose moments on the pixel grid read low
     assert abs(restored / seen - 1) < 0.1 and abs(restored_mass / seen_mass - 1) < 0.1
     assert resolution_dilation(trained, trained) == 0.0 and resolution_dilation(rendered, trained) == 0.0

@@ -73,7 +73,9 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     job = _KillOnceJob(frames_root, out, config, progress=False)
     from geodiff4d.core.jobs import CommitLog, WorkUnit, run_units
 
-    report = run_units(job, [WorkUnit("s0"), WorkUnit("s1")], CommitLog(out / "_commits"), workers=1, progress=False)
+    report = run_units(
+        job, [WorkUnit("s0"), WorkUnit("s1")], CommitLog(out / "_commits"), workers=1, progress=False
+    )
     assert report.ok and sorted(report.completed) == ["s0", "s1"]
     assert (out / ".killed-s0").exists()  # the worker really died mid-fit
     stats = {s: json.loads((out / "_commits" / f"{s}.stats.json").read_text()) for s in ("s0", "s1")}
@@ -85,7 +87,9 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     for subject in ("s0", "s1"):
         cloud = read_point_cloud_ply(out / subject / "point_cloud.ply")
         assert cloud["means"].shape == (stats[subject]["gaussians"], 3)
-        assert cloud["sh_rest"].shape[1:] == (15, 3) and not cloud["sh_rest"].any()  # degree-3 layout, degree 0 fitted
+        assert (
+            cloud["sh_rest"].shape[1:] == (15, 3) and not cloud["sh_rest"].any()
+        )  # degree-3 layout, degree 0 fitted
         assert (out / subject / "binding.npz").is_file() and (out / subject / "flame" / "EXP-1.npz").is_file()
     # a rerun redoes nothing
     again = reconstruct(frames_root, out, workers=1, config=config, progress=False)
@@ -105,9 +109,17 @@ def test_killed_recon_resumes_from_checkpoint_and_render_writes_frames(recon_ray
     driver.scale[:] = 1.4
     driver.expression[:, 0] = torch.tensor([0.0, 0.5, 1.0])
     np.savez(tmp_path / "drive.npz", frames=np.arange(3), **driver.to_numpy_dict())
-    render_avatar(out / "s0", frames_root / "cameras" / "s0" / "EXP-1.json", tmp_path / "drive.npz", rendered,
-                  head_pose="relative")  # fmt: skip
-    with np.load(rendered / "tracking" / "s0" / "drive.npz") as used, np.load(out / "s0" / "flame" / "EXP-1.npz") as own:
+    render_avatar(
+        out / "s0",
+        frames_root / "cameras" / "s0" / "EXP-1.json",
+        tmp_path / "drive.npz",
+        rendered,
+        head_pose="relative",
+    )
+    with (
+        np.load(rendered / "tracking" / "s0" / "drive.npz") as used,
+        np.load(out / "s0" / "flame" / "EXP-1.npz") as own,
+    ):
         np.testing.assert_array_equal(used["shape"], own["shape"])
         np.testing.assert_array_equal(used["scale"], own["scale"])
         n_expr = driver.expression.shape[1]  # the file is NeRSemble v2, zero-padded to 100 coefficients
@@ -122,10 +134,17 @@ def test_recon_with_our_tracking_and_refinement_renders_a_scorable_folder(tmp_pa
     frames_root, out = tmp_path / "frames", tmp_path / "avatars"
     _frame_folder(frames_root)
     config = ReconConfig(
-        steps=2, tracker="ours",
-        tracking_options={"rigid_steps": 1, "landmark_steps": 1, "steps": 1, "render_size": 12, "views_per_step": 1},
+        steps=2,
+        tracker="ours",
+        tracking_options={
+            "rigid_steps": 1,
+            "landmark_steps": 1,
+            "steps": 1,
+            "render_size": 12,
+            "views_per_step": 1,
+        },
         refine={"uv_offsets": True, "attribute_mlp": True, "subdivisions": 0, "uv_size": 8, "hidden": 8},
-    )  # fmt: skip
+    )
     job = ReconJob(frames_root, out, config)
     job.setup()
     from geodiff4d.core.jobs import WorkUnit

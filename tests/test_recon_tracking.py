@@ -25,7 +25,7 @@ from geodiff4d.recon.tracking import (
     track,
     track_sequence,
     tracking_errors,
-)  # fmt: skip
+)
 
 SIZE = 48
 
@@ -52,7 +52,9 @@ def test_disc_render_matches_rasterized_silhouette_and_normals(head_model):
     with torch.no_grad():
         vertices = head_model(params).vertices[0]
         w2c, K = (torch.tensor(m, dtype=torch.float32) for m in (camera.world_to_cam, camera.K))
-        image = render_bound(mesh_gaussians(len(head_model.faces)), vertices, head_model.faces, w2c, K, SIZE, SIZE)
+        image = render_bound(
+            mesh_gaussians(len(head_model.faces)), vertices, head_model.faces, w2c, K, SIZE, SIZE
+        )
     mask, soft = truth.mask > 0.5, image.alpha > 0.5
     # every head pixel is covered; the stacked disc tails at grazing angles widen the rim by about a pixel
     assert float((mask & soft).sum() / mask.sum()) > 0.99
@@ -89,7 +91,9 @@ def _exact_targets(model, params, cameras) -> TrackingTargets:
     masks = np.stack([[r.mask.numpy() for r in row] for row in renders])  # [T, C, H, W]
     normals = np.stack([[r.normal.permute(1, 2, 0).numpy() for r in row] for row in renders])
     rgb = np.zeros(masks.shape + (3,), np.uint8)
-    targets = build_targets(cameras, rgb, masks, normals, detector=None, render_size=TrackingConfig.render_size)
+    targets = build_targets(
+        cameras, rgb, masks, normals, detector=None, render_size=TrackingConfig.render_size
+    )
     w2c = torch.tensor(np.stack([c.world_to_cam for c in cameras]), dtype=torch.float32)
     K = torch.tensor(np.stack([c.K for c in cameras]), dtype=torch.float32)
     with torch.no_grad():
@@ -131,7 +135,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_killed_chunked_tracking_resumes_after_its_last_finished_chunk(head_model, tmp_path, one_torch_thread):
+def test_killed_chunked_tracking_resumes_after_its_last_finished_chunk(
+    head_model, tmp_path, one_torch_thread
+):
     """A SIGKILL after chunk 2 of 3: the rerun loads the identity and chunks 1-2 from disk, tracks only chunk 3,
     and returns exactly what an uninterrupted run returns; a changed config clears the stale chunks.
     (Landmark phases only: the render phase is the same per chunk and costs seconds per frame on a CPU.)"""
@@ -141,7 +147,11 @@ def test_killed_chunked_tracking_resumes_after_its_last_finished_chunk(head_mode
     folder = tmp_path / "chunks"
     child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(tmp_path / "targets.pt"), str(folder)])
     assert child.returncode == -9  # really killed
-    assert sorted(p.name for p in folder.glob("*.npz")) == ["chunk-00000.npz", "chunk-00002.npz", "identity.npz"]
+    assert sorted(p.name for p in folder.glob("*.npz")) == [
+        "chunk-00000.npz",
+        "chunk-00002.npz",
+        "identity.npz",
+    ]
 
     loaded: list[list[int]] = []
 
@@ -154,8 +164,12 @@ def test_killed_chunked_tracking_resumes_after_its_last_finished_chunk(head_mode
     uninterrupted = track_sequence(head_model, 6, lambda f: targets.select([i % 2 for i in f]), config)
     for name, value in vars(uninterrupted).items():
         torch.testing.assert_close(getattr(resumed, name), value, rtol=0, atol=0, msg=name)
-    assert torch.equal(resumed.shape, resumed.shape[:1].expand_as(resumed.shape))  # one identity for all chunks
+    assert torch.equal(
+        resumed.shape, resumed.shape[:1].expand_as(resumed.shape)
+    )  # one identity for all chunks
 
     loaded.clear()
-    track_sequence(head_model, 6, load, TrackingConfig(**{**vars(config), "rigid_steps": 4}), checkpoints=folder)
+    track_sequence(
+        head_model, 6, load, TrackingConfig(**{**vars(config), "rigid_steps": 4}), checkpoints=folder
+    )
     assert loaded == [[0, 2, 5], [0, 1], [2, 3], [4, 5]]  # stale chunks of the old config are not reused

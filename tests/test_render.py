@@ -81,7 +81,9 @@ def test_compiled_normal_image_equals_the_tensor_ops(head):
     for camera in list(nersemble_rig(width=SIZE, height=SIZE).values())[::4]:
         vertices_cam, fragments = _rasterize_head(model, params, camera)
         reference = _normal_image(vertices_cam, model.faces, fragments, backend="torch")
-        torch.testing.assert_close(_normal_image(vertices_cam, model.faces, fragments), reference, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            _normal_image(vertices_cam, model.faces, fragments), reference, atol=1e-6, rtol=0
+        )
 
 
 def test_pose_map_ignores_expression(head):
@@ -113,6 +115,8 @@ def test_pose_map_is_what_training_reads_from_a_packed_posemap(head):
     model, params = head
     camera = _frontal()
     normal, mask = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
-    packed = torch.from_numpy(_decode_png(encode_normal_png(normal.numpy(), mask.numpy()), "posemap"))  # [3, H, W]
+    packed = torch.from_numpy(
+        _decode_png(encode_normal_png(normal.numpy(), mask.numpy()), "posemap")
+    )  # [3, H, W]
     assert mask.float().mean() > 0.05
     torch.testing.assert_close(render_pose_map(model, params, camera), packed.float(), atol=2e-5, rtol=0)

@@ -26,15 +26,25 @@ def _windows(rng: np.random.Generator, count: int):
         height, width = (int(v) for v in rng.integers(20, 200, 2))
         resolution = int(rng.integers(4, 64))
         side = int(rng.integers(resolution, 300))
-        yield (height, width), (int(rng.integers(-side, width + 5)), int(rng.integers(-side, height + 5)), side), resolution
+        yield (
+            (height, width),
+            (int(rng.integers(-side, width + 5)), int(rng.integers(-side, height + 5)), side),
+            resolution,
+        )
 
 
-@pytest.mark.parametrize("dtype, channels", [(np.uint8, 3), (np.uint8, None), (np.float32, 4), (np.float32, None)])
+@pytest.mark.parametrize(
+    "dtype, channels", [(np.uint8, 3), (np.uint8, None), (np.float32, 4), (np.float32, None)]
+)
 def test_area_window_matches_opencv_inter_area(dtype, channels):
     rng = np.random.default_rng(0)
     for (height, width), box, resolution in _windows(rng, 40):
         shape = (height, width) if channels is None else (height, width, channels)
-        image = rng.integers(0, 256, shape).astype(np.uint8) if dtype == np.uint8 else rng.random(shape, np.float32)
+        image = (
+            rng.integers(0, 256, shape).astype(np.uint8)
+            if dtype == np.uint8
+            else rng.random(shape, np.float32)
+        )
         got, want = area_window(image, box, resolution), _reference(image, box, resolution)
         assert got.shape == want.shape and got.dtype == want.dtype
         # float32: OpenCV's weights and summation order; uint8 may round a tie the other way (integer scales)

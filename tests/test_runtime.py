@@ -29,8 +29,13 @@ def test_embedded_ray_keeps_token_auth_quietly_and_shows_real_errors(tmp_path):
         "    raise ValueError('a real error')\n"
         "ray.get(broken.remote())\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # a home without a token: the embedded Ray makes one
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }  # a home without a token: the embedded Ray makes one
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
     assert "token auth True" in result.stdout, result.stderr[-3000:]
     assert "Token authentication is enabled" not in result.stderr + result.stdout
     assert "Failed to query Ray Train Controller" not in result.stderr + result.stdout
@@ -42,6 +47,10 @@ def test_only_the_notice_is_dropped():
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("ray", logging.WARNING, __file__, 1, message, None, None)
 
-    notice = record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    notice = record(
+        "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    )
     assert not _DropNotice().filter(notice)
-    assert _DropNotice().filter(record("Token authentication is enabled but no authentication token was found"))
+    assert _DropNotice().filter(
+        record("Token authentication is enabled but no authentication token was found")
+    )

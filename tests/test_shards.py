@@ -47,7 +47,9 @@ def make_sample(source: str, subject: str, sequence: str, frame: int, camera: st
 def synthetic_samples(subjects=2, frames=20, cameras=3, synthetic=6, res=16) -> list[dict]:
     samples = [
         make_sample("nersemble", f"{s:03d}", "EXP-1", f, f"2222000{c:02d}", res)
-        for s in range(subjects) for f in range(frames) for c in range(cameras)
+        for s in range(subjects)
+        for f in range(frames)
+        for c in range(cameras)
     ]
     samples += [make_sample("synthhuman", f"{i:07d}", "still", 0, "0", res) for i in range(synthetic)]
     return samples
@@ -58,7 +60,9 @@ def write_dataset(out: Path, samples: list[dict], per_shard: int) -> dict[str, i
     commits = CommitLog(out)
     counts: dict[str, int] = {}
     for source in sorted({json.loads(s["json"])["source"] for s in samples}):
-        mine = sorted((s for s in samples if json.loads(s["json"])["source"] == source), key=lambda s: s["__key__"])
+        mine = sorted(
+            (s for s in samples if json.loads(s["json"])["source"] == source), key=lambda s: s["__key__"]
+        )
         for index, start in enumerate(range(0, len(mine), per_shard)):
             chunk = mine[start : start + per_shard]
             path = out / f"{shard_name(source, index)}.tar"
@@ -99,7 +103,9 @@ def test_tar_lists_with_stdlib_and_iterates_with_plain_webdataset(tmp_path):
     with tarfile.open(tmp_path / "s.tar") as tar:
         infos = tar.getmembers()
     assert [i.name for i in infos] == sorted(f"{s['__key__']}.{e}" for s in samples for e in MEMBERS)
-    assert {(i.mtime, i.mode, i.uid, i.gid, i.uname, i.gname) for i in infos} == {(946684800, 0o444, 0, 0, "", "")}
+    assert {(i.mtime, i.mode, i.uid, i.gid, i.uname, i.gname) for i in infos} == {
+        (946684800, 0o444, 0, 0, "", "")
+    }
     read = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
     expected = {s["__key__"]: s for s in samples}
     assert sorted(r["__key__"] for r in read) == sorted(expected)
@@ -137,7 +143,9 @@ def test_manifest_rows_match_samples(dataset):
             f"{s['__key__']}.{e}": hashlib.sha256(s[e]).hexdigest() for e in MEMBERS
         }
     assert sorted({r["shard"] for r in rows.values()}) == [
-        "nersemble-000000.tar", "nersemble-000001.tar", "synthhuman-000000.tar"
+        "nersemble-000000.tar",
+        "nersemble-000001.tar",
+        "synthhuman-000000.tar",
     ]
     assert (out / MANIFEST_NAME).is_file() and not list(out.glob(".*tmp"))
 
@@ -151,7 +159,12 @@ def test_verify_passes_on_intact_shards(dataset):
 
 
 def _records(out: Path, shard: str) -> list[dict]:
-    return [m | {"key": r["key"]} for r in read_manifest(out).to_pylist() if r["shard"] == shard for m in r["members"]]
+    return [
+        m | {"key": r["key"]}
+        for r in read_manifest(out).to_pylist()
+        if r["shard"] == shard
+        for m in r["members"]
+    ]
 
 
 def test_verify_reports_truncated_tar_by_key(dataset):
@@ -187,7 +200,9 @@ def test_verify_reports_bit_flips_in_data_and_header(dataset):
     data[members[3]["data_offset"] + 7] ^= 0x10
     path.write_bytes(bytes(data))
     report = verify(out)
-    assert report.corrupt == {members[3]["key"]: f"member {members[3]['name']} sha256 differs from the manifest"}
+    assert report.corrupt == {
+        members[3]["key"]: f"member {members[3]['name']} sha256 differs from the manifest"
+    }
     data[members[3]["data_offset"] + 7] ^= 0x10
     data[members[12]["offset"] + 3] ^= 0x01  # a header: its checksum no longer matches
     path.write_bytes(bytes(data))

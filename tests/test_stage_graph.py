@@ -18,6 +18,7 @@ def _graph(tmp_path, calls, fail=()):
             if name in fail:
                 raise ValueError(f"{name} broke")
             return {"name": name}
+
         return run
 
     graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
@@ -64,12 +65,19 @@ def test_a_deleted_output_reruns_its_stage_and_what_reads_it_only(tmp_path):
                 if name in outputs:
                     outputs[name].mkdir(parents=True, exist_ok=True)
                 return {}
+
             return run
 
         graph.add("data", stage("data"))
         for subject in ("a", "b"):
             name = f"avatar:{subject}"
-            graph.add(name, stage(name), needs=["data"], outputs=[outputs[name]], clean=lambda n=name: cleaned.append(n))
+            graph.add(
+                name,
+                stage(name),
+                needs=["data"],
+                outputs=[outputs[name]],
+                clean=lambda n=name: cleaned.append(n),
+            )
             graph.add(f"render:{subject}", stage(f"render:{subject}"), needs=[name])
         graph.add("eval", stage("eval"), after=["render:a", "render:b"])
         return graph
@@ -100,6 +108,7 @@ def test_waits_for_orders_without_reading(tmp_path):
                 if name == "model":
                     marker.mkdir(exist_ok=True)
                 return {}
+
             return run
 
         graph.add("model", stage("model"), outputs=[marker])

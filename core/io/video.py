@@ -184,14 +184,18 @@ def _decode_range(
                 if index < start:
                     continue
                 if index != expected:
-                    raise VideoError(f"{path}: frame {index} follows frame {expected - 1}: frames missing or reordered")
+                    raise VideoError(
+                        f"{path}: frame {index} follows frame {expected - 1}: frames missing or reordered"
+                    )
                 yield index, _frame_array(frame, reformatter, gray)
                 expected += 1
                 if expected == stop:
                     return
         except av.FFmpegError as exc:
             raise VideoError(f"{path}: corrupt video after {count.frames} decoded frames: {exc}") from exc
-        raise VideoError(f"{path}: corrupt or truncated video: it ends at frame {expected}, frame {stop - 1} was needed")
+        raise VideoError(
+            f"{path}: corrupt or truncated video: it ends at frame {expected}, frame {stop - 1} was needed"
+        )
     finally:
         container.close()
 

@@ -41,13 +41,21 @@ def write_embeddings(crops_path: str, graph_path: str, out: str) -> None:
         tf.import_graph_def(graph_def, name="")
     data = np.load(crops_path)
     with tf.compat.v1.Session(graph=graph) as session:  # the frozen graph takes one image at a time
-        embeddings = np.concatenate([session.run("embeddings:0", {"input:0": c[None]}) for c in data["crops"]])
-    np.savez_compressed(out, boxes=data["boxes"], embeddings=embeddings.astype(np.float32),
-                        tensorflow_version=np.array(tf.__version__))
+        embeddings = np.concatenate(
+            [session.run("embeddings:0", {"input:0": c[None]}) for c in data["crops"]]
+        )
+    np.savez_compressed(
+        out,
+        boxes=data["boxes"],
+        embeddings=embeddings.astype(np.float32),
+        tensorflow_version=np.array(tf.__version__),
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     steps = parser.add_subparsers(dest="step", required=True)
     crops = steps.add_parser("crops")
     crops.add_argument("out")
