@@ -157,6 +157,56 @@ def _error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class _WorkerPool:
+    """Ray actors running one job: idle ones, and those with a unit in flight."""
+
+    def __init__(self, job: UnitJob, workers: int, cpus: float, gpus: float) -> None:
+        self.job, self.cpus = job, cpus
+        # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
+        self.options = {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "max_restarts": 0,
+            "scheduling_strategy": "SPREAD",
+        }
+        self.idle = [self.new_worker() for _ in range(workers)]
+        self.in_flight: dict[Any, tuple[Any, WorkUnit]] = {}
+
+    def new_worker(self) -> Any:
+        """Start one actor."""
+        return _UnitWorker.options(**self.options).remote(self.job, self.cpus)
+
+    def dispatch(self, queue: list[WorkUnit]) -> None:
+        """Hand queued units (popped from the end) to idle actors; release the idle ones once none is left."""
+        while queue and self.idle:
+            worker, unit = self.idle.pop(), queue.pop()
+            self.in_flight[worker.run.remote(unit)] = (worker, unit)
+        if not queue:  # nothing left to hand out: idle workers give their CPUs back, which a replacement
+            for worker in self.idle:  # for a worker lost with its node may be waiting for (else: a deadlock)
+                ray.kill(worker, no_restart=True)
+            self.idle.clear()
+
+    def next_done(self) -> tuple[Any, Any, WorkUnit]:
+        """Wait for the next finished unit: its result reference, actor and unit."""
+        done, _ = ray.wait(list(self.in_flight), num_returns=1)
+        worker, unit = self.in_flight.pop(done[0])
+        return done[0], worker, unit
+
+    def close(self) -> None:
+        """Kill every actor, idle or busy."""
+        for worker in self.idle + [w for w, _ in self.in_flight.values()]:
+            ray.kill(worker, no_restart=True)
+
+
+def _pending_units(units: Sequence[WorkUnit], commits: CommitLog, report: JobReport) -> list[WorkUnit]:
+    """Units not committed yet; the committed ones go to ``report.skipped``."""
+    ids = [u.id for u in units]
+    if len(set(ids)) != len(ids):
+        raise ValueError("work unit ids must be unique")
+    report.skipped = [u.id for u in units if commits.is_committed(u.id)]
+    return [u for u in units if not commits.is_committed(u.id)]
+
+
 def run_units(
     job: UnitJob,
     units: Sequence[WorkUnit],
@@ -177,49 +227,26 @@ def run_units(
     Each actor gets ``cpus_per_worker`` CPUs (default: :func:`worker_cpus`'s rule) and as many torch threads.
     Needs a connected Ray (:func:`geodiff4d.core.runtime.connect`).
     """
-    ids = [u.id for u in units]
-    if len(set(ids)) != len(ids):
-        raise ValueError("work unit ids must be unique")
     report = JobReport()
-    report.skipped = [u.id for u in units if commits.is_committed(u.id)]
-    pending = [u for u in units if not commits.is_committed(u.id)]
+    pending = _pending_units(units, commits, report)
     if not pending:
         return report
     attempts: dict[str, int] = {}
     queue = list(reversed(pending))
-    actor_cpus = worker_cpus(min(workers, len(pending)), cpus_per_worker)
-    # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
-    options = {
-        "num_cpus": actor_cpus,
-        "num_gpus": gpus_per_worker,
-        "max_restarts": 0,
-        "scheduling_strategy": "SPREAD",
-    }
-
-    def new_worker() -> Any:
-        return _UnitWorker.options(**options).remote(job, actor_cpus)
-
-    idle = [new_worker() for _ in range(min(workers, len(pending)))]
-    in_flight: dict[Any, tuple[Any, WorkUnit]] = {}
+    n_workers = min(workers, len(pending))
+    pool = _WorkerPool(job, n_workers, worker_cpus(n_workers, cpus_per_worker), gpus_per_worker)
     size = (lambda unit: sizes[unit.id]) if sizes is not None else (lambda unit: 1)
     bar = tqdm(total=sum(size(u) for u in pending), desc=desc, unit=size_name, disable=not progress)
     try:
-        while queue or in_flight:
-            while queue and idle:
-                worker, unit = idle.pop(), queue.pop()
-                in_flight[worker.run.remote(unit)] = (worker, unit)
-            if not queue:  # nothing left to hand out: idle workers give their CPUs back, which a replacement
-                for worker in idle:  # for a worker lost with its node may be waiting for (else: a deadlock)
-                    ray.kill(worker, no_restart=True)
-                idle.clear()
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            worker, unit = in_flight.pop(done[0])
+        while queue or pool.in_flight:
+            pool.dispatch(queue)
+            done, worker, unit = pool.next_done()
             try:
-                stats, node = ray.get(done[0])
+                stats, node = ray.get(done)
             except (RayTaskError, RayActorError) as error:
                 if isinstance(error, RayActorError) or _worker_dead(worker):
-                    worker = new_worker()
-                idle.append(worker)
+                    worker = pool.new_worker()
+                pool.idle.append(worker)
                 attempts[unit.id] = attempts.get(unit.id, 0) + 1
                 if attempts[unit.id] > max_retries or _setup_failed(error):
                     report.failed[unit.id] = _error_text(error)
@@ -230,12 +257,11 @@ def run_units(
             commits.commit(unit.id, stats)
             report.completed.append(unit.id)
             report.nodes[node] += 1
-            idle.append(worker)
+            pool.idle.append(worker)
             bar.update(size(unit))
     finally:
         bar.close()
-        for worker in idle + [w for w, _ in in_flight.values()]:
-            ray.kill(worker, no_restart=True)
+        pool.close()
     return report
 
 

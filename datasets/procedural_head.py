@@ -17,6 +17,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -526,21 +527,31 @@ def _eye_uv(layout: np.ndarray, lmk_uv: np.ndarray, eye_vertices: np.ndarray, ey
     return np.concatenate([eye_vertices[:, :2], np.ones((len(eye_vertices), 1))], axis=1) @ affine
 
 
-def build_procedural_head(seed: int = 0) -> dict:
-    """The FLAME ``.pkl`` dict of a procedural head (plain numpy/scipy), deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    layout = _landmark_layout()
-    face = _Face(layout)
+class _Assembly(NamedTuple):
+    """The template's vertex and face arrays with each part's vertex range."""
+
+    vertices: np.ndarray  # [V, 3]: skin, left eyeball, right eyeball, mouth cavity
+    faces: np.ndarray  # [F, 3]
+    parts: dict[str, slice]  # "skin", "left", "right", "cavity"
+    eye_right_faces: np.ndarray  # the right eyeball's faces, local vertex ids
+
+
+def _template_mesh(rng: np.random.Generator, face: _Face) -> _Mesh:
+    """Template parts with a seeded smooth noise on the back of the head (the face layout stays exact)."""
     template_noise = _random_fields(rng, _base_grid(face).reshape(-1, 3)[N_COLS:], 1, 0.0015)
-    back_of_head = lambda points: _smoothstep((0.02 - points[:, 2]) / 0.04)[:, None]  # noqa: E731
-    mesh = _Mesh(
-        face, lambda points: template_noise(points)[:, :, 0] * back_of_head(points)
-    )  # face layout stays exact
-    skin, n_skin, n_eye = mesh.skin, len(mesh.skin), len(mesh.eye_vertices)
-    eye_left = mesh.eye_vertices
+
+    def back_of_head_noise(points: np.ndarray) -> np.ndarray:
+        return template_noise(points)[:, :, 0] * _smoothstep((0.02 - points[:, 2]) / 0.04)[:, None]
+
+    return _Mesh(face, back_of_head_noise)
+
+
+def _assemble(mesh: _Mesh) -> _Assembly:
+    """Concatenate skin, both eyeballs (the right one mirrored) and the cavity into one vertex/face list."""
+    n_skin, n_eye = len(mesh.skin), len(mesh.eye_vertices)
     eye_right = mesh.eye_vertices * [-1, 1, 1]  # mirror of the left eyeball
     eye_right_faces = mesh.eye_faces[:, ::-1]  # mirroring flips the winding back outward
-    vertices = np.concatenate([skin, eye_left, eye_right, mesh.cavity_vertices])
+    vertices = np.concatenate([mesh.skin, mesh.eye_vertices, eye_right, mesh.cavity_vertices])
     offsets = np.cumsum([0, n_skin, n_eye, n_eye])
     faces = np.concatenate(
         [
@@ -550,15 +561,19 @@ def build_procedural_head(seed: int = 0) -> dict:
             mesh.cavity_faces + offsets[3],
         ]
     )
-    n_vertices = len(vertices)
     parts = {
         "skin": slice(0, n_skin),
         "left": slice(offsets[1], offsets[2]),
         "right": slice(offsets[2], offsets[3]),
-        "cavity": slice(offsets[3], n_vertices),
+        "cavity": slice(offsets[3], len(vertices)),
     }
+    return _Assembly(vertices, faces, parts, eye_right_faces)
 
-    # Joints: root and neck from rings of the neck, jaw from the two hinge regions, eyes from their eyeballs.
+
+def _joint_regressor(skin: np.ndarray, face: _Face, parts: dict[str, slice], n_vertices: int) -> np.ndarray:
+    """J_regressor [5, V]: root and neck from rings of the neck, jaw from the two hinge regions, eyes from
+    their eyeballs."""
+    n_eye = parts["left"].stop - parts["left"].start
     regressor = np.zeros((5, n_vertices))
     regressor[0, _ring(80)] = 1 / N_COLS
     regressor[1, _ring(67)] = 1 / N_COLS
@@ -568,8 +583,13 @@ def build_procedural_head(seed: int = 0) -> dict:
         regressor[2, nearest] = 1 / 8
     regressor[3, parts["left"]] = 1 / n_eye
     regressor[4, parts["right"]] = 1 / n_eye
+    return regressor
 
-    # Skinning weights.
+
+def _skinning_weights(mesh: _Mesh, face: _Face, parts: dict[str, slice], n_vertices: int) -> np.ndarray:
+    """Skinning weights [V, 5]: skin blends root, neck and jaw; eyeballs follow their joints; the cavity
+    blends neck and jaw."""
+    skin = mesh.skin
     weights = np.zeros((n_vertices, 5))
     neck_part = _smoothstep(
         (skin[:, 1] - skin[_ring(80), 1].mean()) / (face.y_chin - 0.01 - skin[_ring(80), 1].mean())
@@ -583,35 +603,58 @@ def build_procedural_head(seed: int = 0) -> dict:
     cavity_jaw = _smoothstep((face.y_mouth + 0.004 - mesh.cavity_vertices[:, 1]) / 0.008)
     weights[parts["cavity"], 1] = 1 - cavity_jaw
     weights[parts["cavity"], 2] = cavity_jaw
+    return weights
 
-    # Shape bases: rigid for the eyeballs (evaluated at their centres), random smooth fields from the seed.
-    random_fields = _random_fields(rng, skin, N_RANDOM_SHAPE, 0.002)
-    nose = np.concatenate([mesh.nose, np.zeros(n_vertices - n_skin)])
+
+def _shape_bases(rng: np.random.Generator, mesh: _Mesh, face: _Face, assembly: _Assembly) -> np.ndarray:
+    """Shape bases [V, 3, n_shape]: designed and seeded random smooth fields, rigid for the eyeballs
+    (evaluated at their centres)."""
+    vertices, parts = assembly.vertices, assembly.parts
+    random_fields = _random_fields(rng, mesh.skin, N_RANDOM_SHAPE, 0.002)
+    nose = np.concatenate([mesh.nose, np.zeros(len(vertices) - len(mesh.skin))])
 
     def shape_fields(points: np.ndarray, nose_part: np.ndarray) -> np.ndarray:
         return np.concatenate([_shape_fields(points, face, nose_part), random_fields(points)], axis=2)
 
-    shapedirs_shape = shape_fields(vertices, nose)
+    shapedirs = shape_fields(vertices, nose)
     for part, centre in (("left", mesh.eye_centres[0]), ("right", mesh.eye_centres[0] * [-1, 1, 1])):
-        shapedirs_shape[parts[part]] = shape_fields(centre[None], np.zeros(1))
-    jaw_all = weights[:, 2]
-    shapedirs_expr = _expression_fields(vertices, face)
-    shapedirs_expr[parts["left"].start : parts["right"].stop] = 0.0  # eyeballs move only with the eye joints
-    shapedirs_expr[parts["cavity"]] = 0.0  # the cavity follows the jaw only
+        shapedirs[parts[part]] = shape_fields(centre[None], np.zeros(1))
+    return shapedirs
 
-    # Pose correctives: skin in a blend zone bulges outward by k * (1 - cos angle), from the diagonal of R - I.
+
+def _expression_bases(face: _Face, assembly: _Assembly) -> np.ndarray:
+    """Expression bases [V, 3, N_EXPR] of the skin; eyeballs and cavity move with their joints only."""
+    parts = assembly.parts
+    shapedirs = _expression_fields(assembly.vertices, face)
+    shapedirs[parts["left"].start : parts["right"].stop] = 0.0  # eyeballs move only with the eye joints
+    shapedirs[parts["cavity"]] = 0.0  # the cavity follows the jaw only
+    return shapedirs
+
+
+def _pose_correctives(skin: np.ndarray, weights: np.ndarray, n_vertices: int) -> np.ndarray:
+    """Posedirs [V, 3, 36]: skin in a blend zone bulges outward by k * (1 - cos angle), from the diagonal of
+    R - I."""
+    n_skin = len(skin)
+    jaw = weights[:, 2]
     posedirs = np.zeros((n_vertices, 3, 36))
     outward = np.zeros((n_vertices, 3))
-    outward[parts["skin"]] = skin * [1, 0, 1] + [0, 0, 0.012]
+    outward[:n_skin] = skin * [1, 0, 1] + [0, 0, 0.012]
     outward /= np.maximum(np.linalg.norm(outward, axis=1, keepdims=True), 1e-9)
-    for joint, blend in ((1, weights[:, 0] * weights[:, 1] * 4), (2, jaw_all * (1 - jaw_all) * 4)):
+    for joint, blend in ((1, weights[:, 0] * weights[:, 1] * 4), (2, jaw * (1 - jaw) * 4)):
         for diagonal in (0, 4, 8):
             posedirs[:, :, (joint - 1) * 9 + diagonal] = (
                 -0.01 * blend[:, None] * outward * (np.arange(n_vertices) < n_skin)[:, None]
             )
+    return posedirs
 
-    # UVs: skin grid, eyeballs mapped onto the photo eyes of the face region, cavity in its own dark band.
-    lmk_faces, lmk_bary = _landmark_embedding(layout, skin, mesh.skin_faces)
+
+def _uv_layout(
+    layout: np.ndarray, mesh: _Mesh, assembly: _Assembly, lmk_faces: np.ndarray, lmk_bary: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """UVs vt [Vt, 2] and UV faces ft [F, 3]: skin grid, eyeballs mapped onto the photo eyes of the face
+    region, cavity in its own dark band."""
+    parts = assembly.parts
+    n_eye = len(mesh.eye_vertices)
     lmk_uv = np.einsum("lk,lkc->lc", lmk_bary, mesh.skin_uv[mesh.skin_uv_faces[lmk_faces]])
     cavity_uv = np.stack(
         [
@@ -623,8 +666,8 @@ def build_procedural_head(seed: int = 0) -> dict:
     vt = np.concatenate(
         [
             mesh.skin_uv,
-            _eye_uv(layout, lmk_uv, eye_left, slice(42, 48)),
-            _eye_uv(layout, lmk_uv, eye_right, slice(36, 42)),
+            _eye_uv(layout, lmk_uv, assembly.vertices[parts["left"]], slice(42, 48)),
+            _eye_uv(layout, lmk_uv, assembly.vertices[parts["right"]], slice(36, 42)),
             cavity_uv,
         ]
     )
@@ -633,18 +676,33 @@ def build_procedural_head(seed: int = 0) -> dict:
         [
             mesh.skin_uv_faces,
             mesh.eye_faces + n_skin_uv,
-            eye_right_faces + n_skin_uv + n_eye,
+            assembly.eye_right_faces + n_skin_uv + n_eye,
             mesh.cavity_faces + n_skin_uv + 2 * n_eye,
         ]
     )
+    return vt, ft
 
+
+def build_procedural_head(seed: int = 0) -> dict:
+    """The FLAME ``.pkl`` dict of a procedural head (plain numpy/scipy), deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    layout = _landmark_layout()
+    face = _Face(layout)
+    mesh = _template_mesh(rng, face)  # draws from rng before the shape bases do
+    assembly = _assemble(mesh)
+    n_vertices = len(assembly.vertices)
+    weights = _skinning_weights(mesh, face, assembly.parts, n_vertices)
+    shapedirs_shape = _shape_bases(rng, mesh, face, assembly)
+    shapedirs_expr = _expression_bases(face, assembly)
+    lmk_faces, lmk_bary = _landmark_embedding(layout, mesh.skin, mesh.skin_faces)
+    vt, ft = _uv_layout(layout, mesh, assembly, lmk_faces, lmk_bary)
     kintree = np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64)
     return {
-        "v_template": vertices,
-        "f": faces.astype(np.uint32),
+        "v_template": assembly.vertices,
+        "f": assembly.faces.astype(np.uint32),
         "shapedirs": np.concatenate([shapedirs_shape, shapedirs_expr], axis=2),
-        "posedirs": posedirs,
-        "J_regressor": scipy.sparse.csc_matrix(regressor),
+        "posedirs": _pose_correctives(mesh.skin, weights, n_vertices),
+        "J_regressor": scipy.sparse.csc_matrix(_joint_regressor(mesh.skin, face, assembly.parts, n_vertices)),
         "kintree_table": kintree,
         "weights": weights,
         "n_shape": N_DESIGNED_SHAPE + N_RANDOM_SHAPE,

@@ -110,63 +110,89 @@ def rasterize(
         return _rasterize_numba(
             vertices_cam, faces, K, height, width, near, cull_backfaces, perspective_correct
         )
-    device = vertices_cam.device
     with torch.no_grad():
-        corners, corner_z = _screen_triangles(vertices_cam, faces, K)
-        # image y points down, so a triangle that is counter-clockwise in the world appears with negative area
-        area2 = (corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1]) - (
-            corners[:, 2, 0] - corners[:, 0, 0]
-        ) * (corners[:, 1, 1] - corners[:, 0, 1])
-        keep = (corner_z > near).all(dim=1) & (area2.abs() > 1e-12)
-        if cull_backfaces:
-            keep &= area2 < 0
-        face_ids = keep.nonzero().squeeze(1)  # [Fk]
-        corners, corner_z, area2 = corners[face_ids], corner_z[face_ids], area2[face_ids]
-
-        # integer pixel boxes of the covered pixel centres, clamped to the image
-        lo = corners.amin(dim=1).ceil()
-        hi = corners.amax(dim=1).floor()
-        x0 = lo[:, 0].clamp(0, width - 1).long()
-        y0 = lo[:, 1].clamp(0, height - 1).long()
-        box_w = (hi[:, 0].clamp(max=width - 1).long() - x0 + 1).clamp_min(0)
-        box_h = (hi[:, 1].clamp(max=height - 1).long() - y0 + 1).clamp_min(0)
-        box_w = torch.where(lo[:, 0] > width - 1, 0, box_w)
-        box_h = torch.where(lo[:, 1] > height - 1, 0, box_h)
-        n_pairs = box_w * box_h  # [Fk]
-
-        origin = torch.stack([x0, y0], dim=1).to(corners)
-        bary_coeff = _edge_coefficients(corners, area2, origin)  # [Fk, 3, 3]
-        # 1/z is affine on screen: the barycentric-weighted sum of the corners' 1/z
-        inv_z_coeff = (bary_coeff * (1.0 / corner_z)[..., None]).sum(dim=1)  # [Fk, 3]
-        # per-pair table: a, b, c of bary_1, bary_2 and 1/z (bary_0 = 1 - bary_1 - bary_2)
-        pair_coeff = torch.cat([bary_coeff[:, 1], bary_coeff[:, 2], inv_z_coeff], dim=1).float()  # [Fk, 9]
-
-        keys = torch.full((height * width,), _EMPTY_KEY, dtype=torch.long, device=device)
-        base_pixel = y0 * width + x0
-        for start, stop in _chunks(n_pairs, max_pairs):
-            _zbuffer_chunk(
-                keys,
-                n_pairs[start:stop],
-                box_w[start:stop],
-                base_pixel[start:stop],
-                pair_coeff[start:stop],
-                width,
-                face_offset=start,
-            )
-
-        covered = keys != _EMPTY_KEY
-        local_face = torch.where(covered, keys & ((1 << _FACE_BITS) - 1), 0)  # index into kept faces
-        depth_bits = (keys >> _FACE_BITS).to(torch.int32)
-        depth = torch.where(covered, depth_bits.view(torch.float32), torch.inf)
-        bary = _final_barycentrics(
-            local_face, covered, bary_coeff, origin, corner_z, width, perspective_correct
+        return _rasterize_torch(
+            vertices_cam, faces, K, height, width, near, cull_backfaces, perspective_correct, max_pairs
         )
-        face_index = torch.where(covered, face_ids[local_face] if face_ids.numel() else local_face, -1)
-        return Fragments(
-            face_index=face_index.view(height, width),
-            bary=bary.view(height, width, 3),
-            depth=depth.view(height, width),
+
+
+def _rasterize_torch(
+    vertices_cam: Tensor,
+    faces: Tensor,
+    K: Tensor,
+    height: int,
+    width: int,
+    near: float,
+    cull_backfaces: bool,
+    perspective_correct: bool,
+    max_pairs: int,
+) -> Fragments:
+    """The tensor path: keep the drawable faces, z-buffer their (face, pixel) pairs chunk by chunk, resolve."""
+    corners, corner_z = _screen_triangles(vertices_cam, faces, K)
+    face_ids, corners, corner_z, area2 = _drawable_faces(corners, corner_z, near, cull_backfaces)
+    x0, y0, box_w, box_h = _pixel_boxes(corners, height, width)
+    n_pairs = box_w * box_h  # [Fk]
+    origin = torch.stack([x0, y0], dim=1).to(corners)
+    bary_coeff = _edge_coefficients(corners, area2, origin)  # [Fk, 3, 3]
+    # 1/z is affine on screen: the barycentric-weighted sum of the corners' 1/z
+    inv_z_coeff = (bary_coeff * (1.0 / corner_z)[..., None]).sum(dim=1)  # [Fk, 3]
+    # per-pair table: a, b, c of bary_1, bary_2 and 1/z (bary_0 = 1 - bary_1 - bary_2)
+    pair_coeff = torch.cat([bary_coeff[:, 1], bary_coeff[:, 2], inv_z_coeff], dim=1).float()  # [Fk, 9]
+
+    keys = torch.full((height * width,), _EMPTY_KEY, dtype=torch.long, device=vertices_cam.device)
+    base_pixel = y0 * width + x0
+    for start, stop in _chunks(n_pairs, max_pairs):
+        _zbuffer_chunk(
+            keys,
+            n_pairs[start:stop],
+            box_w[start:stop],
+            base_pixel[start:stop],
+            pair_coeff[start:stop],
+            width,
+            face_offset=start,
         )
+
+    covered = keys != _EMPTY_KEY
+    local_face = torch.where(covered, keys & ((1 << _FACE_BITS) - 1), 0)  # index into kept faces
+    depth_bits = (keys >> _FACE_BITS).to(torch.int32)
+    depth = torch.where(covered, depth_bits.view(torch.float32), torch.inf)
+    bary = _final_barycentrics(local_face, covered, bary_coeff, origin, corner_z, width, perspective_correct)
+    face_index = torch.where(covered, face_ids[local_face] if face_ids.numel() else local_face, -1)
+    return Fragments(
+        face_index=face_index.view(height, width),
+        bary=bary.view(height, width, 3),
+        depth=depth.view(height, width),
+    )
+
+
+def _drawable_faces(
+    corners: Tensor, corner_z: Tensor, near: float, cull_backfaces: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ids [Fk] of the faces in front of ``near``, not degenerate (and not back-facing when culling), with
+    their corners [Fk, 3, 2], corner z [Fk, 3] and twice their signed area [Fk]."""
+    # image y points down, so a triangle that is counter-clockwise in the world appears with negative area
+    area2 = (corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1]) - (
+        corners[:, 2, 0] - corners[:, 0, 0]
+    ) * (corners[:, 1, 1] - corners[:, 0, 1])
+    keep = (corner_z > near).all(dim=1) & (area2.abs() > 1e-12)
+    if cull_backfaces:
+        keep &= area2 < 0
+    face_ids = keep.nonzero().squeeze(1)  # [Fk]
+    return face_ids, corners[face_ids], corner_z[face_ids], area2[face_ids]
+
+
+def _pixel_boxes(corners: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer boxes (x0, y0, box_w, box_h), each [Fk], of the pixel centres a face may cover, clamped to the
+    image (empty boxes have zero width or height)."""
+    lo = corners.amin(dim=1).ceil()
+    hi = corners.amax(dim=1).floor()
+    x0 = lo[:, 0].clamp(0, width - 1).long()
+    y0 = lo[:, 1].clamp(0, height - 1).long()
+    box_w = (hi[:, 0].clamp(max=width - 1).long() - x0 + 1).clamp_min(0)
+    box_h = (hi[:, 1].clamp(max=height - 1).long() - y0 + 1).clamp_min(0)
+    box_w = torch.where(lo[:, 0] > width - 1, 0, box_w)
+    box_h = torch.where(lo[:, 1] > height - 1, 0, box_h)
+    return x0, y0, box_w, box_h
 
 
 def _chunks(n_pairs: Tensor, max_pairs: int) -> list[tuple[int, int]]:
@@ -285,12 +311,7 @@ def _rasterize_numba(
 def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, perspective_correct):
     """The tensor path's arithmetic, one face at a time: -> face_index [H*W], bary [H*W, 3], depth [H*W]."""
     n_faces = faces.shape[0]
-    pixels = np.empty((vertices.shape[0], 2))
-    for v in range(vertices.shape[0]):
-        x, y, z = vertices[v, 0], vertices[v, 1], vertices[v, 2]
-        w = max(K[2, 0] * x + K[2, 1] * y + K[2, 2] * z, 1e-12)
-        pixels[v, 0] = (K[0, 0] * x + K[0, 1] * y + K[0, 2] * z) / w
-        pixels[v, 1] = (K[1, 0] * x + K[1, 1] * y + K[1, 2] * z) / w
+    pixels = _project_numba(vertices, K)
     # per face: bary_i = a*dx + b*dy + c from the box origin (float64); written for every face that can win a pixel,
     # and read only for winners, so left unzeroed (~1.4 MB per 16k-face view)
     coeff = np.empty((n_faces, 3, 3))
@@ -309,16 +330,7 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
         ) * (corners[1, 1] - corners[0, 1])
         if not inside_near or abs(area2) <= 1e-12 or (cull_backfaces and area2 >= 0):
             continue
-        lo_x = np.ceil(min(corners[0, 0], corners[1, 0], corners[2, 0]))
-        lo_y = np.ceil(min(corners[0, 1], corners[1, 1], corners[2, 1]))
-        hi_x = np.floor(max(corners[0, 0], corners[1, 0], corners[2, 0]))
-        hi_y = np.floor(max(corners[0, 1], corners[1, 1], corners[2, 1]))
-        if lo_x > width - 1 or lo_y > height - 1:
-            continue
-        x0 = int(min(max(lo_x, 0.0), width - 1))
-        y0 = int(min(max(lo_y, 0.0), height - 1))
-        box_w = int(min(hi_x, width - 1)) - x0 + 1
-        box_h = int(min(hi_y, height - 1)) - y0 + 1
+        x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
         if box_w <= 0 or box_h <= 0:
             continue
         origin[f, 0], origin[f, 1] = x0, y0
@@ -349,9 +361,51 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
                     p = (y0 + row) * width + x0 + col
                     if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
                         best_depth[p], best_face[p] = depth, f
-    bary = np.zeros((height * width, 3), np.float32)
+    bary = _final_barycentrics_numba(best_face, origin, coeff, vertices, faces, width, perspective_correct)
+    return best_face, bary, best_depth
+
+
+@numba.njit(cache=True, nogil=True)
+def _face_box_numba(corners: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """Integer box (x0, y0, box_w, box_h) of the pixel centres screen corners [3, 2] may cover, clamped to
+    the image; box_w or box_h <= 0 when it covers none."""
+    lo_x = np.ceil(min(corners[0, 0], corners[1, 0], corners[2, 0]))
+    lo_y = np.ceil(min(corners[0, 1], corners[1, 1], corners[2, 1]))
+    hi_x = np.floor(max(corners[0, 0], corners[1, 0], corners[2, 0]))
+    hi_y = np.floor(max(corners[0, 1], corners[1, 1], corners[2, 1]))
+    if lo_x > width - 1 or lo_y > height - 1:
+        return 0, 0, 0, 0
+    x0 = int(min(max(lo_x, 0.0), width - 1))
+    y0 = int(min(max(lo_y, 0.0), height - 1))
+    return x0, y0, int(min(hi_x, width - 1)) - x0 + 1, int(min(hi_y, height - 1)) - y0 + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _project_numba(vertices: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Pixel positions [V, 2] of camera-space vertices [V, 3] (depth clamped to 1e-12 as the tensor path)."""
+    pixels = np.empty((vertices.shape[0], 2))
+    for v in range(vertices.shape[0]):
+        x, y, z = vertices[v, 0], vertices[v, 1], vertices[v, 2]
+        w = max(K[2, 0] * x + K[2, 1] * y + K[2, 2] * z, 1e-12)
+        pixels[v, 0] = (K[0, 0] * x + K[0, 1] * y + K[0, 2] * z) / w
+        pixels[v, 1] = (K[1, 0] * x + K[1, 1] * y + K[1, 2] * z) / w
+    return pixels
+
+
+@numba.njit(cache=True, nogil=True)
+def _final_barycentrics_numba(
+    best_face: np.ndarray,
+    origin: np.ndarray,
+    coeff: np.ndarray,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    width: int,
+    perspective_correct: bool,
+) -> np.ndarray:
+    """Barycentrics [H*W, 3] float32 of each pixel centre in its winning face (0 on background), in float64."""
+    bary = np.zeros((best_face.shape[0], 3), np.float32)
     screen = np.empty(3)
-    for p in range(height * width):
+    for p in range(best_face.shape[0]):
         f = best_face[p]
         if f < 0:
             continue
@@ -365,7 +419,7 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
             total += s
         for i in range(3):
             bary[p, i] = screen[i] / total
-    return best_face, bary, best_depth
+    return bary
 
 
 def interpolate(vertex_attrs: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:

@@ -14,8 +14,10 @@ last reported checkpoint to the new workers; a rerun with `resume` finds Ray's s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -144,6 +146,127 @@ def _preview(model: JointDenoiser, codec, batch: dict, cfg: GenConfig, seed: int
     return make_grid(torch.stack(rows), nrow=len(row), padding=1)
 
 
+@dataclass
+class _Trainer:
+    """What one rank trains with: model, optimizer, EMA, the per-step RNG and how far it got."""
+
+    model: JointDenoiser
+    codec: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel
+    generator: torch.Generator
+    step: int = 0
+    position: int = 0  # micro-batches consumed from make_batches
+
+
+def _build_trainer(
+    cfg: GenConfig,
+    stage: int,
+    device: torch.device,
+    init: Path | None,
+    restore: Path | None,
+    rank: int,
+    world_size: int,
+) -> _Trainer:
+    """Build the model (from `init`'s stage 1 weights or pretrained parts) and optimizer; restore a checkpoint."""
+    torch.manual_seed(cfg.train.seed)  # parameter init only; everything per-step uses `generator`
+    codec = build_codec(cfg).to(device)
+    model = build_model(cfg, stage, codec, from_pretrained=init is None)
+    if init is not None:
+        load_stage1_weights(model, init)
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.learning_rate(stage), weight_decay=cfg.train.weight_decay
+    )
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
+    trainer = _Trainer(
+        model, codec, params, optimizer, ema, torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    )
+    if restore is not None:
+        trainer.step, mine = load_checkpoint(restore, model, ema, optimizer, rank, world_size)
+        mine.restore(trainer.generator)
+        trainer.position = mine.position
+    ema.to(device)
+    return trainer
+
+
+def _open_logs(
+    cfg: GenConfig,
+    stage: int,
+    out: Path,
+    trainer: _Trainer,
+    total: int,
+    resumed: bool,
+    make_batches: MakeBatches,
+    device: torch.device,
+) -> tuple[Any, Any]:
+    """TensorBoard writer and progress bar of rank 0 (prints the FLOP counts of a fresh run when asked)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    # a restart repeats the steps after its checkpoint: drop what the lost attempt logged for them
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step + 1 if resumed else None)
+    bar = tqdm(total=total, initial=trainer.step, desc=f"stage {stage}", unit="step")
+    if cfg.train.count_flops and not resumed:
+        _print_counts(trainer.model, trainer.codec, next(make_batches(cfg.train.seed, 0)), cfg, device)
+    return writer, bar
+
+
+def _optimizer_step(
+    trainer: _Trainer,
+    net: torch.nn.Module,
+    batches: Iterator[dict],
+    noise_scheduler,
+    micro_batch: int,
+    cfg: GenConfig,
+    device: torch.device,
+) -> float:
+    """One optimizer step over `grad_accumulation` micro-batches; returns the step's mean loss."""
+    step_loss = 0.0
+    for _ in range(cfg.train.grad_accumulation):
+        batch = next(batches)
+        if len(batch["rgb"]) != micro_batch:
+            raise ValueError(
+                f"make_batches gave {len(batch['rgb'])} samples; the config's global batch "
+                f"asks {micro_batch} per worker and accumulation step"
+            )
+        loss = diffusion_loss(net, trainer.codec, batch, noise_scheduler, trainer.generator, cfg, device)
+        (loss / cfg.train.grad_accumulation).backward()
+        step_loss += loss.item() / cfg.train.grad_accumulation
+        trainer.position += 1
+    torch.nn.utils.clip_grad_norm_(trainer.params, cfg.train.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.ema.step(trainer.model.parameters())
+    trainer.step += 1
+    return step_loss
+
+
+def _log_step(bar: Any, writer: Any, step: int, step_loss: float, rate: float, cfg: GenConfig) -> None:
+    """Progress bar every step, TensorBoard scalars every `log_every` steps (each only where it exists)."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", steps_per_s=f"{rate:.2f}")
+    if writer is not None and step % cfg.train.log_every == 0:
+        writer.add_scalar("train/loss", step_loss, step)
+        writer.add_scalar("train/steps_per_s", rate, step)
+
+
+def _checkpoint(
+    trainer: _Trainer, out: Path, step_loss: float, rank: int, world_size: int, publish: Publish | None
+) -> None:
+    """Gather every rank's RNG state; rank 0 writes the checkpoint, then `publish` runs on every rank."""
+    ranks = gather_rank_states(RankState.capture(trainer.generator, trainer.position), world_size)
+    t = trainer
+    folder = save_checkpoint(out, t.model, t.ema, t.optimizer, t.step, ranks) if rank == 0 else None
+    if publish is not None:
+        publish(t.step, {"loss": step_loss, "step": t.step}, folder)
+
+
 def train_loop(
     cfg: GenConfig,
     stage: int,
@@ -168,77 +291,27 @@ def train_loop(
     micro_batch = cfg.train.worker_batch(stage, world_size)
     if rank == 0:
         write_run_files(out, cfg)  # the run folder alone is enough to sample
-    torch.manual_seed(cfg.train.seed)  # parameter init only; everything per-step uses `generator`
-    codec = build_codec(cfg).to(device)
-    model = build_model(cfg, stage, codec, from_pretrained=init is None)
-    if init is not None:
-        load_stage1_weights(model, init)
-    if cfg.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.learning_rate(stage), weight_decay=cfg.train.weight_decay
-    )
-    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay)
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    step = position = 0
-    if restore is not None:
-        step, mine = load_checkpoint(restore, model, ema, optimizer, rank, world_size)
-        mine.restore(generator)
-        position = mine.position
-    ema.to(device)
-    net = wrap(model) if wrap else model
+    trainer = _build_trainer(cfg, stage, device, init, restore, rank, world_size)
+    net = wrap(trainer.model) if wrap else trainer.model
     total = min(cfg.train.stage(stage).steps, max_steps) if max_steps else cfg.train.stage(stage).steps
     noise_scheduler = make_scheduler("ddpm", cfg.train.num_train_timesteps)
-    batches = make_batches(cfg.train.seed + rank, position)
+    batches = make_batches(cfg.train.seed + rank, trainer.position)
     writer = bar = None
     if rank == 0 and not quiet:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        # a restart repeats the steps after its checkpoint: drop what the lost attempt logged for them
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if restore is not None else None)
-        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step")
-        if cfg.train.count_flops and restore is None:
-            _print_counts(model, codec, next(make_batches(cfg.train.seed, 0)), cfg, device)
+        writer, bar = _open_logs(cfg, stage, out, trainer, total, restore is not None, make_batches, device)
     preview = next(make_batches(cfg.train.seed + 10**6, 0)) if writer else None
     losses: list[float] = []
     started = time.perf_counter()
-    while step < total:
-        step_loss = 0.0
-        for _ in range(cfg.train.grad_accumulation):
-            batch = next(batches)
-            if len(batch["rgb"]) != micro_batch:
-                raise ValueError(
-                    f"make_batches gave {len(batch['rgb'])} samples; the config's global batch "
-                    f"asks {micro_batch} per worker and accumulation step"
-                )
-            loss = diffusion_loss(net, codec, batch, noise_scheduler, generator, cfg, device)
-            (loss / cfg.train.grad_accumulation).backward()
-            step_loss += loss.item() / cfg.train.grad_accumulation
-            position += 1
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
-        step += 1
+    while trainer.step < total:
+        step_loss = _optimizer_step(trainer, net, batches, noise_scheduler, micro_batch, cfg, device)
+        step = trainer.step
         losses.append(step_loss)
-        rate = len(losses) / (time.perf_counter() - started)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", steps_per_s=f"{rate:.2f}")
-        if writer is not None and step % cfg.train.log_every == 0:
-            writer.add_scalar("train/loss", step_loss, step)
-            writer.add_scalar("train/steps_per_s", rate, step)
+        _log_step(bar, writer, step, step_loss, len(losses) / (time.perf_counter() - started), cfg)
         done = step == total
         if step % cfg.train.checkpoint_every == 0 or done:
-            ranks = gather_rank_states(RankState.capture(generator, position), world_size)
-            folder = save_checkpoint(out, model, ema, optimizer, step, ranks) if rank == 0 else None
-            if publish is not None:
-                publish(step, {"loss": step_loss, "step": step}, folder)
+            _checkpoint(trainer, out, step_loss, rank, world_size, publish)
         if writer is not None and (step % cfg.train.sample_every == 0 or done):
-            _write_preview(model, ema, codec, preview, cfg, writer, out, step)
+            _write_preview(trainer.model, trainer.ema, trainer.codec, preview, cfg, writer, out, step)
     if writer is not None:
         writer.close()
         bar.close()
@@ -364,6 +437,26 @@ def _checked_inputs(
     return latest
 
 
+def _torch_trainer(
+    loop_config: dict, out: Path, workers: int, cpus: float, gpus_per_worker: float, max_failures: int
+) -> Any:
+    """A Ray `TorchTrainer` running `_worker` on `workers` ranks, storing its checkpoints under `out`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
+    return TorchTrainer(
+        _worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
+        ),
+    )
+
+
 def train(
     config_path: str | Path,
     stage: int,
@@ -385,8 +478,6 @@ def train(
     A worker that dies restarts the group from the last checkpoint, at most `max_failures` times.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     cfg = load_config(config_path)
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
@@ -399,28 +490,19 @@ def train(
     from geodiff4d.core.jobs import worker_cpus
 
     cpus = worker_cpus(workers)
-    resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "stage": stage,
-            "shards": str(shards) if shards else None,
-            "out": str(out),
-            "max_steps": max_steps,
-            "init": Path(init).resolve() if init else None,
-            "resume_from": resume_from,
-            "make_batches": make_batches,
-            "quiet": quiet,
-            "cpus": cpus,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
-        ),
-    )
+    loop_config = {
+        "cfg": cfg.model_dump(),
+        "stage": stage,
+        "shards": str(shards) if shards else None,
+        "out": str(out),
+        "max_steps": max_steps,
+        "init": Path(init).resolve() if init else None,
+        "resume_from": resume_from,
+        "make_batches": make_batches,
+        "quiet": quiet,
+        "cpus": cpus,
+    }
+    trainer = _torch_trainer(loop_config, out, workers, cpus, gpus_per_worker, max_failures)
     result = trainer.fit()
     latest = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(out)
     if latest is None:
