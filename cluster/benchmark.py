@@ -566,7 +566,20 @@ class Benchmark:
     # -- the graph ----------------------------------------------------------------------------------------
     def graph(self, subjects: list[Subject]) -> StageGraph:
         """Every stage with the outputs whose absence reruns it (and what then goes stale: see StageGraph)."""
-        graph, c, layout = StageGraph(self.commits, self.echo), self.config, self.layout
+        graph = StageGraph(self.commits, self.echo)
+        frames, truth = self._add_data_stages(graph, subjects)
+        trained, models = self._add_training_stages(graph)
+        produced: list[str] = []
+        for method in self.config.methods:
+            produced += self._add_method_stages(graph, method, subjects, frames, truth, trained, models)
+        self._add_scoring_stages(graph, truth, produced)
+        return graph
+
+    def _add_data_stages(
+        self, graph: StageGraph, subjects: list[Subject]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Frame export per subject and ground truth per protocol: their stage names by subject / protocol."""
+        layout = self.layout
         frames = {
             s.id: graph.add(
                 f"frames:{s.id}", lambda s=s: self.export_subject(s), outputs=[layout.frames / "rgb" / s.id]
@@ -580,90 +593,118 @@ class Benchmark:
                 needs=list(frames.values()),
                 outputs=[layout.gt(p) / "rgb"],
             )
-            for p in c.protocols
+            for p in self.config.protocols
         }
-        trained: dict[
-            str, list[str]
-        ] = {}  # method -> [its model stage (unless given a run), the pack it reads]
+        return frames, truth
+
+    def _add_training_stages(self, graph: StageGraph) -> tuple[dict[str, list[str]], list[str]]:
+        """Packs and model training of the GeoDiff4D methods (shared where methods share them).
+
+        Returns method -> [its model stage (unless given a run), the pack it reads], and the model stages.
+        """
+        trained: dict[str, list[str]] = {}
         models: list[str] = []
-        for method in c.methods:
+        for method in self.config.methods:
+            if method.kind != "geodiff4d":
+                continue
+            # generation reads its reference and driving frames from the "inputs" pack, also with a given run
+            given = method_config(self.config, method).generation.run is not None
+            packs = []
+            for role in (
+                ("inputs",) if given else ("train", "inputs")
+            ):  # one pack for both without train_subjects
+                folder = self.shards(method, role)
+                packs.append(f"pack:{folder.name}")
+                if packs[-1] not in graph.stages:
+                    graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
+            if given:
+                trained[method.name] = packs
+                continue
+            model = f"model:{self.model_key(method)}"
+            if model not in graph.stages:
+                run = self.model_run(method)
+                graph.add(
+                    model,
+                    lambda m=method: self.train_model(m),
+                    needs=packs[:1],
+                    outputs=[run],
+                    clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True),
+                )
+                models.append(model)
+            trained[method.name] = [model, packs[-1]]
+        return trained, models
+
+    def _add_method_stages(
+        self,
+        graph: StageGraph,
+        method: MethodConfig,
+        subjects: list[Subject],
+        frames: dict[str, str],
+        truth: dict[str, str],
+        trained: dict[str, list[str]],
+        models: list[str],
+    ) -> list[str]:
+        """The stages that produce a method's predictions (none for external ones); returns the final ones."""
+        layout, protocols = self.layout, self.config.protocols
+        if method.kind in ("reference_copy", "gt_noise"):
+            baseline = graph.add(
+                f"baseline:{method.name}",
+                lambda m=method: self.baseline(m),
+                needs=list(truth.values()),
+                outputs=[layout.pred(p, method.name) / "rgb" for p in protocols],
+                clean=lambda m=method: self.clean_predictions(m),
+            )
+            return [baseline]
+        if method.kind == "external":
+            return []
+        produced = []
+        for subject in subjects:
+            chain = [frames[subject.id], *trained.get(method.name, [])]
             if method.kind == "geodiff4d":
-                # generation reads its reference and driving frames from the "inputs" pack, also with a given run
-                given = method_config(c, method).generation.run is not None
-                packs = []
-                for role in (
-                    ("inputs",) if given else ("train", "inputs")
-                ):  # one pack for both without train_subjects
-                    folder = self.shards(method, role)
-                    packs.append(f"pack:{folder.name}")
-                    if packs[-1] not in graph.stages:
-                        graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
-                if given:
-                    trained[method.name] = packs
-                    continue
-                model = f"model:{self.model_key(method)}"
-                if model not in graph.stages:
-                    run = self.model_run(method)
-                    graph.add(
-                        model,
-                        lambda m=method: self.train_model(m),
-                        needs=packs[:1],
-                        outputs=[run],
-                        clean=lambda f=run.parent: shutil.rmtree(f, ignore_errors=True),
-                    )
-                    models.append(model)
-                trained[method.name] = [model, packs[-1]]
-        produced: list[str] = []
-        for method in c.methods:
-            if method.kind in ("reference_copy", "gt_noise"):
-                produced.append(
-                    graph.add(
-                        f"baseline:{method.name}",
-                        lambda m=method: self.baseline(m),
-                        needs=list(truth.values()),
-                        outputs=[layout.pred(p, method.name) / "rgb" for p in c.protocols],
-                        clean=lambda m=method: self.clean_predictions(m),
-                    )
+                chain = [self._add_generate_stage(graph, method, subject, chain)]
+            avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
+            if avatar not in graph.stages:
+                # reconstructions from real frames wait for training: training asks Ray for whole workers'
+                # CPUs and would otherwise wait behind them; afterwards they run beside generation
+                graph.add(
+                    avatar,
+                    lambda m=method, s=subject: self.reconstruct(m, s),
+                    needs=chain,
+                    outputs=[self.avatar_folder(method) / subject.id],
+                    clean=lambda m=method, s=subject: self.clean_avatar(m, s),
+                    waits_for=models if method.kind != "geodiff4d" else [],
                 )
-                continue
-            if method.kind == "external":
-                continue
-            for subject in subjects:
-                chain = [frames[subject.id], *trained.get(method.name, [])]
-                if method.kind == "geodiff4d":
-                    generated = f"generate:{self.generation_key(method)}:{subject.id}"
-                    out = layout.generated / self.generation_key(method) / "rgb" / subject.id
-                    if generated not in graph.stages:
-                        graph.add(
-                            generated,
-                            lambda m=method, s=subject: self.generate(m, s),
-                            needs=chain,
-                            outputs=[out],
-                            clean=lambda m=method, s=subject: self.clean_generated(m, s),
-                        )
-                    chain = [generated]
-                avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
-                if avatar not in graph.stages:
-                    # reconstructions from real frames wait for training: training asks Ray for whole workers'
-                    # CPUs and would otherwise wait behind them; afterwards they run beside generation
-                    graph.add(
-                        avatar,
-                        lambda m=method, s=subject: self.reconstruct(m, s),
-                        needs=chain,
-                        outputs=[self.avatar_folder(method) / subject.id],
-                        clean=lambda m=method, s=subject: self.clean_avatar(m, s),
-                        waits_for=models if method.kind != "geodiff4d" else [],
-                    )
-                drivers = [frames[s.id] for s in subjects]
-                produced.append(
-                    graph.add(
-                        f"render:{method.name}:{subject.id}",
-                        lambda m=method, s=subject: self.render(m, s, subjects),
-                        needs=[avatar, *drivers],
-                        outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in c.protocols],
-                        clean=lambda m=method, s=subject: self.clean_predictions(m, s),
-                    )
+            drivers = [frames[s.id] for s in subjects]
+            produced.append(
+                graph.add(
+                    f"render:{method.name}:{subject.id}",
+                    lambda m=method, s=subject: self.render(m, s, subjects),
+                    needs=[avatar, *drivers],
+                    outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in protocols],
+                    clean=lambda m=method, s=subject: self.clean_predictions(m, s),
                 )
+            )
+        return produced
+
+    def _add_generate_stage(
+        self, graph: StageGraph, method: MethodConfig, subject: Subject, needs: list[str]
+    ) -> str:
+        """The generation stage of one subject (shared by methods with the same generation key): its name."""
+        generated = f"generate:{self.generation_key(method)}:{subject.id}"
+        out = self.layout.generated / self.generation_key(method) / "rgb" / subject.id
+        if generated not in graph.stages:
+            graph.add(
+                generated,
+                lambda m=method, s=subject: self.generate(m, s),
+                needs=needs,
+                outputs=[out],
+                clean=lambda m=method, s=subject: self.clean_generated(m, s),
+            )
+        return generated
+
+    def _add_scoring_stages(self, graph: StageGraph, truth: dict[str, str], produced: list[str]) -> None:
+        """Evaluation per protocol after every prediction, then the leaderboard and the ablation tables."""
+        layout, c = self.layout, self.config
         evals = [
             graph.add(
                 f"eval:{p}",
@@ -679,7 +720,6 @@ class Benchmark:
         )
         if c.ablation is not None:
             graph.add("ablations", self.ablations, after=[board], outputs=[layout.ablations / "ablations.md"])
-        return graph
 
     def run(self, parallel: int = 2) -> GraphReport:
         """Synthesize (procedural data), check the subjects, then run the graph; the config is kept in the run."""

@@ -391,6 +391,87 @@ def reconstruct(
     )
 
 
+def _driving_params(
+    avatar: Path,
+    sequences: dict[str, int],
+    sequence: str,
+    expressions_npz: str | Path | None,
+    model: FlameModel,
+    head_pose: str,
+    deformer_state: dict[str, torch.Tensor],
+) -> tuple[FlameParams, range]:
+    """FLAME parameters and the frames of them to render: the avatar's own tracked ``sequence``, or its first
+    tracking driven by ``expressions_npz`` (then the training frames' entries leave ``deformer_state``)."""
+    if expressions_npz is None:
+        if sequence not in sequences:
+            raise KeyError(f"{avatar}/avatar.json: no sequence {sequence!r} (has {list(sequences)})")
+        params = concat_params([load_tracking(avatar / "flame" / f"{s}.npz", model) for s in sequences])
+        names = list(sequences)
+        first = sum(sequences[s] for s in names[: names.index(sequence)])
+        return params, range(first, first + sequences[sequence])
+    own = load_tracking(avatar / "flame" / f"{next(iter(sequences))}.npz", model)
+    params = reenact(own, load_tracking(Path(expressions_npz), model), head_pose)
+    per_frame = [
+        k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))
+    ]
+    for key in per_frame:  # belongs to the training frames
+        deformer_state.pop(key)
+    return params, range(params.batch_size)
+
+
+def _render_cameras(
+    gaussians: BoundGaussians,
+    deformer: torch.nn.Module,
+    faces: torch.Tensor,
+    frames: range,
+    cameras: dict,
+    pixel_m: float,
+    backend: str,
+    device: str,
+    out: Path,
+    subject: str,
+    sequence: str,
+) -> tuple[int, float]:
+    """Render and write every frame from every camera; returns the frame count and the seconds spent rendering."""
+    rendered, seconds = 0, 0.0
+    with torch.no_grad():
+        meshes = [(deformer(f), deformer.attribute_residuals(f, gaussians)) for f in frames]
+        for serial, cam in cameras.items():
+            w2c, K = (torch.tensor(m, dtype=torch.float32, device=device) for m in (cam.world_to_cam, cam.K))
+            # avatars from before pixel_m was recorded render as they always did
+            dilation = resolution_dilation(pixel_m, pixel_size(w2c, K, meshes[0][0].mean(0)))
+            for index, (vertices, residuals) in enumerate(meshes):
+                start = time.perf_counter()
+                image = render_bound(
+                    gaussians,
+                    vertices,
+                    faces,
+                    w2c,
+                    K,
+                    cam.width,
+                    cam.height,
+                    backend=backend,
+                    residuals=residuals,
+                    dilation=dilation,
+                )
+                seconds += time.perf_counter() - start
+                normal = image.normal / image.alpha.clamp_min(1e-6)[None]
+                frame_io.write_frame(
+                    out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu()
+                )
+                rendered += 1
+    return rendered, seconds
+
+
+def _avatar_meta(avatar: Path) -> dict:
+    """The avatar folder's ``avatar.json`` (config, sequences, pixel size); a clear error when it is none."""
+    if not (avatar / "avatar.json").is_file():
+        raise UserError(
+            f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)"
+        )
+    return json.loads((avatar / "avatar.json").read_text())
+
+
 def render_avatar(
     avatar: str | Path,
     cameras_json: str | Path,
@@ -413,11 +494,7 @@ def render_avatar(
     if head_pose not in HEAD_POSES:
         raise UserError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
     avatar = Path(avatar)
-    if not (avatar / "avatar.json").is_file():
-        raise UserError(
-            f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)"
-        )
-    meta = json.loads((avatar / "avatar.json").read_text())
+    meta = _avatar_meta(avatar)
     config = ReconConfig(**meta["config"])
     model = load_head_model(config.head_model)
     tensors, metadata = load_checkpoint(avatar / "avatar.safetensors")
@@ -425,22 +502,9 @@ def render_avatar(
     sequences = meta["sequences"]  # sequence -> frames, in training order
     sequence = sequence or (Path(expressions_npz).stem if expressions_npz else next(iter(sequences)))
     deformer_state = {k[len("deformer/") :]: v for k, v in tensors.items() if k.startswith("deformer/")}
-    if expressions_npz is None:
-        if sequence not in sequences:
-            raise KeyError(f"{avatar}/avatar.json: no sequence {sequence!r} (has {list(sequences)})")
-        params = concat_params([load_tracking(avatar / "flame" / f"{s}.npz", model) for s in sequences])
-        names = list(sequences)
-        first = sum(sequences[s] for s in names[: names.index(sequence)])
-        frames = range(first, first + sequences[sequence])
-    else:
-        own = load_tracking(avatar / "flame" / f"{next(iter(sequences))}.npz", model)
-        params = reenact(own, load_tracking(Path(expressions_npz), model), head_pose)
-        frames = range(params.batch_size)
-        per_frame = [
-            k for k in deformer_state if k.startswith(("residual_", "tracked_", "codes", "frame_vertices"))
-        ]
-        for key in per_frame:  # belongs to the training frames
-            deformer_state.pop(key)
+    params, frames = _driving_params(
+        avatar, sequences, sequence, expressions_npz, model, head_pose, deformer_state
+    )
     deformer = make_deformer(model, params, config)
     deformer.load_state_dict(deformer_state, strict=False)
     faces = deformer.faces if isinstance(deformer, HierarchicalDeformer) else model.faces
@@ -452,31 +516,17 @@ def render_avatar(
     )
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
     gaussians, faces, deformer = gaussians.to(device), faces.to(device), deformer.to(device)
-    rendered, seconds = 0, 0.0
-    with torch.no_grad():
-        meshes = [(deformer(f), deformer.attribute_residuals(f, gaussians)) for f in frames]
-        for serial, cam in cameras.items():
-            w2c, K = (torch.tensor(m, dtype=torch.float32, device=device) for m in (cam.world_to_cam, cam.K))
-            # avatars from before pixel_m was recorded render as they always did
-            dilation = resolution_dilation(meta.get("pixel_m", 0.0), pixel_size(w2c, K, meshes[0][0].mean(0)))
-            for index, (vertices, residuals) in enumerate(meshes):
-                start = time.perf_counter()
-                image = render_bound(
-                    gaussians,
-                    vertices,
-                    faces,
-                    w2c,
-                    K,
-                    cam.width,
-                    cam.height,
-                    backend=backend,
-                    residuals=residuals,
-                    dilation=dilation,
-                )
-                seconds += time.perf_counter() - start
-                normal = image.normal / image.alpha.clamp_min(1e-6)[None]
-                frame_io.write_frame(
-                    out, subject, sequence, serial, index, image.rgb.cpu(), image.alpha.cpu(), normal.cpu()
-                )
-                rendered += 1
+    rendered, seconds = _render_cameras(
+        gaussians,
+        deformer,
+        faces,
+        frames,
+        cameras,
+        meta.get("pixel_m", 0.0),
+        backend,
+        device,
+        out,
+        subject,
+        sequence,
+    )
     return rendered / max(seconds, 1e-9)
