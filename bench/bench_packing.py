@@ -186,7 +186,8 @@ def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> No
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: data size, packing settings and repeats."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -215,7 +216,50 @@ def main() -> None:
     )
     parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[500, 2000])
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace) -> float:
+    """Pack everything with `workers` Ray workers, print its stages and the single-thread floor; returns the
+    seconds from the first unit's start to the last unit's end."""
+    out = tmp / f"pack{workers}"
+    start = time.perf_counter()
+    report = pack(
+        out,
+        list(sources.items()),
+        resolution=args.resolution,
+        workers=workers,
+        samples_per_shard=args.samples_per_shard,
+        progress=False,
+    )
+    assert report.ok, report.summary()
+    stats = shard_stats(out)
+    wall = max(s["unit_window"][1] for s in stats) - min(s["unit_window"][0] for s in stats)
+    print(
+        f"pack workers={workers}: {time.perf_counter() - start:.2f} s with actor start and manifest, "
+        f"{wall:.2f} s from the first unit's start to the last unit's end:"
+    )
+    decoded = sum(s["decoded_video_frames"] for s in stats)
+    packed = sum(s["packed_video_frames"] for s in stats)
+    print(
+        f"  {report.samples} samples in {report.shards} shards, {wall:.2f} s "
+        f"= {report.samples / wall:.2f} samples/s; decoded {decoded} video frames for {packed} "
+        f"packed ({decoded / packed:.3f}x)"
+    )
+    print_stages(stats, report.samples, wall, workers)
+    # right after each pack, so a change in the machine's load biases the ratio least
+    decode, encode = floor_seconds(out, sources)
+    floor = decode + encode
+    print(
+        f"  floor (no Ray, 1 thread), measured next: decode {decode:.2f} s + PNG encode {encode:.2f} s "
+        f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s"
+    )
+    print(f"  throughput per worker, workers={workers}: {floor / (wall * workers):.3f}x the floor")
+    return wall
+
+
+def main() -> None:
+    args = parse_args()
     print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     spec = SynthSpec(
         subjects=args.subjects,
@@ -236,43 +280,7 @@ def main() -> None:
             f"{args.resolution} px; {args.subjects} subject(s) "
             f"of {args.frames} frames (up to run 3: 1 subject, too few shards to keep 2 workers busy)"
         )
-        wall = {}
-        for workers in (1, 2):
-            out = tmp / f"pack{workers}"
-            start = time.perf_counter()
-            report = pack(
-                out,
-                list(sources.items()),
-                resolution=args.resolution,
-                workers=workers,
-                samples_per_shard=args.samples_per_shard,
-                progress=False,
-            )
-            assert report.ok, report.summary()
-            stats = shard_stats(out)
-            wall[workers] = max(s["unit_window"][1] for s in stats) - min(s["unit_window"][0] for s in stats)
-            print(
-                f"pack workers={workers}: {time.perf_counter() - start:.2f} s with actor start and manifest, "
-                f"{wall[workers]:.2f} s from the first unit's start to the last unit's end:"
-            )
-            decoded = sum(s["decoded_video_frames"] for s in stats)
-            packed = sum(s["packed_video_frames"] for s in stats)
-            print(
-                f"  {report.samples} samples in {report.shards} shards, {wall[workers]:.2f} s "
-                f"= {report.samples / wall[workers]:.2f} samples/s; decoded {decoded} video frames for {packed} "
-                f"packed ({decoded / packed:.3f}x)"
-            )
-            print_stages(stats, report.samples, wall[workers], workers)
-            # right after each pack, so a change in the machine's load biases the ratio least
-            decode, encode = floor_seconds(out, sources)
-            floor = decode + encode
-            print(
-                f"  floor (no Ray, 1 thread), measured next: decode {decode:.2f} s + PNG encode {encode:.2f} s "
-                f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s"
-            )
-            print(
-                f"  throughput per worker, workers={workers}: {floor / (wall[workers] * workers):.3f}x the floor"
-            )
+        wall = {workers: pack_on_ray(tmp, sources, workers, args) for workers in (1, 2)}
         print(f"2 workers vs 1: {wall[1] / wall[2]:.2f}x")
         in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
         synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)

@@ -120,32 +120,22 @@ def generated_grid(run: Path, out: Path, zoom: int = 3) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark-demo.yaml")
-    parser.add_argument("--subjects", type=int, default=3, help="procedural subjects (replaces the config's)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (must not exist)")
-    parser.add_argument(
-        "--kill-delay", type=float, default=30.0, help="seconds after the first generate commit"
-    )
-    args = parser.parse_args()
-    run, failures = args.out.resolve(), []
-    if run.exists():
-        sys.exit(f"--out {run} exists: this script needs a fresh run folder")
-    run.parent.mkdir(parents=True, exist_ok=True)
-    config = anchor_runs(yaml.safe_load(args.config.read_text()), args.config.parent)  # RUN.yaml is elsewhere
-    config["data"]["procedural"]["subjects"] = args.subjects
-    args.config = run.parent / f"{run.name}.yaml"
-    args.config.write_text(yaml.safe_dump(config, sort_keys=False))
-    ray_tmp = Path(f"/tmp/ray-e2e-{os.getpid()}")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
-    started = time.time()
+def write_run_config(source: Path, subjects: int, run: Path) -> tuple[Path, dict]:
+    """The config with `subjects` procedural subjects and its runs anchored, written beside the run as RUN.yaml."""
+    config = anchor_runs(yaml.safe_load(source.read_text()), source.parent)  # RUN.yaml is elsewhere
+    config["data"]["procedural"]["subjects"] = subjects
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, config
 
-    # 1. the killed run
+
+def killed_run(config: Path, run: Path, env: dict[str, str], ray_tmp: Path, kill_delay: float) -> int:
+    """Start the benchmark, SIGKILL it `kill_delay` s after its first generate commit; returns Ray processes
+    killed."""
     log1 = run.parent / f"{run.name}.log1"
     with log1.open("w") as out:
         process = subprocess.Popen(
-            [*GEODIFF4D, "benchmark", str(args.config), "--out", str(run)],
+            [*GEODIFF4D, "benchmark", str(config), "--out", str(run)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -155,34 +145,34 @@ def main() -> None:
         while process.poll() is None:
             if committed_generate is None and any((run / "state").glob("generate:*.stats.json")):
                 committed_generate = time.time()
-            if committed_generate is not None and time.time() - committed_generate > args.kill_delay:
+            if committed_generate is not None and time.time() - committed_generate > kill_delay:
                 break
             time.sleep(1)
         if process.poll() is not None:
             sys.exit(
                 f"the first run ended (exit {process.returncode}) before it could be killed; log: {log1}"
             )
-        killed = kill_tree(process, ray_tmp)
-    before = markers(run)
-    committed_stages = {p.name.removesuffix(".stats.json") for p in (run / "state").glob("*.stats.json")}
-    print(
-        f"killed after {time.time() - started:.0f} s ({killed} Ray processes killed with the driver): "
-        f"{len(committed_stages)} stages and {len(before) - len(committed_stages)} unit markers committed"
-    )
+        return kill_tree(process, ray_tmp)
 
-    # 2. the rerun
+
+def check_rerun(config: Path, run: Path, env: dict[str, str], before: dict[Path, float]) -> list[str]:
+    """Run to the end: no stage committed before the kill runs again, no unit marker is rewritten."""
+    committed_stages = {p.name.removesuffix(".stats.json") for p in (run / "state").glob("*.stats.json")}
     start = time.time()
-    log2 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log2")
+    log2 = run_benchmark(config, run, env, run.parent / f"{run.name}.log2")
     again = stages_run(log2) & committed_stages
     rewritten = [p for p, mtime in before.items() if not p.exists() or p.stat().st_mtime != mtime]
     print(
         f"rerun: {len(stages_run(log2))} stages run in {time.time() - start:.0f} s; stages committed before the kill "
         f"run again: {sorted(again) or 'none'}; unit markers rewritten or lost: {len(rewritten)}"
     )
-    failures += [f"stage {s} ran twice" for s in again] + [f"marker rewritten: {p}" for p in rewritten]
+    return [f"stage {s} ran twice" for s in again] + [f"marker rewritten: {p}" for p in rewritten]
 
-    expected_subjects = args.subjects
-    for protocol in config["protocols"]:
+
+def check_scored_once(run: Path, protocols: list[str], expected_subjects: int) -> list[str]:
+    """Every method x subject x sequence x camera x frame of each protocol scored exactly once."""
+    failures = []
+    for protocol in protocols:
         scored = pd.concat(
             [pd.read_parquet(f) for f in (run / "eval" / protocol / "frames").glob("*.parquet")]
         )
@@ -200,14 +190,12 @@ def main() -> None:
             for m, n in per_method.items()
             if n != expected_subjects
         ]
+    return failures
 
-    # 3. the run after success
-    log3 = run_benchmark(args.config, run, env, run.parent / f"{run.name}.log3")
-    third = stages_run(log3)
-    print(f"third run: {len(third)} stages run")
-    failures += [f"third run ran {s}" for s in third]
 
-    # 4. the direction
+def check_direction(run: Path) -> list[str]:
+    """Print the self leaderboard and the sampling bound; oracle > geodiff4d > reference copy on PSNR and
+    LPIPS."""
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
     print("self reenactment, mean [95 % bootstrap interval over subjects]:")
     for method, row in board.iterrows():
@@ -215,6 +203,7 @@ def main() -> None:
             f"  {method:26s} PSNR {row.psnr:6.2f} [{row.psnr_lo:6.2f}, {row.psnr_hi:6.2f}]   "
             f"LPIPS {row.lpips:.3f} [{row.lpips_lo:.3f}, {row.lpips_hi:.3f}]"
         )
+    failures = []
     order = ["oracle", "geodiff4d", "reference_copy"]
     for better, worse in zip(order, order[1:], strict=False):
         psnr_ok, lpips_ok = board.psnr[better] > board.psnr[worse], board.lpips[better] < board.lpips[worse]
@@ -236,6 +225,42 @@ def main() -> None:
         f"  sampling bound (the ground truth at the generated views' pixel pitch, scored alike): "
         f"PSNR {bound.psnr:.2f}, LPIPS {bound.lpips:.3f}; reference_copy {verdict} it on LPIPS"
     )
+    return failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark-demo.yaml")
+    parser.add_argument("--subjects", type=int, default=3, help="procedural subjects (replaces the config's)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (must not exist)")
+    parser.add_argument(
+        "--kill-delay", type=float, default=30.0, help="seconds after the first generate commit"
+    )
+    args = parser.parse_args()
+    run = args.out.resolve()
+    if run.exists():
+        sys.exit(f"--out {run} exists: this script needs a fresh run folder")
+    run.parent.mkdir(parents=True, exist_ok=True)
+    config_path, config = write_run_config(args.config, args.subjects, run)
+    ray_tmp = Path(f"/tmp/ray-e2e-{os.getpid()}")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+
+    killed = killed_run(config_path, run, env, ray_tmp, args.kill_delay)  # 1. the killed run
+    before = markers(run)
+    n_stages = len(list((run / "state").glob("*.stats.json")))
+    print(
+        f"killed after {time.time() - started:.0f} s ({killed} Ray processes killed with the driver): "
+        f"{n_stages} stages and {len(before) - n_stages} unit markers committed"
+    )
+    failures = check_rerun(config_path, run, env, before)  # 2. the rerun
+    failures += check_scored_once(run, config["protocols"], args.subjects)
+    third = stages_run(
+        run_benchmark(config_path, run, env, run.parent / f"{run.name}.log3")
+    )  # 3. after success
+    print(f"third run: {len(third)} stages run")
+    failures += [f"third run ran {s}" for s in third]
+    failures += check_direction(run)  # 4. the direction
     grid = generated_grid(run, run.parent / f"{run.name}-generated.png")
     print(f"generated frames (rows per subject: RGB, normals; {grid.name}): {grid}")
     print(f"total {time.time() - started:.0f} s; report: {run / 'leaderboard' / 'report.html'}")

@@ -22,6 +22,7 @@ from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
+    Clip,
     FolderSource,
     InputError,
     check_clips,
@@ -61,6 +62,22 @@ def _read_rgb(path: Path) -> np.ndarray:
     return read_rgb8(path)
 
 
+def _frame_rows(keys: dict, frames: np.ndarray, columns: dict[str, list[float]]) -> list[dict]:
+    """One row per frame of a camera's clip [T, H, W, 3]: ``keys``, frame index, size and every frame metric
+    (NaN where not scored)."""
+    height, width = frames.shape[1:3]
+    return [
+        {
+            **keys,
+            "frame": t,
+            "width": width,
+            "height": height,
+            **{m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS},
+        }
+        for t in range(len(frames))
+    ]
+
+
 @dataclass
 class EvalJob:
     """Scores one (method, subject, sequence) per unit; picklable, models load in ``setup`` on the actor."""
@@ -79,6 +96,7 @@ class EvalJob:
         self.reference = open_ground_truth(self.gt, self.gt_mask, self.fps)
 
     def run(self, unit: WorkUnit) -> dict:
+        """Score one (method, subject, sequence): per-frame and per-video rows written as Parquet."""
         method, subject, sequence = (unit.payload[k] for k in ("method", "subject", "sequence"))
         pred_source = FolderSource(method, Path(self.methods[method]), fps=self.fps)
         where = f"{subject}/{sequence}"
@@ -90,48 +108,15 @@ class EvalJob:
             identity = _read_rgb(Path(self.identity) / f"{subject}.png")
         frame_rows, video_rows = [], []
         for pred_cam, ref_cam in sorted(cams.items()):
-            pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
-            ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
-            check_clips(method, f"{where}/{pred_cam}", pred, ref)
-            if (
-                self.settings.background is not None
-            ):  # every metric sees the same pixels: no backdrop advantage
-                if ref.masks is None:
-                    raise InputError(
-                        f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}"
-                    )
-                pred, ref = (
-                    composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref)
-                )
+            pred, ref = self.clips(pred_source, subject, sequence, pred_cam, ref_cam)
             columns, video_jod = score_clip(self.models, pred, ref, identity)
             if "normal_deg" in self.settings.metrics:
                 columns["normal_deg"] = self.normal_errors(
                     method, subject, sequence, pred_cam, ref_cam, ref.masks
                 )
-            height, width = pred.frames.shape[1:3]
-            for t in range(len(pred.frames)):
-                row = {
-                    "method": method,
-                    "subject": subject,
-                    "sequence": sequence,
-                    "camera": pred_cam,
-                    "frame": t,
-                    "width": width,
-                    "height": height,
-                }
-                row.update({m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS})
-                frame_rows.append(row)
-            video_rows.append(
-                {
-                    "method": method,
-                    "subject": subject,
-                    "sequence": sequence,
-                    "camera": pred_cam,
-                    "frames": len(pred.frames),
-                    "fps": ref.fps,
-                    "jod": video_jod,
-                }
-            )
+            keys = {"method": method, "subject": subject, "sequence": sequence, "camera": pred_cam}
+            frame_rows += _frame_rows(keys, pred.frames, columns)
+            video_rows.append({**keys, "frames": len(pred.frames), "fps": ref.fps, "jod": video_jod})
         out = Path(self.out)
         write_parquet_atomic(pd.DataFrame(frame_rows), out / "frames" / f"{unit.id}.parquet")
         write_parquet_atomic(pd.DataFrame(video_rows), out / "videos" / f"{unit.id}.parquet")
@@ -145,6 +130,22 @@ class EvalJob:
                 if m in self.settings.metrics
             },
         }
+
+    def clips(
+        self, pred_source: FolderSource, subject: str, sequence: str, pred_cam: str, ref_cam: str
+    ) -> tuple[Clip, Clip]:
+        """Predicted and reference clip of one camera at the scoring resolution, composited when asked."""
+        where = f"{subject}/{sequence}"
+        pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
+        ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
+        check_clips(pred_source.name, f"{where}/{pred_cam}", pred, ref)
+        if self.settings.background is not None:  # every metric sees the same pixels: no backdrop advantage
+            if ref.masks is None:
+                raise InputError(
+                    f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}"
+                )
+            pred, ref = (composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref))
+        return pred, ref
 
     def normal_errors(
         self, method: str, subject: str, sequence: str, pred_cam: str, ref_cam: str, masks: np.ndarray | None
@@ -244,6 +245,61 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
     return changed
 
 
+def _checked_settings(
+    protocol: str,
+    metrics: list[str] | None,
+    gt_normal: str | Path | None,
+    identity: str | Path | None,
+    settings: dict[str, object],
+) -> EvalSettings:
+    """The settings with the protocol's default metrics, checked against the inputs they need; FAN's weights
+    resolved to the file every actor loads (named in the report)."""
+    default = [
+        m
+        for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS)
+        if gt_normal is not None or m not in NORMAL_METRICS
+    ]
+    config = EvalSettings(protocol=protocol, metrics=tuple(metrics or default), **settings)
+    if set(config.metrics) & set(NORMAL_METRICS) and gt_normal is None:
+        raise InputError("normal_deg needs the ground-truth normals: give --gt-normal, a tree mirroring --gt")
+    if (
+        "akd" in config.metrics and config.akd_backend == "fan"
+    ):  # the file every actor loads, named in the report
+        config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
+    if protocol == "cross" and "csim" in config.metrics and identity is None:
+        raise InputError(
+            "the cross protocol's CSIM needs --identity, a folder of <subject>.png source images"
+        )
+    return config
+
+
+def _check_masks(config: EvalSettings, reference: object, gt: str | Path) -> None:
+    """Compositing and masked pixel metrics need ground-truth masks: refuse a frame tree given none."""
+    needs_masks = config.background is not None or (
+        config.masked and set(config.metrics) & set(PIXEL_METRICS)
+    )
+    if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
+        raise InputError(
+            f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
+            f"needs ground-truth masks: give --gt-mask for {gt}"
+        )
+
+
+def _record_run(out: Path, meta: dict, committed: CommitLog) -> None:
+    """Write ``run.json``; refuse a rerun whose settings or inputs changed since units were committed, and keep
+    the fingerprints of units scored before."""
+    meta_path = out / "run.json"
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        changed = changed_inputs(previous, meta, committed)
+        if changed:
+            raise InputError(
+                f"{meta_path}: {', '.join(changed)} changed since units were scored; use a new --out folder"
+            )
+        meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
+    write_json_atomic(meta_path, meta)
+
+
 def evaluate(
     pred: str | Path | dict[str, str | Path],
     gt: str | Path,
@@ -268,46 +324,16 @@ def evaluate(
     lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
     checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
     """
-    default = [
-        m
-        for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS)
-        if gt_normal is not None or m not in NORMAL_METRICS
-    ]
-    config = EvalSettings(protocol=protocol, metrics=tuple(metrics or default), **settings)
-    if set(config.metrics) & set(NORMAL_METRICS) and gt_normal is None:
-        raise InputError("normal_deg needs the ground-truth normals: give --gt-normal, a tree mirroring --gt")
-    if (
-        "akd" in config.metrics and config.akd_backend == "fan"
-    ):  # the file every actor loads, named in the report
-        config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
-    if protocol == "cross" and "csim" in config.metrics and identity is None:
-        raise InputError(
-            "the cross protocol's CSIM needs --identity, a folder of <subject>.png source images"
-        )
+    config = _checked_settings(protocol, metrics, gt_normal, identity, settings)
     methods = discover_methods(pred)
     reference = open_ground_truth(gt, gt_mask, fps)
-    needs_masks = config.background is not None or (
-        config.masked and set(config.metrics) & set(PIXEL_METRICS)
-    )
-    if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
-        raise InputError(
-            f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
-            f"needs ground-truth masks: give --gt-mask for {gt}"
-        )
+    _check_masks(config, reference, gt)
     units = plan_units(methods, reference, protocol)
     out = Path(out)
     meta = run_metadata(config)
     meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)
-    meta_path, committed = out / "run.json", CommitLog(out / "commits")
-    if meta_path.is_file():
-        previous = json.loads(meta_path.read_text())
-        changed = changed_inputs(previous, meta, committed)
-        if changed:
-            raise InputError(
-                f"{meta_path}: {', '.join(changed)} changed since units were scored; use a new --out folder"
-            )
-        meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
-    write_json_atomic(meta_path, meta)
+    committed = CommitLog(out / "commits")
+    _record_run(out, meta, committed)
     job = EvalJob(
         {k: str(v) for k, v in methods.items()},
         str(gt),

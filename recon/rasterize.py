@@ -60,6 +60,35 @@ class GaussianRender:
     radii: Tensor  # [N] screen radius in pixels as 3DGS counts it (3 sigma of the major axis), 0 where not visible
 
 
+def _check_shapes(
+    means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, world_to_cam: Tensor, K: Tensor
+) -> None:
+    """Raise a ValueError naming the first input whose shape does not fit N Gaussians and one camera."""
+    n = means.shape[0]
+    for name, value, shape in (
+        ("means", means, (n, 3)),
+        ("quats", quats, (n, 4)),
+        ("scales", scales, (n, 3)),
+        ("opacities", opacities, (n,)),
+        ("world_to_cam", world_to_cam, (4, 4)),
+        ("K", K, (3, 3)),
+    ):
+        if tuple(value.shape) != shape:
+            raise ValueError(f"render_gaussians: {name} must have shape {shape}, got {tuple(value.shape)}")
+
+
+def _view_colors(colors: Tensor, sh_degree: int | None, means: Tensor, world_to_cam: Tensor) -> Tensor:
+    """RGB [N, 3] seen from the camera: SH coefficients [N, K, 3] evaluated toward it, or RGB as given."""
+    if sh_degree is not None:
+        camera_center = -world_to_cam[:3, :3].T @ world_to_cam[:3, 3]
+        return sh_to_rgb(colors, sh_degree, means, camera_center)
+    if colors.shape != (means.shape[0], 3):
+        raise ValueError(
+            f"render_gaussians: colors must be [N, 3] without sh_degree, got {tuple(colors.shape)}"
+        )
+    return colors
+
+
 def render_gaussians(
     means: Tensor,
     quats: Tensor,
@@ -84,31 +113,13 @@ def render_gaussians(
     OpenCV, ``K`` [3,3] pixels. ``backend``: "torch", "torch-dense", "gsplat" (needs CUDA tensors) or "auto" (gsplat when
     the inputs live on a CUDA device).
     """
-    n = means.shape[0]
-    for name, value, shape in (
-        ("means", means, (n, 3)),
-        ("quats", quats, (n, 4)),
-        ("scales", scales, (n, 3)),
-        ("opacities", opacities, (n,)),
-        ("world_to_cam", world_to_cam, (4, 4)),
-        ("K", K, (3, 3)),
-    ):
-        if tuple(value.shape) != shape:
-            raise ValueError(f"render_gaussians: {name} must have shape {shape}, got {tuple(value.shape)}")
+    _check_shapes(means, quats, scales, opacities, world_to_cam, K)
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     if backend not in ("torch", "torch-dense", "gsplat"):
         raise ValueError(f"render_gaussians: unknown backend {backend!r} (torch, torch-dense, gsplat, auto)")
     world_to_cam, K = world_to_cam.to(means), K.to(means)
-    if sh_degree is not None:
-        camera_center = -world_to_cam[:3, :3].T @ world_to_cam[:3, 3]
-        rgb = sh_to_rgb(colors, sh_degree, means, camera_center)
-    elif colors.shape != (n, 3):
-        raise ValueError(
-            f"render_gaussians: colors must be [N, 3] without sh_degree, got {tuple(colors.shape)}"
-        )
-    else:
-        rgb = colors
+    rgb = _view_colors(colors, sh_degree, means, world_to_cam)
     normals = camera_normals(means, quats, scales, world_to_cam)  # [N, 3]
     features = torch.cat([rgb, normals], dim=-1)  # [N, 6]
     if backend == "gsplat":
@@ -161,10 +172,18 @@ def project_gaussians(
     return means2d, cov2d, z
 
 
-def _torch_backend(
-    means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile, dense=False
-):
-    means2d, cov2d, depth = project_gaussians(means, quats, scales, world_to_cam, K, width, height)
+def _screen_extents(
+    means2d: Tensor,
+    cov2d: Tensor,
+    depth: Tensor,
+    opacities: Tensor,
+    width: int,
+    height: int,
+    near: float,
+    far: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Conics [N, 3] (inverse 2D covariances: xx, xy, yy), half extents rx, ry [N] of the opacity-aware boxes
+    and which Gaussians are visible [N] (in depth range, non-degenerate, opaque enough, touching the image)."""
     a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
     det = a * c - b * b
     conic = torch.stack([c, -b, a], dim=-1) / det.clamp_min(1e-12)[:, None]  # inverse: [xx, xy, yy]
@@ -182,8 +201,22 @@ def _torch_backend(
         & (m2[:, 1] + ry > -0.5)
         & (m2[:, 1] - ry < height - 0.5)
     )
-    tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
-    n_tiles = tiles_x * tiles_y
+    return conic, rx, ry, visible
+
+
+def _tile_pairs(
+    means2d: Tensor,
+    rx: Tensor,
+    ry: Tensor,
+    depth: Tensor,
+    visible: Tensor,
+    width: int,
+    height: int,
+    tile: int,
+    tiles_x: int,
+) -> tuple[Tensor, Tensor]:
+    """(tile [P], Gaussian [P]) of every (Gaussian, tile) overlap, grouped by tile, front to back in each."""
+    m2 = means2d.detach()
     # tile rectangles of the visible Gaussians, front to back
     ids = torch.nonzero(visible).squeeze(1)
     ids = ids[torch.argsort(depth.detach()[ids], stable=True)]
@@ -203,7 +236,19 @@ def _torch_backend(
         + offset % span_x[pair_owner]
     )
     pair_tile, order = torch.sort(pair_tile, stable=True)
-    gauss = ids[pair_owner[order]]  # [P] Gaussian of each pair, grouped by tile, front to back
+    return pair_tile, ids[pair_owner[order]]
+
+
+def _torch_backend(
+    means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile, dense=False
+):
+    """Project, cull, bin into tiles and blend front to back -> (features [6, H, W], alpha, depth, visible,
+    means2d, radii)."""
+    means2d, cov2d, depth = project_gaussians(means, quats, scales, world_to_cam, K, width, height)
+    conic, rx, ry, visible = _screen_extents(means2d, cov2d, depth, opacities, width, height, near, far)
+    tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
+    n_tiles = tiles_x * tiles_y
+    pair_tile, gauss = _tile_pairs(means2d, rx, ry, depth, visible, width, height, tile, tiles_x)
     values = torch.cat([features, depth[:, None], torch.ones_like(depth)[:, None]], dim=-1)  # [N, 8]
     per_tile = torch.bincount(pair_tile, minlength=n_tiles)  # [n_tiles]
     tile_start = torch.cumsum(per_tile, 0) - per_tile
@@ -226,6 +271,7 @@ def _torch_backend(
         image = composite_tiles(
             means2d, conic, opacities, values, tile_start, per_tile, gauss, tiles_x, tile, width, height
         ).permute(2, 0, 1)  # [8, H, W]
+    a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
     major = (a + c) / 2 + torch.sqrt(((a - c) / 2) ** 2 + b * b)  # largest eigenvalue of cov2d
     radii = torch.where(visible, torch.ceil(3 * torch.sqrt(major.detach())), 0.0)
     return image[:6], image[7], image[6], visible, means2d, radii
