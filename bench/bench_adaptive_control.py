@@ -27,7 +27,8 @@ from geodiff4d.datasets.procedural_head import procedural_head_model  # noqa: E4
 from geodiff4d.recon.run import ReconConfig, load_subject, new_fitter  # noqa: E402
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """Work folder, frames, steps, threads and an optional explicit densification schedule."""
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--out", type=Path, default=None, help="work folder (default: a temp folder; reused if given)"
@@ -44,7 +45,26 @@ def main() -> None:
         help="explicit densify_from, densify_every, densify_until, opacity_reset_every "
         "(default: the run's own schedule from recon.adaptive)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def write_subject(work: Path, frames: int) -> Path:
+    """One procedural subject's frame folder under ``work``, written in this process unless it is there."""
+    root = work / "frames"
+    if not root.exists():  # one subject, written in this process (no Ray to start on a busy machine)
+        job = SynthJob(
+            work / "synth",
+            SynthSpec(subjects=1, sequences=1, frames=frames, cameras=16, resolution=128, synthetic=0),
+        )
+        job.setup()
+        for unit in synth_units(job.spec):
+            job.run(unit)
+        export_frame_folder(work / "synth" / "nersemble", root)
+    return root
+
+
+def main() -> None:
+    args = parse_args()
     schedule_overrides = {}
     if args.schedule:
         names = ("densify_from", "densify_every", "densify_until", "opacity_reset_every")
@@ -52,16 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = args.out or Path(tempfile.mkdtemp(prefix="bench_adaptive_"))
     print(f"work folder {work}; load average {os.getloadavg()}; {args.threads} torch thread(s)")
-    root = work / "frames"
-    if not root.exists():  # one subject, written in this process (no Ray to start on a busy machine)
-        job = SynthJob(
-            work / "synth",
-            SynthSpec(subjects=1, sequences=1, frames=args.frames, cameras=16, resolution=128, synthetic=0),
-        )
-        job.setup()
-        for unit in synth_units(job.spec):
-            job.run(unit)
-        export_frame_folder(work / "synth" / "nersemble", root)
+    root = write_subject(work, args.frames)
     subject, sequence = "001", "EXP-1-head"
     train = sorted(set(read_cameras(root / "cameras" / subject / f"{sequence}.json")) - set(HELD_OUT))
     model = procedural_head_model(0)

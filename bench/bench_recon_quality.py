@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodiff4d.datasets.flame import FlameParams
+from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.frame_folder import export_frame_folder, read_cameras, read_frames
 from geodiff4d.datasets.normal_maps import angular_error_deg
 from geodiff4d.datasets.procedural import SynthSpec, gt_flame_path, synthesize
@@ -77,6 +77,48 @@ def render_fps(n: int, size: int) -> float:
     return frames / (time.perf_counter() - start)
 
 
+def compare_normal_term(
+    root: Path, subject: str, sequence: str, model: FlameModel, train: list[str], args: argparse.Namespace
+) -> None:
+    """Fit with and without the normal term in the same budget; print held-out PSNR and normal errors."""
+    results = {}
+    for name, lambda_normal in (("with normal term", 0.1), ("without normal term", 0.0)):
+        config = ReconConfig(
+            steps=args.steps, per_face=2, train_cameras=train, fit={"lambda_normal": lambda_normal}
+        )
+        fitter = new_fitter(load_subject(root, subject, model, config), model, config)
+        seconds = fit_within(fitter, args.steps, args.minutes * 60)
+        results[name] = (*held_out_scores(fitter, root, subject, sequence), fitter.step_index, seconds)
+        print(
+            f"{name:>20}: held-out PSNR {results[name][0]:.2f} dB, median normal error {results[name][1]:.2f} deg "
+            f"({fitter.step_index} steps, {len(fitter.gaussians)} Gaussians, {seconds / 60:.1f} min, "
+            f"{len(train)} train / {len(HELD_OUT)} held-out cameras, {args.frames} frames, 128 px)"
+        )
+    with_n, without_n = results["with normal term"][1], results["without normal term"][1]
+    print(
+        f"normal term lowers the held-out median normal error: {with_n < without_n} ({without_n:.2f} -> {with_n:.2f} deg)"
+    )
+
+
+def check_tracking(
+    work: Path, subject: str, sequence: str, model: FlameModel, train: list[str], args: argparse.Namespace
+) -> None:
+    """Track the training cameras and print the errors against the procedural ground-truth FLAME."""
+    tracking_config = (
+        TrackingConfig(rigid_steps=20, landmark_steps=20, steps=10) if args.quick else TrackingConfig()
+    )
+    start = time.perf_counter()
+    estimated = track_frame_folder(work / "frames", subject, sequence, model, tracking_config, cameras=train)
+    with np.load(gt_flame_path(work / "synth" / "nersemble", subject, sequence)) as data:
+        truth = FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
+    errors = tracking_errors(estimated, truth)
+    print(
+        f"tracking ({len(train)} cameras, {args.frames} frames, {time.perf_counter() - start:.0f} s): "
+        f"global rotation max error {errors['rotation_deg_max']:.2f} deg, jaw max error {errors['jaw_deg_max']:.2f} deg, "
+        f"expression correlation {errors['expression_corr']:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -103,39 +145,8 @@ def main() -> None:
     subject, sequence = "001", "EXP-1-head"
     train = sorted(set(read_cameras(root / "cameras" / subject / f"{sequence}.json")) - set(HELD_OUT))
     model = procedural_head_model(0)
-
-    results = {}
-    for name, lambda_normal in (("with normal term", 0.1), ("without normal term", 0.0)):
-        config = ReconConfig(
-            steps=args.steps, per_face=2, train_cameras=train, fit={"lambda_normal": lambda_normal}
-        )
-        fitter = new_fitter(load_subject(root, subject, model, config), model, config)
-        seconds = fit_within(fitter, args.steps, args.minutes * 60)
-        results[name] = (*held_out_scores(fitter, root, subject, sequence), fitter.step_index, seconds)
-        print(
-            f"{name:>20}: held-out PSNR {results[name][0]:.2f} dB, median normal error {results[name][1]:.2f} deg "
-            f"({fitter.step_index} steps, {len(fitter.gaussians)} Gaussians, {seconds / 60:.1f} min, "
-            f"{len(train)} train / {len(HELD_OUT)} held-out cameras, {args.frames} frames, 128 px)"
-        )
-    with_n, without_n = results["with normal term"][1], results["without normal term"][1]
-    print(
-        f"normal term lowers the held-out median normal error: {with_n < without_n} ({without_n:.2f} -> {with_n:.2f} deg)"
-    )
-
-    tracking_config = (
-        TrackingConfig(rigid_steps=20, landmark_steps=20, steps=10) if args.quick else TrackingConfig()
-    )
-    start = time.perf_counter()
-    estimated = track_frame_folder(root, subject, sequence, model, tracking_config, cameras=train)
-    with np.load(gt_flame_path(work / "synth" / "nersemble", subject, sequence)) as data:
-        truth = FlameParams.from_numpy_dict(dict(data), model.n_shape, model.n_expr)
-    errors = tracking_errors(estimated, truth)
-    print(
-        f"tracking ({len(train)} cameras, {args.frames} frames, {time.perf_counter() - start:.0f} s): "
-        f"global rotation max error {errors['rotation_deg_max']:.2f} deg, jaw max error {errors['jaw_deg_max']:.2f} deg, "
-        f"expression correlation {errors['expression_corr']:.3f}"
-    )
-
+    compare_normal_term(root, subject, sequence, model, train, args)
+    check_tracking(work, subject, sequence, model, train, args)
     n, size = (20000, 256) if args.quick else (100000, 512)
     print(f"render torch backend N={n} {size}px on cpu: {render_fps(n, size):.2f} frames/s")
     print(f"load average at the end {os.getloadavg()}")

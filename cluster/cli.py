@@ -102,6 +102,17 @@ def synth(
         raise typer.Exit(code=1)
 
 
+def _pack_sources(items: list[str]) -> list[tuple[str, Path]]:
+    """``--source KIND:DIR`` values as (kind, folder) pairs; a UserError naming a malformed one."""
+    sources = []
+    for item in items:
+        kind, _, folder = item.partition(":")
+        if kind not in ("nersemble", "synthhuman") or not folder:
+            raise UserError(f"--source {item!r}: expected nersemble:DIR or synthhuman:DIR")
+        sources.append((kind, Path(folder)))
+    return sources
+
+
 @app.command()
 def pack(
     out: Annotated[
@@ -144,12 +155,7 @@ def pack(
     """Shard NeRSemble / SynthHuman folders into WebDataset tars with a Parquet manifest; reruns resume."""
     from geodiff4d.datasets.packing import pack as run_pack
 
-    sources = []
-    for item in source:
-        kind, _, folder = item.partition(":")
-        if kind not in ("nersemble", "synthhuman") or not folder:
-            raise UserError(f"--source {item!r}: expected nersemble:DIR or synthhuman:DIR")
-        sources.append((kind, Path(folder)))
+    sources = _pack_sources(source)
     if max_shard_mb <= 0:
         raise UserError(f"--max-shard-mb must be positive, got {max_shard_mb}")
     report = run_pack(
@@ -447,7 +453,11 @@ def evaluate(
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per actor.")] = 0,
     address: AddressOption = None,
 ) -> None:
-    """Score methods' frames per frame with PSNR/SSIM/LPIPS/CSIM/AKD/AED/JOD on Ray; resumable."""
+    """Score methods' frames per frame with PSNR/SSIM/LPIPS/CSIM/AKD/AED/JOD on Ray; resumable.\f
+
+    Long because: its signature declares the command's 26 options (Typer reads them from it); the body is
+    under 40 lines. (Click shows no help text after the form feed, \\f.)
+    """
     from geodiff4d.eval.inputs import parse_named_paths
     from geodiff4d.eval.run import evaluate as run_evaluation
 

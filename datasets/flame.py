@@ -186,6 +186,53 @@ class FlameOutput:
     landmarks: Tensor  # [B, 68, 3] (empty [B, 0, 3] when the model has no landmark embedding)
 
 
+def _split_shapedirs(
+    data: dict, source: str, n_shape: int | None, n_expr: int | None
+) -> tuple[np.ndarray, int, int]:
+    """The first ``n_shape`` shape and ``n_expr`` expression components of the pkl's ``shapedirs``
+    [V, 3, n_shape + n_expr], split as the arguments, the pkl's ``n_shape``/``n_expr`` or the official file say."""
+    shapedirs = np.asarray(data["shapedirs"])
+    total = shapedirs.shape[2]
+    file_split = (data["n_shape"], data["n_expr"]) if "n_shape" in data else REAL_FLAME_SPLIT.get(total)
+    if file_split is None and (n_shape is None or n_expr is None):
+        raise ValueError(
+            f"{source}: cannot split {total} shapedirs into shape/expression; pass n_shape/n_expr"
+        )
+    n_shape_file, n_expr_file = (int(v) for v in file_split) if file_split else (n_shape, n_expr)
+    n_shape = n_shape_file if n_shape is None else n_shape
+    n_expr = n_expr_file if n_expr is None else n_expr
+    if n_shape > n_shape_file or n_expr > n_expr_file:
+        raise ValueError(
+            f"{source}: asked for {n_shape}/{n_expr} components, file has {n_shape_file}/{n_expr_file}"
+        )
+    shapedirs = np.concatenate(
+        [shapedirs[:, :, :n_shape], shapedirs[:, :, n_shape_file : n_shape_file + n_expr]], axis=2
+    )
+    return shapedirs, n_shape, n_expr
+
+
+def _check_field_shapes(
+    data: dict,
+    source: str,
+    shapedirs: np.ndarray,
+    j_regressor: np.ndarray,
+    parents: np.ndarray,
+    n_vertices: int,
+) -> None:
+    """Raise a ValueError naming the first pkl field whose shape does not fit ``n_vertices`` and the joints."""
+    shapes = {
+        "f": (np.asarray(data["f"]).shape[1:], (3,)),
+        "shapedirs": (shapedirs.shape[:2], (n_vertices, 3)),
+        "posedirs": (np.asarray(data["posedirs"]).shape, (n_vertices, 3, (N_JOINTS - 1) * 9)),
+        "J_regressor": (j_regressor.shape, (N_JOINTS, n_vertices)),
+        "weights": (np.asarray(data["weights"]).shape, (n_vertices, N_JOINTS)),
+        "kintree_table": (parents.shape, (N_JOINTS,)),
+    }
+    for key, (got, expected) in shapes.items():
+        if tuple(got) != tuple(expected):
+            raise ValueError(f"{source}: field {key!r} has shape {tuple(got)}, expected {tuple(expected)}")
+
+
 class FlameModel(torch.nn.Module):
     """FLAME-structured head model; build it with :meth:`from_pkl`."""
 
@@ -261,40 +308,12 @@ class FlameModel(torch.nn.Module):
             raise KeyError(f"{source}: FLAME pkl lacks {missing}")
         v_template = np.asarray(data["v_template"], dtype=np.float64)
         n_vertices = v_template.shape[0]
-        shapedirs = np.asarray(data["shapedirs"])
-        total = shapedirs.shape[2]
-        file_split = (data["n_shape"], data["n_expr"]) if "n_shape" in data else REAL_FLAME_SPLIT.get(total)
-        if file_split is None and (n_shape is None or n_expr is None):
-            raise ValueError(
-                f"{source}: cannot split {total} shapedirs into shape/expression; pass n_shape/n_expr"
-            )
-        n_shape_file, n_expr_file = (int(v) for v in file_split) if file_split else (n_shape, n_expr)
-        n_shape = n_shape_file if n_shape is None else n_shape
-        n_expr = n_expr_file if n_expr is None else n_expr
-        if n_shape > n_shape_file or n_expr > n_expr_file:
-            raise ValueError(
-                f"{source}: asked for {n_shape}/{n_expr} components, file has {n_shape_file}/{n_expr_file}"
-            )
-        shapedirs = np.concatenate(
-            [shapedirs[:, :, :n_shape], shapedirs[:, :, n_shape_file : n_shape_file + n_expr]], axis=2
-        )
+        shapedirs, n_shape, n_expr = _split_shapedirs(data, source, n_shape, n_expr)
         j_regressor = data["J_regressor"]
         j_regressor = j_regressor.toarray() if scipy.sparse.issparse(j_regressor) else np.asarray(j_regressor)
         parents = np.asarray(data["kintree_table"], dtype=np.int64)[0].copy()
         parents[0] = -1  # the official file stores 2**32 - 1 for the root
-        shapes = {
-            "f": (np.asarray(data["f"]).shape[1:], (3,)),
-            "shapedirs": (shapedirs.shape[:2], (n_vertices, 3)),
-            "posedirs": (np.asarray(data["posedirs"]).shape, (n_vertices, 3, (N_JOINTS - 1) * 9)),
-            "J_regressor": (j_regressor.shape, (N_JOINTS, n_vertices)),
-            "weights": (np.asarray(data["weights"]).shape, (n_vertices, N_JOINTS)),
-            "kintree_table": (parents.shape, (N_JOINTS,)),
-        }
-        for key, (got, expected) in shapes.items():
-            if tuple(got) != tuple(expected):
-                raise ValueError(
-                    f"{source}: field {key!r} has shape {tuple(got)}, expected {tuple(expected)}"
-                )
+        _check_field_shapes(data, source, shapedirs, j_regressor, parents, n_vertices)
         faces = np.asarray(data["f"], dtype=np.int64)
         vt, ft = _uv_arrays(data, source, uv_npz, faces)
         lmk_faces, lmk_bary = _landmark_arrays(data, landmark_embedding)

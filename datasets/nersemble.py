@@ -281,6 +281,20 @@ class NersembleDataset:
             self._tracking[key] = tracking
         return self._tracking[key]
 
+    def _checked_stop(
+        self, subject: str, sequence: str, serial: str, start: int, stop: int | None, n_frames: int
+    ) -> int:
+        """``stop`` (default: the video's end) once [start, stop) lies within the video and the camera exists."""
+        stop = n_frames if stop is None else stop
+        if not 0 <= start < stop <= n_frames:
+            raise NersembleError(
+                f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
+                f"within its {n_frames} frames"
+            )
+        if serial not in self.sequence_serials(subject, sequence):
+            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
+        return stop
+
     def frames(
         self,
         subject: str,
@@ -296,14 +310,7 @@ class NersembleDataset:
         The videos are sought to ``start`` (see ``iter_video_range``); ``count`` accumulates decoded frames.
         """
         n_frames = self.frame_count(subject, sequence)
-        stop = n_frames if stop is None else stop
-        if not 0 <= start < stop <= n_frames:
-            raise NersembleError(
-                f"{self.video_path(subject, sequence, serial)}: frames [{start}, {stop}) are not "
-                f"within its {n_frames} frames"
-            )
-        if serial not in self.sequence_serials(subject, sequence):
-            raise NersembleError(f"{self.video_path(subject, sequence, serial)}: video not found")
+        stop = self._checked_stop(subject, sequence, serial, start, stop, n_frames)
         video = self.video_path(subject, sequence, serial)
         camera = self._camera(subject, serial, self._video_size(video))
         tracking = self.tracking(subject, sequence)

@@ -91,6 +91,15 @@ def _project(
     return focal * landmarks[:, :2] / depth + shift
 
 
+def _neutral_scale(model: FlameModel, target: torch.Tensor) -> float:
+    """Least-squares similarity scale from the neutral head's centred landmarks to ``target`` [68, 2]."""
+    params = FlameParams.zeros(1, model.n_shape, model.n_expr)
+    with torch.no_grad():
+        neutral = _project(model, params, torch.tensor(1.0), torch.zeros(2), None)
+        neutral = neutral - neutral.mean(dim=0)
+        return float((neutral * target).sum() / (neutral * neutral).sum())
+
+
 def fit_expression(
     model: FlameModel, points: np.ndarray, K: np.ndarray | None = None, iterations: int = ITERATIONS
 ) -> LandmarkFit:
@@ -109,11 +118,7 @@ def fit_expression(
     radius = float(np.sqrt(((points - centre) ** 2).sum(axis=1).mean()))
     target = torch.as_tensor((points - centre) / radius, dtype=torch.float32)
     focal = None if K is None else float(np.sqrt(K[0, 0] * K[1, 1])) / radius
-    params = FlameParams.zeros(1, model.n_shape, model.n_expr)
-    with torch.no_grad():
-        neutral = _project(model, params, torch.tensor(1.0), torch.zeros(2), None)
-        neutral = neutral - neutral.mean(dim=0)
-        init_scale = float((neutral * target).sum() / (neutral * neutral).sum())  # least-squares similarity
+    init_scale = _neutral_scale(model, target)
     expression = torch.zeros(1, model.n_expr, requires_grad=True)
     shape = torch.zeros(1, model.n_shape, requires_grad=True)
     jaw = torch.zeros(1, 3, requires_grad=True)

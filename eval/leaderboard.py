@@ -187,52 +187,55 @@ def method_note(table: pd.DataFrame, seed: int) -> str:
     )
 
 
-def build_leaderboard(
-    runs: str | Path | list[str | Path] | dict[str, str | Path], out: str | Path | None = None, seed: int = 0
-) -> dict:
-    """Aggregate one or more runs (e.g. a self and a cross run) into ``out`` (default: the first run's
-    ``leaderboard/``); returns ``{kind: path}`` of every file written. Runs are named by their protocol, or
-    by the keys of a ``{name: run}`` mapping (two runs of one protocol, e.g. self-reenactment and novel views)."""
+def _named_runs(
+    runs: str | Path | list[str | Path] | dict[str, str | Path],
+) -> list[tuple[str | None, Path]]:
+    """(name, run folder) pairs: the mapping's keys as names, else None (named by their protocol later)."""
     if isinstance(runs, dict):
-        runs = [(name, Path(run)) for name, run in runs.items()]
-    else:
-        runs = [(None, Path(run)) for run in ([runs] if isinstance(runs, (str, Path)) else runs)]
-    out = Path(out) if out else runs[0][1] / "leaderboard"
-    out.mkdir(parents=True, exist_ok=True)
-    tables, sections, written = {}, [], {}
-    for name, run in runs:
-        frames, videos, meta = load_run(run)
-        protocol = name or meta["settings"]["protocol"]
-        if protocol in tables:
-            raise ValueError(f"two {protocol!r} runs given ({run}); pass one run per protocol")
-        metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
-        table = aggregate(frames, videos, metrics, seed)
-        common, covered = coverage(frames)
-        subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
-        tables[protocol] = table
-        write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
-        write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
-        table.to_csv(out / f"{protocol}_leaderboard.csv", index=False)
-        written.update(
-            {
-                f"{protocol}_parquet": out / f"{protocol}_leaderboard.parquet",
-                f"{protocol}_csv": out / f"{protocol}_leaderboard.csv",
-            }
-        )
-        sections.append(
-            {
-                "protocol": protocol,
-                "run": str(run),
-                "meta": meta,
-                "metrics": metrics,
-                "table": table,
-                "markdown": markdown_table(table, metrics),
-                "subjects": subjects,
-                "frames": on_units(frames, common),
-                "warnings": coverage_warnings(covered),
-                "method_note": method_note(table, seed),
-            }
-        )
+        return [(name, Path(run)) for name, run in runs.items()]
+    return [(None, Path(run)) for run in ([runs] if isinstance(runs, (str, Path)) else runs)]
+
+
+def _run_section(
+    protocol: str,
+    run: Path,
+    frames: pd.DataFrame,
+    videos: pd.DataFrame,
+    meta: dict,
+    out: Path,
+    seed: int,
+    written: dict,
+) -> dict:
+    """Aggregate one run, write its tables into ``out`` (recorded in ``written``); returns its report section."""
+    metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
+    table = aggregate(frames, videos, metrics, seed)
+    common, covered = coverage(frames)
+    subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
+    write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
+    write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
+    table.to_csv(out / f"{protocol}_leaderboard.csv", index=False)
+    written.update(
+        {
+            f"{protocol}_parquet": out / f"{protocol}_leaderboard.parquet",
+            f"{protocol}_csv": out / f"{protocol}_leaderboard.csv",
+        }
+    )
+    return {
+        "protocol": protocol,
+        "run": str(run),
+        "meta": meta,
+        "metrics": metrics,
+        "table": table,
+        "markdown": markdown_table(table, metrics),
+        "subjects": subjects,
+        "frames": on_units(frames, common),
+        "warnings": coverage_warnings(covered),
+        "method_note": method_note(table, seed),
+    }
+
+
+def _markdown_report(sections: list[dict]) -> str:
+    """The Markdown leaderboard: per protocol its warnings, table, method note and metric descriptions."""
     md = [f"# Leaderboard\n\n{sections[0]['meta']['note']}\n"]
     for s in sections:
         md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [
@@ -246,13 +249,33 @@ def build_leaderboard(
                 f"- LPIPS unavailable: no backbone weights found; looked in {', '.join(lp['looked_in'])}"
             )
         md.append("")
+    return "\n".join(md)
+
+
+def build_leaderboard(
+    runs: str | Path | list[str | Path] | dict[str, str | Path], out: str | Path | None = None, seed: int = 0
+) -> dict:
+    """Aggregate one or more runs (e.g. a self and a cross run) into ``out`` (default: the first run's
+    ``leaderboard/``); returns ``{kind: path}`` of every file written. Runs are named by their protocol, or
+    by the keys of a ``{name: run}`` mapping (two runs of one protocol, e.g. self-reenactment and novel views)."""
+    runs = _named_runs(runs)
+    out = Path(out) if out else runs[0][1] / "leaderboard"
+    out.mkdir(parents=True, exist_ok=True)
+    tables, sections, written = {}, [], {}
+    for name, run in runs:
+        frames, videos, meta = load_run(run)
+        protocol = name or meta["settings"]["protocol"]
+        if protocol in tables:
+            raise ValueError(f"two {protocol!r} runs given ({run}); pass one run per protocol")
+        sections.append(_run_section(protocol, run, frames, videos, meta, out, seed, written))
+        tables[protocol] = sections[-1]["table"]
     written["markdown"], written["latex"], written["html"] = (
         out / "leaderboard.md",
         out / "leaderboard.tex",
         out / "report.html",
     )
     for kind, text in (
-        ("markdown", "\n".join(md)),
+        ("markdown", _markdown_report(sections)),
         ("latex", latex_table(tables)),
         ("html", render_html(sections)),
     ):

@@ -104,6 +104,65 @@ def initial_latents(scheduler, noise: torch.Tensor, means: torch.Tensor) -> torc
     return scheduler.add_noise(mean_images, shared[:, None].expand_as(mean_images), start)
 
 
+def _cfg_conditions(
+    model: JointDenoiser,
+    ref_latent: torch.Tensor,
+    ref_posemap: torch.Tensor,
+    driving: torch.Tensor,
+    device: torch.device,
+) -> list[Conditions]:
+    """The three classifier-free guidance branches: full, reference only (no expression), none."""
+    yes, no = (torch.full((1,), v, dtype=torch.bool, device=device) for v in (True, False))
+    return [
+        model.encode_conditions(
+            ref_latent,
+            ref_posemap[None].to(device),
+            driving[None].to(device),
+            drop_reference=dr,
+            drop_expression=de,
+        )
+        for dr, de in ((no, no), (no, yes), (yes, yes))
+    ]
+
+
+def _guided_noise(
+    model: JointDenoiser,
+    scheduler,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    conds: list[Conditions],
+    posemaps: torch.Tensor,
+    windows: list[range],
+    g: Guidance,
+    autocast: torch.autocast,
+) -> torch.Tensor:
+    """Guided noise prediction for the latents x [N, D, C, T, h, w] at step ``t``: each temporal window's CFG
+    mix, blended across overlapping windows with tent weights."""
+    views, frames = posemaps.shape[:2]
+    eps = torch.zeros_like(x)
+    weight = torch.zeros(frames, device=x.device)
+    for win in windows:
+        x_in = scheduler.scale_model_input(x[:, :, :, win.start : win.stop], t).repeat(
+            3, 1, 1, 1, 1, 1
+        )  # [3N, ...]
+        with autocast:
+            e_full, e_ref, e_none = (
+                model.denoise(
+                    x_in,
+                    t.expand(3 * views),
+                    posemaps[:, win.start : win.stop].repeat(3, 1, 1, 1, 1),
+                    _repeat(conds, views, win),
+                )
+                .float()
+                .chunk(3)
+            )
+        guided = e_none + g.reference * (e_ref - e_none) + g.expression * (e_full - e_ref)
+        tent = _tent(len(win), x.device)
+        eps[:, :, :, win.start : win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
+        weight[win.start : win.stop] += tent
+    return eps / weight.view(1, 1, 1, -1, 1, 1)
+
+
 @torch.no_grad()
 def denoise_views(
     model: JointDenoiser,
@@ -123,7 +182,7 @@ def denoise_views(
     [N, C, T, h, w] (shared by both domains) -> SampleOutput with rgb/normal [N, T, 3, H, W]. `scheduler` is
     a diffusers scheduler (its timesteps are set here). bf16 autocast on CUDA, fp32 elsewhere.
     """
-    views, frames = posemaps.shape[:2]
+    frames = posemaps.shape[1]
     if driving.shape[0] != frames:
         raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {frames}")
     device = next(model.parameters()).device
@@ -132,17 +191,7 @@ def denoise_views(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         ref_latent = codec.encode(ref_rgb[None].to(device))
-        yes, no = (torch.full((1,), v, dtype=torch.bool, device=device) for v in (True, False))
-        full, ref_only, none = (
-            model.encode_conditions(
-                ref_latent,
-                ref_posemap[None].to(device),
-                driving[None].to(device),
-                drop_reference=dr,
-                drop_expression=de,
-            )
-            for dr, de in ((no, no), (no, yes), (yes, yes))
-        )
+        conds = _cfg_conditions(model, ref_latent, ref_posemap, driving, device)
     d = model.num_domains
     with autocast:  # the normal domain's expected mean: the reference pose map's
         domains = [ref_latent, codec.encode(ref_posemap[None].to(device))] if d == 2 else [ref_latent]
@@ -151,32 +200,11 @@ def denoise_views(
     windows = temporal_windows(frames, g.window, g.overlap)
     posemaps = posemaps.to(device)
     for t in scheduler.timesteps:
-        eps = torch.zeros_like(x)
-        weight = torch.zeros(frames, device=device)
-        for win in windows:
-            x_in = scheduler.scale_model_input(x[:, :, :, win.start : win.stop], t).repeat(
-                3, 1, 1, 1, 1, 1
-            )  # [3N, ...]
-            with autocast:
-                e_full, e_ref, e_none = (
-                    model.denoise(
-                        x_in,
-                        t.expand(3 * views),
-                        posemaps[:, win.start : win.stop].repeat(3, 1, 1, 1, 1),
-                        _repeat([full, ref_only, none], views, win),
-                    )
-                    .float()
-                    .chunk(3)
-                )
-            guided = e_none + g.reference * (e_ref - e_none) + g.expression * (e_full - e_ref)
-            tent = _tent(len(win), device)
-            eps[:, :, :, win.start : win.stop] += guided * tent.view(1, 1, 1, -1, 1, 1)
-            weight[win.start : win.stop] += tent
-        eps = eps / weight.view(1, 1, 1, -1, 1, 1)
+        eps = _guided_noise(model, scheduler, x, t, conds, posemaps, windows, g, autocast)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     with autocast:
         images = decode_domains(codec, x).float()  # [N, D, T, 3, H, W]
-    return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, full.expression[0].float())
+    return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, conds[0].expression[0].float())
 
 
 def sample_sequence(

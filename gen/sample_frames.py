@@ -126,6 +126,35 @@ def _camera_entry(data: dict, camera: str, frames: Sequence[int]) -> dict:
     return {**per_frame[str(frames[0])], "per_frame": per_frame}
 
 
+def _driving_clip(
+    data: dict, camera: str, frames: Sequence[int], driving_size: int, seed: int
+) -> torch.Tensor:
+    """The driving camera's face crops [T, 3, r, r], unaugmented as at sampling time."""
+    plain = plain_driving_config(driving_size)
+    rng = np.random.default_rng(seed)  # unused by an unaugmented crop, required by the signature
+    return torch.stack(
+        [augment_driving(data[(camera, f)]["rgb"], data[(camera, f)]["mask"], plain, rng) for f in frames]
+    )  # [T, 3, r, r]
+
+
+def _chosen_views(
+    data: dict,
+    shards: Path,
+    cameras: Sequence[str] | None,
+    frames: Sequence[int] | None,
+    driving_camera: str | None,
+    reference: tuple[str, int] | None,
+) -> tuple[list[str], list[int], str, tuple[str, int]]:
+    """Cameras, frames, driving camera and reference with their defaults filled in, each checked to be packed."""
+    cameras = list(cameras or sorted({c for c, _ in data}))
+    frames = list(frames or sorted({f for c, f in data if c == cameras[0]}))
+    driving_camera = driving_camera or cameras[0]
+    reference = reference or (driving_camera, frames[0])
+    _require(data, [*cameras, driving_camera], frames, shards)
+    _require(data, [reference[0]], [reference[1]], shards)
+    return cameras, frames, driving_camera, reference
+
+
 def sample_to_frame_folder(
     config: str | Path | None,
     run: str | Path,
@@ -149,20 +178,10 @@ def sample_to_frame_folder(
     loaded, shards, root = load_run(run, config), Path(shards), Path(out)
     cfg = loaded.cfg
     data = read_sequence(shards, subject, sequence)
-    cameras = list(cameras or sorted({c for c, _ in data}))
-    frames = list(frames or sorted({f for c, f in data if c == cameras[0]}))
-    driving_camera = driving_camera or cameras[0]
-    reference = reference or (driving_camera, frames[0])
-    _require(data, [*cameras, driving_camera], frames, shards)
-    _require(data, [reference[0]], [reference[1]], shards)
-    plain = plain_driving_config(cfg.model.driving_size)
-    rng = np.random.default_rng(seed)  # unused by an unaugmented crop, required by the signature
-    driving = torch.stack(
-        [
-            augment_driving(data[(driving_camera, f)]["rgb"], data[(driving_camera, f)]["mask"], plain, rng)
-            for f in frames
-        ]
-    )  # [T, 3, r, r]
+    cameras, frames, driving_camera, reference = _chosen_views(
+        data, shards, cameras, frames, driving_camera, reference
+    )
+    driving = _driving_clip(data, driving_camera, frames, cfg.model.driving_size, seed)
     ref = data[reference]
     model, codec, s = loaded.model, loaded.codec, cfg.sample
     rows, expression = [], None
