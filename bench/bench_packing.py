@@ -220,8 +220,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace) -> float:
-    """Pack everything with `workers` Ray workers, print its stages and the single-thread floor; returns the
-    seconds from the first unit's start to the last unit's end."""
+    """Pack with `workers` Ray workers, print stages and the 1-thread floor; returns the units' wall time."""
     out = tmp / f"pack{workers}"
     start = time.perf_counter()
     report = pack(

@@ -130,8 +130,7 @@ def write_run_config(source: Path, subjects: int, run: Path) -> tuple[Path, dict
 
 
 def killed_run(config: Path, run: Path, env: dict[str, str], ray_tmp: Path, kill_delay: float) -> int:
-    """Start the benchmark, SIGKILL it `kill_delay` s after its first generate commit; returns Ray processes
-    killed."""
+    """Start the benchmark, SIGKILL it `kill_delay` s after its first generate commit; returns kills."""
     log1 = run.parent / f"{run.name}.log1"
     with log1.open("w") as out:
         process = subprocess.Popen(
@@ -194,8 +193,7 @@ def check_scored_once(run: Path, protocols: list[str], expected_subjects: int) -
 
 
 def check_direction(run: Path) -> list[str]:
-    """Print the self leaderboard and the sampling bound; oracle > geodiff4d > reference copy on PSNR and
-    LPIPS."""
+    """Print the self leaderboard and sampling bound; check oracle > geodiff4d > reference copy."""
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
     print("self reenactment, mean [95 % bootstrap interval over subjects]:")
     for method, row in board.iterrows():

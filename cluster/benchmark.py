@@ -598,10 +598,7 @@ class Benchmark:
         return frames, truth
 
     def _add_training_stages(self, graph: StageGraph) -> tuple[dict[str, list[str]], list[str]]:
-        """Packs and model training of the GeoDiff4D methods (shared where methods share them).
-
-        Returns method -> [its model stage (unless given a run), the pack it reads], and the model stages.
-        """
+        """Packs and training of the GeoDiff4D methods: per method [model stage, pack], and the model stages."""
         trained: dict[str, list[str]] = {}
         models: list[str] = []
         for method in self.config.methods:

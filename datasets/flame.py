@@ -189,8 +189,7 @@ class FlameOutput:
 def _split_shapedirs(
     data: dict, source: str, n_shape: int | None, n_expr: int | None
 ) -> tuple[np.ndarray, int, int]:
-    """The first ``n_shape`` shape and ``n_expr`` expression components of the pkl's ``shapedirs``
-    [V, 3, n_shape + n_expr], split as the arguments, the pkl's ``n_shape``/``n_expr`` or the official file say."""
+    """The first n_shape shape and n_expr expression columns of the pkl's shapedirs, and both counts."""
     shapedirs = np.asarray(data["shapedirs"])
     total = shapedirs.shape[2]
     file_split = (data["n_shape"], data["n_expr"]) if "n_shape" in data else REAL_FLAME_SPLIT.get(total)

@@ -541,6 +541,7 @@ def _template_mesh(rng: np.random.Generator, face: _Face) -> _Mesh:
     template_noise = _random_fields(rng, _base_grid(face).reshape(-1, 3)[N_COLS:], 1, 0.0015)
 
     def back_of_head_noise(points: np.ndarray) -> np.ndarray:
+        """Offsets [N, 3] fading out toward the face (z > 0)."""
         return template_noise(points)[:, :, 0] * _smoothstep((0.02 - points[:, 2]) / 0.04)[:, None]
 
     return _Mesh(face, back_of_head_noise)
@@ -571,8 +572,7 @@ def _assemble(mesh: _Mesh) -> _Assembly:
 
 
 def _joint_regressor(skin: np.ndarray, face: _Face, parts: dict[str, slice], n_vertices: int) -> np.ndarray:
-    """J_regressor [5, V]: root and neck from rings of the neck, jaw from the two hinge regions, eyes from
-    their eyeballs."""
+    """J_regressor [5, V]: root and neck from neck rings, jaw from the hinges, eyes from their balls."""
     n_eye = parts["left"].stop - parts["left"].start
     regressor = np.zeros((5, n_vertices))
     regressor[0, _ring(80)] = 1 / N_COLS
@@ -587,8 +587,7 @@ def _joint_regressor(skin: np.ndarray, face: _Face, parts: dict[str, slice], n_v
 
 
 def _skinning_weights(mesh: _Mesh, face: _Face, parts: dict[str, slice], n_vertices: int) -> np.ndarray:
-    """Skinning weights [V, 5]: skin blends root, neck and jaw; eyeballs follow their joints; the cavity
-    blends neck and jaw."""
+    """Skinning weights [V, 5]: skin blends root/neck/jaw, eyes follow theirs, the cavity neck/jaw."""
     skin = mesh.skin
     weights = np.zeros((n_vertices, 5))
     neck_part = _smoothstep(
@@ -607,8 +606,7 @@ def _skinning_weights(mesh: _Mesh, face: _Face, parts: dict[str, slice], n_verti
 
 
 def _shape_bases(rng: np.random.Generator, mesh: _Mesh, face: _Face, assembly: _Assembly) -> np.ndarray:
-    """Shape bases [V, 3, n_shape]: designed and seeded random smooth fields, rigid for the eyeballs
-    (evaluated at their centres)."""
+    """Shape bases [V, 3, n_shape]: designed and seeded random fields, rigid on the eyeballs."""
     vertices, parts = assembly.vertices, assembly.parts
     random_fields = _random_fields(rng, mesh.skin, N_RANDOM_SHAPE, 0.002)
     nose = np.concatenate([mesh.nose, np.zeros(len(vertices) - len(mesh.skin))])
@@ -632,8 +630,7 @@ def _expression_bases(face: _Face, assembly: _Assembly) -> np.ndarray:
 
 
 def _pose_correctives(skin: np.ndarray, weights: np.ndarray, n_vertices: int) -> np.ndarray:
-    """Posedirs [V, 3, 36]: skin in a blend zone bulges outward by k * (1 - cos angle), from the diagonal of
-    R - I."""
+    """Posedirs [V, 3, 36]: blend-zone skin bulges outward by k * (1 - cos angle)."""
     n_skin = len(skin)
     jaw = weights[:, 2]
     posedirs = np.zeros((n_vertices, 3, 36))
@@ -651,8 +648,7 @@ def _pose_correctives(skin: np.ndarray, weights: np.ndarray, n_vertices: int) ->
 def _uv_layout(
     layout: np.ndarray, mesh: _Mesh, assembly: _Assembly, lmk_faces: np.ndarray, lmk_bary: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """UVs vt [Vt, 2] and UV faces ft [F, 3]: skin grid, eyeballs mapped onto the photo eyes of the face
-    region, cavity in its own dark band."""
+    """UVs vt [Vt, 2] and faces ft [F, 3]: skin grid, eyeballs on the photo eyes, cavity in its band."""
     parts = assembly.parts
     n_eye = len(mesh.eye_vertices)
     lmk_uv = np.einsum("lk,lkc->lc", lmk_bary, mesh.skin_uv[mesh.skin_uv_faces[lmk_faces]])

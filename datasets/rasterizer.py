@@ -168,8 +168,7 @@ def _rasterize_torch(
 def _drawable_faces(
     corners: Tensor, corner_z: Tensor, near: float, cull_backfaces: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Ids [Fk] of the faces in front of ``near``, not degenerate (and not back-facing when culling), with
-    their corners [Fk, 3, 2], corner z [Fk, 3] and twice their signed area [Fk]."""
+    """Ids [Fk], corners, z and 2x signed area of faces to draw: past near, not degenerate, culled if asked."""
     # image y points down, so a triangle that is counter-clockwise in the world appears with negative area
     area2 = (corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1]) - (
         corners[:, 2, 0] - corners[:, 0, 0]
@@ -182,8 +181,7 @@ def _drawable_faces(
 
 
 def _pixel_boxes(corners: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Integer boxes (x0, y0, box_w, box_h), each [Fk], of the pixel centres a face may cover, clamped to the
-    image (empty boxes have zero width or height)."""
+    """Per face [Fk]: x0, y0, width and height of the pixel-centre box it may cover, clamped."""
     lo = corners.amin(dim=1).ceil()
     hi = corners.amax(dim=1).floor()
     x0 = lo[:, 0].clamp(0, width - 1).long()
@@ -367,8 +365,7 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
 
 @numba.njit(cache=True, nogil=True)
 def _face_box_numba(corners: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
-    """Integer box (x0, y0, box_w, box_h) of the pixel centres screen corners [3, 2] may cover, clamped to
-    the image; box_w or box_h <= 0 when it covers none."""
+    """(x0, y0, width, height) of the pixel centres corners [3, 2] may cover; <= 0 when none."""
     lo_x = np.ceil(min(corners[0, 0], corners[1, 0], corners[2, 0]))
     lo_y = np.ceil(min(corners[0, 1], corners[1, 1], corners[2, 1]))
     hi_x = np.floor(max(corners[0, 0], corners[1, 0], corners[2, 0]))

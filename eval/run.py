@@ -63,8 +63,7 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _frame_rows(keys: dict, frames: np.ndarray, columns: dict[str, list[float]]) -> list[dict]:
-    """One row per frame of a camera's clip [T, H, W, 3]: ``keys``, frame index, size and every frame metric
-    (NaN where not scored)."""
+    """One row per frame of a clip [T, H, W, 3]: keys, frame, size, each frame metric (NaN if none)."""
     height, width = frames.shape[1:3]
     return [
         {
@@ -252,8 +251,7 @@ def _checked_settings(
     identity: str | Path | None,
     settings: dict[str, object],
 ) -> EvalSettings:
-    """The settings with the protocol's default metrics, checked against the inputs they need; FAN's weights
-    resolved to the file every actor loads (named in the report)."""
+    """Settings with the protocol's default metrics, checked against the inputs they need."""
     default = [
         m
         for m in PROTOCOL_METRICS.get(protocol, ALL_METRICS)
@@ -286,8 +284,7 @@ def _check_masks(config: EvalSettings, reference: object, gt: str | Path) -> Non
 
 
 def _record_run(out: Path, meta: dict, committed: CommitLog) -> None:
-    """Write ``run.json``; refuse a rerun whose settings or inputs changed since units were committed, and keep
-    the fingerprints of units scored before."""
+    """Write run.json, refusing a rerun whose settings or inputs changed since units were scored."""
     meta_path = out / "run.json"
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())

@@ -136,8 +136,7 @@ def _guided_noise(
     g: Guidance,
     autocast: torch.autocast,
 ) -> torch.Tensor:
-    """Guided noise prediction for the latents x [N, D, C, T, h, w] at step ``t``: each temporal window's CFG
-    mix, blended across overlapping windows with tent weights."""
+    """Guided noise for latents [N, D, C, T, h, w] at step t, tent-blended over windows."""
     views, frames = posemaps.shape[:2]
     eps = torch.zeros_like(x)
     weight = torch.zeros(frames, device=x.device)

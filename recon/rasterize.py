@@ -182,8 +182,7 @@ def _screen_extents(
     near: float,
     far: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Conics [N, 3] (inverse 2D covariances: xx, xy, yy), half extents rx, ry [N] of the opacity-aware boxes
-    and which Gaussians are visible [N] (in depth range, non-degenerate, opaque enough, touching the image)."""
+    """Conics [N, 3], opacity-aware half extents rx, ry [N] and visibility [N] of projections."""
     a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
     det = a * c - b * b
     conic = torch.stack([c, -b, a], dim=-1) / det.clamp_min(1e-12)[:, None]  # inverse: [xx, xy, yy]
@@ -242,8 +241,7 @@ def _tile_pairs(
 def _torch_backend(
     means, quats, scales, opacities, features, world_to_cam, K, width, height, near, far, tile, dense=False
 ):
-    """Project, cull, bin into tiles and blend front to back -> (features [6, H, W], alpha, depth, visible,
-    means2d, radii)."""
+    """Project, cull, bin into tiles, blend -> (features [6, H, W], alpha, depth, visible, ...)."""
     means2d, cov2d, depth = project_gaussians(means, quats, scales, world_to_cam, K, width, height)
     conic, rx, ry, visible = _screen_extents(means2d, cov2d, depth, opacities, width, height, near, far)
     tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)

@@ -400,8 +400,7 @@ def _driving_params(
     head_pose: str,
     deformer_state: dict[str, torch.Tensor],
 ) -> tuple[FlameParams, range]:
-    """FLAME parameters and the frames of them to render: the avatar's own tracked ``sequence``, or its first
-    tracking driven by ``expressions_npz`` (then the training frames' entries leave ``deformer_state``)."""
+    """FLAME params and frames to render: the avatar's own, or driven by expressions_npz."""
     if expressions_npz is None:
         if sequence not in sequences:
             raise KeyError(f"{avatar}/avatar.json: no sequence {sequence!r} (has {list(sequences)})")
