@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
-from geodiff4d.core.config import StrictConfig
+from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import write_json_atomic
 from geodiff4d.core.io.images import encode_png, read_rgb8
@@ -349,6 +349,10 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+# what pack_settings.json keeps besides the PackSettings: the shard limits and the digest of the input listing
+PACK_RECORD = ("samples_per_shard", "max_shard_bytes", "listing_sha256")
+
+
 class PackSettings(StrictConfig):
     """How samples are made; written to ``pack_settings.json`` (with the shard limits) and checked on resume."""
 
@@ -378,6 +382,21 @@ class PackSettings(StrictConfig):
         for option, path in (("--normal-estimator", self.normal_estimator), ("--flame", self.flame_model)):
             if path is not None and not Path(path).is_file():
                 raise PackError(f"{option} {path}: file not found")
+
+
+def read_pack_settings(folder: str | os.PathLike) -> PackSettings:
+    """The settings a shard folder was packed with, from its ``pack_settings.json`` (which also keeps the shard
+    limits and the listing digest), validated like any config: a bad value is refused naming the file and field."""
+    path = Path(folder) / PACK_SETTINGS
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PackError(
+            f"{path}: cannot read the pack settings ({err}); is {folder} a geodiff4d pack output?"
+        ) from err
+    if not isinstance(found, dict):
+        raise PackError(f"{path}: not a pack settings mapping; is {folder} a geodiff4d pack output?")
+    return validate(path, {k: v for k, v in found.items() if k not in PACK_RECORD}, PackSettings)
 
 
 def head_model(settings: PackSettings) -> FlameModel:

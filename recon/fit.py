@@ -88,9 +88,7 @@ class FitConfig(StrictConfig):
     def _every_rate(cls, lr: dict[str, float]) -> dict[str, float]:
         unknown = sorted(set(lr) - set(LEARNING_RATES))
         if unknown:
-            raise ValueError(
-                f"unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})"
-            )
+            raise ValueError(f"unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})")
         return {**LEARNING_RATES, **lr}
 
 
