@@ -1,10 +1,11 @@
 """The one config style: pydantic models on :class:`StrictConfig`, validated with messages naming the source.
 
 Every config (gen's model and training config, the generate spec, the benchmark config, recon's fits, eval
-settings, pack settings, the synth spec) is a :class:`StrictConfig`: unknown fields and wrong types are refused,
-built in code (the error names the class) or read from a file (:func:`validate`, :func:`load_yaml_config`: the
-error names the file and the field). A file config is given by path or by the name of one that ships inside the package (``demo``, ``paper``,
-``recon``: the files of ``configs/``), so an installed wheel works outside the checkout.
+settings, pack settings, the synth spec) is a :class:`StrictConfig`: unknown fields and wrong types are
+refused, built in code (the error names the class) or read from a file (:func:`validate`,
+:func:`load_yaml_config`: the error names the file and the field). A file config is given by path or by the
+name of one that ships inside the package (``demo``, ``paper``, ``recon``: the files of ``configs/``), so an
+installed wheel works outside the checkout.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ def describe_errors(where: str | Path, err: ValidationError, prefix: str = "") -
         cause = error.get("ctx", {}).get("error")
         message = str(cause) if error["type"] == "value_error" and cause is not None else error["msg"]
         field = ".".join(str(part) for part in error["loc"])
-        lines.append(f"{lead}{field}: {message}" if field else f"{prefix + ': ' if prefix else ''}{message}")
+        if field:
+            lines.append(f"{lead}{field}: {message}")
+        else:  # a check of the whole object (a model validator)
+            lines.append(f"{prefix}: {message}" if prefix else message)
     return f"{where}: invalid config:\n  " + "\n  ".join(lines)
 
 
 class _BuiltInCode(type(BaseModel)):
-    """Building a config in code, ``Config(...)``, raises the class's ``config_error`` naming the class and the
-    field. Only the explicit call is wrapped: nested models and ``model_validate`` (files, through
+    """Building a config in code, ``Config(...)``, raises the class's ``config_error`` naming the class and
+    the field. Only the explicit call is wrapped: nested models and ``model_validate`` (files, through
     :func:`validate`) keep pydantic's errors, so a file's message names the whole field path."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:

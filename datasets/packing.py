@@ -354,7 +354,7 @@ PACK_RECORD = ("samples_per_shard", "max_shard_bytes", "listing_sha256")
 
 
 class PackSettings(StrictConfig):
-    """How samples are made; written to ``pack_settings.json`` (with the shard limits) and checked on resume."""
+    """How samples are made; kept in ``pack_settings.json`` (with the shard limits), checked on resume."""
 
     resolution: int = 512
     normal_estimator: str | None = None  # local ONNX path; None: FLAME tracking rendered as a coarse fallback
@@ -385,8 +385,9 @@ class PackSettings(StrictConfig):
 
 
 def read_pack_settings(folder: str | os.PathLike) -> PackSettings:
-    """The settings a shard folder was packed with, from its ``pack_settings.json`` (which also keeps the shard
-    limits and the listing digest), validated like any config: a bad value is refused naming the file and field."""
+    """The settings a shard folder was packed with, from its ``pack_settings.json`` (which also keeps the
+    shard limits and the listing digest), validated like any config: a bad value is refused naming the file
+    and the field."""
     path = Path(folder) / PACK_SETTINGS
     try:
         found = json.loads(path.read_text())
