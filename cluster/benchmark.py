@@ -36,6 +36,7 @@ from geodiff4d.cluster.benchmark_config import (
     gen_config_mapping,
     method_config,
 )
+from geodiff4d.core.config import read_mapping, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output, atomic_write_bytes, write_json_atomic
 from geodiff4d.core.jobs import CommitLog
@@ -102,7 +103,7 @@ class Benchmark:
         from geodiff4d.datasets.procedural import SynthSpec, synthesize
 
         p = self.config.data.procedural
-        spec = SynthSpec(p.subjects, p.sequences, p.frames, 16, p.resolution, p.synthetic, p.seed)
+        spec = SynthSpec(**p.model_dump(), cameras=16)
         report = synthesize(self.layout.data, spec, workers=2, address=self.address, progress=False)
         if not report.ok:
             raise RuntimeError(f"synth failed:\n{report.summary()}")
@@ -397,7 +398,7 @@ class Benchmark:
             method_config(self.config, method).recon, f"methods[{method.name}].recon"
         )
         if method.kind == "oracle" and settings.train_cameras is None:  # the real views, hold-outs excepted
-            settings.train_cameras = self.training_views(subject)
+            settings = settings.model_copy(update={"train_cameras": self.training_views(subject)})
         report = reconstruct(
             self.recon_input(method),
             self.avatar_folder(method),
@@ -744,7 +745,7 @@ def _remember_config(path: Path, config: BenchmarkConfig) -> None:
     """The run folder keeps its config; a rerun with another config is refused rather than mixed in (compared as
     validated configs, so a field added to the schema later, at its default, is the same config)."""
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    if path.is_file() and BenchmarkConfig.model_validate(yaml.safe_load(path.read_text())) != config:
+    if path.is_file() and validate(path, read_mapping(path), BenchmarkConfig) != config:
         raise BenchmarkError(f"{path.parent} was run with another config ({path}); use a new --out folder")
     with atomic_output(path) as tmp:
         tmp.write_text(text)

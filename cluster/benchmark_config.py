@@ -10,9 +10,9 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from geodiff4d.core.config import ConfigError, read_mapping, resolve_config, validate
+from geodiff4d.core.config import ConfigError, StrictConfig, read_mapping, resolve_config, validate
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = "222200037"
@@ -21,11 +21,7 @@ PROTOCOLS = ("self", "cross", "novel_views")
 METHOD_KINDS = ("geodiff4d", "oracle", "reference_copy", "gt_noise", "external")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ProceduralData(Strict):
+class ProceduralData(StrictConfig):
     """Synthesized first with ``geodiff4d synth``'s generator (NeRSemble v2 layout, exact ground truth)."""
 
     subjects: int = Field(3, ge=2)  # cross-reenactment needs a second subject
@@ -36,7 +32,7 @@ class ProceduralData(Strict):
     seed: int = 0
 
 
-class DataConfig(Strict):
+class DataConfig(StrictConfig):
     nersemble: Path | None = None  # a NeRSemble v2 root in the official benchmark layout
     procedural: ProceduralData | None = None
 
@@ -47,7 +43,7 @@ class DataConfig(Strict):
         return self
 
 
-class GenerationConfig(Strict):
+class GenerationConfig(StrictConfig):
     """The diffusion model: trained here on the benchmark's packed data, or an existing run folder."""
 
     model: str = "demo"  # gen config: packaged name or path
@@ -70,7 +66,7 @@ class GenerationConfig(Strict):
         return steps
 
 
-class EvalConfig(Strict):
+class EvalConfig(StrictConfig):
     metrics: dict[str, list[str]] = Field(
         default_factory=dict
     )  # protocol -> metrics (default: the protocol's)
@@ -82,7 +78,7 @@ class EvalConfig(Strict):
     resolution: int | None = Field(None, ge=16)
 
 
-class MethodConfig(Strict):
+class MethodConfig(StrictConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     kind: Literal["geodiff4d", "oracle", "reference_copy", "gt_noise", "external"]
     # a variant: dotted fields of this config changed for this method only, e.g. {"recon.fit.normal_weight": 0}
@@ -98,7 +94,7 @@ class MethodConfig(Strict):
         return self
 
 
-class AblationConfig(Strict):
+class AblationConfig(StrictConfig):
     """An ablation study: each row a variant method against the full one, with the paper's row it repeats; the
     benchmark then writes ``RUN/ablations/`` (eval/ablation.py) after the leaderboard."""
 
@@ -108,7 +104,7 @@ class AblationConfig(Strict):
     ]
 
 
-class BenchmarkConfig(Strict):
+class BenchmarkConfig(StrictConfig):
     data: DataConfig
     subjects: list[str] | None = None  # default: every subject of the data
     protocols: list[Literal["self", "cross", "novel_views"]] = Field(default_factory=lambda: list(PROTOCOLS))

@@ -93,7 +93,15 @@ def synth(
     """Write a procedural data set in the NeRSemble v2 and SynthHuman layouts, with exact ground truth."""
     from geodiff4d.datasets.procedural import SynthSpec, synthesize
 
-    spec = SynthSpec(subjects, sequences, frames, cameras, resolution, synthetic, seed)
+    spec = SynthSpec(
+        subjects=subjects,
+        sequences=sequences,
+        frames=frames,
+        cameras=cameras,
+        resolution=resolution,
+        synthetic=synthetic,
+        seed=seed,
+    )
     report = synthesize(out, spec, workers=workers, address=address)
     typer.echo(report.summary())
     typer.echo(f"NeRSemble layout:  {out / 'nersemble'}")

@@ -1,26 +1,68 @@
-"""YAML configs validated with messages that name the file and the field (gen's model configs, recon's fits).
+"""The one config style: pydantic models on :class:`StrictConfig`, validated with messages naming the source.
 
-A config is given by path or by the name of one that ships inside the package (``demo``, ``paper``,
-``recon``: the files of ``configs/``), so an installed wheel works outside the checkout.
+Every config (gen's model and training config, the generate spec, the benchmark config, recon's fits, eval
+settings, pack settings, the synth spec) is a :class:`StrictConfig`: unknown fields and wrong types are
+refused, built in code (the error names the class) or read from a file (:func:`validate`,
+:func:`load_yaml_config`: the error names the file and the field). A file config is given by path or by the
+name of one that ships inside the package (``demo``, ``paper``, ``recon``: the files of ``configs/``), so an
+installed wheel works outside the checkout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from geodiff4d.core.errors import UserError
-
-Schema = TypeVar("Schema")
 
 
 class ConfigError(UserError, ValueError):
     """A config file that cannot be read or validated; the message names the file and the fields."""
+
+
+def describe_errors(where: str | Path, err: ValidationError, prefix: str = "") -> str:
+    """One line per failed field, ``prefix.field: message``, under ``where`` (a file, or the config's name).
+    A check raised by a validator reads as written, without pydantic's "Value error, " prefix."""
+    lead = f"{prefix}." if prefix else ""
+    lines = []
+    for error in err.errors():
+        cause = error.get("ctx", {}).get("error")
+        message = str(cause) if error["type"] == "value_error" and cause is not None else error["msg"]
+        field = ".".join(str(part) for part in error["loc"])
+        if field:
+            lines.append(f"{lead}{field}: {message}")
+        else:  # a check of the whole object (a model validator)
+            lines.append(f"{prefix}: {message}" if prefix else message)
+    return f"{where}: invalid config:\n  " + "\n  ".join(lines)
+
+
+class _BuiltInCode(type(BaseModel)):
+    """Building a config in code, ``Config(...)``, raises the class's ``config_error`` naming the class and
+    the field. Only the explicit call is wrapped: nested models and ``model_validate`` (files, through
+    :func:`validate`) keep pydantic's errors, so a file's message names the whole field path."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise cls.config_error(describe_errors(cls.__name__, err)) from err
+
+
+class StrictConfig(BaseModel, metaclass=_BuiltInCode):
+    """The base of every config: unknown fields refused, values immutable (configs are compared, hashed into
+    fingerprints and shipped to Ray workers). An invalid value raises ``config_error``, a
+    :class:`~geodiff4d.core.errors.UserError` (so a CLI prints it without a traceback), naming the class and
+    the field when built in code, the file and the field when read through :func:`validate`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config_error: ClassVar[type[UserError]] = ConfigError
+
+
+Schema = TypeVar("Schema", bound=StrictConfig)
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -57,26 +99,15 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def validate(path: str | Path, raw: dict[str, Any], schema: type[Schema], prefix: str = "") -> Schema:
-    """``raw`` as ``schema``: a pydantic model, or a dataclass (whose unknown keys are refused here, since
-    pydantic would drop them silently). ``prefix`` names where ``raw`` sits inside the file."""
-    where = f"{prefix}." if prefix else ""
-    if dataclasses.is_dataclass(schema):
-        known = sorted(f.name for f in dataclasses.fields(schema))
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{path}: unknown field {', '.join(where + k for k in unknown)} (known: {', '.join(known)})"
-            )
+def validate(path: str | Path, raw: Any, schema: type[Schema], prefix: str = "") -> Schema:
+    """``raw`` (a mapping read from ``path``) as ``schema``; ``prefix`` names where ``raw`` sits inside the
+    file. Raises the schema's ``config_error`` naming the file and every failed field."""
     try:
-        return TypeAdapter(schema).validate_python(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        lines = [
-            f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-            for e in err.errors()
-        ]  # an empty loc: a check of the whole object (__post_init__, validators)
-        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from err
+        raise schema.config_error(describe_errors(path, err, prefix)) from err
 
 
 def load_yaml_config(path: str | Path, schema: type[Schema]) -> Schema:
+    """A YAML file (or packaged config name) validated as ``schema``."""
     return validate(path, read_mapping(path), schema)

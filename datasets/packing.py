@@ -17,14 +17,16 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import cv2
 import numpy as np
 import torch
+from pydantic import field_validator
 
+from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import write_json_atomic
 from geodiff4d.core.io.images import encode_png, read_rgb8
@@ -347,24 +349,55 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
 # ------------------------------------------------------------------------------------------------ the job
 
 
-@dataclass(frozen=True)
-class PackSettings:
+# what pack_settings.json keeps besides the PackSettings: the shard limits and the digest of the input listing
+PACK_RECORD = ("samples_per_shard", "max_shard_bytes", "listing_sha256")
+
+
+class PackSettings(StrictConfig):
+    """How samples are made; kept in ``pack_settings.json`` (with the shard limits), checked on resume."""
+
     resolution: int = 512
     normal_estimator: str | None = None  # local ONNX path; None: FLAME tracking rendered as a coarse fallback
     flame_model: str | None = None  # FLAME .pkl matching the tracking; None: the procedural head (demo data)
     synthhuman_subset: Literal["all", "face"] = "all"
 
-    def validate(self) -> None:
-        """Every option checked before any file is read or Ray starts; a message names the option."""
-        if not isinstance(self.resolution, int) or self.resolution < 2 or self.resolution % 2:
-            raise PackError(f"--resolution must be a positive even number of pixels, got {self.resolution}")
-        if self.synthhuman_subset not in SYNTHHUMAN_SUBSETS:
-            raise PackError(
-                f"--synthhuman-subset must be one of {SYNTHHUMAN_SUBSETS}, got {self.synthhuman_subset!r}"
-            )
+    config_error: ClassVar[type[UserError]] = PackError
+
+    @field_validator("resolution")
+    @classmethod
+    def _even(cls, resolution: int) -> int:
+        if resolution < 2 or resolution % 2:
+            raise PackError(f"--resolution must be a positive even number of pixels, got {resolution}")
+        return resolution
+
+    @field_validator("synthhuman_subset", mode="before")
+    @classmethod
+    def _subset(cls, subset: object) -> object:
+        if subset not in SYNTHHUMAN_SUBSETS:
+            raise PackError(f"--synthhuman-subset must be one of {SYNTHHUMAN_SUBSETS}, got {subset!r}")
+        return subset
+
+    def check_files(self) -> None:
+        """The files the options name exist (checked before any input is read or Ray starts)."""
         for option, path in (("--normal-estimator", self.normal_estimator), ("--flame", self.flame_model)):
             if path is not None and not Path(path).is_file():
                 raise PackError(f"{option} {path}: file not found")
+
+
+def read_pack_settings(folder: str | os.PathLike) -> PackSettings:
+    """The settings a shard folder was packed with, from its ``pack_settings.json`` (which also keeps the
+    shard limits and the listing digest), validated like any config: a bad value is refused naming the file
+    and the field."""
+    path = Path(folder) / PACK_SETTINGS
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PackError(
+            f"{path}: cannot read the pack settings ({err}); is {folder} a geodiff4d pack output?"
+        ) from err
+    if not isinstance(found, dict):
+        raise PackError(f"{path}: not a pack settings mapping; is {folder} a geodiff4d pack output?")
+    return validate(path, {k: v for k, v in found.items() if k not in PACK_RECORD}, PackSettings)
 
 
 def head_model(settings: PackSettings) -> FlameModel:
@@ -702,7 +735,7 @@ def pack_with(
     is never refused by a half-written folder.
     """
     out = job.out
-    job.settings.validate()
+    job.settings.check_files()
     _check_counts(workers, samples_per_shard, max_shard_bytes, max_retries)
     if job.settings.normal_estimator is not None:
         OnnxNormalEstimator(job.settings.normal_estimator)  # loads, or names the file
@@ -779,7 +812,7 @@ def _check_settings(
     refuse it. Written only after the inputs validated."""
     path = out / PACK_SETTINGS
     wanted = {
-        **asdict(settings),
+        **settings.model_dump(),
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
         "listing_sha256": digest,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import model_validator
 
+from geodiff4d.core.config import StrictConfig
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import write_json_atomic
 from geodiff4d.core.io.video import write_video
@@ -41,8 +43,7 @@ class SynthSpecError(UserError, ValueError):
     """A procedural data set spec out of range, or an output folder written with another spec."""
 
 
-@dataclass(frozen=True)
-class SynthSpec:
+class SynthSpec(StrictConfig):
     subjects: int = 2
     sequences: int = 1
     frames: int = 8
@@ -51,7 +52,10 @@ class SynthSpec:
     synthetic: int = 16
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    config_error: ClassVar[type[UserError]] = SynthSpecError
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SynthSpec:
         if self.resolution % 2:
             raise SynthSpecError(f"resolution must be even for H.264 video, got {self.resolution}")
         if not 1 <= self.cameras <= 16:
@@ -62,6 +66,7 @@ class SynthSpec:
             )
         if min(self.subjects, self.frames) < 1 or self.synthetic < 0:
             raise SynthSpecError("subjects and frames must be positive and synthetic non-negative")
+        return self
 
 
 def synth_cameras(spec: SynthSpec) -> dict[str, Camera]:
@@ -271,7 +276,7 @@ def synthesize(
 def _check_spec(out: Path, spec: SynthSpec) -> None:
     """Resuming into a folder written with another spec would mix data sets: refuse it."""
     path = out / "synth_spec.json"
-    wanted = asdict(spec)
+    wanted = spec.model_dump()
     if path.exists():
         found = json.loads(path.read_text())
         if found != wanted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +263,7 @@ def _checked_settings(
     if (
         "akd" in config.metrics and config.akd_backend == "fan"
     ):  # the file every actor loads, named in the report
-        config = replace(config, fan_weights=str(find_fan_file(config.fan_weights).resolve()))
+        config = config.model_copy(update={"fan_weights": str(find_fan_file(config.fan_weights).resolve())})
     if protocol == "cross" and "csim" in config.metrics and identity is None:
         raise InputError(
             "the cross protocol's CSIM needs --identity, a folder of <subject>.png source images"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
+from pydantic import Field, model_validator
+
+from geodiff4d.core.config import StrictConfig
 from geodiff4d.core.errors import UserError
 from geodiff4d.eval.fan_landmarks import FAN_DETECTORS
 from geodiff4d.eval.jod import DEFAULT_DISPLAY
@@ -37,8 +40,7 @@ class SettingsError(UserError, ValueError):
     """An evaluation setting out of its range or set of choices."""
 
 
-@dataclass(frozen=True)
-class EvalSettings:
+class EvalSettings(StrictConfig):
     protocol: str = "self"
     metrics: tuple[str, ...] = ALL_METRICS
     csim_backend: str = "facenet"
@@ -59,9 +61,12 @@ class EvalSettings:
         None  # grey level in [0,1]: composite pred and GT on it with the GT alpha first
     )
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    extra: dict = Field(default_factory=dict)
 
-    def __post_init__(self):
+    config_error: ClassVar[type[UserError]] = SettingsError
+
+    @model_validator(mode="after")
+    def _choices(self) -> EvalSettings:
         if self.protocol not in PROTOCOL_METRICS:
             raise SettingsError(f"protocol must be 'self' or 'cross', got {self.protocol!r}")
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
@@ -81,9 +86,10 @@ class EvalSettings:
                 f"metrics {not_in_protocol} need ground truth and are not part of the "
                 f"{self.protocol!r} protocol"
             )
+        return self
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = self.model_dump()
         d["metrics"] = list(self.metrics)
         return d
 

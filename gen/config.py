@@ -10,16 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from geodiff4d.core.config import load_yaml_config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from geodiff4d.core.config import StrictConfig, load_yaml_config
 
 
-class UNetConfig(_Strict):
+class UNetConfig(StrictConfig):
     """Fields passed to diffusers' UNet2DConditionModel (SD-1.5's shape in paper.yaml)."""
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -54,7 +50,7 @@ class UNetConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     unet: UNetConfig = UNetConfig()
     pretrained: str | None = None  # local SD-1.5 diffusers folder (unet/, vae/) used for initialization
     latents: Literal["vae", "pixel"] = "vae"
@@ -77,7 +73,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     resolution: int = Field(512, ge=8)
     # data-side ablation switches, passed through to the loader
     cross_view_pairs: bool = True
@@ -86,14 +82,14 @@ class DataConfig(_Strict):
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0: in-process)
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictConfig):
     batch_size: int = Field(ge=1)  # global: samples per optimizer step over all workers and accumulation
     steps: int = Field(ge=1)
     frames: int = Field(1, ge=1)  # 1 in stage 1 (no temporal layers), 16 in stage 2
     lr: float = Field(1e-5, gt=0)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     stage1: StageConfig = StageConfig(batch_size=32, steps=80_000)
     stage2: StageConfig = StageConfig(batch_size=8, steps=20_000, frames=16)
     weight_decay: float = 1e-2
@@ -134,7 +130,7 @@ class TrainConfig(_Strict):
         return st.lr * st.batch_size if self.lr_scaling == "linear" else st.lr
 
 
-class SampleConfig(_Strict):
+class SampleConfig(StrictConfig):
     scheduler: Literal["ddim", "dpmsolver++", "ddpm"] = "ddim"
     steps: int = Field(25, ge=1)
     guidance_reference: float = Field(2.0, ge=0)
@@ -149,7 +145,7 @@ class SampleConfig(_Strict):
         return self
 
 
-class GenConfig(_Strict):
+class GenConfig(StrictConfig):
     model: ModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

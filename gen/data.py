@@ -8,7 +8,6 @@ anything, and one resumed elsewhere replays less than a segment. Both give the u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving, make_loader
+from geodiff4d.datasets.packing import read_pack_settings
 from geodiff4d.datasets.shards import PACK_SETTINGS
 from geodiff4d.gen.config import GenConfig
 
@@ -46,12 +46,7 @@ def loader_config(cfg: GenConfig, stage: int, seed: int, world_size: int = 1) ->
 def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
     """The loader does not resize: shards packed at another resolution would silently train another model."""
     path = Path(shards) / PACK_SETTINGS
-    try:
-        packed = json.loads(path.read_text())["resolution"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?"
-        ) from err
+    packed = read_pack_settings(shards).resolution  # a PackError (a ValueError) names the file and field
     if packed != cfg.data.resolution:
         raise ValueError(
             f"{shards} holds {packed} px samples ({path}) but the config's data.resolution is "

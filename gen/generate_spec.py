@@ -9,22 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from geodiff4d.core.config import ConfigError, load_yaml_config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from geodiff4d.core.config import ConfigError, StrictConfig, load_yaml_config
 
 
-class ImageReference(_Strict):
+class ImageReference(StrictConfig):
     """Any photo with one face in it; cropped around the detected face like packing crops the head."""
 
     image: Path
 
 
-class ShardReference(_Strict):
+class ShardReference(StrictConfig):
     """One packed sample (already cropped, with its pose map)."""
 
     shards: Path
@@ -34,27 +30,27 @@ class ShardReference(_Strict):
     frame: int = Field(0, ge=0)
 
 
-class TrackingIdentity(_Strict):
+class TrackingIdentity(StrictConfig):
     """FLAME shape and scale from a tracking npz in NeRSemble's names (row `frame`)."""
 
     tracking: Path
     frame: int = Field(0, ge=0)
 
 
-class FittedIdentity(_Strict):
+class FittedIdentity(StrictConfig):
     """FLAME shape fitted to the reference image's landmarks by our tracker (recon.tracking)."""
 
     fit: bool = True
 
 
-class JsonCameras(_Strict):
+class JsonCameras(StrictConfig):
     """A cameras JSON (serial -> world_to_cam, K, width, height), e.g. a frame folder's cameras/ file."""
 
     cameras_json: Path
     serials: list[str] | None = None
 
 
-class NersembleCameras(_Strict):
+class NersembleCameras(StrictConfig):
     """The calibration of a NeRSemble v2 subject (its camera_params.json and video sizes)."""
 
     nersemble: Path
@@ -63,7 +59,7 @@ class NersembleCameras(_Strict):
     serials: list[str] | None = None
 
 
-class OrbitCameras(_Strict):
+class OrbitCameras(StrictConfig):
     """`orbit` views on a circle around the head at eye level +`pitch`, yaw spread over [-yaw, +yaw] degrees."""
 
     orbit: int = Field(ge=1)
@@ -72,13 +68,13 @@ class OrbitCameras(_Strict):
     radius: float = Field(1.0, gt=0)
 
 
-class TrackingDriving(_Strict):
+class TrackingDriving(StrictConfig):
     """Expressions and head motion from a tracking npz (driving crops are renders of the identity's head)."""
 
     tracking: Path
 
 
-class ShardDriving(_Strict):
+class ShardDriving(StrictConfig):
     """A packed sequence seen by one camera: its frames drive, its packed FLAME parameters move the head."""
 
     shards: Path
@@ -87,13 +83,13 @@ class ShardDriving(_Strict):
     camera: str
 
 
-class VideoDriving(_Strict):
+class VideoDriving(StrictConfig):
     """A video of a face: its frames drive; FLAME is tracked from its landmarks by our tracker."""
 
     video: Path
 
 
-class SubjectSpec(_Strict):
+class SubjectSpec(StrictConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     sequence: str = Field("GEN", pattern=r"^[A-Za-z0-9_+-]+$")
     reference: ImageReference | ShardReference
@@ -103,7 +99,7 @@ class SubjectSpec(_Strict):
     frames: int = Field(ge=1)
 
 
-class GenerateSpec(_Strict):
+class GenerateSpec(StrictConfig):
     run: Path  # training run folder (config.yaml + checkpoints)
     seed: int = 0
     head_model: str = "procedural:0"  # "procedural:SEED" or a FLAME .pkl path (recon reads the same)
@@ -133,7 +129,7 @@ def _files(spec: GenerateSpec) -> list[tuple[str, Path]]:
 
 def _absolute(spec: GenerateSpec, base: Path) -> GenerateSpec:
     def fix(value):
-        if isinstance(value, BaseModel):
+        if isinstance(value, StrictConfig):
             return value.model_copy(update={k: fix(v) for k, v in value})
         if isinstance(value, list):
             return [fix(v) for v in value]

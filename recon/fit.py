@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from geodiff4d.core.config import StrictConfig
 from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.recon import adaptive
 from geodiff4d.recon.binding import Regrowth, prune, render_bound, triangle_frames
@@ -56,11 +58,11 @@ LEARNING_RATES = {
 }
 
 
-@dataclass
-class FitConfig:
+class FitConfig(StrictConfig):
     steps: int = 3000
     seed: int = 0
-    lr: dict[str, float] = field(default_factory=dict)  # overrides of LEARNING_RATES
+    # overrides of LEARNING_RATES; a built config holds every rate
+    lr: dict[str, float] = Field(default_factory=dict, validate_default=True)
     lambda_normal: float = 0.1  # 0 switches the normal term off (ablation)
     lambda_position: float = 0.01  # GaussianAvatars' lambda_xyz (threshold 1 triangle size)
     lambda_scale: float = 1.0  # GaussianAvatars' lambda_scale (threshold 0.6 triangle size)
@@ -81,13 +83,13 @@ class FitConfig:
     sh_increase_every: int = 1000  # one more active SH degree every this many steps (3DGS, GaussianAvatars)
     checkpoint_every: int = 500
 
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.lr) - set(LEARNING_RATES))
+    @field_validator("lr")
+    @classmethod
+    def _every_rate(cls, lr: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(lr) - set(LEARNING_RATES))
         if unknown:
-            raise ValueError(
-                f"FitConfig.lr: unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})"
-            )
-        self.lr = {**LEARNING_RATES, **self.lr}
+            raise ValueError(f"unknown parameter group(s) {unknown} (known: {sorted(LEARNING_RATES)})")
+        return {**LEARNING_RATES, **lr}
 
 
 class FixedVertices(nn.Module):
@@ -283,7 +285,7 @@ class Fitter:
             "losses": json.dumps(self.losses),
             "sh_degree": str(self.gaussians.sh_degree),
             "active_sh_degree": str(self.gaussians.active_sh_degree),
-            "config": json.dumps(asdict(self.config)),
+            "config": json.dumps(self.config.model_dump()),
         }
         with atomic_output(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -11,12 +11,13 @@ Every output layer starts at zero, so refinement begins exactly at the tracked h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geodiff4d.core.config import StrictConfig
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.recon.binding import triangle_frames
 from geodiff4d.recon.gaussians import BoundGaussians
@@ -33,8 +34,7 @@ RESIDUAL_GROUPS = {
 FLAME_FIELDS = tuple(f.name for f in fields(FlameParams))
 
 
-@dataclass
-class RefineConfig:
+class RefineConfig(StrictConfig):
     flame_residuals: bool = True
     uv_offsets: bool = False
     attribute_mlp: bool = False

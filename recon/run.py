@@ -11,14 +11,15 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
-from geodiff4d.core.config import read_mapping, validate
+from geodiff4d.core.config import StrictConfig, read_mapping, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
@@ -42,8 +43,7 @@ from geodiff4d.recon.sh import n_coefficients
 from geodiff4d.recon.tracking import TrackingConfig, track_frame_folder
 
 
-@dataclass
-class ReconConfig:
+class ReconConfig(StrictConfig):
     head_model: str = "procedural:0"  # "procedural:SEED" or a FLAME .pkl path
     steps: int = 3000
     per_face: int = 1
@@ -55,12 +55,13 @@ class ReconConfig:
     tracker: str = "file"  # "file": read `tracking`; "ours": fit FLAME to the frames (recon.tracking)
     tracking: str = "{root}/tracking/{subject}/{sequence}.npz"  # NeRSemble-format npz per sequence
     tracking_init: str | None = None  # tracker "ours": start from this npz (e.g. the `tracking` template)
-    tracking_options: dict[str, Any] = field(default_factory=dict)  # TrackingConfig overrides
+    tracking_options: dict[str, Any] = Field(default_factory=dict)  # TrackingConfig overrides
     refine: dict[str, Any] | None = None  # RefineConfig overrides; None: the tracked meshes as they are
     init_colors: bool = True  # start each Gaussian at the colour the training views show it
-    fit: dict[str, Any] = field(default_factory=dict)  # FitConfig overrides
+    fit: dict[str, Any] = Field(default_factory=dict)  # FitConfig overrides
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> ReconConfig:
         if self.tracker not in ("file", "ours"):
             raise ValueError(f"ReconConfig.tracker must be 'file' or 'ours', got {self.tracker!r}")
         if self.progress_every < 1:
@@ -69,6 +70,7 @@ class ReconConfig:
             raise ValueError(
                 "ReconConfig.tracking_init is the initial value of our tracker: set tracker: ours"
             )
+        return self
 
     def cameras(self, root: Path, subject: str, sequence: str) -> list[str] | None:
         """The cameras one sequence trains (and tracks) on: ``train_cameras`` (None: all) less the held-out one."""
@@ -356,7 +358,8 @@ def export_avatar(
     with atomic_output(folder / "avatar.json") as tmp:
         tmp.write_text(
             json.dumps(
-                {"config": asdict(config), "sequences": data.sequences, "pixel_m": data.pixel_m}, indent=1
+                {"config": config.model_dump(), "sequences": data.sequences, "pixel_m": data.pixel_m},
+                indent=1,
             )
         )
 
@@ -494,7 +497,7 @@ def render_avatar(
         raise UserError(f"head pose must be one of {HEAD_POSES}, got {head_pose!r}")
     avatar = Path(avatar)
     meta = _avatar_meta(avatar)
-    config = ReconConfig(**meta["config"])
+    config = recon_config_from_mapping(meta["config"], avatar / "avatar.json", prefix="config")
     model = load_head_model(config.head_model)
     tensors, metadata = load_checkpoint(avatar / "avatar.safetensors")
     gaussians = load_gaussians(tensors, metadata)

@@ -21,14 +21,16 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import Tensor, nn
 
+from geodiff4d.core.config import StrictConfig
 from geodiff4d.core.io.atomic import write_json_atomic
 from geodiff4d.core.progress import progress_bar
 from geodiff4d.datasets import frame_folder
@@ -43,8 +45,7 @@ from geodiff4d.recon.sh import rgb_to_dc
 PER_FRAME = ("expression", "rotation", "neck", "jaw", "translation")  # fitted per frame (eyes are not)
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(StrictConfig):
     rigid_steps: int = 100  # landmarks only, rotation + translation
     landmark_steps: int = 150  # landmarks only, every parameter
     steps: int = 150  # every term
@@ -64,10 +65,12 @@ class TrackingConfig:
     chunk_frames: int = 16  # frames optimised together: memory grows with this, not with the sequence
     identity_frames: int = 8  # frames spread over a multi-chunk sequence that fit the shared shape first
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _positive_sizes(self) -> TrackingConfig:
         for name in ("chunk_frames", "identity_frames", "render_size", "views_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrackingConfig.{name} must be at least 1, got {getattr(self, name)}")
+        return self
 
 
 @dataclass
@@ -317,7 +320,7 @@ def _fingerprint(config: TrackingConfig, frames: int, init: FlameParams | None) 
     digest = None
     if init is not None:
         digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in vars(init).values())).hexdigest()
-    return {"config": asdict(config), "frames": frames, "init_sha256": digest}
+    return {"config": config.model_dump(), "frames": frames, "init_sha256": digest}
 
 
 def _start(
@@ -370,9 +373,9 @@ def track_sequence(
                 np.linspace(0, frames - 1, min(config.identity_frames, frames)).round().astype(int)
             )
             start = _start(picks.tolist(), shape, scale, init, None, model)
-            identity = track(model, load_targets(picks.tolist()), replace(config, smooth_weight=0.0), start)[
-                :1
-            ]
+            identity = track(
+                model, load_targets(picks.tolist()), config.model_copy(update={"smooth_weight": 0.0}), start
+            )[:1]
             save("identity", identity)
         shape = identity.shape[:1]
     bar = progress_bar(len(chunks), "tracking chunks", enabled=progress)
@@ -382,8 +385,8 @@ def track_sequence(
         if done is None:
             previous = results[-1] if results else None
             start = _start(chunk, shape, scale, init, previous, model)
-            chunk_config = replace(
-                config, seed=config.seed + chunk.start
+            chunk_config = config.model_copy(
+                update={"seed": config.seed + chunk.start}
             )  # the same draws whether resumed or not
             done = track(
                 model, load_targets(chunk), chunk_config, start, previous, fit_shape=len(chunks) == 1

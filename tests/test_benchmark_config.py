@@ -73,7 +73,7 @@ def _nersemble(root, tracked_sequences):
         ({"protocols": ["sideways"]}, "protocols.0: Input should be 'self', 'cross' or 'novel_views'"),
         (
             {"methods": [{"name": "v", "kind": "oracle", "overrides": {"recon.fit.lambda_nrml": 0}}]},
-            "unknown field methods[v]: recon.fit.lambda_nrml",
+            "methods[v]: recon.fit.lambda_nrml: Extra inputs are not permitted",
         ),
         (
             {

@@ -92,7 +92,7 @@ def _exact_targets(model, params, cameras) -> TrackingTargets:
     normals = np.stack([[r.normal.permute(1, 2, 0).numpy() for r in row] for row in renders])
     rgb = np.zeros(masks.shape + (3,), np.uint8)
     targets = build_targets(
-        cameras, rgb, masks, normals, detector=None, render_size=TrackingConfig.render_size
+        cameras, rgb, masks, normals, detector=None, render_size=TrackingConfig().render_size
     )
     w2c = torch.tensor(np.stack([c.world_to_cam for c in cameras]), dtype=torch.float32)
     K = torch.tensor(np.stack([c.K for c in cameras]), dtype=torch.float32)
@@ -105,7 +105,7 @@ def _exact_targets(model, params, cameras) -> TrackingTargets:
 @pytest.mark.slow
 def test_tracking_recovers_pose_and_expression_from_exact_targets(head_model):
     truth = _params(head_model, 2)
-    targets = _exact_targets(head_model, truth, _cameras(size=TrackingConfig.render_size))
+    targets = _exact_targets(head_model, truth, _cameras(size=TrackingConfig().render_size))
     estimated = track(head_model, targets, TrackingConfig(steps=60, smooth_weight=0.0))  # unrelated frames
     errors = tracking_errors(estimated, truth)
     assert errors["rotation_deg_max"] < 3.0 and errors["jaw_deg_max"] < 3.0
