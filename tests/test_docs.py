@@ -28,6 +28,7 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MAKE = re.compile(r"(?<![\w/.-])make\s+([a-z][\w-]*)")
 MAKE_RULE = re.compile(r"^([A-Za-z][\w-]*)\s*:(?!=)", re.M)
 MODULE = re.compile(r"(?:geodiff4d\.)?((?:{})(?:\.\w+)+)(?:\(.*\))?".format("|".join(PACKAGES)))
+FROM_IMPORT = re.compile(r"from geodiff4d\.([\w.]+) import (\w+(?: as \w+)?(?:, \w+(?: as \w+)?)*)")
 PACKAGE_ROW = re.compile(r"^\|\s*`geodiff4d\.(\w+)`\s*\|(.*)$", re.M)
 MODULE_FILE = re.compile(r"`([\w/]+\.py)`")
 
@@ -143,9 +144,12 @@ def resolves(dotted: str, root: Path = ROOT) -> bool:
 
 
 def wrong_modules(text: str, root: Path = ROOT) -> list[str]:
-    """Dotted module references in inline code (``core.runtime.connect(address)``) that do not resolve."""
+    """Dotted module references in inline code (``core.runtime.connect(address)``) and names imported in
+    code (``python -c "from geodiff4d.eval.inputs import open_ground_truth"``) that do not resolve."""
     spans = [s for s in INLINE.findall(text) if not re.search(r"\.(ya?ml|py|md|json|npz|png)$", s)]
     cited = [m.group(1) for s in spans if (m := MODULE.fullmatch(s.removeprefix("geodiff4d.")))]
+    for module, names in FROM_IMPORT.findall("\n".join(code_snippets(text))):
+        cited += [f"{module}.{name.split(' as ')[0]}" for name in names.split(", ")]
     return [dotted for dotted in cited if not resolves(dotted, root)]
 
 
@@ -208,6 +212,7 @@ def test_checkers_fail_on_wrong_citations(tmp_path):
         "```bash\ngeodiff4d synthesize --out D\ngeodiff4d pack --out S --frames 3\n```\n"
         "`geodiff4d --colour`, `recon --steps 3`, `make deploy`, `cluster.runtime.connect(address)`, "
         "`core.jobs.no_such_function`, `core.errors.UserError.no_such_member`.\n"
+        "```bash\npython -c 'from geodiff4d.eval.inputs import open_ground_truth as g, open_truth'\n```\n"
         "| `geodiff4d.core` | base | `jobs.py`, `io/atomic.py`, `config_files.py` |\n"
     )
     assert wrong_commands(text, cli_options()) == [
@@ -221,6 +226,7 @@ def test_checkers_fail_on_wrong_citations(tmp_path):
         "cluster.runtime.connect",
         "core.jobs.no_such_function",
         "core.errors.UserError.no_such_member",
+        "eval.inputs.open_truth",
     ]
     assert wrong_package_modules(text) == ["core/config_files.py"]
     right = "`core.runtime.connect(address)`, `geodiff4d.core.jobs`, `core.errors.UserError.exit_code`"
