@@ -258,7 +258,9 @@ def sample(
     sequence: Annotated[str, typer.Option(help="Sequence name in the shards.")],
     out: Annotated[
         Path,
-        typer.Option(**OutFolder, help="Frame folder to write: rgb/, normal/, latents/, cameras/, grids/."),
+        typer.Option(
+            **OutFolder, help="Frame folder to write: rgb/, normal/, mask/, latents/, cameras/, grids/."
+        ),
     ],
     config: Annotated[
         Path | None, typer.Option(help="YAML config (default: the run's own config.yaml).")

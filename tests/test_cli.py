@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -24,6 +27,18 @@ def test_every_command_has_help(name):
     result = runner.invoke(app, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_sample_out_help_names_every_folder_sampling_writes():
+    """`sample --out`'s help lists the frame folder's top-level folders as the sampler's source writes them
+    (``root / "mask"``...), so a folder added to the sampler cannot go unmentioned (mask/ once did)."""
+    source = (Path(__file__).resolve().parents[1] / "gen" / "sample_frames.py").read_text()
+    written = set(re.findall(r'root / "(\w+)"', source))
+    assert {"rgb", "normal", "mask", "latents", "cameras", "grids"} <= written
+    result = runner.invoke(app, ["sample", "--help"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    help_text = " ".join(result.output.split())
+    assert [name for name in sorted(written) if f"{name}/" not in help_text] == []
 
 
 def test_recon_config_is_validated_before_any_work(tmp_path):
