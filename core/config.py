@@ -24,16 +24,32 @@ class ConfigError(UserError, ValueError):
     """A config file that cannot be read or validated; the message names the file and the fields."""
 
 
-def describe_errors(where: str | Path, err: ValidationError, prefix: str = "") -> str:
+def _known_fields(schema: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the (nested) model that holds ``loc``'s last part, or [] when it is not a model."""
+    model = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def describe_errors(
+    where: str | Path, err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None
+) -> str:
     """One line per failed field, ``prefix.field: message``, under ``where`` (a file, or the config's name).
-    A check raised by a validator reads as written, without pydantic's "Value error, " prefix."""
+    A check raised by a validator reads as written, without pydantic's "Value error, " prefix; an unknown
+    field is named with the fields its section knows (from ``schema``), so a typo is found at a glance."""
     lead = f"{prefix}." if prefix else ""
     lines = []
     for error in err.errors():
         cause = error.get("ctx", {}).get("error")
         message = str(cause) if error["type"] == "value_error" and cause is not None else error["msg"]
         field = ".".join(str(part) for part in error["loc"])
-        if field:
+        if error["type"] == "extra_forbidden":
+            known = _known_fields(schema, error["loc"])
+            lines.append(f"unknown field {lead}{field}" + (f" (known: {', '.join(known)})" if known else ""))
+        elif field:
             lines.append(f"{lead}{field}: {message}")
         else:  # a check of the whole object (a model validator)
             lines.append(f"{prefix}: {message}" if prefix else message)
@@ -49,7 +65,7 @@ class _BuiltInCode(type(BaseModel)):
         try:
             return super().__call__(*args, **kwargs)
         except ValidationError as err:
-            raise cls.config_error(describe_errors(cls.__name__, err)) from err
+            raise cls.config_error(describe_errors(cls.__name__, err, schema=cls)) from err
 
 
 class StrictConfig(BaseModel, metaclass=_BuiltInCode):
@@ -105,7 +121,7 @@ def validate(path: str | Path, raw: Any, schema: type[Schema], prefix: str = "")
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise schema.config_error(describe_errors(path, err, prefix)) from err
+        raise schema.config_error(describe_errors(path, err, prefix, schema)) from err
 
 
 def load_yaml_config(path: str | Path, schema: type[Schema]) -> Schema:

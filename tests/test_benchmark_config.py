@@ -73,7 +73,7 @@ def _nersemble(root, tracked_sequences):
         ({"protocols": ["sideways"]}, "protocols.0: Input should be 'self', 'cross' or 'novel_views'"),
         (
             {"methods": [{"name": "v", "kind": "oracle", "overrides": {"recon.fit.lambda_nrml": 0}}]},
-            "methods[v]: recon.fit.lambda_nrml: Extra inputs are not permitted",
+            "unknown field methods[v]: recon.fit.lambda_nrml",
         ),
         (
             {
@@ -85,7 +85,7 @@ def _nersemble(root, tracked_sequences):
                     }
                 ]
             },
-            "methods[v]: generation.model.model.joint_normal: Extra inputs are not permitted",
+            "unknown field methods[v]: generation.model.model.joint_normal",
         ),
         (
             {"subjects": ["001"], "generation": {"train_subjects": ["001"]}},

@@ -55,7 +55,7 @@ def test_a_file_with_an_unknown_field_or_a_wrong_type_is_refused_naming_file_and
     path.write_text(yaml.safe_dump(valid()))
     assert isinstance(load_yaml_config(path, config), config)  # the valid mapping loads
     for bad, named in (
-        (_set(valid(), "speling_mistake", 1), "speling_mistake: Extra inputs are not permitted"),
+        (_set(valid(), "speling_mistake", 1), "unknown field speling_mistake"),
         (_set(valid(), field, "many"), f"{field}: Input should be a valid integer"),
     ):
         path.write_text(yaml.safe_dump(bad))
@@ -70,7 +70,7 @@ def test_a_config_built_in_code_refuses_an_unknown_field_or_a_wrong_type_naming_
 ):
     built = config(**valid())
     assert config(**valid()) == built and pickle.loads(pickle.dumps(built)) == built  # a value Ray can ship
-    with pytest.raises(error, match=rf"^{config.__name__}: invalid config:\n  speling_mistake: Extra inputs"):
+    with pytest.raises(error, match=rf"^{config.__name__}: invalid config:\n  unknown field speling_mistake"):
         config(**valid(), speling_mistake=1)
     with pytest.raises(error, match=rf"^{config.__name__}: invalid config:\n  {field}: Input should be"):
         config(**_set(valid(), field, "many"))
@@ -119,7 +119,7 @@ def test_a_reloaded_recon_config_is_validated(tmp_path):
     saved = {"config": ReconConfig(steps=5).model_dump(), "sequences": {"EXP-1": 2}, "pixel_m": 0.001}
     for edit, named in (
         ({"steps": "five"}, "config.steps: Input should be a valid integer"),
-        ({"stepz": 5}, "config.stepz: Extra inputs are not permitted"),
+        ({"stepz": 5}, "unknown field config.stepz"),
         ({"fit": {"lambda_normal": "strong"}}, "config.fit.lambda_normal: Input should be a valid number"),
     ):
         (avatar / "avatar.json").write_text(json.dumps({**saved, "config": {**saved["config"], **edit}}))
@@ -161,7 +161,7 @@ def test_a_written_pack_settings_file_is_validated_when_read_back(tmp_path):
     check_shard_resolution(tmp_path, cfg)
     for edit, named in (
         ({"resolution": "big"}, "resolution: Input should be a valid integer"),
-        ({"resolutoin": 32}, "resolutoin: Extra inputs are not permitted"),
+        ({"resolutoin": 32}, "unknown field resolutoin"),
     ):
         path.write_text(json.dumps({**record, **edit}))
         with pytest.raises(PackError) as refused:
