@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.images import read_image
+from geodiff4d.core.io.images import read_image, to_float
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
@@ -126,7 +126,7 @@ class FolderSource:
         masks = None
         if self.mask_root is not None:
             m, _, _ = self._frames(Path(self.mask_root), subject, sequence, camera, gray=True)
-            masks = m.astype(np.float32) / 255.0
+            masks = to_float(m)
         return Clip(frames, masks, fps, source)
 
 

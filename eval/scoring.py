@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 
+from geodiff4d.core.io.tensors import image_to_tensor
 from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.expression import expression_distance, make_expression_regressor
 from geodiff4d.eval.identity import cosine, embed, make_embedder
@@ -72,10 +73,6 @@ def composite_on_background(clip: Clip, alpha: np.ndarray, background: float) ->
     return Clip(np.rint(mixed).astype(np.uint8), clip.masks, clip.fps, clip.source)
 
 
-def _tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
-
-
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
@@ -106,7 +103,9 @@ def score_clip(
             sl = slice(start, start + PIXEL_BATCH)
             m = None if mask is None else mask[sl].to(device)
             values.append(
-                fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu()
+                fn(
+                    image_to_tensor(pred.frames[sl]).to(device), image_to_tensor(ref.frames[sl]).to(device), m
+                ).cpu()
             )
         columns[name] = torch.cat(values).tolist()
     if "csim" in metrics:
@@ -133,8 +132,8 @@ def score_clip(
     video_jod = math.nan
     if "jod" in metrics:
         video_jod = jod(
-            _tensor(pred.frames),
-            _tensor(ref.frames),
+            image_to_tensor(pred.frames),
+            image_to_tensor(ref.frames),
             fps=ref.fps,
             display=settings.jod_display,
             device=device,

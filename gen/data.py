@@ -8,13 +8,13 @@ anything, and one resumed elsewhere replays less than a segment. Both give the u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from geodiff4d.core.io.json_yaml import read_json
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving, make_loader
 from geodiff4d.datasets.shards import PACK_SETTINGS
 from geodiff4d.gen.config import GenConfig
@@ -47,8 +47,8 @@ def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
     """The loader does not resize: shards packed at another resolution would silently train another model."""
     path = Path(shards) / PACK_SETTINGS
     try:
-        packed = json.loads(path.read_text())["resolution"]
-    except (OSError, ValueError, KeyError) as err:
+        packed = read_json(path)["resolution"]
+    except (ValueError, KeyError) as err:  # DataFileError is a ValueError
         raise ValueError(
             f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?"
         ) from err
