@@ -44,13 +44,11 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _read_mp4(path: Path, gray: bool = False) -> tuple[np.ndarray, float]:
-    import av
+    """All frames and the frame rate (25 when the file does not say)."""
+    from geodiff4d.core.io.video import read_video, video_fps
 
-    from geodiff4d.core.io.video import read_video
-
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-    return read_video(path, gray=gray), float(rate) if rate else 25.0
+    fps = video_fps(path)
+    return read_video(path, gray=gray), fps if fps is not None else 25.0
 
 
 class ClipSource(Protocol):

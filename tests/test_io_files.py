@@ -17,6 +17,7 @@ from geodiff4d.core.io.json_yaml import (
     write_yaml,
 )
 from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
+from geodiff4d.core.io.video import read_video, video_fps, write_video
 
 
 def test_json_reads_name_the_file_and_take_a_stage_error(tmp_path):
@@ -84,3 +85,10 @@ def test_tensors_are_channel_first_and_files_channel_last():
     assert torch.equal(tensor[2, 1], torch.from_numpy(video[2, ..., 1] / np.float32(255)))
     assert np.array_equal(tensor_to_image(tensor), video)
     assert np.array_equal(tensor_to_image(tensor[0].requires_grad_()), video[0])  # detached, as files are
+
+
+def test_video_fps_is_read_from_the_container(tmp_path):
+    frames = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    write_video(tmp_path / "clip.mp4", frames, fps=30)
+    assert video_fps(tmp_path / "clip.mp4") == 30.0
+    assert read_video(tmp_path / "clip.mp4").shape == frames.shape
