@@ -10,7 +10,6 @@ Usage: python bench/ablations_proof.py --out /tmp/ablations-proof  (about 15-25 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from geodiff4d.core.io.json_yaml import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def main() -> None:
     again = run(config, out)
     print(f"rerun: stages run {sorted(again)}")
     assert not again, again
-    variants = json.loads((out / "variants.json").read_text())
+    variants = read_json(out / "variants.json")
     target = variants["no-joint-normals"]
     for key in ("model", "generated", "avatars"):
         shutil.rmtree(target[key])

@@ -11,7 +11,6 @@ Usage: python bench/ablations_results.py runs/ablations [--out bench/results/abl
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from collections import defaultdict
@@ -22,6 +21,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_end_to_end import generated_rows  # noqa: E402  (a sibling script)
+
+from geodiff4d.core.io.images import write_png
+from geodiff4d.core.io.json_yaml import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = [
@@ -38,7 +40,7 @@ def variant_grid(run: Path, subject: str, out: Path, zoom: int = 3) -> Path:
     """Per generated folder (variants.json; variants that change only reconstruction share one), the generated RGB
     row and normal row of ``subject``, labelled with the variants that sample it."""
     names: dict[str, list[str]] = defaultdict(list)  # generated folder -> the variants sampling it
-    for name, outputs in json.loads((run / "variants.json").read_text()).items():
+    for name, outputs in read_json(run / "variants.json").items():
         if "generated" in outputs:  # the oracle and baselines generate nothing
             names[outputs["generated"]].append(name)
     rows = []
@@ -50,7 +52,7 @@ def variant_grid(run: Path, subject: str, out: Path, zoom: int = 3) -> Path:
             label = Image.new("RGB", (LABEL_WIDTH, row.shape[0]), "white")
             ImageDraw.Draw(label).multiline_text((4, 4), "\n".join([*variants, domain]), fill="black")
             rows.append(np.concatenate([np.asarray(label), row], axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    write_png(out, np.concatenate(rows, axis=0), encoder="pillow")
     return out
 
 
@@ -58,7 +60,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
     """Seconds per kind of stage (the name before its first colon) from the stages' commit markers."""
     seconds: dict[str, float] = defaultdict(float)
     for marker in (run / "state").glob("*.stats.json"):
-        value = json.loads(marker.read_text()).get("seconds")
+        value = read_json(marker).get("seconds")
         if value is not None:
             seconds[marker.name.removesuffix(".stats.json").split(":")[0]] += value
     return dict(sorted(seconds.items(), key=lambda item: -item[1]))

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import skimage.data
 
+from geodiff4d.core.io.images import read_rgb8
 from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.landmarks import Landmarker, keypoint_distance, make_landmarker
 from geodiff4d.eval.model_files import packaged_photo
@@ -28,8 +29,8 @@ SIGMA = 1.0 / 255.0
 
 def photos() -> dict[str, np.ndarray]:
     """Single-face crops: scikit-image's astronaut, insightface's Tom Hanks and two faces of its t1.jpg group."""
-    group = cv2.cvtColor(cv2.imread(str(packaged_photo("t1.jpg"))), cv2.COLOR_BGR2RGB)
-    hanks = cv2.cvtColor(cv2.imread(str(packaged_photo("Tom_Hanks_54745.png"))), cv2.COLOR_BGR2RGB)
+    group = read_rgb8(packaged_photo("t1.jpg"))
+    hanks = read_rgb8(packaged_photo("Tom_Hanks_54745.png"))
     return {
         "astronaut": skimage.data.astronaut()[:320, 80:400].copy(),
         "tom_hanks": cv2.resize(hanks, (320, 320), interpolation=cv2.INTER_AREA),

@@ -13,7 +13,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from geodiff4d.core.io.images import write_png
+from geodiff4d.core.io.json_yaml import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,14 +45,13 @@ def make_run(run: Path, resolution: int, steps: int) -> None:
 
 
 def make_spec(work: Path, frames: int, views: int, cameras_per_unit: int, frames_per_unit: int) -> Path:
-    from PIL import Image
     from skimage import data
 
     from geodiff4d.datasets.flame import FlameParams
     from geodiff4d.datasets.frame_folder import write_tracking
     from geodiff4d.datasets.procedural_head import procedural_head_model
 
-    Image.fromarray(data.astronaut()[:384, 64:448]).save(work / "reference.png")
+    write_png(work / "reference.png", data.astronaut()[:384, 64:448], encoder="pillow")
     head = procedural_head_model(0)
     driving = FlameParams.zeros(frames, head.n_shape, head.n_expr)
     driving.expression[:] = torch.from_numpy(np.random.default_rng(0).normal(0, 0.5, (frames, head.n_expr)))
@@ -90,9 +91,7 @@ def frames_per_second(spec: Path, out: Path, workers: int) -> tuple[float, float
     report = generate(spec, out, workers=workers, progress=False)
     seconds = time.perf_counter() - start
     assert report.ok and len(report.completed) > 0, report.summary()
-    windows = [
-        json.loads(f.read_text())["unit_window"] for f in (out / STATE / "commits").glob("*.stats.json")
-    ]
+    windows = [read_json(f)["unit_window"] for f in (out / STATE / "commits").glob("*.stats.json")]
     return total / seconds, total / (max(w[1] for w in windows) - min(w[0] for w in windows))
 
 

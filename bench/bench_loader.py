@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from geodiff4d.core.io.json_yaml import read_json
 from geodiff4d.core.runtime import connect, shutdown
 from geodiff4d.datasets.loader import LoaderConfig, Unit, collate, make_loader, worker_rng
 from geodiff4d.datasets.packing import pack
@@ -54,7 +54,7 @@ def read_units(folder: Path, recorded: dict[str, list[str]]) -> list[Unit]:
     samples = {
         key: {
             "__key__": key,
-            "meta": json.loads((folder / f"{key}.json").read_bytes()),
+            "meta": read_json(folder / f"{key}.json"),
             **{member: (folder / f"{key}.{member}").read_bytes() for member in members},
         }
         for key, members in batch_files(recorded).items()

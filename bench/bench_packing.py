@@ -16,7 +16,6 @@ one GOP of decoding per shard and camera; x264's default GOP (250) is longer tha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from geodiff4d.core.io.json_yaml import read_json
 from geodiff4d.core.io.video import iter_video_range, read_video, write_video
 from geodiff4d.core.jobs import WorkUnit
 from geodiff4d.core.runtime import connect, shutdown
@@ -129,7 +129,7 @@ def in_process(
 
 
 def shard_stats(shards: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in stats_files(shards)]
+    return [read_json(p) for p in stats_files(shards)]
 
 
 def print_stages(stats: list[dict], samples: int, wall: float, workers: int) -> None:

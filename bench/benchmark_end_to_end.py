@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from PIL import Image
 
 from geodiff4d.cluster.benchmark_config import anchor_runs
+from geodiff4d.core.io.images import read_rgb8, write_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampling_bound import sampling_bound  # noqa: E402  (a sibling script)
@@ -94,11 +94,7 @@ def generated_rows(folder: Path, subject: str, views: int = 4, frames: int = 3) 
     picked = [names[i] for i in np.linspace(0, len(names) - 1, frames).round().astype(int)]
     return {
         domain: np.concatenate(
-            [
-                np.asarray(Image.open(folder / domain / subject / sequence.name / c / n).convert("RGB"))
-                for c in cameras
-                for n in picked
-            ],
+            [read_rgb8(folder / domain / subject / sequence.name / c / n) for c in cameras for n in picked],
             axis=1,
         )
         for domain in ("rgb", "normal")
@@ -116,7 +112,7 @@ def generated_grid(run: Path, out: Path, zoom: int = 3) -> Path:
         for row in generated_rows(method_folder, subject).values()
     ]
     grid = np.concatenate(rows, axis=0).repeat(zoom, axis=0).repeat(zoom, axis=1)
-    Image.fromarray(grid).save(out)
+    write_png(out, grid, encoder="pillow")
     return out
 
 

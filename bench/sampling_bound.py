@@ -15,7 +15,6 @@ Writes RUN/../RUN-sampling-bound-RATIO/ (frames and evaluation) and prints the b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from geodiff4d.core.io.images import read_rgb8, write_png
+from geodiff4d.core.io.json_yaml import read_json
 from geodiff4d.datasets.frame_folder import read_cameras
 from geodiff4d.eval.run import evaluate
 
@@ -31,7 +32,7 @@ from geodiff4d.eval.run import evaluate
 def sampling_ratio(run: Path, method: str) -> float:
     """Generated pixels per ground-truth pixel at the head: the median ratio of focal lengths of the generated
     crops' cameras and the capture's cameras of the same serials (a crop + resize only rescales K)."""
-    generated = Path(json.loads((run / "variants.json").read_text())[method]["generated"])
+    generated = Path(read_json(run / "variants.json")[method]["generated"])
     ratios = []
     for crops in sorted((generated / "cameras").glob("*/*.json")):
         capture = read_cameras(run / "frames" / "cameras" / crops.parent.name / crops.name)
@@ -50,13 +51,12 @@ def write_resampled(gt: Path, out: Path, ratio: float) -> int:
         count += 1
         if target.is_file():
             continue
-        image = cv2.imread(str(frame), cv2.IMREAD_COLOR)
+        image = read_rgb8(frame)
         h, w = image.shape[:2]
         low = cv2.resize(
             image, (max(1, round(w * ratio)), max(1, round(h * ratio))), interpolation=cv2.INTER_AREA
         )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(target), cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR))
+        write_png(target, cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR))
     return count
 
 

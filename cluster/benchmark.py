@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import yaml
 
 from geodiff4d.cluster.benchmark_config import (
     BenchmarkConfig,
@@ -36,11 +35,14 @@ from geodiff4d.cluster.benchmark_config import (
     gen_config_mapping,
     method_config,
 )
-from geodiff4d.core.config import read_mapping, validate
+from geodiff4d.core.config import validate
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import atomic_output, atomic_write_bytes, write_json_atomic
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.images import read_rgb8
+from geodiff4d.core.io.json_yaml import read_yaml, write_json, write_yaml
 from geodiff4d.core.jobs import CommitLog
 from geodiff4d.core.runtime import connect
+from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.core.stage_graph import GraphReport, StageGraph
 
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
@@ -290,8 +292,7 @@ class Benchmark:
         variant = method_config(self.config, method)
         folder = self.layout.models / self.model_key(method)
         config_path = folder / "config.yaml"
-        with atomic_output(config_path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.gen_mapping(method), sort_keys=False))
+        write_yaml(config_path, self.gen_mapping(method))
         shards = self.shards(method, "train")
         steps = variant.generation.train_steps
         for stage in (1, 2):
@@ -360,10 +361,7 @@ class Benchmark:
             ),
         }
         spec = out / "specs" / f"{subject.id}.yaml"
-        with atomic_output(spec) as tmp:
-            tmp.write_text(
-                yaml.safe_dump({"run": str(run), "seed": c.seed, "subjects": [entry]}, sort_keys=False)
-            )
+        write_yaml(spec, {"run": str(run), "seed": c.seed, "subjects": [entry]})
         report = generate(
             spec, out, workers=self.config.generation.workers, address=self.address, progress=False
         )
@@ -443,7 +441,7 @@ class Benchmark:
         from geodiff4d.eval.baselines import gt_noise, reference_copy
         from geodiff4d.eval.inputs import open_ground_truth
 
-        references = {path.stem: _read_rgb8(path) for path in self.layout.identity.glob("*.png")}
+        references = {path.stem: read_rgb8(path) for path in self.layout.identity.glob("*.png")}
         for protocol in self.config.protocols:
             gt = open_ground_truth(self.layout.gt(protocol) / "rgb")
             out = self.layout.pred(protocol, method.name) / "rgb"
@@ -737,18 +735,18 @@ class Benchmark:
                 self.commits.commit("data", self.synthesize())
             subjects = self.subjects()
         variants = {m.name: self.variant_outputs(m) for m in self.config.methods if m.kind != "external"}
-        write_json_atomic(self.layout.root / "variants.json", variants)
+        write_json(self.layout.root / "variants.json", variants)
         return self.graph(subjects).run(parallel)
 
 
 def _remember_config(path: Path, config: BenchmarkConfig) -> None:
     """The run folder keeps its config; a rerun with another config is refused rather than mixed in (compared as
     validated configs, so a field added to the schema later, at its default, is the same config)."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    if path.is_file() and validate(path, read_mapping(path), BenchmarkConfig) != config:
-        raise BenchmarkError(f"{path.parent} was run with another config ({path}); use a new --out folder")
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
+    now = config.model_dump(mode="json")
+    if path.is_file():
+        stored = validate(path, read_yaml(path, BenchmarkError), BenchmarkConfig).model_dump(mode="json")
+        refuse_differences(path, settings_differences(stored, now), BenchmarkError, "use a new --out folder")
+    write_yaml(path, now)
 
 
 def _link(target: Path, link: Path) -> None:
@@ -759,9 +757,3 @@ def _link(target: Path, link: Path) -> None:
     if link.is_symlink() or link.exists():
         shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
     link.symlink_to(target)
-
-
-def _read_rgb8(path: Path) -> np.ndarray:
-    from geodiff4d.core.io.images import read_rgb8
-
-    return read_rgb8(path)

@@ -14,10 +14,10 @@ import importlib.resources
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.json_yaml import read_yaml
 
 
 class ConfigError(UserError, ValueError):
@@ -106,10 +106,7 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     path = resolve_config(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    raw = read_yaml(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     return raw

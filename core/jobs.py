@@ -15,7 +15,6 @@ torch threads (:func:`use_cpus`), so one worker on a laptop uses every core and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from geodiff4d.core.config import ConfigError
-from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.json_yaml import read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -81,10 +80,10 @@ class CommitLog:
         return self.marker(unit_id).is_file()
 
     def commit(self, unit_id: str, stats: dict[str, Any]) -> None:
-        write_json_atomic(self.marker(unit_id), stats)
+        write_json(self.marker(unit_id), stats)
 
     def stats(self, unit_id: str) -> dict[str, Any]:
-        return json.loads(self.marker(unit_id).read_text())
+        return read_json(self.marker(unit_id))
 
 
 def worker_cpus(workers: int, requested: float | None = None) -> float:

@@ -8,19 +8,18 @@ those names can replace them). :func:`export_frame_folder` turns a (procedural) 
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import atomic_output, atomic_write_bytes
-from geodiff4d.core.io.images import read_image
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.images import from_float, read_image, to_float, write_png
+from geodiff4d.core.io.json_yaml import read_json, write_json
+from geodiff4d.core.io.tensors import tensor_to_image
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
@@ -62,25 +61,17 @@ def tracking_path(root: Path, subject: str, sequence: str) -> Path:
 
 
 def read_cameras(path: Path) -> dict[str, Camera]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FrameFolderError(f"{path}: cannot read cameras: {exc}") from exc
+    data = read_json(path, FrameFolderError)
     return {serial: Camera.from_json(value, source=f"{path}[{serial}]") for serial, value in data.items()}
 
 
 def write_cameras(path: Path, cameras: dict[str, Camera]) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps({serial: cam.to_json() for serial, cam in cameras.items()}, indent=1))
+    write_json(path, {serial: cam.to_json() for serial, cam in cameras.items()}, indent=1, sort_keys=False)
 
 
 def write_tracking(path: Path, params: FlameParams, frames: np.ndarray | None = None) -> None:
     """FLAME parameters per frame in NeRSemble's tracking names (``frames`` defaults to 0..T-1)."""
     write_nersemble_tracking(path, params, frames)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    return read_image(path).astype(np.float32) / 255.0
 
 
 def _camera_dirs(root: Path, subject: str, sequence: str, cameras: list[str] | None) -> list[Path]:
@@ -116,9 +107,11 @@ def iter_frames(
             if frames is not None and int(rgb_path.stem) not in frames:
                 continue
             rel = rgb_path.relative_to(root / "rgb")
-            rgb = _read_png(rgb_path)[..., :3]
+            rgb = to_float(read_image(rgb_path))[..., :3]
             mask_path, normal_path = root / "mask" / rel, root / "normal" / rel
-            mask = _read_png(mask_path) if mask_path.is_file() else np.ones(rgb.shape[:2], np.float32)
+            mask = (
+                to_float(read_image(mask_path)) if mask_path.is_file() else np.ones(rgb.shape[:2], np.float32)
+            )
             mask = mask[..., 0] if mask.ndim == 3 else mask
             normal = decode_normal_png(normal_path)[0] if normal_path.is_file() else None
             yield FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal)
@@ -138,12 +131,6 @@ def read_frames(
     return images
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def frame_relpath(subject: str, sequence: str, camera: str, frame: int) -> Path:
     return Path(subject) / sequence / camera / f"{frame:05d}.png"
 
@@ -161,9 +148,9 @@ def write_frame(
     """Write rgb [3,H,W], mask (alpha > 0.5) and unit normal [3,H,W] PNGs of one frame, atomically."""
     rel = frame_relpath(subject, sequence, camera, frame)
     mask = alpha.detach().cpu().numpy() > 0.5
-    rgb8 = (rgb.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    atomic_write_bytes(Path(root) / "rgb" / rel, _png_bytes(rgb8))
-    atomic_write_bytes(Path(root) / "mask" / rel, _png_bytes((mask * 255).astype(np.uint8)))
+    rgb8 = tensor_to_image(rgb, rounding="half_up")
+    write_png(Path(root) / "rgb" / rel, rgb8, encoder="pillow")
+    write_png(Path(root) / "mask" / rel, from_float(mask.astype(np.float32)), encoder="pillow")
     if normal is not None:
         normal_hwc = normal.detach().cpu().permute(1, 2, 0).numpy()
         atomic_write_bytes(Path(root) / "normal" / rel, encode_normal_png(normal_hwc, mask))
@@ -186,10 +173,9 @@ def export_frame_folder(
             for serial in dataset.sequence_serials(subject, sequence):
                 for frame in dataset.frames(subject, sequence, serial):
                     rel = frame_relpath(subject, sequence, serial, frame.frame)
-                    atomic_write_bytes(out / "rgb" / rel, _png_bytes(frame.rgb))
+                    write_png(out / "rgb" / rel, frame.rgb, encoder="pillow")
                     if frame.alpha is not None:
-                        alpha8 = np.clip(np.rint(frame.alpha * 255), 0, 255).astype(np.uint8)
-                        atomic_write_bytes(out / "mask" / rel, _png_bytes(alpha8))
+                        write_png(out / "mask" / rel, from_float(frame.alpha), encoder="pillow")
                     normal = gt_normal_path(nersemble_root, subject, sequence, serial, frame.frame)
                     if normal.is_file():
                         atomic_write_bytes(out / "normal" / rel, normal.read_bytes())

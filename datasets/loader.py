@@ -10,7 +10,6 @@ comes from ``numpy.random.Generator`` instances seeded by (seed, source, rank, w
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ import webdataset as wds
 from torch import Tensor
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.images import decode_image
+from geodiff4d.core.io.images import decode_image, to_float
+from geodiff4d.core.io.json_yaml import parse_json
 from geodiff4d.datasets.manifest import read_manifest
 
 KINDS = ("frame", "pair", "clip")
@@ -97,7 +97,7 @@ def shard_buffers(shards: Iterator[dict[str, str]]) -> Iterator[list[dict[str, A
     for shard in shards:
         buffer = list(read(iter([shard])))
         for sample in buffer:
-            sample["meta"] = json.loads(sample["json"])
+            sample["meta"] = parse_json(sample["json"], f"sample {sample['__key__']}")
         yield buffer
 
 
@@ -222,10 +222,9 @@ def unit_stream(shard_dir: str | os.PathLike, config: LoaderConfig) -> Iterator[
 
 def _decode_png(data: bytes, key: str) -> np.ndarray:
     image = decode_image(data, f"sample {key}")
-    scale = np.float32(65535.0 if image.dtype == np.uint16 else 255.0)
     if image.ndim == 2:
-        return (image / scale)[None]  # [1, H, W]
-    return np.ascontiguousarray(image[..., :3].transpose(2, 0, 1)) / scale  # RGB [H, W, 3] -> [3, H, W]
+        return to_float(image)[None]  # [1, H, W]
+    return to_float(np.ascontiguousarray(image[..., :3].transpose(2, 0, 1)))  # RGB [H, W, 3] -> [3, H, W]
 
 
 class BatchImages:

@@ -7,7 +7,6 @@ exactly the committed shards, and it is written to a temp name and renamed.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.core.io.json_yaml import read_json
 from geodiff4d.datasets.shards import MemberRecord, group_members
 
 MANIFEST_NAME = "manifest.parquet"
@@ -83,7 +83,7 @@ def stats_files(out: str | os.PathLike) -> list[Path]:
 
 def _rows(stats_path: Path) -> list[dict[str, Any]]:
     try:
-        stats = json.loads(stats_path.read_text())
+        stats = read_json(stats_path)
         tar_name = stats["tar"]
         rows = [dict(sample, shard=tar_name) for sample in stats["samples"]]
         for row in rows:

@@ -11,7 +11,6 @@ frames or parameters would poison training data without any visible symptom.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.io.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
@@ -55,10 +54,6 @@ class NersembleFrame:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2) + "\n").encode()
-
-
 def write_camera_params(
     path: str | os.PathLike, cameras: Mapping[str, Camera], variant: Literal["benchmark", "raw"] = "benchmark"
 ) -> None:
@@ -75,26 +70,16 @@ def write_camera_params(
         if any(not np.array_equal(cam.K, shared) for cam in cameras.values()):
             raise ValueError(f"{path}: the raw variant stores one shared intrinsics matrix; cameras differ")
         data["intrinsics"] = shared.tolist()
-    atomic_write_bytes(path, _json_bytes(data))
+    write_json(path, data, indent=2, sort_keys=False, newline=True)
 
 
 def write_color_calibration(path: str | os.PathLike, matrices: Mapping[str, np.ndarray]) -> None:
     """color_calibration.json: serial -> (3, terms) colour correction matrix (see ``colour_calibration``)."""
-    atomic_write_bytes(
-        path, _json_bytes({s: np.asarray(m, np.float64).tolist() for s, m in matrices.items()})
-    )
+    matrices = {s: np.asarray(m, np.float64).tolist() for s, m in matrices.items()}
+    write_json(path, matrices, indent=2, sort_keys=False, newline=True)
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise NersembleError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NersembleError(f"{path}: malformed JSON: {exc}") from exc
 
 
 def _matrix(value: Any, shape: tuple[int, int], path: Path, field: str) -> np.ndarray:
@@ -146,7 +131,7 @@ class NersembleDataset:
     def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         if subject not in self._calibration:
             path = self.camera_params_path(subject)
-            data = _read_json(path)
+            data = read_json(path, NersembleError)
             if not isinstance(data, dict) or not isinstance(data.get("world_2_cam"), dict):
                 raise NersembleError(f"{path}: missing 'world_2_cam' (serial -> 4x4)")
             if "intrinsics" not in data:
@@ -221,7 +206,7 @@ class NersembleDataset:
         path = self.root / subject / "calibration" / "color_calibration.json"
         if not path.exists():
             return None
-        data = _read_json(path)
+        data = read_json(path, NersembleError)
         if not isinstance(data, dict):
             raise NersembleError(f"{path}: expected an object serial -> colour correction matrix")
         matrices = {}

@@ -12,7 +12,6 @@ resolution), json. The shard stats record decoded vs packed video frames and sec
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,11 +27,12 @@ from pydantic import field_validator
 
 from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import write_json_atomic
-from geodiff4d.core.io.images import encode_png, read_rgb8
+from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
+from geodiff4d.core.io.json_yaml import json_bytes, parse_json, read_json
 from geodiff4d.core.io.video import DecodeCount
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
+from geodiff4d.core.settings_match import require_same_settings
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
@@ -389,12 +389,7 @@ def read_pack_settings(folder: str | os.PathLike) -> PackSettings:
     shard limits and the listing digest), validated like any config: a bad value is refused naming the file
     and the field."""
     path = Path(folder) / PACK_SETTINGS
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PackError(
-            f"{path}: cannot read the pack settings ({err}); is {folder} a geodiff4d pack output?"
-        ) from err
+    found = read_json(path, PackError)
     if not isinstance(found, dict):
         raise PackError(f"{path}: not a pack settings mapping; is {folder} a geodiff4d pack output?")
     return validate(path, {k: v for k, v in found.items() if k not in PACK_RECORD}, PackSettings)
@@ -481,7 +476,7 @@ class PackJob:
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
         path = self.out / f"{plan.name}.tar"
-        ids = {s["__key__"]: json.loads(s["json"]) for s in samples}
+        ids = {s["__key__"]: parse_json(s["json"], s["__key__"]) for s in samples}
         with self.clock("write"):
             records = write_shard(path, samples)
         stats = shard_stats(path, ids, records)
@@ -499,14 +494,14 @@ class PackJob:
     def _sample(self, ref: SampleRef, enc: _Encoded) -> dict[str, Any]:
         with self.clock("encode"):
             meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
-            mask8 = np.rint(np.clip(enc.mask, 0, 1) * 255).astype(np.uint8)
+            mask8 = from_float(enc.mask)
             return {
                 "__key__": ref.key,
                 "rgb.png": encode_png(enc.rgb),
                 "mask.png": encode_png(mask8),
                 "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
                 "posemap.png": encode_normal_png(enc.posemap, enc.posemap_mask),
-                "json": json.dumps(meta, sort_keys=True).encode(),
+                "json": json_bytes(meta, indent=None, sort_keys=True),
             }
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
@@ -638,7 +633,7 @@ class PackJob:
             with self.clock("crop"):
                 box = square_box(*(_mask_box(item.alpha) or (0, 0, item.camera.width, item.camera.height)))
                 camera = item.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
-                rgb = crop(np.rint(item.rgb * 255).astype(np.uint8), box, res)
+                rgb = crop(from_float(item.rgb), box, res)
                 mask = crop(item.alpha, box, res)
             with self.clock("normal"):
                 normal, normal_mask = crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res)
@@ -817,15 +812,11 @@ def _check_settings(
         "max_shard_bytes": max_shard_bytes,
         "listing_sha256": digest,
     }
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found.get("listing_sha256", digest) != digest:
-            raise PackError(
-                f"{path}: the input listing changed since this folder was packed (samples added or removed; "
-                f"listing sha256 {found['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
-                "manifest would be stale; pack into a new output folder"
-            )
-        if found != wanted:
-            raise PackError(f"{path} was written with {found}, not {wanted}: use another output folder")
-        return
-    write_json_atomic(path, wanted)
+    stored = read_json(path, PackError) if path.exists() else {}
+    if stored.get("listing_sha256", digest) != digest:
+        raise PackError(
+            f"{path}: the input listing changed since this folder was packed (samples added or removed; "
+            f"listing sha256 {stored['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
+            "manifest would be stale; pack into a new output folder"
+        )
+    require_same_settings(path, wanted, error=PackError)

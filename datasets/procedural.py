@@ -8,22 +8,21 @@ atomically, so an interrupted ``synth`` resumes and a finished one does no work.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import model_validator
 
 from geodiff4d.core.config import StrictConfig
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.images import from_float, write_jpeg
 from geodiff4d.core.io.video import write_video
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
+from geodiff4d.core.settings_match import require_same_settings
 from geodiff4d.datasets.cameras import NERSEMBLE_LAYOUT, Camera, look_at_camera, nersemble_rig
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import TRACKING_V2, write_nersemble_tracking, write_npz
@@ -136,10 +135,6 @@ def background(camera: Camera, serial: str) -> np.ndarray:
     return np.broadcast_to(ramp * colour, (camera.height, camera.width, 3)).copy()
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-
-
 def composite(render_rgb: torch.Tensor, mask: torch.Tensor, backdrop: np.ndarray) -> np.ndarray:
     rgb = render_rgb.permute(1, 2, 0).numpy()
     alpha = mask.numpy()[..., None]
@@ -171,8 +166,10 @@ class SynthJob:
         texture = skin_texture(self.model, identity_seed=spec.seed * 100_003 + index)
         write_camera_params(partial / "calibration" / "camera_params.json", self.cameras, variant="benchmark")
         for serial, camera in self.cameras.items():
-            Image.fromarray(to_uint8(background(camera, serial))).save(
-                _mkparent(partial / "sequences" / "BACKGROUND" / f"image_{serial}.jpg"), quality=95
+            write_jpeg(
+                partial / "sequences" / "BACKGROUND" / f"image_{serial}.jpg",
+                from_float(background(camera, serial)),
+                quality=95,
             )
         for sequence in SEQUENCE_NAMES[: spec.sequences]:
             params = sequence_params(self.model, shape, spec.frames, rng)
@@ -194,8 +191,8 @@ class SynthJob:
             rgb, alpha = [], []
             for frame in frames:
                 render = render_head(self.model, params[int(frame)], camera, texture)
-                rgb.append(to_uint8(composite(render.rgb, render.mask, backdrop)))
-                alpha.append(to_uint8(render.mask.numpy()))
+                rgb.append(from_float(composite(render.rgb, render.mask, backdrop)))
+                alpha.append(from_float(render.mask.numpy()))
                 normal_png = encode_normal_png(render.normal, render.mask)
                 path = gt_normal_path(root.parent, root.name, sequence, serial, int(frame))
                 _mkparent(path).write_bytes(normal_png)
@@ -224,8 +221,8 @@ class SynthJob:
             write_synthhuman_sample(
                 root,
                 index,
-                rgb=to_uint8(composite(render.rgb, render.mask, backdrop)),
-                alpha=to_uint8(render.mask.numpy()),
+                rgb=from_float(composite(render.rgb, render.mask, backdrop)),
+                alpha=from_float(render.mask.numpy()),
                 depth_m=render.depth.numpy(),
                 normal_ours=render.normal.permute(1, 2, 0).numpy(),
                 K=camera.K,
@@ -275,11 +272,4 @@ def synthesize(
 
 def _check_spec(out: Path, spec: SynthSpec) -> None:
     """Resuming into a folder written with another spec would mix data sets: refuse it."""
-    path = out / "synth_spec.json"
-    wanted = spec.model_dump()
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found != wanted:
-            raise SynthSpecError(f"{path} was written with {found}, not {wanted}: use another output folder")
-        return
-    write_json_atomic(path, wanted)
+    require_same_settings(out / "synth_spec.json", spec.model_dump(), error=SynthSpecError)

@@ -19,7 +19,7 @@ import numpy as np
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.core.io.exr import ExrError, read_exr, write_exr
-from geodiff4d.core.io.images import read_image, to_float, write_png
+from geodiff4d.core.io.images import from_float, read_image, to_float, write_png
 from geodiff4d.datasets.cameras import Camera, CameraError
 from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS, angular_error_deg, normals_from_depth, unit
 
@@ -52,13 +52,6 @@ def member_path(root: str | os.PathLike, index: int, member: str) -> Path:
     return Path(root) / f"{member}_{index:07d}{_SUFFIX[member]}"
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def write_synthhuman_sample(
     root: str | os.PathLike,
     index: int,
@@ -69,7 +62,7 @@ def write_synthhuman_sample(
     K: np.ndarray,
 ) -> None:
     """Write one sample. rgb [H,W,3] and alpha [H,W] uint8 or float [0,1]; depth_m 0 = invalid; normals ours."""
-    rgb, alpha = _to_uint8(rgb), _to_uint8(alpha)
+    rgb, alpha = from_float(rgb), from_float(alpha)
     depth_m = np.asarray(depth_m, dtype=np.float64)
     normal_ours = np.asarray(normal_ours, dtype=np.float64)
     height, width = depth_m.shape

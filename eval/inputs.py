@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.images import read_image
+from geodiff4d.core.io.images import read_image, to_float
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 NERSEMBLE_FRONTAL = "222200037"  # the rig's centre camera, facing the subject at eye level
@@ -44,13 +44,11 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _read_mp4(path: Path, gray: bool = False) -> tuple[np.ndarray, float]:
-    import av
+    """All frames and the frame rate (25 when the file does not say)."""
+    from geodiff4d.core.io.video import read_video, video_fps
 
-    from geodiff4d.core.io.video import read_video
-
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-    return read_video(path, gray=gray), float(rate) if rate else 25.0
+    fps = video_fps(path)
+    return read_video(path, gray=gray), fps if fps is not None else 25.0
 
 
 class ClipSource(Protocol):
@@ -126,7 +124,7 @@ class FolderSource:
         masks = None
         if self.mask_root is not None:
             m, _, _ = self._frames(Path(self.mask_root), subject, sequence, camera, gray=True)
-            masks = m.astype(np.float32) / 255.0
+            masks = to_float(m)
         return Clip(frames, masks, fps, source)
 
 

@@ -7,7 +7,6 @@ fingerprints of every input (a rerun with other settings or changed inputs is re
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,12 @@ import numpy as np
 import pandas as pd
 
 from geodiff4d.core.errors import WorkFailed
-from geodiff4d.core.io.atomic import atomic_output, write_json_atomic
+from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.core.io.images import read_rgb8
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
+from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
     Clip,
@@ -227,21 +228,20 @@ def input_fingerprints(
 
 
 def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
-    """What differs from the run's recorded inputs in a way that would mix stale scores with new ones (nothing
-    while no unit is committed: then there is nothing stale to mix)."""
+    """What differs from the run's recorded inputs in a way that would mix stale scores with new ones, as
+    ``field: stored -> now`` (nothing while no unit is committed: then there is nothing stale to mix). The
+    settings, the shared inputs and the predictions of committed units count; a new unit does not."""
     if not any(committed.folder.glob(committed.marker("*").name)):
         return []
-    changed = [] if previous.get("settings") == current["settings"] else ["settings"]
-    before, now = previous.get("inputs", {}), current["inputs"]
-    changed += [
-        k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]
-    ]
-    changed += [
-        f"predictions of {unit}"
-        for unit, digest in now["units"].items()
-        if committed.is_committed(unit) and before.get("units", {}).get(unit) != digest
-    ]
-    return changed
+    scored = [unit for unit in current["inputs"]["units"] if committed.is_committed(unit)]
+
+    def counted(meta: dict) -> dict:
+        inputs = meta.get("inputs", {})
+        shared = {k: inputs.get(k) for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal")}
+        units = {f"predictions of {unit}": inputs.get("units", {}).get(unit) for unit in scored}
+        return {"settings": meta.get("settings"), **shared, **units}
+
+    return settings_differences(counted(previous), counted(current))
 
 
 def _checked_settings(
@@ -287,14 +287,12 @@ def _record_run(out: Path, meta: dict, committed: CommitLog) -> None:
     """Write run.json, refusing a rerun whose settings or inputs changed since units were scored."""
     meta_path = out / "run.json"
     if meta_path.is_file():
-        previous = json.loads(meta_path.read_text())
-        changed = changed_inputs(previous, meta, committed)
-        if changed:
-            raise InputError(
-                f"{meta_path}: {', '.join(changed)} changed since units were scored; use a new --out folder"
-            )
+        previous = read_json(meta_path, InputError)
+        refuse_differences(
+            meta_path, changed_inputs(previous, meta, committed), InputError, "use a new --out folder"
+        )
         meta["inputs"]["units"] = {**previous.get("inputs", {}).get("units", {}), **meta["inputs"]["units"]}
-    write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta)
 
 
 def evaluate(
@@ -369,5 +367,5 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return (
         pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
         pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
-        json.loads(meta_path.read_text()),
+        read_json(meta_path),
     )

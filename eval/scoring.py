@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 
+from geodiff4d.core.io.tensors import image_to_tensor
 from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.expression import expression_distance, make_expression_regressor
 from geodiff4d.eval.identity import cosine, embed, make_embedder
@@ -72,12 +73,30 @@ def composite_on_background(clip: Clip, alpha: np.ndarray, background: float) ->
     return Clip(np.rint(mixed).astype(np.uint8), clip.masks, clip.fps, clip.source)
 
 
-def _tensor(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
-
-
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
+
+
+def _pixel_columns(
+    models: MetricModels, pred: Clip, ref: Clip, mask: torch.Tensor | None
+) -> dict[str, list[float]]:
+    """PSNR, SSIM and LPIPS per frame (those requested), computed in batches of ``PIXEL_BATCH`` frames."""
+    metrics, device, n = set(models.settings.metrics), models.settings.device, len(pred.frames)
+    columns: dict[str, list[float]] = {}
+    for name, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", models.lpips)):
+        if name not in metrics:
+            continue
+        if fn is None:  # LPIPS weights missing: reported as unavailable, no number filled in
+            columns[name] = [math.nan] * n
+            continue
+        values = []
+        for start in range(0, n, PIXEL_BATCH):
+            sl = slice(start, start + PIXEL_BATCH)
+            m = None if mask is None else mask[sl].to(device)
+            predicted, reference = image_to_tensor(pred.frames[sl]), image_to_tensor(ref.frames[sl])
+            values.append(fn(predicted.to(device), reference.to(device), m).cpu())
+        columns[name] = torch.cat(values).tolist()
+    return columns
 
 
 def score_clip(
@@ -89,26 +108,10 @@ def score_clip(
     compares each predicted frame with that source image instead of the reference frame.
     """
     metrics, settings = set(models.settings.metrics), models.settings
-    n = len(pred.frames)
-    columns: dict[str, list[float]] = {}
     mask = torch.from_numpy(ref.masks).float() if settings.masked and ref.masks is not None else None
     if settings.masked and ref.masks is None and metrics & {"psnr", "ssim", "lpips"}:
         raise ValueError(f"masked evaluation needs ground-truth masks, none for {ref.source}")
-    device = settings.device
-    for name, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", models.lpips)):
-        if name not in metrics:
-            continue
-        if fn is None:  # LPIPS weights missing: reported as unavailable, no number filled in
-            columns[name] = [math.nan] * n
-            continue
-        values = []
-        for start in range(0, n, PIXEL_BATCH):
-            sl = slice(start, start + PIXEL_BATCH)
-            m = None if mask is None else mask[sl].to(device)
-            values.append(
-                fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu()
-            )
-        columns[name] = torch.cat(values).tolist()
+    columns: dict[str, list[float]] = _pixel_columns(models, pred, ref, mask)
     if "csim" in metrics:
         ref_embedding = embed(models.embedder, identity) if identity is not None else None
         columns["csim"] = [
@@ -133,10 +136,10 @@ def score_clip(
     video_jod = math.nan
     if "jod" in metrics:
         video_jod = jod(
-            _tensor(pred.frames),
-            _tensor(ref.frames),
+            image_to_tensor(pred.frames),
+            image_to_tensor(ref.frames),
             fps=ref.fps,
             display=settings.jod_display,
-            device=device,
+            device=settings.device,
         )
     return columns, video_jod

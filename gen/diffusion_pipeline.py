@@ -9,7 +9,6 @@ by model_index.json's `_class_name: [module, class]`; `save_folder` writes that 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import PixelLatents, VaeLatents
 from geodiff4d.gen.pipeline import Guidance, SampleOutput, denoise_views, latent_shape
@@ -110,9 +110,9 @@ class GeoDiff4DPipeline(DiffusionPipeline):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         self.save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
+        index = read_json(tmp / "model_index.json")
         index["_class_name"] = [MODULE_NAME, type(self).__name__]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        write_json(tmp / "model_index.json", index, indent=2, sort_keys=True)
         (tmp / f"{MODULE_NAME}.py").write_text(
             f"from {__name__} import {type(self).__name__}  # noqa: F401  (the class lives in geodiff4d)\n"
         )

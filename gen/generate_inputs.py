@@ -19,6 +19,7 @@ import torch
 
 from geodiff4d.core.config import ConfigError
 from geodiff4d.core.io.images import ImageError, read_rgb8
+from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
 from geodiff4d.datasets.cameras import HEAD_FIELD_OF_VIEW_M, Camera, CameraError, intrinsics, look_at_camera
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.frame_folder import FrameFolderError, read_cameras
@@ -164,7 +165,7 @@ class Resolver:
                 identity = self.fit(
                     index,
                     "reference",
-                    (sample["rgb"].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
+                    tensor_to_image(sample["rgb"], rounding="truncate"),
                     camera,
                     None,
                     ref.shards,
@@ -177,7 +178,7 @@ class Resolver:
         camera = self.frontal_camera(photo.shape[1], photo.shape[0])
         params = self.fit(index, "reference.image", photo, camera, identity, ref.image)
         box = self.head_box(params, camera)
-        rgb = torch.from_numpy(crop(photo, box, self.resolution).astype(np.float32) / 255).permute(2, 0, 1)
+        rgb = image_to_tensor(crop(photo, box, self.resolution))
         posemap = render_pose_map(self.head, params, self.square_camera(camera, box))
         return rgb.contiguous(), posemap, identity if identity is not None else params
 
@@ -281,7 +282,7 @@ class Resolver:
         for t in range(frames):
             x, y, side = self.head_box(motion[t], camera)
             masks[t, :, max(y, 0) : y + side, max(x, 0) : x + side] = 1
-        rgb = torch.from_numpy(video.astype(np.float32) / 255).permute(0, 3, 1, 2)
+        rgb = image_to_tensor(video)
         return self.crops(rgb, masks), motion
 
     def require(self, index: int, field: str, source, available: int, frames: int) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from geodiff4d.core.config import ConfigError
 from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.json_yaml import write_yaml
 from geodiff4d.gen.build import build_codec
 from geodiff4d.gen.checkpoint import resolve_init
 from geodiff4d.gen.config import GenConfig, load_config
@@ -38,9 +37,7 @@ def guidance(cfg: GenConfig) -> Guidance:
 def write_run_files(run: str | Path, cfg: GenConfig) -> None:
     """RUN/config.yaml and RUN/scheduler/scheduler_config.json, written atomically (training calls this)."""
     run = Path(run)
-    atomic_write_bytes(
-        run / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()
-    )
+    write_yaml(run / CONFIG_FILE, cfg.model_dump(mode="json"))
     atomic_write_bytes(run / SCHEDULER_FILE, sampler_scheduler(cfg).to_json_string().encode())
 
 

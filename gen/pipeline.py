@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.core.io.images import write_png
+from geodiff4d.core.io.tensors import tensor_to_image
 from geodiff4d.gen.denoiser import Conditions, JointDenoiser
 from geodiff4d.gen.latents import decode_domains
 
@@ -245,17 +246,8 @@ def sample_sequence(
     return SampleOutput(out.rgb[0], None if out.normal is None else out.normal[0], out.expression)
 
 
-def save_image(path: Path, image: torch.Tensor) -> None:
-    """[3, H, W] in [0,1] -> an 8-bit PNG at ``path``, written atomically."""
-    from PIL import Image
-
-    with atomic_output(path) as tmp:
-        Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(
-            tmp, format="PNG"
-        )
-
-
 def write_grid(path: Path, rows: list[torch.Tensor]) -> None:
     from torchvision.utils import make_grid
 
-    save_image(path, make_grid(torch.cat([r.cpu() for r in rows]), nrow=rows[0].shape[0], padding=1))
+    grid = make_grid(torch.cat([r.cpu() for r in rows]), nrow=rows[0].shape[0], padding=1)  # [3, H', W']
+    write_png(path, tensor_to_image(grid), encoder="pillow")

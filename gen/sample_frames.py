@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +17,10 @@ import numpy as np
 import torch
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import atomic_write_bytes, write_json_atomic
-from geodiff4d.core.io.images import decode_image, encode_png, to_float
+from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.images import decode_image, write_png
+from geodiff4d.core.io.json_yaml import parse_json, write_json
+from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
 from geodiff4d.datasets.frame_folder import frame_relpath
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.manifest import read_manifest
@@ -37,9 +38,9 @@ class SampleFramesError(UserError, ValueError):
 
 def _decode(data: bytes, channels: int) -> torch.Tensor:
     """PNG bytes -> float32 [channels, H, W] in [0, 1] (RGB order)."""
-    image = to_float(decode_image(data))
-    image = image[..., None] if image.ndim == 2 else image
-    return torch.from_numpy(np.ascontiguousarray(image[..., :channels].transpose(2, 0, 1)))
+    image = decode_image(data)
+    image = image[..., None] if image.ndim == 2 else image  # [H, W] -> [H, W, 1]
+    return image_to_tensor(image[..., :channels]).contiguous()
 
 
 def read_sequence(
@@ -57,7 +58,7 @@ def read_sequence(
     for shard in sorted(set(rows.shard)):
         for sample in iter_shard(Path(shards) / shard):
             if sample["__key__"] in wanted:
-                meta = json.loads(sample["json"])
+                meta = parse_json(sample["json"], f"{shard}: sample {sample['__key__']}")
                 found[(meta["camera"], int(meta["frame"]))] = {
                     "rgb": _decode(sample["rgb.png"], 3),
                     "mask": _decode(sample["mask.png"], 1),
@@ -88,26 +89,20 @@ def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: 
         raise SampleFramesError(f"{shards}: missing (camera, frame) samples {missing[:5]}")
 
 
-def _png8(image: torch.Tensor) -> bytes:
-    """[C, H, W] in [0, 1] -> 8-bit PNG bytes."""
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return encode_png(array[..., 0] if array.shape[2] == 1 else array)
-
-
 def write_camera_frames(
     root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int], result: SampleOutput
 ) -> None:
     """RGB, normal (16-bit, our convention) and mask PNGs of one camera; mask = foreground of the normals."""
     for i, frame in enumerate(frames):
         rel = frame_relpath(subject, sequence, camera, frame)
-        atomic_write_bytes(root / "rgb" / rel, _png8(result.rgb[i]))
+        write_png(root / "rgb" / rel, tensor_to_image(result.rgb[i]))
         if result.normal is not None:
             encoded = result.normal[i]  # [3, H, W], (n+1)/2
             mask = encoded[2] > FOREGROUND_Z
             atomic_write_bytes(
                 root / "normal" / rel, encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy())
             )
-            atomic_write_bytes(root / "mask" / rel, _png8(mask[None].float()))
+            write_png(root / "mask" / rel, tensor_to_image(mask[None].float())[..., 0])
 
 
 def write_latents(
@@ -207,7 +202,7 @@ def sample_to_frame_folder(
         rows += [result.rgb] + ([result.normal] if result.normal is not None else [])
         expression = result.expression
     write_latents(root, subject, sequence, frames, expression)
-    write_json_atomic(
+    write_json(
         root / "cameras" / subject / f"{sequence}.json", {c: _camera_entry(data, c, frames) for c in cameras}
     )
     grid = root / "grids" / subject / f"{sequence}.png"

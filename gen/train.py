@@ -23,6 +23,8 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from geodiff4d.core.config import ConfigError
+from geodiff4d.core.io.images import write_png
+from geodiff4d.core.io.tensors import tensor_to_image
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
     CHECKPOINTS,
@@ -39,7 +41,7 @@ from geodiff4d.gen.data import MakeBatches, check_shard_resolution, shard_batche
 from geodiff4d.gen.denoiser import JointDenoiser
 from geodiff4d.gen.latents import encode_domains
 from geodiff4d.gen.model_run import export_pipeline, write_run_files
-from geodiff4d.gen.pipeline import make_scheduler, sample_sequence, save_image
+from geodiff4d.gen.pipeline import make_scheduler, sample_sequence
 
 # (step, metrics, the checkpoint folder on rank 0 / None elsewhere): called by every rank at each checkpoint
 Publish = Callable[[int, dict, Path | None], None]
@@ -348,7 +350,7 @@ def _write_preview(model, ema, codec, batch, cfg, writer, out: Path, step: int) 
         ema.restore(params)
         model.train()
     writer.add_image("samples", grid, step)
-    save_image(out / "samples" / f"step_{step:07d}.png", grid)
+    write_png(out / "samples" / f"step_{step:07d}.png", tensor_to_image(grid), encoder="pillow")
 
 
 def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:

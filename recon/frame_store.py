@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from geodiff4d.core.io.images import from_float, to_float
+from geodiff4d.core.io.tensors import image_to_tensor
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.frame_folder import FrameImage
 from geodiff4d.recon.fit import View
@@ -39,10 +41,6 @@ class _CompactView:
         return self.rgb.nbytes + self.mask.nbytes + (self.normal.nbytes if self.normal is not None else 0)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
-
-
 class FrameStore(Sequence[View]):
     """A subject's training views, compact in memory; ``store[i]`` decodes view ``i`` to a float32 View."""
 
@@ -62,7 +60,7 @@ class FrameStore(Sequence[View]):
         quantized = None
         if normal is not None:
             quantized = np.rint(np.clip(normal, -1, 1) * NORMAL_LEVELS).astype(np.int8)
-        self._views.append(_CompactView(frame, world_to_cam, K, _to_uint8(rgb), _to_uint8(mask), quantized))
+        self._views.append(_CompactView(frame, world_to_cam, K, from_float(rgb), from_float(mask), quantized))
 
     def add_image(self, frame: int, camera: Camera, image: FrameImage) -> None:
         """One frame folder image seen by ``camera``, as the subject's frame ``frame``."""
@@ -96,8 +94,8 @@ class FrameStore(Sequence[View]):
 
 
 def _decode(view: _CompactView) -> View:
-    mask = torch.from_numpy(view.mask).float() / 255  # [H, W]
-    rgb = torch.from_numpy(view.rgb).permute(2, 0, 1).float() / 255 * mask  # [3, H, W] on black
+    mask = torch.from_numpy(to_float(view.mask))  # [H, W]
+    rgb = image_to_tensor(view.rgb) * mask  # [3, H, W] on black
     normal = None
     if view.normal is not None:
         unit = F.normalize(torch.from_numpy(view.normal).permute(2, 0, 1).float(), dim=0)  # [3, H, W]

@@ -7,7 +7,6 @@ is never redone. ``render_avatar`` renders a fitted avatar into a frame folder t
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pydantic import Field, model_validator
 from geodiff4d.core.config import StrictConfig, read_mapping, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.datasets import frame_folder as frame_io
@@ -355,13 +355,8 @@ def export_avatar(
                 refined = concat_params([deformer.params(offset + t) for t in range(params.batch_size)])
             frame_io.write_tracking(folder / "flame_refined" / f"{sequence}.npz", refined)
         offset += params.batch_size
-    with atomic_output(folder / "avatar.json") as tmp:
-        tmp.write_text(
-            json.dumps(
-                {"config": config.model_dump(), "sequences": data.sequences, "pixel_m": data.pixel_m},
-                indent=1,
-            )
-        )
+    avatar = {"config": config.model_dump(), "sequences": data.sequences, "pixel_m": data.pixel_m}
+    write_json(folder / "avatar.json", avatar, indent=1, sort_keys=False)
 
 
 def reconstruct(
@@ -471,7 +466,7 @@ def _avatar_meta(avatar: Path) -> dict:
         raise UserError(
             f"{avatar}: not an avatar folder (no avatar.json; geodiff4d recon writes one per subject)"
         )
-    return json.loads((avatar / "avatar.json").read_text())
+    return read_json(avatar / "avatar.json")
 
 
 def render_avatar(

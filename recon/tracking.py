@@ -18,7 +18,6 @@ parameters with the shape held, smoothed against the previous chunk's last frame
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,10 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from geodiff4d.core.config import StrictConfig
-from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.images import from_float
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.progress import progress_bar
+from geodiff4d.core.settings_match import settings_differences
 from geodiff4d.datasets import frame_folder
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameModel, FlameParams, euler_xyz_matrix, rodrigues
@@ -300,10 +301,10 @@ class ChunkCheckpoints:
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder = Path(folder)
         meta = self.folder / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
+        if meta.is_file() and settings_differences(read_json(meta), fingerprint):
             shutil.rmtree(self.folder)
         if not meta.is_file():
-            write_json_atomic(meta, fingerprint)
+            write_json(meta, fingerprint)
 
     def load(self, name: str, model: FlameModel) -> FlameParams | None:
         path = self.folder / f"{name}.npz"
@@ -437,7 +438,7 @@ def track_frame_folder(
         row = {frame: t for t, frame in enumerate(frames)}
         for im in images:
             t, c = row[im.frame], serials.index(im.camera)
-            rgb[t, c] = np.clip(np.rint(im.rgb * 255), 0, 255).astype(np.uint8)
+            rgb[t, c] = from_float(im.rgb)
             masks[t, c] = im.mask
             if im.normal is not None:
                 normals[t, c] = im.normal

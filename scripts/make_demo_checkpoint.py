@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.gen.checkpoint import CHECKPOINTS, WEIGHTS, latest_checkpoint
 from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.data import shard_batches
@@ -109,9 +110,9 @@ def add_seconds(runs: Path, seconds: dict[str, float]) -> dict[str, float]:
     """Each stage's seconds over the calls that trained these runs to their end (runs/seconds.json; a call killed
     by a time limit records nothing, so a resumed run's time is a lower bound)."""
     path = runs / "seconds.json"
-    total = json.loads(path.read_text()) if path.is_file() else {}
+    total = read_json(path) if path.is_file() else {}
     total = {k: round(total.get(k, 0.0) + seconds.get(k, 0.0), 1) for k in sorted({*total, *seconds})}
-    path.write_text(json.dumps(total))
+    write_json(path, total, indent=None, sort_keys=False)
     return total
 
 
@@ -125,7 +126,7 @@ def export(run: Path, out: Path, made: dict) -> None:
     shutil.copy2(run / SCHEDULER_FILE, tmp / SCHEDULER_FILE)
     shutil.copytree(latest / "ema", tmp / CHECKPOINTS / latest.name / "ema")
     made["sha256"] = hashlib.sha256((latest / "ema" / WEIGHTS).read_bytes()).hexdigest()
-    (tmp / "MADE.json").write_text(json.dumps(made, indent=2) + "\n")
+    write_json(tmp / "MADE.json", made, indent=2, sort_keys=False, newline=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from geodiff4d.core.io.images import from_float
 from geodiff4d.datasets.cameras import nersemble_rig
 from geodiff4d.datasets.flame import FlameModel, FlameParams
-from geodiff4d.datasets.procedural import background, composite, to_uint8
+from geodiff4d.datasets.procedural import background, composite
 from geodiff4d.datasets.render import render_head
 from geodiff4d.datasets.textures import skin_texture
 from geodiff4d.eval.expression import aed, make_expression_regressor
@@ -52,7 +53,7 @@ def _params(
 def _render(model: FlameModel, scene, params: FlameParams) -> np.ndarray:  # noqa: ANN001
     camera, _, texture = scene
     r = render_head(model, params, camera, texture)
-    return to_uint8(composite(r.rgb, r.mask, background(camera, FRONTAL)))  # [256, 256, 3] uint8
+    return from_float(composite(r.rgb, r.mask, background(camera, FRONTAL)))  # [256, 256, 3] uint8
 
 
 @pytest.fixture(scope="module")

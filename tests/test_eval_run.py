@@ -105,18 +105,21 @@ def test_resume_refuses_changed_inputs_and_composites(tmp_path, local_ray):
         and (pd.read_parquet(tmp_path / "plain" / "frames" / "avatar--s01--EXP-1.parquet")["psnr"] < 20).all()
     )  # the black backdrop against the studio's
 
-    with pytest.raises(InputError, match="fps changed"):
+    with pytest.raises(InputError, match="fps: 25.0 -> 30.0"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, fps=30.0, **common)
-    with pytest.raises(InputError, match="settings changed"):
+    with pytest.raises(InputError, match=r"settings\.background: 0\.5 -> 0\.25"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.25, **common)
     _write_tree(tmp_path / "pred" / "other", [studio] * 2)  # a new method: scored, nothing else redone
     again = evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     assert again.completed == ["other--s01--EXP-1"] and again.skipped == ["avatar--s01--EXP-1"]
     _write_tree(tmp_path / "pred" / "avatar", [studio] * 2)  # a committed unit's frames rewritten
-    with pytest.raises(InputError, match="predictions of avatar--s01--EXP-1 changed"):
+    with pytest.raises(
+        InputError,
+        match=r"run\.json was written with other settings.*\n  predictions of avatar--s01--EXP-1: \w+ -> \w+$",
+    ):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     _write_tree(tmp_path / "mask", [np.repeat(alpha[..., None], 3, axis=-1)] * 2)  # same masks, rewritten
-    with pytest.raises(InputError, match="gt_mask, predictions of avatar--s01--EXP-1 changed"):
+    with pytest.raises(InputError, match=r"\n  gt_mask: \w+ -> \w+\n  predictions of avatar--s01--EXP-1: "):
         evaluate(tmp_path / "pred", tmp_path / "gt", "self", out, background=0.5, **common)
     with pytest.raises(InputError, match="needs ground-truth masks: give --gt-mask"):
         evaluate(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from geodiff4d.core.io.atomic import write_json_atomic
+from geodiff4d.core.io.json_yaml import write_json
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 
 
@@ -32,7 +32,7 @@ class _WriteFiles:
         if unit.id == self.kill_once and not flag.exists():
             flag.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-        write_json_atomic(self.out / f"{unit.id}.json", unit.payload)
+        write_json(self.out / f"{unit.id}.json", unit.payload)
         return {"value": unit.payload["value"]}
 
 

@@ -121,7 +121,9 @@ def test_same_seed_gives_byte_identical_files(local_ray, tmp_path):
     assert len(files) > 20
     for rel in files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
-    with pytest.raises(ValueError, match="another output folder"):
+    with pytest.raises(
+        ValueError, match=r"synth_spec\.json was written with other settings.*\n(.*\n)*  subjects: 1 -> 2"
+    ):
         synthesize(
             first,
             SynthSpec(subjects=2, frames=2, cameras=2, resolution=64, synthetic=2, seed=3),

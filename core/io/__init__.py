@@ -1,2 +1,3 @@
-"""Reading and writing files, one place for each kind: atomic writes (``atomic``), images (``images``), EXR
-(``exr``) and video (``video``)."""
+"""Reading and writing files, one place for each kind: atomic writes (``atomic``), images and the float <-> image
+conversion (``images``; torch tensors in ``tensors``), EXR (``exr``), video (``video``), JSON and YAML
+(``json_yaml``)."""

@@ -205,6 +205,16 @@ def read_video(path: str | os.PathLike, gray: bool = False) -> np.ndarray:
     return np.stack(list(iter_video(path, gray=gray)))
 
 
+def video_fps(path: str | os.PathLike) -> float | None:
+    """Frames per second from the stream's average rate (no decoding); None when the container does not say."""
+    container = _open(path)
+    try:
+        rate = container.streams.video[0].average_rate
+        return float(rate) if rate else None
+    finally:
+        container.close()
+
+
 def video_frame_count(path: str | os.PathLike) -> int:
     """Frame count from the container index (no decoding); counts packets when the index lacks it."""
     container = _open(path)
