@@ -6,6 +6,7 @@ dependency of one stage never takes the others down.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,8 +54,21 @@ def main(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    wait_for_autoscaler: Annotated[
+        bool,
+        typer.Option(
+            "--wait-for-autoscaler",
+            help="Let workers that ask for more CPUs/GPUs than any node has wait for an autoscaler to add such "
+            "a node (default: stop at once, naming the request and what the cluster has). Same as "
+            "GEODIFF4D_WAIT_FOR_AUTOSCALER=1.",
+        ),
+    ] = False,
 ) -> None:
     """GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation."""
+    if wait_for_autoscaler:  # read where the workers are sized (core.jobs.worker_cpus)
+        from geodiff4d.core.jobs import WAIT_FOR_AUTOSCALER
+
+        os.environ[WAIT_FOR_AUTOSCALER] = "1"
 
 
 AddressOption = Annotated[

@@ -27,7 +27,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from geodiff4d.core.config import ConfigError
+from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import write_json_atomic
 
 
@@ -87,18 +87,57 @@ class CommitLog:
         return json.loads(self.marker(unit_id).read_text())
 
 
-def worker_cpus(workers: int, requested: float | None = None) -> float:
-    """CPUs each of ``workers`` actors asks Ray for: ``requested``, else all of Ray's CPUs divided by the
-    workers (at most one node's CPUs, at least one). Needs a connected Ray."""
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    total = sum(node_cpus) or float(os.cpu_count() or 1)
-    largest = max(node_cpus, default=total)
+WAIT_FOR_AUTOSCALER = "GEODIFF4D_WAIT_FOR_AUTOSCALER"  # "1": requests no node has may wait for new nodes
+
+
+class UnmeetableRequest(UserError, ValueError):
+    """Resources per worker that no node of the cluster has: Ray would wait forever for such a node."""
+
+
+def waits_for_autoscaler() -> bool:
+    """Whether requests no node has wait for an autoscaler (``geodiff4d --wait-for-autoscaler``) instead of
+    failing at once."""
+    return os.environ.get(WAIT_FOR_AUTOSCALER, "") not in ("", "0")
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _offer(nodes: list[dict[str, float]]) -> str:
+    """What the cluster's nodes offer, e.g. "1 node with 2 CPUs and 0 GPUs"."""
+    kinds = Counter((node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes)
+    return ", ".join(
+        f"{n} node{'s' * (n > 1)} with {cpus:g} CPUs and {gpus:g} GPUs"
+        for (cpus, gpus), n in sorted(kinds.items())
+    )
+
+
+def worker_cpus(workers: int, requested: float | None = None, gpus: float = 0) -> float:
+    """CPUs each of ``workers`` actors asks Ray for: ``requested``, else the CPUs of the nodes with ``gpus``
+    GPUs divided by the workers (at most one such node's CPUs, at least one). Needs a connected Ray.
+
+    A request that no node can meet (more CPUs or GPUs per worker than any node has) raises
+    :class:`UnmeetableRequest` naming it and what the cluster offers, unless :func:`waits_for_autoscaler`:
+    Ray itself would wait for such a node forever."""
+    if requested is not None and requested <= 0:
+        raise UnmeetableRequest(f"--cpus-per-worker {requested}: must be positive")
+    nodes = _alive_nodes()
+    fitting = [n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) >= gpus]
+    fitting = [cpus for cpus in fitting if requested is None or cpus >= requested]
+    if not fitting and not waits_for_autoscaler():
+        asked = [f"--cpus-per-worker {requested:g}"] if requested is not None else []
+        asked += [f"--gpus-per-worker {gpus:g}"] if gpus else []
+        raise UnmeetableRequest(
+            f"{' with '.join(asked)}: no node of the Ray cluster has that many per worker; "
+            f"it has {_offer(nodes) or 'no live node'} (run `geodiff4d --wait-for-autoscaler ...` if an "
+            f"autoscaler adds such nodes)"
+        )
     if requested is not None:
-        if not 0 < requested <= largest:
-            raise ConfigError(
-                f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node"
-            )
         return float(requested)
+    fitting = fitting or [n.get("CPU", 0.0) for n in nodes]  # waiting for new nodes: size by today's
+    total = sum(fitting) or float(os.cpu_count() or 1)
+    largest = max(fitting, default=total)
     return float(max(1, min(int(total // max(1, workers)), int(largest))))
 
 
@@ -187,7 +226,7 @@ def run_units(
         return report
     attempts: dict[str, int] = {}
     queue = list(reversed(pending))
-    actor_cpus = worker_cpus(min(workers, len(pending)), cpus_per_worker)
+    actor_cpus = worker_cpus(min(workers, len(pending)), cpus_per_worker, gpus_per_worker)
     # SPREAD: one node's loss takes the fewest workers with it, and every node's disks and NICs get used
     options = {
         "num_cpus": actor_cpus,

@@ -398,7 +398,7 @@ def train(
         connect(address)
     from geodiff4d.core.jobs import worker_cpus
 
-    cpus = worker_cpus(workers)
+    cpus = worker_cpus(workers, None, gpus_per_worker)
     resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
     trainer = TorchTrainer(
         _worker,

@@ -263,3 +263,21 @@ def test_ray_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, local_r
     )
     ema = "ema/diffusion_pytorch_model.safetensors"
     assert (latest / ema).read_bytes() == (reference / "checkpoints/step_0000008" / ema).read_bytes()
+
+
+@pytest.mark.timeout(60)  # Ray Train alone waits for a GPU node forever
+def test_training_on_more_gpus_than_a_node_has_stops_at_once(tmp_path, local_ray):
+    import yaml
+
+    from geodiff4d.core.jobs import UnmeetableRequest
+    from geodiff4d.gen.train import train
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    batches = make_batches_factory(2, 16, crop=16)
+    with pytest.raises(
+        UnmeetableRequest, match=r"^--gpus-per-worker 1: .* it has 1 node with 2 CPUs and 0 GPUs"
+    ):
+        train(
+            path, 1, None, tmp_path / "run", max_steps=1, gpus_per_worker=1, make_batches=batches, quiet=True
+        )
