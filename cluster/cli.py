@@ -220,7 +220,10 @@ def train(
     workers: Annotated[
         int, typer.Option(min=1, help="Ray Train workers (DDP); the config's batch sizes are global.")
     ] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(min=0, help="GPUs per worker (0: CPU; default: 1 when the cluster has GPUs, else 0)."),
+    ] = None,
     max_failures: Annotated[
         int, typer.Option(min=0, help="Restarts from the last checkpoint after a worker dies.")
     ] = 3,
@@ -292,8 +295,12 @@ def generate(
     ],
     workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding the pipeline.")] = 1,
     gpus_per_worker: Annotated[
-        float, typer.Option(min=0, help="GPUs per actor (fractions share a GPU; 0: CPU).")
-    ] = 0,
+        float | None,
+        typer.Option(
+            min=0,
+            help="GPUs per actor (fractions share a GPU; 0: CPU; default: 1 when the cluster has GPUs, else 0).",
+        ),
+    ] = None,
     address: AddressOption = None,
 ) -> None:
     """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""

@@ -141,6 +141,50 @@ def worker_cpus(workers: int, requested: float | None = None, gpus: float = 0) -
     return float(max(1, min(int(total // max(1, workers)), int(largest))))
 
 
+def default_gpus_per_worker(requested: float | None) -> float:
+    """GPUs per worker of a stage that uses them: ``requested``, else one when a live node has a GPU, else 0
+    (the CPU). Needs a connected Ray."""
+    if requested is not None:
+        return float(requested)
+    return 1.0 if any(node.get("GPU", 0.0) >= 1 for node in _alive_nodes()) else 0.0
+
+
+class GpuNotVisible(UserError):
+    """Ray gave a worker GPUs that torch cannot see: the node declares GPUs it lacks, or torch has no CUDA."""
+
+
+def check_gpus_visible() -> None:
+    """In a worker: one message when torch cannot see the GPUs Ray gave it, instead of a CUDA traceback at the
+    first tensor moved there (or a stage quietly running on the CPU)."""
+    given = ray.get_gpu_ids()
+    if not given:
+        return
+    import torch
+
+    seen = torch.cuda.device_count()
+    if seen < len(given):
+        raise GpuNotVisible(
+            f"Ray gave a worker GPU {', '.join(map(str, given))} on node {ray.util.get_node_ip_address()}, "
+            f"but torch there sees {seen} CUDA device(s) (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+            f"the node declares GPUs it does not have (ray start --num-gpus), or torch was built without CUDA"
+        )
+
+
+def check_workers_see_gpus(cpus: float, gpus: float) -> None:
+    """From the driver, before workers that are not unit actors (Ray Train's) start: one task with a worker's
+    resources runs :func:`check_gpus_visible` and raises its :class:`GpuNotVisible` here."""
+    if not gpus:
+        return
+    probe = ray.remote(check_gpus_visible).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    try:
+        ray.get(probe.remote())
+    except RayTaskError as error:
+        if isinstance(error.cause, GpuNotVisible):
+            raise GpuNotVisible(str(error.cause)) from None
+        raise
+
+
 def use_cpus(cpus: float) -> int:
     """Run torch (and OpenCV, where loaded) with as many threads as the CPUs Ray granted; returns the count."""
     import sys
@@ -165,6 +209,7 @@ class _UnitWorker:
         # dead worker: keep the error and answer each unit with it instead
         self.setup_error: str | None = None
         try:
+            check_gpus_visible()
             use_cpus(cpus)
             self.job = job
             self.job.setup()

@@ -26,7 +26,7 @@ import torch
 
 from geodiff4d.core.config import ConfigError
 from geodiff4d.core.io.atomic import atomic_output
-from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, default_gpus_per_worker, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.frame_folder import tracking_path, write_cameras, write_tracking
 from geodiff4d.datasets.render import render_pose_map
@@ -88,7 +88,7 @@ class GenerateJob:
         from geodiff4d.gen.model_run import load_run
         from geodiff4d.recon.run import load_head_model
 
-        self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if self.use_gpu else "cpu")  # core.jobs checked that torch sees it
         self.loaded = load_run(self.run_folder)
         self.loaded.model.to(self.device)
         self.loaded.codec.to(self.device)
@@ -224,16 +224,18 @@ def generate(
     spec_path: str | Path,
     out: str | Path,
     workers: int = 1,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = None,
     address: str | None = None,
     progress: bool = True,
     job: type[GenerateJob] = GenerateJob,
     max_retries: int = 2,
 ) -> JobReport:
-    """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable."""
+    """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable.
+    `gpus_per_worker` None: one GPU per actor when the cluster has GPUs, else the CPU."""
     spec, subjects = prepare(spec_path, out)
     units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
     connect(address)
+    gpus_per_worker = default_gpus_per_worker(gpus_per_worker)
     return run_units(
         job(spec.run, Path(out).resolve(), spec.seed, spec.head_model, gpus_per_worker > 0),
         units,

@@ -373,7 +373,7 @@ def train(
     init: str | Path | None = None,
     resume: bool = False,
     workers: int = 1,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = None,
     address: str | None = None,
     make_batches: MakeBatches | None = None,
     quiet: bool = False,
@@ -382,6 +382,7 @@ def train(
     """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder.
 
     `out` is Ray Train's storage path, so on a multi-node cluster it must be a folder every node mounts.
+    `gpus_per_worker` None: one GPU per worker when the cluster has GPUs, else the CPU.
     A worker that dies restarts the group from the last checkpoint, at most `max_failures` times.
     """
     import ray
@@ -396,10 +397,12 @@ def train(
         from geodiff4d.core.runtime import connect
 
         connect(address)
-    from geodiff4d.core.jobs import worker_cpus
+    from geodiff4d.core.jobs import check_workers_see_gpus, default_gpus_per_worker, worker_cpus
 
-    cpus = worker_cpus(workers, None, gpus_per_worker)
-    resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
+    gpus = default_gpus_per_worker(gpus_per_worker)
+    cpus = worker_cpus(workers, None, gpus)
+    check_workers_see_gpus(cpus, gpus)
+    resources = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
@@ -414,9 +417,7 @@ def train(
             "quiet": quiet,
             "cpus": cpus,
         },
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(
             storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
         ),
