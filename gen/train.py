@@ -13,6 +13,7 @@ last reported checkpoint to the new workers; a rerun with `resume` finds Ray's s
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -291,6 +292,13 @@ def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:
     )
 
 
+def use_deterministic_kernels() -> None:
+    """Kernels that give the same bits on every run: cuBLAS needs a fixed workspace (set before its first call
+    in this process), and torch then refuses an op that has no deterministic kernel instead of running it."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+
+
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -299,6 +307,8 @@ def _worker(config: dict) -> None:
 
     use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     make_batches = config["make_batches"] or shard_batches(
@@ -386,7 +396,7 @@ def train(
     A worker that dies restarts the group from the last checkpoint, at most `max_failures` times.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = load_config(config_path)
@@ -419,7 +429,11 @@ def train(
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(
-            storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
+            storage_path=str(out),
+            name=CHECKPOINTS,
+            failure_config=FailureConfig(max_failures),
+            # Ray Train deletes all but the latest `keep_checkpoints` (it never deletes the latest: resume)
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
     result = trainer.fit()
