@@ -147,6 +147,9 @@ class SampleConfig(_Strict):
     guidance_expression: float = Field(2.0, ge=0)
     window: int = Field(16, ge=1)
     overlap: int = Field(4, ge=0)
+    # (guidance branch x view) windows per denoiser call and images per VAE decode (default: every branch and
+    # view of a window at once, a window's frames per decode); smaller fits smaller GPUs, at some speed
+    max_batch: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> SampleConfig:
