@@ -129,7 +129,7 @@ def worker_cpus(workers: int, requested: float | None = None, gpus: float = 0) -
         asked = [f"--cpus-per-worker {requested:g}"] if requested is not None else []
         asked += [f"--gpus-per-worker {gpus:g}"] if gpus else []
         raise UnmeetableRequest(
-            f"{' with '.join(asked)}: no node of the Ray cluster has that many per worker; "
+            f"{' with '.join(asked) or 'a worker (1 CPU)'}: no node of the Ray cluster has that many per worker; "
             f"it has {_offer(nodes) or 'no live node'} (run `geodiff4d --wait-for-autoscaler ...` if an "
             f"autoscaler adds such nodes)"
         )
