@@ -46,6 +46,8 @@ from geodiff4d.core.settings_match import refuse_differences, settings_differenc
 from geodiff4d.core.stage_graph import GraphReport, StageGraph
 
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
+# generation's fields that say where its work runs, not what it makes: left out of the generated frames' key
+RESOURCE_FIELDS = ("gpus_per_worker", "train_workers", "train_gpus_per_worker")
 
 
 class BenchmarkError(UserError, ValueError):
@@ -238,6 +240,8 @@ class Benchmark:
         key = {"model": self.gen_mapping(method), "steps": variant.generation.train_steps}
         if variant.generation.train_subjects is not None:
             key["train_subjects"] = sorted(variant.generation.train_subjects)
+        if variant.generation.train_workers != 1:  # each worker draws its own noise and batches
+            key["train_workers"] = variant.generation.train_workers
         return digest(key)
 
     def model_resolution(self, method: MethodConfig) -> int:
@@ -305,6 +309,8 @@ class Benchmark:
                 max_steps=steps[stage],
                 init=folder / "stage1" if stage == 2 else None,
                 resume=latest_checkpoint(run) is not None,
+                workers=variant.generation.train_workers,
+                gpus_per_worker=variant.generation.train_gpus_per_worker,
                 address=self.address,
                 quiet=True,
             )
@@ -320,8 +326,8 @@ class Benchmark:
     def generation_key(self, method: MethodConfig) -> str:
         variant = method_config(self.config, method)
         generation = variant.generation.model_dump(
-            mode="json", exclude={"train_subjects"}
-        )  # in the model's key
+            mode="json", exclude={"train_subjects", *RESOURCE_FIELDS}
+        )  # in the model's key, or resources
         return digest({"model": str(self.model_run(method)), "generation": generation})
 
     def generate(self, method: MethodConfig, subject: Subject) -> dict:
@@ -363,7 +369,12 @@ class Benchmark:
         spec = out / "specs" / f"{subject.id}.yaml"
         write_yaml(spec, {"run": str(run), "seed": c.seed, "subjects": [entry]})
         report = generate(
-            spec, out, workers=self.config.generation.workers, address=self.address, progress=False
+            spec,
+            out,
+            workers=c.workers,
+            gpus_per_worker=c.gpus_per_worker,
+            address=self.address,
+            progress=False,
         )
         if not report.ok:
             raise RuntimeError(f"generate failed:\n{report.summary()}")
@@ -477,6 +488,8 @@ class Benchmark:
             self.address,
             metrics=metrics,
             workers=self.config.eval.workers,
+            gpus_per_worker=self.config.eval.gpus_per_worker,
+            device="cuda" if self.config.eval.gpus_per_worker else "cpu",
             gt_mask=self.layout.gt(protocol) / "mask",
             identity=self.layout.identity,
             masked=self.config.eval.masked,

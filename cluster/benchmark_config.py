@@ -53,6 +53,12 @@ class GenerationConfig(StrictConfig):
     views: list[str] | None = None  # cameras to generate (default: every camera but the hold-outs)
     frames: int | None = Field(None, ge=1)  # frames of the training sequence to generate (default: all)
     workers: int = Field(1, ge=1)  # generate's Ray actors per subject
+    # generate's GPUs per actor (default: 1 when the cluster has GPUs, else 0: the CPU)
+    gpus_per_worker: float | None = Field(None, ge=0)
+    train_workers: int = Field(
+        1, ge=1
+    )  # training's Ray Train workers (DDP); the gen config's batches are global
+    train_gpus_per_worker: float | None = Field(None, ge=0)  # training's GPUs per worker (default: as above)
     seed: int = 0
     # the subjects the model trains on, held out of evaluation (default: it trains on every subject, evaluated
     # ones included); the evaluated subjects then default to every other subject of the data
@@ -75,6 +81,7 @@ class EvalConfig(StrictConfig):
     # avatars render no studio backdrop, so every metric sees the same pixels (None: as they are)
     background: float | None = Field(0.5, ge=0, le=1)
     workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)  # with GPUs the metric networks run on CUDA
     resolution: int | None = Field(None, ge=16)
 
 
@@ -193,6 +200,7 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
             _check_run(variant.generation.run, f"{path}: {where}: generation.run")
         else:
             gen = validate(path, gen_config_mapping(variant), GenConfig, prefix=f"{where}: generation.model")
+            _check_train_workers(gen, variant.generation.train_workers, f"{path}: {where}")
             clip, procedural = gen.train.stage2.frames, variant.data.procedural
             if procedural is not None and procedural.frames < clip:
                 raise ConfigError(
@@ -232,3 +240,12 @@ def _check_run(run: Path, where: str) -> None:
         resolve_init(run)
     except (ConfigError, FileNotFoundError) as err:
         raise ConfigError(f"{where}: not a trained run folder: {err}") from err
+
+
+def _check_train_workers(gen: Any, workers: int, where: str) -> None:
+    """Both training stages' global batches split over ``generation.train_workers`` (before any work)."""
+    for stage in (1, 2):
+        try:
+            gen.train.worker_batch(stage, workers)
+        except ValueError as err:
+            raise ConfigError(f"{where}: generation.train_workers: {err}") from err

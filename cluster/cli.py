@@ -6,6 +6,7 @@ dependency of one stage never takes the others down.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,8 +54,21 @@ def main(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    wait_for_autoscaler: Annotated[
+        bool,
+        typer.Option(
+            "--wait-for-autoscaler",
+            help="Let workers that ask for more CPUs/GPUs than any node has wait for an autoscaler to add such "
+            "a node (default: stop at once, naming the request and what the cluster has). Same as "
+            "GEODIFF4D_WAIT_FOR_AUTOSCALER=1.",
+        ),
+    ] = False,
 ) -> None:
     """GeoDiff4D toolkit: procedural/real head data, packing, diffusion, Gaussian avatars, evaluation."""
+    if wait_for_autoscaler:  # read where the workers are sized (core.jobs.worker_cpus)
+        from geodiff4d.core.jobs import WAIT_FOR_AUTOSCALER
+
+        os.environ[WAIT_FOR_AUTOSCALER] = "1"
 
 
 AddressOption = Annotated[
@@ -220,7 +234,10 @@ def train(
     workers: Annotated[
         int, typer.Option(min=1, help="Ray Train workers (DDP); the config's batch sizes are global.")
     ] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(min=0, help="GPUs per worker (0: CPU; default: 1 when the cluster has GPUs, else 0)."),
+    ] = None,
     max_failures: Annotated[
         int, typer.Option(min=0, help="Restarts from the last checkpoint after a worker dies.")
     ] = 3,
@@ -294,8 +311,12 @@ def generate(
     ],
     workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding the pipeline.")] = 1,
     gpus_per_worker: Annotated[
-        float, typer.Option(min=0, help="GPUs per actor (fractions share a GPU; 0: CPU).")
-    ] = 0,
+        float | None,
+        typer.Option(
+            min=0,
+            help="GPUs per actor (fractions share a GPU; 0: CPU; default: 1 when the cluster has GPUs, else 0).",
+        ),
+    ] = None,
     address: AddressOption = None,
 ) -> None:
     """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""

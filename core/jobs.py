@@ -26,7 +26,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from geodiff4d.core.config import ConfigError
+from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.json_yaml import read_json, write_json
 
 
@@ -86,19 +86,102 @@ class CommitLog:
         return read_json(self.marker(unit_id))
 
 
-def worker_cpus(workers: int, requested: float | None = None) -> float:
-    """CPUs each of ``workers`` actors asks Ray for: ``requested``, else all of Ray's CPUs divided by the
-    workers (at most one node's CPUs, at least one). Needs a connected Ray."""
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    total = sum(node_cpus) or float(os.cpu_count() or 1)
-    largest = max(node_cpus, default=total)
+WAIT_FOR_AUTOSCALER = "GEODIFF4D_WAIT_FOR_AUTOSCALER"  # "1": requests no node has may wait for new nodes
+
+
+class UnmeetableRequest(UserError, ValueError):
+    """Resources per worker that no node of the cluster has: Ray would wait forever for such a node."""
+
+
+def waits_for_autoscaler() -> bool:
+    """Whether requests no node has wait for an autoscaler (``geodiff4d --wait-for-autoscaler``) instead of
+    failing at once."""
+    return os.environ.get(WAIT_FOR_AUTOSCALER, "") not in ("", "0")
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _offer(nodes: list[dict[str, float]]) -> str:
+    """What the cluster's nodes offer, e.g. "1 node with 2 CPUs and 0 GPUs"."""
+    kinds = Counter((node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes)
+    return ", ".join(
+        f"{n} node{'s' * (n > 1)} with {cpus:g} CPUs and {gpus:g} GPUs"
+        for (cpus, gpus), n in sorted(kinds.items())
+    )
+
+
+def worker_cpus(workers: int, requested: float | None = None, gpus: float = 0) -> float:
+    """CPUs each of ``workers`` actors asks Ray for: ``requested``, else the CPUs of the nodes with ``gpus``
+    GPUs divided by the workers (at most one such node's CPUs, at least one). Needs a connected Ray.
+
+    A request that no node can meet (more CPUs or GPUs per worker than any node has) raises
+    :class:`UnmeetableRequest` naming it and what the cluster offers, unless :func:`waits_for_autoscaler`:
+    Ray itself would wait for such a node forever."""
+    if requested is not None and requested <= 0:
+        raise UnmeetableRequest(f"--cpus-per-worker {requested}: must be positive")
+    nodes = _alive_nodes()
+    fitting = [n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) >= gpus]
+    fitting = [cpus for cpus in fitting if requested is None or cpus >= requested]
+    if not fitting and not waits_for_autoscaler():
+        asked = [f"--cpus-per-worker {requested:g}"] if requested is not None else []
+        asked += [f"--gpus-per-worker {gpus:g}"] if gpus else []
+        raise UnmeetableRequest(
+            f"{' with '.join(asked) or 'a worker (1 CPU)'}: no node of the Ray cluster has that many per worker; "
+            f"it has {_offer(nodes) or 'no live node'} (run `geodiff4d --wait-for-autoscaler ...` if an "
+            f"autoscaler adds such nodes)"
+        )
     if requested is not None:
-        if not 0 < requested <= largest:
-            raise ConfigError(
-                f"--cpus-per-worker {requested}: must be in (0, {largest:g}], the CPUs of the largest node"
-            )
         return float(requested)
+    fitting = fitting or [n.get("CPU", 0.0) for n in nodes]  # waiting for new nodes: size by today's
+    total = sum(fitting) or float(os.cpu_count() or 1)
+    largest = max(fitting, default=total)
     return float(max(1, min(int(total // max(1, workers)), int(largest))))
+
+
+def default_gpus_per_worker(requested: float | None) -> float:
+    """GPUs per worker of a stage that uses them: ``requested``, else one when a live node has a GPU, else 0
+    (the CPU). Needs a connected Ray."""
+    if requested is not None:
+        return float(requested)
+    return 1.0 if any(node.get("GPU", 0.0) >= 1 for node in _alive_nodes()) else 0.0
+
+
+class GpuNotVisible(UserError):
+    """Ray gave a worker GPUs that torch cannot see: the node declares GPUs it lacks, or torch has no CUDA."""
+
+
+def check_gpus_visible() -> None:
+    """In a worker: one message when torch cannot see the GPUs Ray gave it, instead of a CUDA traceback at the
+    first tensor moved there (or a stage quietly running on the CPU)."""
+    given = ray.get_gpu_ids()
+    if not given:
+        return
+    import torch
+
+    seen = torch.cuda.device_count()
+    if seen < len(given):
+        raise GpuNotVisible(
+            f"Ray gave a worker GPU {', '.join(map(str, given))} on node {ray.util.get_node_ip_address()}, "
+            f"but torch there sees {seen} CUDA device(s) (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+            f"the node declares GPUs it does not have (ray start --num-gpus), or torch was built without CUDA"
+        )
+
+
+def check_workers_see_gpus(cpus: float, gpus: float) -> None:
+    """From the driver, before workers that are not unit actors (Ray Train's) start: one task with a worker's
+    resources runs :func:`check_gpus_visible` and raises its :class:`GpuNotVisible` here."""
+    if not gpus:
+        return
+    probe = ray.remote(check_gpus_visible).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    try:
+        ray.get(probe.remote())
+    except RayTaskError as error:
+        if isinstance(error.cause, GpuNotVisible):
+            raise GpuNotVisible(str(error.cause)) from None
+        raise
 
 
 def use_cpus(cpus: float) -> int:
@@ -125,6 +208,7 @@ class _UnitWorker:
         # dead worker: keep the error and answer each unit with it instead
         self.setup_error: str | None = None
         try:
+            check_gpus_visible()
             use_cpus(cpus)
             self.job = job
             self.job.setup()
@@ -233,7 +317,9 @@ def run_units(
     attempts: dict[str, int] = {}
     queue = list(reversed(pending))
     n_workers = min(workers, len(pending))
-    pool = _WorkerPool(job, n_workers, worker_cpus(n_workers, cpus_per_worker), gpus_per_worker)
+    pool = _WorkerPool(
+        job, n_workers, worker_cpus(n_workers, cpus_per_worker, gpus_per_worker), gpus_per_worker
+    )
     size = (lambda unit: sizes[unit.id]) if sizes is not None else (lambda unit: 1)
     bar = tqdm(total=sum(size(u) for u in pending), desc=desc, unit=size_name, disable=not progress)
     try:

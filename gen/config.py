@@ -104,6 +104,12 @@ class TrainConfig(StrictConfig):
     drop_expression: float = Field(0.05, ge=0, le=1)
     num_train_timesteps: int = Field(1000, ge=2)
     checkpoint_every: int = Field(1000, ge=1)
+    # checkpoints Ray Train keeps in RUN/checkpoints, the latest always among them (None: every one; one of the
+    # paper-size model is about 28 GB)
+    keep_checkpoints: int | None = Field(None, ge=1)
+    # deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8): a resumed run
+    # repeats the uninterrupted one exactly on a GPU too, at some speed; CPU training is exact without it
+    deterministic: bool = False
     sample_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
     count_flops: bool = True
@@ -137,6 +143,9 @@ class SampleConfig(StrictConfig):
     guidance_expression: float = Field(2.0, ge=0)
     window: int = Field(16, ge=1)
     overlap: int = Field(4, ge=0)
+    # (guidance branch x view) windows per denoiser call and images per VAE decode (default: every branch and
+    # view of a window at once, a window's frames per decode); smaller fits smaller GPUs, at some speed
+    max_batch: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> SampleConfig:

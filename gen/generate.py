@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from geodiff4d.core.config import ConfigError
-from geodiff4d.core.io.atomic import atomic_output
-from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, default_gpus_per_worker, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.frame_folder import tracking_path, write_cameras, write_tracking
 from geodiff4d.datasets.render import render_pose_map
-from geodiff4d.gen.generate_inputs import Resolver, SubjectInputs
-from geodiff4d.gen.generate_spec import GenerateSpec, load_spec
+from geodiff4d.gen.checkpoint import WEIGHTS
+from geodiff4d.gen.generate_inputs import InputError, Resolver, SubjectInputs
+from geodiff4d.gen.generate_spec import GenerateSpec, input_files, load_spec
+from geodiff4d.gen.input_cache import read_cached, write_cached
 
 STATE = "_generate"  # OUT/_generate/{inputs,commits}: resolved inputs and commit markers
 
@@ -88,7 +89,7 @@ class GenerateJob:
         from geodiff4d.gen.model_run import load_run
         from geodiff4d.recon.run import load_head_model
 
-        self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if self.use_gpu else "cpu")  # core.jobs checked that torch sees it
         self.loaded = load_run(self.run_folder)
         self.loaded.model.to(self.device)
         self.loaded.codec.to(self.device)
@@ -161,17 +162,33 @@ class GenerateJob:
 
 
 def inputs_path(out: Path, name: str) -> Path:
-    return Path(out) / STATE / "inputs" / f"{name}.pt"
+    return Path(out) / STATE / "inputs" / f"{name}.safetensors"
 
 
 def load_inputs(out: Path, name: str) -> SubjectInputs:
-    return SubjectInputs.from_dict(torch.load(inputs_path(out, name), weights_only=False)["inputs"])
+    """A subject's inputs as `prepare` cached them (gen.input_cache: no pickle, shapes checked)."""
+    inputs = read_cached(inputs_path(out, name))
+    if inputs is None:
+        raise InputError(f"{inputs_path(out, name)}: no valid cached inputs of {name}; run generate again")
+    return inputs
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """Size and modification time of an input file (a folder: of its manifest.parquet, else of the folder), so a
+    file rewritten in place changes the key."""
+    manifest = path / "manifest.parquet"
+    found = (manifest if manifest.is_file() else path).stat()
+    return [found.st_size, found.st_mtime_ns]
 
 
 def _input_key(spec: GenerateSpec, index: int, checkpoint: Path) -> str:
-    """What a subject's outputs depend on: its spec entry, the weights, the head model, seed and unit plan."""
+    """What a subject's outputs depend on: its spec entry and the files it names, the weights, the head model,
+    seed and unit plan."""
+    mine = f"subjects[{index}]."
     fields = {
         "subject": spec.subjects[index].model_dump(mode="json"),
+        "files": {field: _fingerprint(path) for field, path in input_files(spec) if field.startswith(mine)},
+        "weights": _fingerprint(checkpoint / WEIGHTS),
         "checkpoint": str(checkpoint.resolve()),
         "head_model": spec.head_model,
         "seed": spec.seed,
@@ -190,8 +207,9 @@ def _discard_stale(out: Path, inputs: SubjectInputs, commits: CommitLog) -> None
 
 
 def prepare(spec_path: str | Path, out: str | Path) -> tuple[GenerateSpec, list[SubjectInputs]]:
-    """Validate the spec and resolve every subject (cached under OUT/_generate/inputs while unchanged);
-    write each subject's cameras and tracking. Raises ConfigError naming the spec, field and file."""
+    """Validate the spec and resolve every subject (cached under OUT/_generate/inputs while it and the files it
+    names are unchanged); write each subject's cameras and tracking. Raises ConfigError naming the spec, field
+    and file."""
     from geodiff4d.gen.checkpoint import resolve_init
     from geodiff4d.gen.model_run import run_config
     from geodiff4d.recon.run import load_head_model
@@ -207,15 +225,15 @@ def prepare(spec_path: str | Path, out: str | Path) -> tuple[GenerateSpec, list[
     subjects = []
     for index, subject in enumerate(spec.subjects):
         key, path = _input_key(spec, index, checkpoint), inputs_path(out, subject.name)
-        if path.is_file() and torch.load(path, weights_only=False)["key"] == key:
-            subjects.append(load_inputs(out, subject.name))
+        cached = read_cached(path, key)
+        if cached is not None:
+            subjects.append(cached)
             continue
         inputs = resolver.resolve(index, subject)
         _discard_stale(out, inputs, commits)
         write_cameras(out / "cameras" / inputs.name / f"{inputs.sequence}.json", inputs.cameras)
         write_tracking(tracking_path(out, inputs.name, inputs.sequence), inputs.tracking)
-        with atomic_output(path) as tmp:
-            torch.save({"key": key, "inputs": inputs.to_dict()}, tmp)
+        write_cached(path, key, inputs)
         subjects.append(inputs)
     return spec, subjects
 
@@ -224,16 +242,18 @@ def generate(
     spec_path: str | Path,
     out: str | Path,
     workers: int = 1,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = None,
     address: str | None = None,
     progress: bool = True,
     job: type[GenerateJob] = GenerateJob,
     max_retries: int = 2,
 ) -> JobReport:
-    """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable."""
+    """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable.
+    `gpus_per_worker` None: one GPU per actor when the cluster has GPUs, else the CPU."""
     spec, subjects = prepare(spec_path, out)
     units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
     connect(address)
+    gpus_per_worker = default_gpus_per_worker(gpus_per_worker)
     return run_units(
         job(spec.run, Path(out).resolve(), spec.seed, spec.head_model, gpus_per_worker > 0),
         units,

@@ -10,7 +10,6 @@ around the head (or generated on an orbit) at the model's resolution. Every fail
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,25 +50,6 @@ class SubjectInputs:
     driving: torch.Tensor  # [T, 3, r, r] face crops
     tracking: FlameParams  # T frames: identity shape/scale + driving motion
     cameras: dict[str, Camera]  # serial -> camera at R x R
-
-    def to_dict(self) -> dict:
-        return {
-            **{k: getattr(self, k) for k in ("name", "sequence", "ref_rgb", "ref_posemap", "driving")},
-            "tracking": dataclasses.asdict(self.tracking),
-            "cameras": {s: c.to_json() for s, c in self.cameras.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SubjectInputs:
-        return cls(
-            data["name"],
-            data["sequence"],
-            data["ref_rgb"],
-            data["ref_posemap"],
-            data["driving"],
-            FlameParams(**data["tracking"]),
-            {s: Camera.from_json(c) for s, c in data["cameras"].items()},
-        )
 
 
 @dataclass

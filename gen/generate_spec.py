@@ -115,7 +115,7 @@ class GenerateSpec(StrictConfig):
         return self
 
 
-def _files(spec: GenerateSpec) -> list[tuple[str, Path]]:
+def input_files(spec: GenerateSpec) -> list[tuple[str, Path]]:
     """(field, path) of every file or folder the spec names."""
     found = [("run", spec.run)]
     for i, subject in enumerate(spec.subjects):
@@ -142,7 +142,7 @@ def load_spec(path: str | Path) -> GenerateSpec:
     """Validated spec with absolute paths; a missing file fails here, naming the spec file and the field."""
     path = Path(path)
     spec = _absolute(load_yaml_config(path, GenerateSpec), path.resolve().parent)
-    for field, target in _files(spec):
+    for field, target in input_files(spec):
         if not target.exists():
             raise ConfigError(f"{path}: {field}: {target} does not exist")
     return spec

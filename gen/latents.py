@@ -63,8 +63,10 @@ def encode_domains(codec, images: torch.Tensor) -> torch.Tensor:
     return lat.view(b, d, t, *lat.shape[1:]).permute(0, 1, 3, 2, 4, 5)
 
 
-def decode_domains(codec, latents: torch.Tensor) -> torch.Tensor:
-    """latents [B, D, C, T, h, w] -> images [B, D, T, 3, H, W] in [0,1]."""
+def decode_domains(codec, latents: torch.Tensor, max_images: int | None = None) -> torch.Tensor:
+    """latents [B, D, C, T, h, w] -> images [B, D, T, 3, H, W] in [0,1], decoded ``max_images`` at a time (None:
+    all in one call), so the decoder's activations stay bounded however many views and frames there are."""
     b, d, _, t = latents.shape[:4]
-    img = codec.decode(latents.permute(0, 1, 3, 2, 4, 5).flatten(0, 2))
+    flat = latents.permute(0, 1, 3, 2, 4, 5).flatten(0, 2)  # [B*D*T, C, h, w]
+    img = torch.cat([codec.decode(chunk) for chunk in flat.split(max_images or len(flat))])
     return img.view(b, d, t, *img.shape[1:])

@@ -31,7 +31,7 @@ def sampler_scheduler(cfg: GenConfig):
 
 def guidance(cfg: GenConfig) -> Guidance:
     s = cfg.sample
-    return Guidance(s.steps, s.guidance_reference, s.guidance_expression, s.window, s.overlap)
+    return Guidance(s.steps, s.guidance_reference, s.guidance_expression, s.window, s.overlap, s.max_batch)
 
 
 def write_run_files(run: str | Path, cfg: GenConfig) -> None:

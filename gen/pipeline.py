@@ -64,6 +64,10 @@ class Guidance:
     expression: float = 2.0
     window: int = 16
     overlap: int = 4
+    # (guidance branch x view) windows per denoiser call and images per VAE decode call (None: every branch and
+    # view of a window in one call, and a window's frames per decode): bounds peak memory whatever the views and
+    # frames of a unit
+    max_batch: int | None = None
 
 
 def latent_shape(codec, views: int, frames: int, size: tuple[int, int]) -> tuple[int, ...]:
@@ -81,6 +85,35 @@ def _repeat(conds: list[Conditions], views: int, frames: range) -> Conditions:
         {k: cat([c.reference[k] for c in conds]) for k in conds[0].reference},
         cat([c.context[:, frames.start : frames.stop] for c in conds]),
         cat([c.expression for c in conds]),
+    )
+
+
+def _denoise_in_chunks(
+    model: JointDenoiser,
+    x_in: torch.Tensor,
+    t: torch.Tensor,
+    posemaps: torch.Tensor,
+    conds: Conditions,
+    max_batch: int | None,
+) -> torch.Tensor:
+    """model.denoise over x_in [B, D, C, T, h, w] (posemaps [B, T, 3, H, W], conds of batch B) at most
+    ``max_batch`` samples per call; samples never attend to each other, so the chunks make the same prediction."""
+    step = max_batch or len(x_in)
+
+    def part(i: int) -> Conditions:
+        return Conditions(
+            {k: v[i : i + step] for k, v in conds.reference.items()},
+            conds.context[i : i + step],
+            conds.expression[i : i + step],
+        )
+
+    return torch.cat(
+        [
+            model.denoise(
+                x_in[i : i + step], t.expand(len(x_in[i : i + step])), posemaps[i : i + step], part(i)
+            )
+            for i in range(0, len(x_in), step)
+        ]
     )
 
 
@@ -147,11 +180,13 @@ def _guided_noise(
         )  # [3N, ...]
         with autocast:
             e_full, e_ref, e_none = (
-                model.denoise(
+                _denoise_in_chunks(
+                    model,
                     x_in,
-                    t.expand(3 * views),
+                    t,
                     posemaps[:, win.start : win.stop].repeat(3, 1, 1, 1, 1),
                     _repeat(conds, views, win),
+                    g.max_batch,
                 )
                 .float()
                 .chunk(3)
@@ -203,7 +238,7 @@ def denoise_views(
         eps = _guided_noise(model, scheduler, x, t, conds, posemaps, windows, g, autocast)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     with autocast:
-        images = decode_domains(codec, x).float()  # [N, D, T, 3, H, W]
+        images = decode_domains(codec, x, g.max_batch or g.window).float()  # [N, D, T, 3, H, W]
     return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, conds[0].expression[0].float())
 
 

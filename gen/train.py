@@ -13,6 +13,7 @@ last reported checkpoint to the new workers; a rerun with `resume` finds Ray's s
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -366,6 +367,13 @@ def _report_to_ray(step: int, metrics: dict, folder: Path | None) -> None:
     )
 
 
+def use_deterministic_kernels() -> None:
+    """Kernels that give the same bits on every run: cuBLAS needs a fixed workspace (set before its first call
+    in this process), and torch then refuses an op that has no deterministic kernel instead of running it."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+
+
 def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -374,6 +382,8 @@ def _worker(config: dict) -> None:
 
     use_cpus(config["cpus"])
     cfg = GenConfig.model_validate(config["cfg"])
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     make_batches = config["make_batches"] or shard_batches(
@@ -440,10 +450,16 @@ def _checked_inputs(
 
 
 def _torch_trainer(
-    loop_config: dict, out: Path, workers: int, cpus: float, gpus_per_worker: float, max_failures: int
+    loop_config: dict,
+    out: Path,
+    workers: int,
+    cpus: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    keep_checkpoints: int | None,
 ) -> Any:
     """A Ray `TorchTrainer` running `_worker` on `workers` ranks, storing its checkpoints under `out`."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cpus, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus}
@@ -454,7 +470,11 @@ def _torch_trainer(
             num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            storage_path=str(out), name=CHECKPOINTS, failure_config=FailureConfig(max_failures)
+            storage_path=str(out),
+            name=CHECKPOINTS,
+            failure_config=FailureConfig(max_failures),
+            # Ray Train deletes all but the latest `keep_checkpoints` (it never deletes the latest: resume)
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
 
@@ -468,7 +488,7 @@ def train(
     init: str | Path | None = None,
     resume: bool = False,
     workers: int = 1,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = None,
     address: str | None = None,
     make_batches: MakeBatches | None = None,
     quiet: bool = False,
@@ -477,6 +497,7 @@ def train(
     """Run one training stage on Ray Train (DDP over `workers`); returns the run's latest checkpoint folder.
 
     `out` is Ray Train's storage path, so on a multi-node cluster it must be a folder every node mounts.
+    `gpus_per_worker` None: one GPU per worker when the cluster has GPUs, else the CPU.
     A worker that dies restarts the group from the last checkpoint, at most `max_failures` times.
     """
     import ray
@@ -489,9 +510,11 @@ def train(
         from geodiff4d.core.runtime import connect
 
         connect(address)
-    from geodiff4d.core.jobs import worker_cpus
+    from geodiff4d.core.jobs import check_workers_see_gpus, default_gpus_per_worker, worker_cpus
 
-    cpus = worker_cpus(workers)
+    gpus = default_gpus_per_worker(gpus_per_worker)
+    cpus = worker_cpus(workers, None, gpus)
+    check_workers_see_gpus(cpus, gpus)
     loop_config = {
         "cfg": cfg.model_dump(),
         "stage": stage,
@@ -504,7 +527,7 @@ def train(
         "quiet": quiet,
         "cpus": cpus,
     }
-    trainer = _torch_trainer(loop_config, out, workers, cpus, gpus_per_worker, max_failures)
+    trainer = _torch_trainer(loop_config, out, workers, cpus, gpus, max_failures, cfg.train.keep_checkpoints)
     result = trainer.fit()
     latest = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(out)
     if latest is None:

@@ -24,7 +24,8 @@ CODE_PATH = re.compile(r"`((?:{})/[^`\s]*)`".format("|".join(re.escape(t) for t 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
 # `geodiff4d SUB ...` anywhere in a snippet (also `.venv/bin/geodiff4d SUB`), not `geodiff4d.x` or `geodiff4d:tag`
-COMMAND = re.compile(r"(?<![\w.:-])geodiff4d\s+(--[a-z][\w-]*|[a-z][\w-]*)")
+# geodiff4d, its own flags (``--wait-for-autoscaler``), then the subcommand
+COMMAND = re.compile(r"(?<![\w.:-])geodiff4d(?![\w./-])((?:\s+--[a-z][\w-]*)*)(?:\s+([a-z][\w-]*))?")
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MAKE = re.compile(r"(?<![\w/.-])make\s+([a-z][\w-]*)")
 MAKE_RULE = re.compile(r"^([A-Za-z][\w-]*)\s*:(?!=)", re.M)
@@ -54,8 +55,8 @@ def code_snippets(text: str) -> list[str]:
 
 def cited_commands(text: str, commands: set[str]) -> list[tuple[str, list[str]]]:
     """(subcommand, options written after it) for every command a snippet cites: ``geodiff4d SUB --opt ...``,
-    or an inline span that starts with a known subcommand (``pack --flame FILE``). A subcommand that starts
-    with ``--`` is an option of ``geodiff4d`` itself, cited as subcommand ``""``."""
+    or an inline span that starts with a known subcommand (``pack --flame FILE``). Options between
+    ``geodiff4d`` and the subcommand are options of ``geodiff4d`` itself, cited as subcommand ``""``."""
     cited = []
     for snippet in code_snippets(text):
         matches = list(COMMAND.finditer(snippet))
@@ -65,10 +66,10 @@ def cited_commands(text: str, commands: set[str]) -> list[tuple[str, list[str]]]
         for match in matches:
             rest = COMMAND.split(snippet[match.end() :], maxsplit=1)[0]  # up to the next command
             rest = re.split(r" #|&&|;|\|\s", rest)[0]
-            sub = match.group(1)
-            if sub.startswith("--"):
-                cited.append(("", [sub, *OPTION.findall(rest)]))
-            else:
+            own, sub = OPTION.findall(match.group(1)), match.group(2)
+            if own:  # a bare ``geodiff4d ...`` names no command: nothing to check
+                cited.append(("", own if sub else [*own, *OPTION.findall(rest)]))
+            if sub:
                 cited.append((sub, OPTION.findall(rest)))
     return cited
 

@@ -263,3 +263,71 @@ def test_ray_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, local_r
     )
     ema = "ema/diffusion_pytorch_model.safetensors"
     assert (latest / ema).read_bytes() == (reference / "checkpoints/step_0000008" / ema).read_bytes()
+
+
+@pytest.mark.timeout(60)  # Ray Train alone waits for a GPU node forever
+def test_training_on_more_gpus_than_a_node_has_stops_at_once(tmp_path, local_ray):
+    import yaml
+
+    from geodiff4d.core.jobs import UnmeetableRequest
+    from geodiff4d.gen.train import train
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    batches = make_batches_factory(2, 16, crop=16)
+    with pytest.raises(
+        UnmeetableRequest, match=r"^--gpus-per-worker 1: .* it has 1 node with 2 CPUs and 0 GPUs"
+    ):
+        train(
+            path, 1, None, tmp_path / "run", max_steps=1, gpus_per_worker=1, make_batches=batches, quiet=True
+        )
+
+
+def _noting_kernels(folder: Path, stream):
+    """``stream`` that notes, per call, where it starts and whether the worker runs deterministic kernels."""
+
+    def make_batches(seed: int, position: int):
+        note = {
+            "position": position,
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        }
+        (folder / f"{os.getpid()}-{position}.json").write_text(json.dumps(note))
+        yield from stream(seed, position)
+
+    return make_batches
+
+
+@pytest.mark.slow
+def test_ray_keeps_the_last_checkpoints_and_resumes_from_the_latest(tmp_path, local_ray):
+    """keep_checkpoints 2: Ray Train deletes all but the two latest; a rerun resumes from the latest and ends
+    with the weights of an uninterrupted run (the same threads per worker). deterministic: the workers run
+    deterministic kernels."""
+    import gen_synthetic
+    import ray.cloudpickle
+    import yaml
+
+    from geodiff4d.gen.train import train
+
+    ray.cloudpickle.register_pickle_by_value(gen_synthetic)  # test helpers, not importable in workers
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    path, run, notes = tmp_path / "tiny.yaml", tmp_path / "run", tmp_path / "notes"
+    path.write_text(
+        yaml.safe_dump(tiny_config(keep_checkpoints=2, deterministic=True).model_dump(mode="json"))
+    )
+    notes.mkdir()
+    batches = _noting_kernels(notes, make_batches_factory(2, 16, crop=16))
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+
+    train(path, 1, None, run, max_steps=6, make_batches=batches, quiet=True)
+    assert kept() == ["step_0000004", "step_0000006"]  # written every 2 steps: step 2 deleted
+    latest = train(path, 1, None, run, max_steps=8, resume=True, make_batches=batches, quiet=True)
+    assert latest.name == "step_0000008" and kept() == ["step_0000006", "step_0000008"]
+    seen = [json.loads(p.read_text()) for p in notes.iterdir()]
+    assert sorted(n["position"] for n in seen) == [0, 6]  # the rerun started after step 6's batches
+    assert all(n["deterministic"] and n["cublas"] == ":4096:8" for n in seen)
+    whole = train(path, 1, None, tmp_path / "whole", max_steps=8, make_batches=batches, quiet=True)
+    ema = "ema/diffusion_pytorch_model.safetensors"
+    assert (latest / ema).read_bytes() == (whole / ema).read_bytes()  # as if never interrupted

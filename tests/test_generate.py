@@ -23,7 +23,9 @@ from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
 from geodiff4d.core.jobs import WorkUnit
-from geodiff4d.gen.generate import GenerateJob, generate, plan_units, prepare
+from geodiff4d.gen.generate import GenerateJob, generate, inputs_path, load_inputs, plan_units, prepare
+from geodiff4d.gen.generate_inputs import InputError, SubjectInputs
+from geodiff4d.gen.input_cache import read_cached, write_cached
 from geodiff4d.gen.model_run import run_config as config_of
 from geodiff4d.gen.sample_frames import read_sequence
 from geodiff4d.recon.run import ReconConfig, reconstruct
@@ -303,3 +305,87 @@ def test_shard_reference_and_driving_with_nersemble_cameras_resolve(inputs, shar
     assert sorted(subject.cameras) == sorted({c for c, _ in read_sequence(shards, "001", SEQUENCE)})
     assert all((c.width, c.height) == (16, 16) for c in subject.cameras.values())
     assert subject.driving.shape == (FRAMES, 3, 16, 16) and subject.tracking.batch_size == FRAMES
+
+
+def _subject_inputs(frames: int = 3) -> SubjectInputs:
+    from geodiff4d.datasets.cameras import intrinsics, look_at_camera
+    from geodiff4d.datasets.flame import FlameParams
+
+    g = torch.Generator().manual_seed(0)
+    tracking = FlameParams.zeros(frames, 10, 10)
+    tracking.expression[:] = torch.randn(frames, 10, generator=g)
+    camera = look_at_camera(
+        np.array([0.0, 0, 1]), np.zeros(3), np.array([0.0, 1, 0]), intrinsics(20, 16, 16), 16, 16
+    )
+    return SubjectInputs(
+        "s0",
+        "GEN",
+        torch.rand(3, 16, 16, generator=g),
+        torch.rand(3, 16, 16, generator=g),
+        torch.rand(frames, 3, 8, 8, generator=g),
+        tracking,
+        {"cam0": camera},
+    )
+
+
+class _Planted:
+    """A pickle that, when loaded, touches a file: code run by whoever unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cached_inputs_are_no_pickle_and_a_planted_one_is_never_run(tmp_path):
+    import pickle
+
+    out, marker = tmp_path / "out", tmp_path / "ran"
+    inputs_path(out, "s0").parent.mkdir(parents=True)
+    inputs_path(out, "s0").write_bytes(pickle.dumps({"key": "k", "inputs": _Planted(marker)}))
+    with pytest.raises(InputError, match="no valid cached inputs of s0"):
+        load_inputs(out, "s0")
+    assert not marker.exists()  # torch.load(weights_only=False) ran it
+    assert read_cached(inputs_path(out, "s0"), "k") is None and not marker.exists()
+
+    inputs = _subject_inputs()
+    write_cached(inputs_path(out, "s0"), "k", inputs)
+    for again in (read_cached(inputs_path(out, "s0"), "k"), load_inputs(out, "s0")):
+        assert (again.name, again.sequence, list(again.cameras)) == ("s0", "GEN", ["cam0"])
+        assert again.cameras["cam0"].to_json() == inputs.cameras["cam0"].to_json()
+        for name in ("ref_rgb", "ref_posemap", "driving"):
+            assert torch.equal(getattr(again, name), getattr(inputs, name))
+        assert all(torch.equal(getattr(again.tracking, k), v) for k, v in vars(inputs.tracking).items())
+    assert read_cached(inputs_path(out, "s0"), "another key") is None  # made for other inputs: not reused
+
+    broken = _subject_inputs()
+    broken.driving = broken.driving[:2]  # 2 driving frames for 3 tracked ones
+    write_cached(inputs_path(out, "s0"), "k", broken)
+    assert read_cached(inputs_path(out, "s0"), "k") is None
+
+
+def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
+    from geodiff4d.gen.checkpoint import WEIGHTS
+    from geodiff4d.gen.generate import _input_key
+    from geodiff4d.gen.generate_spec import GenerateSpec
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / WEIGHTS).write_bytes(b"w")
+    for name in ("face.png", "driving.npz"):
+        (tmp_path / name).write_bytes(b"one")
+    entry = {
+        "name": "s0",
+        "reference": {"image": str(tmp_path / "face.png")},
+        "cameras": {"orbit": 2},
+        "driving": {"tracking": str(tmp_path / "driving.npz")},
+        "frames": 2,
+    }
+    spec = GenerateSpec.model_validate({"run": str(tmp_path), "subjects": [entry]})
+    key = _input_key(spec, 0, tmp_path / "weights")
+    assert _input_key(spec, 0, tmp_path / "weights") == key
+    (tmp_path / "driving.npz").write_bytes(b"other motion")  # same path, another file
+    assert _input_key(spec, 0, tmp_path / "weights") != key
+    key = _input_key(spec, 0, tmp_path / "weights")
+    (tmp_path / "weights" / WEIGHTS).write_bytes(b"retrained")
+    assert _input_key(spec, 0, tmp_path / "weights") != key

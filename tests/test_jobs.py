@@ -13,7 +13,15 @@ import pytest
 import ray
 
 from geodiff4d.core.io.json_yaml import write_json
-from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
+from geodiff4d.core.jobs import (
+    WAIT_FOR_AUTOSCALER,
+    CommitLog,
+    JobReport,
+    UnmeetableRequest,
+    WorkUnit,
+    run_units,
+    worker_cpus,
+)
 
 
 class _WriteFiles:
@@ -151,6 +159,47 @@ def test_actor_threads_equal_the_cpus_ray_gives_it(local_ray, tmp_path, workers,
 def test_more_cpus_per_worker_than_a_node_has_is_refused(local_ray, tmp_path):
     with pytest.raises(ValueError, match="--cpus-per-worker 3"):
         run_units(_ReportThreads(), _units(1), CommitLog(tmp_path / "c"), cpus_per_worker=3, progress=False)
+
+
+@pytest.mark.timeout(60)  # Ray itself waits forever for a node with a GPU
+def test_a_gpu_request_no_node_can_meet_stops_at_once_naming_it(local_ray, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(UnmeetableRequest) as error:
+        run_units(_ReportThreads(), _units(1), CommitLog(tmp_path / "c"), gpus_per_worker=1, progress=False)
+    assert time.monotonic() - started < 30
+    assert str(error.value).startswith("--gpus-per-worker 1: no node of the Ray cluster has that many")
+    assert "it has 1 node with 2 CPUs and 0 GPUs" in str(error.value) and "--wait-for-autoscaler" in str(
+        error.value
+    )
+
+
+@pytest.mark.timeout(60)
+def test_the_cli_stops_an_unmeetable_request_with_one_message(local_ray, tmp_path):
+    from typer.testing import CliRunner
+
+    from geodiff4d.cluster.cli import app
+
+    (tmp_path / "frames/rgb/s0").mkdir(parents=True)
+    args = ["recon", str(tmp_path / "frames"), "--out", str(tmp_path / "avatars"), "--gpus-per-worker", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines() == [
+        "geodiff4d recon: --gpus-per-worker 1: no node of the Ray cluster has that many per worker; it has 1 "
+        "node with 2 CPUs and 0 GPUs (run `geodiff4d --wait-for-autoscaler ...` if an autoscaler adds such nodes)"
+    ]
+
+
+def test_wait_for_autoscaler_lets_a_request_no_node_has_wait(local_ray, monkeypatch):
+    from typer.testing import CliRunner
+
+    from geodiff4d.cluster.cli import app
+
+    monkeypatch.setenv(WAIT_FOR_AUTOSCALER, "0")  # restored (unset) after the test
+    with pytest.raises(UnmeetableRequest, match="--cpus-per-worker 4 with --gpus-per-worker 1"):
+        worker_cpus(1, 4, 1)
+    CliRunner().invoke(app, ["--wait-for-autoscaler", "leaderboard", "/nonexistent"])
+    assert worker_cpus(1, 4, 1) == 4  # the option holds the request for a node an autoscaler adds
+    assert worker_cpus(2, None, 1) == 1  # sized by today's nodes (2 CPUs) meanwhile
 
 
 class _NoWeights(_WriteFiles):
