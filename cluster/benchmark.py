@@ -484,6 +484,7 @@ class Benchmark:
             resolution=self.config.eval.resolution,
             background=self.config.eval.background,
             gt_normal=gt_normal if gt_normal.is_dir() else None,
+            not_covered=tuple(absent),
             progress=False,
         )
         return {"units": len(report.completed) + len(report.skipped)}

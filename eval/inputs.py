@@ -9,6 +9,7 @@ side as ``PRED_ROOT/<method>/...``, or are named one at a time as ``NAME=PATH``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -177,16 +178,31 @@ def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps
     return FolderSource("ground truth", path, Path(mask_root) if mask_root else None, fps)
 
 
+def tree_files(root: Path) -> list[Path]:
+    """Every file under ``root``, following directory symlinks (``rglob`` does not descend into them, and the
+    benchmark's ground-truth camera folders are symlinks); a folder reached twice (a link cycle) is walked once."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(f for f in files if f.is_file())
+
+
 def tree_fingerprint(path: str | Path | None) -> str | None:
-    """A digest of every file under ``path`` (relative name, size, modification time; a file is its own tree):
-    changes when any file is added, removed, rewritten or touched. Cheap enough for whole NeRSemble releases,
-    since no content is read; a copy with new timestamps counts as changed, which errs on the safe side."""
+    """A digest of every file under ``path`` (relative name, size, modification time of the file a link points
+    to; a file is its own tree), through directory symlinks: changes when any file is added, removed, rewritten
+    or touched. Cheap enough for whole NeRSemble releases, since no content is read; a copy with new timestamps
+    counts as changed, which errs on the safe side."""
     if path is None:
         return None
     root = Path(path)
     if not root.exists():
         raise InputError(f"{root} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else tree_files(root)
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()

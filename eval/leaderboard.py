@@ -47,6 +47,34 @@ def coverage_warnings(covered: dict[str, set[tuple[str, str]]]) -> list[str]:
     return out
 
 
+def with_not_covered(
+    table: pd.DataFrame, methods: list[str], covered: dict[str, set[tuple[str, str]]]
+) -> pd.DataFrame:
+    """``table`` plus a row for each method that produced no frames: coverage 0 of all units, no scores."""
+    every = set().union(*covered.values())
+    extra = [
+        {"method": m, "coverage": f"0/{len(every)}", "frames": 0, "subjects": 0, "videos": 0}
+        for m in methods
+        if m not in covered
+    ]
+    if not extra:
+        return table
+    rows = pd.DataFrame(extra).assign(units=table["units"].iloc[0])
+    rows = rows.assign(**{c: 0 for c in table.columns if c.endswith("_unscored")})
+    return pd.concat([table, rows], ignore_index=True)
+
+
+def input_warnings(meta: dict) -> list[str]:
+    """Methods that produced no frames, and units scored earlier that are no longer among the run's inputs."""
+    out = [f"{m} produced no frames: not covered, no scores" for m in meta.get("not_covered", [])]
+    if meta.get("dropped_units"):
+        out.append(
+            f"dropped from the board: {len(meta['dropped_units'])} units scored earlier are no longer among the "
+            "inputs (" + ", ".join(meta["dropped_units"]) + ")"
+        )
+    return out
+
+
 def on_units(table: pd.DataFrame, units: set[tuple[str, str]]) -> pd.DataFrame:
     keys = pd.MultiIndex.from_frame(table[UNIT])
     return table[keys.isin(list(units))]
@@ -114,6 +142,7 @@ def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], se
             values = clusters.to_numpy(np.float64)
             row[m] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(values, seed=seed)
+            row[f"{m}_unscored"] = int(source[m].isna().sum())
             if m in FACE_METRICS:
                 row[f"{m}_miss_rate"] = miss_rate(source, m)
         rows.append(row)
@@ -184,6 +213,31 @@ def latex_table(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(out)
 
 
+UNSCORED_WHY = (
+    "pixel metrics and JOD: empty ground-truth foreground (with --masked or --background) or LPIPS weights "
+    "missing; face metrics: no face in the reference; NORMAL_DEG: the method wrote no normals"
+)
+
+
+def unscored_note(table: pd.DataFrame, metrics: list[str]) -> str | None:
+    """Per method, the frames (videos for JOD) each metric could not score and left out of its mean; None if none."""
+    parts = []
+    for i in table.index:
+        counts = [
+            f"{m.upper()} {table.loc[i, f'{m}_unscored']} of "
+            + (
+                f"{table.loc[i, 'videos']} videos"
+                if m in VIDEO_METRICS
+                else f"{table.loc[i, 'frames']} frames"
+            )
+            for m in metrics
+            if table.loc[i, f"{m}_unscored"]
+        ]
+        if counts:
+            parts.append(f"{table.loc[i, 'method']}: " + ", ".join(counts))
+    return f"Not scored (NaN, left out of the means): {'; '.join(parts)} ({UNSCORED_WHY})." if parts else None
+
+
 def method_note(table: pd.DataFrame, seed: int) -> str:
     """How the table was computed, for the reader of the report."""
     over = table["ci_over"].iloc[0] if "ci_over" in table and len(table) else "subjects"
@@ -217,8 +271,10 @@ def build_leaderboard(
         if protocol in tables:
             raise ValueError(f"two {protocol!r} runs given ({run}); pass one run per protocol")
         metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
-        table = aggregate(frames, videos, metrics, seed)
         common, covered = coverage(frames)
+        table = with_not_covered(
+            aggregate(frames, videos, metrics, seed), meta.get("not_covered", []), covered
+        )
         subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
         tables[protocol] = table
         write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
@@ -240,7 +296,8 @@ def build_leaderboard(
                 "markdown": markdown_table(table, metrics),
                 "subjects": subjects,
                 "frames": on_units(frames, common),
-                "warnings": coverage_warnings(covered),
+                "warnings": coverage_warnings(covered) + input_warnings(meta),
+                "unscored": unscored_note(table, metrics),
                 "method_note": method_note(table, seed),
             }
         )
@@ -249,7 +306,7 @@ def build_leaderboard(
         md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [
             f"> WARNING: {w}\n" for w in s["warnings"]
         ]
-        md += [s["markdown"], "", s["method_note"], ""]
+        md += [s["markdown"], "", s["method_note"], ""] + ([s["unscored"], ""] if s["unscored"] else [])
         md += [f"- {m.upper()}: {s['meta']['describe'][m]}" for m in s["metrics"]]
         lp = s["meta"].get("lpips")
         if lp and not lp["available"]:

@@ -121,6 +121,8 @@ def render_html(sections: list[dict]) -> str:
         body.append(f"<h2>{e(s['protocol'].capitalize())} protocol</h2><p>run: {e(s['run'])}</p>")
         body += [f"<p class='warning'>WARNING: {e(w)}</p>" for w in s["warnings"]]
         body.append(_table_html(table, metrics) + f"<p>{e(s['method_note'])}</p>")
+        if s.get("unscored"):
+            body.append(f"<p class='unscored'>{e(s['unscored'])}</p>")
         body.append(
             "<h3>Settings</h3><ul>"
             + "".join(f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics)

@@ -32,21 +32,27 @@ from geodiff4d.eval.inputs import (
 )
 from geodiff4d.eval.lpips_metric import backbone_candidates
 from geodiff4d.eval.normals import normal_error_deg, normal_root, read_normal_clip, resize_normals
-from geodiff4d.eval.scoring import MetricModels, composite_on_background, resize_clip, score_clip
+from geodiff4d.eval.scoring import (
+    ALPHA_METRICS,
+    MetricModels,
+    composite_on_background,
+    resize_clip,
+    score_clip,
+)
 from geodiff4d.eval.settings import (
     ALL_METRICS,
     COMPARABILITY_NOTE,
     FRAME_METRICS,
     MISS_COLUMNS,
     NORMAL_METRICS,
-    PIXEL_METRICS,
     PROTOCOL_METRICS,
     EvalSettings,
 )
 
 # Version of how frames are scored, recorded in run.json: rows scored under other rules are never mixed in.
 # 2: face metrics scored on the frames whose reference has a face, a prediction without one scores the worst value.
-SCORING_RULES = 2
+# 3: --masked composites prediction and GT on one grey; frames with an empty GT foreground are not scored.
+SCORING_RULES = 3
 
 
 class EvalError(WorkFailed, RuntimeError):
@@ -189,7 +195,22 @@ def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkU
                     {"method": method, "subject": subject, "sequence": sequence},
                 )
             )
+    check_unit_ids(units)
     return units
+
+
+def check_unit_ids(units: list[WorkUnit]) -> None:
+    """Refuse names that give two units one id (``unit_id`` maps "a b" and "a_b" alike): the second would
+    silently reuse the first one's rows."""
+    first: dict[str, dict] = {}
+    for unit in units:
+        other = first.setdefault(unit.id, unit.payload)
+        if other is not unit.payload:
+            names = [f"{p['method']}: {p['subject']}/{p['sequence']}" for p in (other, unit.payload)]
+            raise InputError(
+                f"{names[0]} and {names[1]} both become unit {unit.id!r}; rename one (unit ids keep letters, "
+                "digits, '.', '_', '-' and separate the parts with '--')"
+            )
 
 
 def run_metadata(settings: EvalSettings) -> dict:
@@ -237,6 +258,12 @@ def input_fingerprints(
     }
 
 
+def _lpips_weights(meta: dict) -> tuple | None:
+    """Whether LPIPS weights were found and which file: scores with and without them never mix."""
+    found = meta.get("lpips")
+    return None if found is None else (found["available"], found["backbone"])
+
+
 def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
     """What differs from the run's recorded inputs in a way that would mix stale scores with new ones (nothing
     while no unit is committed: then there is nothing stale to mix)."""
@@ -244,6 +271,7 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
         return []
     changed = [] if previous.get("settings") == current["settings"] else ["settings"]
     changed += [] if previous.get("rules") == current["rules"] else ["scoring rules"]
+    changed += [] if _lpips_weights(previous) == _lpips_weights(current) else ["LPIPS weights"]
     before, now = previous.get("inputs", {}), current["inputs"]
     changed += [
         k for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal") if before.get(k) != now[k]
@@ -270,12 +298,14 @@ def evaluate(
     fps: float = 25.0,
     progress: bool = True,
     gt_normal: str | Path | None = None,
+    not_covered: tuple[str, ...] = (),
     **settings: object,
 ) -> JobReport:
     """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
 
     ``gt_normal`` is the ground-truth normal tree mirroring ``gt``: with it the default metrics include normal
-    accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``).
+    accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``). ``not_covered``
+    names methods that produced no frames at all: the leaderboard lists them as covering nothing.
     ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, akd_backend, fan_weights,
     lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
     checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
@@ -298,9 +328,7 @@ def evaluate(
         )
     methods = discover_methods(pred)
     reference = open_ground_truth(gt, gt_mask, fps)
-    needs_masks = config.background is not None or (
-        config.masked and set(config.metrics) & set(PIXEL_METRICS)
-    )
+    needs_masks = config.background is not None or (config.masked and set(config.metrics) & ALPHA_METRICS)
     if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
         raise InputError(
             f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
@@ -310,6 +338,7 @@ def evaluate(
     out = Path(out)
     meta = run_metadata(config)
     meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)
+    meta["units"], meta["not_covered"] = sorted(u.id for u in units), sorted(not_covered)
     meta_path, committed = out / "run.json", CommitLog(out / "commits")
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
@@ -346,17 +375,24 @@ def evaluate(
 
 
 def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Per-frame rows, per-video rows and the run's metadata."""
+    """Per-frame rows, per-video rows and the run's metadata, for the units of the run's latest inputs only:
+    units scored before but no longer among them go to ``meta["dropped_units"]``."""
     run = Path(run)
     meta_path = run / "run.json"
     if not meta_path.is_file():
         raise InputError(f"{run} is not an evaluation run (no run.json)")
+    meta = json.loads(meta_path.read_text())
+    current = set(meta.get("units", []))
     frames = sorted((run / "frames").glob("*.parquet"))
+    meta["dropped_units"] = sorted(p.stem for p in frames if p.stem not in current) if "units" in meta else []
+    frames = [p for p in frames if p.stem not in meta["dropped_units"]]
     if not frames:
-        raise InputError(f"{run}/frames has no Parquet files: the run has not finished any unit")
-    videos = sorted((run / "videos").glob("*.parquet"))
+        raise InputError(
+            f"{run}/frames has no Parquet files of its current units: the run has not finished any"
+        )
+    videos = [p for p in sorted((run / "videos").glob("*.parquet")) if p.stem not in meta["dropped_units"]]
     return (
         pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
         pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
-        json.loads(meta_path.read_text()),
+        meta,
     )

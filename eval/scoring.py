@@ -120,43 +120,64 @@ def face_scores(
     return values, missed
 
 
-def score_clip(
-    models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None
-) -> tuple[dict, float]:
-    """Per-frame metric columns ``{metric: [T] floats}`` (face metrics also ``{metric}_miss: [T] bools``) and
-    the clip's JOD (NaN when not requested).
+ALPHA_METRICS = {"psnr", "ssim", "lpips", "jod"}  # what --masked restricts to the GT foreground
+MASKED_BACKGROUND = 0.5  # --masked without --background: prediction and GT both composited on this grey
+# a GT alpha with no pixel at least this opaque has no foreground: the frame is not scored
+EMPTY_FOREGROUND = 0.5
 
-    ``ref`` is the ground truth (self protocol) or the driving clip (cross); with ``identity`` given, CSIM
-    compares each predicted frame with that source image instead of the reference frame.
-    """
-    metrics, settings = set(models.settings.metrics), models.settings
-    n = len(pred.frames)
-    columns: dict[str, list[float]] = {}
-    mask = torch.from_numpy(ref.masks).float() if settings.masked and ref.masks is not None else None
-    if settings.masked and ref.masks is None and metrics & {"psnr", "ssim", "lpips"}:
+
+def scored_foreground(ref: Clip, settings: EvalSettings) -> np.ndarray:
+    """[T] bool, the frames pixel metrics and JOD score: every frame unless the GT alpha is in use (``masked`` or
+    ``background``); then only frames whose GT alpha has a foreground, since an empty one scores perfect."""
+    if ref.masks is None or not (settings.masked or settings.background is not None):
+        return np.ones(len(ref.frames), bool)
+    return ref.masks.reshape(len(ref.masks), -1).max(axis=1) >= EMPTY_FOREGROUND
+
+
+def pixel_clips(pred: Clip, ref: Clip, settings: EvalSettings) -> tuple[Clip, Clip]:
+    """What the pixel metrics and JOD see. ``masked``: prediction and GT composited on one grey with the GT
+    alpha (``background`` has done it already), so no pixel of the prediction outside the mask reaches a score,
+    not even through SSIM's window, LPIPS's receptive fields or JOD's spatial pooling."""
+    if not settings.masked or settings.background is not None or not set(settings.metrics) & ALPHA_METRICS:
+        return pred, ref
+    if ref.masks is None:
         raise ValueError(f"masked evaluation needs ground-truth masks, none for {ref.source}")
-    device = settings.device
+    return tuple(composite_on_background(c, ref.masks, MASKED_BACKGROUND) for c in (pred, ref))
+
+
+def pixel_columns(models: MetricModels, pred: Clip, ref: Clip, keep: np.ndarray) -> dict[str, list[float]]:
+    """PSNR/SSIM/LPIPS per frame (masked: averaged over the GT foreground), NaN where ``keep`` [T] is False."""
+    settings, n = models.settings, len(pred.frames)
+    mask = torch.from_numpy(ref.masks).float() if settings.masked else None  # [T, H, W]
+    columns = {}
     for name, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", models.lpips)):
-        if name not in metrics:
+        if name not in settings.metrics:
             continue
         if fn is None:  # LPIPS weights missing: reported as unavailable, no number filled in
             columns[name] = [math.nan] * n
             continue
         values = []
         for start in range(0, n, PIXEL_BATCH):
-            sl = slice(start, start + PIXEL_BATCH)
+            sl, device = slice(start, start + PIXEL_BATCH), settings.device
             m = None if mask is None else mask[sl].to(device)
             values.append(
                 fn(_tensor(pred.frames[sl]).to(device), _tensor(ref.frames[sl]).to(device), m).cpu()
             )
-        columns[name] = torch.cat(values).tolist()
+        columns[name] = np.where(keep, torch.cat(values).numpy(), np.nan).tolist()
+    return columns
+
+
+def face_columns(models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None) -> dict[str, list]:
+    """CSIM/AKD/AED per frame and their ``{metric}_miss`` flags (:func:`face_scores`)."""
+    settings, n = models.settings, len(pred.frames)
     height, width = pred.frames.shape[1:3]
+    columns = {}
     for name, extract, distance in (
         ("csim", lambda image: embed(models.embedder, image), cosine),
         ("akd", models.landmarker, keypoint_distance),
         ("aed", models.regressor, expression_distance),
     ):
-        if name not in metrics:
+        if name not in settings.metrics:
             continue
         if name == "csim" and identity is not None:
             references = [extract(identity)] * n
@@ -170,13 +191,30 @@ def score_clip(
             worst_face_score(settings, name, height, width),
             HIGHER_IS_BETTER[name],
         )
+    return columns
+
+
+def score_clip(
+    models: MetricModels, pred: Clip, ref: Clip, identity: np.ndarray | None = None
+) -> tuple[dict, float]:
+    """Per-frame metric columns ``{metric: [T] floats}`` (face metrics also ``{metric}_miss: [T] bools``) and
+    the clip's JOD (NaN when not requested, or when no frame has a GT foreground to score).
+
+    ``ref`` is the ground truth (self protocol) or the driving clip (cross); with ``identity`` given, CSIM
+    compares each predicted frame with that source image instead of the reference frame.
+    """
+    settings = models.settings
+    keep = scored_foreground(ref, settings)
+    pixel_pred, pixel_ref = pixel_clips(pred, ref, settings)
+    columns = pixel_columns(models, pixel_pred, pixel_ref, keep)
+    columns.update(face_columns(models, pred, ref, identity))
     video_jod = math.nan
-    if "jod" in metrics:
+    if "jod" in settings.metrics and keep.any():  # JOD of the frames with a foreground, in their order
         video_jod = jod(
-            _tensor(pred.frames),
-            _tensor(ref.frames),
+            _tensor(pixel_pred.frames[keep]),
+            _tensor(pixel_ref.frames[keep]),
             fps=ref.fps,
             display=settings.jod_display,
-            device=device,
+            device=settings.device,
         )
     return columns, video_jod

@@ -106,6 +106,8 @@ class EvalSettings:
     def describe(self) -> dict[str, str]:
         """Metric -> backend, resolution and masking, the way reports print it."""
         resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
+        uses_alpha = self.masked or self.background is not None
+        empty = "; frames whose GT alpha is empty are not scored (counted)" if uses_alpha else ""
         backdrop = (
             ""
             if self.background is None
@@ -116,11 +118,13 @@ class EvalSettings:
         pixels = (
             resolution
             + (
-                ", foreground pixels only (GT alpha mask): not comparable with whole-frame scores"
+                ", foreground only: prediction and GT composited on one grey with the GT alpha, means over the "
+                "GT foreground; not comparable with whole-frame scores"
                 if self.masked
                 else ", full frame, no mask"
             )
             + backdrop
+            + empty
         )
         faces = (
             f"{resolution}, full frame, best-scoring face; scored on the frames whose reference has a face; "
@@ -139,5 +143,8 @@ class EvalSettings:
             "normal_deg": f"normal angular error in degrees against the ground-truth normals (the method's normal/ "
             f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
             f"90 degrees; n/a for methods without normals; {resolution}",
-            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}{backdrop}",
+            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}"
+            + (", prediction and GT composited on one grey with the GT alpha" if self.masked else "")
+            + backdrop
+            + empty,
         }
