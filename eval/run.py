@@ -381,7 +381,10 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     meta_path = run / "run.json"
     if not meta_path.is_file():
         raise InputError(f"{run} is not an evaluation run (no run.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as bad:
+        raise InputError(f"{meta_path} is not valid JSON ({bad}): not an evaluation run's record") from None
     current = set(meta.get("units", []))
     frames = sorted((run / "frames").glob("*.parquet"))
     meta["dropped_units"] = sorted(p.stem for p in frames if p.stem not in current) if "units" in meta else []
