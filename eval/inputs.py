@@ -134,10 +134,10 @@ class FolderSource:
 class NersembleSource:
     """Ground truth read directly from a NeRSemble v2 folder; camera names are the serials (``cam_`` optional)."""
 
-    def __init__(self, root: str | Path, fps: float = 25.0):
+    def __init__(self, root: str | Path):
         from geodiff4d.datasets.nersemble import NersembleDataset
 
-        self.name, self.fps = "nersemble", fps
+        self.name = "nersemble"
         self.dataset = NersembleDataset(root)
 
     def units(self) -> list[tuple[str, str]]:
@@ -156,7 +156,8 @@ class NersembleSource:
         )  # [T, H, W, 3]
         alphas = [f.alpha for f in frames]
         masks = None if any(a is None for a in alphas) else np.stack(alphas)  # [T, H, W]
-        return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, serial)))
+        fps = self.dataset.fps(subject, sequence)  # the recording's own rate, whatever --fps says
+        return Clip(rgb, masks, fps, str(self.dataset.video_path(subject, sequence, serial)))
 
     def frontal_camera(self, subject: str, sequence: str) -> str:
         """NeRSemble's frontal serial when recorded, else the camera nearest the rig's mean viewing direction."""
@@ -171,10 +172,11 @@ class NersembleSource:
 
 
 def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps: float = 25.0) -> ClipSource:
-    """A NeRSemble v2 folder (has ``*/calibration/camera_params.json``) or a tree in our layout."""
+    """A NeRSemble v2 folder (has ``*/calibration/camera_params.json``; frame rate: its videos') or a tree in our
+    layout (frame rate: an MP4's own, ``fps`` for frame folders)."""
     path = Path(path)
     if any(path.glob("*/calibration/camera_params.json")):
-        return NersembleSource(path, fps)
+        return NersembleSource(path)
     return FolderSource("ground truth", path, Path(mask_root) if mask_root else None, fps)
 
 
@@ -211,6 +213,13 @@ def tree_fingerprint(path: str | Path | None) -> str | None:
             f"{stat.st_mtime_ns}\n".encode()
         )
     return digest.hexdigest()
+
+
+def sibling_tree(rgb_root: str | Path, name: str) -> Path | None:
+    """The ``name`` tree (``mask``, ``normal``) beside a method's ``rgb/`` tree (a frame folder's layout), if any."""
+    root = Path(rgb_root)
+    sibling = root.parent / name
+    return sibling if root.name == "rgb" and sibling.is_dir() else None
 
 
 def discover_methods(pred: str | Path | dict[str, str | Path]) -> dict[str, Path]:

@@ -17,17 +17,19 @@ import pandas as pd
 
 from geodiff4d.core.errors import WorkFailed
 from geodiff4d.core.io.atomic import atomic_output, write_json_atomic
-from geodiff4d.core.io.images import read_rgb8
+from geodiff4d.core.io.images import read_image, read_rgb8, to_float
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.eval.fan_landmarks import find_fan_file
 from geodiff4d.eval.inputs import (
+    Clip,
     FolderSource,
     InputError,
     check_clips,
     discover_methods,
     match_cameras,
     open_ground_truth,
+    sibling_tree,
     tree_fingerprint,
 )
 from geodiff4d.eval.lpips_metric import backbone_candidates
@@ -36,6 +38,7 @@ from geodiff4d.eval.scoring import (
     ALPHA_METRICS,
     MetricModels,
     composite_on_background,
+    composite_pair,
     resize_clip,
     score_clip,
 )
@@ -68,8 +71,45 @@ def unit_id(method: str, subject: str, sequence: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}--{subject}--{sequence}")
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    return read_rgb8(path)
+def uses_alpha(settings: EvalSettings) -> bool:
+    """Whether scores see alphas: compositing on a background, or masked metrics among those requested."""
+    return settings.background is not None or bool(settings.masked and set(settings.metrics) & ALPHA_METRICS)
+
+
+def read_identity(path: Path, background: float | None) -> np.ndarray:
+    """The cross protocol's source identity image, uint8 RGB [H, W, 3], composited like the frames: with a
+    background, on that grey with the image's own alpha (an RGBA PNG's fourth channel)."""
+    if not path.is_file():
+        raise InputError(f"identity image {path} does not exist (--identity DIR holds <subject>.png)")
+    if background is None:
+        return read_rgb8(path)
+    image = read_image(path)
+    if image.ndim != 3 or image.shape[2] != 4:
+        raise InputError(
+            f"{path}: compositing on a background needs the identity image's alpha (an RGBA PNG)"
+        )
+    rgb = image[..., :3] if image.dtype == np.uint8 else (image[..., :3] // 257).astype(np.uint8)
+    alpha = to_float(image[..., 3])[None]  # [1, H, W]
+    return composite_on_background(Clip(rgb[None], None, 0.0, str(path)), alpha, background).frames[0]
+
+
+def check_cross_inputs(
+    methods: dict[str, Path], units: list[WorkUnit], identity: Path | None, config: EvalSettings
+) -> None:
+    """Before Ray starts: each subject's identity image (with its alpha when compositing), and with alphas in use
+    each method's own ``mask/`` tree beside its ``rgb/``, since the cross protocol never cuts a render with the
+    driver's silhouette."""
+    if config.protocol != "cross":
+        return
+    if "csim" in config.metrics:
+        for subject in sorted({u.payload["subject"] for u in units}):
+            read_identity(Path(identity) / f"{subject}.png", config.background)
+    if uses_alpha(config):
+        for name, root in methods.items():
+            if sibling_tree(root, "mask") is None:
+                raise InputError(
+                    f"{name}: the cross protocol composites each head with its own alpha; no mask/ tree beside {root}"
+                )
 
 
 @dataclass
@@ -91,14 +131,16 @@ class EvalJob:
 
     def run(self, unit: WorkUnit) -> dict:
         method, subject, sequence = (unit.payload[k] for k in ("method", "subject", "sequence"))
-        pred_source = FolderSource(method, Path(self.methods[method]), fps=self.fps)
+        root = Path(self.methods[method])
+        own_alpha = self.settings.protocol == "cross" and uses_alpha(self.settings)  # cross: the render's own
+        pred_source = FolderSource(method, root, sibling_tree(root, "mask") if own_alpha else None, self.fps)
         where = f"{subject}/{sequence}"
         cams = match_cameras(
             method, pred_source.cameras(subject, sequence), self.reference.cameras(subject, sequence), where
         )
         identity = None
         if self.settings.protocol == "cross" and "csim" in self.settings.metrics:
-            identity = _read_rgb(Path(self.identity) / f"{subject}.png")
+            identity = read_identity(Path(self.identity) / f"{subject}.png", self.settings.background)
         frame_rows, video_rows = [], []
         for pred_cam, ref_cam in sorted(cams.items()):
             pred = resize_clip(pred_source.clip(subject, sequence, pred_cam), self.settings.resolution)
@@ -107,13 +149,7 @@ class EvalJob:
             if (
                 self.settings.background is not None
             ):  # every metric sees the same pixels: no backdrop advantage
-                if ref.masks is None:
-                    raise InputError(
-                        f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}"
-                    )
-                pred, ref = (
-                    composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref)
-                )
+                pred, ref = composite_pair(pred, ref, self.settings, self.settings.background)
             columns, video_jod = score_clip(self.models, pred, ref, identity)
             if "normal_deg" in self.settings.metrics:
                 columns["normal_deg"] = self.normal_errors(
@@ -232,6 +268,14 @@ def run_metadata(settings: EvalSettings) -> dict:
     return meta
 
 
+def unit_fingerprint(root: Path, unit: WorkUnit) -> str:
+    """A unit's predicted frames, and its alphas in the ``mask/`` tree beside them (the cross protocol's own)."""
+    part = Path(unit.payload["subject"]) / unit.payload["sequence"]
+    masks = sibling_tree(root, "mask")
+    rgb = tree_fingerprint(root / part)
+    return rgb if masks is None or not (masks / part).exists() else f"{rgb}+{tree_fingerprint(masks / part)}"
+
+
 def input_fingerprints(
     methods: dict[str, Path],
     units: list[WorkUnit],
@@ -249,12 +293,7 @@ def input_fingerprints(
         "identity": tree_fingerprint(identity),
         "fps": fps,
         "gt_normal": tree_fingerprint(gt_normal),
-        "units": {
-            u.id: tree_fingerprint(
-                methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"]
-            )
-            for u in units
-        },
+        "units": {u.id: unit_fingerprint(methods[u.payload["method"]], u) for u in units},
     }
 
 
@@ -328,13 +367,14 @@ def evaluate(
         )
     methods = discover_methods(pred)
     reference = open_ground_truth(gt, gt_mask, fps)
-    needs_masks = config.background is not None or (config.masked and set(config.metrics) & ALPHA_METRICS)
+    needs_masks = uses_alpha(config)
     if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
         raise InputError(
             f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
             f"needs ground-truth masks: give --gt-mask for {gt}"
         )
     units = plan_units(methods, reference, protocol)
+    check_cross_inputs(methods, units, identity, config)
     out = Path(out)
     meta = run_metadata(config)
     meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)

@@ -19,7 +19,7 @@ from geodiff4d.datasets.packaged import ModelFileNotFound
 from geodiff4d.eval.expression import expression_distance, make_expression_regressor
 from geodiff4d.eval.identity import cosine, embed, make_embedder
 from geodiff4d.eval.image_metrics import psnr, ssim
-from geodiff4d.eval.inputs import Clip
+from geodiff4d.eval.inputs import Clip, InputError
 from geodiff4d.eval.jod import jod
 from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
 from geodiff4d.eval.lpips_metric import load_lpips
@@ -93,6 +93,18 @@ def composite_on_background(clip: Clip, alpha: np.ndarray, background: float) ->
     return Clip(np.rint(mixed).astype(np.uint8), clip.masks, clip.fps, clip.source)
 
 
+def composite_pair(pred: Clip, ref: Clip, settings: EvalSettings, background: float) -> tuple[Clip, Clip]:
+    """Prediction and reference on one grey ``background``. Self protocol: both with the ground truth's alpha.
+    Cross protocol: each with its own (the avatar's render alpha, the driver's), never another head's silhouette."""
+    pred_alpha = pred.masks if settings.protocol == "cross" else ref.masks
+    for alpha, clip in ((pred_alpha, pred), (ref.masks, ref)):
+        if alpha is None:
+            raise InputError(f"compositing needs an alpha for {clip.source}, none found beside it")
+    return composite_on_background(pred, pred_alpha, background), composite_on_background(
+        ref, ref.masks, background
+    )
+
+
 def _tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
 
@@ -135,14 +147,12 @@ def scored_foreground(ref: Clip, settings: EvalSettings) -> np.ndarray:
 
 
 def pixel_clips(pred: Clip, ref: Clip, settings: EvalSettings) -> tuple[Clip, Clip]:
-    """What the pixel metrics and JOD see. ``masked``: prediction and GT composited on one grey with the GT
-    alpha (``background`` has done it already), so no pixel of the prediction outside the mask reaches a score,
-    not even through SSIM's window, LPIPS's receptive fields or JOD's spatial pooling."""
+    """What the pixel metrics and JOD see. ``masked``: prediction and GT composited on one grey
+    (:func:`composite_pair`; ``background`` has done it already), so no pixel of the prediction outside the mask
+    reaches a score, not even through SSIM's window, LPIPS's receptive fields or JOD's spatial pooling."""
     if not settings.masked or settings.background is not None or not set(settings.metrics) & ALPHA_METRICS:
         return pred, ref
-    if ref.masks is None:
-        raise ValueError(f"masked evaluation needs ground-truth masks, none for {ref.source}")
-    return tuple(composite_on_background(c, ref.masks, MASKED_BACKGROUND) for c in (pred, ref))
+    return composite_pair(pred, ref, settings, MASKED_BACKGROUND)
 
 
 def pixel_columns(models: MetricModels, pred: Clip, ref: Clip, keep: np.ndarray) -> dict[str, list[float]]:
