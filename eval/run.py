@@ -55,7 +55,8 @@ from geodiff4d.eval.settings import (
 # Version of how frames are scored, recorded in run.json: rows scored under other rules are never mixed in.
 # 2: face metrics scored on the frames whose reference has a face, a prediction without one scores the worst value.
 # 3: --masked composites prediction and GT on one grey; frames with an empty GT foreground are not scored.
-SCORING_RULES = 3
+# 4: the cross protocol composites each head with its own alpha; identity images composited like the frames.
+SCORING_RULES = 4
 
 
 class EvalError(WorkFailed, RuntimeError):
