@@ -112,7 +112,8 @@ class EvalSettings:
             ""
             if self.background is None
             else (
-                f"; prediction and ground truth composited on grey {self.background:g} with the GT alpha first"
+                f"; prediction and ground truth composited on grey {self.background:g} with "
+                + ("each head's own alpha first" if self.protocol == "cross" else "the GT alpha first")
             )
         )
         pixels = (
@@ -144,7 +145,7 @@ class EvalSettings:
             f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
             f"90 degrees; n/a for methods without normals; {resolution}",
             "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}"
-            + (", prediction and GT composited on one grey with the GT alpha" if self.masked else "")
+            + (", prediction and reference composited on one grey with their alphas" if self.masked else "")
             + backdrop
             + empty,
         }
