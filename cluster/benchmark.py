@@ -191,7 +191,8 @@ class Benchmark:
         first = sorted(
             (frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob("*.png")
         )[0]
-        atomic_write_bytes(self.layout.identity / f"{subject.id}.png", first.read_bytes())
+        mask = frames / "mask" / subject.id / subject.train_sequence / self.config.train_camera / first.name
+        _write_identity(self.layout.identity / f"{subject.id}.png", first, mask)
         for part in ("rgb", "mask", "normal"):  # the oracle sees the training sequence only
             _link(
                 frames / part / subject.id / subject.train_sequence,
@@ -468,7 +469,17 @@ class Benchmark:
             return Path(method.path) / protocol
         return self.layout.pred(protocol, method.name) / "rgb"
 
-    def evaluate(self, protocol: str) -> dict:
+    def data_fps(self, protocol: str, subjects: list[Subject]) -> float:
+        """The frame rate of the data sequences ``protocol`` scores (JOD runs at it); they must agree."""
+        from geodiff4d.datasets.nersemble import NersembleDataset
+
+        dataset = NersembleDataset(self.data_root)
+        rates = {f"{s}/{q}": dataset.fps(s, q) for _, _, s, q in self.scored_units(protocol, subjects)}
+        if max(rates.values()) - min(rates.values()) > 1e-3:
+            raise BenchmarkError(f"[eval:{protocol}] scored sequences at different frame rates: {rates}")
+        return next(iter(rates.values()))
+
+    def evaluate(self, protocol: str, subjects: list[Subject]) -> dict:
         from geodiff4d.eval.run import evaluate
 
         methods = {m.name: self.method_tree(protocol, m) for m in self.config.methods}
@@ -479,6 +490,8 @@ class Benchmark:
                 f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered"
             )
         metrics = self.config.eval.metrics.get(protocol)
+        # cross: each head as rendered; the GT alpha is the driver's, another head's silhouette
+        own_alpha = PROTOCOL_EVAL[protocol] != "cross"
         gt_normal = self.layout.gt(protocol) / "normal"
         report = evaluate(
             present,
@@ -492,10 +505,12 @@ class Benchmark:
             device="cuda" if self.config.eval.gpus_per_worker else "cpu",
             gt_mask=self.layout.gt(protocol) / "mask",
             identity=self.layout.identity,
-            masked=self.config.eval.masked,
+            masked=self.config.eval.masked and own_alpha,
             resolution=self.config.eval.resolution,
-            background=self.config.eval.background,
+            background=self.config.eval.background if own_alpha else None,
             gt_normal=gt_normal if gt_normal.is_dir() else None,
+            not_covered=tuple(absent),
+            fps=self.data_fps(protocol, subjects),
             progress=False,
         )
         return {"units": len(report.completed) + len(report.skipped)}
@@ -584,7 +599,7 @@ class Benchmark:
         produced: list[str] = []
         for method in self.config.methods:
             produced += self._add_method_stages(graph, method, subjects, frames, truth, trained, models)
-        self._add_scoring_stages(graph, truth, produced)
+        self._add_scoring_stages(graph, subjects, truth, produced)
         return graph
 
     def _add_data_stages(
@@ -711,13 +726,15 @@ class Benchmark:
             )
         return generated
 
-    def _add_scoring_stages(self, graph: StageGraph, truth: dict[str, str], produced: list[str]) -> None:
+    def _add_scoring_stages(
+        self, graph: StageGraph, subjects: list[Subject], truth: dict[str, str], produced: list[str]
+    ) -> None:
         """Evaluation per protocol after every prediction, then the leaderboard and the ablation tables."""
         layout, c = self.layout, self.config
         evals = [
             graph.add(
                 f"eval:{p}",
-                lambda p=p: self.evaluate(p),
+                lambda p=p: self.evaluate(p, subjects),
                 needs=[truth[p]],
                 after=produced,
                 outputs=[layout.eval / p / "run.json"],
@@ -770,3 +787,17 @@ def _link(target: Path, link: Path) -> None:
     if link.is_symlink() or link.exists():
         shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
     link.symlink_to(target)
+
+
+def _write_identity(path: Path, rgb: Path, mask: Path) -> None:
+    """The subject's reference image as RGBA (its frame's alpha as the fourth channel), so the cross protocol's
+    CSIM can composite it like the frames; a plain copy when the frame has no mask."""
+    from geodiff4d.core.io.images import read_image, read_rgb8, write_png
+
+    if not mask.is_file():
+        atomic_write_bytes(path, rgb.read_bytes())
+        return
+    alpha = read_image(mask)
+    alpha = alpha[..., 0] if alpha.ndim == 3 else alpha
+    alpha = alpha if alpha.dtype == np.uint8 else (alpha // 257).astype(np.uint8)
+    write_png(path, np.dstack([read_rgb8(rgb), alpha]))  # [H, W, 4]

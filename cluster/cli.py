@@ -552,11 +552,23 @@ def submission(
     out: Annotated[
         Path, typer.Option(help="Zip to write, for upload to the NeRSemble mono FLAME-avatar benchmark.")
     ],
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option(help="Write the zip even without every expected video (the benchmark scores none)."),
+    ] = False,
+    benchmark_data: Annotated[
+        Path | None,
+        typer.Option(
+            **Folder, help="The local benchmark release, to check frame counts against its tracking."
+        ),
+    ] = None,
 ) -> None:
-    """Write the official mono FLAME-avatar submission zip (nersemble-benchmark's writer: 512x512, 24.3 fps)."""
+    """Write the official mono FLAME-avatar submission zip (nersemble-benchmark's writer: 512x512, 24.3 fps);
+    refuses an incomplete one, naming the missing videos, unless --allow-incomplete."""
     from geodiff4d.eval.submission import write_mono_flame_avatar_submission
 
-    typer.echo(f"submission: {write_mono_flame_avatar_submission(method, out)}")
+    zip_path = write_mono_flame_avatar_submission(method, out, allow_incomplete, benchmark_data)
+    typer.echo(f"submission: {zip_path}")
 
 
 def _run_benchmark(config: Path | str, out: Path, parallel: int, address: str | None) -> None:

@@ -92,6 +92,18 @@ def _matrix(value: Any, shape: tuple[int, int], path: Path, field: str) -> np.nd
     return matrix
 
 
+def _video_rate(path: Path) -> float:
+    """A video's frame rate in frames per second, from its stream (average, else guessed)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        raise NersembleError(f"{path}: the video records no frame rate")
+    return float(rate)
+
+
 class NersembleDataset:
     """Subjects, sequences, cameras, tracking and frames of a NeRSemble v2 folder (raw or benchmark)."""
 
@@ -221,6 +233,21 @@ class NersembleDataset:
         return matrices
 
     # --- frames and tracking
+    def fps(self, subject: str, sequence: str) -> float:
+        """Frame rate of the sequence's colour videos (the mono FLAME-avatar benchmark's: 24.3), as recorded in
+        them; every camera must agree, since JOD weighs flicker by it."""
+        rates = {
+            serial: _video_rate(self.video_path(subject, sequence, serial))
+            for serial in self.sequence_serials(subject, sequence)
+        }
+        if not rates:
+            raise NersembleError(f"{self.video_path(subject, sequence, 'x').parent}: no cam_*.mp4 videos")
+        if max(rates.values()) - min(rates.values()) > 1e-3:
+            raise NersembleError(
+                f"{self.sequence_dir(subject, sequence)}: cameras at different frame rates {rates}"
+            )
+        return next(iter(rates.values()))
+
     def frame_count(self, subject: str, sequence: str) -> int:
         """Frames per camera; all colour and alpha videos of the sequence must agree."""
         key = (subject, sequence)

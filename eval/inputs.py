@@ -9,6 +9,7 @@ side as ``PRED_ROOT/<method>/...``, or are named one at a time as ``NAME=PATH``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -131,10 +132,10 @@ class FolderSource:
 class NersembleSource:
     """Ground truth read directly from a NeRSemble v2 folder; camera names are the serials (``cam_`` optional)."""
 
-    def __init__(self, root: str | Path, fps: float = 25.0):
+    def __init__(self, root: str | Path):
         from geodiff4d.datasets.nersemble import NersembleDataset
 
-        self.name, self.fps = "nersemble", fps
+        self.name = "nersemble"
         self.dataset = NersembleDataset(root)
 
     def units(self) -> list[tuple[str, str]]:
@@ -153,7 +154,8 @@ class NersembleSource:
         )  # [T, H, W, 3]
         alphas = [f.alpha for f in frames]
         masks = None if any(a is None for a in alphas) else np.stack(alphas)  # [T, H, W]
-        return Clip(rgb, masks, self.fps, str(self.dataset.video_path(subject, sequence, serial)))
+        fps = self.dataset.fps(subject, sequence)  # the recording's own rate, whatever --fps says
+        return Clip(rgb, masks, fps, str(self.dataset.video_path(subject, sequence, serial)))
 
     def frontal_camera(self, subject: str, sequence: str) -> str:
         """NeRSemble's frontal serial when recorded, else the camera nearest the rig's mean viewing direction."""
@@ -168,23 +170,39 @@ class NersembleSource:
 
 
 def open_ground_truth(path: str | Path, mask_root: str | Path | None = None, fps: float = 25.0) -> ClipSource:
-    """A NeRSemble v2 folder (has ``*/calibration/camera_params.json``) or a tree in our layout."""
+    """A NeRSemble v2 folder (has ``*/calibration/camera_params.json``; frame rate: its videos') or a tree in our
+    layout (frame rate: an MP4's own, ``fps`` for frame folders)."""
     path = Path(path)
     if any(path.glob("*/calibration/camera_params.json")):
-        return NersembleSource(path, fps)
+        return NersembleSource(path)
     return FolderSource("ground truth", path, Path(mask_root) if mask_root else None, fps)
 
 
+def tree_files(root: Path) -> list[Path]:
+    """Every file under ``root``, following directory symlinks (``rglob`` does not descend into them, and the
+    benchmark's ground-truth camera folders are symlinks); a folder reached twice (a link cycle) is walked once."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(f for f in files if f.is_file())
+
+
 def tree_fingerprint(path: str | Path | None) -> str | None:
-    """A digest of every file under ``path`` (relative name, size, modification time; a file is its own tree):
-    changes when any file is added, removed, rewritten or touched. Cheap enough for whole NeRSemble releases,
-    since no content is read; a copy with new timestamps counts as changed, which errs on the safe side."""
+    """A digest of every file under ``path`` (relative name, size, modification time of the file a link points
+    to; a file is its own tree), through directory symlinks: changes when any file is added, removed, rewritten
+    or touched. Cheap enough for whole NeRSemble releases, since no content is read; a copy with new timestamps
+    counts as changed, which errs on the safe side."""
     if path is None:
         return None
     root = Path(path)
     if not root.exists():
         raise InputError(f"{root} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else tree_files(root)
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
@@ -193,6 +211,13 @@ def tree_fingerprint(path: str | Path | None) -> str | None:
             f"{stat.st_mtime_ns}\n".encode()
         )
     return digest.hexdigest()
+
+
+def sibling_tree(rgb_root: str | Path, name: str) -> Path | None:
+    """The ``name`` tree (``mask``, ``normal``) beside a method's ``rgb/`` tree (a frame folder's layout), if any."""
+    root = Path(rgb_root)
+    sibling = root.parent / name
+    return sibling if root.name == "rgb" and sibling.is_dir() else None
 
 
 def discover_methods(pred: str | Path | dict[str, str | Path]) -> dict[str, Path]:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from geodiff4d.core.io.atomic import atomic_write_bytes
-from geodiff4d.eval.report import arrow, metric_cell, render_html
+from geodiff4d.eval.report import header_cells, metric_cell, metric_cells, miss_cell, render_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic
 from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS
 
@@ -47,6 +47,34 @@ def coverage_warnings(covered: dict[str, set[tuple[str, str]]]) -> list[str]:
     return out
 
 
+def with_not_covered(
+    table: pd.DataFrame, methods: list[str], covered: dict[str, set[tuple[str, str]]]
+) -> pd.DataFrame:
+    """``table`` plus a row for each method that produced no frames: coverage 0 of all units, no scores."""
+    every = set().union(*covered.values())
+    extra = [
+        {"method": m, "coverage": f"0/{len(every)}", "frames": 0, "subjects": 0, "videos": 0}
+        for m in methods
+        if m not in covered
+    ]
+    if not extra:
+        return table
+    rows = pd.DataFrame(extra).assign(units=table["units"].iloc[0])
+    rows = rows.assign(**{c: 0 for c in table.columns if c.endswith("_unscored")})
+    return pd.concat([table, rows], ignore_index=True)
+
+
+def input_warnings(meta: dict) -> list[str]:
+    """Methods that produced no frames, and units scored earlier that are no longer among the run's inputs."""
+    out = [f"{m} produced no frames: not covered, no scores" for m in meta.get("not_covered", [])]
+    if meta.get("dropped_units"):
+        out.append(
+            f"dropped from the board: {len(meta['dropped_units'])} units scored earlier are no longer among the "
+            "inputs (" + ", ".join(meta["dropped_units"]) + ")"
+        )
+    return out
+
+
 def on_units(table: pd.DataFrame, units: set[tuple[str, str]]) -> pd.DataFrame:
     keys = pd.MultiIndex.from_frame(table[UNIT])
     return table[keys.isin(list(units))]
@@ -71,6 +99,17 @@ def bootstrap_ci(clusters: np.ndarray, n: int = N_BOOTSTRAP, seed: int = 0) -> t
     means = clusters[rng.integers(0, len(clusters), size=(n, len(clusters)))].mean(axis=1)  # [n]
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def miss_rate(frames: pd.DataFrame, metric: str) -> float:
+    """Share of a face metric's scored frames (reference has a face) where the prediction had none."""
+    if f"{metric}_miss" not in frames:
+        raise ValueError(
+            f"the frames have no {metric}_miss column: they were scored before a miss scored the worst value "
+            "(docs/metrics.md); evaluate again into a new folder"
+        )
+    scored = int(frames[metric].notna().sum())
+    return float(frames[f"{metric}_miss"].sum() / scored) if scored else math.nan
 
 
 def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], seed: int = 0) -> pd.DataFrame:
@@ -103,8 +142,9 @@ def aggregate(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str], se
             values = clusters.to_numpy(np.float64)
             row[m] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(values, seed=seed)
+            row[f"{m}_unscored"] = int(source[m].isna().sum())
             if m in FACE_METRICS:
-                row[f"{m}_miss_rate"] = float(source[m].isna().mean())
+                row[f"{m}_miss_rate"] = miss_rate(source, m)
         rows.append(row)
     table = pd.DataFrame(rows)
     for m in metrics:
@@ -124,16 +164,11 @@ def per_subject(frames: pd.DataFrame, videos: pd.DataFrame, metrics: list[str]) 
 
 
 def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
-    head = (
-        ["method", "coverage", "frames"]
-        + [f"{m.upper()} {arrow(m)}" for m in metrics]
-        + [f"{m.upper()} miss" for m in metrics if m in FACE_METRICS]
-    )
+    head = ["method", "coverage", "frames", *header_cells(metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in table.index:
         cells = [table.loc[i, "method"], table.loc[i, "coverage"], str(table.loc[i, "frames"])]
-        cells += [metric_cell(table, i, m, ("**", "**")) for m in metrics]
-        cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
+        cells += metric_cells(table, i, metrics, ("**", "**"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,12 +202,40 @@ def latex_table(tables: dict[str, pd.DataFrame]) -> str:
             t = tables[p].reset_index(drop=True)
             hit = t.index[t["method"] == method]
             for m in ms:
-                cells.append(
+                cell = (
                     "--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True)
                 )
+                if m in FACE_METRICS and not hit.empty:
+                    cell += rf"\,{{\scriptsize ({miss_cell(t, hit[0], m, latex=True)} miss)}}"
+                cells.append(cell)
         out.append(method.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(out)
+
+
+UNSCORED_WHY = (
+    "pixel metrics and JOD: empty ground-truth foreground (with --masked or --background) or LPIPS weights "
+    "missing; face metrics: no face in the reference; NORMAL_DEG: the method wrote no normals"
+)
+
+
+def unscored_note(table: pd.DataFrame, metrics: list[str]) -> str | None:
+    """Per method, the frames (videos for JOD) each metric could not score and left out of its mean; None if none."""
+    parts = []
+    for i in table.index:
+        counts = [
+            f"{m.upper()} {table.loc[i, f'{m}_unscored']} of "
+            + (
+                f"{table.loc[i, 'videos']} videos"
+                if m in VIDEO_METRICS
+                else f"{table.loc[i, 'frames']} frames"
+            )
+            for m in metrics
+            if table.loc[i, f"{m}_unscored"]
+        ]
+        if counts:
+            parts.append(f"{table.loc[i, 'method']}: " + ", ".join(counts))
+    return f"Not scored (NaN, left out of the means): {'; '.join(parts)} ({UNSCORED_WHY})." if parts else None
 
 
 def method_note(table: pd.DataFrame, seed: int) -> str:
@@ -183,7 +246,9 @@ def method_note(table: pd.DataFrame, seed: int) -> str:
         f"(coverage: units a method covered of all units scored). Means per unit, then per subject, then over "
         f"subjects, so each subject weighs the same; [95% interval] from a percentile bootstrap over {over} "
         f"({N_BOOTSTRAP} resamples, seed {seed}; n/a with fewer than two), not frames; #k = rank; "
-        "best in bold; ↑ higher is better, ↓ lower is better."
+        "best in bold; ↑ higher is better, ↓ lower is better. Face metrics score the frames whose reference "
+        "has a face; a prediction without a face there is a miss and scores the worst value (CSIM -1, AKD the "
+        "image diagonal, AED the regressor's ceiling)."
     )
 
 
@@ -208,8 +273,8 @@ def _run_section(
 ) -> dict:
     """Aggregate one run, write its tables into ``out`` (recorded in ``written``); returns its report section."""
     metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
-    table = aggregate(frames, videos, metrics, seed)
     common, covered = coverage(frames)
+    table = with_not_covered(aggregate(frames, videos, metrics, seed), meta.get("not_covered", []), covered)
     subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
     write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
     write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
@@ -229,7 +294,8 @@ def _run_section(
         "markdown": markdown_table(table, metrics),
         "subjects": subjects,
         "frames": on_units(frames, common),
-        "warnings": coverage_warnings(covered),
+        "warnings": coverage_warnings(covered) + input_warnings(meta),
+        "unscored": unscored_note(table, metrics),
         "method_note": method_note(table, seed),
     }
 
@@ -241,7 +307,7 @@ def _markdown_report(sections: list[dict]) -> str:
         md += [f"## {s['protocol'].capitalize()} ({s['run']})\n"] + [
             f"> WARNING: {w}\n" for w in s["warnings"]
         ]
-        md += [s["markdown"], "", s["method_note"], ""]
+        md += [s["markdown"], "", s["method_note"], ""] + ([s["unscored"], ""] if s["unscored"] else [])
         md += [f"- {m.upper()}: {s['meta']['describe'][m]}" for m in s["metrics"]]
         lp = s["meta"].get("lpips")
         if lp and not lp["available"]:

@@ -15,14 +15,12 @@ import cv2
 import numpy as np
 
 from geodiff4d.datasets.normal_maps import NormalMapError, angular_error_deg, decode_normal_png, unit
-from geodiff4d.eval.inputs import FRAME_SUFFIXES, InputError
+from geodiff4d.eval.inputs import FRAME_SUFFIXES, InputError, sibling_tree
 
 
 def normal_root(rgb_root: str | Path) -> Path | None:
     """The normal tree beside a method's ``rgb/`` tree (a frame folder's layout), if there is one."""
-    root = Path(rgb_root)
-    sibling = root.parent / "normal"
-    return sibling if root.name == "rgb" and sibling.is_dir() else None
+    return sibling_tree(rgb_root, "normal")
 
 
 def read_normal_clip(root: Path, subject: str, sequence: str, camera: str) -> np.ndarray | None:

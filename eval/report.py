@@ -44,6 +44,29 @@ def metric_cell(
     return f"{bold[0]}{text}{bold[1]}" if value == best else text
 
 
+def miss_cell(table, i: int, metric: str, latex: bool = False) -> str:  # noqa: ANN001 - DataFrame
+    """A face metric's miss rate in row ``i``: the share of its scored frames where the prediction had no face."""
+    rate = table.loc[i, f"{metric}_miss_rate"]
+    text = "n/a" if pd.isna(rate) else f"{rate:.1%}"
+    return text.replace("%", r"\%") if latex else text
+
+
+def header_cells(metrics: list[str]) -> list[str]:
+    """Each metric's column title; a face metric's miss rate right beside it."""
+    cells = []
+    for m in metrics:
+        cells += [f"{m.upper()} {arrow(m)}"] + ([f"{m.upper()} miss"] if m in FACE_METRICS else [])
+    return cells
+
+
+def metric_cells(table, i: int, metrics: list[str], bold: tuple[str, str]) -> list[str]:  # noqa: ANN001
+    """Row ``i``'s cells under :func:`header_cells`."""
+    cells = []
+    for m in metrics:
+        cells += [metric_cell(table, i, m, bold)] + ([miss_cell(table, i, m)] if m in FACE_METRICS else [])
+    return cells
+
+
 def figure_html(fig) -> str:  # noqa: ANN001 - matplotlib Figure
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
@@ -98,6 +121,8 @@ def render_html(sections: list[dict]) -> str:
         body.append(f"<h2>{e(s['protocol'].capitalize())} protocol</h2><p>run: {e(s['run'])}</p>")
         body += [f"<p class='warning'>WARNING: {e(w)}</p>" for w in s["warnings"]]
         body.append(_table_html(table, metrics) + f"<p>{e(s['method_note'])}</p>")
+        if s.get("unscored"):
+            body.append(f"<p class='unscored'>{e(s['unscored'])}</p>")
         body.append(
             "<h3>Settings</h3><ul>"
             + "".join(f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics)
@@ -129,10 +154,8 @@ def render_html(sections: list[dict]) -> str:
 
 
 def _table_html(table, metrics: list[str]) -> str:  # noqa: ANN001 - DataFrame
-    head = (
-        "<th>method</th><th>coverage</th><th>frames</th>"
-        + "".join(f"<th>{m.upper()} {arrow(m)}</th>" for m in metrics)
-        + "".join(f"<th>{m.upper()} miss</th>" for m in metrics if m in FACE_METRICS)
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in ["method", "coverage", "frames", *header_cells(metrics)]
     )
     rows = []
     for i in table.index:
@@ -141,7 +164,6 @@ def _table_html(table, metrics: list[str]) -> str:  # noqa: ANN001 - DataFrame
             table.loc[i, "coverage"],
             str(table.loc[i, "frames"]),
         ]
-        cells += [metric_cell(table, i, m, ("<b>", "</b>")) for m in metrics]
-        cells += [f"{table.loc[i, f'{m}_miss_rate']:.1%}" for m in metrics if m in FACE_METRICS]
+        cells += metric_cells(table, i, metrics, ("<b>", "</b>"))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table id='leaderboard'><tr>{head}</tr>{''.join(rows)}</table>"

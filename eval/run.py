@@ -16,7 +16,7 @@ import pandas as pd
 
 from geodiff4d.core.errors import WorkFailed
 from geodiff4d.core.io.atomic import atomic_output
-from geodiff4d.core.io.images import read_rgb8
+from geodiff4d.core.io.images import read_image, read_rgb8, to_float
 from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
@@ -30,20 +30,34 @@ from geodiff4d.eval.inputs import (
     discover_methods,
     match_cameras,
     open_ground_truth,
+    sibling_tree,
     tree_fingerprint,
 )
 from geodiff4d.eval.lpips_metric import backbone_candidates
 from geodiff4d.eval.normals import normal_error_deg, normal_root, read_normal_clip, resize_normals
-from geodiff4d.eval.scoring import MetricModels, composite_on_background, resize_clip, score_clip
+from geodiff4d.eval.scoring import (
+    ALPHA_METRICS,
+    MetricModels,
+    composite_on_background,
+    composite_pair,
+    resize_clip,
+    score_clip,
+)
 from geodiff4d.eval.settings import (
     ALL_METRICS,
     COMPARABILITY_NOTE,
     FRAME_METRICS,
+    MISS_COLUMNS,
     NORMAL_METRICS,
-    PIXEL_METRICS,
     PROTOCOL_METRICS,
     EvalSettings,
 )
+
+# Version of how frames are scored, recorded in run.json: rows scored under other rules are never mixed in.
+# 2: face metrics scored on the frames whose reference has a face, a prediction without one scores the worst value.
+# 3: --masked composites prediction and GT on one grey; frames with an empty GT foreground are not scored.
+# 4: the cross protocol composites each head with its own alpha; identity images composited like the frames.
+SCORING_RULES = 4
 
 
 class EvalError(WorkFailed, RuntimeError):
@@ -59,12 +73,50 @@ def unit_id(method: str, subject: str, sequence: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}--{subject}--{sequence}")
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    return read_rgb8(path)
+def uses_alpha(settings: EvalSettings) -> bool:
+    """Whether scores see alphas: compositing on a background, or masked metrics among those requested."""
+    return settings.background is not None or bool(settings.masked and set(settings.metrics) & ALPHA_METRICS)
+
+
+def read_identity(path: Path, background: float | None) -> np.ndarray:
+    """The cross protocol's source identity image, uint8 RGB [H, W, 3], composited like the frames: with a
+    background, on that grey with the image's own alpha (an RGBA PNG's fourth channel)."""
+    if not path.is_file():
+        raise InputError(f"identity image {path} does not exist (--identity DIR holds <subject>.png)")
+    if background is None:
+        return read_rgb8(path)
+    image = read_image(path)
+    if image.ndim != 3 or image.shape[2] != 4:
+        raise InputError(
+            f"{path}: compositing on a background needs the identity image's alpha (an RGBA PNG)"
+        )
+    rgb = image[..., :3] if image.dtype == np.uint8 else (image[..., :3] // 257).astype(np.uint8)
+    alpha = to_float(image[..., 3])[None]  # [1, H, W]
+    return composite_on_background(Clip(rgb[None], None, 0.0, str(path)), alpha, background).frames[0]
+
+
+def check_cross_inputs(
+    methods: dict[str, Path], units: list[WorkUnit], identity: Path | None, config: EvalSettings
+) -> None:
+    """Before Ray starts: each subject's identity image (with its alpha when compositing), and with alphas in use
+    each method's own ``mask/`` tree beside its ``rgb/``, since the cross protocol never cuts a render with the
+    driver's silhouette."""
+    if config.protocol != "cross":
+        return
+    if "csim" in config.metrics:
+        for subject in sorted({u.payload["subject"] for u in units}):
+            read_identity(Path(identity) / f"{subject}.png", config.background)
+    if uses_alpha(config):
+        for name, root in methods.items():
+            if sibling_tree(root, "mask") is None:
+                raise InputError(
+                    f"{name}: the cross protocol composites each head with its own alpha; no mask/ tree beside {root}"
+                )
 
 
 def _frame_rows(keys: dict, frames: np.ndarray, columns: dict[str, list[float]]) -> list[dict]:
-    """One row per frame of a clip [T, H, W, 3]: keys, frame, size, each frame metric (NaN if none)."""
+    """One row per frame of a clip [T, H, W, 3]: keys, frame, size, each frame metric (NaN if none) and each
+    face metric's miss flag."""
     height, width = frames.shape[1:3]
     return [
         {
@@ -73,6 +125,7 @@ def _frame_rows(keys: dict, frames: np.ndarray, columns: dict[str, list[float]])
             "width": width,
             "height": height,
             **{m: columns[m][t] if m in columns else np.nan for m in FRAME_METRICS},
+            **{c: bool(columns[c][t]) if c in columns else False for c in MISS_COLUMNS},
         }
         for t in range(len(frames))
     ]
@@ -98,14 +151,16 @@ class EvalJob:
     def run(self, unit: WorkUnit) -> dict:
         """Score one (method, subject, sequence): per-frame and per-video rows written as Parquet."""
         method, subject, sequence = (unit.payload[k] for k in ("method", "subject", "sequence"))
-        pred_source = FolderSource(method, Path(self.methods[method]), fps=self.fps)
+        root = Path(self.methods[method])
+        own_alpha = self.settings.protocol == "cross" and uses_alpha(self.settings)  # cross: the render's own
+        pred_source = FolderSource(method, root, sibling_tree(root, "mask") if own_alpha else None, self.fps)
         where = f"{subject}/{sequence}"
         cams = match_cameras(
             method, pred_source.cameras(subject, sequence), self.reference.cameras(subject, sequence), where
         )
         identity = None
         if self.settings.protocol == "cross" and "csim" in self.settings.metrics:
-            identity = _read_rgb(Path(self.identity) / f"{subject}.png")
+            identity = read_identity(Path(self.identity) / f"{subject}.png", self.settings.background)
         frame_rows, video_rows = [], []
         for pred_cam, ref_cam in sorted(cams.items()):
             pred, ref = self.clips(pred_source, subject, sequence, pred_cam, ref_cam)
@@ -125,7 +180,7 @@ class EvalJob:
             "frames": len(frames),
             "cameras": len(video_rows),
             **{
-                f"{m}_misses": int(frames[m].isna().sum())
+                f"{m}_misses": int(frames[f"{m}_miss"].sum())
                 for m in ("csim", "akd", "aed")
                 if m in self.settings.metrics
             },
@@ -140,11 +195,7 @@ class EvalJob:
         ref = resize_clip(self.reference.clip(subject, sequence, ref_cam), self.settings.resolution)
         check_clips(pred_source.name, f"{where}/{pred_cam}", pred, ref)
         if self.settings.background is not None:  # every metric sees the same pixels: no backdrop advantage
-            if ref.masks is None:
-                raise InputError(
-                    f"{where}/{ref_cam}: compositing needs the ground truth's alpha, none in {ref.source}"
-                )
-            pred, ref = (composite_on_background(c, ref.masks, self.settings.background) for c in (pred, ref))
+            pred, ref = composite_pair(pred, ref, self.settings, self.settings.background)
         return pred, ref
 
     def normal_errors(
@@ -184,12 +235,32 @@ def plan_units(methods: dict[str, Path], reference, protocol: str) -> list[WorkU
                     {"method": method, "subject": subject, "sequence": sequence},
                 )
             )
+    check_unit_ids(units)
     return units
+
+
+def check_unit_ids(units: list[WorkUnit]) -> None:
+    """Refuse names that give two units one id (``unit_id`` maps "a b" and "a_b" alike): the second would
+    silently reuse the first one's rows."""
+    first: dict[str, dict] = {}
+    for unit in units:
+        other = first.setdefault(unit.id, unit.payload)
+        if other is not unit.payload:
+            names = [f"{p['method']}: {p['subject']}/{p['sequence']}" for p in (other, unit.payload)]
+            raise InputError(
+                f"{names[0]} and {names[1]} both become unit {unit.id!r}; rename one (unit ids keep letters, "
+                "digits, '.', '_', '-' and separate the parts with '--')"
+            )
 
 
 def run_metadata(settings: EvalSettings) -> dict:
     """What every report needs to state: backends, resolution, masking, display, LPIPS availability."""
-    meta = {"settings": settings.to_dict(), "describe": settings.describe(), "note": COMPARABILITY_NOTE}
+    meta = {
+        "rules": SCORING_RULES,
+        "settings": settings.to_dict(),
+        "describe": settings.describe(),
+        "note": COMPARABILITY_NOTE,
+    }
     if "lpips" in settings.metrics:
         looked = backbone_candidates(settings.lpips_net, settings.lpips_checkpoint)
         found = [str(p) for p in looked if p.is_file()]
@@ -199,6 +270,14 @@ def run_metadata(settings: EvalSettings) -> dict:
             "looked_in": [str(p) for p in looked],
         }
     return meta
+
+
+def unit_fingerprint(root: Path, unit: WorkUnit) -> str:
+    """A unit's predicted frames, and its alphas in the ``mask/`` tree beside them (the cross protocol's own)."""
+    part = Path(unit.payload["subject"]) / unit.payload["sequence"]
+    masks = sibling_tree(root, "mask")
+    rgb = tree_fingerprint(root / part)
+    return rgb if masks is None or not (masks / part).exists() else f"{rgb}+{tree_fingerprint(masks / part)}"
 
 
 def input_fingerprints(
@@ -218,13 +297,14 @@ def input_fingerprints(
         "identity": tree_fingerprint(identity),
         "fps": fps,
         "gt_normal": tree_fingerprint(gt_normal),
-        "units": {
-            u.id: tree_fingerprint(
-                methods[u.payload["method"]] / u.payload["subject"] / u.payload["sequence"]
-            )
-            for u in units
-        },
+        "units": {u.id: unit_fingerprint(methods[u.payload["method"]], u) for u in units},
     }
+
+
+def _lpips_weights(meta: dict) -> tuple | None:
+    """Whether LPIPS weights were found and which file: scores with and without them never mix."""
+    found = meta.get("lpips")
+    return None if found is None else (found["available"], found["backbone"])
 
 
 def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[str]:
@@ -239,7 +319,8 @@ def changed_inputs(previous: dict, current: dict, committed: CommitLog) -> list[
         inputs = meta.get("inputs", {})
         shared = {k: inputs.get(k) for k in ("ground_truth", "gt_mask", "identity", "fps", "gt_normal")}
         units = {f"predictions of {unit}": inputs.get("units", {}).get(unit) for unit in scored}
-        return {"settings": meta.get("settings"), **shared, **units}
+        rules = {"scoring rules": meta.get("rules"), "LPIPS weights": _lpips_weights(meta)}
+        return {"settings": meta.get("settings"), **rules, **shared, **units}
 
     return settings_differences(counted(previous), counted(current))
 
@@ -273,9 +354,7 @@ def _checked_settings(
 
 def _check_masks(config: EvalSettings, reference: object, gt: str | Path) -> None:
     """Compositing and masked pixel metrics need ground-truth masks: refuse a frame tree given none."""
-    needs_masks = config.background is not None or (
-        config.masked and set(config.metrics) & set(PIXEL_METRICS)
-    )
+    needs_masks = uses_alpha(config)
     if needs_masks and isinstance(reference, FolderSource) and reference.mask_root is None:
         raise InputError(
             f"{'compositing on a background' if config.background is not None else 'masked metrics'} "
@@ -309,24 +388,26 @@ def evaluate(
     fps: float = 25.0,
     progress: bool = True,
     gt_normal: str | Path | None = None,
+    not_covered: tuple[str, ...] = (),
     **settings: object,
 ) -> JobReport:
     """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
 
     ``gt_normal`` is the ground-truth normal tree mirroring ``gt``: with it the default metrics include normal
-    accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``).
-    ``settings`` are :class:`EvalSettings` fields (csim_backend, arcface_model, akd_backend, fan_weights,
-    lpips_net, lpips_checkpoint, jod_display, resolution, masked, background, device, ...). Everything is
-    checked before Ray starts; a rerun whose settings or inputs changed since units were committed is refused.
-    """
+    accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``). ``not_covered``
+    names methods that produced no frames at all: the leaderboard lists them as covering nothing.
+    ``settings`` are :class:`EvalSettings` fields (csim_backend, akd_backend, lpips_net, masked, background,
+    device, ...). All is checked before Ray starts; a rerun whose settings or inputs changed is refused."""
     config = _checked_settings(protocol, metrics, gt_normal, identity, settings)
     methods = discover_methods(pred)
     reference = open_ground_truth(gt, gt_mask, fps)
     _check_masks(config, reference, gt)
     units = plan_units(methods, reference, protocol)
+    check_cross_inputs(methods, units, identity, config)
     out = Path(out)
     meta = run_metadata(config)
     meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)
+    meta["units"], meta["not_covered"] = sorted(u.id for u in units), sorted(not_covered)
     committed = CommitLog(out / "commits")
     _record_run(out, meta, committed)
     job = EvalJob(
@@ -355,17 +436,24 @@ def evaluate(
 
 
 def load_run(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Per-frame rows, per-video rows and the run's metadata."""
+    """Per-frame rows, per-video rows and the run's metadata, for the units of the run's latest inputs only:
+    units scored before but no longer among them go to ``meta["dropped_units"]``."""
     run = Path(run)
     meta_path = run / "run.json"
     if not meta_path.is_file():
         raise InputError(f"{run} is not an evaluation run (no run.json)")
+    meta = read_json(meta_path, InputError)
+    current = set(meta.get("units", []))
     frames = sorted((run / "frames").glob("*.parquet"))
+    meta["dropped_units"] = sorted(p.stem for p in frames if p.stem not in current) if "units" in meta else []
+    frames = [p for p in frames if p.stem not in meta["dropped_units"]]
     if not frames:
-        raise InputError(f"{run}/frames has no Parquet files: the run has not finished any unit")
-    videos = sorted((run / "videos").glob("*.parquet"))
+        raise InputError(
+            f"{run}/frames has no Parquet files of its current units: the run has not finished any"
+        )
+    videos = [p for p in sorted((run / "videos").glob("*.parquet")) if p.stem not in meta["dropped_units"]]
     return (
         pd.concat([pd.read_parquet(p) for p in frames], ignore_index=True),
         pd.concat([pd.read_parquet(p) for p in videos], ignore_index=True),
-        read_json(meta_path),
+        meta,
     )

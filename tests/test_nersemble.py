@@ -1,6 +1,7 @@
 """NeRSemble v2 layout: write cameras, tracking and small videos, read them back, and fail loudly on bad input."""
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -240,3 +241,28 @@ def test_malformed_json_names_the_file(root):
     path.unlink()
     with pytest.raises(NersembleError, match="camera_params.json.*not found"):
         NersembleDataset(root).serials(SUBJECT)
+
+
+def _write_at_rate(path, frames, rate: Fraction) -> None:
+    """An H.264 video at a fractional frame rate, as the mono FLAME-avatar benchmark's 24.3 fps."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_frame_rate_comes_from_the_videos(root):
+    """Before, evaluation scored NeRSemble ground truth at the --fps default (25) whatever the recording's rate."""
+    from geodiff4d.eval.inputs import open_ground_truth
+
+    for i, serial in enumerate(SERIALS):
+        _write_at_rate(_sequence_dir(root) / "images" / f"cam_{serial}.mp4", _video(i), Fraction(243, 10))
+    assert NersembleDataset(root).fps(SUBJECT, SEQUENCE) == pytest.approx(24.3)
+    assert open_ground_truth(root).clip(SUBJECT, SEQUENCE, SERIALS[0]).fps == pytest.approx(24.3)
+    write_video(_sequence_dir(root) / "images" / f"cam_{SERIALS[1]}.mp4", _video(1))  # 25 fps
+    with pytest.raises(NersembleError, match="cameras at different frame rates"):
+        NersembleDataset(root).fps(SUBJECT, SEQUENCE)
