@@ -139,6 +139,13 @@ def pack(
         Literal["all", "face"],
         typer.Option(help="all, or face: only SynthHuman's face crops (the release's first 98,040 samples)."),
     ] = "all",
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse to pack when the listing leaves anything out (participant or sequence folders, cameras, "
+            "untracked frames: see pack_report.json)."
+        ),
+    ] = False,
     address: AddressOption = None,
 ) -> None:
     """Shard NeRSemble / SynthHuman folders into WebDataset tars with a Parquet manifest; reruns resume."""
@@ -163,6 +170,7 @@ def pack(
         normal_estimator,
         flame,
         synthhuman_subset=synthhuman_subset,
+        strict=strict,
     )
     typer.echo(report.summary())
     raise typer.Exit(code=report.exit_code)

@@ -32,6 +32,7 @@ from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
 
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
+BACKGROUND_SEQUENCE = "BACKGROUND"  # {pid}/sequences/BACKGROUND/image_{serial}.jpg: empty-studio plates
 
 
 class NersembleError(UserError, ValueError):
@@ -123,12 +124,28 @@ class NersembleDataset:
     def subjects(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SUBJECT_RE.match(p.name))
 
-    def sequences(self, subject: str) -> list[str]:
-        """Sequences with an images/ folder (BACKGROUND and other extras are skipped)."""
+    def ignored_participant_folders(self) -> list[Path]:
+        """Folders of the root that ``subjects`` leaves out (names other than exactly 3 digits)."""
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not _SUBJECT_RE.match(p.name))
+
+    def _sequence_folders(self, subject: str) -> list[Path]:
         folder = self.root / subject / "sequences"
         if not folder.is_dir():
             raise NersembleError(f"{folder}: sequences folder not found")
-        return sorted(p.name for p in folder.iterdir() if (p / "images").is_dir())
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+
+    def sequences(self, subject: str) -> list[str]:
+        """Sequences with an images/ folder (BACKGROUND and other extras are skipped)."""
+        return [p.name for p in self._sequence_folders(subject) if (p / "images").is_dir()]
+
+    def ignored_sequence_folders(self, subject: str) -> list[Path]:
+        """Folders under sequences/ without images/ that ``sequences`` leaves out; the BACKGROUND plates (a
+        documented part of the raw release, read for background subtraction) are not counted."""
+        return [
+            p
+            for p in self._sequence_folders(subject)
+            if p.name != BACKGROUND_SEQUENCE and not (p / "images").is_dir()
+        ]
 
     def camera_params_path(self, subject: str) -> Path:
         return self.root / subject / "calibration" / "camera_params.json"

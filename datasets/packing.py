@@ -28,7 +28,7 @@ import torch
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import write_json_atomic
 from geodiff4d.core.io.images import encode_png, read_rgb8
-from geodiff4d.core.io.video import DecodeCount
+from geodiff4d.core.io.video import DecodeCount, VideoError, video_frame_count
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.datasets.cameras import Camera
@@ -159,6 +159,20 @@ class ShardPlan:
 # ------------------------------------------------------------------------------------------------ listing
 
 
+@dataclass(frozen=True)
+class Skip:
+    """An input the listing leaves out, and why: listed in ``pack_report.json`` and the printed summary, and
+    refused by ``--strict``, because a silently dropped camera, sequence or frame range looks like a complete
+    data set."""
+
+    kind: Literal["participant", "sequence", "camera", "untracked_frames"]
+    path: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.kind} {self.path}: {self.reason}"
+
+
 def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
     """Cameras of a subject: any serial with a colour or alpha video in one of its sequences, so a camera whose
     colour video is missing from a sequence is listed (and its units fail naming the file), never dropped."""
@@ -170,21 +184,72 @@ def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
     return sorted(found)
 
 
-def list_nersemble(root: Path, n_shape: int | None = None, n_expr: int | None = None) -> list[SampleBlock]:
+def _frame_ranges(frames: Sequence[int]) -> str:
+    """Sorted frame numbers as ``a-b`` ranges: ``0-3, 7, 9-12``."""
+    ranges: list[list[int]] = []
+    for frame in frames:
+        if ranges and frame == ranges[-1][1] + 1:
+            ranges[-1][1] = frame
+        else:
+            ranges.append([frame, frame])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _layout_skips(dataset: NersembleDataset, subject: str, serials: Sequence[str]) -> list[Skip]:
+    """Sequence folders without images/ and calibrated cameras without a video in any sequence."""
+    skips = [
+        Skip("sequence", str(path), "no images/ folder: not a captured sequence")
+        for path in dataset.ignored_sequence_folders(subject)
+    ]
+    skips += [
+        Skip(
+            "camera",
+            f"{dataset.root / subject} camera {serial}",
+            f"calibrated in {dataset.camera_params_path(subject)} but no sequence has a video of it",
+        )
+        for serial in sorted(set(dataset.serials(subject)) - set(serials))
+    ]
+    return skips
+
+
+def _untracked(dataset: NersembleDataset, subject: str, sequence: str, tracking: FlameTracking) -> list[Skip]:
+    """Video frames without a tracking row: they have no crop and no pose map, so they are not packed."""
+    count_from = dataset.video_path(subject, sequence, dataset.sequence_serials(subject, sequence)[0])
+    try:
+        n_frames = video_frame_count(count_from)
+    except VideoError as exc:
+        raise NersembleError(str(exc)) from exc
+    missing = sorted(set(range(n_frames)) - {int(f) for f in tracking.frames})
+    if not missing:
+        return []
+    reason = f"{len(missing)} of {n_frames} video frames have no row in {tracking.path}: frames {_frame_ranges(missing)}"
+    return [Skip("untracked_frames", str(dataset.sequence_dir(subject, sequence)), reason)]
+
+
+def list_nersemble(
+    root: Path, n_shape: int | None = None, n_expr: int | None = None, skips: list[Skip] | None = None
+) -> list[SampleBlock]:
     """Tracked frames of every camera, a block per sequence. Tracking (v2, else v1) is required: it gives the
-    crop and the pose map.
+    crop and the pose map. What the listing leaves out is appended to ``skips``.
 
     Reading it with the head model's sizes here, before any Ray work, refuses real 300/100-coefficient tracking
     read with a smaller model.
     """
     dataset = NersembleDataset(root)
+    skips = [] if skips is None else skips
+    skips += [
+        Skip("participant", str(path), "folder name is not a 3-digit participant id")
+        for path in dataset.ignored_participant_folders()
+    ]
     blocks = []
     for subject in dataset.subjects():
         serials = tuple(_camera_serials(dataset, subject))
+        skips += _layout_skips(dataset, subject, serials)
         for sequence in dataset.sequences(subject):
             tracking = sequence_tracking(dataset.sequence_dir(subject, sequence), n_shape, n_expr)
             if tracking is None:
                 raise PackError(missing_tracking_message(dataset.sequence_dir(subject, sequence)))
+            skips += _untracked(dataset, subject, sequence, tracking)
             frames = tuple(sorted(int(f) for f in tracking.frames))
             blocks.append(SampleBlock("nersemble", subject, sequence, frames, serials, str(root)))
     return blocks
@@ -203,17 +268,26 @@ def list_inputs(
     sources: Sequence[tuple[str, Path]],
     settings: PackSettings | None = None,
     model_sizes: tuple[int, int] | None = None,
+    skips: list[Skip] | None = None,
 ) -> list[SampleBlock]:
-    """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking."""
+    """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking; what
+    the listing leaves out is appended to ``skips``. A source that yields no sample is refused (an empty or
+    mistyped folder would otherwise pack nothing and succeed)."""
     settings = settings or PackSettings()
     blocks = []
     for kind, root in sources:
         if kind == "nersemble":
-            blocks += list_nersemble(Path(root), *(model_sizes or (None, None)))
+            found = list_nersemble(Path(root), *(model_sizes or (None, None)), skips=skips)
         elif kind == "synthhuman":
-            blocks += list_synthhuman(Path(root), settings.synthhuman_subset)
+            found = list_synthhuman(Path(root), settings.synthhuman_subset)
         else:
             raise PackError(f"unknown source kind {kind!r} for {root} (known: {list(SOURCES)})")
+        if not sum(len(block) for block in found):
+            raise PackError(
+                f"--source {kind}:{root}: no sample to pack (an empty folder, or not the root of a {kind} "
+                "release: see docs/formats.md)"
+            )
+        blocks += found
     ids = [(b.source, b.subject, b.sequence) for b in blocks]
     if len(set(ids)) != len(ids):
         raise PackError("two inputs give the same sample keys: pack each source folder once")
@@ -632,12 +706,17 @@ def _background(dataset: NersembleDataset, subject: str, serial: str) -> np.ndar
 # ------------------------------------------------------------------------------------------------ driver
 
 
+PACK_REPORT = "pack_report.json"  # what the listing left out, beside the manifest
+SUMMARY_SKIPS = 20  # skips printed in the summary; pack_report.json holds all
+
+
 @dataclass
 class PackReport:
     job: JobReport
     shards: int
     samples: int
     out: Path
+    skips: list[Skip] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -648,7 +727,24 @@ class PackReport:
         return 0 if self.ok else 1
 
     def summary(self) -> str:
-        return f"packed {self.samples} samples in {self.shards} shards under {self.out}\n{self.job.summary()}"
+        lines = [
+            f"packed {self.samples} samples in {self.shards} shards under {self.out}",
+            self.job.summary(),
+        ]
+        if self.skips:
+            lines.append(f"skipped {len(self.skips)} input(s) (all in {self.out / PACK_REPORT}):")
+            lines += [f"  {skip.line()}" for skip in self.skips[:SUMMARY_SKIPS]]
+            if len(self.skips) > SUMMARY_SKIPS:
+                lines.append(f"  ... {len(self.skips) - SUMMARY_SKIPS} more")
+        return "\n".join(lines)
+
+
+def check_strict(skips: Sequence[Skip]) -> None:
+    """``--strict``: any input the listing leaves out is an error, named with the first few."""
+    if skips:
+        shown = "\n".join(f"  {skip.line()}" for skip in skips[:SUMMARY_SKIPS])
+        more = f"\n  ... {len(skips) - SUMMARY_SKIPS} more" if len(skips) > SUMMARY_SKIPS else ""
+        raise PackError(f"--strict: the listing leaves out {len(skips)} input(s):\n{shown}{more}")
 
 
 def check_synthhuman_convention(root: Path) -> None:
@@ -694,6 +790,7 @@ def pack_with(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     max_retries: int = 2,
     progress: bool = True,
+    strict: bool = False,
 ) -> PackReport:
     """Validate options and inputs, plan, run every uncommitted shard on Ray, rebuild the manifest.
 
@@ -707,7 +804,10 @@ def pack_with(
     if job.settings.normal_estimator is not None:
         OnnxNormalEstimator(job.settings.normal_estimator)  # loads, or names the file
     model = head_model(job.settings)
-    blocks = list_inputs(sources, job.settings, (model.n_shape, model.n_expr))
+    skips: list[Skip] = []
+    blocks = list_inputs(sources, job.settings, (model.n_shape, model.n_expr), skips)
+    if strict:
+        check_strict(skips)
     for kind, root in sources:
         if kind == "synthhuman" and any(block.source == "synthhuman" for block in blocks):
             check_synthhuman_convention(Path(root))
@@ -716,6 +816,7 @@ def pack_with(
     )
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
+    write_json_atomic(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
     commits = CommitLog(out)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
@@ -735,7 +836,7 @@ def pack_with(
         progress=progress,
     )
     samples = build_manifest(out)
-    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out)
+    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out, skips=skips)
 
 
 def pack(
@@ -752,6 +853,7 @@ def pack(
     progress: bool = True,
     synthhuman_subset: str = "all",
     decode_threads: int = 1,
+    strict: bool = False,
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
     settings = PackSettings(
@@ -769,6 +871,7 @@ def pack(
         max_shard_bytes=max_shard_bytes,
         max_retries=max_retries,
         progress=progress,
+        strict=strict,
     )
 
 

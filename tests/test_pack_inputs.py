@@ -206,3 +206,84 @@ def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_comp
     assert fixed.exit_code == 0 and "1 done, 1 already committed, 0 failed" in fixed.output, fixed.output
     metas = [json.loads(sample["json"]) for sample in iter_shard(out / "nersemble-000000.tar")]
     assert len(metas) == 4 and {meta["tracking"] for meta in metas} == {"v2"}  # which tracking file was used
+
+
+def _untracked_last_frame(data: Path) -> str:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    write_nersemble_tracking(
+        tracking, FlameParams.zeros(SPEC.frames - 1, 20, 10)
+    )  # no row for the last frame
+    return f"1 of {SPEC.frames} video frames have no row in {tracking}"
+
+
+def _uncaptured_camera(data: Path) -> str:
+    path = data / "nersemble" / "001" / "calibration" / "camera_params.json"
+    params = json.loads(path.read_text())
+    first = next(iter(params["world_2_cam"]))
+    params["world_2_cam"]["222200049"] = params["world_2_cam"][first]
+    params["intrinsics"]["222200049"] = params["intrinsics"][first]
+    path.write_text(json.dumps(params))
+    return "camera 222200049: calibrated in"
+
+
+def _sequence_without_images(data: Path) -> str:
+    folder = _sequence(data, "EXP-2-eyes")
+    shutil.copytree(_sequence(data) / "tracking", folder / "tracking")
+    return f"{folder}: no images/ folder"
+
+
+def _mistyped_participant(data: Path) -> str:
+    shutil.copytree(data / "nersemble" / "001", data / "nersemble" / "17")
+    return f"{data / 'nersemble' / '17'}: folder name is not a 3-digit participant id"
+
+
+SKIP_CASES = {
+    "untracked_frames": _untracked_last_frame,
+    "camera": _uncaptured_camera,
+    "sequence": _sequence_without_images,
+    "participant": _mistyped_participant,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SKIP_CASES))
+def test_every_skip_is_reported_and_strict_refuses_it(data, tmp_path, monkeypatch, kind):
+    """A skipped participant folder, sequence folder, camera or untracked frame is listed in pack_report.json
+    (never dropped silently), and ``--strict`` refuses it before anything is written."""
+    expected = SKIP_CASES[kind](data)
+    source = ["--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"]
+    strict = tmp_path / "strict"
+    _assert_refused(_pack(strict, *source, "--strict"), "--strict", kind, expected)
+    assert not (strict / "pack_settings.json").exists()
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)  # the report is written before Ray
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, *source), "no Ray here")
+    skipped = json.loads((out / "pack_report.json").read_text())["skipped"]
+    assert [skip["kind"] for skip in skipped] == [kind], skipped
+    assert expected in f"{skipped[0]['path']}: {skipped[0]['reason']}"
+
+
+def test_a_clean_source_has_an_empty_report(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
+    _assert_refused(
+        _pack(tmp_path / "out", "--source", f"nersemble:{data / 'nersemble'}", "--strict"), "no Ray"
+    )
+    assert json.loads((tmp_path / "out" / "pack_report.json").read_text()) == {"skipped": []}
+
+
+def test_the_summary_lists_the_skips(local_ray, data, tmp_path):
+    expected = _untracked_last_frame(data)
+    out = tmp_path / "out"
+    result = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert result.exit_code == 0, result.output
+    assert f"skipped 1 input(s) (all in {out / 'pack_report.json'})" in result.output
+    assert expected in result.output
+
+
+@pytest.mark.parametrize("folder", ["empty", "mistyped"])
+def test_a_source_without_samples_is_refused_naming_it(data, tmp_path, folder):
+    """An empty folder, or the folder above the release, used to pack 0 samples and exit 0."""
+    root = tmp_path / "empty" if folder == "empty" else data
+    root.mkdir(exist_ok=True)
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"nersemble:{root}"), f"nersemble:{root}", "no sample to pack")
+    assert not (out / "pack_settings.json").exists()
