@@ -168,6 +168,30 @@ class Camera:
             raise CameraError(f"{source}: {exc}") from exc
 
 
+# plausible focal lengths in units of the larger image side: fields of view ~3-136 deg
+FOCAL_RANGE = (0.2, 20.0)
+# a captured image's principal point lies within this fraction of each side from the centre
+CENTRE_BAND = 0.25
+
+
+def intrinsics_problem(K: np.ndarray, width: int, height: int) -> str | None:
+    """Why ``K`` cannot belong to a captured ``width`` x ``height`` image, None when it can: K computed for
+    another resolution otherwise gives wrong crops and projections silently. Lenses put the principal point
+    near the image centre (the central half of each side), so K for twice the size (principal point at the
+    image edge) is caught; so are focal lengths outside ``FOCAL_RANGE``."""
+    cx, cy = float(K[0, 2]), float(K[1, 2])
+    if abs(cx - (width - 1) / 2) > CENTRE_BAND * width or abs(cy - (height - 1) / 2) > CENTRE_BAND * height:
+        return f"principal point ({cx:.1f}, {cy:.1f}) lies outside the central half of the {width}x{height} image"
+    low, high = (bound * max(width, height) for bound in FOCAL_RANGE)
+    for name, focal in (("fx", float(K[0, 0])), ("fy", float(K[1, 1]))):
+        if not low <= focal <= high:
+            return (
+                f"focal length {name}={focal:.1f} px is implausible for a {width}x{height} image "
+                f"(expected {low:.0f}-{high:.0f} px)"
+            )
+    return None
+
+
 def intrinsics(focal: float, width: int, height: int) -> np.ndarray:
     """K [3, 3] with square pixels and the principal point at the image centre."""
     return np.array([[focal, 0.0, (width - 1) / 2], [0.0, focal, (height - 1) / 2], [0.0, 0.0, 1.0]])

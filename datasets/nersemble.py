@@ -25,13 +25,17 @@ import numpy as np
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.core.io.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
-from geodiff4d.datasets.cameras import Camera, CameraError
+from geodiff4d.datasets.cameras import Camera, CameraError, intrinsics_problem
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
 
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
+# The raw release's one shared K is for its full-size images (nersemble-data's README: "3208x2200 images"),
+# portrait as (width, height); videos downscaled from them round each side to an even number of pixels.
+RAW_INTRINSICS_SIZE = (2200, 3208)
+SIZE_ROUNDING_PX = 2
 BACKGROUND_SEQUENCE = "BACKGROUND"  # {pid}/sequences/BACKGROUND/image_{serial}.jpg: empty-studio plates
 
 
@@ -72,11 +76,30 @@ def write_camera_params(
     if variant == "benchmark":
         data["intrinsics"] = {serial: cam.K.tolist() for serial, cam in cameras.items()}
     else:
-        shared = next(iter(cameras.values())).K
-        if any(not np.array_equal(cam.K, shared) for cam in cameras.values()):
+        first = next(iter(cameras.values()))
+        if any(
+            not np.array_equal(cam.K, first.K) or (cam.width, cam.height) != (first.width, first.height)
+            for cam in cameras.values()
+        ):
             raise ValueError(f"{path}: the raw variant stores one shared intrinsics matrix; cameras differ")
-        data["intrinsics"] = shared.tolist()
+        reference = raw_reference_size(first.K, first.width, first.height)
+        if reference is None:
+            raise ValueError(
+                f"{path}: {first.width}x{first.height} cameras are not a downscale of the raw release's "
+                f"{RAW_INTRINSICS_SIZE[0]}x{RAW_INTRINSICS_SIZE[1]} images, for which its shared K is given"
+            )
+        data["intrinsics"] = first.resized(*reference).K.tolist()
     atomic_write_bytes(path, _json_bytes(data))
+
+
+def raw_reference_size(K: np.ndarray, width: int, height: int) -> tuple[int, int] | None:
+    """The raw release's full image size (portrait or landscape: the one whose centre is nearer K's principal
+    point) when ``width`` x ``height`` is a uniform downscale of it, else None."""
+    portrait = K[1, 2] >= K[0, 2]
+    ref_width, ref_height = RAW_INTRINSICS_SIZE if portrait else RAW_INTRINSICS_SIZE[::-1]
+    if abs(height - ref_height * width / ref_width) > SIZE_ROUNDING_PX:
+        return None
+    return ref_width, ref_height
 
 
 def write_color_calibration(path: str | os.PathLike, matrices: Mapping[str, np.ndarray]) -> None:
@@ -116,7 +139,7 @@ class NersembleDataset:
         if not self.root.is_dir():
             raise NersembleError(f"{self.root}: NeRSemble folder not found")
         self.n_shape, self.n_expr = n_shape, n_expr
-        self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]] = {}
         self._frame_counts: dict[tuple[str, str], int] = {}
         self._tracking: dict[tuple[str, str], FlameTracking | None] = {}
 
@@ -160,7 +183,8 @@ class NersembleDataset:
         return self.root / subject / "sequences" / sequence
 
     # --- calibration
-    def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]:
+        """(world_2_cam per serial, K per serial, whether K is the raw release's shared one)."""
         if subject not in self._calibration:
             path = self.camera_params_path(subject)
             data = _read_json(path)
@@ -181,7 +205,7 @@ class NersembleDataset:
             else:  # raw release: one shared K
                 shared = _matrix(data["intrinsics"], (3, 3), path, "intrinsics")
                 intrinsics = {s: shared for s in extrinsics}
-            self._calibration[subject] = (extrinsics, intrinsics)
+            self._calibration[subject] = (extrinsics, intrinsics, not isinstance(data["intrinsics"], dict))
         return self._calibration[subject]
 
     def serials(self, subject: str) -> list[str]:
@@ -189,11 +213,28 @@ class NersembleDataset:
         return sorted(self._calibration_of(subject)[0])
 
     def _camera(self, subject: str, serial: str, size: tuple[int, int]) -> Camera:
-        extrinsics, intrinsics = self._calibration_of(subject)
+        """The camera of ``serial`` for its video's ``size``: the raw release's shared K (given for full-size
+        images) is scaled to it; any K is checked against it (principal point inside, plausible focal)."""
+        extrinsics, intrinsics, shared = self._calibration_of(subject)
+        path, (width, height) = self.camera_params_path(subject), size
         try:
-            return Camera(extrinsics[serial], intrinsics[serial], *size)
+            camera = Camera(extrinsics[serial], intrinsics[serial], width, height)
+            if shared:
+                reference = raw_reference_size(camera.K, width, height)
+                if reference is None:
+                    raise NersembleError(
+                        f"{path}: camera {serial}: its {width}x{height} video is not a downscale of the raw "
+                        f"release's {RAW_INTRINSICS_SIZE[0]}x{RAW_INTRINSICS_SIZE[1]} images, for which the "
+                        "shared intrinsics are given: cannot scale them"
+                    )
+                camera = Camera(extrinsics[serial], intrinsics[serial], *reference).resized(width, height)
         except CameraError as exc:
-            raise NersembleError(f"{self.camera_params_path(subject)}: serial {serial}: {exc}") from exc
+            raise NersembleError(f"{path}: serial {serial}: {exc}") from exc
+        if (problem := intrinsics_problem(camera.K, width, height)) is not None:
+            raise NersembleError(
+                f"{path}: camera {serial}: intrinsics do not fit its {width}x{height} video: {problem}"
+            )
+        return camera
 
     def sequence_serials(self, subject: str, sequence: str) -> list[str]:
         """Serials with a video in this sequence; every one must be calibrated."""

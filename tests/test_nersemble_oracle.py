@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from nersemble_benchmark.data.benchmark_data import MonoFlameAvatarDataManager
 from nersemble_data.data.nersemble_data import NeRSembleParticipantDataManager
 from nersemble_data.util.color_correction import correct_color
 
+from geodiff4d.core.io.video import write_video
+from geodiff4d.datasets.cameras import Camera, intrinsics
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.nersemble import NersembleDataset, write_camera_params, write_color_calibration
 from geodiff4d.datasets.procedural import SynthJob, SynthSpec
@@ -72,13 +75,19 @@ def test_benchmark_flame_tracking_is_ours_value_for_value(benchmark_root):
 
 
 def _raw_release(root: Path, benchmark_root: Path, ccm: dict[str, np.ndarray]) -> Path:
-    """The raw-release variant of the same subject: one shared K, plus a colour calibration."""
+    """The raw-release variant of the same subject: its videos resized to a downscale of the raw 2200x3208
+    images (110x160), one shared K for those, plus a colour calibration."""
     source = NersembleDataset(benchmark_root / "mono_flame_avatar")
-    raw = root / SUBJECT
+    raw, size = root / SUBJECT, (110, 160)
     sequence = source.sequences(SUBJECT)[0]
-    (raw / "sequences" / sequence).mkdir(parents=True)
-    (raw / "sequences" / sequence / "images").symlink_to(source.sequence_dir(SUBJECT, sequence) / "images")
-    write_camera_params(raw / "calibration" / "camera_params.json", source.cameras(SUBJECT), variant="raw")
+    for serial in source.sequence_serials(SUBJECT, sequence):
+        frames = [cv2.resize(f.rgb, size) for f in source.frames(SUBJECT, sequence, serial)]
+        write_video(raw / "sequences" / sequence / "images" / f"cam_{serial}.mp4", np.stack(frames))
+    K = intrinsics(300.0, *size)
+    cameras = {
+        serial: Camera(camera.world_to_cam, K, *size) for serial, camera in source.cameras(SUBJECT).items()
+    }
+    write_camera_params(raw / "calibration" / "camera_params.json", cameras, variant="raw")
     write_color_calibration(raw / "calibration" / "color_calibration.json", ccm)
     return root
 
