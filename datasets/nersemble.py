@@ -330,11 +330,11 @@ class NersembleDataset:
         key = (subject, sequence)
         if key not in self._tracking:
             tracking = sequence_tracking(self.sequence_dir(subject, sequence), self.n_shape, self.n_expr)
-            if tracking is not None:
+            if tracking is not None:  # rows are video frames 0..T-1 (read_nersemble_tracking checks frames)
                 n_frames = self.frame_count(subject, sequence)
-                if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
+                if len(tracking.frames) > n_frames:
                     raise NersembleError(
-                        f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames"
+                        f"{tracking.path}: {len(tracking.frames)} tracked frames, more than the videos' {n_frames}"
                     )
             self._tracking[key] = tracking
         return self._tracking[key]
@@ -365,7 +365,9 @@ class NersembleDataset:
         video = self.video_path(subject, sequence, serial)
         camera = self._camera(subject, serial, self._video_size(video))
         tracking = self.tracking(subject, sequence)
-        rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
+        tracked = (
+            0 if tracking is None else len(tracking.frames)
+        )  # row t is frame t, as the official provider
         matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
@@ -383,7 +385,6 @@ class NersembleDataset:
                 alpha = next(alphas)[1] if alphas is not None else None
                 if alpha is not None and alpha.shape != rgb.shape[:2]:
                     raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
-                row = rows.get(index)
                 yield NersembleFrame(
                     subject=subject,
                     sequence=sequence,
@@ -392,7 +393,7 @@ class NersembleDataset:
                     rgb=rgb,
                     alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
                     camera=camera,
-                    flame=None if row is None else tracking.params[row],
+                    flame=tracking.params[index] if index < tracked else None,
                     tracking_kind=None if tracking is None else tracking.kind,
                     color_matrix=matrices.get(serial),
                 )

@@ -35,8 +35,11 @@ from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import (
+    TRACKING_V1,
+    TRACKING_V2,
     FlameTracking,
     TrackingError,
+    check_flame_version,
     missing_tracking_message,
     sequence_tracking,
 )
@@ -277,6 +280,8 @@ def list_inputs(
     blocks = []
     for kind, root in sources:
         if kind == "nersemble":
+            if settings.flame_model is not None:
+                check_flame_version(settings.flame_model, f"{root} ({TRACKING_V2}, {TRACKING_V1})")
             found = list_nersemble(Path(root), *(model_sizes or (None, None)), skips=skips)
         elif kind == "synthhuman":
             found = list_synthhuman(Path(root), settings.synthhuman_subset)

@@ -312,3 +312,30 @@ def test_malformed_json_names_the_file(root):
     path.unlink()
     with pytest.raises(NersembleError, match="camera_params.json.*not found"):
         NersembleDataset(root).serials(SUBJECT)
+
+
+def _tracking_rows(root, n_rows, frames):
+    params = _params()[list(range(n_rows))]
+    write_nersemble_tracking(_sequence_dir(root) / "tracking" / TRACKING_V2, params, frames)
+    return params
+
+
+def test_tracking_row_is_the_video_frame_as_the_official_provider_reads_it(root):
+    """FlameProvider.get_vertices(t) poses row t for video frame t; a frames array saying otherwise (here rows
+    for frames 1..3, which the old reader mapped through frames) is refused naming the file, never remapped."""
+    _tracking_rows(root, N_FRAMES - 1, np.arange(1, N_FRAMES))
+    with pytest.raises(TrackingError, match=rf"{TRACKING_V2}: frames is not 0..{N_FRAMES - 2}"):
+        NersembleDataset(root).tracking(SUBJECT, SEQUENCE)
+    written = _tracking_rows(root, N_FRAMES - 1, None)  # rows 0..T-2: the last video frame is untracked
+    dataset = NersembleDataset(root, n_shape=N_SHAPE, n_expr=N_EXPR)
+    frames = list(dataset.frames(SUBJECT, SEQUENCE, SERIALS[0]))
+    assert frames[-1].flame is None
+    for f in frames[:-1]:
+        assert torch.equal(f.flame.expression, written.expression[f.frame : f.frame + 1])
+
+
+def test_more_tracking_rows_than_video_frames_are_refused(root):
+    params = FlameParams.cat([_params(), _params()[[0]]])
+    write_nersemble_tracking(_sequence_dir(root) / "tracking" / TRACKING_V2, params)
+    with pytest.raises(NersembleError, match=f"{TRACKING_V2}: {N_FRAMES + 1} tracked frames, more than"):
+        NersembleDataset(root).tracking(SUBJECT, SEQUENCE)

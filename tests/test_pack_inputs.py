@@ -287,3 +287,19 @@ def test_a_source_without_samples_is_refused_naming_it(data, tmp_path, folder):
     out = tmp_path / "out"
     _assert_refused(_pack(out, "--source", f"nersemble:{root}"), f"nersemble:{root}", "no sample to pack")
     assert not (out / "pack_settings.json").exists()
+
+
+@pytest.mark.parametrize("name", ["generic_model.pkl", "flame2020.pkl", "flame2023.pkl"])
+def test_a_flame_model_of_another_version_than_the_tracking_is_refused(data, tmp_path, monkeypatch, name):
+    """NeRSemble's tracking is fitted with FLAME 2023; FLAME 2020 (generic_model.pkl) has the same topology and
+    sizes, so it would load and pose every frame subtly wrong."""
+    from geodiff4d.datasets.procedural_head import build_procedural_head, save_flame_pickle
+
+    model = tmp_path / name
+    save_flame_pickle(build_procedural_head(0), model)
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
+    result = _pack(tmp_path / "out", "--source", f"nersemble:{data / 'nersemble'}", "--flame", str(model))
+    if "2023" in name:
+        _assert_refused(result, "no Ray here")
+    else:
+        _assert_refused(result, f"--flame {model}: named like FLAME 2020", "fitted with FLAME 2023")
