@@ -774,6 +774,23 @@ def listing_digest(blocks: Sequence[SampleBlock]) -> str:
     return digest.hexdigest()
 
 
+def inputs_digest(sources: Sequence[tuple[str, Path]]) -> str:
+    """sha256 over each source's kind and resolved root and every file under it (relative path, size, mtime):
+    videos, calibration, colour correction, the tracking files present (which decide the one chosen), images.
+    Keys alone miss a re-download, a v1 -> v2 tracking switch, a new colour calibration or another root with the
+    same keys; a rerun over changed inputs would mix old and new shards under one manifest."""
+    digest = hashlib.sha256()
+    for kind, root in sorted((kind, Path(root).resolve()) for kind, root in sources):
+        digest.update(f"{kind}\0{root}\n".encode())
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder, name)
+                info = path.stat()
+                digest.update(f"{path.relative_to(root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
     for option, value, least in (
         ("--workers", workers, 1),
@@ -820,7 +837,8 @@ def pack_with(
         blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution)
     )
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
+    digests = {"listing_sha256": listing_digest(blocks), "inputs_sha256": inputs_digest(sources)}
+    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, digests)
     write_json_atomic(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
     commits = CommitLog(out)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
@@ -880,26 +898,33 @@ def pack(
     )
 
 
+_DIGEST_CHANGES = {
+    "listing_sha256": "the input listing changed since this folder was packed (samples added or removed",
+    "inputs_sha256": "the input files changed since this folder was packed (a file re-downloaded, touched, added "
+    "or removed, or another root",
+}
+
+
 def _check_settings(
-    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
+    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digests: dict[str, str]
 ) -> None:
-    """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
-    refuse it. Written only after the inputs validated."""
+    """Resuming with other settings, another input listing or changed input files would mix or keep stale shards
+    under one manifest: refuse it. Written only after the inputs validated."""
     path = out / PACK_SETTINGS
     wanted = {
         **asdict(settings),
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
-        "listing_sha256": digest,
+        **digests,
     }
     if path.exists():
         found = json.loads(path.read_text())
-        if found.get("listing_sha256", digest) != digest:
-            raise PackError(
-                f"{path}: the input listing changed since this folder was packed (samples added or removed; "
-                f"listing sha256 {found['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
-                "manifest would be stale; pack into a new output folder"
-            )
+        for name, digest in digests.items():
+            if found.get(name, digest) != digest:
+                raise PackError(
+                    f"{path}: {_DIGEST_CHANGES[name]}; {name} {found[name][:12]}... then, {digest[:12]}... now): "
+                    "its shards and manifest would be stale or mixed; pack into a new output folder"
+                )
         if found != wanted:
             raise PackError(f"{path} was written with {found}, not {wanted}: use another output folder")
         return

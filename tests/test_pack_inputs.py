@@ -4,6 +4,7 @@ left behind that refuses the corrected rerun."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -303,3 +304,46 @@ def test_a_flame_model_of_another_version_than_the_tracking_is_refused(data, tmp
         _assert_refused(result, "no Ray here")
     else:
         _assert_refused(result, f"--flame {model}: named like FLAME 2020", "fitted with FLAME 2023")
+
+
+def _retouch(data: Path) -> Path:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    stat = tracking.stat()
+    os.utime(tracking, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a re-download: same bytes, new file
+    return data / "nersemble"
+
+
+def _other_root(data: Path) -> Path:
+    shutil.copytree(data / "nersemble", data / "copy", copy_function=shutil.copy2)  # same keys, same mtimes
+    return data / "copy"
+
+
+def _colour_calibration(data: Path) -> Path:
+    calibration = data / "nersemble" / "001" / "calibration"
+    serials = json.loads((calibration / "camera_params.json").read_text())["world_2_cam"]
+    (calibration / "color_calibration.json").write_text(json.dumps({s: np.eye(3).tolist() for s in serials}))
+    return data / "nersemble"
+
+
+def _v1_tracking(data: Path) -> Path:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    tracking.rename(tracking.with_name(TRACKING_V1))
+    return data / "nersemble"
+
+
+@pytest.mark.parametrize("change", [_retouch, _other_root, _colour_calibration, _v1_tracking])
+def test_changed_inputs_with_the_same_keys_are_refused_on_rerun(data, tmp_path, monkeypatch, change):
+    """The listing digest saw only sample keys: a re-downloaded file, another root with the same keys, a new colour
+    calibration or a switch to v1 tracking resumed into the old folder and mixed shards."""
+    monkeypatch.setattr(
+        "geodiff4d.datasets.packing.connect", _no_ray
+    )  # pack_settings.json is written before Ray
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}"), "no Ray here")
+    _assert_refused(
+        _pack(out, "--source", f"nersemble:{data / 'nersemble'}"), "no Ray here"
+    )  # unchanged: resumes
+    root = change(data)
+    _assert_refused(
+        _pack(out, "--source", f"nersemble:{root}"), str(out / "pack_settings.json"), "input files changed"
+    )
