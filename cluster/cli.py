@@ -178,7 +178,13 @@ def pack(
 
 @app.command()
 def verify(
-    shards: Annotated[Path, typer.Argument(**Folder, help="Shard folder written by geodiff4d pack.")],
+    shards: Annotated[
+        str,
+        typer.Argument(
+            help="Shard folder written by geodiff4d pack, or its URL (https://, s3://, ...) or a pipe: command "
+            "with {name} for the file name (docs/formats.md, Streaming)."
+        ),
+    ],
     workers: Annotated[int, typer.Option(min=1, help="Ray actors checking shards (one shard per unit).")] = 2,
     address: AddressOption = None,
 ) -> None:
@@ -199,7 +205,11 @@ def train(
         int, typer.Option(min=1, max=2, help="1: single frames; 2: adds temporal layers, 16-frame clips.")
     ],
     shards: Annotated[
-        Path, typer.Option(**Folder, help="Folder of WebDataset shards with its manifest (geodiff4d pack).")
+        str,
+        typer.Option(
+            help="Folder of WebDataset shards with its manifest (geodiff4d pack), or its URL or pipe: command "
+            "(docs/formats.md, Streaming)."
+        ),
     ],
     out: Annotated[
         Path, typer.Option(**OutFolder, help="Run folder: checkpoints, TensorBoard logs, sample grids.")
@@ -246,7 +256,11 @@ def sample(
         typer.Option(**Folder, help="Training run (its latest EMA weights) or a save_pretrained folder."),
     ],
     shards: Annotated[
-        Path, typer.Option(**Folder, help="Packed shards holding the subject's pose maps and frames.")
+        str,
+        typer.Option(
+            help="Packed shards holding the subject's pose maps and frames: a folder, URL or pipe: command "
+            "(docs/formats.md, Streaming)."
+        ),
     ],
     subject: Annotated[str, typer.Option(help="Subject id in the shards.")],
     sequence: Annotated[str, typer.Option(help="Sequence name in the shards.")],

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving, make_loader
+from geodiff4d.datasets.locations import join, read_bytes
 from geodiff4d.datasets.shards import PACK_SETTINGS
 from geodiff4d.gen.config import GenConfig
 
@@ -45,9 +46,9 @@ def loader_config(cfg: GenConfig, stage: int, seed: int, world_size: int = 1) ->
 
 def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
     """The loader does not resize: shards packed at another resolution would silently train another model."""
-    path = Path(shards) / PACK_SETTINGS
+    path = join(shards, PACK_SETTINGS)  # a folder, URL or pipe: location (datasets.locations)
     try:
-        packed = json.loads(path.read_text())["resolution"]
+        packed = json.loads(read_bytes(path))["resolution"]
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(
             f"{path}: cannot read the shards' resolution ({err}); is {shards} a geodiff4d pack output?"

@@ -22,6 +22,7 @@ from geodiff4d.core.io.atomic import atomic_write_bytes, write_json_atomic
 from geodiff4d.core.io.images import decode_image, encode_png, to_float
 from geodiff4d.datasets.frame_folder import frame_relpath
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
+from geodiff4d.datasets.locations import join
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
 from geodiff4d.datasets.shards import iter_shard
@@ -55,7 +56,7 @@ def read_sequence(
     wanted = set(rows.key)
     found = {}
     for shard in sorted(set(rows.shard)):
-        for sample in iter_shard(Path(shards) / shard):
+        for sample in iter_shard(join(shards, shard)):
             if sample["__key__"] in wanted:
                 meta = json.loads(sample["json"])
                 found[(meta["camera"], int(meta["frame"]))] = {
@@ -82,7 +83,7 @@ def plain_driving_config(driving_size: int) -> LoaderConfig:
     )
 
 
-def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: Path) -> None:
+def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: str | Path) -> None:
     missing = [(c, f) for c in cameras for f in frames if (c, f) not in data]
     if missing:
         raise SampleFramesError(f"{shards}: missing (camera, frame) samples {missing[:5]}")
@@ -146,7 +147,7 @@ def sample_to_frame_folder(
     the reference to the driving camera's first frame; `config` defaults to the run's own config.yaml.
     Returns the grid image (rows: RGB and normals per camera).
     """
-    loaded, shards, root = load_run(run, config), Path(shards), Path(out)
+    loaded, root = load_run(run, config), Path(out)
     cfg = loaded.cfg
     data = read_sequence(shards, subject, sequence)
     cameras = list(cameras or sorted({c for c, _ in data}))

@@ -21,6 +21,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from geodiff4d.core.config import ConfigError
+from geodiff4d.datasets.locations import is_remote
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
     CHECKPOINTS,
@@ -331,7 +332,7 @@ def _checked_inputs(
     config_path: str | Path,
     cfg: GenConfig,
     stage: int,
-    shards: Path | None,
+    shards: str | Path | None,
     out: Path,
     init: str | Path | None,
     resume: bool,
@@ -390,7 +391,8 @@ def train(
 
     cfg = load_config(config_path)
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
-    shards = Path(shards).resolve() if shards is not None else None
+    if shards is not None and not is_remote(shards):  # URLs and pipe: commands are read as given
+        shards = Path(shards).resolve()
     resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
         from geodiff4d.core.runtime import connect
