@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,9 @@ SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face c
 SYNTHHUMAN_SUBSETS = ("all", "face")
 POSE_BATCH = 4  # tracked frames per FLAME call (PackJob._poses)
 T = TypeVar("T")
+URL_LIKE = re.compile(
+    r"^[A-Za-z][A-Za-z0-9+.-]+:"
+)  # a scheme (https:, s3:, pipe:), also after Path() ate a "/"
 
 
 class PackError(UserError, ValueError):
@@ -418,6 +422,11 @@ def _head_box(pose: _FramePose | None, camera: Camera, alpha: np.ndarray, frame:
     return square_box(*box)
 
 
+def mask_8bit(mask: np.ndarray) -> np.ndarray:
+    """A float mask [R, R] in [0, 1] as the 8-bit mask.png stores it."""
+    return np.rint(np.clip(mask, 0, 1) * 255).astype(np.uint8)
+
+
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     ys, xs = np.nonzero(mask > 0.5)
     return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None
@@ -545,7 +554,7 @@ class PackJob:
     def _sample(self, ref: SampleRef, enc: _Encoded) -> dict[str, Any]:
         with self.clock("encode"):
             meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
-            mask8 = np.rint(np.clip(enc.mask, 0, 1) * 255).astype(np.uint8)
+            mask8 = mask_8bit(enc.mask)
             return {
                 "__key__": ref.key,
                 "rgb.png": encode_png(enc.rgb),
@@ -653,7 +662,9 @@ class PackJob:
         return _Encoded(rgb, mask, normal, normal_mask, posemap, posemap_mask, meta)
 
     def _estimated_normals(self, rgb: np.ndarray, mask: np.ndarray, pose: _FramePose | None, camera: Camera):
-        inside = mask > 0.5
+        inside = (
+            mask_8bit(mask) > 127
+        )  # the stored mask's foreground, also where the crop's alpha is exactly 0.5
         if self.estimator is not None:
             normal = self.estimator(rgb.astype(np.float32) / 255.0)
             return np.where(inside[..., None], normal, 0.0).astype(np.float32), inside, "onnx"
@@ -879,6 +890,11 @@ def pack(
     strict: bool = False,
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
+    if URL_LIKE.match(os.fspath(out)):  # Path() would turn s3://b/x into a local folder s3:/b/x
+        raise PackError(
+            f"--out {out}: pack writes a local or shared folder, not a URL or pipe: command; pack there, then copy "
+            "the folder to object storage and read it from its URL (docs/cluster.md)"
+        )
     settings = PackSettings(
         resolution=resolution,
         normal_estimator=str(normal_estimator) if normal_estimator else None,

@@ -347,3 +347,14 @@ def test_changed_inputs_with_the_same_keys_are_refused_on_rerun(data, tmp_path, 
     _assert_refused(
         _pack(out, "--source", f"nersemble:{root}"), str(out / "pack_settings.json"), "input files changed"
     )
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/shards", "https://host/shards", "pipe:cat {name}"])
+def test_pack_output_to_a_url_is_refused_not_written_to_a_local_folder(data, tmp_path, monkeypatch, out):
+    """Typer's Path turned s3://bucket/shards into a local folder s3:/bucket/shards; readers stream from URLs, pack
+    writes a folder that is copied up."""
+    monkeypatch.chdir(tmp_path)
+    _assert_refused(
+        _pack(Path(out), "--source", f"synthhuman:{data / 'synthhuman'}"), "not a URL", "docs/cluster.md"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]
