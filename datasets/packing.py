@@ -45,7 +45,7 @@ from geodiff4d.datasets.flame_tracking import (
     sequence_tracking,
 )
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
-from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
+from geodiff4d.datasets.nersemble import BACKGROUND_SEQUENCE, NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
 from geodiff4d.datasets.normal_maps import (
     decode_normal_png,
@@ -58,7 +58,13 @@ from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.resample import area_window, window_in_image
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
-from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
+from geodiff4d.datasets.synthhuman import MEMBERS as SYNTHHUMAN_MEMBERS
+from geodiff4d.datasets.synthhuman import (
+    SynthHumanDataset,
+    SynthHumanError,
+    derive_normal_convention,
+    member_path,
+)
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent
@@ -547,6 +553,9 @@ class PackJob:
         stats["stage_seconds"] = {
             stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())
         }
+        stats["inputs_sha256"] = shard_inputs_digest(
+            plan
+        )  # checked when a rerun resumes (check_committed_inputs)
         stats["unit_window"] = [started, time.time()]  # wall clock, so throughput can exclude actor start
         return stats
 
@@ -785,21 +794,57 @@ def listing_digest(blocks: Sequence[SampleBlock]) -> str:
     return digest.hexdigest()
 
 
-def inputs_digest(sources: Sequence[tuple[str, Path]]) -> str:
-    """sha256 over each source's kind and resolved root and every file under it (relative path, size, mtime):
-    videos, calibration, colour correction, the tracking files present (which decide the one chosen), images.
-    Keys alone miss a re-download, a v1 -> v2 tracking switch, a new colour calibration or another root with the
-    same keys; a rerun over changed inputs would mix old and new shards under one manifest."""
+def _files_under(folder: Path) -> list[Path]:
+    return [Path(dirpath, name) for dirpath, _, names in os.walk(folder, followlinks=True) for name in names]
+
+
+def shard_input_files(plan: ShardPlan) -> list[Path]:
+    """Every file a shard is made from, under its resolved root: for NeRSemble the subject's calibration (camera
+    parameters, colour correction), the sequence folder (videos, alpha maps, both tracking files, ground truth)
+    and the BACKGROUND plates; for SynthHuman the sample's member files (present or not)."""
+    files: set[Path] = set()
+    for block, _, _ in plan.spans:
+        root = Path(block.root).resolve()
+        if block.source == "nersemble":
+            sequences = root / block.subject / "sequences"
+            folders = (
+                root / block.subject / "calibration",
+                sequences / block.sequence,
+                sequences / BACKGROUND_SEQUENCE,
+            )
+            files |= {path for folder in folders for path in _files_under(folder)}
+        else:
+            files |= {member_path(root, int(block.subject), member) for member in SYNTHHUMAN_MEMBERS}
+    return sorted(files)
+
+
+def shard_inputs_digest(plan: ShardPlan) -> str:
+    """sha256 over a shard's input files by absolute path, size and mtime (-1 when absent), kept in its commit
+    marker: keys alone miss a re-download, a v1 -> v2 tracking switch, a new colour calibration or another root
+    with the same keys, and resuming over them would mix old and new samples under one manifest."""
     digest = hashlib.sha256()
-    for kind, root in sorted((kind, Path(root).resolve()) for kind, root in sources):
-        digest.update(f"{kind}\0{root}\n".encode())
-        for folder, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(folder, name)
-                info = path.stat()
-                digest.update(f"{path.relative_to(root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    for path in shard_input_files(plan):
+        info = path.stat() if path.exists() else None
+        size, mtime = (info.st_size, info.st_mtime_ns) if info else (-1, -1)
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
+
+
+def check_committed_inputs(plans: Sequence[ShardPlan], commits: CommitLog) -> None:
+    """Refuse to resume when a committed shard's input files changed since it was written (its samples would be
+    stale beside the new ones); shards that failed or never ran are unaffected, so fixing a broken input resumes."""
+    stale = [
+        plan.name
+        for plan in plans
+        if commits.is_committed(plan.name)
+        and commits.stats(plan.name).get("inputs_sha256", "") != shard_inputs_digest(plan)
+    ]
+    if stale:
+        raise PackError(
+            f"{commits.folder}: the input files of {len(stale)} committed shard(s) changed since they were packed "
+            f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}: a file re-downloaded, touched, added or "
+            "removed, or another root): resuming would mix old and new samples; pack into a new output folder"
+        )
 
 
 def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
@@ -848,10 +893,10 @@ def pack_with(
         blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution)
     )
     out.mkdir(parents=True, exist_ok=True)
-    digests = {"listing_sha256": listing_digest(blocks), "inputs_sha256": inputs_digest(sources)}
-    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, digests)
+    _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
     write_json_atomic(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
     commits = CommitLog(out)
+    check_committed_inputs(plans, commits)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
             (out / f"{plan.name}.tar").unlink(missing_ok=True)
@@ -914,33 +959,26 @@ def pack(
     )
 
 
-_DIGEST_CHANGES = {
-    "listing_sha256": "the input listing changed since this folder was packed (samples added or removed",
-    "inputs_sha256": "the input files changed since this folder was packed (a file re-downloaded, touched, added "
-    "or removed, or another root",
-}
-
-
 def _check_settings(
-    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digests: dict[str, str]
+    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
 ) -> None:
-    """Resuming with other settings, another input listing or changed input files would mix or keep stale shards
-    under one manifest: refuse it. Written only after the inputs validated."""
+    """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
+    refuse it. Written only after the inputs validated."""
     path = out / PACK_SETTINGS
     wanted = {
         **asdict(settings),
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
-        **digests,
+        "listing_sha256": digest,
     }
     if path.exists():
         found = json.loads(path.read_text())
-        for name, digest in digests.items():
-            if found.get(name, digest) != digest:
-                raise PackError(
-                    f"{path}: {_DIGEST_CHANGES[name]}; {name} {found[name][:12]}... then, {digest[:12]}... now): "
-                    "its shards and manifest would be stale or mixed; pack into a new output folder"
-                )
+        if found.get("listing_sha256", digest) != digest:
+            raise PackError(
+                f"{path}: the input listing changed since this folder was packed (samples added or removed; "
+                f"listing sha256 {found['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
+                "manifest would be stale; pack into a new output folder"
+            )
         if found != wanted:
             raise PackError(f"{path} was written with {found}, not {wanted}: use another output folder")
         return

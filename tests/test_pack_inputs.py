@@ -332,20 +332,20 @@ def _v1_tracking(data: Path) -> Path:
 
 
 @pytest.mark.parametrize("change", [_retouch, _other_root, _colour_calibration, _v1_tracking])
-def test_changed_inputs_with_the_same_keys_are_refused_on_rerun(data, tmp_path, monkeypatch, change):
-    """The listing digest saw only sample keys: a re-downloaded file, another root with the same keys, a new colour
-    calibration or a switch to v1 tracking resumed into the old folder and mixed shards."""
-    monkeypatch.setattr(
-        "geodiff4d.datasets.packing.connect", _no_ray
-    )  # pack_settings.json is written before Ray
+def test_changed_inputs_of_committed_shards_are_refused_on_rerun(local_ray, data, tmp_path, change):
+    """The rerun check saw only sample keys: a re-downloaded file, another root with the same keys, a new colour
+    calibration or a switch to v1 tracking resumed into the old folder and mixed old and new samples."""
     out = tmp_path / "out"
-    _assert_refused(_pack(out, "--source", f"nersemble:{data / 'nersemble'}"), "no Ray here")
-    _assert_refused(
-        _pack(out, "--source", f"nersemble:{data / 'nersemble'}"), "no Ray here"
-    )  # unchanged: resumes
+    first = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert first.exit_code == 0, first.output
+    again = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert again.exit_code == 0 and "0 done, 2 already committed" in again.output, again.output
     root = change(data)
     _assert_refused(
-        _pack(out, "--source", f"nersemble:{root}"), str(out / "pack_settings.json"), "input files changed"
+        _pack(out, "--source", f"nersemble:{root}", "--resolution", "32"),
+        f"{out}: the input files of",
+        "nersemble-000001",
+        "pack into a new output folder",
     )
 
 
