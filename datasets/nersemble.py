@@ -365,9 +365,7 @@ class NersembleDataset:
         video = self.video_path(subject, sequence, serial)
         camera = self._camera(subject, serial, self._video_size(video))
         tracking = self.tracking(subject, sequence)
-        tracked = (
-            0 if tracking is None else len(tracking.frames)
-        )  # row t is frame t, as the official provider
+        tracked = 0 if tracking is None else len(tracking.frames)
         matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
@@ -393,7 +391,7 @@ class NersembleDataset:
                     rgb=rgb,
                     alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
                     camera=camera,
-                    flame=tracking.params[index] if index < tracked else None,
+                    flame=tracking.params[index] if index < tracked else None,  # row t: frame t
                     tracking_kind=None if tracking is None else tracking.kind,
                     color_matrix=matrices.get(serial),
                 )

@@ -391,8 +391,7 @@ def train(
 
     cfg = load_config(config_path)
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
-    if shards is not None and not is_remote(shards):  # URLs and pipe: commands are read as given
-        shards = Path(shards).resolve()
+    shards = Path(shards).resolve() if shards is not None and not is_remote(shards) else shards
     resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
         from geodiff4d.core.runtime import connect
