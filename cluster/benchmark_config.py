@@ -13,10 +13,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from geodiff4d.core.config import ConfigError, StrictConfig, read_mapping, resolve_config, validate
+from geodiff4d.datasets.cameras import MONO_HOLDOUT_SERIALS, MONO_TRAIN_SERIAL
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
-MONO_TRAIN_CAMERA = "222200037"
-MONO_HOLDOUT_CAMERAS = ("222200046", "220700191", "222200039")
+MONO_TRAIN_CAMERA = MONO_TRAIN_SERIAL
+MONO_HOLDOUT_CAMERAS = MONO_HOLDOUT_SERIALS
 PROTOCOLS = ("self", "cross", "novel_views")
 METHOD_KINDS = ("geodiff4d", "oracle", "reference_copy", "gt_noise", "external")
 

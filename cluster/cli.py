@@ -135,6 +135,26 @@ def _pack_sources(items: list[str]) -> list[tuple[str, Path]]:
     return sources
 
 
+NormalEstimatorOption = Annotated[
+    Path | None,
+    typer.Option(
+        **File,
+        help="Local ONNX surface-normal model for real captures, fed as DAViD's normal model expects: BGR float32 "
+        "in [0, 1], NCHW, the crop padded to a square by border replication and resized to the model's input "
+        "size (512 for DAViD); output [1, 3, S, S] normals in SynthHuman's axes (converted to ours). Default: "
+        "FLAME tracking rendered as coarse normals.",
+    ),
+]
+FlameOption = Annotated[
+    Path | None,
+    typer.Option(
+        **File,
+        help="FLAME .pkl the tracking was made with (FLAME 2023 for NeRSemble's 300/100 coefficients; default: "
+        "the procedural head, for procedural data).",
+    ),
+]
+
+
 @app.command()
 def pack(
     out: Annotated[
@@ -150,28 +170,19 @@ def pack(
     workers: Annotated[int, typer.Option(min=1, help="Ray actors packing shards.")] = 2,
     samples_per_shard: Annotated[int, typer.Option(min=1, help="Upper bound on samples per shard.")] = 512,
     max_shard_mb: Annotated[float, typer.Option(help="Upper bound on a shard's size in MB.")] = 2048.0,
-    normal_estimator: Annotated[
-        Path | None,
-        typer.Option(
-            **File,
-            help="Local ONNX surface-normal model for real captures, fed as DAViD's normal model expects: BGR float32 "
-            "in [0, 1], NCHW, the crop padded to a square by border replication and resized to the model's input "
-            "size (512 for DAViD); output [1, 3, S, S] normals in SynthHuman's axes (converted to ours). Default: "
-            "FLAME tracking rendered as coarse normals.",
-        ),
-    ] = None,
-    flame: Annotated[
-        Path | None,
-        typer.Option(
-            **File,
-            help="FLAME .pkl the tracking was made with (FLAME 2023 for NeRSemble's 300/100 coefficients; default: "
-            "the procedural head, for procedural data).",
-        ),
-    ] = None,
+    normal_estimator: NormalEstimatorOption = None,
+    flame: FlameOption = None,
     synthhuman_subset: Annotated[
         Literal["all", "face"],
         typer.Option(help="all, or face: only SynthHuman's face crops (the release's first 98,040 samples)."),
     ] = "all",
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse to pack when the listing leaves anything out (participant or sequence folders, cameras, "
+            "untracked frames: see pack_report.json)."
+        ),
+    ] = False,
     address: AddressOption = None,
 ) -> None:
     """Shard NeRSemble / SynthHuman folders into WebDataset tars with a Parquet manifest; reruns resume."""
@@ -191,6 +202,7 @@ def pack(
         normal_estimator,
         flame,
         synthhuman_subset=synthhuman_subset,
+        strict=strict,
     )
     typer.echo(report.summary())
     raise typer.Exit(code=report.exit_code)
@@ -198,7 +210,13 @@ def pack(
 
 @app.command()
 def verify(
-    shards: Annotated[Path, typer.Argument(**Folder, help="Shard folder written by geodiff4d pack.")],
+    shards: Annotated[
+        str,
+        typer.Argument(
+            help="Shard folder written by geodiff4d pack, or its URL (https://, s3://, ...) or a pipe: command "
+            "with {name} for the file name (docs/formats.md, Streaming)."
+        ),
+    ],
     workers: Annotated[int, typer.Option(min=1, help="Ray actors checking shards (one shard per unit).")] = 2,
     address: AddressOption = None,
 ) -> None:
@@ -219,7 +237,11 @@ def train(
         int, typer.Option(min=1, max=2, help="1: single frames; 2: adds temporal layers, 16-frame clips.")
     ],
     shards: Annotated[
-        Path, typer.Option(**Folder, help="Folder of WebDataset shards with its manifest (geodiff4d pack).")
+        str,
+        typer.Option(
+            help="Folder of WebDataset shards with its manifest (geodiff4d pack), or its URL or pipe: command "
+            "(docs/formats.md, Streaming)."
+        ),
     ],
     out: Annotated[
         Path, typer.Option(**OutFolder, help="Run folder: checkpoints, TensorBoard logs, sample grids.")
@@ -269,7 +291,11 @@ def sample(
         typer.Option(**Folder, help="Training run (its latest EMA weights) or a save_pretrained folder."),
     ],
     shards: Annotated[
-        Path, typer.Option(**Folder, help="Packed shards holding the subject's pose maps and frames.")
+        str,
+        typer.Option(
+            help="Packed shards holding the subject's pose maps and frames: a folder, URL or pipe: command "
+            "(docs/formats.md, Streaming)."
+        ),
     ],
     subject: Annotated[str, typer.Option(help="Subject id in the shards.")],
     sequence: Annotated[str, typer.Option(help="Sequence name in the shards.")],

@@ -9,7 +9,10 @@ reads it through this module:
 - NeRSemble v2 (``flame2023_tracking_v2.npz``, what the benchmark ships by default) and v1
   (``flame2023_tracking.npz``, optional): shape (1, 300), expression (T, 100), rotation (T, 3),
   rotation_matrices (T, 3, 3), translation (T, 3), jaw/neck (T, 3), eyes (T, 6), scale (1, 1), frames (T,).
-  v2 is preferred, v1 the fallback.
+  v2 is preferred, v1 the fallback. In a release, row t is video frame t: the official
+  ``FlameProvider.get_vertices(timestep)`` indexes rows by timestep and never reads ``frames``, so a sequence's
+  ``frames`` must be 0..T-1 (anything else is refused, never remapped; frame folders, which hold chosen frames,
+  keep the mapping). Both files are fitted with FLAME 2023 (their names say so).
 - VHAP / GaussianAvatars ``flame_param.npz``: shape (300,), expr (T, 100), rotation (T, 3) *axis-angle about the
   root joint* (FLAME's own global pose), neck_pose/jaw_pose (T, 3), eyes_pose (T, 6), translation (T, 3) added
   after skinning, no scale, and per-vertex static_offset/dynamic_offset. Converting it needs the head model,
@@ -37,6 +40,9 @@ TRACKING_V2 = "flame2023_tracking_v2.npz"
 TRACKING_V1 = "flame2023_tracking.npz"
 TRACKING_FILES = {"v2": TRACKING_V2, "v1": TRACKING_V1}  # in order of preference
 TRACKING_SHAPE_DIM, TRACKING_EXPR_DIM = 300, 100
+TRACKING_FLAME_VERSION = "2023"  # flame2023_tracking*.npz are fitted with FLAME 2023
+# what the official FLAME files of other versions are called: FLAME 2017/2019/2020 ship as generic_model.pkl
+_OTHER_FLAME_NAMES = ("generic_model", "2017", "2019", "2020")
 ROTATION_MATRIX_TOLERANCE = 1e-4  # rotation_matrices vs Euler XYZ of rotation (float32 files)
 _PER_FRAME_WIDTH = {"rotation": 3, "translation": 3, "jaw": 3, "neck": 3, "eyes": 6}
 _VHAP_PER_FRAME_WIDTH = {
@@ -201,6 +207,20 @@ def read_vhap_tracking(path: str | os.PathLike, model: FlameModel) -> FlameTrack
     return FlameTracking(params, frames, path, "vhap")
 
 
+def check_flame_version(model_path: str | os.PathLike, tracking_source: str) -> None:
+    """Refuse a FLAME model file whose name says another version than the NeRSemble tracking's (FLAME 2023):
+    2020 and 2023 share topology and coefficient counts, so the wrong one poses every frame subtly wrong."""
+    name = Path(model_path).name.lower()
+    if TRACKING_FLAME_VERSION in name:
+        return
+    other = next((marker for marker in _OTHER_FLAME_NAMES if marker in name), None)
+    if other is not None:
+        raise TrackingError(
+            f"--flame {model_path}: named like FLAME {'2020 (or 2017/2019)' if other == 'generic_model' else other}, "
+            f"but the tracking of {tracking_source} was fitted with FLAME {TRACKING_FLAME_VERSION}: pass flame{TRACKING_FLAME_VERSION}.pkl"
+        )
+
+
 def load_tracking(path: str | os.PathLike, model: FlameModel) -> FlameTracking:
     """Any supported tracking file (NeRSemble v1/v2 or VHAP, told apart by their array names) sized to ``model``."""
     path = Path(path)
@@ -214,12 +234,21 @@ def load_tracking(path: str | os.PathLike, model: FlameModel) -> FlameTracking:
 def sequence_tracking(
     sequence_dir: str | os.PathLike, n_shape: int | None = None, n_expr: int | None = None
 ) -> FlameTracking | None:
-    """The preferred NeRSemble tracking of a sequence folder (v2, else v1); None when it has neither."""
+    """The preferred NeRSemble tracking of a sequence folder (v2, else v1); None when it has neither. Its rows
+    must be video frames 0..T-1, as the official provider reads them (frame folders may hold other frames)."""
     found = find_tracking(sequence_dir)
     if found is None:
         return None
     kind, path = found
-    return read_nersemble_tracking(path, n_shape, n_expr, kind=kind)
+    tracking = read_nersemble_tracking(path, n_shape, n_expr, kind=kind)
+    n_rows = len(tracking.frames)
+    if not np.array_equal(tracking.frames, np.arange(n_rows)):
+        raise TrackingError(
+            f"{path}: frames is not 0..{n_rows - 1} (it starts {tracking.frames[:5].tolist()}): the official "
+            "FlameProvider reads row t as video frame t and never reads frames, so this file's rows and frames "
+            "disagree"
+        )
+    return tracking
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch import Tensor
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.images import decode_image, to_float
 from geodiff4d.core.io.json_yaml import parse_json
+from geodiff4d.datasets.locations import join, open_stream
 from geodiff4d.datasets.manifest import read_manifest
 
 KINDS = ("frame", "pair", "clip")
@@ -91,11 +91,18 @@ def resampled(urls: Sequence[str], rng: np.random.Generator) -> Iterator[dict[st
         yield {"url": urls[int(rng.integers(len(urls)))]}
 
 
+def read_shard(url: str) -> list[dict[str, Any]]:
+    """One shard's samples, streamed through webdataset's tar reader from a path, URL or ``pipe:`` command
+    (``datasets.locations``: fsspec for URLs, so object stores work as well as http)."""
+    with open_stream(url) as stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        return list(wds.tariterators.group_by_keys(files))
+
+
 def shard_buffers(shards: Iterator[dict[str, str]]) -> Iterator[list[dict[str, Any]]]:
-    """Stream each drawn shard through webdataset's tar reader into one buffer; samples get their json as ``meta``."""
-    read = wds.tarfile_to_samples()
+    """Read each drawn shard into one buffer; samples get their json as ``meta``."""
     for shard in shards:
-        buffer = list(read(iter([shard])))
+        buffer = read_shard(shard["url"])
         for sample in buffer:
             sample["meta"] = parse_json(sample["json"], f"sample {sample['__key__']}")
         yield buffer
@@ -193,12 +200,13 @@ def _clip_drivings(index: ShardIndex, targets: list[dict], rng: np.random.Genera
 
 
 def source_shards(shard_dir: str | os.PathLike) -> dict[str, list[str]]:
-    """Committed shards per source, from the manifest (uncommitted tars are never read)."""
+    """Committed shards per source, from the manifest (uncommitted tars are never read); ``shard_dir`` may be a
+    URL or ``pipe:`` location (``datasets.locations``)."""
     table = read_manifest(shard_dir)
     pairs = set(zip(table.column("source").to_pylist(), table.column("shard").to_pylist(), strict=True))
     shards: dict[str, list[str]] = {}
     for source, shard in sorted(pairs):
-        shards.setdefault(source, []).append(str(Path(shard_dir) / shard))
+        shards.setdefault(source, []).append(join(shard_dir, shard))
     return shards
 
 
@@ -372,7 +380,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_dir: str | os.PathLike, config: LoaderConfig = LoaderConfig()):
         super().__init__()
-        self.shard_dir, self.config = Path(shard_dir), config
+        self.shard_dir, self.config = shard_dir, config
 
     def units(self) -> Iterator[Unit]:
         return unit_stream(self.shard_dir, self.config)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
 from geodiff4d.core.io.json_yaml import read_json
+from geodiff4d.datasets.locations import is_remote, join, parquet_source
 from geodiff4d.datasets.shards import MemberRecord, group_members
 
 MANIFEST_NAME = "manifest.parquet"
@@ -123,13 +124,18 @@ def build_manifest(out: str | os.PathLike) -> int:
 def read_manifest(
     out: str | os.PathLike, columns: list[str] | None = None, filters: list | None = None
 ) -> pa.Table:
-    """The manifest, or some ``columns`` / the rows matching ``filters`` (pyarrow's), checked against SCHEMA."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
+    """The manifest, or some ``columns`` / the rows matching ``filters`` (pyarrow's), checked against SCHEMA.
+
+    ``out`` is a shard folder or a URL / ``pipe:`` location of one (``datasets.locations``)."""
+    path = join(out, MANIFEST_NAME)
+    if not is_remote(out) and not Path(path).is_file():
         raise ManifestError(f"{path}: no manifest (pack first)")
     try:
-        table = pq.read_table(path, columns=columns, filters=filters)
-    except (OSError, pa.ArrowException) as exc:
+        source, filesystem = parquet_source(path)
+        table = pq.read_table(source, columns=columns, filters=filters, filesystem=filesystem)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: no manifest (pack first, or check the location): {exc}") from exc
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
     missing = set(columns or SCHEMA.names) - set(table.column_names)
     if missing:

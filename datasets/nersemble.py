@@ -24,13 +24,18 @@ import numpy as np
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.io.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
-from geodiff4d.datasets.cameras import Camera, CameraError
+from geodiff4d.datasets.cameras import Camera, CameraError, intrinsics_problem
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import FlameTracking, sequence_tracking
 
 _SUBJECT_RE = re.compile(r"^\d{3}$")
 _VIDEO_RE = re.compile(r"^cam_(.+)\.mp4$")
+# The raw release's one shared K is for its full-size images (nersemble-data's README: "3208x2200 images"),
+# portrait as (width, height); videos downscaled from them round each side to an even number of pixels.
+RAW_INTRINSICS_SIZE = (2200, 3208)
+SIZE_ROUNDING_PX = 2
+BACKGROUND_SEQUENCE = "BACKGROUND"  # {pid}/sequences/BACKGROUND/image_{serial}.jpg: empty-studio plates
 
 
 class NersembleError(UserError, ValueError):
@@ -66,11 +71,30 @@ def write_camera_params(
     if variant == "benchmark":
         data["intrinsics"] = {serial: cam.K.tolist() for serial, cam in cameras.items()}
     else:
-        shared = next(iter(cameras.values())).K
-        if any(not np.array_equal(cam.K, shared) for cam in cameras.values()):
+        first = next(iter(cameras.values()))
+        if any(
+            not np.array_equal(cam.K, first.K) or (cam.width, cam.height) != (first.width, first.height)
+            for cam in cameras.values()
+        ):
             raise ValueError(f"{path}: the raw variant stores one shared intrinsics matrix; cameras differ")
-        data["intrinsics"] = shared.tolist()
+        reference = raw_reference_size(first.K, first.width, first.height)
+        if reference is None:
+            raise ValueError(
+                f"{path}: {first.width}x{first.height} cameras are not a downscale of the raw release's "
+                f"{RAW_INTRINSICS_SIZE[0]}x{RAW_INTRINSICS_SIZE[1]} images, for which its shared K is given"
+            )
+        data["intrinsics"] = first.resized(*reference).K.tolist()
     write_json(path, data, indent=2, sort_keys=False, newline=True)
+
+
+def raw_reference_size(K: np.ndarray, width: int, height: int) -> tuple[int, int] | None:
+    """The raw release's full image size (portrait or landscape: the one whose centre is nearer K's principal
+    point) when ``width`` x ``height`` is a uniform downscale of it, else None."""
+    portrait = K[1, 2] >= K[0, 2]
+    ref_width, ref_height = RAW_INTRINSICS_SIZE if portrait else RAW_INTRINSICS_SIZE[::-1]
+    if abs(height - ref_height * width / ref_width) > SIZE_ROUNDING_PX:
+        return None
+    return ref_width, ref_height
 
 
 def write_color_calibration(path: str | os.PathLike, matrices: Mapping[str, np.ndarray]) -> None:
@@ -112,7 +136,7 @@ class NersembleDataset:
         if not self.root.is_dir():
             raise NersembleError(f"{self.root}: NeRSemble folder not found")
         self.n_shape, self.n_expr = n_shape, n_expr
-        self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        self._calibration: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]] = {}
         self._frame_counts: dict[tuple[str, str], int] = {}
         self._tracking: dict[tuple[str, str], FlameTracking | None] = {}
 
@@ -120,12 +144,28 @@ class NersembleDataset:
     def subjects(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SUBJECT_RE.match(p.name))
 
-    def sequences(self, subject: str) -> list[str]:
-        """Sequences with an images/ folder (BACKGROUND and other extras are skipped)."""
+    def ignored_participant_folders(self) -> list[Path]:
+        """Folders of the root that ``subjects`` leaves out (names other than exactly 3 digits)."""
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not _SUBJECT_RE.match(p.name))
+
+    def _sequence_folders(self, subject: str) -> list[Path]:
         folder = self.root / subject / "sequences"
         if not folder.is_dir():
             raise NersembleError(f"{folder}: sequences folder not found")
-        return sorted(p.name for p in folder.iterdir() if (p / "images").is_dir())
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+
+    def sequences(self, subject: str) -> list[str]:
+        """Sequences with an images/ folder (BACKGROUND and other extras are skipped)."""
+        return [p.name for p in self._sequence_folders(subject) if (p / "images").is_dir()]
+
+    def ignored_sequence_folders(self, subject: str) -> list[Path]:
+        """Folders under sequences/ without images/ that ``sequences`` leaves out; the BACKGROUND plates (a
+        documented part of the raw release, read for background subtraction) are not counted."""
+        return [
+            p
+            for p in self._sequence_folders(subject)
+            if p.name != BACKGROUND_SEQUENCE and not (p / "images").is_dir()
+        ]
 
     def camera_params_path(self, subject: str) -> Path:
         return self.root / subject / "calibration" / "camera_params.json"
@@ -140,7 +180,8 @@ class NersembleDataset:
         return self.root / subject / "sequences" / sequence
 
     # --- calibration
-    def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _calibration_of(self, subject: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]:
+        """(world_2_cam per serial, K per serial, whether K is the raw release's shared one)."""
         if subject not in self._calibration:
             path = self.camera_params_path(subject)
             data = read_json(path, NersembleError)
@@ -161,7 +202,7 @@ class NersembleDataset:
             else:  # raw release: one shared K
                 shared = _matrix(data["intrinsics"], (3, 3), path, "intrinsics")
                 intrinsics = {s: shared for s in extrinsics}
-            self._calibration[subject] = (extrinsics, intrinsics)
+            self._calibration[subject] = (extrinsics, intrinsics, not isinstance(data["intrinsics"], dict))
         return self._calibration[subject]
 
     def serials(self, subject: str) -> list[str]:
@@ -169,11 +210,28 @@ class NersembleDataset:
         return sorted(self._calibration_of(subject)[0])
 
     def _camera(self, subject: str, serial: str, size: tuple[int, int]) -> Camera:
-        extrinsics, intrinsics = self._calibration_of(subject)
+        """The camera of ``serial`` for its video's ``size``: the raw release's shared K (given for full-size
+        images) is scaled to it; any K is checked against it (principal point inside, plausible focal)."""
+        extrinsics, intrinsics, shared = self._calibration_of(subject)
+        path, (width, height) = self.camera_params_path(subject), size
         try:
-            return Camera(extrinsics[serial], intrinsics[serial], *size)
+            camera = Camera(extrinsics[serial], intrinsics[serial], width, height)
+            if shared:
+                reference = raw_reference_size(camera.K, width, height)
+                if reference is None:
+                    raise NersembleError(
+                        f"{path}: camera {serial}: its {width}x{height} video is not a downscale of the raw "
+                        f"release's {RAW_INTRINSICS_SIZE[0]}x{RAW_INTRINSICS_SIZE[1]} images, for which the "
+                        "shared intrinsics are given: cannot scale them"
+                    )
+                camera = Camera(extrinsics[serial], intrinsics[serial], *reference).resized(width, height)
         except CameraError as exc:
-            raise NersembleError(f"{self.camera_params_path(subject)}: serial {serial}: {exc}") from exc
+            raise NersembleError(f"{path}: serial {serial}: {exc}") from exc
+        if (problem := intrinsics_problem(camera.K, width, height)) is not None:
+            raise NersembleError(
+                f"{path}: camera {serial}: intrinsics do not fit its {width}x{height} video: {problem}"
+            )
+        return camera
 
     def sequence_serials(self, subject: str, sequence: str) -> list[str]:
         """Serials with a video in this sequence; every one must be calibrated."""
@@ -284,11 +342,11 @@ class NersembleDataset:
         key = (subject, sequence)
         if key not in self._tracking:
             tracking = sequence_tracking(self.sequence_dir(subject, sequence), self.n_shape, self.n_expr)
-            if tracking is not None:
+            if tracking is not None:  # rows are video frames 0..T-1 (read_nersemble_tracking checks frames)
                 n_frames = self.frame_count(subject, sequence)
-                if tracking.frames.size and (tracking.frames.min() < 0 or tracking.frames.max() >= n_frames):
+                if len(tracking.frames) > n_frames:
                     raise NersembleError(
-                        f"{tracking.path}: tracked frame indices fall outside the videos' {n_frames} frames"
+                        f"{tracking.path}: {len(tracking.frames)} tracked frames, more than the videos' {n_frames}"
                     )
             self._tracking[key] = tracking
         return self._tracking[key]
@@ -326,7 +384,7 @@ class NersembleDataset:
         video = self.video_path(subject, sequence, serial)
         camera = self._camera(subject, serial, self._video_size(video))
         tracking = self.tracking(subject, sequence)
-        rows = {int(f): i for i, f in enumerate(tracking.frames)} if tracking is not None else {}
+        tracked = 0 if tracking is None else len(tracking.frames)
         matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
@@ -344,7 +402,6 @@ class NersembleDataset:
                 alpha = next(alphas)[1] if alphas is not None else None
                 if alpha is not None and alpha.shape != rgb.shape[:2]:
                     raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
-                row = rows.get(index)
                 yield NersembleFrame(
                     subject=subject,
                     sequence=sequence,
@@ -353,7 +410,7 @@ class NersembleDataset:
                     rgb=rgb,
                     alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
                     camera=camera,
-                    flame=None if row is None else tracking.params[row],
+                    flame=tracking.params[index] if index < tracked else None,  # row t: frame t
                     tracking_kind=None if tracking is None else tracking.kind,
                     color_matrix=matrices.get(serial),
                 )

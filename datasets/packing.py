@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -28,8 +29,8 @@ from pydantic import field_validator
 from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
-from geodiff4d.core.io.json_yaml import json_bytes, parse_json, read_json
-from geodiff4d.core.io.video import DecodeCount
+from geodiff4d.core.io.json_yaml import json_bytes, parse_json, read_json, write_json
+from geodiff4d.core.io.video import DecodeCount, VideoError, video_frame_count
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.core.settings_match import require_same_settings
@@ -37,13 +38,17 @@ from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import (
+    TRACKING_V1,
+    TRACKING_V2,
     FlameTracking,
     TrackingError,
+    check_flame_version,
     missing_tracking_message,
     sequence_tracking,
 )
+from geodiff4d.datasets.locations import join, read_bytes
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
-from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
+from geodiff4d.datasets.nersemble import BACKGROUND_SEQUENCE, NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
 from geodiff4d.datasets.normal_maps import (
     decode_normal_png,
@@ -56,7 +61,13 @@ from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.resample import area_window, window_in_image
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
-from geodiff4d.datasets.synthhuman import SynthHumanDataset, SynthHumanError, derive_normal_convention
+from geodiff4d.datasets.synthhuman import MEMBERS as SYNTHHUMAN_MEMBERS
+from geodiff4d.datasets.synthhuman import (
+    SynthHumanDataset,
+    SynthHumanError,
+    derive_normal_convention,
+    member_path,
+)
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent
@@ -67,6 +78,9 @@ SYNTHHUMAN_FACE_SAMPLES = 98040  # the release's first 98,040 indices are face c
 SYNTHHUMAN_SUBSETS = ("all", "face")
 POSE_BATCH = 4  # tracked frames per FLAME call (PackJob._poses)
 T = TypeVar("T")
+URL_LIKE = re.compile(
+    r"^[A-Za-z][A-Za-z0-9+.-]+:"
+)  # a scheme (https:, s3:, pipe:), also after Path() ate a "/"
 
 
 class PackError(UserError, ValueError):
@@ -161,6 +175,20 @@ class ShardPlan:
 # ------------------------------------------------------------------------------------------------ listing
 
 
+@dataclass(frozen=True)
+class Skip:
+    """An input the listing leaves out, and why: listed in ``pack_report.json`` and the printed summary, and
+    refused by ``--strict``, because a silently dropped camera, sequence or frame range looks like a complete
+    data set."""
+
+    kind: Literal["participant", "sequence", "camera", "untracked_frames"]
+    path: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.kind} {self.path}: {self.reason}"
+
+
 def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
     """Cameras of a subject: any serial with a colour or alpha video in one of its sequences, so a camera whose
     colour video is missing from a sequence is listed (and its units fail naming the file), never dropped."""
@@ -172,21 +200,72 @@ def _camera_serials(dataset: NersembleDataset, subject: str) -> list[str]:
     return sorted(found)
 
 
-def list_nersemble(root: Path, n_shape: int | None = None, n_expr: int | None = None) -> list[SampleBlock]:
+def _frame_ranges(frames: Sequence[int]) -> str:
+    """Sorted frame numbers as ``a-b`` ranges: ``0-3, 7, 9-12``."""
+    ranges: list[list[int]] = []
+    for frame in frames:
+        if ranges and frame == ranges[-1][1] + 1:
+            ranges[-1][1] = frame
+        else:
+            ranges.append([frame, frame])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _layout_skips(dataset: NersembleDataset, subject: str, serials: Sequence[str]) -> list[Skip]:
+    """Sequence folders without images/ and calibrated cameras without a video in any sequence."""
+    skips = [
+        Skip("sequence", str(path), "no images/ folder: not a captured sequence")
+        for path in dataset.ignored_sequence_folders(subject)
+    ]
+    skips += [
+        Skip(
+            "camera",
+            f"{dataset.root / subject} camera {serial}",
+            f"calibrated in {dataset.camera_params_path(subject)} but no sequence has a video of it",
+        )
+        for serial in sorted(set(dataset.serials(subject)) - set(serials))
+    ]
+    return skips
+
+
+def _untracked(dataset: NersembleDataset, subject: str, sequence: str, tracking: FlameTracking) -> list[Skip]:
+    """Video frames without a tracking row: they have no crop and no pose map, so they are not packed."""
+    count_from = dataset.video_path(subject, sequence, dataset.sequence_serials(subject, sequence)[0])
+    try:
+        n_frames = video_frame_count(count_from)
+    except VideoError as exc:
+        raise NersembleError(str(exc)) from exc
+    missing = sorted(set(range(n_frames)) - {int(f) for f in tracking.frames})
+    if not missing:
+        return []
+    reason = f"{len(missing)} of {n_frames} video frames have no row in {tracking.path}: frames {_frame_ranges(missing)}"
+    return [Skip("untracked_frames", str(dataset.sequence_dir(subject, sequence)), reason)]
+
+
+def list_nersemble(
+    root: Path, n_shape: int | None = None, n_expr: int | None = None, skips: list[Skip] | None = None
+) -> list[SampleBlock]:
     """Tracked frames of every camera, a block per sequence. Tracking (v2, else v1) is required: it gives the
-    crop and the pose map.
+    crop and the pose map. What the listing leaves out is appended to ``skips``.
 
     Reading it with the head model's sizes here, before any Ray work, refuses real 300/100-coefficient tracking
     read with a smaller model.
     """
     dataset = NersembleDataset(root)
+    skips = [] if skips is None else skips
+    skips += [
+        Skip("participant", str(path), "folder name is not a 3-digit participant id")
+        for path in dataset.ignored_participant_folders()
+    ]
     blocks = []
     for subject in dataset.subjects():
         serials = tuple(_camera_serials(dataset, subject))
+        skips += _layout_skips(dataset, subject, serials)
         for sequence in dataset.sequences(subject):
             tracking = sequence_tracking(dataset.sequence_dir(subject, sequence), n_shape, n_expr)
             if tracking is None:
                 raise PackError(missing_tracking_message(dataset.sequence_dir(subject, sequence)))
+            skips += _untracked(dataset, subject, sequence, tracking)
             frames = tuple(sorted(int(f) for f in tracking.frames))
             blocks.append(SampleBlock("nersemble", subject, sequence, frames, serials, str(root)))
     return blocks
@@ -205,17 +284,28 @@ def list_inputs(
     sources: Sequence[tuple[str, Path]],
     settings: PackSettings | None = None,
     model_sizes: tuple[int, int] | None = None,
+    skips: list[Skip] | None = None,
 ) -> list[SampleBlock]:
-    """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking."""
+    """The sorted input listing; ``model_sizes`` (n_shape, n_expr) of the head model reading the tracking; what
+    the listing leaves out is appended to ``skips``. A source that yields no sample is refused (an empty or
+    mistyped folder would otherwise pack nothing and succeed)."""
     settings = settings or PackSettings()
     blocks = []
     for kind, root in sources:
         if kind == "nersemble":
-            blocks += list_nersemble(Path(root), *(model_sizes or (None, None)))
+            if settings.flame_model is not None:
+                check_flame_version(settings.flame_model, f"{root} ({TRACKING_V2}, {TRACKING_V1})")
+            found = list_nersemble(Path(root), *(model_sizes or (None, None)), skips=skips)
         elif kind == "synthhuman":
-            blocks += list_synthhuman(Path(root), settings.synthhuman_subset)
+            found = list_synthhuman(Path(root), settings.synthhuman_subset)
         else:
             raise PackError(f"unknown source kind {kind!r} for {root} (known: {list(SOURCES)})")
+        if not sum(len(block) for block in found):
+            raise PackError(
+                f"--source {kind}:{root}: no sample to pack (an empty folder, or not the root of a {kind} "
+                "release: see docs/formats.md)"
+            )
+        blocks += found
     ids = [(b.source, b.subject, b.sequence) for b in blocks]
     if len(set(ids)) != len(ids):
         raise PackError("two inputs give the same sample keys: pack each source folder once")
@@ -385,11 +475,16 @@ class PackSettings(StrictConfig):
 
 
 def read_pack_settings(folder: str | os.PathLike) -> PackSettings:
-    """The settings a shard folder was packed with, from its ``pack_settings.json`` (which also keeps the
-    shard limits and the listing digest), validated like any config: a bad value is refused naming the file
-    and the field."""
-    path = Path(folder) / PACK_SETTINGS
-    found = read_json(path, PackError)
+    """The settings a shard folder (or URL, ``pipe:`` location: datasets.locations) was packed with, from its
+    ``pack_settings.json`` (which also keeps the shard limits and the listing digest), validated like any
+    config: a bad value is refused naming the file and the field."""
+    path = join(folder, PACK_SETTINGS)
+    try:
+        found = parse_json(read_bytes(path), path, PackError)
+    except OSError as err:
+        raise PackError(
+            f"{path}: cannot read the pack settings ({err}); is {folder} a geodiff4d pack output?"
+        ) from err
     if not isinstance(found, dict):
         raise PackError(f"{path}: not a pack settings mapping; is {folder} a geodiff4d pack output?")
     return validate(path, {k: v for k, v in found.items() if k not in PACK_RECORD}, PackSettings)
@@ -487,6 +582,9 @@ class PackJob:
         stats["stage_seconds"] = {
             stage: round(seconds, 4) for stage, seconds in sorted(self.clock.seconds.items())
         }
+        stats["inputs_sha256"] = shard_inputs_digest(
+            plan
+        )  # checked when a rerun resumes (check_committed_inputs)
         stats["unit_window"] = [started, time.time()]  # wall clock, so throughput can exclude actor start
         return stats
 
@@ -602,7 +700,9 @@ class PackJob:
         return _Encoded(rgb, mask, normal, normal_mask, posemap, posemap_mask, meta)
 
     def _estimated_normals(self, rgb: np.ndarray, mask: np.ndarray, pose: _FramePose | None, camera: Camera):
-        inside = mask > 0.5
+        inside = (
+            from_float(mask) > 127  # the 8-bit mask.png's foreground
+        )  # the stored mask's foreground, also where the crop's alpha is exactly 0.5
         if self.estimator is not None:
             normal = self.estimator(rgb.astype(np.float32) / 255.0)
             return np.where(inside[..., None], normal, 0.0).astype(np.float32), inside, "onnx"
@@ -660,12 +760,17 @@ def _background(dataset: NersembleDataset, subject: str, serial: str) -> np.ndar
 # ------------------------------------------------------------------------------------------------ driver
 
 
+PACK_REPORT = "pack_report.json"  # what the listing left out, beside the manifest
+SUMMARY_SKIPS = 20  # skips printed in the summary; pack_report.json holds all
+
+
 @dataclass
 class PackReport:
     job: JobReport
     shards: int
     samples: int
     out: Path
+    skips: list[Skip] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -676,7 +781,24 @@ class PackReport:
         return 0 if self.ok else 1
 
     def summary(self) -> str:
-        return f"packed {self.samples} samples in {self.shards} shards under {self.out}\n{self.job.summary()}"
+        lines = [
+            f"packed {self.samples} samples in {self.shards} shards under {self.out}",
+            self.job.summary(),
+        ]
+        if self.skips:
+            lines.append(f"skipped {len(self.skips)} input(s) (all in {self.out / PACK_REPORT}):")
+            lines += [f"  {skip.line()}" for skip in self.skips[:SUMMARY_SKIPS]]
+            if len(self.skips) > SUMMARY_SKIPS:
+                lines.append(f"  ... {len(self.skips) - SUMMARY_SKIPS} more")
+        return "\n".join(lines)
+
+
+def check_strict(skips: Sequence[Skip]) -> None:
+    """``--strict``: any input the listing leaves out is an error, named with the first few."""
+    if skips:
+        shown = "\n".join(f"  {skip.line()}" for skip in skips[:SUMMARY_SKIPS])
+        more = f"\n  ... {len(skips) - SUMMARY_SKIPS} more" if len(skips) > SUMMARY_SKIPS else ""
+        raise PackError(f"--strict: the listing leaves out {len(skips)} input(s):\n{shown}{more}")
 
 
 def check_synthhuman_convention(root: Path) -> None:
@@ -701,6 +823,59 @@ def listing_digest(blocks: Sequence[SampleBlock]) -> str:
     return digest.hexdigest()
 
 
+def _files_under(folder: Path) -> list[Path]:
+    return [Path(dirpath, name) for dirpath, _, names in os.walk(folder, followlinks=True) for name in names]
+
+
+def shard_input_files(plan: ShardPlan) -> list[Path]:
+    """Every file a shard is made from, under its resolved root: for NeRSemble the subject's calibration (camera
+    parameters, colour correction), the sequence folder (videos, alpha maps, both tracking files, ground truth)
+    and the BACKGROUND plates; for SynthHuman the sample's member files (present or not)."""
+    files: set[Path] = set()
+    for block, _, _ in plan.spans:
+        root = Path(block.root).resolve()
+        if block.source == "nersemble":
+            sequences = root / block.subject / "sequences"
+            folders = (
+                root / block.subject / "calibration",
+                sequences / block.sequence,
+                sequences / BACKGROUND_SEQUENCE,
+            )
+            files |= {path for folder in folders for path in _files_under(folder)}
+        else:
+            files |= {member_path(root, int(block.subject), member) for member in SYNTHHUMAN_MEMBERS}
+    return sorted(files)
+
+
+def shard_inputs_digest(plan: ShardPlan) -> str:
+    """sha256 over a shard's input files by absolute path, size and mtime (-1 when absent), kept in its commit
+    marker: keys alone miss a re-download, a v1 -> v2 tracking switch, a new colour calibration or another root
+    with the same keys, and resuming over them would mix old and new samples under one manifest."""
+    digest = hashlib.sha256()
+    for path in shard_input_files(plan):
+        info = path.stat() if path.exists() else None
+        size, mtime = (info.st_size, info.st_mtime_ns) if info else (-1, -1)
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def check_committed_inputs(plans: Sequence[ShardPlan], commits: CommitLog) -> None:
+    """Refuse to resume when a committed shard's input files changed since it was written (its samples would be
+    stale beside the new ones); shards that failed or never ran are unaffected, so fixing a broken input resumes."""
+    stale = [
+        plan.name
+        for plan in plans
+        if commits.is_committed(plan.name)
+        and commits.stats(plan.name).get("inputs_sha256", "") != shard_inputs_digest(plan)
+    ]
+    if stale:
+        raise PackError(
+            f"{commits.folder}: the input files of {len(stale)} committed shard(s) changed since they were packed "
+            f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}: a file re-downloaded, touched, added or "
+            "removed, or another root): resuming would mix old and new samples; pack into a new output folder"
+        )
+
+
 def _check_counts(workers: int, samples_per_shard: int, max_shard_bytes: int, max_retries: int) -> None:
     for option, value, least in (
         ("--workers", workers, 1),
@@ -722,6 +897,7 @@ def pack_with(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     max_retries: int = 2,
     progress: bool = True,
+    strict: bool = False,
 ) -> PackReport:
     """Validate options and inputs, plan, run every uncommitted shard on Ray, rebuild the manifest.
 
@@ -735,7 +911,10 @@ def pack_with(
     if job.settings.normal_estimator is not None:
         OnnxNormalEstimator(job.settings.normal_estimator)  # loads, or names the file
     model = head_model(job.settings)
-    blocks = list_inputs(sources, job.settings, (model.n_shape, model.n_expr))
+    skips: list[Skip] = []
+    blocks = list_inputs(sources, job.settings, (model.n_shape, model.n_expr), skips)
+    if strict:
+        check_strict(skips)
     for kind, root in sources:
         if kind == "synthhuman" and any(block.source == "synthhuman" for block in blocks):
             check_synthhuman_convention(Path(root))
@@ -744,7 +923,9 @@ def pack_with(
     )
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
+    write_json(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
     commits = CommitLog(out)
+    check_committed_inputs(plans, commits)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
             (out / f"{plan.name}.tar").unlink(missing_ok=True)
@@ -763,7 +944,7 @@ def pack_with(
         progress=progress,
     )
     samples = build_manifest(out)
-    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out)
+    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out, skips=skips)
 
 
 def pack(
@@ -780,8 +961,14 @@ def pack(
     progress: bool = True,
     synthhuman_subset: str = "all",
     decode_threads: int = 1,
+    strict: bool = False,
 ) -> PackReport:
     """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
+    if URL_LIKE.match(os.fspath(out)):  # Path() would turn s3://b/x into a local folder s3:/b/x
+        raise PackError(
+            f"--out {out}: pack writes a local or shared folder, not a URL or pipe: command; pack there, then copy "
+            "the folder to object storage and read it from its URL (docs/cluster.md)"
+        )
     settings = PackSettings(
         resolution=resolution,
         normal_estimator=str(normal_estimator) if normal_estimator else None,
@@ -797,6 +984,7 @@ def pack(
         max_shard_bytes=max_shard_bytes,
         max_retries=max_retries,
         progress=progress,
+        strict=strict,
     )
 
 

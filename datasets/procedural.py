@@ -69,11 +69,24 @@ class SynthSpec(StrictConfig):
 
 
 def synth_cameras(spec: SynthSpec) -> dict[str, Camera]:
-    """The ``spec.cameras`` rig cameras closest to frontal (a small rig still sees the face), in rig order."""
+    """The ``spec.cameras`` rig cameras closest to frontal (a small rig still sees the face), in rig order.
+
+    Each camera gets its own intrinsics (focal lengths and principal point differ slightly per serial, as
+    calibrated real cameras do), so reading one camera's K for another's fails a test instead of passing.
+    """
     rig = nersemble_rig(width=spec.resolution, height=spec.resolution)
     by_angle = sorted(NERSEMBLE_LAYOUT, key=lambda row: row[1] ** 2 + row[2] ** 2)
     chosen = {serial for serial, _, _ in by_angle[: spec.cameras]}
-    return {serial: camera for serial, camera in rig.items() if serial in chosen}
+    cameras = {}
+    for index, (serial, camera) in enumerate(rig.items()):
+        if serial in chosen:
+            K = camera.K.copy()
+            K[0, 0] *= 1 + 0.004 * index
+            K[1, 1] *= 1 + 0.003 * index
+            K[0, 2] += 0.01 * (index % 3 - 1) * camera.width
+            K[1, 2] += 0.01 * (index % 5 - 2) * camera.height
+            cameras[serial] = Camera(camera.world_to_cam, K, camera.width, camera.height)
+    return cameras
 
 
 def subject_id(index: int) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
+from geodiff4d.datasets.locations import open_stream
 
 Sample = dict[str, object]  # "__key__" -> str, extension -> bytes
 PACK_SETTINGS = (
@@ -114,11 +115,11 @@ def group_members(records: Iterable[MemberRecord]) -> dict[str, list[MemberRecor
 
 
 def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
-    """Read a shard back as samples (consecutive members sharing a key); errors name the file."""
-    path = Path(path)
+    """Read a shard back as samples (consecutive members sharing a key), streamed front to back from a path,
+    URL or ``pipe:`` command (``datasets.locations``); errors name the file."""
     current: Sample = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue

@@ -8,7 +8,6 @@ header). A tar that stops without its end-of-archive marker makes every sample i
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 import tempfile
 from collections import Counter
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 
 from geodiff4d.core.jobs import CommitLog, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
+from geodiff4d.datasets.locations import Location, is_remote, join, local_copy
 from geodiff4d.datasets.manifest import read_manifest
 
 _END_MARKER = 2 * tarfile.BLOCKSIZE
@@ -124,19 +124,20 @@ class ManifestIndex:
     shards: list[str]  # tar names in the manifest or in the folder
 
     @classmethod
-    def read(cls, out: Path) -> ManifestIndex:
+    def read(cls, out: Location) -> ManifestIndex:
+        """A remote location cannot be listed: there only the manifest's shards are checked."""
         keys = read_manifest(out, columns=["key", "shard"])
         counts = keys.group_by("key").aggregate([("key", "count")])
         duplicated = set(counts.filter(pc.greater(counts["key_count"], 1))["key"].to_pylist())
-        tar_names = {p.name for p in out.glob("*.tar")}
+        tar_names = set() if is_remote(out) else {p.name for p in Path(out).glob("*.tar")}
         return cls(keys, duplicated, sorted(tar_names | set(pc.unique(keys["shard"]).to_pylist())))
 
 
 class VerifyJob:
     """Ray job: one unit = one shard, checked against its own manifest rows (read with a shard filter)."""
 
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
+    def __init__(self, out: Location):
+        self.out = out
 
     def setup(self) -> None:
         pass
@@ -144,17 +145,28 @@ class VerifyJob:
     def run(self, unit: WorkUnit) -> dict[str, Any]:
         shard = unit.id
         rows = read_manifest(self.out, filters=[("shard", "==", shard)]).to_pylist()
-        return check_shard(self.out / shard, {row["key"]: row for row in rows})
+        return check_shard(join(self.out, shard), {row["key"]: row for row in rows})
 
 
-def check_shard(path: Path, expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _scan_location(location: Location) -> _ShardScan | None:
+    """The scan of a local tar, or of a remote one streamed to a temporary copy; None when it does not exist."""
+    try:
+        with local_copy(location) as path:
+            return _scan(path) if path.is_file() else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # a pipe: command that failed, a server error
+        return _ShardScan(broken=f"cannot fetch {location}: {exc}")
+
+
+def check_shard(location: Location, expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One shard's findings: ``expected`` maps key -> manifest row; keys found in the tar but not expected are
     returned as ``extra`` (the driver also counts them against the other shards' keys)."""
     found: dict[str, Any] = {"verified": 0, "missing": [], "extra": [], "duplicated": [], "corrupt": {}}
-    if not path.is_file():
+    scan = _scan_location(location)
+    if scan is None:
         found["missing"] = sorted(expected)
         return found
-    scan = _scan(path)
     for key, seen in scan.members.items():
         if len({info.name for info in seen}) != len(seen):
             found["duplicated"].append(key)
@@ -177,14 +189,14 @@ def check_shard(path: Path, expected: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 def verify(
-    out: str | os.PathLike, workers: int = 2, address: str | None = None, progress: bool = True
+    out: Location, workers: int = 2, address: str | None = None, progress: bool = True
 ) -> VerifyReport:
-    """Check every tar in ``out`` against ``out/manifest.parquet``, one Ray unit per shard.
+    """Check every tar in ``out`` against ``out/manifest.parquet``, one Ray unit per shard; ``out`` may be a URL
+    or ``pipe:`` location (``datasets.locations``), whose tars are streamed to a temporary copy each.
 
     Findings are kept in a fresh commit folder per run: a verification describes the files as they are now,
     so it never reuses an earlier run's results.
     """
-    out = Path(out)
     index = ManifestIndex.read(out)
     keys, duplicated, shard_names = index.keys, index.duplicated, index.shards
     report = VerifyReport(shards=len(shard_names), samples=keys.num_rows)

@@ -45,11 +45,10 @@ def loader_config(cfg: GenConfig, stage: int, seed: int, world_size: int = 1) ->
 
 def check_shard_resolution(shards: str | Path, cfg: GenConfig) -> None:
     """The loader does not resize: shards packed at another resolution would silently train another model."""
-    path = Path(shards) / PACK_SETTINGS
     packed = read_pack_settings(shards).resolution  # a PackError (a ValueError) names the file and field
     if packed != cfg.data.resolution:
         raise ValueError(
-            f"{shards} holds {packed} px samples ({path}) but the config's data.resolution is "
+            f"{shards} holds {packed} px samples ({PACK_SETTINGS}) but the config's data.resolution is "
             f"{cfg.data.resolution}: pack at {cfg.data.resolution} or change the config"
         )
 

@@ -23,6 +23,7 @@ from geodiff4d.core.io.json_yaml import parse_json, write_json
 from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
 from geodiff4d.datasets.frame_folder import frame_relpath
 from geodiff4d.datasets.loader import LoaderConfig, augment_driving
+from geodiff4d.datasets.locations import join
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
 from geodiff4d.datasets.shards import iter_shard
@@ -56,7 +57,7 @@ def read_sequence(
     wanted = set(rows.key)
     found = {}
     for shard in sorted(set(rows.shard)):
-        for sample in iter_shard(Path(shards) / shard):
+        for sample in iter_shard(join(shards, shard)):
             if sample["__key__"] in wanted:
                 meta = parse_json(sample["json"], f"{shard}: sample {sample['__key__']}")
                 found[(meta["camera"], int(meta["frame"]))] = {
@@ -83,7 +84,7 @@ def plain_driving_config(driving_size: int) -> LoaderConfig:
     )
 
 
-def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: Path) -> None:
+def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: str | Path) -> None:
     missing = [(c, f) for c in cameras for f in frames if (c, f) not in data]
     if missing:
         raise SampleFramesError(f"{shards}: missing (camera, frame) samples {missing[:5]}")
@@ -170,7 +171,7 @@ def sample_to_frame_folder(
     the reference to the driving camera's first frame; `config` defaults to the run's own config.yaml.
     Returns the grid image (rows: RGB and normals per camera).
     """
-    loaded, shards, root = load_run(run, config), Path(shards), Path(out)
+    loaded, root = load_run(run, config), Path(out)
     cfg = loaded.cfg
     data = read_sequence(shards, subject, sequence)
     cameras, frames, driving_camera, reference = _chosen_views(

@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from geodiff4d.core.config import ConfigError
 from geodiff4d.core.io.images import write_png
 from geodiff4d.core.io.tensors import tensor_to_image
+from geodiff4d.datasets.locations import is_remote
 from geodiff4d.gen.build import build_codec, build_model
 from geodiff4d.gen.checkpoint import (
     CHECKPOINTS,
@@ -416,7 +417,7 @@ def _checked_inputs(
     config_path: str | Path,
     cfg: GenConfig,
     stage: int,
-    shards: Path | None,
+    shards: str | Path | None,
     out: Path,
     init: str | Path | None,
     resume: bool,
@@ -504,7 +505,7 @@ def train(
 
     cfg = load_config(config_path)
     out = Path(out).resolve()  # Ray Train workers run in their own working directory
-    shards = Path(shards).resolve() if shards is not None else None
+    shards = Path(shards).resolve() if shards is not None and not is_remote(shards) else shards
     resume_from = _checked_inputs(config_path, cfg, stage, shards, out, init, resume, workers, make_batches)
     if not ray.is_initialized():
         from geodiff4d.core.runtime import connect

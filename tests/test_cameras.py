@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from geodiff4d.datasets.cameras import (
-    NERSEMBLE_HOLDOUT_SERIALS,
+    MONO_HOLDOUT_SERIALS,
+    NVS_HOLDOUT_SERIALS,
     Camera,
     CameraError,
     intrinsics,
@@ -112,7 +113,7 @@ def test_nersemble_rig_shape():
     serials = list(rig)
     assert len(serials) == 16 and len(set(serials)) == 16
     assert all(len(s) == 9 and s.isdigit() for s in serials)
-    assert set(NERSEMBLE_HOLDOUT_SERIALS) <= set(serials)
+    assert set(MONO_HOLDOUT_SERIALS) | set(NVS_HOLDOUT_SERIALS) <= set(serials)
     centres = np.stack([camera.center for camera in rig.values()])
     np.testing.assert_allclose(np.linalg.norm(centres - [0.0, 0.02, 0.01], axis=1), 1.0, atol=1e-9)
     yaw = np.degrees(np.arctan2(centres[:, 0], centres[:, 2] - 0.01))
@@ -146,3 +147,26 @@ def test_rig_default_focal_frames_the_head_at_any_resolution():
         # a point 0.16 m off-axis at the look-at depth lands on the border of the shorter side
         u, _ = camera.project(np.array([[0.16, 0.0, 0.0]]))[0]
         assert abs(u - (width - 1) / 2 - half_side) < 1e-6
+
+
+def test_benchmark_facts_are_the_official_toolkits(tmp_path):
+    """Sizes, frame rates and camera splits of both benchmarks as nersemble-benchmark defines them (its constants
+    and the submission writers that refuse anything else)."""
+    from nersemble_benchmark import constants
+    from nersemble_benchmark.data.submission_data import (
+        MonoFlameAvatarSubmissionDataWriter,
+        NVSSubmissionDataWriter,
+    )
+
+    from geodiff4d.datasets import cameras
+
+    assert cameras.NVS_HOLDOUT_SERIALS == tuple(constants.BENCHMARK_NVS_HOLD_OUT_SERIALS)
+    assert cameras.MONO_HOLDOUT_SERIALS == tuple(constants.BENCHMARK_MONO_FLAME_AVATAR_HOLD_OUT_SERIALS)
+    assert cameras.MONO_TRAIN_SERIAL == constants.BENCHMARK_MONO_FLAME_AVATAR_TRAIN_SERIAL
+    assert {serial for serial, _, _ in cameras.NERSEMBLE_LAYOUT} == set(constants.SERIALS)
+    for writer, size, fps in (
+        (NVSSubmissionDataWriter, cameras.NVS_BENCHMARK_SIZE, cameras.NVS_BENCHMARK_FPS),
+        (MonoFlameAvatarSubmissionDataWriter, cameras.MONO_BENCHMARK_SIZE, cameras.MONO_BENCHMARK_FPS),
+    ):
+        with writer(str(tmp_path / f"{writer.__name__}.zip")) as official:
+            assert (official._width, official._height, official._fps) == (*size, fps)

@@ -4,6 +4,7 @@ left behind that refuses the corrected rerun."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,154 @@ def test_a_missing_video_fails_its_units_naming_the_file_then_a_fixed_rerun_comp
     assert fixed.exit_code == 0 and "1 done, 1 already committed, 0 failed" in fixed.output, fixed.output
     metas = [json.loads(sample["json"]) for sample in iter_shard(out / "nersemble-000000.tar")]
     assert len(metas) == 4 and {meta["tracking"] for meta in metas} == {"v2"}  # which tracking file was used
+
+
+def _untracked_last_frame(data: Path) -> str:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    write_nersemble_tracking(
+        tracking, FlameParams.zeros(SPEC.frames - 1, 20, 10)
+    )  # no row for the last frame
+    return f"1 of {SPEC.frames} video frames have no row in {tracking}"
+
+
+def _uncaptured_camera(data: Path) -> str:
+    path = data / "nersemble" / "001" / "calibration" / "camera_params.json"
+    params = json.loads(path.read_text())
+    first = next(iter(params["world_2_cam"]))
+    params["world_2_cam"]["222200049"] = params["world_2_cam"][first]
+    params["intrinsics"]["222200049"] = params["intrinsics"][first]
+    path.write_text(json.dumps(params))
+    return "camera 222200049: calibrated in"
+
+
+def _sequence_without_images(data: Path) -> str:
+    folder = _sequence(data, "EXP-2-eyes")
+    shutil.copytree(_sequence(data) / "tracking", folder / "tracking")
+    return f"{folder}: no images/ folder"
+
+
+def _mistyped_participant(data: Path) -> str:
+    shutil.copytree(data / "nersemble" / "001", data / "nersemble" / "17")
+    return f"{data / 'nersemble' / '17'}: folder name is not a 3-digit participant id"
+
+
+SKIP_CASES = {
+    "untracked_frames": _untracked_last_frame,
+    "camera": _uncaptured_camera,
+    "sequence": _sequence_without_images,
+    "participant": _mistyped_participant,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SKIP_CASES))
+def test_every_skip_is_reported_and_strict_refuses_it(data, tmp_path, monkeypatch, kind):
+    """A skipped participant folder, sequence folder, camera or untracked frame is listed in pack_report.json
+    (never dropped silently), and ``--strict`` refuses it before anything is written."""
+    expected = SKIP_CASES[kind](data)
+    source = ["--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32"]
+    strict = tmp_path / "strict"
+    _assert_refused(_pack(strict, *source, "--strict"), "--strict", kind, expected)
+    assert not (strict / "pack_settings.json").exists()
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)  # the report is written before Ray
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, *source), "no Ray here")
+    skipped = json.loads((out / "pack_report.json").read_text())["skipped"]
+    assert [skip["kind"] for skip in skipped] == [kind], skipped
+    assert expected in f"{skipped[0]['path']}: {skipped[0]['reason']}"
+
+
+def test_a_clean_source_has_an_empty_report(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
+    _assert_refused(
+        _pack(tmp_path / "out", "--source", f"nersemble:{data / 'nersemble'}", "--strict"), "no Ray"
+    )
+    assert json.loads((tmp_path / "out" / "pack_report.json").read_text()) == {"skipped": []}
+
+
+def test_the_summary_lists_the_skips(local_ray, data, tmp_path):
+    expected = _untracked_last_frame(data)
+    out = tmp_path / "out"
+    result = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert result.exit_code == 0, result.output
+    assert f"skipped 1 input(s) (all in {out / 'pack_report.json'})" in result.output
+    assert expected in result.output
+
+
+@pytest.mark.parametrize("folder", ["empty", "mistyped"])
+def test_a_source_without_samples_is_refused_naming_it(data, tmp_path, folder):
+    """An empty folder, or the folder above the release, used to pack 0 samples and exit 0."""
+    root = tmp_path / "empty" if folder == "empty" else data
+    root.mkdir(exist_ok=True)
+    out = tmp_path / "out"
+    _assert_refused(_pack(out, "--source", f"nersemble:{root}"), f"nersemble:{root}", "no sample to pack")
+    assert not (out / "pack_settings.json").exists()
+
+
+@pytest.mark.parametrize("name", ["generic_model.pkl", "flame2020.pkl", "flame2023.pkl"])
+def test_a_flame_model_of_another_version_than_the_tracking_is_refused(data, tmp_path, monkeypatch, name):
+    """NeRSemble's tracking is fitted with FLAME 2023; FLAME 2020 (generic_model.pkl) has the same topology and
+    sizes, so it would load and pose every frame subtly wrong."""
+    from geodiff4d.datasets.procedural_head import build_procedural_head, save_flame_pickle
+
+    model = tmp_path / name
+    save_flame_pickle(build_procedural_head(0), model)
+    monkeypatch.setattr("geodiff4d.datasets.packing.connect", _no_ray)
+    result = _pack(tmp_path / "out", "--source", f"nersemble:{data / 'nersemble'}", "--flame", str(model))
+    if "2023" in name:
+        _assert_refused(result, "no Ray here")
+    else:
+        _assert_refused(result, f"--flame {model}: named like FLAME 2020", "fitted with FLAME 2023")
+
+
+def _retouch(data: Path) -> Path:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    stat = tracking.stat()
+    os.utime(tracking, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a re-download: same bytes, new file
+    return data / "nersemble"
+
+
+def _other_root(data: Path) -> Path:
+    shutil.copytree(data / "nersemble", data / "copy", copy_function=shutil.copy2)  # same keys, same mtimes
+    return data / "copy"
+
+
+def _colour_calibration(data: Path) -> Path:
+    calibration = data / "nersemble" / "001" / "calibration"
+    serials = json.loads((calibration / "camera_params.json").read_text())["world_2_cam"]
+    (calibration / "color_calibration.json").write_text(json.dumps({s: np.eye(3).tolist() for s in serials}))
+    return data / "nersemble"
+
+
+def _v1_tracking(data: Path) -> Path:
+    tracking = _sequence(data) / "tracking" / TRACKING_V2
+    tracking.rename(tracking.with_name(TRACKING_V1))
+    return data / "nersemble"
+
+
+@pytest.mark.parametrize("change", [_retouch, _other_root, _colour_calibration, _v1_tracking])
+def test_changed_inputs_of_committed_shards_are_refused_on_rerun(local_ray, data, tmp_path, change):
+    """The rerun check saw only sample keys: a re-downloaded file, another root with the same keys, a new colour
+    calibration or a switch to v1 tracking resumed into the old folder and mixed old and new samples."""
+    out = tmp_path / "out"
+    first = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert first.exit_code == 0, first.output
+    again = _pack(out, "--source", f"nersemble:{data / 'nersemble'}", "--resolution", "32")
+    assert again.exit_code == 0 and "0 done, 2 already committed" in again.output, again.output
+    root = change(data)
+    _assert_refused(
+        _pack(out, "--source", f"nersemble:{root}", "--resolution", "32"),
+        f"{out}: the input files of",
+        "nersemble-000001",
+        "pack into a new output folder",
+    )
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/shards", "https://host/shards", "pipe:cat {name}"])
+def test_pack_output_to_a_url_is_refused_not_written_to_a_local_folder(data, tmp_path, monkeypatch, out):
+    """Typer's Path turned s3://bucket/shards into a local folder s3:/bucket/shards; readers stream from URLs, pack
+    writes a folder that is copied up."""
+    monkeypatch.chdir(tmp_path)
+    _assert_refused(
+        _pack(Path(out), "--source", f"synthhuman:{data / 'synthhuman'}"), "not a URL", "docs/cluster.md"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]

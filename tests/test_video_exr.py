@@ -1,6 +1,7 @@
 """MP4 and EXR I/O: round trips, determinism and errors that name the file."""
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -160,3 +161,22 @@ def test_frame_ranges_seek_and_match_a_full_decode(tmp_path, keyframe_interval):
         assert count.frames == stop - max(k for k in keyframes if k <= start)
     with pytest.raises(VideoError, match=str(path)):
         list(iter_video_range(path, 35, 41))
+
+
+def test_seek_windows_equal_an_opencv_decode_from_frame_0(tmp_path):
+    """The seek path packing uses (start > 0) against an independent decoder: OpenCV reading every frame from
+    frame 0, as the official NeRSemble data managers decode (RGB from its BGR)."""
+    frames = _frames(n=30, height=32, width=48)
+    path = tmp_path / "cam.mp4"
+    write_video(path, frames, keyframe_interval=6)
+    capture = cv2.VideoCapture(str(path))
+    opencv = []
+    while (image := capture.read()[1]) is not None:
+        opencv.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    capture.release()
+    assert len(opencv) == 30
+    for start, stop in [(1, 4), (5, 7), (6, 13), (17, 30), (29, 30)]:
+        window = list(iter_video_range(path, start, stop))
+        assert [i for i, _ in window] == list(range(start, stop))
+        for i, image in window:
+            np.testing.assert_array_equal(image, opencv[i], err_msg=f"frame {i} of window [{start}, {stop})")
