@@ -396,7 +396,7 @@ def test_workers_import_the_drivers_code(cluster):
     assert result.returncode == 0, result.stderr[-3000:]
     worker_file = Path(result.stdout.split()[-1])
     assert "runtime_resources" in worker_file.parts and "py_modules_files" in worker_file.parts, worker_file
-    assert worker_file.read_bytes() == Path(__file__).parents[1].joinpath("cluster", "jobs.py").read_bytes()
+    assert worker_file.read_bytes() == Path(__file__).parents[1].joinpath("core", "jobs.py").read_bytes()
 
 
 def test_embedded_connect_never_attaches_to_a_started_cluster(cluster):
