@@ -24,7 +24,7 @@ from geodiff4d.eval.inputs import Clip, InputError
 from geodiff4d.eval.jod import jod
 from geodiff4d.eval.landmarks import keypoint_distance, make_landmarker
 from geodiff4d.eval.lpips_metric import load_lpips
-from geodiff4d.eval.settings import HIGHER_IS_BETTER, EvalSettings
+from geodiff4d.eval.settings import HIGHER_IS_BETTER, MASKED_BACKGROUND, EvalSettings
 
 PIXEL_BATCH = 16
 CSIM_MISS = -1.0  # the minimum of a cosine: no pair of real faces can score lower
@@ -130,7 +130,6 @@ def face_scores(
 
 
 ALPHA_METRICS = {"psnr", "ssim", "lpips", "jod"}  # what --masked restricts to the GT foreground
-MASKED_BACKGROUND = 0.5  # --masked without --background: prediction and GT both composited on this grey
 # a GT alpha with no pixel at least this opaque has no foreground: the frame is not scored
 EMPTY_FOREGROUND = 0.5
 

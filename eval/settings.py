@@ -41,6 +41,10 @@ class SettingsError(UserError, ValueError):
     """An evaluation setting out of its range or set of choices."""
 
 
+# --masked without --background: prediction and GT both composited on this grey before pixel metrics and JOD
+MASKED_BACKGROUND = 0.5
+
+
 class EvalSettings(StrictConfig):
     protocol: str = "self"
     metrics: tuple[str, ...] = ALL_METRICS
@@ -122,14 +126,21 @@ class EvalSettings(StrictConfig):
                 + ("each head's own alpha first" if self.protocol == "cross" else "the GT alpha first")
             )
         )
+        # --masked alone composites on MASKED_BACKGROUND; with --background the backdrop clause says it once
+        masked_composite = (
+            f"; prediction and GT composited on grey {MASKED_BACKGROUND:g} with "
+            + ("each head's own alpha" if self.protocol == "cross" else "the GT alpha")
+            if self.masked and self.background is None
+            else ""
+        )
         pixels = (
             resolution
             + (
-                ", foreground only: prediction and GT composited on one grey with the GT alpha, means over the "
-                "GT foreground; not comparable with whole-frame scores"
+                ", foreground only: means over the GT foreground; not comparable with whole-frame scores"
                 if self.masked
                 else ", full frame, no mask"
             )
+            + masked_composite
             + backdrop
             + empty
         )
@@ -151,7 +162,7 @@ class EvalSettings(StrictConfig):
             f"tree beside rgb/), mean over the GT foreground; a pixel without a predicted normal counts "
             f"90 degrees; n/a for methods without normals; {resolution}",
             "jod": f"JOD ColorVideoVDP, display model {self.jod_display}, the sequence's fps; {resolution}"
-            + (", prediction and reference composited on one grey with their alphas" if self.masked else "")
+            + masked_composite
             + backdrop
             + empty,
         }
