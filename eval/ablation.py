@@ -1,11 +1,14 @@
-"""The ablation table: each variant against the full method, as paired differences with bootstrap intervals.
+"""The ablation table: each variant against the full method, as paired differences over subjects.
 
-For every row (a variant) and every metric of every protocol: the full method's and the variant's subject-balanced
-means (leaderboard.balanced_means, on the units both covered), the mean paired difference variant - full with a
-95% bootstrap interval over subjects (leaderboard.bootstrap_ci, the benchmark's seed), the paper's direction for
-the row, ours, and a verdict: *reproduced* when the interval excludes zero on the paper's side, *contradicted*
-when it excludes zero on the other side, *not separated* when it holds zero. A row's verdict sums its metrics:
-reproduced (some metric reproduced, none contradicted), contradicted (the reverse), mixed (both), not separated.
+For every row (a variant) and every metric of every protocol: the full method's and the variant's
+subject-balanced means (leaderboard.balanced_means, on the units both covered; face metrics on the frames
+scored for both), the mean paired difference variant - full with a 95% bootstrap interval over subjects
+(leaderboard.bootstrap_ci, the benchmark's seed), the number of subjects n and the two-sided p of an exact
+sign-flip permutation test of the per-subject differences, the paper's direction for the row, ours, and a
+verdict: *reproduced* when p < ALPHA and the difference goes the paper's way, *contradicted* when p < ALPHA
+and it goes the other way, *not separated* otherwise. The smallest exact p is 2 / 2^n, so fewer than six
+subjects can never separate. A row's verdict sums its metrics: reproduced (some metric reproduced, none
+contradicted), contradicted (the reverse), mixed (both), not separated.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.eval.leaderboard import N_BOOTSTRAP, balanced_means, bootstrap_ci, coverage, on_units
 from geodiff4d.eval.report import arrow, figure_html
 from geodiff4d.eval.run import load_run, write_parquet_atomic
-from geodiff4d.eval.settings import ALL_METRICS, HIGHER_IS_BETTER
+from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER
 
 # The paper's ablation table (NeRSemble v2 self-reenactment; upper: the video model, lower: reconstruction).
 # A row's direction per metric is the sign of (row - its full model); metrics the paper did not report (SSIM,
@@ -54,6 +57,10 @@ PAPER_FULL = {
     "recon": {"psnr": 19.953, "csim": 0.737, "jod": 6.780, "akd": 4.248, "aed": 2.563},
 }
 VERDICTS = ("reproduced", "not separated", "contradicted")
+ALPHA = 0.05  # a metric separates only when the sign-flip test's two-sided p is below this
+EXACT_UP_TO = 20  # subjects; above this the sign assignments are sampled (MONTE_CARLO draws, seeded)
+MONTE_CARLO = 100_000
+FRAME = ["subject", "sequence", "camera", "frame"]  # one scored frame of one method
 
 
 def paper_direction(row: str, metric: str) -> str:
@@ -73,10 +80,30 @@ def _direction(difference: float, metric: str) -> str:
     return "better" if (difference > 0) == HIGHER_IS_BETTER[metric] else "worse"
 
 
-def verdict(low: float, high: float, expected: str, metric: str) -> str:
-    if math.isnan(low) or low <= 0 <= high:
+def sign_flip_p(differences: np.ndarray, seed: int = 0) -> float:
+    """Two-sided p of the paired sign-flip permutation test: under the null that variant and full are
+    exchangeable within each subject, every sign of every per-subject difference is equally likely. Exact (all
+    2^n assignments) for n <= EXACT_UP_TO, else MONTE_CARLO seeded draws; NaN without differences."""
+    differences = differences[~np.isnan(differences)]
+    if differences.size == 0:
+        return math.nan
+    observed = abs(differences.sum())
+    tolerance = 1e-9 * max(observed, float(np.abs(differences).sum()), 1e-300)  # sums of floats, reordered
+    if differences.size <= EXACT_UP_TO:
+        sums = np.zeros(1)
+        for d in differences:  # every sign assignment's sum: [2^k] after k differences
+            sums = np.concatenate([sums + d, sums - d])
+        return float(np.mean(np.abs(sums) >= observed - tolerance))
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(MONTE_CARLO, differences.size))
+    extreme = int(np.sum(np.abs(signs @ differences) >= observed - tolerance))
+    return (extreme + 1) / (MONTE_CARLO + 1)  # the observed assignment counts: p is never zero
+
+
+def verdict(p: float, difference: float, expected: str, metric: str) -> str:
+    """Separated only by the stated rule: p < ALPHA; the side is the mean difference's."""
+    if math.isnan(p) or p >= ALPHA:
         return "not separated"
-    return "reproduced" if _direction(low, metric) == expected.split(" ")[0] else "contradicted"
+    return "reproduced" if _direction(difference, metric) == expected.split(" ")[0] else "contradicted"
 
 
 def row_verdict(verdicts: list[str]) -> str:
@@ -86,11 +113,23 @@ def row_verdict(verdicts: list[str]) -> str:
     return "reproduced" if reproduced else "contradicted" if contradicted else "not separated"
 
 
+def on_frames_scored_for_both(shared: pd.DataFrame, full: str, variant: str, metric: str) -> pd.DataFrame:
+    """Only the frames where both methods have a score of ``metric``: a face metric's scored frames differ by
+    method, and means over different frame subsets are no paired comparison."""
+    scored = shared[shared[metric].notna()]
+    keys = {m: pd.MultiIndex.from_frame(scored.loc[scored["method"] == m, FRAME]) for m in (full, variant)}
+    both = keys[full].intersection(keys[variant])
+    return scored[pd.MultiIndex.from_frame(scored[FRAME]).isin(both)]
+
+
 def paired(frames: pd.DataFrame, full: str, variant: str, metric: str, seed: int) -> dict:
-    """Means of both methods and the paired difference variant - full with its interval, on shared units."""
+    """Means of both methods and the paired difference variant - full with its interval, its sign-flip p and
+    the number of subjects n, on shared units (and, for face metrics, shared frames)."""
     both = frames[frames["method"].isin([full, variant])]
     common, _ = coverage(both)
     shared = on_units(both, common)
+    if metric in FACE_METRICS:
+        shared = on_frames_scored_for_both(shared, full, variant, metric)
     means = {m: balanced_means(shared[shared["method"] == m], metric)[0] for m in (full, variant)}
     difference = (means[variant] - means[full]).dropna().to_numpy(np.float64)  # per subject (or sequence)
     low, high = bootstrap_ci(difference, seed=seed)
@@ -100,7 +139,8 @@ def paired(frames: pd.DataFrame, full: str, variant: str, metric: str, seed: int
         "difference": float(difference.mean()) if difference.size else math.nan,
         "lo": low,
         "hi": high,
-        "clusters": int(difference.size),
+        "n": int(difference.size),
+        "p": sign_flip_p(difference, seed),
     }
 
 
@@ -129,7 +169,7 @@ def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed:
                         **stats,
                         "paper": expected,
                         "ours": _direction(stats["difference"], metric),
-                        "verdict": verdict(stats["lo"], stats["hi"], expected, metric),
+                        "verdict": verdict(stats["p"], stats["difference"], expected, metric),
                     }
                 )
     return pd.DataFrame(lines)
@@ -164,6 +204,8 @@ def _cells(line: pd.Series) -> list[str]:
         _number(line["full_mean"]),
         _number(line["variant_mean"]),
         f"{_number(line['difference'])} {interval}",
+        str(line["n"]),
+        "n/a" if math.isnan(line["p"]) else f"{line['p']:.3g}",
         line["paper"],
         line["ours"],
         line["verdict"],
@@ -177,6 +219,8 @@ HEAD = [
     "full",
     "variant value",
     "variant - full [95% CI]",
+    "n",
+    "p",
     "paper",
     "ours",
     "verdict",
@@ -186,11 +230,16 @@ SUMMARY_HEAD = ["variant", "paper's row", "verdict", *VERDICTS]
 
 def note(full: str, seed: int) -> str:
     return (
-        f"Each variant against {full} on the (subject, sequence) units both covered: subject-balanced means, the "
-        f"mean paired difference per subject with a 95% percentile bootstrap over subjects ({N_BOOTSTRAP} "
-        f"resamples, seed {seed}). Verdict: reproduced when the interval excludes zero on the paper's side, "
-        "contradicted on the other side, not separated when it holds zero. 'paper': the variant against the full "
-        "model in the paper's ablation table; '(claimed)' where the paper reports no number for the metric."
+        f"Each variant against {full} on the (subject, sequence) units both covered: subject-balanced means, "
+        "the mean paired difference per subject with a 95% percentile bootstrap over subjects "
+        f"({N_BOOTSTRAP} resamples, seed {seed}); face metrics on the frames scored for both. n: subjects "
+        "paired; p: two-sided exact sign-flip permutation test of the n per-subject differences (all 2^n "
+        f"sign assignments; sampled above {EXACT_UP_TO} subjects). Verdict: reproduced when p < {ALPHA} "
+        f"and the difference goes the paper's way, contradicted when p < {ALPHA} and it goes the other "
+        "way, otherwise not separated; the smallest exact p is 2/2^n, so with fewer than 6 subjects no "
+        "metric separates (3 subjects agreeing in sign give p = 0.25). Each variant is one training run: "
+        "seed variance is not in these numbers. 'paper': the variant against the full model in the "
+        "paper's ablation table; '(claimed)' where the paper reports no number for the metric."
     )
 
 
