@@ -1,15 +1,16 @@
-"""The best self-reenactment score an avatar built from a benchmark run's generated views can reach.
+"""A heuristic reference score for a benchmark run: its ground truth resampled to the generated views' pitch.
 
 geodiff4d reconstructs each avatar from generated crops: the model's resolution over the packed head box. At the
 hold-out cameras' resolution, detail finer than a generated pixel cannot come back, however good the generation
 and the reconstruction. This script resamples the run's own ground truth to the generated views' pixel pitch
 (area filter) and back up (bilinear), and scores it with the benchmark's own evaluation (same masks, backdrop,
-metrics): if that "sampling bound" already loses to a baseline on a metric, the generation resolution, not the
-method, decides that comparison.
+metrics). It is a reference, not a bound: a reconstruction can recover detail across views and frames, and
+other resampling filters score differently; if the reference already loses to a baseline on a metric, the
+generation resolution likely decides that comparison.
 
-    python bench/sampling_bound.py RUN [--method geodiff4d] [--ratio R]   # RUN: a finished `geodiff4d benchmark`
+    python bench/resampled_truth_reference.py RUN [--method geodiff4d] [--ratio R]   # RUN: a finished run
 
-Writes RUN/../RUN-sampling-bound-RATIO/ (frames and evaluation) and prints the bound beside the self leaderboard.
+Writes RUN/../RUN-resampled-truth-RATIO/ (frames and evaluation), prints the reference beside the self board.
 """
 
 from __future__ import annotations
@@ -60,16 +61,18 @@ def write_resampled(gt: Path, out: Path, ratio: float) -> int:
     return count
 
 
-def sampling_bound(run: Path, method: str = "geodiff4d", ratio: float | None = None) -> pd.DataFrame:
+def resampled_truth_reference(
+    run: Path, method: str = "geodiff4d", ratio: float | None = None
+) -> pd.DataFrame:
     """Mean PSNR and LPIPS of the resampled ground truth over the self protocol's frames; ``ratio`` overrides the
     generated views' (to ask what a model at another resolution could reach)."""
     config = yaml.safe_load((run / "benchmark.yaml").read_text())
     eval_config = config.get("eval", {})
     ratio = ratio or sampling_ratio(run, method)
-    work = run.parent / f"{run.name}-sampling-bound-{ratio:.3f}"
+    work = run.parent / f"{run.name}-resampled-truth-{ratio:.3f}"
     frames = write_resampled(run / "gt" / "self" / "rgb", work / "pred" / "rgb", ratio)
     evaluate(
-        {"sampling_bound": work / "pred" / "rgb"},
+        {"resampled_truth": work / "pred" / "rgb"},
         run / "gt" / "self" / "rgb",
         "self",
         work / "eval",
@@ -85,7 +88,7 @@ def sampling_bound(run: Path, method: str = "geodiff4d", ratio: float | None = N
         f"generated views sampling the head at {ratio:.3f} of the ground truth's pixels: "
         f"{frames} hold-out frames resampled, scored in {work / 'eval'}"
     )
-    return scored[["psnr", "lpips"]].mean().to_frame("sampling_bound").T
+    return scored[["psnr", "lpips"]].mean().to_frame("resampled_truth").T
 
 
 def main() -> None:
@@ -104,9 +107,9 @@ def main() -> None:
         or not (run / "leaderboard" / "self_leaderboard.parquet").is_file()
     ):
         sys.exit(f"{run}: not a finished `geodiff4d benchmark` run (no variants.json or self leaderboard)")
-    bound = sampling_bound(run, args.method, args.ratio)
+    reference = resampled_truth_reference(run, args.method, args.ratio)
     board = pd.read_parquet(run / "leaderboard" / "self_leaderboard.parquet").set_index("method")
-    print(pd.concat([board[["psnr", "lpips"]], bound]).round(3).to_string())
+    print(pd.concat([board[["psnr", "lpips"]], reference]).round(3).to_string())
 
 
 if __name__ == "__main__":
