@@ -535,7 +535,9 @@ class Benchmark:
             for p in self.config.protocols
             if (self.layout.eval / p / "run.json").is_file()
         }
-        files = write_ablation_report(runs, self.layout.ablations, a.full, a.rows, seed=self.config.seed)
+        files = write_ablation_report(
+            runs, self.layout.ablations, a.full, a.rows, self.config.seed, tuple(a.seed_replicates)
+        )
         return {kind: str(path) for kind, path in files.items()}
 
     # -- recomputing one variant -------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class AblationConfig(StrictConfig):
     rows: dict[
         str, Literal["joint_normals", "domain_attention", "cross_view_pairs", "synthetic_data", "normal_loss"]
     ]
+    # the full method again with another training seed (overrides of seeds only): the seed variance the rows'
+    # differences are read against
+    seed_replicates: list[str] = Field(default_factory=list)
 
 
 class BenchmarkConfig(StrictConfig):
@@ -137,7 +140,8 @@ class BenchmarkConfig(StrictConfig):
         if self.train_camera in self.holdout_cameras:
             raise ValueError(f"train_camera {self.train_camera} is also a hold-out camera")
         if self.ablation is not None:
-            unknown = sorted({self.ablation.full, *self.ablation.rows} - set(names))
+            named = {self.ablation.full, *self.ablation.rows, *self.ablation.seed_replicates}
+            unknown = sorted(named - set(names))
             if unknown:
                 raise ValueError(f"ablation names methods that are not in methods: {unknown}")
         seen = sorted(set(self.subjects or []) & set(self.generation.train_subjects or []))

@@ -9,6 +9,10 @@ verdict: *reproduced* when p < ALPHA and the difference goes the paper's way, *c
 and it goes the other way, *not separated* otherwise. The smallest exact p is 2 / 2^n, so fewer than six
 subjects can never separate. A row's verdict sums its metrics: reproduced (some metric reproduced, none
 contradicted), contradicted (the reverse), mixed (both), not separated.
+
+Seed replicates are the full method trained again with another seed: their rows go through the same test
+against the full method, so the table shows how far training noise alone moves each metric (a replicate that
+*separates* says the rule is too loose at this n for that metric).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ PAPER_FULL = {
     "recon": {"psnr": 19.953, "csim": 0.737, "jod": 6.780, "akd": 4.248, "aed": 2.563},
 }
 VERDICTS = ("reproduced", "not separated", "contradicted")
+SEED_ROW = "seed replicate of the full method"  # a replicate's 'paper row': the paper has none
 ALPHA = 0.05  # a metric separates only when the sign-flip test's two-sided p is below this
 EXACT_UP_TO = 20  # subjects; above this the sign assignments are sampled (MONTE_CARLO draws, seeded)
 MONTE_CARLO = 100_000
@@ -100,14 +105,19 @@ def sign_flip_p(differences: np.ndarray, seed: int = 0) -> float:
 
 
 def verdict(p: float, difference: float, expected: str, metric: str) -> str:
-    """Separated only by the stated rule: p < ALPHA; the side is the mean difference's."""
+    """Separated only by the stated rule: p < ALPHA; the side is the mean difference's. A seed replicate has no
+    expected side (``expected`` 'none'): it either separates or not."""
     if math.isnan(p) or p >= ALPHA:
         return "not separated"
+    if expected == "none":
+        return "separated"
     return "reproduced" if _direction(difference, metric) == expected.split(" ")[0] else "contradicted"
 
 
 def row_verdict(verdicts: list[str]) -> str:
     reproduced, contradicted = "reproduced" in verdicts, "contradicted" in verdicts
+    if "separated" in verdicts:
+        return "separated"
     if reproduced and contradicted:
         return "mixed"
     return "reproduced" if reproduced else "contradicted" if contradicted else "not separated"
@@ -144,13 +154,16 @@ def paired(frames: pd.DataFrame, full: str, variant: str, metric: str, seed: int
     }
 
 
-def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed: int = 0) -> pd.DataFrame:
-    """Long table: one line per (variant, protocol, metric) the runs measured for both methods."""
+def ablation_table(
+    runs: dict[str, Path], full: str, rows: dict[str, str], seed: int = 0, replicates: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Long table: one line per (variant or seed replicate, protocol, metric) measured for both methods."""
     lines = []
+    compared = {**rows, **{r: "" for r in replicates}}  # variant -> paper row ('' for a seed replicate)
     for protocol, run in runs.items():
         frames, videos, meta = load_run(run)
         metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
-        for variant, paper_row in rows.items():
+        for variant, paper_row in compared.items():
             for metric in metrics:
                 source = videos if metric == "jod" else frames
                 if (
@@ -159,11 +172,11 @@ def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed:
                 ):
                     continue
                 stats = paired(source, full, variant, metric, seed)
-                expected = paper_direction(paper_row, metric)
+                expected = paper_direction(paper_row, metric) if paper_row else "none"
                 lines.append(
                     {
                         "variant": variant,
-                        "paper_row": PAPER_TABLE[paper_row][0],
+                        "paper_row": PAPER_TABLE[paper_row][0] if paper_row else SEED_ROW,
                         "protocol": protocol,
                         "metric": metric,
                         **stats,
@@ -175,17 +188,17 @@ def ablation_table(runs: dict[str, Path], full: str, rows: dict[str, str], seed:
     return pd.DataFrame(lines)
 
 
-def summary(table: pd.DataFrame, rows: dict[str, str]) -> pd.DataFrame:
-    """One line per row: its verdict and how many metrics fell in each verdict."""
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One line per row (variants, then seed replicates): its verdict and how many metrics fell in each."""
     out = []
-    for variant, paper_row in rows.items():
-        verdicts = table.loc[table["variant"] == variant, "verdict"].tolist()
+    for (variant, paper_row), part in table.groupby(["variant", "paper_row"], sort=False):
+        verdicts = part["verdict"].tolist()
         out.append(
             {
                 "variant": variant,
-                "paper_row": PAPER_TABLE[paper_row][0],
+                "paper_row": paper_row,
                 "verdict": row_verdict(verdicts),
-                **{v: verdicts.count(v) for v in VERDICTS},
+                **{v: verdicts.count(v) for v in (*VERDICTS, "separated")},
             }
         )
     return pd.DataFrame(out)
@@ -225,10 +238,10 @@ HEAD = [
     "ours",
     "verdict",
 ]
-SUMMARY_HEAD = ["variant", "paper's row", "verdict", *VERDICTS]
+SUMMARY_HEAD = ["variant", "paper's row", "verdict", *VERDICTS, "separated (replicates)"]
 
 
-def note(full: str, seed: int) -> str:
+def note(full: str, seed: int, replicates: tuple[str, ...]) -> str:
     return (
         f"Each variant against {full} on the (subject, sequence) units both covered: subject-balanced means, "
         "the mean paired difference per subject with a 95% percentile bootstrap over subjects "
@@ -237,8 +250,15 @@ def note(full: str, seed: int) -> str:
         f"sign assignments; sampled above {EXACT_UP_TO} subjects). Verdict: reproduced when p < {ALPHA} "
         f"and the difference goes the paper's way, contradicted when p < {ALPHA} and it goes the other "
         "way, otherwise not separated; the smallest exact p is 2/2^n, so with fewer than 6 subjects no "
-        "metric separates (3 subjects agreeing in sign give p = 0.25). Each variant is one training run: "
-        "seed variance is not in these numbers. 'paper': the variant against the full model in the "
+        "metric separates (3 subjects agreeing in sign give p = 0.25). Each variant is one training run; "
+        + (
+            f"{', '.join(replicates)} repeat {full} with another training seed (rows '{SEED_ROW}'): their "
+            "differences are seed variance alone, and a replicate that separates (p < "
+            f"{ALPHA}) marks a metric whose verdicts the rule cannot be trusted with at this n. "
+            if replicates
+            else "seed variance is not in these numbers. "
+        )
+        + "'paper': the variant against the full model in the "
         "paper's ablation table; '(claimed)' where the paper reports no number for the metric."
     )
 
@@ -276,21 +296,26 @@ def difference_plot(table: pd.DataFrame, protocol: str, metric: str) -> str:
 
 
 def write_ablation_report(
-    runs: dict[str, Path], out: Path, full: str, rows: dict[str, str], seed: int = 0
+    runs: dict[str, Path],
+    out: Path,
+    full: str,
+    rows: dict[str, str],
+    seed: int = 0,
+    replicates: tuple[str, ...] = (),
 ) -> dict:
     """``ablations.md``, ``ablations.html`` (tables and plots), ``ablations.parquet`` and ``ablations.csv`` in ``out``."""
-    table = ablation_table(runs, full, rows, seed)
+    table = ablation_table(runs, full, rows, seed, replicates)
     if table.empty:
         raise ValueError(
             f"no metric was measured for both {full} and any of {sorted(rows)} in {sorted(runs)}"
         )
-    rows_summary = summary(table, rows)
+    rows_summary = summary(table)
     lines = [_cells(line) for _, line in table.iterrows()]
     short = [
-        [r["variant"], r["paper_row"], r["verdict"], *(r[v] for v in VERDICTS)]
+        [r["variant"], r["paper_row"], r["verdict"], *(r[v] for v in (*VERDICTS, "separated"))]
         for _, r in rows_summary.iterrows()
     ]
-    text = note(full, seed)
+    text = note(full, seed, replicates)
     md = "\n".join(
         [
             "# Ablations",

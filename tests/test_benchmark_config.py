@@ -181,7 +181,8 @@ def test_sequences_shorter_than_training_clips_are_refused(tmp_path):
 
 
 def test_ablation_variants_share_only_what_they_do_not_change(tmp_path):
-    """Each training switch its own model; the recon-only variant the full model and its generated frames."""
+    """Each training switch (and the seed replicate) its own model; the recon-only variant the full model and
+    its generated frames."""
     from geodiff4d.cluster.benchmark import Benchmark
 
     config = load_benchmark_config(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml")
@@ -192,7 +193,8 @@ def test_ablation_variants_share_only_what_they_do_not_change(tmp_path):
         for n, m in methods.items()
     }
     assert keys["no-normal-loss"][:2] == keys["full"][:2] and keys["no-normal-loss"][2] != keys["full"][2]
-    assert len({k[0] for k in keys.values()}) == 5 and len({k[2] for k in keys.values()}) == 6
+    assert keys["full-seed1"][0] != keys["full"][0]  # another training seed: another model
+    assert len({k[0] for k in keys.values()}) == 6 and len({k[2] for k in keys.values()}) == 7
     full = methods["full"]
     assert bench.shards(full, "train") != bench.shards(
         full, "inputs"

@@ -175,3 +175,20 @@ def test_face_metrics_compare_the_frames_scored_for_both(tmp_path):
     assert line["difference"] == pytest.approx(0.0)  # not -3.5: frames 2-3 are out for both
     assert line["full_mean"] == pytest.approx(line["variant_mean"])
     assert line["verdict"] == "not separated"
+
+
+def test_seed_replicates_are_tested_like_rows_without_a_paper_side(tmp_path):
+    """A seed replicate goes through the same paired test; with no paper side it separates or not, and the
+    summary and note say it is seed variance."""
+    run = _run(tmp_path / "self", {"full": 0.0, "worse": -1.0, "seed1": 0.0, "seed2": 0.5})
+    written = write_ablation_report(
+        {"self": run}, tmp_path / "out", "full", {"worse": "cross_view_pairs"}, 0, ("seed1", "seed2")
+    )
+    table = pd.read_parquet(written["parquet"]).set_index(["variant", "metric"])
+    assert table.loc[("seed1", "psnr"), "verdict"] == "not separated"
+    assert table.loc[("seed2", "psnr"), "verdict"] == "separated"  # 6 subjects agree: the rule is too loose
+    assert table.loc[("seed2", "psnr"), "paper"] == "none"
+    assert table.loc[("worse", "psnr"), "verdict"] == "reproduced"
+    md = written["markdown"].read_text()
+    assert "| seed2 | seed replicate of the full method | separated |" in md
+    assert "seed1, seed2 repeat full with another training seed" in md
