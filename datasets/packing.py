@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal, TypeVar
 
 import cv2
@@ -29,13 +29,14 @@ from pydantic import field_validator
 from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
-from geodiff4d.core.io.json_yaml import json_bytes, parse_json, read_json, write_json
+from geodiff4d.core.io.json_yaml import json_bytes, parse_json
 from geodiff4d.core.io.video import DecodeCount, VideoError, video_frame_count
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
-from geodiff4d.core.settings_match import require_same_settings
+from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
+from geodiff4d.datasets.destinations import Destination, DestinationCommitLog, destination
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import (
     TRACKING_V1,
@@ -46,7 +47,7 @@ from geodiff4d.datasets.flame_tracking import (
     missing_tracking_message,
     sequence_tracking,
 )
-from geodiff4d.datasets.locations import join, read_bytes
+from geodiff4d.datasets.locations import is_remote, join, read_bytes
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import BACKGROUND_SEQUENCE, NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
@@ -60,7 +61,7 @@ from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.resample import area_window, window_in_image
-from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
+from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_tar
 from geodiff4d.datasets.synthhuman import MEMBERS as SYNTHHUMAN_MEMBERS
 from geodiff4d.datasets.synthhuman import (
     SynthHumanDataset,
@@ -555,9 +556,11 @@ class PackJob:
     """
 
     def __init__(self, out: str | os.PathLike, settings: PackSettings, decode_threads: int = 1):
-        self.out, self.settings, self.decode_threads = Path(out), settings, decode_threads
+        self.out = str(out) if is_remote(out) else Path(out)  # a folder, an fsspec URL or a pipe: command
+        self.settings, self.decode_threads = settings, decode_threads
 
     def setup(self) -> None:
+        self.destination = destination(self.out)
         self.model = head_model(self.settings)
         self.estimator = (
             OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
@@ -570,11 +573,11 @@ class PackJob:
         self.clock, self.decoded, self.packed_video_frames = StageClock(), DecodeCount(), 0
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
-        path = self.out / f"{plan.name}.tar"
+        name = f"{plan.name}.tar"
         ids = {s["__key__"]: parse_json(s["json"], s["__key__"]) for s in samples}
-        with self.clock("write"):
-            records = write_shard(path, samples)
-        stats = shard_stats(path, ids, records)
+        with self.clock("write"), self.destination.open_write(name) as stream:
+            records = write_tar(stream, samples, self.destination.path(name))
+        stats = shard_stats(name, ids, records)
         stats["decoded_video_frames"], stats["packed_video_frames"] = (
             self.decoded.frames,
             self.packed_video_frames,
@@ -769,7 +772,7 @@ class PackReport:
     job: JobReport
     shards: int
     samples: int
-    out: Path
+    out: str  # the destination as given: a folder, an fsspec URL or a pipe: command
     skips: list[Skip] = field(default_factory=list)
 
     @property
@@ -786,7 +789,7 @@ class PackReport:
             self.job.summary(),
         ]
         if self.skips:
-            lines.append(f"skipped {len(self.skips)} input(s) (all in {self.out / PACK_REPORT}):")
+            lines.append(f"skipped {len(self.skips)} input(s) (all in {join(self.out, PACK_REPORT)}):")
             lines += [f"  {skip.line()}" for skip in self.skips[:SUMMARY_SKIPS]]
             if len(self.skips) > SUMMARY_SKIPS:
                 lines.append(f"  ... {len(self.skips) - SUMMARY_SKIPS} more")
@@ -905,7 +908,7 @@ def pack_with(
     ``PACK_INPUT_ERRORS`` before Ray starts and before ``pack_settings.json`` is written, so a corrected rerun
     is never refused by a half-written folder.
     """
-    out = job.out
+    out = destination(job.out)
     job.settings.check_files()
     _check_counts(workers, samples_per_shard, max_shard_bytes, max_retries)
     if job.settings.normal_estimator is not None:
@@ -921,14 +924,14 @@ def pack_with(
     plans = plan_shards(
         blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution)
     )
-    out.mkdir(parents=True, exist_ok=True)
+    out.prepare()
     _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
-    write_json(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
-    commits = CommitLog(out)
+    out.write_bytes(PACK_REPORT, json_bytes({"skipped": [asdict(skip) for skip in skips]}))
+    commits = DestinationCommitLog(out)
     check_committed_inputs(plans, commits)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
-            (out / f"{plan.name}.tar").unlink(missing_ok=True)
+            out.remove(f"{plan.name}.tar")
     connect(address)
     units = [WorkUnit(plan.name, {"plan": plan}) for plan in plans]
     # one CPU per actor: a sample's work is single-threaded compiled loops and small torch ops, for which intra-op
@@ -943,8 +946,10 @@ def pack_with(
         desc="pack",
         progress=progress,
     )
-    samples = build_manifest(out)
-    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out, skips=skips)
+    samples = build_manifest(out)  # last: a reader never sees a manifest naming a shard not yet written
+    return PackReport(
+        report, shards=len(plans) - len(report.failed), samples=samples, out=out.location, skips=skips
+    )
 
 
 def pack(
@@ -963,12 +968,13 @@ def pack(
     decode_threads: int = 1,
     strict: bool = False,
 ) -> PackReport:
-    """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
-    if URL_LIKE.match(os.fspath(out)):  # Path() would turn s3://b/x into a local folder s3:/b/x
-        raise PackError(
-            f"--out {out}: pack writes a local or shared folder, not a URL or pipe: command; pack there, then copy "
-            "the folder to object storage and read it from its URL (docs/cluster.md)"
-        )
+    """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``,
+    a folder, an fsspec URL (``s3://``, ``gs://``, ``file://``) or a ``pipe:`` command (datasets.destinations)."""
+    if isinstance(out, PurePath) and URL_LIKE.match(str(out)):  # Path() turned s3://b/x into a folder s3:/b/x
+        raise PackError(f"--out {out}: a URL given as a path; pass it as a string")
+    destination(
+        out
+    )  # refuses a location that cannot be written (http, a missing fsspec package) before any work
     settings = PackSettings(
         resolution=resolution,
         normal_estimator=str(normal_estimator) if normal_estimator else None,
@@ -989,22 +995,24 @@ def pack(
 
 
 def _check_settings(
-    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
+    out: Destination, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
 ) -> None:
     """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
     refuse it. Written only after the inputs validated."""
-    path = out / PACK_SETTINGS
+    path = out.path(PACK_SETTINGS)
     wanted = {
         **settings.model_dump(),
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
         "listing_sha256": digest,
     }
-    stored = read_json(path, PackError) if path.exists() else {}
+    stored = parse_json(out.read_bytes(PACK_SETTINGS), path, PackError) if out.exists(PACK_SETTINGS) else {}
     if stored.get("listing_sha256", digest) != digest:
         raise PackError(
             f"{path}: the input listing changed since this folder was packed (samples added or removed; "
             f"listing sha256 {stored['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
             "manifest would be stale; pack into a new output folder"
         )
-    require_same_settings(path, wanted, error=PackError)
+    refuse_differences(path, settings_differences(stored, wanted) if stored else [], PackError)
+    if not stored:
+        out.write_bytes(PACK_SETTINGS, json_bytes(wanted))
