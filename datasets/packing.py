@@ -84,6 +84,21 @@ URL_LIKE = re.compile(
 )  # a scheme (https:, s3:, pipe:), also after Path() ate a "/"
 
 
+FLAME_IN = "flame_in"  # json field: the key of the sample whose json holds this frame's FLAME row
+
+
+def resolve_flame(metas: Iterable[dict[str, Any]]) -> None:
+    """Fill each sample json's ``flame`` from the sample its ``flame_in`` names, where that sample is among
+    ``metas``: packing stores a frame's FLAME row once (in its first camera's json in the shard), not in every
+    camera's (~8 KB each with real 300/100-coefficient tracking)."""
+    metas = list(metas)
+    by_key = {meta["key"]: meta for meta in metas}
+    for meta in metas:
+        carrier = by_key.get(meta.get(FLAME_IN, ""))
+        if carrier is not None:
+            meta["flame"] = carrier["flame"]
+
+
 class PackError(UserError, ValueError):
     """Inputs that cannot be packed; the message names the file or source."""
 
@@ -507,8 +522,8 @@ class _Encoded:
     mask: np.ndarray  # float32 [R, R] in [0, 1]
     normal: np.ndarray  # float32 [R, R, 3]
     normal_mask: np.ndarray  # bool [R, R]
-    posemap: np.ndarray  # float32 [R, R, 3]
-    posemap_mask: np.ndarray  # bool [R, R]
+    posemap: np.ndarray | None  # float32 [R, R, 3]; None: no FLAME fit (SynthHuman), no member written
+    posemap_mask: np.ndarray | None  # bool [R, R]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -596,14 +611,16 @@ class PackJob:
         with self.clock("encode"):
             meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
             mask8 = from_float(enc.mask)
-            return {
+            sample = {
                 "__key__": ref.key,
                 "rgb.png": encode_png(enc.rgb),
                 "mask.png": encode_png(mask8),
                 "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
-                "posemap.png": encode_normal_png(enc.posemap, enc.posemap_mask),
                 "json": json_bytes(meta, indent=None, sort_keys=True),
             }
+            if enc.posemap is not None:
+                sample["posemap.png"] = encode_normal_png(enc.posemap, enc.posemap_mask)
+            return sample
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         """Each camera video of the shard is decoded once, from the shard's first frame; FLAME runs once per frame."""
@@ -613,6 +630,9 @@ class PackJob:
                 ref.frame
             )
         by_id = {(r.root, r.subject, r.sequence, r.camera, r.frame): r for r in refs}
+        carriers: dict[tuple[str, str, str, int], str] = {}  # a frame -> its first camera's key in this shard
+        for ref in refs:
+            carriers.setdefault((ref.root, ref.subject, ref.sequence, ref.frame), ref.key)
         datasets = {
             root: NersembleDataset(root, self.model.n_shape, self.model.n_expr) for root, _, _ in wanted
         }
@@ -637,7 +657,11 @@ class PackJob:
                     self.packed_video_frames += 1 + (frame.alpha is not None)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
                     pose = poses.get(frame.frame)
-                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, pose)))
+                    encoded = self._encode_nersemble(dataset, frame, backdrop, pose)
+                    carrier = carriers[(root, subject, sequence, frame.frame)]
+                    if pose is not None and carrier != ref.key:  # the frame's FLAME row is in one json
+                        encoded.meta.update(flame=None, **{FLAME_IN: carrier})
+                    samples.append(self._sample(ref, encoded))
         return samples
 
     def _poses(self, tracking: FlameTracking | None, frames: set[int]) -> dict[int, _FramePose]:
@@ -678,7 +702,12 @@ class PackJob:
         with self.clock("crop"):
             box = _head_box(pose, frame.camera, alpha, frame)
             camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
-            rgb, mask = crop(frame.rgb, box, res), crop(alpha, box, res)
+            mask = crop(alpha, box, res)
+        with self.clock("colour"):  # YUV -> RGB of the crop's window only (the full frame when it was needed)
+            x0, y0, x1, y1 = window_in_image(box, *frame.image.shape[:2])
+            window = frame.image.window(x0, y0, x1, y1)  # [y1 - y0, x1 - x0, 3]
+        with self.clock("crop"):
+            rgb = crop(window, (box[0] - x0, box[1] - y0, box[2]), res)
         gt = gt_normal_path(dataset.root, frame.subject, frame.sequence, frame.serial, frame.frame)
         if frame.color_matrix is not None:  # only the crop is corrected, not the full frame
             with self.clock("colour"):
@@ -748,8 +777,8 @@ class PackJob:
                 "flame": None,
                 "color_calibrated": False,
             }
-            no_posemap = np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)  # no FLAME fit
-            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, *no_posemap, meta)))
+            # no FLAME fit, so no pose map: the loader gives zeros where a sample has none
+            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, None, None, meta)))
         return samples
 
 
