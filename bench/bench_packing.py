@@ -1,38 +1,49 @@
-"""Packing throughput against its floor, where a sample's time goes, decoded vs packed frames, SynthHuman scaling.
+"""Packing at real capture sizes: throughput against a decode + encode floor, where a sample's time goes, 1 vs
+2 workers.
 
-The floor is what packing cannot avoid, measured in the same run without Ray and with one thread: decoding the
-packed video frames (each video once, from frame 0 to its last packed frame; alpha maps to RGB, as the official
-reader and the packer decode them), decoding the packed frames' ground-truth normal PNGs where the capture has
-them (inputs the packer must read, like the video), reading the packed SynthHuman samples, and encoding the same
-PNG members with the packer's setting. Throughput is reported as floor seconds / pack seconds per worker (1.0 =
-packing costs nothing beyond decode + encode; each pack worker has one CPU), and 2 workers against 1. Pack time
-runs from the first unit's start to the last unit's end (from the shard stats), so Ray and actor start are
-excluded.
+The captures are procedural heads (16 cameras per frame, tracking, alpha maps) rendered at 512 px and brought
+to a real release's frame size (``--capture-size``: the NVS benchmark's 1100x1604 by default, the raw release's
+2200x3208), videos re-encoded with a fixed GOP (``--keyframe-interval``: seeking costs up to one GOP of decoding
+per shard and camera) and the calibration scaled to match; the procedural ground-truth normals are removed, as a
+real release has none, so normals are the rendered tracking (``normal_source`` flame).
 
-The procedural videos are re-encoded with a fixed GOP (``--keyframe-interval``) because seeking costs up to
-one GOP of decoding per shard and camera; x264's default GOP (250) is longer than these short sequences.
+The floor is what packing cannot avoid, measured in the same run right after each pack, without Ray and with
+one thread, with the same libraries: decoding the packed video frames (PyAV/FFmpeg, colour and alpha videos,
+each once from frame 0 to its last packed frame, to the decoder's YUV frames: no colour conversion, which
+packing does only inside the crop), reading the packed SynthHuman samples, and PNG-encoding the packed members
+with the packer's encoders (``core.io.images.encode_png``, OpenCV). Throughput per worker is floor seconds /
+(pack seconds x workers) (1.0 = packing costs nothing beyond decode + encode; each pack worker has one CPU);
+pack seconds run from the first unit's start to the last unit's end (from the shard stats), so Ray and actor
+start are excluded. Per stage: decode (video frames), colour (YUV -> RGB of the crop window, colour
+correction), crop, flame (posing), normal and posemap (rendering), encode (PNG + json), write (tar).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import torch
 
+from geodiff4d.core.io.images import decode_image, encode_png
 from geodiff4d.core.io.json_yaml import read_json
-from geodiff4d.core.io.video import iter_video_range, read_video, write_video
+from geodiff4d.core.io.video import read_video, write_video
 from geodiff4d.core.jobs import WorkUnit
 from geodiff4d.core.runtime import connect, shutdown
-from geodiff4d.datasets.manifest import read_manifest, stats_files
-from geodiff4d.datasets.nersemble import NersembleDataset
+from geodiff4d.datasets.manifest import STATS_SUFFIX, read_manifest
+from geodiff4d.datasets.nersemble import NersembleDataset, write_camera_params
 from geodiff4d.datasets.packing import (
     DEFAULT_MAX_SHARD_BYTES,
     PackJob,
@@ -42,21 +53,42 @@ from geodiff4d.datasets.packing import (
     plan_shards,
     sample_bytes_bound,
 )
-from geodiff4d.datasets.procedural import SynthSpec, gt_normal_path, synthesize
+from geodiff4d.datasets.procedural import SynthSpec, synthesize
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.datasets.synthhuman import MEMBERS, SynthHumanDataset, member_path
 
 PNG_MEMBERS = ("rgb.png", "mask.png", "normal.png", "posemap.png")
 
 
-def reencode(nersemble: Path, keyframe_interval: int) -> None:
+def to_capture_size(nersemble: Path, width: int, height: int, keyframe_interval: int) -> None:
+    """Every capture resized to ``width`` x ``height`` and re-encoded with a fixed GOP, cameras scaled to match,
+    the procedural ground-truth normals removed (a real release has none)."""
+    dataset = NersembleDataset(nersemble)
+    for subject in dataset.subjects():
+        cameras = {serial: cam.resized(width, height) for serial, cam in dataset.cameras(subject).items()}
+        write_camera_params(dataset.camera_params_path(subject), cameras)
     for path in sorted(nersemble.glob("*/sequences/*/*/cam_*.mp4")):
         gray = path.parent.name == "alpha_maps"
-        write_video(path, read_video(path, gray=gray), keyframe_interval=keyframe_interval)
+        frames = [
+            cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in read_video(path, gray)
+        ]
+        write_video(path, np.stack(frames), keyframe_interval=keyframe_interval)
+    for path in nersemble.glob("*/sequences/*/gt"):
+        shutil.rmtree(path)
+
+
+def _decode_yuv(path: Path, stop: int) -> None:
+    """Decode frames 0 .. stop - 1 of a video to the decoder's frames (no conversion), one thread."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "SLICE", 1
+        for index, _ in enumerate(container.decode(stream)):
+            if index + 1 == stop:
+                return
 
 
 def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]:
-    """(decode seconds, encode seconds) of the packed samples, single-threaded, no Ray."""
+    """(decode seconds, encode seconds) of the packed samples, single-threaded, no Ray (the module's floor)."""
     cv2.setNumThreads(1)
     rows = read_manifest(shards).to_pylist()
     last: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -65,38 +97,28 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
             video = (r["subject"], r["sequence"], r["camera"])
             last[video] = max(last[video], r["frame"])
     dataset = NersembleDataset(sources["nersemble"])
-    normals = [
-        gt_normal_path(dataset.root, r["subject"], r["sequence"], r["camera"], r["frame"])
-        for r in rows
-        if r["source"] == "nersemble"
-    ]
     start = time.perf_counter()
     for (subject, sequence, serial), frame in sorted(last.items()):
         for path in (
             dataset.video_path(subject, sequence, serial),
             dataset.alpha_path(subject, sequence, serial),
         ):
-            for _ in iter_video_range(
-                path, 0, frame + 1
-            ):  # alpha too: the official reader takes RGB's first channel
-                pass
-    for path in normals:
-        if path.is_file():
-            cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            _decode_yuv(path, frame + 1)
     synthhuman = SynthHumanDataset(sources["synthhuman"])
     for r in rows:
         if r["source"] == "synthhuman":
             synthhuman[int(r["subject"])]
     decode = time.perf_counter() - start
     images = [
-        cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_UNCHANGED)
+        decode_image(sample[member], member)
         for tar in sorted(shards.glob("*.tar"))
         for sample in iter_shard(tar)
         for member in PNG_MEMBERS
+        if member in sample
     ]
     start = time.perf_counter()
     for image in images:
-        cv2.imencode(".png", image)
+        encode_png(image)
     return decode, time.perf_counter() - start
 
 
@@ -129,7 +151,7 @@ def in_process(
 
 
 def shard_stats(shards: Path) -> list[dict]:
-    return [read_json(p) for p in stats_files(shards)]
+    return [read_json(p) for p in sorted(shards.glob(f"*{STATS_SUFFIX}"))]
 
 
 def print_stages(stats: list[dict], samples: int, wall: float, workers: int) -> None:
@@ -186,35 +208,33 @@ def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> No
     )
 
 
+def capture_size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
 def parse_args() -> argparse.Namespace:
     """The command line: data size, packing settings and repeats."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--subjects",
-        type=int,
-        default=3,
-        help="captures of --frames frames each; more than one (run 3 had 1: 7 shards in ~5 s) keeps "
-        "both workers of the 2-worker pack busy to the end",
+        "--subjects", type=int, default=2, help="captures of --frames frames x --cameras each"
     )
-    parser.add_argument("--frames", type=int, default=120)
-    parser.add_argument("--cameras", type=int, default=1)
-    parser.add_argument("--resolution", type=int, default=256, help="packed resolution")
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--cameras", type=int, default=16)
     parser.add_argument(
-        "--capture-resolution",
-        type=int,
-        default=512,
-        help="the procedural captures' frame size: 512 as the mono FLAME-avatar benchmark's "
-        "face-cropped frames (the NVS benchmark's are 1604x1100, the raw release's 3208x2200)",
+        "--capture-size",
+        type=capture_size,
+        default=(1100, 1604),
+        help="WIDTHxHEIGHT of the captures: 1100x1604 (the NVS benchmark's frames) or 2200x3208 (the raw release)",
     )
-    parser.add_argument("--synthetic", type=int, default=20)
-    parser.add_argument("--samples-per-shard", type=int, default=20)
+    parser.add_argument("--resolution", type=int, default=512, help="packed resolution")
+    parser.add_argument("--synthetic", type=int, default=8)
+    parser.add_argument("--samples-per-shard", type=int, default=32, help="2 frames of 16 cameras")
     parser.add_argument("--keyframe-interval", type=int, default=8)
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="in-process pack and floor runs (best is reported)"
-    )
-    parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[500, 2000])
+    parser.add_argument("--repeats", type=int, default=0, help="in-process pack and floor runs (0: none)")
+    parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[], help="SynthHuman scaling runs")
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
     return parser.parse_args()
 
@@ -250,41 +270,50 @@ def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argpars
     decode, encode = floor_seconds(out, sources)
     floor = decode + encode
     print(
-        f"  floor (no Ray, 1 thread), measured next: decode {decode:.2f} s + PNG encode {encode:.2f} s "
-        f"= {floor:.2f} s = {report.samples / floor:.2f} samples/s"
+        f"  floor (no Ray, 1 thread, measured next; see the definition above): decode {decode:.2f} s + PNG encode "
+        f"{encode:.2f} s = {floor:.2f} s = {report.samples / floor:.2f} samples/s"
     )
     print(f"  throughput per worker, workers={workers}: {floor / (wall * workers):.3f}x the floor")
     return wall
 
 
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     args = parse_args()
-    print("load average before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("date:", datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "| load before:", _uptime())
+    print("floor:", " ".join(__doc__.split("The floor is ")[1].split("\n\n")[0].split()))
     spec = SynthSpec(
         subjects=args.subjects,
         frames=args.frames,
         cameras=args.cameras,
-        resolution=args.capture_resolution,
+        resolution=512,
         synthetic=args.synthetic,
     )
+    width, height = args.capture_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         connect(num_cpus=2)
+        started = time.perf_counter()
         synthesize(tmp / "data", spec, workers=2, progress=False)
-        reencode(tmp / "data" / "nersemble", args.keyframe_interval)
+        to_capture_size(tmp / "data" / "nersemble", width, height, args.keyframe_interval)
         sources = {"nersemble": tmp / "data" / "nersemble", "synthhuman": tmp / "data" / "synthhuman"}
         print(
-            f"data: {spec}, videos re-encoded with a {args.keyframe_interval}-frame GOP; "
-            f"{args.samples_per_shard} samples per shard, {args.capture_resolution} px captures packed at "
-            f"{args.resolution} px; {args.subjects} subject(s) "
-            f"of {args.frames} frames (up to run 3: 1 subject, too few shards to keep 2 workers busy)"
+            f"data: {spec} brought to {width}x{height} captures ({args.cameras} cameras per frame), videos "
+            f"re-encoded with a {args.keyframe_interval}-frame GOP, in {time.perf_counter() - started:.0f} s; "
+            f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px"
         )
         wall = {workers: pack_on_ray(tmp, sources, workers, args) for workers in (1, 2)}
         print(f"2 workers vs 1: {wall[1] / wall[2]:.2f}x")
-        in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
-        synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)
+        if args.repeats:
+            in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
+        if args.synthhuman_sizes:
+            synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)
         shutdown()
-    print("load average after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print("load after:", _uptime())
 
 
 if __name__ == "__main__":

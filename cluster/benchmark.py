@@ -11,7 +11,10 @@ Protocols (the avatar always sees only the training sequence):
   for the held-out sequences, driven by their tracking.
 - ``cross``: subject A's avatar driven by the next subject B's held-out sequence; CSIM against A's reference
   image, AKD/AED against B's frames at the same cameras.
-- ``novel_views``: the training sequence seen from the hold-out cameras.
+- ``novel_views``: NeRSemble's NVS benchmark: the training sequence seen from its three hold-out cameras, by
+  avatars of their own built from the NVS train cameras (the oracle: all 13; GeoDiff4D: ``nvs_train_camera``),
+  since the NVS hold-outs include the mono train camera. A camera split (``SPLIT_OF``) names which cameras an
+  avatar sees and which score it.
 The run folder layout is documented in docs/formats.md (benchmark runs).
 """
 
@@ -46,6 +49,8 @@ from geodiff4d.core.settings_match import refuse_differences, settings_differenc
 from geodiff4d.core.stage_graph import GraphReport, StageGraph
 
 PROTOCOL_EVAL = {"self": "self", "novel_views": "self", "cross": "cross"}  # benchmark -> eval protocol
+SPLIT_OF = {"self": "mono", "cross": "mono", "novel_views": "nvs"}  # protocol -> the camera split it scores
+SPLITS = ("mono", "nvs")
 # generation's fields that say where its work runs, not what it makes: left out of the generated frames' key
 RESOURCE_FIELDS = ("gpus_per_worker", "train_workers", "train_gpus_per_worker")
 
@@ -165,10 +170,20 @@ class Benchmark:
                 )
             for sequence in (train, *tests):
                 serials = set(dataset.sequence_serials(subject, sequence))
-                absent = sorted({c.train_camera, *c.holdout_cameras} - serials)
+                wanted = {
+                    c.train_camera,
+                    *c.holdout_cameras,
+                }  # the mono camera also gives the reference image
+                wanted |= (
+                    {self.split_cameras("nvs")[0], *self.split_cameras("nvs")[1]}
+                    if "nvs" in self.splits()
+                    else set()
+                )
+                absent = sorted(wanted - serials)
                 if absent:
                     raise BenchmarkError(
-                        f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras) not recorded"
+                        f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras, "
+                        "nvs_train_camera/nvs_holdout_cameras) not recorded"
                     )
             needs_tracking = any(m.kind in ("geodiff4d", "oracle") for m in c.methods)
             for sequence in (train, *tests):
@@ -180,6 +195,23 @@ class Benchmark:
                     )
             subjects.append(Subject(subject, train, tests))
         return subjects
+
+    # -- camera splits ------------------------------------------------------------------------------------
+    def splits(self) -> list[str]:
+        """The camera splits the config's protocols score, in ``SPLITS`` order."""
+        return [split for split in SPLITS if any(SPLIT_OF[p] == split for p in self.config.protocols)]
+
+    def split_cameras(self, split: str) -> tuple[str, list[str]]:
+        """(GeoDiff4D's input camera, the hold-out cameras) of a split."""
+        c = self.config
+        return (
+            (c.train_camera, c.holdout_cameras)
+            if split == "mono"
+            else (c.nvs_train_camera, c.nvs_holdout_cameras)
+        )
+
+    def split_protocols(self, split: str) -> list[str]:
+        return [p for p in self.config.protocols if SPLIT_OF[p] == split]
 
     # -- stages: real frames and ground truth -------------------------------------------------------------
     def export_subject(self, subject: Subject) -> dict:
@@ -225,7 +257,7 @@ class Benchmark:
         )  # cross: another head's shape
         for subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
             for part in parts:
-                for camera in self.config.holdout_cameras:
+                for camera in self.split_cameras(SPLIT_OF[protocol])[1]:
                     _link(
                         self.layout.frames / part / data_subject / sequence / camera,
                         root / part / subject / name / camera,
@@ -324,21 +356,22 @@ class Benchmark:
             return Path(variant.generation.run)
         return self.layout.models / self.model_key(method) / "stage2"
 
-    def generation_key(self, method: MethodConfig) -> str:
+    def generation_key(self, method: MethodConfig, split: str = "mono") -> str:
         variant = method_config(self.config, method)
         generation = variant.generation.model_dump(
             mode="json", exclude={"train_subjects", *RESOURCE_FIELDS}
         )  # in the model's key, or resources
-        return digest({"model": str(self.model_run(method)), "generation": generation})
+        return digest({"model": str(self.model_run(method)), "generation": generation, **_split_key(split)})
 
-    def generate(self, method: MethodConfig, subject: Subject) -> dict:
+    def generate(self, method: MethodConfig, subject: Subject, split: str = "mono") -> dict:
         """Multi-view image+normal frames of the training sequence from the subject's reference image, by
-        ``geodiff4d generate`` (its spec written into the run): the reference is the train camera's first frame
-        and the driving its video, as packed; the identity and head motion come from the sequence's tracking."""
+        ``geodiff4d generate`` (its spec written into the run): the reference is the split's input camera's first
+        frame and the driving its video, as packed; the identity and head motion come from the sequence's
+        tracking; the views are the split's training views."""
         from geodiff4d.gen.generate import generate
 
-        variant = method_config(self.config, method)
-        c, out = variant.generation, self.layout.generated / self.generation_key(method)
+        variant, camera = method_config(self.config, method), self.split_cameras(split)[0]
+        c, out = variant.generation, self.layout.generated / self.generation_key(method, split)
         run, frames = self.model_run(method), self.layout.frames
         tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
         shards = self.shards(method, "inputs")
@@ -346,7 +379,7 @@ class Benchmark:
             "shards": str(shards),
             "subject": subject.id,
             "sequence": subject.train_sequence,
-            "camera": self.config.train_camera,
+            "camera": camera,
         }
         entry = {
             "name": subject.id,
@@ -355,17 +388,11 @@ class Benchmark:
             "identity": {"tracking": str(tracking)},
             "cameras": {
                 "cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
-                "serials": c.views or self.training_views(subject),
+                "serials": c.views or self.training_views(subject, split),
             },
             "driving": packed,
             "frames": c.frames
-            or len(
-                list(
-                    (frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob(
-                        "*.png"
-                    )
-                )
-            ),
+            or len(list((frames / "rgb" / subject.id / subject.train_sequence / camera).glob("*.png"))),
         }
         spec = out / "specs" / f"{subject.id}.yaml"
         write_yaml(spec, {"run": str(run), "seed": c.seed, "subjects": [entry]})
@@ -381,37 +408,43 @@ class Benchmark:
             raise RuntimeError(f"generate failed:\n{report.summary()}")
         return {"frames": entry["frames"], "views": len(entry["cameras"]["serials"])}
 
-    def training_views(self, subject: Subject) -> list[str]:
+    def training_views(self, subject: Subject, split: str = "mono") -> list[str]:
+        """Every camera of the training sequence but the split's hold-outs (the NVS split: its 13 train cameras)."""
         from geodiff4d.datasets.frame_folder import read_cameras
 
         cameras = read_cameras(self.layout.frames / "cameras" / subject.id / f"{subject.train_sequence}.json")
-        return sorted(set(cameras) - set(self.config.holdout_cameras))
+        return sorted(set(cameras) - set(self.split_cameras(split)[1]))
 
     # -- stages: avatars and their renders -------------------------------------------------------------------
-    def recon_input(self, method: MethodConfig) -> Path:
+    def recon_input(self, method: MethodConfig, split: str = "mono") -> Path:
         return (
-            self.layout.generated / self.generation_key(method)
+            self.layout.generated / self.generation_key(method, split)
             if method.kind == "geodiff4d"
             else self.layout.oracle_input
         )
 
-    def avatar_folder(self, method: MethodConfig) -> Path:
+    def avatar_folder(self, method: MethodConfig, split: str = "mono") -> Path:
         variant = method_config(self.config, method)
         return self.layout.avatars / digest(
-            {"input": str(self.recon_input(method)), "recon": variant.recon, "kind": method.kind}
+            {
+                "input": str(self.recon_input(method, split)),
+                "recon": variant.recon,
+                "kind": method.kind,
+                **_split_key(split),
+            }
         )
 
-    def reconstruct(self, method: MethodConfig, subject: Subject) -> dict:
+    def reconstruct(self, method: MethodConfig, subject: Subject, split: str = "mono") -> dict:
         from geodiff4d.recon.run import recon_config_from_mapping, reconstruct
 
         settings = recon_config_from_mapping(
             method_config(self.config, method).recon, f"methods[{method.name}].recon"
         )
         if method.kind == "oracle" and settings.train_cameras is None:  # the real views, hold-outs excepted
-            settings = settings.model_copy(update={"train_cameras": self.training_views(subject)})
+            settings = settings.model_copy(update={"train_cameras": self.training_views(subject, split)})
         report = reconstruct(
-            self.recon_input(method),
-            self.avatar_folder(method),
+            self.recon_input(method, split),
+            self.avatar_folder(method, split),
             [subject.id],
             workers=1,
             address=self.address,
@@ -420,22 +453,25 @@ class Benchmark:
         )
         if not report.ok:
             raise RuntimeError(f"recon failed:\n{report.summary()}")
-        return {"avatar": str(self.avatar_folder(method) / subject.id)}
+        return {"avatar": str(self.avatar_folder(method, split) / subject.id)}
 
-    def render(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
-        """The avatar driven by every scored unit's tracking, seen from the hold-out cameras."""
+    def render(
+        self, method: MethodConfig, subject: Subject, subjects: list[Subject], split: str = "mono"
+    ) -> dict:
+        """The split's avatar driven by every scored unit's tracking, seen from the split's hold-out cameras."""
         from geodiff4d.datasets.frame_folder import read_cameras, write_cameras
         from geodiff4d.recon.run import render_avatar
 
-        avatar, frames, renders = self.avatar_folder(method) / subject.id, self.layout.frames, []
+        avatar, frames, renders = self.avatar_folder(method, split) / subject.id, self.layout.frames, []
+        holdouts = self.split_cameras(split)[1]
         render_task = ray.remote(num_cpus=1)(render_avatar)  # on the cluster, not in the driver
-        for protocol in self.config.protocols:
+        for protocol in self.split_protocols(split):
             for avatar_subject, name, data_subject, sequence in self.scored_units(protocol, subjects):
                 if avatar_subject != subject.id:
                     continue
                 cameras = read_cameras(frames / "cameras" / data_subject / f"{sequence}.json")
-                held_out = self.layout.root / "holdout_cameras" / data_subject / f"{sequence}.json"
-                write_cameras(held_out, {s: cameras[s] for s in self.config.holdout_cameras})
+                held_out = self.layout.root / "holdout_cameras" / split / data_subject / f"{sequence}.json"
+                write_cameras(held_out, {s: cameras[s] for s in holdouts})
                 renders.append(
                     render_task.remote(
                         avatar,
@@ -556,24 +592,27 @@ class Benchmark:
                 for path in (unit, root / "frames" / f"{name}.parquet", root / "videos" / f"{name}.parquet"):
                     path.unlink(missing_ok=True)
 
-    def clean_generated(self, method: MethodConfig, subject: Subject) -> None:
+    def clean_generated(self, method: MethodConfig, subject: Subject, split: str = "mono") -> None:
         from geodiff4d.gen.generate import STATE
 
-        out = self.layout.generated / self.generation_key(method)
+        out = self.layout.generated / self.generation_key(method, split)
         for kind in ("rgb", "normal", "mask"):
             shutil.rmtree(out / kind / subject.id, ignore_errors=True)
         for marker in (out / STATE / "commits").glob(f"{subject.id}.*"):
             marker.unlink()
 
-    def clean_avatar(self, method: MethodConfig, subject: Subject) -> None:
-        folder = self.avatar_folder(method)
+    def clean_avatar(self, method: MethodConfig, subject: Subject, split: str = "mono") -> None:
+        folder = self.avatar_folder(method, split)
         shutil.rmtree(folder / subject.id, ignore_errors=True)
         for marker in (folder / "_commits").glob(f"{subject.id}.*"):
             marker.unlink()
 
-    def clean_predictions(self, method: MethodConfig, subject: Subject | None = None) -> None:
-        """A method's rendered frames (one avatar subject's, or all) and their scores."""
-        for protocol in self.config.protocols:
+    def clean_predictions(
+        self, method: MethodConfig, subject: Subject | None = None, split: str | None = None
+    ) -> None:
+        """A method's rendered frames (one avatar subject's, or all; one split's protocols, or all) and their
+        scores."""
+        for protocol in self.split_protocols(split) if split else self.config.protocols:
             root = self.layout.pred(protocol, method.name)
             for part in ("rgb", "mask", "normal") if subject else ("",):
                 shutil.rmtree(root / part / subject.id if subject else root, ignore_errors=True)
@@ -582,10 +621,13 @@ class Benchmark:
     def variant_outputs(self, method: MethodConfig) -> dict[str, str]:
         """The folders a method's results live in (``variants.json``): delete them to recompute that method."""
         out: dict[str, str] = {"predictions": str(self.layout.root / "pred" / "*" / method.name)}
-        if method.kind in ("geodiff4d", "oracle"):
-            out["avatars"] = str(self.avatar_folder(method))
+        for split in self.splits():
+            suffix = "" if split == "mono" else f"_{split}"
+            if method.kind in ("geodiff4d", "oracle"):
+                out[f"avatars{suffix}"] = str(self.avatar_folder(method, split))
+            if method.kind == "geodiff4d":
+                out[f"generated{suffix}"] = str(self.layout.generated / self.generation_key(method, split))
         if method.kind == "geodiff4d":
-            out["generated"] = str(self.layout.generated / self.generation_key(method))
             given = method_config(
                 self.config, method
             ).generation.run  # else the folder of both training stages
@@ -685,46 +727,67 @@ class Benchmark:
             return []
         produced = []
         for subject in subjects:
-            chain = [frames[subject.id], *trained.get(method.name, [])]
-            if method.kind == "geodiff4d":
-                chain = [self._add_generate_stage(graph, method, subject, chain)]
-            avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
-            if avatar not in graph.stages:
-                # reconstructions from real frames wait for training: training asks Ray for whole workers'
-                # CPUs and would otherwise wait behind them; afterwards they run beside generation
-                graph.add(
-                    avatar,
-                    lambda m=method, s=subject: self.reconstruct(m, s),
-                    needs=chain,
-                    outputs=[self.avatar_folder(method) / subject.id],
-                    clean=lambda m=method, s=subject: self.clean_avatar(m, s),
-                    waits_for=models if method.kind != "geodiff4d" else [],
+            for split in self.splits():
+                avatar = self._add_avatar_stage(graph, method, subject, split, frames, trained, models)
+                drivers = [frames[s.id] for s in subjects]
+                name = f"render:{method.name}:{subject.id}" + ("" if split == "mono" else f":{split}")
+                produced.append(
+                    graph.add(
+                        name,
+                        lambda m=method, s=subject, v=split: self.render(m, s, subjects, v),
+                        needs=[avatar, *drivers],
+                        outputs=[
+                            layout.pred(p, method.name) / "rgb" / subject.id
+                            for p in self.split_protocols(split)
+                        ],
+                        clean=lambda m=method, s=subject, v=split: self.clean_predictions(m, s, v),
+                    )
                 )
-            drivers = [frames[s.id] for s in subjects]
-            produced.append(
-                graph.add(
-                    f"render:{method.name}:{subject.id}",
-                    lambda m=method, s=subject: self.render(m, s, subjects),
-                    needs=[avatar, *drivers],
-                    outputs=[layout.pred(p, method.name) / "rgb" / subject.id for p in protocols],
-                    clean=lambda m=method, s=subject: self.clean_predictions(m, s),
-                )
-            )
         return produced
 
-    def _add_generate_stage(
-        self, graph: StageGraph, method: MethodConfig, subject: Subject, needs: list[str]
+    def _add_avatar_stage(
+        self,
+        graph: StageGraph,
+        method: MethodConfig,
+        subject: Subject,
+        split: str,
+        frames: dict[str, str],
+        trained: dict[str, list[str]],
+        models: list[str],
     ) -> str:
-        """The generation stage of one subject (shared by methods with the same generation key): its name."""
-        generated = f"generate:{self.generation_key(method)}:{subject.id}"
-        out = self.layout.generated / self.generation_key(method) / "rgb" / subject.id
+        """The avatar stage of one subject and camera split (after its generation for GeoDiff4D): its name."""
+        chain = [frames[subject.id], *trained.get(method.name, [])]
+        if method.kind == "geodiff4d":
+            chain = [self._add_generate_stage(graph, method, subject, chain, split)]
+        folder = self.avatar_folder(method, split)
+        avatar = f"avatar:{folder.name}:{subject.id}"
+        if avatar not in graph.stages:
+            # reconstructions from real frames wait for training: training asks Ray for whole workers'
+            # CPUs and would otherwise wait behind them; afterwards they run beside generation
+            graph.add(
+                avatar,
+                lambda m=method, s=subject, v=split: self.reconstruct(m, s, v),
+                needs=chain,
+                outputs=[folder / subject.id],
+                clean=lambda m=method, s=subject, v=split: self.clean_avatar(m, s, v),
+                waits_for=models if method.kind != "geodiff4d" else [],
+            )
+        return avatar
+
+    def _add_generate_stage(
+        self, graph: StageGraph, method: MethodConfig, subject: Subject, needs: list[str], split: str = "mono"
+    ) -> str:
+        """The generation stage of one subject and split (shared by methods with the same generation key)."""
+        key = self.generation_key(method, split)
+        generated = f"generate:{key}:{subject.id}"
+        out = self.layout.generated / key / "rgb" / subject.id
         if generated not in graph.stages:
             graph.add(
                 generated,
-                lambda m=method, s=subject: self.generate(m, s),
+                lambda m=method, s=subject, v=split: self.generate(m, s, v),
                 needs=needs,
                 outputs=[out],
-                clean=lambda m=method, s=subject: self.clean_generated(m, s),
+                clean=lambda m=method, s=subject, v=split: self.clean_generated(m, s, v),
             )
         return generated
 
@@ -769,6 +832,11 @@ class Benchmark:
         variants = {m.name: self.variant_outputs(m) for m in self.config.methods if m.kind != "external"}
         write_json(self.layout.root / "variants.json", variants)
         return self.graph(subjects).run(parallel)
+
+
+def _split_key(split: str) -> dict[str, str]:
+    """What a split adds to an output's key: nothing for the mono split (the keys runs had before splits)."""
+    return {} if split == "mono" else {"split": split}
 
 
 def _remember_config(path: Path, config: BenchmarkConfig) -> None:

@@ -13,11 +13,16 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from geodiff4d.core.config import ConfigError, StrictConfig, read_mapping, resolve_config, validate
-from geodiff4d.datasets.cameras import MONO_HOLDOUT_SERIALS, MONO_TRAIN_SERIAL
+from geodiff4d.datasets.cameras import MONO_HOLDOUT_SERIALS, MONO_TRAIN_SERIAL, NVS_HOLDOUT_SERIALS
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = MONO_TRAIN_SERIAL
 MONO_HOLDOUT_CAMERAS = MONO_HOLDOUT_SERIALS
+# NeRSemble's NVS benchmark: 13 cameras train, 3 others score the same sequence. Its hold-outs include the mono
+# train camera, so novel_views gets avatars of its own, built from the NVS train cameras: the oracle from all 13,
+# GeoDiff4D from one of them (the centre camera, a mono hold-out, so never seen by the mono protocols' avatars).
+NVS_TRAIN_CAMERA = "220700191"
+NVS_HOLDOUT_CAMERAS = NVS_HOLDOUT_SERIALS
 PROTOCOLS = ("self", "cross", "novel_views")
 METHOD_KINDS = ("geodiff4d", "oracle", "reference_copy", "gt_noise", "external")
 
@@ -122,6 +127,8 @@ class BenchmarkConfig(StrictConfig):
     train_sequence: str | None = None  # default: each subject's first sequence
     train_camera: str = MONO_TRAIN_CAMERA
     holdout_cameras: list[str] = Field(default_factory=lambda: list(MONO_HOLDOUT_CAMERAS))
+    nvs_train_camera: str = NVS_TRAIN_CAMERA  # novel_views: GeoDiff4D's input view, an NVS train camera
+    nvs_holdout_cameras: list[str] = Field(default_factory=lambda: list(NVS_HOLDOUT_CAMERAS))
     generation: GenerationConfig = GenerationConfig()
     recon: dict[str, Any] = Field(default_factory=dict)  # ReconConfig fields, validated like recon --config
     methods: list[MethodConfig]
@@ -139,6 +146,8 @@ class BenchmarkConfig(StrictConfig):
             raise ValueError(f"methods: duplicated names {duplicated}")
         if self.train_camera in self.holdout_cameras:
             raise ValueError(f"train_camera {self.train_camera} is also a hold-out camera")
+        if self.nvs_train_camera in self.nvs_holdout_cameras:
+            raise ValueError(f"nvs_train_camera {self.nvs_train_camera} is also an NVS hold-out camera")
         if self.ablation is not None:
             named = {self.ablation.full, *self.ablation.rows, *self.ablation.seed_replicates}
             unknown = sorted(named - set(names))

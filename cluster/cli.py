@@ -158,9 +158,11 @@ FlameOption = Annotated[
 @app.command()
 def pack(
     out: Annotated[
-        Path,
+        str,
         typer.Option(
-            **OutFolder, help="Shard folder: {source}-{shard:06d}.tar, stats files, manifest.parquet."
+            help="Shard folder: {source}-{shard:06d}.tar, stats files, manifest.parquet; or an fsspec URL "
+            "(s3://bucket/shards, gs://..., file://...) or a pipe: command with {name} where the file name goes "
+            "('pipe:aws s3 cp - s3://bucket/shards/{name}'; a pipe cannot be read back, so it resumes nothing)."
         ),
     ],
     source: Annotated[

@@ -73,8 +73,12 @@ class CommitLog:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
+    @staticmethod
+    def marker_name(unit_id: str) -> str:
+        return f"{unit_id}.stats.json"
+
     def marker(self, unit_id: str) -> Path:
-        return self.folder / f"{unit_id}.stats.json"
+        return self.folder / self.marker_name(unit_id)
 
     def is_committed(self, unit_id: str) -> bool:
         return self.marker(unit_id).is_file()

@@ -265,6 +265,15 @@ def _normal(sample: dict[str, Any], images: BatchImages, config: LoaderConfig) -
     return np.zeros((3, height, width), np.float32), False
 
 
+def _posemap(sample: dict[str, Any], images: BatchImages) -> np.ndarray:
+    """The pose map [3, R, R]; zeros where the sample has none (SynthHuman: no FLAME fit, so packing writes no
+    posemap.png; zeros are what the pose map encodes off the head)."""
+    if "posemap.png" in sample:
+        return images(sample, "posemap.png", 3)
+    height, width = images(sample, "mask.png", 1).shape[-2:]
+    return np.zeros((3, height, width), np.float32)
+
+
 def augment_driving(
     rgb: Tensor | np.ndarray, mask: Tensor | np.ndarray, config: LoaderConfig, rng: np.random.Generator
 ) -> Tensor:
@@ -320,8 +329,9 @@ def _frame_tensors(sample: dict[str, Any], images: BatchImages, config: LoaderCo
         "rgb": images(sample, "rgb.png", 3),
         "normal": normal,
         "mask": images(sample, "mask.png", 1),
-        "posemap": images(sample, "posemap.png", 3),
+        "posemap": _posemap(sample, images),
         "has_normal": has_normal,
+        "has_posemap": "posemap.png" in sample,
     }
 
 
@@ -363,8 +373,9 @@ def collate(units: list[Unit], config: LoaderConfig, rng: np.random.Generator) -
     batch: dict[str, Any] = {name: stack(name) for name in ("rgb", "normal", "mask", "posemap")}
     batch["driving"] = driving if config.kind == "clip" else driving[:, 0]
     batch["ref_rgb"] = torch.from_numpy(np.stack([images(u.ref, "rgb.png", 3) for u in units]))
-    batch["ref_posemap"] = torch.from_numpy(np.stack([images(u.ref, "posemap.png", 3) for u in units]))
+    batch["ref_posemap"] = torch.from_numpy(np.stack([_posemap(u.ref, images) for u in units]))
     batch["has_normal"] = torch.tensor([all(f["has_normal"] for f in fs) for fs in frames])
+    batch["has_posemap"] = torch.tensor([all(f["has_posemap"] for f in fs) for fs in frames])
     batch["cross_view"] = torch.tensor([u.cross_view for u in units])
     batch["source"] = [u.source for u in units]
     keys = [[t["__key__"] for t in u.targets] for u in units]

@@ -2,7 +2,7 @@
 
 Each shard's commit marker ``{shard}.stats.json`` (written by the packing job beside ``{shard}.tar``) holds
 its samples' ids and member records; the manifest is rebuilt from those markers, so it always describes
-exactly the committed shards, and it is written to a temp name and renamed.
+exactly the committed shards, and it is published only once complete (``datasets.destinations``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geodiff4d.core.errors import UserError
-from geodiff4d.core.io.atomic import atomic_output
-from geodiff4d.core.io.json_yaml import read_json
-from geodiff4d.datasets.locations import is_remote, join, parquet_source
-from geodiff4d.datasets.shards import MemberRecord, group_members
+from geodiff4d.core.io.json_yaml import parse_json
+from geodiff4d.datasets.destinations import Destination, destination
+from geodiff4d.datasets.locations import Location, is_remote, join, parquet_source
+from geodiff4d.datasets.shards import MemberRecord, group_members, tar_size
 
 MANIFEST_NAME = "manifest.parquet"
 STATS_SUFFIX = ".stats.json"
@@ -54,10 +54,10 @@ class ManifestError(UserError, ValueError):
 
 
 def shard_stats(
-    tar_path: Path, ids: dict[str, dict[str, Any]], records: Sequence[MemberRecord]
+    tar_name: str, ids: dict[str, dict[str, Any]], records: Sequence[MemberRecord]
 ) -> dict[str, Any]:
-    """The commit marker of a written shard: ``ids`` maps key -> {source, subject, sequence, frame, camera, ...}."""
-    tar_name = tar_path.name
+    """The commit marker of a shard written by ``shards.write_tar``: ``ids`` maps key -> {source, subject,
+    sequence, frame, camera, ...}."""
     grouped = group_members(records)
     if set(grouped) != set(ids):
         raise ManifestError(
@@ -73,50 +73,48 @@ def shard_stats(
     return {
         "tar": tar_name,
         "samples": samples,
-        "tar_bytes": tar_path.stat().st_size,
+        "tar_bytes": tar_size(records),
         "member_bytes": sum(r.size for r in records),
     }
 
 
-def stats_files(out: str | os.PathLike) -> list[Path]:
-    return sorted(Path(out).glob(f"*{STATS_SUFFIX}"))
-
-
-def _rows(stats_path: Path) -> list[dict[str, Any]]:
+def _rows(out: Destination, name: str) -> list[dict[str, Any]]:
+    label = out.path(name)
     try:
-        stats = read_json(stats_path)
+        stats = parse_json(out.read_bytes(name), label, ManifestError)
         tar_name = stats["tar"]
         rows = [dict(sample, shard=tar_name) for sample in stats["samples"]]
         for row in rows:
             row["frame"] = int(row["frame"])
         return rows
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(f"{stats_path}: malformed shard stats: {exc}") from exc
+        raise ManifestError(f"{label}: malformed shard stats: {exc}") from exc
 
 
 ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: small footer, and a shard filter reads one group
 
 
-def build_manifest(out: str | os.PathLike) -> int:
-    """Collect every committed shard's stats into ``out/manifest.parquet`` (atomic); returns the row count.
+def build_manifest(out: Location | Destination) -> int:
+    """Collect every committed shard's stats into ``out/manifest.parquet``, published once complete (a folder,
+    an fsspec URL or a ``pipe:`` command: ``datasets.destinations``); returns the row count.
 
     Streams shard by shard in (shard, key) order, so memory stays at one row group whatever the data set's
     size (a NeRSemble-sized listing has ~38M rows: bench/bench_scale.py).
     """
-    out = Path(out)
-    paths = sorted(
-        stats_files(out), key=lambda p: p.name.removesuffix(STATS_SUFFIX) + ".tar"
-    )  # = shard order
+    out = destination(out)
+    names = sorted(
+        out.names(STATS_SUFFIX), key=lambda n: n.removesuffix(STATS_SUFFIX) + ".tar"
+    )  # shard order
     rows: list[dict[str, Any]] = []
     count = 0
-    with atomic_output(out / MANIFEST_NAME) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for path in paths:
-            rows += sorted(_rows(path), key=lambda r: r["key"])
-            if len(rows) >= ROW_GROUP_ROWS or path == paths[-1]:
+    with out.open_write(MANIFEST_NAME) as stream, pq.ParquetWriter(stream, SCHEMA) as writer:
+        for name in names:
+            rows += sorted(_rows(out, name), key=lambda r: r["key"])
+            if len(rows) >= ROW_GROUP_ROWS or name == names[-1]:
                 writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=ROW_GROUP_ROWS)
                 count += len(rows)
                 rows = []
-        if not paths:
+        if not names:
             writer.write_table(SCHEMA.empty_table())
     return count
 

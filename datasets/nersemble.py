@@ -23,7 +23,14 @@ import numpy as np
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.json_yaml import read_json, write_json
-from geodiff4d.core.io.video import DecodeCount, VideoError, iter_video_range, video_frame_count, video_size
+from geodiff4d.core.io.video import (
+    DecodeCount,
+    LazyRgb,
+    VideoError,
+    iter_video_range,
+    video_frame_count,
+    video_size,
+)
 from geodiff4d.datasets.cameras import Camera, CameraError, intrinsics_problem
 from geodiff4d.datasets.colour_calibration import ccm_shape_error
 from geodiff4d.datasets.flame import FlameParams
@@ -48,12 +55,17 @@ class NersembleFrame:
     sequence: str
     frame: int
     serial: str
-    rgb: np.ndarray  # uint8 [H, W, 3] as decoded (colour correction is the consumer's step: see color_matrix)
+    image: LazyRgb  # the decoded frame, converted to RGB where asked (a crop converts only its window)
     alpha: np.ndarray | None  # float32 [H, W] in [0, 1], None without an alpha_maps video
     camera: Camera
     flame: FlameParams | None  # B = 1 tracking row of this frame, None when the frame is not tracked
     tracking_kind: str | None  # "v2" or "v1": the tracking file the row came from
     color_matrix: np.ndarray | None  # (3, terms) CCM of the camera from color_calibration.json, if any
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """uint8 [H, W, 3] as decoded (colour correction is the consumer's step: see color_matrix)."""
+        return self.image.full()
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -388,26 +400,25 @@ class NersembleDataset:
         matrices = self.color_calibration(subject) or {}
         alpha_path = self.alpha_path(subject, sequence, serial)
         # as the official data manager reads alpha maps: the first channel of the RGB decode (not the luma plane,
-        # which differs by one level in places)
+        # which differs by one level in places), computed from luma alone (one channel, no RGB conversion)
         alphas = (
-            (
-                (i, rgb[..., 0])
-                for i, rgb in iter_video_range(alpha_path, start, stop, threads=threads, count=count)
-            )
+            iter_video_range(alpha_path, start, stop, threads=threads, count=count, pixels="alpha")
             if alpha_path.exists()
             else None
         )
         try:
-            for index, rgb in iter_video_range(video, start, stop, threads=threads, count=count):
+            for index, image in iter_video_range(
+                video, start, stop, threads=threads, count=count, pixels="lazy"
+            ):
                 alpha = next(alphas)[1] if alphas is not None else None
-                if alpha is not None and alpha.shape != rgb.shape[:2]:
+                if alpha is not None and alpha.shape != image.shape[:2]:
                     raise NersembleError(f"{alpha_path}: alpha size {alpha.shape} differs from {video}")
                 yield NersembleFrame(
                     subject=subject,
                     sequence=sequence,
                     frame=index,
                     serial=serial,
-                    rgb=rgb,
+                    image=image,
                     alpha=None if alpha is None else alpha.astype(np.float32) / 255.0,
                     camera=camera,
                     flame=tracking.params[index] if index < tracked else None,  # row t: frame t

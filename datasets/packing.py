@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal, TypeVar
 
 import cv2
@@ -29,13 +29,14 @@ from pydantic import field_validator
 from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
-from geodiff4d.core.io.json_yaml import json_bytes, parse_json, read_json, write_json
+from geodiff4d.core.io.json_yaml import json_bytes, parse_json
 from geodiff4d.core.io.video import DecodeCount, VideoError, video_frame_count
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
-from geodiff4d.core.settings_match import require_same_settings
+from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.colour_calibration import correct_colour
+from geodiff4d.datasets.destinations import Destination, DestinationCommitLog, destination
 from geodiff4d.datasets.flame import FlameModel, FlameParams
 from geodiff4d.datasets.flame_tracking import (
     TRACKING_V1,
@@ -46,7 +47,7 @@ from geodiff4d.datasets.flame_tracking import (
     missing_tracking_message,
     sequence_tracking,
 )
-from geodiff4d.datasets.locations import join, read_bytes
+from geodiff4d.datasets.locations import is_remote, join, read_bytes
 from geodiff4d.datasets.manifest import build_manifest, shard_stats
 from geodiff4d.datasets.nersemble import BACKGROUND_SEQUENCE, NersembleDataset, NersembleError
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
@@ -60,7 +61,7 @@ from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
 from geodiff4d.datasets.render import render_normals
 from geodiff4d.datasets.resample import area_window, window_in_image
-from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_shard
+from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_tar
 from geodiff4d.datasets.synthhuman import MEMBERS as SYNTHHUMAN_MEMBERS
 from geodiff4d.datasets.synthhuman import (
     SynthHumanDataset,
@@ -81,6 +82,21 @@ T = TypeVar("T")
 URL_LIKE = re.compile(
     r"^[A-Za-z][A-Za-z0-9+.-]+:"
 )  # a scheme (https:, s3:, pipe:), also after Path() ate a "/"
+
+
+FLAME_IN = "flame_in"  # json field: the key of the sample whose json holds this frame's FLAME row
+
+
+def resolve_flame(metas: Iterable[dict[str, Any]]) -> None:
+    """Fill each sample json's ``flame`` from the sample its ``flame_in`` names, where that sample is among
+    ``metas``: packing stores a frame's FLAME row once (in its first camera's json in the shard), not in every
+    camera's (~8 KB each with real 300/100-coefficient tracking)."""
+    metas = list(metas)
+    by_key = {meta["key"]: meta for meta in metas}
+    for meta in metas:
+        carrier = by_key.get(meta.get(FLAME_IN, ""))
+        if carrier is not None:
+            meta["flame"] = carrier["flame"]
 
 
 class PackError(UserError, ValueError):
@@ -506,8 +522,8 @@ class _Encoded:
     mask: np.ndarray  # float32 [R, R] in [0, 1]
     normal: np.ndarray  # float32 [R, R, 3]
     normal_mask: np.ndarray  # bool [R, R]
-    posemap: np.ndarray  # float32 [R, R, 3]
-    posemap_mask: np.ndarray  # bool [R, R]
+    posemap: np.ndarray | None  # float32 [R, R, 3]; None: no FLAME fit (SynthHuman), no member written
+    posemap_mask: np.ndarray | None  # bool [R, R]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -555,9 +571,11 @@ class PackJob:
     """
 
     def __init__(self, out: str | os.PathLike, settings: PackSettings, decode_threads: int = 1):
-        self.out, self.settings, self.decode_threads = Path(out), settings, decode_threads
+        self.out = str(out) if is_remote(out) else Path(out)  # a folder, an fsspec URL or a pipe: command
+        self.settings, self.decode_threads = settings, decode_threads
 
     def setup(self) -> None:
+        self.destination = destination(self.out)
         self.model = head_model(self.settings)
         self.estimator = (
             OnnxNormalEstimator(self.settings.normal_estimator) if self.settings.normal_estimator else None
@@ -570,11 +588,11 @@ class PackJob:
         self.clock, self.decoded, self.packed_video_frames = StageClock(), DecodeCount(), 0
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
-        path = self.out / f"{plan.name}.tar"
+        name = f"{plan.name}.tar"
         ids = {s["__key__"]: parse_json(s["json"], s["__key__"]) for s in samples}
-        with self.clock("write"):
-            records = write_shard(path, samples)
-        stats = shard_stats(path, ids, records)
+        with self.clock("write"), self.destination.open_write(name) as stream:
+            records = write_tar(stream, samples, self.destination.path(name))
+        stats = shard_stats(name, ids, records)
         stats["decoded_video_frames"], stats["packed_video_frames"] = (
             self.decoded.frames,
             self.packed_video_frames,
@@ -593,14 +611,16 @@ class PackJob:
         with self.clock("encode"):
             meta = {**ref.ids(), "key": ref.key, "resolution": self.settings.resolution, **enc.meta}
             mask8 = from_float(enc.mask)
-            return {
+            sample = {
                 "__key__": ref.key,
                 "rgb.png": encode_png(enc.rgb),
                 "mask.png": encode_png(mask8),
                 "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
-                "posemap.png": encode_normal_png(enc.posemap, enc.posemap_mask),
                 "json": json_bytes(meta, indent=None, sort_keys=True),
             }
+            if enc.posemap is not None:
+                sample["posemap.png"] = encode_normal_png(enc.posemap, enc.posemap_mask)
+            return sample
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         """Each camera video of the shard is decoded once, from the shard's first frame; FLAME runs once per frame."""
@@ -610,6 +630,9 @@ class PackJob:
                 ref.frame
             )
         by_id = {(r.root, r.subject, r.sequence, r.camera, r.frame): r for r in refs}
+        carriers: dict[tuple[str, str, str, int], str] = {}  # a frame -> its first camera's key in this shard
+        for ref in refs:
+            carriers.setdefault((ref.root, ref.subject, ref.sequence, ref.frame), ref.key)
         datasets = {
             root: NersembleDataset(root, self.model.n_shape, self.model.n_expr) for root, _, _ in wanted
         }
@@ -634,7 +657,11 @@ class PackJob:
                     self.packed_video_frames += 1 + (frame.alpha is not None)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
                     pose = poses.get(frame.frame)
-                    samples.append(self._sample(ref, self._encode_nersemble(dataset, frame, backdrop, pose)))
+                    encoded = self._encode_nersemble(dataset, frame, backdrop, pose)
+                    carrier = carriers[(root, subject, sequence, frame.frame)]
+                    if pose is not None and carrier != ref.key:  # the frame's FLAME row is in one json
+                        encoded.meta.update(flame=None, **{FLAME_IN: carrier})
+                    samples.append(self._sample(ref, encoded))
         return samples
 
     def _poses(self, tracking: FlameTracking | None, frames: set[int]) -> dict[int, _FramePose]:
@@ -675,7 +702,12 @@ class PackJob:
         with self.clock("crop"):
             box = _head_box(pose, frame.camera, alpha, frame)
             camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
-            rgb, mask = crop(frame.rgb, box, res), crop(alpha, box, res)
+            mask = crop(alpha, box, res)
+        with self.clock("colour"):  # YUV -> RGB of the crop's window only (the full frame when it was needed)
+            x0, y0, x1, y1 = window_in_image(box, *frame.image.shape[:2])
+            window = frame.image.window(x0, y0, x1, y1)  # [y1 - y0, x1 - x0, 3]
+        with self.clock("crop"):
+            rgb = crop(window, (box[0] - x0, box[1] - y0, box[2]), res)
         gt = gt_normal_path(dataset.root, frame.subject, frame.sequence, frame.serial, frame.frame)
         if frame.color_matrix is not None:  # only the crop is corrected, not the full frame
             with self.clock("colour"):
@@ -745,8 +777,8 @@ class PackJob:
                 "flame": None,
                 "color_calibrated": False,
             }
-            no_posemap = np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)  # no FLAME fit
-            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, *no_posemap, meta)))
+            # no FLAME fit, so no pose map: the loader gives zeros where a sample has none
+            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, None, None, meta)))
         return samples
 
 
@@ -769,7 +801,7 @@ class PackReport:
     job: JobReport
     shards: int
     samples: int
-    out: Path
+    out: str  # the destination as given: a folder, an fsspec URL or a pipe: command
     skips: list[Skip] = field(default_factory=list)
 
     @property
@@ -786,7 +818,7 @@ class PackReport:
             self.job.summary(),
         ]
         if self.skips:
-            lines.append(f"skipped {len(self.skips)} input(s) (all in {self.out / PACK_REPORT}):")
+            lines.append(f"skipped {len(self.skips)} input(s) (all in {join(self.out, PACK_REPORT)}):")
             lines += [f"  {skip.line()}" for skip in self.skips[:SUMMARY_SKIPS]]
             if len(self.skips) > SUMMARY_SKIPS:
                 lines.append(f"  ... {len(self.skips) - SUMMARY_SKIPS} more")
@@ -905,7 +937,7 @@ def pack_with(
     ``PACK_INPUT_ERRORS`` before Ray starts and before ``pack_settings.json`` is written, so a corrected rerun
     is never refused by a half-written folder.
     """
-    out = job.out
+    out = destination(job.out)
     job.settings.check_files()
     _check_counts(workers, samples_per_shard, max_shard_bytes, max_retries)
     if job.settings.normal_estimator is not None:
@@ -921,14 +953,14 @@ def pack_with(
     plans = plan_shards(
         blocks, samples_per_shard, max_shard_bytes, sample_bytes_bound(job.settings.resolution)
     )
-    out.mkdir(parents=True, exist_ok=True)
+    out.prepare()
     _check_settings(out, job.settings, samples_per_shard, max_shard_bytes, listing_digest(blocks))
-    write_json(out / PACK_REPORT, {"skipped": [asdict(skip) for skip in skips]})
-    commits = CommitLog(out)
+    out.write_bytes(PACK_REPORT, json_bytes({"skipped": [asdict(skip) for skip in skips]}))
+    commits = DestinationCommitLog(out)
     check_committed_inputs(plans, commits)
     for plan in plans:  # a tar without its marker is a leftover of a killed run: it is rewritten
         if not commits.is_committed(plan.name):
-            (out / f"{plan.name}.tar").unlink(missing_ok=True)
+            out.remove(f"{plan.name}.tar")
     connect(address)
     units = [WorkUnit(plan.name, {"plan": plan}) for plan in plans]
     # one CPU per actor: a sample's work is single-threaded compiled loops and small torch ops, for which intra-op
@@ -943,8 +975,10 @@ def pack_with(
         desc="pack",
         progress=progress,
     )
-    samples = build_manifest(out)
-    return PackReport(report, shards=len(plans) - len(report.failed), samples=samples, out=out, skips=skips)
+    samples = build_manifest(out)  # last: a reader never sees a manifest naming a shard not yet written
+    return PackReport(
+        report, shards=len(plans) - len(report.failed), samples=samples, out=out.location, skips=skips
+    )
 
 
 def pack(
@@ -963,12 +997,13 @@ def pack(
     decode_threads: int = 1,
     strict: bool = False,
 ) -> PackReport:
-    """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``."""
-    if URL_LIKE.match(os.fspath(out)):  # Path() would turn s3://b/x into a local folder s3:/b/x
-        raise PackError(
-            f"--out {out}: pack writes a local or shared folder, not a URL or pipe: command; pack there, then copy "
-            "the folder to object storage and read it from its URL (docs/cluster.md)"
-        )
+    """``geodiff4d pack``: shards ``{source}-{shard:06d}.tar`` + stats markers + ``manifest.parquet`` in ``out``,
+    a folder, an fsspec URL (``s3://``, ``gs://``, ``file://``) or a ``pipe:`` command (datasets.destinations)."""
+    if isinstance(out, PurePath) and URL_LIKE.match(str(out)):  # Path() turned s3://b/x into a folder s3:/b/x
+        raise PackError(f"--out {out}: a URL given as a path; pass it as a string")
+    destination(
+        out
+    )  # refuses a location that cannot be written (http, a missing fsspec package) before any work
     settings = PackSettings(
         resolution=resolution,
         normal_estimator=str(normal_estimator) if normal_estimator else None,
@@ -989,22 +1024,24 @@ def pack(
 
 
 def _check_settings(
-    out: Path, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
+    out: Destination, settings: PackSettings, samples_per_shard: int, max_shard_bytes: int, digest: str
 ) -> None:
     """Resuming with other settings or another input listing would mix or keep stale shards under one manifest:
     refuse it. Written only after the inputs validated."""
-    path = out / PACK_SETTINGS
+    path = out.path(PACK_SETTINGS)
     wanted = {
         **settings.model_dump(),
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
         "listing_sha256": digest,
     }
-    stored = read_json(path, PackError) if path.exists() else {}
+    stored = parse_json(out.read_bytes(PACK_SETTINGS), path, PackError) if out.exists(PACK_SETTINGS) else {}
     if stored.get("listing_sha256", digest) != digest:
         raise PackError(
             f"{path}: the input listing changed since this folder was packed (samples added or removed; "
             f"listing sha256 {stored['listing_sha256'][:12]}... then, {digest[:12]}... now): its shards and "
             "manifest would be stale; pack into a new output folder"
         )
-    require_same_settings(path, wanted, error=PackError)
+    refuse_differences(path, settings_differences(stored, wanted) if stored else [], PackError)
+    if not stored:
+        out.write_bytes(PACK_SETTINGS, json_bytes(wanted))

@@ -13,9 +13,10 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
@@ -85,25 +86,39 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> list[MemberRecord]:
-    """Write ``samples`` as one tar at ``path`` (temp name + rename) -> the members' records in tar order."""
-    path = Path(path)
+def write_tar(stream: BinaryIO, samples: Iterable[Sample], label: str) -> list[MemberRecord]:
+    """Write ``samples`` as one tar to ``stream`` (written front to back, so a pipe or an upload can take it)
+    -> the members' records in tar order; ``label`` names the shard in errors."""
     ordered = sorted(samples, key=lambda s: check_key(str(s.get("__key__", ""))))
     keys = [s["__key__"] for s in ordered]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
-        raise ShardError(f"{path.name}: duplicated sample keys {duplicates[:5]}")
+        raise ShardError(f"{label}: duplicated sample keys {duplicates[:5]}")
     records = []
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for sample in ordered:
-                for name, data in _members(sample):
-                    start = tar.offset
-                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                    digest = hashlib.sha256(data).hexdigest()
-                    records.append(MemberRecord(name, start, tar.offset - padded, len(data), digest))
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for sample in ordered:
+            for name, data in _members(sample):
+                start = tar.offset
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                digest = hashlib.sha256(data).hexdigest()
+                records.append(MemberRecord(name, start, tar.offset - padded, len(data), digest))
     return records
+
+
+def tar_size(records: Sequence[MemberRecord]) -> int:
+    """Bytes of the tar :func:`write_tar` wrote: up to the last member's padded data, then two zero end blocks,
+    padded to tar's record size (what ``TarFile.close`` writes)."""
+    end = max(
+        (r.data_offset + -(-r.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for r in records), default=0
+    )
+    return -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> list[MemberRecord]:
+    """Write ``samples`` as one tar at the local ``path`` (temp name + rename) -> the members' records."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as stream:
+        return write_tar(stream, samples, Path(path).name)
 
 
 def group_members(records: Iterable[MemberRecord]) -> dict[str, list[MemberRecord]]:

@@ -26,6 +26,7 @@ from geodiff4d.datasets.loader import LoaderConfig, augment_driving
 from geodiff4d.datasets.locations import join
 from geodiff4d.datasets.manifest import read_manifest
 from geodiff4d.datasets.normal_maps import encode_normal_png
+from geodiff4d.datasets.packing import resolve_flame
 from geodiff4d.datasets.shards import iter_shard
 from geodiff4d.gen.model_run import load_run
 from geodiff4d.gen.pipeline import SampleOutput, sample_sequence, write_grid
@@ -67,6 +68,7 @@ def read_sequence(
                     "normal": _decode(sample["normal.png"], 3),
                     "meta": meta,
                 }
+    resolve_flame(item["meta"] for item in found.values())  # each frame's FLAME row is in one camera's json
     return found
 
 

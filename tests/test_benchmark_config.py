@@ -126,7 +126,8 @@ def test_missing_hold_out_camera_and_subject_are_named(tmp_path):
     result = _run(tmp_path, {**base, "holdout_cameras": ["222200046", "220700191", "999999999"]})
     assert (
         result.exit_code == 2
-        and "cameras ['999999999'] (train_camera/holdout_cameras) not recorded" in result.output
+        and "cameras ['999999999'] (train_camera/holdout_cameras, nvs_train_camera/nvs_holdout_cameras) not recorded"
+        in result.output
     )
     result = _run(tmp_path, {**base, "subjects": ["001", "042"]})
     assert result.exit_code == 2 and "subjects: ['042'] not in" in result.output
@@ -220,3 +221,39 @@ def test_jod_runs_at_the_frame_rate_of_the_data(tmp_path):
         write_video(video, np.zeros((2, 32, 32, 3), np.uint8), fps=24)
     with pytest.raises(BenchmarkError, match=r"\[eval:self\] scored sequences at different frame rates"):
         bench.data_fps("self", subjects)
+
+
+def test_novel_views_uses_the_nvs_benchmarks_split(tmp_path):
+    """novel_views is scored on the official NVS hold-outs (nersemble-benchmark's constants) by avatars of their
+    own, built from its train cameras: before, it reused the mono avatars (which saw 222200037, an NVS hold-out)
+    and scored the mono hold-outs."""
+    from nersemble_benchmark.constants import BENCHMARK_NVS_HOLD_OUT_SERIALS, BENCHMARK_NVS_TRAIN_SERIALS
+
+    from geodiff4d.cluster.benchmark import Benchmark
+    from geodiff4d.datasets.frame_folder import write_cameras
+
+    _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
+    path = tmp_path / "bench.yaml"
+    oracle = {"name": "oracle", "kind": "oracle"}
+    path.write_text(
+        yaml.safe_dump({"data": {"nersemble": str(tmp_path / "data")}, "methods": [*METHODS, oracle]})
+    )
+    bench = Benchmark(load_benchmark_config(path), tmp_path / "run")
+    subjects = bench.subjects()
+    bench.ground_truth("novel_views", subjects)
+    scored = bench.layout.gt("novel_views") / "rgb" / subjects[0].id / subjects[0].train_sequence
+    assert sorted(p.name for p in scored.iterdir()) == sorted(BENCHMARK_NVS_HOLD_OUT_SERIALS)
+    rig = nersemble_rig(width=32, height=32, focal=40.0)  # all 16 serials
+    write_cameras(
+        bench.layout.frames / "cameras" / subjects[0].id / f"{subjects[0].train_sequence}.json", rig
+    )
+    assert bench.training_views(subjects[0], "nvs") == sorted(BENCHMARK_NVS_TRAIN_SERIALS)
+    graph = bench.graph(subjects)
+    for method in bench.config.methods:
+        if method.kind not in ("oracle", "geodiff4d"):
+            continue
+        nvs_avatar = f"avatar:{bench.avatar_folder(method, 'nvs').name}:{subjects[0].id}"
+        assert bench.avatar_folder(method, "nvs") != bench.avatar_folder(method)
+        render = graph.stages[f"render:{method.name}:{subjects[0].id}:nvs"]
+        assert nvs_avatar in render.needs
+        assert [p.parts[-4] for p in render.outputs] == ["novel_views"]

@@ -349,12 +349,19 @@ def test_changed_inputs_of_committed_shards_are_refused_on_rerun(local_ray, data
     )
 
 
-@pytest.mark.parametrize("out", ["s3://bucket/shards", "https://host/shards", "pipe:cat {name}"])
-def test_pack_output_to_a_url_is_refused_not_written_to_a_local_folder(data, tmp_path, monkeypatch, out):
-    """Typer's Path turned s3://bucket/shards into a local folder s3:/bucket/shards; readers stream from URLs, pack
-    writes a folder that is copied up."""
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("s3://bucket/shards", "s3fs"),
+        ("https://host/shards", "read-only"),
+        ("pipe:cat > shards.tar", "{name}"),
+    ],
+)
+def test_a_pack_output_that_cannot_be_written_is_refused_before_any_work(
+    data, tmp_path, monkeypatch, out, message
+):
+    """s3:// without s3fs, http(s) (no upload) and a pipe: command without {name}: one message naming the
+    location, nothing written (Typer's Path used to fold s3://bucket into a local folder s3:/bucket)."""
     monkeypatch.chdir(tmp_path)
-    _assert_refused(
-        _pack(Path(out), "--source", f"synthhuman:{data / 'synthhuman'}"), "not a URL", "docs/cluster.md"
-    )
+    _assert_refused(_pack(out, "--source", f"synthhuman:{data / 'synthhuman'}"), out, message)
     assert list(tmp_path.iterdir()) == [tmp_path / "data"]

@@ -14,7 +14,7 @@ import webdataset as wds
 
 from geodiff4d.core.jobs import CommitLog
 from geodiff4d.datasets.manifest import MANIFEST_NAME, build_manifest, read_manifest, shard_stats
-from geodiff4d.datasets.shards import ShardError, iter_shard, shard_name, write_shard
+from geodiff4d.datasets.shards import ShardError, iter_shard, shard_name, tar_size, write_shard
 from geodiff4d.datasets.verify import verify
 
 MEMBERS = ("json", "mask.png", "normal.png", "posemap.png", "rgb.png")
@@ -67,7 +67,7 @@ def write_dataset(out: Path, samples: list[dict], per_shard: int) -> dict[str, i
             chunk = mine[start : start + per_shard]
             path = out / f"{shard_name(source, index)}.tar"
             ids = {s["__key__"]: json.loads(s["json"]) for s in chunk}
-            commits.commit(shard_name(source, index), shard_stats(path, ids, write_shard(path, chunk)))
+            commits.commit(shard_name(source, index), shard_stats(path.name, ids, write_shard(path, chunk)))
             counts[source] = index + 1
     build_manifest(out)
     return counts
@@ -94,6 +94,7 @@ def test_shard_is_deterministic_and_offsets_point_at_the_data(tmp_path):
         assert record.sha256 == hashlib.sha256(member).hexdigest()
         header = tarfile.TarInfo.frombuf(data[record.offset : record.offset + 512], "utf-8", "strict")
         assert header.name == record.name
+    assert tar_size(a_records) == len(data)  # the size a stats marker records without reading the file back
     assert not list(tmp_path.glob(".*tmp"))
 
 

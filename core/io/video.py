@@ -7,11 +7,13 @@ the same. Determinism: single-threaded libx264 with fixed options, frame-index t
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -98,6 +100,71 @@ def _frame_array(frame: av.VideoFrame, reformatter: VideoReformatter, gray: bool
     return reformatter.reformat(frame, format="gray" if gray else "rgb24").to_ndarray()
 
 
+def _plane(frame: av.VideoFrame, index: int) -> np.ndarray:
+    """Plane ``index`` of a planar frame as a uint8 [h, w] view (no copy; rows padded to the line size)."""
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, : plane.width]
+
+
+def _planar(frame: av.VideoFrame) -> bool:
+    return frame.format.name in ("yuv420p", "yuvj420p")
+
+
+class LazyRgb:
+    """A decoded yuv420p frame converted to RGB only where asked: swscale on a window's planes (window bounds
+    rounded out to even pixels, so its chroma samples are the full frame's) gives exactly the pixels of the full
+    frame's conversion there, so a head crop of a 3208x2200 capture converts only its own pixels."""
+
+    def __init__(self, frame: av.VideoFrame, reformatter: VideoReformatter):
+        self.frame, self.reformatter, self._full = frame, reformatter, None
+        self.shape = (frame.height, frame.width, 3)
+
+    def full(self) -> np.ndarray:
+        """uint8 [H, W, 3] of the whole frame (converted once)."""
+        if self._full is None:
+            self._full = _frame_array(self.frame, self.reformatter, gray=False)
+        return self._full
+
+    def window(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """uint8 [y1 - y0, x1 - x0, 3]: the frame's RGB pixels of the window (inside the frame)."""
+        if self._full is not None or not _planar(self.frame):
+            return self.full()[y0:y1, x0:x1]
+        ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
+        ex1, ey1 = min(x1 + x1 % 2, self.shape[1]), min(y1 + y1 % 2, self.shape[0])
+        if ex1 - ex0 < 2 or ey1 - ey0 < 2 or (ex1 - ex0) % 2 or (ey1 - ey0) % 2:
+            return self.full()[y0:y1, x0:x1]  # a sliver at an odd frame edge: not worth a special case
+        luma = _plane(self.frame, 0)[ey0:ey1, ex0:ex1]
+        chroma = [_plane(self.frame, i)[ey0 // 2 : ey1 // 2, ex0 // 2 : ex1 // 2] for i in (1, 2)]
+        stacked = np.concatenate([luma.reshape(-1), *(c.reshape(-1) for c in chroma)])  # yuv420p layout
+        window = av.VideoFrame.from_ndarray(stacked.reshape(-1, ex1 - ex0), format=self.frame.format.name)
+        window.colorspace, window.color_range = self.frame.colorspace, self.frame.color_range
+        rgb = self.reformatter.reformat(window, format="rgb24").to_ndarray()  # [ey1 - ey0, ex1 - ex0, 3]
+        return rgb[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]
+
+
+def _neutral_red(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
+    """The red channel swscale gives each luma level at neutral chroma (128): [256] uint8, for ``frame``'s
+    format, colour space and range."""
+    luma = np.tile(np.arange(256, dtype=np.uint8).repeat(2), 2)  # Y [2, 512]: each level on a 2x2 block
+    planes = np.concatenate([luma, np.full(512, 128, np.uint8)])  # then U [1, 256] and V [1, 256]
+    probe = av.VideoFrame.from_ndarray(planes.reshape(3, 512), format=frame.format.name)
+    probe.colorspace, probe.color_range = frame.colorspace, frame.color_range
+    return reformatter.reformat(probe, format="rgb24").to_ndarray()[0, ::2, 0]
+
+
+def _alpha_array(frame: av.VideoFrame, reformatter: VideoReformatter, lut: dict) -> np.ndarray:
+    """uint8 [H, W]: the red channel of the RGB decode, as the official data manager reads alpha maps, from the
+    luma plane alone: alpha videos are gray, so their chroma is neutral and red is a function of luma (checked on
+    every frame; any other chroma takes the full RGB decode)."""
+    if _planar(frame):
+        if all(np.all(_plane(frame, i) == 128) for i in (1, 2)):
+            key = (frame.format.name, frame.colorspace, frame.color_range)
+            if key not in lut:
+                lut[key] = _neutral_red(VideoReformatter(), frame)
+            return lut[key][_plane(frame, 0)]
+    return _frame_array(frame, reformatter, gray=False)[..., 0]
+
+
 def iter_video(path: str | os.PathLike, gray: bool = False) -> Iterator[np.ndarray]:
     """Yield uint8 frames [H, W, 3] (or [H, W] with ``gray``); raises VideoError if decoding falls short."""
     container = _open(path)
@@ -135,6 +202,9 @@ class _SeekMissed(Exception):
     """A seek whose first frame cannot be placed at or before the target (raised before anything is yielded)."""
 
 
+PIXELS = ("rgb", "gray", "alpha", "lazy")
+
+
 def iter_video_range(
     path: str | os.PathLike,
     start: int,
@@ -142,8 +212,13 @@ def iter_video_range(
     gray: bool = False,
     threads: int = 1,
     count: DecodeCount | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
+    pixels: str | None = None,
+) -> Iterator[tuple[int, Any]]:
     """Yield (index, uint8 frame) for ``start <= index < stop``, decoding from the keyframe before ``start``.
+
+    ``pixels``: "rgb" [H, W, 3] (the default), "gray" [H, W] (also ``gray=True``), "alpha" [H, W] (an alpha
+    map's red channel as the official reader takes it, from luma alone: :func:`_alpha_array`) or "lazy" (a
+    :class:`LazyRgb` converting only the windows asked for).
 
     Decoding from frame 0 for every window would make a sequence split into N windows cost O(N^2) frames, so
     this seeks; timestamps give each frame's index. When they cannot (no pts or frame rate, or a seek that
@@ -152,16 +227,27 @@ def iter_video_range(
     """
     if not 0 <= start < stop:
         raise VideoError(f"{path}: invalid frame range [{start}, {stop})")
+    pixels = pixels or ("gray" if gray else "rgb")
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
     count = count if count is not None else DecodeCount()
     try:
-        yield from _decode_range(path, start, stop, gray, threads, count, seek=start > 0)
+        yield from _decode_range(path, start, stop, pixels, threads, count, seek=start > 0)
     except _SeekMissed:
-        yield from _decode_range(path, start, stop, gray, threads, count, seek=False)
+        yield from _decode_range(path, start, stop, pixels, threads, count, seek=False)
+
+
+def _converter(pixels: str, reformatter: VideoReformatter) -> Callable[[av.VideoFrame], Any]:
+    if pixels == "alpha":
+        return functools.partial(_alpha_array, reformatter=reformatter, lut={})
+    if pixels == "lazy":
+        return functools.partial(LazyRgb, reformatter=reformatter)
+    return functools.partial(_frame_array, reformatter=reformatter, gray=pixels == "gray")
 
 
 def _decode_range(
-    path: str | os.PathLike, start: int, stop: int, gray: bool, threads: int, count: DecodeCount, seek: bool
-) -> Iterator[tuple[int, np.ndarray]]:
+    path: str | os.PathLike, start: int, stop: int, pixels: str, threads: int, count: DecodeCount, seek: bool
+) -> Iterator[tuple[int, Any]]:
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -172,7 +258,7 @@ def _decode_range(
             if not rate or stream.time_base is None:
                 raise _SeekMissed
             container.seek((stream.start_time or 0) + int(start / rate / stream.time_base), stream=stream)
-        expected, reformatter = start, VideoReformatter()
+        expected, convert = start, _converter(pixels, VideoReformatter())
         try:
             for position, frame in enumerate(container.decode(stream)):
                 count.frames += 1
@@ -187,7 +273,7 @@ def _decode_range(
                     raise VideoError(
                         f"{path}: frame {index} follows frame {expected - 1}: frames missing or reordered"
                     )
-                yield index, _frame_array(frame, reformatter, gray)
+                yield index, convert(frame)
                 expected += 1
                 if expected == stop:
                     return
