@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ class Benchmark:
     ):
         self.config, self.layout, self.address, self.echo = config, Layout(Path(out).resolve()), address, echo
         self.commits = CommitLog(self.layout.state)
+        self._locks_lock, self._generation_locks = threading.Lock(), dict[str, threading.Lock]()
 
     # -- inputs -----------------------------------------------------------------------------------------
     @property
@@ -331,44 +333,20 @@ class Benchmark:
         )  # in the model's key, or resources
         return digest({"model": str(self.model_run(method)), "generation": generation})
 
-    def generate(self, method: MethodConfig, subject: Subject) -> dict:
-        """Multi-view image+normal frames of the training sequence from the subject's reference image, by
-        ``geodiff4d generate`` (its spec written into the run): the reference is the train camera's first frame
-        and the driving its video, as packed; the identity and head motion come from the sequence's tracking."""
+    def generate(self, method: MethodConfig, subjects: list[Subject]) -> dict:
+        """Multi-view image+normal frames of each subject's training sequence from its reference image, by one
+        ``geodiff4d generate`` over all ``subjects`` (its spec written into the run), so each actor loads the model
+        once for all of them: the reference is the train camera's first frame and the driving its video, as
+        packed; the identity and head motion come from the sequence's tracking."""
         from geodiff4d.gen.generate import generate
 
-        variant = method_config(self.config, method)
-        c, out = variant.generation, self.layout.generated / self.generation_key(method)
-        run, frames = self.model_run(method), self.layout.frames
-        tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
-        shards = self.shards(method, "inputs")
-        packed = {
-            "shards": str(shards),
-            "subject": subject.id,
-            "sequence": subject.train_sequence,
-            "camera": self.config.train_camera,
-        }
-        entry = {
-            "name": subject.id,
-            "sequence": subject.train_sequence,
-            "reference": {**packed, "frame": 0},
-            "identity": {"tracking": str(tracking)},
-            "cameras": {
-                "cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
-                "serials": c.views or self.training_views(subject),
-            },
-            "driving": packed,
-            "frames": c.frames
-            or len(
-                list(
-                    (frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera).glob(
-                        "*.png"
-                    )
-                )
-            ),
-        }
-        spec = out / "specs" / f"{subject.id}.yaml"
-        write_yaml(spec, {"run": str(run), "seed": c.seed, "subjects": [entry]})
+        c, out = (
+            method_config(self.config, method).generation,
+            self.layout.generated / self.generation_key(method),
+        )
+        entries = [self.generate_entry(method, subject) for subject in subjects]
+        spec = out / "specs" / f"{digest([s.id for s in subjects])}.yaml"
+        write_yaml(spec, {"run": str(self.model_run(method)), "seed": c.seed, "subjects": entries})
         report = generate(
             spec,
             out,
@@ -379,7 +357,42 @@ class Benchmark:
         )
         if not report.ok:
             raise RuntimeError(f"generate failed:\n{report.summary()}")
-        return {"frames": entry["frames"], "views": len(entry["cameras"]["serials"])}
+        return {e["name"]: {"frames": e["frames"], "views": len(e["cameras"]["serials"])} for e in entries}
+
+    def generate_entry(self, method: MethodConfig, subject: Subject) -> dict:
+        """The subject's entry of a generate spec."""
+        c, frames = method_config(self.config, method).generation, self.layout.frames
+        tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
+        packed = {
+            "shards": str(self.shards(method, "inputs")),
+            "subject": subject.id,
+            "sequence": subject.train_sequence,
+            "camera": self.config.train_camera,
+        }
+        train_view = frames / "rgb" / subject.id / subject.train_sequence / self.config.train_camera
+        return {
+            "name": subject.id,
+            "sequence": subject.train_sequence,
+            "reference": {**packed, "frame": 0},
+            "identity": {"tracking": str(tracking)},
+            "cameras": {
+                "cameras_json": str(frames / "cameras" / subject.id / f"{subject.train_sequence}.json"),
+                "serials": c.views or self.training_views(subject),
+            },
+            "driving": packed,
+            "frames": c.frames or len(list(train_view.glob("*.png"))),
+        }
+
+    def generate_stage(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
+        """One subject's generation stage: the first such stage of a model to run generates every subject whose
+        frames are exported, in one run (one model load per actor); the others wait for it (a lock per generation
+        key) and then find their units committed."""
+        key = self.generation_key(method)
+        with self._locks_lock:
+            lock = self._generation_locks.setdefault(key, threading.Lock())
+        ready = [s for s in subjects if s.id == subject.id or self.commits.is_committed(f"frames:{s.id}")]
+        with lock:
+            return self.generate(method, ready)[subject.id]
 
     def training_views(self, subject: Subject) -> list[str]:
         from geodiff4d.datasets.frame_folder import read_cameras
@@ -557,10 +570,11 @@ class Benchmark:
                     path.unlink(missing_ok=True)
 
     def clean_generated(self, method: MethodConfig, subject: Subject) -> None:
+        from geodiff4d.datasets.frame_tars import TARS
         from geodiff4d.gen.generate import STATE
 
         out = self.layout.generated / self.generation_key(method)
-        for kind in ("rgb", "normal", "mask"):
+        for kind in ("rgb", "normal", "mask", TARS):
             shutil.rmtree(out / kind / subject.id, ignore_errors=True)
         for marker in (out / STATE / "commits").glob(f"{subject.id}.*"):
             marker.unlink()
@@ -687,7 +701,7 @@ class Benchmark:
         for subject in subjects:
             chain = [frames[subject.id], *trained.get(method.name, [])]
             if method.kind == "geodiff4d":
-                chain = [self._add_generate_stage(graph, method, subject, chain)]
+                chain = [self._add_generate_stage(graph, method, subject, chain, frames, subjects)]
             avatar = f"avatar:{self.avatar_folder(method).name}:{subject.id}"
             if avatar not in graph.stages:
                 # reconstructions from real frames wait for training: training asks Ray for whole workers'
@@ -713,16 +727,25 @@ class Benchmark:
         return produced
 
     def _add_generate_stage(
-        self, graph: StageGraph, method: MethodConfig, subject: Subject, needs: list[str]
+        self,
+        graph: StageGraph,
+        method: MethodConfig,
+        subject: Subject,
+        needs: list[str],
+        frames: dict[str, str],
+        subjects: list[Subject],
     ) -> str:
-        """The generation stage of one subject (shared by methods with the same generation key): its name."""
+        """The generation stage of one subject (shared by methods with the same generation key): its name. It
+        starts once every subject's frames are exported, so that one generate run covers them all; it reruns only
+        with its own subject's inputs."""
         generated = f"generate:{self.generation_key(method)}:{subject.id}"
         out = self.layout.generated / self.generation_key(method) / "rgb" / subject.id
         if generated not in graph.stages:
             graph.add(
                 generated,
-                lambda m=method, s=subject: self.generate(m, s),
+                lambda m=method, s=subject: self.generate_stage(m, s, subjects),
                 needs=needs,
+                waits_for=[stage for name, stage in frames.items() if name != subject.id],
                 outputs=[out],
                 clean=lambda m=method, s=subject: self.clean_generated(m, s),
             )
