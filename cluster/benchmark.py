@@ -41,7 +41,7 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.core.io.images import read_rgb8
 from geodiff4d.core.io.json_yaml import read_yaml, write_json, write_yaml
-from geodiff4d.core.jobs import CommitLog
+from geodiff4d.core.jobs import CommitLog, JobReport
 from geodiff4d.core.runtime import connect
 from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.core.stage_graph import GraphReport, StageGraph
@@ -333,7 +333,7 @@ class Benchmark:
         )  # in the model's key, or resources
         return digest({"model": str(self.model_run(method)), "generation": generation})
 
-    def generate(self, method: MethodConfig, subjects: list[Subject]) -> dict:
+    def generate(self, method: MethodConfig, subjects: list[Subject]) -> tuple[dict, JobReport]:
         """Multi-view image+normal frames of each subject's training sequence from its reference image, by one
         ``geodiff4d generate`` over all ``subjects`` (its spec written into the run), so each actor loads the model
         once for all of them: the reference is the train camera's first frame and the driving its video, as
@@ -355,9 +355,8 @@ class Benchmark:
             address=self.address,
             progress=False,
         )
-        if not report.ok:
-            raise RuntimeError(f"generate failed:\n{report.summary()}")
-        return {e["name"]: {"frames": e["frames"], "views": len(e["cameras"]["serials"])} for e in entries}
+        stats = {e["name"]: {"frames": e["frames"], "views": len(e["cameras"]["serials"])} for e in entries}
+        return stats, report
 
     def generate_entry(self, method: MethodConfig, subject: Subject) -> dict:
         """The subject's entry of a generate spec."""
@@ -386,13 +385,19 @@ class Benchmark:
     def generate_stage(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
         """One subject's generation stage: the first such stage of a model to run generates every subject whose
         frames are exported, in one run (one model load per actor); the others wait for it (a lock per generation
-        key) and then find their units committed."""
+        key) and then find their units committed. It fails only when units of its own subject failed."""
         key = self.generation_key(method)
         with self._locks_lock:
             lock = self._generation_locks.setdefault(key, threading.Lock())
         ready = [s for s in subjects if s.id == subject.id or self.commits.is_committed(f"frames:{s.id}")]
         with lock:
-            return self.generate(method, ready)[subject.id]
+            stats, report = self.generate(method, ready)
+        failed = sorted(
+            f"{unit}: {error}" for unit, error in report.failed.items() if unit.split(".")[0] == subject.id
+        )
+        if failed:  # another subject's failures fail that subject's stage only
+            raise RuntimeError("generate failed:\n" + "\n".join(failed))
+        return stats[subject.id]
 
     def training_views(self, subject: Subject) -> list[str]:
         from geodiff4d.datasets.frame_folder import read_cameras

@@ -363,10 +363,14 @@ def generate(
 ) -> None:
     """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""
     from geodiff4d.gen.generate import generate as run_generate
+    from geodiff4d.gen.generate import input_failures
 
     report = run_generate(
         spec, out, workers, gpus_per_worker, address, output_format=output_format, cache_mb=inputs_cache_mb
     )
+    bad_inputs = input_failures(report)
+    if bad_inputs is not None:  # found by the actor that prepared the subject: one message, as before Ray
+        raise bad_inputs
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)

@@ -363,8 +363,8 @@ def generate(
     """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable. The
     driver holds the plan only; actors prepare subjects as they reach them. `gpus_per_worker` None: one GPU per
     actor when the cluster has GPUs, else the CPU. `output_format` (png or tar) overrides the spec's `format`;
-    `cache_mb` bounds each actor's prepared subjects (default DEFAULT_ACTOR_CACHE_MB).
-    Inputs that turn out unusable in an actor (e.g. no face in the reference) raise one InputError."""
+    `cache_mb` bounds each actor's prepared subjects (default DEFAULT_ACTOR_CACHE_MB). Units of inputs that turn
+    out unusable in an actor fail like others (`input_failures` makes them one message)."""
     spec, subjects = plan(spec_path, out, output_format)
     units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
     connect(address)
@@ -388,9 +388,13 @@ def generate(
         sizes={u.id: (u.payload["stop"] - u.payload["start"]) * len(u.payload["cameras"]) for u in units},
         size_name="frame",
     )
-    bad_inputs = sorted(
+    return report
+
+
+def input_failures(report: JobReport) -> InputError | None:
+    """The unusable inputs a run's actors found (e.g. no face in a reference), each message once, as one error to
+    end the command with; None when there were none."""
+    found = sorted(
         {e.removeprefix(INPUT_FAILURE) for e in report.failed.values() if e.startswith(INPUT_FAILURE)}
     )
-    if bad_inputs:
-        raise InputError("\n".join(bad_inputs))
-    return report
+    return InputError("\n".join(found)) if found else None

@@ -379,7 +379,11 @@ def test_cached_inputs_are_no_pickle_and_a_planted_one_is_never_run(tmp_path):
     inputs_path(out, "s0").parent.mkdir(parents=True)
     inputs_path(out, "s0").write_bytes(pickle.dumps({"key": "k", "inputs": _Planted(marker)}))
     inputs = _subject_inputs()
-    assert prepare_once(inputs_path(out, "s0"), "k", lambda: inputs) is inputs  # prepared again, not loaded
+    made = []
+    again = prepare_once(inputs_path(out, "s0"), "k", lambda: made.append(1) or inputs)
+    assert made == [1] and torch.equal(
+        again.driving, inputs.driving
+    )  # prepared again (and read back), not loaded
     assert not marker.exists()  # torch.load(weights_only=False) ran it
 
     inputs_path(out, "s0").write_bytes(pickle.dumps({"key": "k", "inputs": _Planted(marker)}))

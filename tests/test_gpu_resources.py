@@ -164,7 +164,8 @@ def test_the_benchmark_generates_every_subject_of_a_model_in_one_run(tmp_path, m
         geodiff4d.gen.generate,
         "generate",
         lambda spec, *args, **kw: (
-            specs.append([e["name"] for e in read_yaml(spec)["subjects"]]) or JobReport()
+            specs.append([e["name"] for e in read_yaml(spec)["subjects"]])
+            or JobReport(failed={"001.f00000-00002.c000": "RuntimeError: boom"})
         ),
     )
     config = load_benchmark_config(_config(tmp_path, {}))
@@ -172,14 +173,22 @@ def test_the_benchmark_generates_every_subject_of_a_model_in_one_run(tmp_path, m
     subjects = [Subject(f"00{i}", "SEQ", ("TEST",)) for i in range(3)]
     for subject in subjects[:2]:  # the third subject's export has not been committed (it failed)
         bench.commits.commit(f"frames:{subject.id}", {})
-    threads = [
-        threading.Thread(target=bench.generate_stage, args=(method, s, subjects)) for s in subjects[:2]
-    ]
+    outcomes: dict[str, object] = {}
+
+    def stage(subject: Subject) -> None:
+        try:
+            outcomes[subject.id] = bench.generate_stage(method, subject, subjects)
+        except RuntimeError as error:
+            outcomes[subject.id] = str(error)
+
+    threads = [threading.Thread(target=stage, args=(s,)) for s in subjects[:2]]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert specs == [["000", "001"], ["000", "001"]]  # the second finds the first's units committed
+    assert outcomes["000"] == {"frames": 2, "views": 1}  # 001's failed unit fails 001's stage only
+    assert "001.f00000-00002.c000: RuntimeError: boom" in outcomes["001"]
     graph = bench.graph(subjects)
     stage = graph.stages[f"generate:{bench.generation_key(method)}:000"]
     assert set(stage.needs) >= {"frames:000"} and set(stage.waits_for) == {"frames:001", "frames:002"}
