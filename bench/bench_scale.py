@@ -9,6 +9,12 @@ machine with the memory for it). The listing is what list_nersemble returns: a b
 runs in its own process so that its peak memory is its own; each time is also a ratio to a reference measured
 in the same run on the same number of samples (making the sample keys; parsing the stats markers with json;
 reading the manifest's key column).
+
+``--parts generate`` measures `geodiff4d generate`'s driver at NeRSemble scale instead (425 subjects x 16 cameras x
+300 frames, one spec entry per subject as the benchmark writes them, with synthetic metadata: a cameras JSON per
+subject and placeholder shards, tracking and weights files that the driver only stats): the time to validate the
+spec, list every subject's cameras and plan the units (gen.generate.plan and plan_units), the resume check over
+every unit's commit marker, and the driver's peak memory (Python allocations by tracemalloc, and peak RSS).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from geodiff4d.core.jobs import CommitLog
@@ -32,6 +39,7 @@ from geodiff4d.datasets.packing import SampleBlock, listing_digest, plan_shards,
 from geodiff4d.datasets.verify import ManifestIndex
 
 FULL_SUBJECTS, SEQUENCES, CAMERAS, FRAMES = 400, 20, 16, 300
+GENERATE_SUBJECTS = 425  # NeRSemble's subjects, each generated at CAMERAS x FRAMES
 MEMBERS = ("json", "mask.png", "normal.png", "posemap.png", "rgb.png")
 
 
@@ -146,6 +154,86 @@ def stage_verify(_: int, out: Path) -> dict[str, Any]:
     }
 
 
+def generate_listing(root: Path, subjects: int) -> Path:
+    """A generate spec of ``subjects`` entries as the benchmark writes them, over synthetic metadata: per subject a
+    cameras JSON of CAMERAS views; the shards, tracking files and weights are placeholders the driver only stats."""
+    import yaml
+
+    from geodiff4d.datasets.cameras import intrinsics, look_at_camera
+    from geodiff4d.datasets.frame_folder import write_cameras
+    from geodiff4d.gen.checkpoint import WEIGHTS
+    from geodiff4d.gen.model_run import CONFIG_FILE
+
+    (root / "run").mkdir(parents=True)
+    (root / "run" / CONFIG_FILE).write_text(
+        (Path(__file__).parents[1] / "configs" / "paper.yaml").read_text()
+    )
+    (root / "run" / WEIGHTS).write_bytes(b"placeholder")
+    (root / "shards").mkdir()
+    (root / "shards" / "manifest.parquet").write_bytes(b"placeholder")
+    K = intrinsics(2000.0, 2200, 3208)
+    rig = {
+        f"{220700191 + i}": look_at_camera(
+            np.array([np.sin(a), 0.0, np.cos(a)]), np.zeros(3), np.array([0.0, 1.0, 0.0]), K, 2200, 3208
+        )
+        for i, a in enumerate(np.linspace(-1.2, 1.2, CAMERAS))
+    }
+    entries = []
+    for s in range(subjects):
+        name = f"{s:03d}"
+        write_cameras(root / "cameras" / f"{name}.json", rig)
+        (root / "tracking" / f"{name}.npz").parent.mkdir(exist_ok=True)
+        (root / "tracking" / f"{name}.npz").write_bytes(b"placeholder")
+        packed = {"shards": str(root / "shards"), "subject": name, "sequence": "EXP-1", "camera": "220700191"}
+        entries.append(
+            {
+                "name": name,
+                "sequence": "EXP-1",
+                "reference": {**packed, "frame": 0},
+                "identity": {"tracking": str(root / "tracking" / f"{name}.npz")},
+                "cameras": {"cameras_json": str(root / "cameras" / f"{name}.json")},
+                "driving": packed,
+                "frames": FRAMES,
+            }
+        )
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"run": str(root / "run"), "frames_per_unit": 32, "subjects": entries}))
+    return spec
+
+
+def _plan_generate(root: Path) -> tuple[list, float, float]:
+    """The generate driver's plan of the listing's spec, then its resume check: (units, plan s, resume s)."""
+    from geodiff4d.gen.generate import STATE, plan, plan_units
+
+    start = time.perf_counter()
+    spec, planned = plan(root / "spec.yaml", root / "out")
+    units = [u for s in planned for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
+    planned_s = time.perf_counter() - start
+    commits = CommitLog(root / "out" / STATE / "commits")
+    pending = [u for u in units if not commits.is_committed(u.id)]
+    assert len(pending) == len(units) == len({u.id for u in units})
+    return units, planned_s, time.perf_counter() - start - planned_s
+
+
+def stage_generate_plan(subjects: int, root: Path) -> dict[str, Any]:
+    """Times and peak RSS of the plan (nothing is decoded); every frame is in exactly one unit."""
+    units, plan_s, resume_s = _plan_generate(root)
+    frames = sum((u.payload["stop"] - u.payload["start"]) * len(u.payload["cameras"]) for u in units)
+    assert frames == subjects * CAMERAS * FRAMES
+    return {"plan_s": plan_s, "resume_s": resume_s, "units": len(units)}
+
+
+def stage_generate_plan_allocations(_: int, root: Path) -> dict[str, Any]:
+    """The plan's peak Python allocations (tracemalloc, which slows it: timed in another process)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    _plan_generate(root)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"python_peak_mb": peak / 2**20}
+
+
 def _child(stage: Callable, subjects: int, out: Path, results: multiprocessing.Queue) -> None:
     baseline = _memory_mb("VmRSS")
     figures = stage(subjects, out)
@@ -188,21 +276,33 @@ def at_full_size(small: float, large: float, sizes: tuple[int, int]) -> float:
     return large + slope * (FULL_SUBJECTS - sizes[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def generate_plan_figures(subjects: int) -> None:
+    """`geodiff4d generate`'s driver over ``subjects`` subjects, in its own process (peak memory its own)."""
+    import geodiff4d.gen.generate  # noqa: F401 - imported before the fork, so the child's RSS growth is the plan's
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-generate-") as tmp:
+        listed = time.perf_counter()
+        generate_listing(Path(tmp), subjects)
+        listed = time.perf_counter() - listed
+        f = run_stage(stage_generate_plan, subjects, Path(tmp))
+        f["python_peak_mb"] = run_stage(stage_generate_plan_allocations, subjects, Path(tmp))[
+            "python_peak_mb"
+        ]
+    print(
+        f"generate plan: {subjects} subjects x {CAMERAS} cameras x {FRAMES} frames = "
+        f"{subjects * CAMERAS * FRAMES:,} frames in {f['units']:,} units (synthetic listing written in {listed:.1f} s)"
     )
-    parser.add_argument(
-        "--subjects",
-        type=int,
-        nargs=2,
-        default=(1, 4),
-        metavar=("SMALL", "LARGE"),
-        help=f"two slices of the {FULL_SUBJECTS} subjects (default 1 4)",
+    print(
+        f"  spec validated, cameras listed, units planned in {f['plan_s']:.2f} s; resume check over every unit's "
+        f"commit marker {f['resume_s']:.2f} s"
     )
-    sizes = tuple(parser.parse_args().subjects)
-    if not 0 < sizes[0] < sizes[1]:
-        parser.error("--subjects SMALL LARGE needs 0 < SMALL < LARGE")
+    print(
+        f"  driver peak: RSS +{f['peak_mb']:.0f} MB over the process's start (modules imported before); Python allocations "
+        f"{f['python_peak_mb']:.1f} MB (tracemalloc, in a second run, which it slows)"
+    )
+
+
+def pack_figures(sizes: tuple[int, int]) -> None:
     runs = {}
     for subjects in sizes:
         samples = subjects * SEQUENCES * CAMERAS * FRAMES
@@ -241,6 +341,36 @@ def main() -> None:
             f"  {label}: ~{at_full_size(small[seconds], large[seconds], sizes) / 60:.1f} min, "
             f"peak ~{at_full_size(small['peak_mb'], large['peak_mb'], sizes) / 1024:.2f} GB"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        nargs=2,
+        default=(1, 4),
+        metavar=("SMALL", "LARGE"),
+        help=f"two slices of the {FULL_SUBJECTS} subjects (default 1 4)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("pack", "generate"),
+        default=("pack", "generate"),
+        help="pack: the pack/manifest/verify figures; generate: generate's driver at NeRSemble scale",
+    )
+    parser.add_argument("--generate-subjects", type=int, default=GENERATE_SUBJECTS, help="subjects to plan")
+    args = parser.parse_args()
+    sizes = tuple(args.subjects)
+    if not 0 < sizes[0] < sizes[1]:
+        parser.error("--subjects SMALL LARGE needs 0 < SMALL < LARGE")
+    if "pack" in args.parts:
+        pack_figures(sizes)
+    if "generate" in args.parts:
+        generate_plan_figures(args.generate_subjects)
 
 
 if __name__ == "__main__":

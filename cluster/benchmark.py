@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.core.io.images import read_rgb8
 from geodiff4d.core.io.json_yaml import read_yaml, write_json, write_yaml
-from geodiff4d.core.jobs import CommitLog
+from geodiff4d.core.jobs import CommitLog, JobReport
 from geodiff4d.core.runtime import connect
 from geodiff4d.core.settings_match import refuse_differences, settings_differences
 from geodiff4d.core.stage_graph import GraphReport, StageGraph
@@ -100,6 +101,7 @@ class Benchmark:
     ):
         self.config, self.layout, self.address, self.echo = config, Layout(Path(out).resolve()), address, echo
         self.commits = CommitLog(self.layout.state)
+        self._locks_lock, self._generation_locks = threading.Lock(), dict[str, threading.Lock]()
 
     # -- inputs -----------------------------------------------------------------------------------------
     @property
@@ -363,25 +365,47 @@ class Benchmark:
         )  # in the model's key, or resources
         return digest({"model": str(self.model_run(method)), "generation": generation, **_split_key(split)})
 
-    def generate(self, method: MethodConfig, subject: Subject, split: str = "mono") -> dict:
-        """Multi-view image+normal frames of the training sequence from the subject's reference image, by
-        ``geodiff4d generate`` (its spec written into the run): the reference is the split's input camera's first
-        frame and the driving its video, as packed; the identity and head motion come from the sequence's
-        tracking; the views are the split's training views."""
+    def generate(
+        self, method: MethodConfig, subjects: list[Subject], split: str = "mono"
+    ) -> tuple[dict, JobReport]:
+        """Multi-view image+normal frames of each subject's training sequence from its reference image, by one
+        ``geodiff4d generate`` over all ``subjects`` (its spec written into the run), so each actor loads the model
+        once for all of them: the reference is the split's input camera's first frame and the driving its video,
+        as packed; the identity and head motion come from the sequence's tracking; the views are the split's
+        training views."""
         from geodiff4d.gen.generate import generate
 
-        variant, camera = method_config(self.config, method), self.split_cameras(split)[0]
-        c, out = variant.generation, self.layout.generated / self.generation_key(method, split)
-        run, frames = self.model_run(method), self.layout.frames
+        c, out = (
+            method_config(self.config, method).generation,
+            self.layout.generated / self.generation_key(method, split),
+        )
+        entries = [self.generate_entry(method, subject, split) for subject in subjects]
+        spec = out / "specs" / f"{digest([s.id for s in subjects])}.yaml"
+        write_yaml(spec, {"run": str(self.model_run(method)), "seed": c.seed, "subjects": entries})
+        report = generate(
+            spec,
+            out,
+            workers=c.workers,
+            gpus_per_worker=c.gpus_per_worker,
+            address=self.address,
+            progress=False,
+        )
+        stats = {e["name"]: {"frames": e["frames"], "views": len(e["cameras"]["serials"])} for e in entries}
+        return stats, report
+
+    def generate_entry(self, method: MethodConfig, subject: Subject, split: str = "mono") -> dict:
+        """The subject's entry of a generate spec."""
+        c, frames = method_config(self.config, method).generation, self.layout.frames
+        camera = self.split_cameras(split)[0]
         tracking = frames / "tracking" / subject.id / f"{subject.train_sequence}.npz"
-        shards = self.shards(method, "inputs")
         packed = {
-            "shards": str(shards),
+            "shards": str(self.shards(method, "inputs")),
             "subject": subject.id,
             "sequence": subject.train_sequence,
             "camera": camera,
         }
-        entry = {
+        input_view = frames / "rgb" / subject.id / subject.train_sequence / camera
+        return {
             "name": subject.id,
             "sequence": subject.train_sequence,
             "reference": {**packed, "frame": 0},
@@ -391,22 +415,27 @@ class Benchmark:
                 "serials": c.views or self.training_views(subject, split),
             },
             "driving": packed,
-            "frames": c.frames
-            or len(list((frames / "rgb" / subject.id / subject.train_sequence / camera).glob("*.png"))),
+            "frames": c.frames or len(list(input_view.glob("*.png"))),
         }
-        spec = out / "specs" / f"{subject.id}.yaml"
-        write_yaml(spec, {"run": str(run), "seed": c.seed, "subjects": [entry]})
-        report = generate(
-            spec,
-            out,
-            workers=c.workers,
-            gpus_per_worker=c.gpus_per_worker,
-            address=self.address,
-            progress=False,
+
+    def generate_stage(
+        self, method: MethodConfig, subject: Subject, subjects: list[Subject], split: str = "mono"
+    ) -> dict:
+        """One subject's generation stage: the first such stage of a model to run generates every subject whose
+        frames are exported, in one run (one model load per actor); the others wait for it (a lock per generation
+        key) and then find their units committed. It fails only when units of its own subject failed."""
+        key = self.generation_key(method, split)
+        with self._locks_lock:
+            lock = self._generation_locks.setdefault(key, threading.Lock())
+        ready = [s for s in subjects if s.id == subject.id or self.commits.is_committed(f"frames:{s.id}")]
+        with lock:
+            stats, report = self.generate(method, ready, split)
+        failed = sorted(
+            f"{unit}: {error}" for unit, error in report.failed.items() if unit.split(".")[0] == subject.id
         )
-        if not report.ok:
-            raise RuntimeError(f"generate failed:\n{report.summary()}")
-        return {"frames": entry["frames"], "views": len(entry["cameras"]["serials"])}
+        if failed:  # another subject's failures fail that subject's stage only
+            raise RuntimeError("generate failed:\n" + "\n".join(failed))
+        return stats[subject.id]
 
     def training_views(self, subject: Subject, split: str = "mono") -> list[str]:
         """Every camera of the training sequence but the split's hold-outs (the NVS split: its 13 train cameras)."""
@@ -593,10 +622,11 @@ class Benchmark:
                     path.unlink(missing_ok=True)
 
     def clean_generated(self, method: MethodConfig, subject: Subject, split: str = "mono") -> None:
+        from geodiff4d.datasets.frame_tars import TARS
         from geodiff4d.gen.generate import STATE
 
         out = self.layout.generated / self.generation_key(method, split)
-        for kind in ("rgb", "normal", "mask"):
+        for kind in ("rgb", "normal", "mask", TARS):
             shutil.rmtree(out / kind / subject.id, ignore_errors=True)
         for marker in (out / STATE / "commits").glob(f"{subject.id}.*"):
             marker.unlink()
@@ -728,7 +758,9 @@ class Benchmark:
         produced = []
         for subject in subjects:
             for split in self.splits():
-                avatar = self._add_avatar_stage(graph, method, subject, split, frames, trained, models)
+                avatar = self._add_avatar_stage(
+                    graph, method, subject, subjects, split, frames, trained, models
+                )
                 drivers = [frames[s.id] for s in subjects]
                 name = f"render:{method.name}:{subject.id}" + ("" if split == "mono" else f":{split}")
                 produced.append(
@@ -750,6 +782,7 @@ class Benchmark:
         graph: StageGraph,
         method: MethodConfig,
         subject: Subject,
+        subjects: list[Subject],
         split: str,
         frames: dict[str, str],
         trained: dict[str, list[str]],
@@ -758,7 +791,7 @@ class Benchmark:
         """The avatar stage of one subject and camera split (after its generation for GeoDiff4D): its name."""
         chain = [frames[subject.id], *trained.get(method.name, [])]
         if method.kind == "geodiff4d":
-            chain = [self._add_generate_stage(graph, method, subject, chain, split)]
+            chain = [self._add_generate_stage(graph, method, subject, subjects, chain, frames, split)]
         folder = self.avatar_folder(method, split)
         avatar = f"avatar:{folder.name}:{subject.id}"
         if avatar not in graph.stages:
@@ -775,17 +808,27 @@ class Benchmark:
         return avatar
 
     def _add_generate_stage(
-        self, graph: StageGraph, method: MethodConfig, subject: Subject, needs: list[str], split: str = "mono"
+        self,
+        graph: StageGraph,
+        method: MethodConfig,
+        subject: Subject,
+        subjects: list[Subject],
+        needs: list[str],
+        frames: dict[str, str],
+        split: str = "mono",
     ) -> str:
-        """The generation stage of one subject and split (shared by methods with the same generation key)."""
+        """The generation stage of one subject and split (shared by methods with the same generation key): its
+        name. It starts once every subject's frames are exported, so that one generate run covers them all; it
+        reruns only with its own subject's inputs."""
         key = self.generation_key(method, split)
         generated = f"generate:{key}:{subject.id}"
         out = self.layout.generated / key / "rgb" / subject.id
         if generated not in graph.stages:
             graph.add(
                 generated,
-                lambda m=method, s=subject, v=split: self.generate(m, s, v),
+                lambda m=method, s=subject, v=split: self.generate_stage(m, s, subjects, v),
                 needs=needs,
+                waits_for=[stage for name, stage in frames.items() if name != subject.id],
                 outputs=[out],
                 clean=lambda m=method, s=subject, v=split: self.clean_generated(m, s, v),
             )

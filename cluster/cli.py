@@ -346,11 +346,33 @@ def generate(
         ),
     ] = None,
     address: AddressOption = None,
+    output_format: Annotated[
+        Literal["png", "tar"] | None,
+        typer.Option(
+            "--format",
+            help="png: a PNG file per image (small runs); tar: one WebDataset tar per unit with an index, which "
+            "recon reads as well (default: the spec's format, png).",
+        ),
+    ] = None,
+    inputs_cache_mb: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            help="Prepared subjects each actor keeps in memory, in MB; the least recently used go first "
+            "(default: 2048, gen.input_cache.DEFAULT_ACTOR_CACHE_MB).",
+        ),
+    ] = None,
 ) -> None:
     """Mass sampling: RGB, normals, masks, cameras, tracking and expression latents per subject, on Ray."""
     from geodiff4d.gen.generate import generate as run_generate
+    from geodiff4d.gen.generate import input_failures
 
-    report = run_generate(spec, out, workers, gpus_per_worker, address)
+    report = run_generate(
+        spec, out, workers, gpus_per_worker, address, output_format=output_format, cache_mb=inputs_cache_mb
+    )
+    bad_inputs = input_failures(report)
+    if bad_inputs is not None:  # found by the actor that prepared the subject: one message, as before Ray
+        raise bad_inputs
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)

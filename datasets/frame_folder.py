@@ -4,6 +4,8 @@ ROOT/rgb/{subject}/{sequence}/{camera}/{frame:05d}.png, ROOT/normal/... and ROOT
 ROOT/cameras/{subject}/{sequence}.json (serial -> camera JSON). Per-frame FLAME parameters live in
 ROOT/tracking/{subject}/{sequence}.npz in NeRSemble's flame2023_tracking.npz names (any tracker's output in
 those names can replace them). :func:`export_frame_folder` turns a (procedural) NeRSemble folder into one.
+A folder `generate --format tar` wrote holds its images in ROOT/tars/ instead (datasets.frame_tars); the readers
+here take either.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import torch
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
-from geodiff4d.core.io.images import from_float, read_image, to_float, write_png
+from geodiff4d.core.io.images import decode_image, from_float, to_float, write_png
 from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.io.tensors import tensor_to_image
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import find_tracking, write_nersemble_tracking
+from geodiff4d.datasets.frame_tars import TARS, TarFrames, is_tar_folder
 from geodiff4d.datasets.nersemble import NersembleDataset
 from geodiff4d.datasets.normal_maps import decode_normal_png, encode_normal_png
 from geodiff4d.datasets.procedural import gt_normal_path
@@ -42,15 +45,20 @@ class FrameImage:
     normal: np.ndarray | None  # [H, W, 3] our convention
 
 
+def _images_root(root: Path) -> Path:
+    """rgb/, or tars/ in a tar frame folder: its sub-folders are subjects, theirs sequences."""
+    return Path(root) / (TARS if is_tar_folder(root) else "rgb")
+
+
 def subjects(root: Path) -> list[str]:
-    folder = Path(root) / "rgb"
+    folder = _images_root(root)
     if not folder.is_dir():
         raise FrameFolderError(f"{folder}: frame folder has no rgb/ directory")
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
 def sequences(root: Path, subject: str) -> list[str]:
-    folder = Path(root) / "rgb" / subject
+    folder = _images_root(root) / subject
     if not folder.is_dir():
         raise FrameFolderError(f"{folder}: subject not found in the frame folder")
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -84,12 +92,34 @@ def _camera_dirs(root: Path, subject: str, sequence: str, cameras: list[str] | N
 def sequence_index(
     root: Path, subject: str, sequence: str, cameras: list[str] | None = None
 ) -> tuple[list[str], list[int]]:
-    """The camera serials and frame numbers of one sequence, from file names alone (nothing decoded)."""
-    dirs = _camera_dirs(root, subject, sequence, cameras)
-    frames = sorted({int(p.stem) for d in dirs for p in d.glob("*.png")})
+    """The camera serials and frame numbers of one sequence, from file names (or tar indexes) alone."""
+    if is_tar_folder(root):
+        tars = TarFrames(root, subject, sequence)
+        serials = [c for c in tars.cameras() if cameras is None or c in cameras]
+        frames = sorted({f for c in serials for f in tars.frames(c)})
+    else:
+        dirs = _camera_dirs(root, subject, sequence, cameras)
+        serials, frames = [d.name for d in dirs], sorted({int(p.stem) for d in dirs for p in d.glob("*.png")})
     if not frames:
-        raise FrameFolderError(f"{Path(root) / 'rgb' / subject / sequence}: no frames")
-    return [d.name for d in dirs], frames
+        raise FrameFolderError(f"{_images_root(root) / subject / sequence}: no frames")
+    return serials, frames
+
+
+def _frame_image(
+    sequence: str, camera: str, frame: int, rgb: bytes, mask: bytes | None, normal: bytes | None, name: str
+) -> FrameImage:
+    """One frame from its PNG bytes (mask and normal optional), decoded alike from files and tars."""
+    rgb_image = to_float(decode_image(rgb, name))[..., :3]
+    mask_image = (
+        to_float(decode_image(mask, name)) if mask is not None else np.ones(rgb_image.shape[:2], np.float32)
+    )
+    mask_image = mask_image[..., 0] if mask_image.ndim == 3 else mask_image
+    normal_image = decode_normal_png(normal)[0] if normal is not None else None
+    return FrameImage(sequence, camera, frame, rgb_image, mask_image, normal_image)
+
+
+def _optional_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def iter_frames(
@@ -102,19 +132,24 @@ def iter_frames(
     """The (camera, frame) images of one sequence (every frame, or ``frames``), sorted, decoded one at a time
     so that a caller can keep them compactly; mask and normal are optional per frame."""
     root = Path(root)
+    if is_tar_folder(root):
+        tars = TarFrames(root, subject, sequence)
+        for camera in (c for c in tars.cameras() if cameras is None or c in cameras):
+            for frame in (f for f in tars.frames(camera) if frames is None or f in frames):
+                rgb, mask, normal = (tars.read(camera, frame, part) for part in ("rgb", "mask", "normal"))
+                yield _frame_image(
+                    sequence, camera, frame, rgb, mask, normal, f"{subject}/{sequence}/{camera}"
+                )
+        return
     for cam_dir in _camera_dirs(root, subject, sequence, cameras):
         for rgb_path in sorted(cam_dir.glob("*.png")):
             if frames is not None and int(rgb_path.stem) not in frames:
                 continue
             rel = rgb_path.relative_to(root / "rgb")
-            rgb = to_float(read_image(rgb_path))[..., :3]
-            mask_path, normal_path = root / "mask" / rel, root / "normal" / rel
-            mask = (
-                to_float(read_image(mask_path)) if mask_path.is_file() else np.ones(rgb.shape[:2], np.float32)
+            mask, normal = (_optional_bytes(root / part / rel) for part in ("mask", "normal"))
+            yield _frame_image(
+                sequence, cam_dir.name, int(rgb_path.stem), rgb_path.read_bytes(), mask, normal, str(rgb_path)
             )
-            mask = mask[..., 0] if mask.ndim == 3 else mask
-            normal = decode_normal_png(normal_path)[0] if normal_path.is_file() else None
-            yield FrameImage(sequence, cam_dir.name, int(rgb_path.stem), rgb, mask, normal)
 
 
 def read_frames(

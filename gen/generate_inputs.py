@@ -10,6 +10,7 @@ around the head (or generated on an orbit) at the model's resolution. Every fail
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from geodiff4d.datasets.render import render_head, render_pose_map
 from geodiff4d.gen.generate_spec import (
     FittedIdentity,
     JsonCameras,
+    NersembleCameras,
     OrbitCameras,
     ShardDriving,
     ShardReference,
@@ -39,6 +41,43 @@ from geodiff4d.gen.generate_spec import (
 
 class InputError(ConfigError):
     """An input the spec names cannot be used; the message names the spec, the field and the file."""
+
+
+ORBIT_SERIAL = "orbit{:03d}"  # the serial of an orbit's i-th view
+
+
+def input_error(spec_path: Path, index: int, field: str, message: str) -> InputError:
+    return InputError(f"{spec_path}: subjects[{index}].{field}: {message}")
+
+
+def chosen_serials(
+    spec_path: Path, index: int, cameras: JsonCameras | NersembleCameras, available: Collection[str]
+) -> list[str]:
+    """The spec's ``serials`` (each checked to be in the rig), else every serial of the rig, sorted."""
+    missing = sorted(set(cameras.serials or []) - set(available))
+    if missing:
+        source = cameras.cameras_json if isinstance(cameras, JsonCameras) else cameras.nersemble
+        raise input_error(spec_path, index, "cameras.serials", f"{source} has no camera {missing}")
+    return list(cameras.serials or sorted(available))
+
+
+def camera_serials(spec_path: Path, index: int, spec: SubjectSpec) -> list[str]:
+    """The serials a subject's units cover, from the rig's listing alone (no camera cropped, no frame decoded):
+    what the driver plans with."""
+    cams = spec.cameras
+    if isinstance(cams, OrbitCameras):
+        return [ORBIT_SERIAL.format(i) for i in range(cams.orbit)]
+    if isinstance(cams, JsonCameras):
+        try:
+            return chosen_serials(spec_path, index, cams, read_cameras(cams.cameras_json))
+        except (FrameFolderError, CameraError) as exc:
+            raise input_error(spec_path, index, "cameras.cameras_json", str(exc)) from exc
+    from geodiff4d.datasets.nersemble import NersembleDataset, NersembleError
+
+    try:
+        return chosen_serials(spec_path, index, cams, NersembleDataset(cams.nersemble).serials(cams.subject))
+    except (NersembleError, OSError) as exc:
+        raise input_error(spec_path, index, "cameras.nersemble", str(exc)) from exc
 
 
 @dataclass
@@ -62,7 +101,7 @@ class Resolver:
     driving_size: int
 
     def fail(self, index: int, field: str, message: str) -> InputError:
-        return InputError(f"{self.spec_path}: subjects[{index}].{field}: {message}")
+        return input_error(self.spec_path, index, field, message)
 
     # --- helpers
     def frontal_camera(self, width: int, height: int) -> Camera:
@@ -133,9 +172,9 @@ class Resolver:
         """-> (rgb [3, R, R], posemap [3, R, R], identity shape/scale [1])."""
         ref = spec.reference
         if isinstance(ref, ShardReference):
-            sample = self.shard_frames(index, "reference", ref.shards, ref.subject, ref.sequence).get(
-                (ref.camera, ref.frame)
-            )
+            sample = self.shard_frames(
+                index, "reference", ref, cameras=[ref.camera], frames=[ref.frame], parts=("rgb", "posemap")
+            ).get((ref.camera, ref.frame))
             if sample is None:
                 raise self.fail(
                     index, "reference", f"{ref.shards}: no sample of camera {ref.camera!r}, frame {ref.frame}"
@@ -176,14 +215,18 @@ class Resolver:
             raise self.fail(index, field, f"{source}: no detectable face in the reference image")
         return params
 
-    def shard_frames(self, index: int, field: str, shards: Path, subject: str, sequence: str) -> dict:
+    def shard_frames(
+        self, index: int, field: str, packed: ShardReference | ShardDriving, **only: Collection
+    ) -> dict:
+        """The packed samples of ``packed``'s subject/sequence that ``only`` (cameras, frames, parts) selects."""
         from geodiff4d.gen.sample_frames import SampleFramesError, read_sequence
 
+        shards = packed.shards
         try:
-            data = read_sequence(shards, subject, sequence)
+            data = read_sequence(shards, packed.subject, packed.sequence, **only)
         except (SampleFramesError, OSError) as exc:
             raise self.fail(index, field, str(exc)) from exc
-        size = next(iter(data.values()))["rgb"].shape[-1]
+        size = next(iter(data.values()))["rgb"].shape[-1] if data else self.resolution
         if size != self.resolution:
             raise self.fail(
                 index, field, f"{shards}: samples are {size} px, the model samples {self.resolution} px"
@@ -209,7 +252,7 @@ class Resolver:
                 torch.stack([r.rgb for r in renders]), torch.stack([r.mask[None] for r in renders])
             ), motion
         if isinstance(drv, ShardDriving):
-            data = self.shard_frames(index, "driving", drv.shards, drv.subject, drv.sequence)
+            data = self.shard_frames(index, "driving", drv, cameras=[drv.camera], parts=("rgb", "mask"))
             ids = sorted(f for c, f in data if c == drv.camera)
             self.require(
                 index,
@@ -306,7 +349,7 @@ class Resolver:
                 direction = np.array(
                     [np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)]
                 )
-                rig[f"orbit{i:03d}"] = look_at_camera(
+                rig[ORBIT_SERIAL.format(i)] = look_at_camera(
                     center + cams.radius * direction, center, np.array([0.0, 1.0, 0.0]), K, res, res
                 )
             return rig
@@ -324,12 +367,9 @@ class Resolver:
                 rig = NersembleDataset(source).cameras(cams.subject, cams.sequence)
             except (NersembleError, OSError) as exc:
                 raise self.fail(index, field, str(exc)) from exc
-        missing = sorted(set(cams.serials or []) - set(rig))
-        if missing:
-            raise self.fail(index, "cameras.serials", f"{source} has no camera {missing}")
         return {
             s: self.square_camera(rig[s], self.head_box(tracking, rig[s]))
-            for s in (cams.serials or sorted(rig))
+            for s in chosen_serials(self.spec_path, index, cams, rig)
         }
 
     def resolve(self, index: int, spec: SubjectSpec) -> SubjectInputs:

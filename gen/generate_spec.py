@@ -8,6 +8,7 @@ refuses unknown ones). Relative paths are relative to the spec file. Schema erro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -105,6 +106,9 @@ class GenerateSpec(StrictConfig):
     head_model: str = "procedural:0"  # "procedural:SEED" or a FLAME .pkl path (recon reads the same)
     frames_per_unit: int = Field(32, ge=1)  # temporal window of one work unit
     cameras_per_unit: int = Field(4, ge=1)  # views denoised together as one batch
+    format: Literal["png", "tar"] = (
+        "png"  # frames as PNG files, or one WebDataset tar per unit (datasets.frame_tars)
+    )
     subjects: list[SubjectSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

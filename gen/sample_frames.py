@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
-from geodiff4d.core.io.images import decode_image, write_png
+from geodiff4d.core.io.images import decode_image, encode_png
 from geodiff4d.core.io.json_yaml import parse_json, write_json
 from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
 from geodiff4d.datasets.frame_folder import frame_relpath
@@ -45,30 +45,45 @@ def _decode(data: bytes, channels: int) -> torch.Tensor:
     return image_to_tensor(image[..., :channels]).contiguous()
 
 
+PARTS = {"rgb": 3, "mask": 1, "posemap": 3, "normal": 3}  # packed image -> channels
+
+
 def read_sequence(
-    shards: str | Path, subject: str, sequence: str, source: str = "nersemble"
+    shards: str | Path,
+    subject: str,
+    sequence: str,
+    source: str = "nersemble",
+    *,
+    cameras: Collection[str] | None = None,
+    frames: Collection[int] | None = None,
+    parts: Collection[str] = tuple(PARTS),
 ) -> dict[tuple[str, int], dict]:
-    """(camera, frame) -> {rgb, mask, posemap, normal, meta} of one subject/sequence, read via the manifest."""
+    """(camera, frame) -> {part: image, meta} of one subject/sequence, read via the manifest: every sample, or those
+    of ``cameras`` and ``frames``; only ``parts`` (of rgb, mask, posemap, normal) are decoded, so a caller that
+    needs one camera's RGB does not decode every camera's four PNGs."""
     table = read_manifest(shards).to_pandas()
     rows = table[(table.source == source) & (table.subject == subject) & (table.sequence == sequence)]
     if rows.empty:
         raise SampleFramesError(
             f"{shards}: no {source} samples of subject {subject!r}, sequence {sequence!r}"
         )
-    wanted = set(rows.key)
-    found = {}
+    if frames is not None:
+        rows = rows[rows.frame.isin(list(frames))]
+    # a frame's FLAME row is in one camera's json (datasets.packing.resolve_flame): every camera's json of the
+    # wanted frames is read, only the wanted cameras' images decoded
+    listed, metas, found = set(rows.key), {}, {}
+    wanted = listed if cameras is None else set(rows.key[rows.camera.isin(list(cameras))])
     for shard in sorted(set(rows.shard)):
         for sample in iter_shard(join(shards, shard)):
+            if sample["__key__"] not in listed:
+                continue
+            meta = metas[sample["__key__"]] = parse_json(
+                sample["json"], f"{shard}: sample {sample['__key__']}"
+            )
             if sample["__key__"] in wanted:
-                meta = parse_json(sample["json"], f"{shard}: sample {sample['__key__']}")
-                found[(meta["camera"], int(meta["frame"]))] = {
-                    "rgb": _decode(sample["rgb.png"], 3),
-                    "mask": _decode(sample["mask.png"], 1),
-                    "posemap": _decode(sample["posemap.png"], 3),
-                    "normal": _decode(sample["normal.png"], 3),
-                    "meta": meta,
-                }
-    resolve_flame(item["meta"] for item in found.values())  # each frame's FLAME row is in one camera's json
+                decoded = {part: _decode(sample[f"{part}.png"], PARTS[part]) for part in parts}
+                found[(meta["camera"], int(meta["frame"]))] = {**decoded, "meta": meta}
+    resolve_flame(metas.values())
     return found
 
 
@@ -92,20 +107,27 @@ def _require(data: dict, cameras: Sequence[str], frames: Sequence[int], shards: 
         raise SampleFramesError(f"{shards}: missing (camera, frame) samples {missing[:5]}")
 
 
-def write_camera_frames(
-    root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int], result: SampleOutput
-) -> None:
-    """RGB, normal (16-bit, our convention) and mask PNGs of one camera; mask = foreground of the normals."""
+def camera_frame_images(
+    camera: str, frames: Sequence[int], result: SampleOutput
+) -> Iterator[tuple[int, str, bytes]]:
+    """(frame, part, PNG bytes) of one camera: RGB, normal (16-bit, our convention) and mask = foreground of the
+    normals; what the frame folder's files and a tar unit's members hold alike."""
     for i, frame in enumerate(frames):
-        rel = frame_relpath(subject, sequence, camera, frame)
-        write_png(root / "rgb" / rel, tensor_to_image(result.rgb[i]))
+        yield frame, "rgb", encode_png(tensor_to_image(result.rgb[i]), name=f"{camera}/{frame}")
         if result.normal is not None:
             encoded = result.normal[i]  # [3, H, W], (n+1)/2
             mask = encoded[2] > FOREGROUND_Z
-            atomic_write_bytes(
-                root / "normal" / rel, encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy())
-            )
-            write_png(root / "mask" / rel, tensor_to_image(mask[None].float())[..., 0])
+            yield frame, "normal", encode_normal_png((encoded * 2 - 1).numpy(), mask.numpy())
+            yield frame, "mask", encode_png(tensor_to_image(mask[None].float())[..., 0])
+
+
+def write_camera_frames(
+    root: Path, subject: str, sequence: str, camera: str, frames: Sequence[int], result: SampleOutput
+) -> None:
+    """One camera's :func:`camera_frame_images` as PNG files of the frame folder ``root``, atomically."""
+    folders = {"rgb": root / "rgb", "normal": root / "normal", "mask": root / "mask"}
+    for frame, part, data in camera_frame_images(camera, frames, result):
+        atomic_write_bytes(folders[part] / frame_relpath(subject, sequence, camera, frame), data)
 
 
 def write_latents(

@@ -171,3 +171,17 @@ def test_sample_to_frame_folder_writes_the_layout(shards, runs, tmp_path):
     )
     with pytest.raises(SampleFramesError, match="missing"):
         sample_to_frame_folder(path, run, shards, "001", SEQUENCE, None, [1, 99], tmp_path / "bad")
+
+
+def test_read_sequence_decodes_only_the_cameras_frames_and_parts_asked_for(shards):
+    """generate's actors read a reference sample or the driving camera's RGB and masks, not every camera's four PNGs
+    of the sequence."""
+    everything = read_sequence(shards, "001", SEQUENCE)
+    camera = sorted({c for c, _ in everything})[0]
+    some = read_sequence(shards, "001", SEQUENCE, cameras=[camera], frames=[1, 2], parts=("rgb", "mask"))
+    assert sorted(some) == [(camera, 1), (camera, 2)] and len(everything) > len(some)
+    for key, sample in some.items():
+        assert set(sample) == {"rgb", "mask", "meta"} and sample["meta"] == everything[key]["meta"]
+        assert torch.equal(sample["rgb"], everything[key]["rgb"]) and torch.equal(
+            sample["mask"], everything[key]["mask"]
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from typer.testing import CliRunner
 
 from geodiff4d.cluster.cli import app
 from geodiff4d.core.jobs import WorkUnit
-from geodiff4d.gen.generate import GenerateJob, generate, inputs_path, load_inputs, plan_units, prepare
-from geodiff4d.gen.generate_inputs import InputError, SubjectInputs
-from geodiff4d.gen.input_cache import read_cached, write_cached
+from geodiff4d.gen.generate import GenerateJob, generate, inputs_path, plan, plan_units, prepare
+from geodiff4d.gen.generate_inputs import SubjectInputs
+from geodiff4d.gen.input_cache import InputsLRU, inputs_nbytes, prepare_once, read_cached, write_cached
 from geodiff4d.gen.model_run import run_config as config_of
 from geodiff4d.gen.sample_frames import read_sequence
 from geodiff4d.recon.run import ReconConfig, reconstruct
@@ -138,7 +139,14 @@ def test_killed_actor_rerun_and_worker_count(inputs, local_ray, tmp_path):
 
 
 @pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
-def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
+def test_recon_reads_a_generate_output_as_png_files_or_tars_alike(inputs, local_ray, tmp_path):
+    """The tar output holds the PNG folder's bytes (WebDataset reads it as samples), and recon reads it directly:
+    the avatar equals, tensor for tensor, the one reconstructed from the PNG folder."""
+    import webdataset as wds
+    from safetensors.torch import load_file
+
+    from geodiff4d.datasets.frame_tars import TarFrames
+
     spec = _spec(tmp_path, inputs, cameras={"cameras_json": str(tmp_path / "rig.json")})
     rig = {
         f"cam{i}": {
@@ -153,11 +161,29 @@ def test_recon_reads_a_generate_output(inputs, local_ray, tmp_path):
         rig[f"cam{i}"]["world_to_cam"][0][3] = x
         rig[f"cam{i}"]["world_to_cam"][2][3] = 0.6
     (tmp_path / "rig.json").write_text(json.dumps(rig))
-    out = tmp_path / "frames"
+    out, tars = tmp_path / "frames", tmp_path / "tars"
     assert generate(spec, out, workers=1, progress=False).ok
-    report = reconstruct(out, tmp_path / "avatars", workers=1, config=ReconConfig(steps=2), progress=False)
-    assert report.ok and report.completed == ["s0"]
-    assert (tmp_path / "avatars/s0/point_cloud.ply").is_file()
+    _, [planned] = plan(spec, tars, "tar")  # the same inputs for the tar run, not resolved again (dlib)
+    write_cached(inputs_path(tars, "s0"), planned.key, read_cached(inputs_path(out, "s0")))
+    for part in ("cameras", "tracking"):
+        shutil.copytree(out / part, tars / part)
+    assert generate(spec, tars, workers=2, progress=False, output_format="tar").ok
+    assert not (tars / "rgb").exists() and len(list((tars / "tars/s0/GEN").glob("*.tar"))) == 2  # 2 units
+    members = TarFrames(tars, "s0", "GEN")
+    pngs = {(p.parts[-2], int(p.stem), p.parts[-5]): p.read_bytes() for p in out.glob("*/s0/GEN/*/*.png")}
+    assert len(pngs) == FRAMES * 2 * 3 and {k: members.read(*k) for k in members.members} == pngs
+    shards = [str(p) for p in sorted((tars / "tars/s0/GEN").glob("*.tar"))]
+    samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(f"{c}/{f:05d}" for c, f, _ in pngs if _ == "rgb")
+    assert all(set(s) >= {"rgb.png", "normal.png", "mask.png"} for s in samples)
+    avatars = []
+    for name, root in (("png", out), ("tar", tars)):
+        report = reconstruct(root, tmp_path / name, workers=1, config=ReconConfig(steps=2), progress=False)
+        assert report.ok and report.completed == ["s0"]
+        avatars.append(load_file(tmp_path / name / "s0/avatar.safetensors"))
+    assert avatars[0].keys() == avatars[1].keys() and all(
+        torch.equal(avatars[0][k], avatars[1][k]) for k in avatars[0]
+    )
     latents = np.load(out / "latents/s0/GEN.npz")
     assert latents["frames"].tolist() == list(range(FRAMES))
 
@@ -171,7 +197,9 @@ def _cli(args: list[str]):
 
 
 @pytest.mark.slow  # dlib + landmark tracking of a real photo; see the module docstring
-def test_bad_inputs_end_with_one_message(inputs, tmp_path):
+def test_bad_inputs_end_with_one_message(inputs, local_ray, tmp_path):
+    """Inputs the driver cannot see wrong without decoding them (no face, a short driving sequence) are found by
+    the actor that prepares the subject, and still end the command with one message."""
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(blank)
     spec = _spec(tmp_path, inputs, reference={"image": str(blank)})
@@ -196,15 +224,17 @@ def test_bad_inputs_end_with_one_message(inputs, tmp_path):
 @pytest.mark.slow  # dlib + landmark tracking of a real photo; see the module docstring
 def test_inputs_resolve_and_units_cover_every_frame_and_camera_once(inputs, tmp_path):
     """A real photo (scikit-image's astronaut) as reference with a fitted identity; a video of it as driving."""
-    _, [subject] = prepare(
-        _spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")}), tmp_path / "out"
-    )
+    spec = _spec(tmp_path, inputs, driving={"video": str(inputs / "drive.mp4")})
+    _, [subject] = prepare(spec, tmp_path / "out")
     assert subject.ref_rgb.shape == (3, 16, 16) and subject.driving.shape == (FRAMES, 3, 16, 16)
     assert (subject.ref_posemap.norm(dim=0) > 0.5).float().mean() > 0.2  # the fitted head fills the crop
     assert subject.tracking.batch_size == FRAMES and torch.isfinite(subject.tracking.expression).all()
     assert subject.tracking.translation[-1, 0] > subject.tracking.translation[0, 0]  # the face moves right
     assert len(subject.cameras) == VIEWS
-    units = plan_units(subject, 3, 2)
+    _, [planned] = plan(spec, tmp_path / "out")  # the driver's view: the cached subject is kept
+    assert planned.cameras == tuple(subject.cameras) and planned.frames == FRAMES
+    assert read_cached(inputs_path(tmp_path / "out", "s0"), planned.key) is not None
+    units = plan_units(planned, 3, 2)
     pairs = [
         (f, c)
         for u in units
@@ -328,6 +358,10 @@ def _subject_inputs(frames: int = 3) -> SubjectInputs:
     )
 
 
+def _never() -> SubjectInputs:
+    raise AssertionError("prepared although a valid cache exists")
+
+
 class _Planted:
     """A pickle that, when loaded, touches a file: code run by whoever unpickles it."""
 
@@ -344,14 +378,21 @@ def test_cached_inputs_are_no_pickle_and_a_planted_one_is_never_run(tmp_path):
     out, marker = tmp_path / "out", tmp_path / "ran"
     inputs_path(out, "s0").parent.mkdir(parents=True)
     inputs_path(out, "s0").write_bytes(pickle.dumps({"key": "k", "inputs": _Planted(marker)}))
-    with pytest.raises(InputError, match="no valid cached inputs of s0"):
-        load_inputs(out, "s0")
-    assert not marker.exists()  # torch.load(weights_only=False) ran it
-    assert read_cached(inputs_path(out, "s0"), "k") is None and not marker.exists()
-
     inputs = _subject_inputs()
+    made = []
+    again = prepare_once(inputs_path(out, "s0"), "k", lambda: made.append(1) or inputs)
+    assert made == [1] and torch.equal(
+        again.driving, inputs.driving
+    )  # prepared again (and read back), not loaded
+    assert not marker.exists()  # torch.load(weights_only=False) ran it
+
+    inputs_path(out, "s0").write_bytes(pickle.dumps({"key": "k", "inputs": _Planted(marker)}))
+    assert read_cached(inputs_path(out, "s0"), "k") is None and not marker.exists()
     write_cached(inputs_path(out, "s0"), "k", inputs)
-    for again in (read_cached(inputs_path(out, "s0"), "k"), load_inputs(out, "s0")):
+    for again in (
+        read_cached(inputs_path(out, "s0"), "k"),
+        prepare_once(inputs_path(out, "s0"), "k", _never),
+    ):
         assert (again.name, again.sequence, list(again.cameras)) == ("s0", "GEN", ["cam0"])
         assert again.cameras["cam0"].to_json() == inputs.cameras["cam0"].to_json()
         for name in ("ref_rgb", "ref_posemap", "driving"):
@@ -367,7 +408,7 @@ def test_cached_inputs_are_no_pickle_and_a_planted_one_is_never_run(tmp_path):
 
 def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
     from geodiff4d.gen.checkpoint import WEIGHTS
-    from geodiff4d.gen.generate import _input_key
+    from geodiff4d.gen.generate import _input_keys
     from geodiff4d.gen.generate_spec import GenerateSpec
 
     (tmp_path / "weights").mkdir()
@@ -382,10 +423,161 @@ def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
         "frames": 2,
     }
     spec = GenerateSpec.model_validate({"run": str(tmp_path), "subjects": [entry]})
-    key = _input_key(spec, 0, tmp_path / "weights")
-    assert _input_key(spec, 0, tmp_path / "weights") == key
+    [key] = _input_keys(spec, tmp_path / "weights")
+    assert _input_keys(spec, tmp_path / "weights") == [key]
     (tmp_path / "driving.npz").write_bytes(b"other motion")  # same path, another file
-    assert _input_key(spec, 0, tmp_path / "weights") != key
-    key = _input_key(spec, 0, tmp_path / "weights")
+    assert _input_keys(spec, tmp_path / "weights") != [key]
+    [key] = _input_keys(spec, tmp_path / "weights")
     (tmp_path / "weights" / WEIGHTS).write_bytes(b"retrained")
-    assert _input_key(spec, 0, tmp_path / "weights") != key
+    assert _input_keys(spec, tmp_path / "weights") != [key]
+    [key] = _input_keys(spec, tmp_path / "weights")
+    tar = GenerateSpec.model_validate({"run": str(tmp_path), "format": "tar", "subjects": [entry]})
+    assert _input_keys(tar, tmp_path / "weights") != [key]  # another output format: its outputs are redone
+
+
+def test_an_actor_s_prepared_subjects_are_evicted_by_size():
+    size, loads = inputs_nbytes(_subject_inputs()), []
+    assert inputs_nbytes(_subject_inputs(frames=6)) > size  # more frames, more bytes
+
+    def load(name: str):
+        return lambda: loads.append(name) or _subject_inputs()
+
+    cache = InputsLRU(2 * size + size // 2)  # room for two subjects
+    for name in ("a", "b", "a", "c", "a", "b"):
+        cache.get(name, load(name))
+    assert loads == ["a", "b", "c", "b"]  # c pushed out b (a was used after b), then b pushed out c
+    assert list(cache.items) == ["a", "b"] and cache.nbytes == 2 * size
+    small = InputsLRU(1)  # a subject above the bound is still kept while it is the one in use
+    small.get("a", load("a"))
+    small.get("b", load("b"))
+    assert list(small.items) == ["b"]
+
+
+def test_concurrent_actors_prepare_a_subject_once_and_a_dead_holder_s_lock_is_broken(tmp_path):
+    import subprocess
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, made, guard = tmp_path / "inputs" / "s0.safetensors", [], threading.Lock()
+
+    def make() -> SubjectInputs:
+        with guard:
+            made.append(1)
+        time.sleep(0.5)  # the others find the lock taken and wait for the cache
+        return _subject_inputs()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: prepare_once(path, "k", make, poll_s=0.05), range(4)))
+    assert len(made) == 1 and all(torch.equal(r.driving, results[0].driving) for r in results)
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    other = tmp_path / "inputs" / "s1.safetensors"
+    other.with_name("s1.safetensors.lock").write_text(
+        json.dumps({"host": __import__("socket").gethostname(), "pid": int(dead.stdout)})
+    )
+    with ThreadPoolExecutor(1) as pool:  # a lock left by a killed actor on this host: taken over, no hang
+        assert pool.submit(prepare_once, other, "k", _subject_inputs, 0.05).result(timeout=30) is not None
+    assert not other.with_name("s1.safetensors.lock").exists()
+
+
+def _rig(path: Path, cameras: int) -> Path:
+    """A cameras JSON of `cameras` views around the origin, 1 m away."""
+    from geodiff4d.datasets.cameras import intrinsics, look_at_camera
+    from geodiff4d.datasets.frame_folder import write_cameras
+
+    rig = {}
+    for i, yaw in enumerate(np.linspace(-0.6, 0.6, cameras)):
+        eye = np.array([np.sin(yaw), 0.0, np.cos(yaw)])
+        rig[f"cam{i:02d}"] = look_at_camera(
+            eye, np.zeros(3), np.array([0.0, 1, 0]), intrinsics(20, 16, 16), 16, 16
+        )
+    write_cameras(path, rig)
+    return path
+
+
+def _many_subjects_spec(tmp: Path, run: Path, subjects: int, frames: int, cameras: int, **spec) -> Path:
+    """Subjects whose reference and driving files are not even images or tracking: planning must not read them."""
+    (tmp / "not-decoded.png").write_bytes(b"not an image")
+    (tmp / "not-decoded.npz").write_bytes(b"not a tracking file")
+    entry = {
+        "reference": {"image": str(tmp / "not-decoded.png")},
+        "identity": {"tracking": str(tmp / "not-decoded.npz")},
+        "cameras": {"cameras_json": str(_rig(tmp / "rig.json", cameras))},
+        "driving": {"tracking": str(tmp / "not-decoded.npz")},
+        "frames": frames,
+    }
+    path = tmp / "many.yaml"
+    subjects_list = [{"name": f"s{i}", **entry} for i in range(subjects)]
+    path.write_text(yaml.safe_dump({"run": str(run), "subjects": subjects_list, **spec}))
+    return path
+
+
+def test_the_driver_plans_without_decoding_and_drops_only_changed_subjects(inputs, tmp_path):
+    out = tmp_path / "out"
+    spec = _many_subjects_spec(tmp_path, inputs / "run", 3, 300, 16)
+    _, subjects = plan(spec, out)
+    assert [s.name for s in subjects] == ["s0", "s1", "s2"]
+    assert all(s.cameras == tuple(f"cam{i:02d}" for i in range(16)) and s.frames == 300 for s in subjects)
+    units = [u for s in subjects for u in plan_units(s, 32, 4)]
+    assert len(units) == 3 * 10 * 4 and not out.exists()  # nothing resolved, decoded or written
+    commits = out / "_generate" / "commits"
+    commits.mkdir(parents=True)
+    for s in subjects:
+        (commits / f"{s.name}.f00000-00032.c000.stats.json").write_text("{}")
+        (out / "rgb" / s.name / s.sequence).mkdir(parents=True)
+    write_cached(inputs_path(out, "s0"), subjects[0].key, _subject_inputs())  # s0 prepared for this plan
+    write_cached(inputs_path(out, "s1"), "an older spec", _subject_inputs())  # s1 for another one
+    plan(spec, out)
+    assert sorted(p.name.split(".")[0] for p in commits.iterdir()) == ["s0"]  # s1 changed, s2 never prepared
+    assert (out / "rgb/s0/GEN").is_dir() and not (out / "rgb/s1/GEN").exists()
+    assert inputs_path(out, "s0").is_file() and not inputs_path(out, "s1").exists()
+
+
+class _CountingJob(GenerateJob):
+    """Appends its process id to OUT/.loads each time an actor loads the model."""
+
+    def setup(self) -> None:
+        with open(self.out / ".loads", "a") as file:
+            file.write(f"{os.getpid()}\n")
+        super().setup()
+
+
+def _cache_fitting_inputs(spec: Path, out: Path, frames: int) -> list:
+    """Each planned subject's inputs cached under `out` for its key (shapes of the tiny model, a procedural head in
+    front of the rig), so actors read them instead of resolving the undecodable files the spec names."""
+    from geodiff4d.datasets.flame import FlameParams
+    from geodiff4d.datasets.frame_folder import read_cameras
+    from geodiff4d.datasets.procedural_head import procedural_head_model
+
+    _, subjects = plan(spec, out)
+    head, g = procedural_head_model(0), torch.Generator().manual_seed(1)
+    for s in subjects:
+        tracking = FlameParams.zeros(frames, head.n_shape, head.n_expr)
+        tracking.expression[:] = 0.3 * torch.randn(frames, head.n_expr, generator=g)
+        rig = read_cameras(spec.parent / "rig.json")
+        inputs = SubjectInputs(
+            s.name,
+            s.sequence,
+            torch.rand(3, 16, 16, generator=g),
+            torch.rand(3, 16, 16, generator=g),
+            torch.rand(frames, 3, 16, 16, generator=g),
+            tracking,
+            rig,
+        )
+        write_cached(inputs_path(out, s.name), s.key, inputs)
+    return subjects
+
+
+@pytest.mark.slow  # Ray actors; see the module docstring
+def test_the_model_loads_once_per_actor_for_all_subjects(inputs, local_ray, tmp_path):
+    spec = _many_subjects_spec(tmp_path, inputs / "run", 3, 2, 2, frames_per_unit=1, cameras_per_unit=2)
+    out = tmp_path / "out"
+    subjects = _cache_fitting_inputs(spec, out, 2)
+    report = generate(spec, out, workers=2, progress=False, job=_CountingJob)
+    assert report.ok and len(report.completed) == 3 * 2  # 3 subjects x 2 one-frame units
+    loads = (out / ".loads").read_text().split()
+    assert len(loads) == len(set(loads)) <= 2  # each actor loaded the model once, for all three subjects
+    assert {p.parts[-4] for p in (out / "rgb").rglob("*.png")} == {s.name for s in subjects}

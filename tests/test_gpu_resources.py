@@ -142,12 +142,56 @@ def test_the_benchmark_s_training_and_generate_stages_pass_their_resources(
     config = load_benchmark_config(_config(tmp_path, generation))
     bench, method = Benchmark(config, tmp_path / "run"), config.methods[0]
     bench.train_model(method)
-    bench.generate(method, Subject("000", "SEQ", ()))
+    bench.generate(method, [Subject("000", "SEQ", ())])
     assert calls == [
         ("train", *train),
         ("train", *train),
         ("generate", *generate),
     ]  # stages 1 and 2, generate
+
+
+def test_the_benchmark_generates_every_subject_of_a_model_in_one_run(tmp_path, monkeypatch):
+    """Each subject's generate stage runs one generate over all subjects whose frames are exported (so its actors
+    load the model once for all of them: tests/test_generate.py counts the loads), after every export; before,
+    each subject's stage ran a generate of its own subject, with new actors and a new model load."""
+    import threading
+
+    import geodiff4d.gen.generate
+    from geodiff4d.core.io.json_yaml import read_yaml
+
+    specs: list[list[str]] = []
+    monkeypatch.setattr(
+        geodiff4d.gen.generate,
+        "generate",
+        lambda spec, *args, **kw: (
+            specs.append([e["name"] for e in read_yaml(spec)["subjects"]])
+            or JobReport(failed={"001.f00000-00002.c000": "RuntimeError: boom"})
+        ),
+    )
+    config = load_benchmark_config(_config(tmp_path, {}))
+    bench, method = Benchmark(config, tmp_path / "run"), config.methods[0]
+    subjects = [Subject(f"00{i}", "SEQ", ("TEST",)) for i in range(3)]
+    for subject in subjects[:2]:  # the third subject's export has not been committed (it failed)
+        bench.commits.commit(f"frames:{subject.id}", {})
+    outcomes: dict[str, object] = {}
+
+    def stage(subject: Subject) -> None:
+        try:
+            outcomes[subject.id] = bench.generate_stage(method, subject, subjects)
+        except RuntimeError as error:
+            outcomes[subject.id] = str(error)
+
+    threads = [threading.Thread(target=stage, args=(s,)) for s in subjects[:2]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert specs == [["000", "001"], ["000", "001"]]  # the second finds the first's units committed
+    assert outcomes["000"] == {"frames": 2, "views": 1}  # 001's failed unit fails 001's stage only
+    assert "001.f00000-00002.c000: RuntimeError: boom" in outcomes["001"]
+    graph = bench.graph(subjects)
+    stage = graph.stages[f"generate:{bench.generation_key(method)}:000"]
+    assert set(stage.needs) >= {"frames:000"} and set(stage.waits_for) == {"frames:001", "frames:002"}
 
 
 def test_training_workers_that_do_not_split_the_batch_are_refused_before_work(tmp_path):
