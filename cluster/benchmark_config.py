@@ -29,12 +29,12 @@ DEFAULT_METRICS = {
     "novel_views": PAPER_METRICS["self"],
     "cross": PAPER_METRICS["cross"],
 }
-# The protocols whose frames the diffusion model's own samples ("VGM" in the paper) are scored in; the others
-# list a vgm method as not covered, with this reason.
+# The protocols the diffusion model's own samples ("VGM" in the paper) are scored in; the others list a vgm
+# method as "{name} {VGM_NOT_COVERED}: not covered, no scores".
 VGM_PROTOCOLS = ("self", "cross")
 VGM_NOT_COVERED = (
-    "the paper reports the video model's own frames (VGM) for self- and cross-reenactment only; novel views of "
-    "the training sequence are the avatar's task"
+    "has no frames here by design (the paper reports the video model's own frames, VGM, for self- and "
+    "cross-reenactment only; novel views of the training sequence are the avatar's task)"
 )
 
 
