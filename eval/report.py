@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from geodiff4d.eval.settings import FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS  # noqa: E402
+from geodiff4d.eval.strip import THUMB_HEIGHT, StripRow  # noqa: E402
 
 
 def arrow(metric: str) -> str:
@@ -112,7 +113,7 @@ def frame_curves(frames, metric: str) -> str:  # noqa: ANN001 - DataFrame
     return figure_html(fig)
 
 
-def strip_html(rows: list) -> str:  # noqa: ANN001 - list of eval.strip.StripRow
+def strip_html(rows: list[StripRow]) -> str:
     """The side-by-side strip: a row per subject, the ground truth then every method, each thumbnail captioned
     with its method and subject; an empty cell where a method has no frame."""
     e = html.escape
@@ -131,9 +132,7 @@ def strip_html(rows: list) -> str:  # noqa: ANN001 - list of eval.strip.StripRow
             cells.append(
                 f"<td><figure>{picture}<figcaption>{e(t.label)} · {e(t.subject)}</figcaption></figure></td>"
             )
-        where = (
-            f"{row.subject}<br/><small>{e(row.sequence)}<br/>cam {e(row.camera)}, frame {row.frame}</small>"
-        )
+        where = f"{e(row.subject)}<br/><small>{e(row.sequence)}<br/>cam {e(row.camera)}, frame {row.frame}</small>"
         body.append(f"<tr><th>{where}</th>{''.join(cells)}</tr>")
     return (
         "<h3>One frame per subject, side by side</h3><p>The middle frame of each subject's first scored "
@@ -176,9 +175,10 @@ def render_html(sections: list[dict]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
         ".warning{color:#a00;font-weight:bold}"
-        ".strip figure{margin:0;text-align:center}.strip img{height:96px;display:block;margin:auto}"
+        f".strip figure{{margin:0;text-align:center}}.strip img{{height:{THUMB_HEIGHT}px;display:block;margin:auto}}"
         ".strip figcaption{font-size:11px;white-space:nowrap}.strip td,.strip th{vertical-align:top}"
-        ".noframe{height:96px;width:96px;line-height:96px;background:#eee;color:#888;font-size:11px;margin:auto}"
+        f".noframe{{height:{THUMB_HEIGHT}px;width:{THUMB_HEIGHT}px;line-height:{THUMB_HEIGHT}px;background:#eee;"
+        "color:#888;font-size:11px;margin:auto}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"
