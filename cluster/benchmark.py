@@ -34,6 +34,9 @@ import numpy as np
 import ray
 
 from geodiff4d.cluster.benchmark_config import (
+    MODEL_KINDS,
+    VGM_NOT_COVERED,
+    VGM_PROTOCOLS,
     BenchmarkConfig,
     MethodConfig,
     gen_config_mapping,
@@ -187,13 +190,13 @@ class Benchmark:
                         f"{subject}/{sequence}: cameras {absent} (train_camera/holdout_cameras, "
                         "nvs_train_camera/nvs_holdout_cameras) not recorded"
                     )
-            needs_tracking = any(m.kind in ("geodiff4d", "oracle") for m in c.methods)
+            needs_tracking = any(m.kind in (*MODEL_KINDS, "oracle") for m in c.methods)
             for sequence in (train, *tests):
                 folder = dataset.sequence_dir(subject, sequence)
                 if needs_tracking and find_tracking(folder) is None:
                     raise BenchmarkError(
-                        f"{missing_tracking_message(folder)}; the geodiff4d/oracle methods drive "
-                        f"avatars with it"
+                        f"{missing_tracking_message(folder)}; the geodiff4d/vgm/oracle methods drive "
+                        f"avatars and generation with it"
                     )
             subjects.append(Subject(subject, train, tests))
         return subjects
@@ -437,6 +440,95 @@ class Benchmark:
             raise RuntimeError("generate failed:\n" + "\n".join(failed))
         return stats[subject.id]
 
+    def vgm_folder(self, method: MethodConfig) -> Path:
+        """Where a vgm method's samples go: keyed by the model it samples and its seed (shared by vgm methods
+        that only differ elsewhere)."""
+        variant = method_config(self.config, method)
+        return (
+            self.layout.generated
+            / f"vgm-{digest({'model': str(self.model_run(method)), 'seed': variant.generation.seed})}"
+        )
+
+    def vgm_protocols(self) -> list[str]:
+        return [p for p in self.config.protocols if p in VGM_PROTOCOLS]
+
+    def vgm_entry(
+        self, method: MethodConfig, subject: Subject, unit: tuple[str, str, str, str], protocol: str
+    ) -> dict:
+        """The generate spec entry of one scored unit of ``protocol`` (avatar subject, scored name, data subject,
+        data sequence): the reference and identity as :meth:`generate` takes them, the data sequence's hold-out
+        cameras and tracking, as many frames as the unit's ground truth."""
+        avatar, name, data_subject, sequence = unit
+        frames, train = self.layout.frames, subject.train_sequence
+        truth = self.layout.gt(protocol) / "rgb" / avatar / name
+        return {
+            "name": avatar,
+            "sequence": name,
+            "reference": {
+                "shards": str(self.shards(method, "inputs")),
+                "subject": avatar,
+                "sequence": train,
+                "camera": self.config.train_camera,
+                "frame": 0,
+            },
+            "identity": {"tracking": str(frames / "tracking" / avatar / f"{train}.npz")},
+            "cameras": {
+                "cameras_json": str(frames / "cameras" / data_subject / f"{sequence}.json"),
+                "serials": list(self.config.holdout_cameras),
+            },
+            "driving": {"tracking": str(frames / "tracking" / data_subject / f"{sequence}.npz")},
+            "frames": len(list((truth / self.config.holdout_cameras[0]).glob("*.png"))),
+        }
+
+    def generate_vgm(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
+        """The diffusion model's own frames of every self/cross unit of ``subject``, at the hold-out cameras:
+        ``geodiff4d generate`` from the subject's reference (as :meth:`generate`), driven by the unit's tracking,
+        then warped into the full hold-out images (grey 0.5 outside the crop) as the method's predictions."""
+        from geodiff4d.cluster.vgm import place_frames
+        from geodiff4d.eval.settings import MASKED_BACKGROUND
+        from geodiff4d.gen.generate import generate
+
+        c, written = method_config(self.config, method).generation, 0
+        for protocol in self.vgm_protocols():
+            for unit in self.scored_units(protocol, subjects):
+                avatar, name, data_subject, sequence = unit
+                if avatar != subject.id:
+                    continue
+                out = self.vgm_folder(method) / protocol / name
+                entry = self.vgm_entry(method, subject, unit, protocol)
+                write_yaml(
+                    out / "spec.yaml",
+                    {"run": str(self.model_run(method)), "seed": c.seed, "subjects": [entry]},
+                )
+                report = generate(
+                    out / "spec.yaml",
+                    out,
+                    workers=c.workers,
+                    gpus_per_worker=c.gpus_per_worker,
+                    address=self.address,
+                    progress=False,
+                )
+                if not report.ok:
+                    raise RuntimeError(f"generate (vgm) failed:\n{report.summary()}")
+                written += place_frames(
+                    out,
+                    avatar,
+                    name,
+                    self.layout.frames / "cameras" / data_subject / f"{sequence}.json",
+                    self.layout.gt(protocol) / "rgb" / avatar / name,
+                    self.layout.pred(protocol, method.name) / "rgb" / avatar / name,
+                    round(255 * MASKED_BACKGROUND),
+                )
+        return {"frames": written}
+
+    def clean_vgm(self, method: MethodConfig, subject: Subject) -> None:
+        """A vgm method's samples and predictions of one avatar subject, and their scores."""
+        for protocol in self.vgm_protocols():
+            for folder in (self.vgm_folder(method) / protocol).glob("*"):
+                if (folder / "rgb" / subject.id).is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+        self.clean_predictions(method, subject)
+
     def training_views(self, subject: Subject, split: str = "mono") -> list[str]:
         """Every camera of the training sequence but the split's hold-outs (the NVS split: its 13 train cameras)."""
         from geodiff4d.datasets.frame_folder import read_cameras
@@ -545,16 +637,21 @@ class Benchmark:
         return next(iter(rates.values()))
 
     def evaluate(self, protocol: str, subjects: list[Subject]) -> dict:
-        from geodiff4d.eval.run import evaluate
+        from geodiff4d.eval.run import NO_FRAMES, evaluate
 
         methods = {m.name: self.method_tree(protocol, m) for m in self.config.methods}
         present = {name: path for name, path in methods.items() if path.is_dir() and any(path.iterdir())}
-        absent = sorted(set(methods) - set(present))
+        absent = {
+            m.name: VGM_NOT_COVERED if m.kind == "vgm" and protocol not in VGM_PROTOCOLS else NO_FRAMES
+            for m in self.config.methods
+            if m.name not in present
+        }
         if absent:
             self.echo(
-                f"[eval:{protocol}] no frames at all from {absent}; the leaderboard lists them as not covered"
+                f"[eval:{protocol}] no frames at all from {sorted(absent)}; the leaderboard lists them as not "
+                f"covered"
             )
-        metrics = self.config.eval.metrics.get(protocol)
+        metrics = self.config.eval.metrics_of(protocol)
         # cross: each head as rendered; the GT alpha is the driver's, another head's silhouette
         own_alpha = PROTOCOL_EVAL[protocol] != "cross"
         gt_normal = self.layout.gt(protocol) / "normal"
@@ -574,7 +671,7 @@ class Benchmark:
             resolution=self.config.eval.resolution,
             background=self.config.eval.background if own_alpha else None,
             gt_normal=gt_normal if gt_normal.is_dir() else None,
-            not_covered=tuple(absent),
+            not_covered=absent,
             fps=self.data_fps(protocol, subjects),
             progress=False,
         )
@@ -657,7 +754,9 @@ class Benchmark:
                 out[f"avatars{suffix}"] = str(self.avatar_folder(method, split))
             if method.kind == "geodiff4d":
                 out[f"generated{suffix}"] = str(self.layout.generated / self.generation_key(method, split))
-        if method.kind == "geodiff4d":
+        if method.kind == "vgm":
+            out["generated"] = str(self.vgm_folder(method))
+        if method.kind in MODEL_KINDS:
             given = method_config(
                 self.config, method
             ).generation.run  # else the folder of both training stages
@@ -703,7 +802,7 @@ class Benchmark:
         trained: dict[str, list[str]] = {}
         models: list[str] = []
         for method in self.config.methods:
-            if method.kind != "geodiff4d":
+            if method.kind not in MODEL_KINDS:
                 continue
             # generation reads its reference and driving frames from the "inputs" pack, also with a given run
             given = method_config(self.config, method).generation.run is not None
@@ -755,6 +854,8 @@ class Benchmark:
             return [baseline]
         if method.kind == "external":
             return []
+        if method.kind == "vgm":
+            return self._add_vgm_stages(graph, method, subjects, frames, truth, trained)
         produced = []
         for subject in subjects:
             for split in self.splits():
@@ -776,6 +877,29 @@ class Benchmark:
                     )
                 )
         return produced
+
+    def _add_vgm_stages(
+        self,
+        graph: StageGraph,
+        method: MethodConfig,
+        subjects: list[Subject],
+        frames: dict[str, str],
+        truth: dict[str, str],
+        trained: dict[str, list[str]],
+    ) -> list[str]:
+        """Per subject one stage sampling its self/cross units (after its own and every driver's frames)."""
+        protocols = self.vgm_protocols()
+        needs = [*frames.values(), *trained[method.name], *(truth[p] for p in protocols)]
+        return [
+            graph.add(
+                f"vgm:{method.name}:{subject.id}",
+                lambda m=method, s=subject: self.generate_vgm(m, s, subjects),
+                needs=needs,
+                outputs=[self.layout.pred(p, method.name) / "rgb" / subject.id for p in protocols],
+                clean=lambda m=method, s=subject: self.clean_vgm(m, s),
+            )
+            for subject in subjects
+        ]
 
     def _add_avatar_stage(
         self,

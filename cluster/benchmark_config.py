@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from geodiff4d.core.config import ConfigError, StrictConfig, read_mapping, resolve_config, validate
 from geodiff4d.datasets.cameras import MONO_HOLDOUT_SERIALS, MONO_TRAIN_SERIAL, NVS_HOLDOUT_SERIALS
+from geodiff4d.eval.settings import PAPER_METRICS
 
 # NeRSemble's mono FLAME-avatar benchmark: the avatar sees one camera; three others score it.
 MONO_TRAIN_CAMERA = MONO_TRAIN_SERIAL
@@ -24,7 +25,22 @@ MONO_HOLDOUT_CAMERAS = MONO_HOLDOUT_SERIALS
 NVS_TRAIN_CAMERA = "220700191"
 NVS_HOLDOUT_CAMERAS = NVS_HOLDOUT_SERIALS
 PROTOCOLS = ("self", "cross", "novel_views")
-METHOD_KINDS = ("geodiff4d", "oracle", "reference_copy", "gt_noise", "external")
+METHOD_KINDS = ("geodiff4d", "vgm", "oracle", "reference_copy", "gt_noise", "external")
+MODEL_KINDS = ("geodiff4d", "vgm")  # sample the diffusion model: methods with one model key share it
+# The metrics a protocol scores when eval.metrics does not name them: the paper's tables. The paper has no
+# novel-view table; those are scored with its self-reenactment columns.
+DEFAULT_METRICS = {
+    "self": PAPER_METRICS["self"],
+    "novel_views": PAPER_METRICS["self"],
+    "cross": PAPER_METRICS["cross"],
+}
+# The protocols the diffusion model's own samples ("VGM" in the paper) are scored in; the others list a vgm
+# method as "{name} {VGM_NOT_COVERED}: not covered, no scores".
+VGM_PROTOCOLS = ("self", "cross")
+VGM_NOT_COVERED = (
+    "has no frames here by design (the paper reports the video model's own frames, VGM, for self- and "
+    "cross-reenactment only; novel views of the training sequence are the avatar's task)"
+)
 
 
 class ProceduralData(StrictConfig):
@@ -79,9 +95,8 @@ class GenerationConfig(StrictConfig):
 
 
 class EvalConfig(StrictConfig):
-    metrics: dict[str, list[str]] = Field(
-        default_factory=dict
-    )  # protocol -> metrics (default: the protocol's)
+    # protocol -> metrics (default: DEFAULT_METRICS, the paper's columns)
+    metrics: dict[str, list[str]] = Field(default_factory=dict)
     masked: bool = True  # pixel metrics over the ground-truth foreground (stated in the report)
     # prediction and ground truth composited on this grey with the ground-truth alpha before every metric:
     # avatars render no studio backdrop, so every metric sees the same pixels (None: as they are)
@@ -90,10 +105,15 @@ class EvalConfig(StrictConfig):
     gpus_per_worker: float = Field(0, ge=0)  # with GPUs the metric networks run on CUDA
     resolution: int | None = Field(None, ge=16)
 
+    def metrics_of(self, protocol: str) -> list[str]:
+        """The metrics ``protocol`` scores: as named here, else the paper's (DEFAULT_METRICS)."""
+        return list(self.metrics.get(protocol, DEFAULT_METRICS[protocol]))
+
 
 class MethodConfig(StrictConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-    kind: Literal["geodiff4d", "oracle", "reference_copy", "gt_noise", "external"]
+    # vgm: the diffusion model's own frames at the hold-out cameras, scored without reconstruction
+    kind: Literal["geodiff4d", "vgm", "oracle", "reference_copy", "gt_noise", "external"]
     # a variant: dotted fields of this config changed for this method only, e.g. {"recon.fit.normal_weight": 0}
     overrides: dict[str, Any] = Field(default_factory=dict)
     path: Path | None = None  # external: PATH/{protocol}/{subject}/{sequence}/{camera}/{frame:05d}.png
@@ -102,8 +122,8 @@ class MethodConfig(StrictConfig):
     def _path_iff_external(self) -> MethodConfig:
         if (self.kind == "external") != (self.path is not None):
             raise ValueError("path is required for kind 'external' and only for it")
-        if self.overrides and self.kind not in ("geodiff4d", "oracle"):
-            raise ValueError(f"overrides apply to geodiff4d/oracle methods, not to kind {self.kind!r}")
+        if self.overrides and self.kind not in ("geodiff4d", "vgm", "oracle"):
+            raise ValueError(f"overrides apply to geodiff4d/vgm/oracle methods, not to kind {self.kind!r}")
         return self
 
 
@@ -208,7 +228,7 @@ def load_benchmark_config(path: str | Path) -> BenchmarkConfig:
         where = f"methods[{method.name}]"
         variant = method_config(config, method, f"{path}: {where}.overrides")
         recon_config_from_mapping(variant.recon, path, prefix=f"{where}: recon")
-        if method.kind != "geodiff4d":
+        if method.kind not in MODEL_KINDS:
             continue
         if variant.generation.run is not None:
             _check_run(variant.generation.run, f"{path}: {where}: generation.run")

@@ -14,11 +14,11 @@ import pandas as pd
 
 from geodiff4d.core.io.atomic import atomic_write_bytes
 from geodiff4d.eval.report import header_cells, metric_cell, metric_cells, miss_cell, render_html
-from geodiff4d.eval.run import load_run, write_parquet_atomic
-from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS
+from geodiff4d.eval.run import NO_FRAMES, load_run, write_parquet_atomic
+from geodiff4d.eval.settings import ALL_METRICS, FACE_METRICS, HIGHER_IS_BETTER, PAPER_METRICS, VIDEO_METRICS
+from geodiff4d.eval.strip import strip_rows
 
 N_BOOTSTRAP = 1000
-PAPER_COLUMNS = {"self": ("psnr", "ssim", "lpips", "csim", "jod"), "cross": ("csim", "jod")}
 UNIT = [
     "subject",
     "sequence",
@@ -64,9 +64,15 @@ def with_not_covered(
     return pd.concat([table, rows], ignore_index=True)
 
 
+def not_covered(meta: dict) -> dict[str, str]:
+    """Method -> why it covers nothing (runs written before reasons were recorded list names only)."""
+    named = meta.get("not_covered", {})
+    return named if isinstance(named, dict) else dict.fromkeys(named, NO_FRAMES)
+
+
 def input_warnings(meta: dict) -> list[str]:
-    """Methods that produced no frames, and units scored earlier that are no longer among the run's inputs."""
-    out = [f"{m} produced no frames: not covered, no scores" for m in meta.get("not_covered", [])]
+    """Methods not covered (and why), and units scored earlier that are no longer among the run's inputs."""
+    out = [f"{m} {why}: not covered, no scores" for m, why in not_covered(meta).items()]
     if meta.get("dropped_units"):
         out.append(
             f"dropped from the board: {len(meta['dropped_units'])} units scored earlier are no longer among the "
@@ -173,43 +179,62 @@ def markdown_table(table: pd.DataFrame, metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+LATEX_NOTE = (
+    r"Cov.: units covered of all units scored; [95\% percentile-bootstrap interval over subjects (sequences "
+    r"with one subject)]; superscript: rank; miss: share of a face metric's scored frames without a face in "
+    r"the prediction (scored worst)."
+)
+
+
+def _latex_cells(table: pd.DataFrame, method: str, metrics: list[str]) -> list[str]:
+    """One protocol's cells of a method's row: coverage, then each metric's mean [interval] with its rank as a
+    superscript (the best in bold) and, for face metrics, the miss rate; "--" where the method was not run."""
+    t = table.reset_index(drop=True)
+    hit = t.index[t["method"] == method]
+    if hit.empty:
+        return ["--"] * (1 + len(metrics))
+    cells = [str(t.loc[hit[0], "coverage"])]
+    for m in metrics:
+        cell = metric_cell(t, hit[0], m, (r"\textbf{", "}"), latex=True)
+        if m in FACE_METRICS:
+            cell += rf"\,{{\scriptsize ({miss_cell(t, hit[0], m, latex=True)} miss)}}"
+        cells.append(cell)
+    return cells
+
+
 def latex_table(tables: dict[str, pd.DataFrame]) -> str:
-    """The paper's layout: methods as rows, Self PSNR/SSIM/LPIPS/CSIM/JOD then Cross CSIM/JOD; each value's rank
-    as a superscript, the best in bold."""
+    """The paper's layout: methods as rows, Self PSNR/SSIM/LPIPS/CSIM/JOD then Cross CSIM/JOD, each protocol
+    with its coverage column; each value with its interval and rank, the best in bold, face metrics' miss rates."""
     groups = [
-        (p, [m for m in PAPER_COLUMNS[p] if m in tables[p].columns]) for p in ("self", "cross") if p in tables
+        (p, [m for m in PAPER_METRICS[p] if m in tables[p].columns]) for p in ("self", "cross") if p in tables
     ]
     methods = sorted(set().union(*(set(t["method"]) for t in tables.values())))
-    ncols = sum(len(ms) for _, ms in groups)
+    ncols = sum(1 + len(ms) for _, ms in groups)
     out = [
         r"\begin{tabular}{l" + "c" * ncols + "}",
         r"\toprule",
         " & "
-        + " & ".join(rf"\multicolumn{{{len(ms)}}}{{c}}{{{p.capitalize()}}}" for p, ms in groups)
+        + " & ".join(rf"\multicolumn{{{1 + len(ms)}}}{{c}}{{{p.capitalize()}}}" for p, ms in groups)
         + r" \\",
         "Method & "
         + " & ".join(
-            m.upper() + (r"$\uparrow$" if HIGHER_IS_BETTER[m] else r"$\downarrow$")
+            " & ".join(
+                ["Cov."]
+                + [m.upper() + (r"$\uparrow$" if HIGHER_IS_BETTER[m] else r"$\downarrow$") for m in ms]
+            )
             for _, ms in groups
-            for m in ms
         )
         + r" \\",
         r"\midrule",
     ]
     for method in methods:
-        cells = []
-        for p, ms in groups:
-            t = tables[p].reset_index(drop=True)
-            hit = t.index[t["method"] == method]
-            for m in ms:
-                cell = (
-                    "--" if hit.empty else metric_cell(t, hit[0], m, (r"\textbf{", "}"), ci=False, latex=True)
-                )
-                if m in FACE_METRICS and not hit.empty:
-                    cell += rf"\,{{\scriptsize ({miss_cell(t, hit[0], m, latex=True)} miss)}}"
-                cells.append(cell)
+        cells = [c for p, ms in groups for c in _latex_cells(tables[p], method, ms)]
         out.append(method.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}"]
+    out += [
+        r"\bottomrule",
+        rf"\multicolumn{{{ncols + 1}}}{{l}}{{\scriptsize {LATEX_NOTE}}} \\",
+        r"\end{tabular}",
+    ]
     return "\n".join(out)
 
 
@@ -274,7 +299,7 @@ def _run_section(
     """Aggregate one run, write its tables into ``out`` (recorded in ``written``); returns its report section."""
     metrics = [m for m in ALL_METRICS if m in meta["settings"]["metrics"]]
     common, covered = coverage(frames)
-    table = with_not_covered(aggregate(frames, videos, metrics, seed), meta.get("not_covered", []), covered)
+    table = with_not_covered(aggregate(frames, videos, metrics, seed), list(not_covered(meta)), covered)
     subjects = per_subject(frames, videos, metrics)  # every unit scored: the heatmap shows the gaps
     write_parquet_atomic(table, out / f"{protocol}_leaderboard.parquet")
     write_parquet_atomic(subjects, out / f"{protocol}_per_subject.parquet")
@@ -294,6 +319,7 @@ def _run_section(
         "markdown": markdown_table(table, metrics),
         "subjects": subjects,
         "frames": on_units(frames, common),
+        "strip": strip_rows(meta, common, list(not_covered(meta))),
         "warnings": coverage_warnings(covered) + input_warnings(meta),
         "unscored": unscored_note(table, metrics),
         "method_note": method_note(table, seed),

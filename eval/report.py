@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from geodiff4d.eval.settings import FACE_METRICS, HIGHER_IS_BETTER, VIDEO_METRICS  # noqa: E402
+from geodiff4d.eval.strip import THUMB_HEIGHT, StripRow  # noqa: E402
 
 
 def arrow(metric: str) -> str:
@@ -112,6 +113,34 @@ def frame_curves(frames, metric: str) -> str:  # noqa: ANN001 - DataFrame
     return figure_html(fig)
 
 
+def strip_html(rows: list[StripRow]) -> str:
+    """The side-by-side strip: a row per subject, the ground truth then every method, each thumbnail captioned
+    with its method and subject; an empty cell where a method has no frame."""
+    e = html.escape
+    if not rows:
+        return ""
+    head = "".join(f"<th>{e(t.label)}</th>" for t in rows[0].thumbnails)
+    body = []
+    for row in rows:
+        cells = []
+        for t in row.thumbnails:
+            picture = (
+                f"<img src='data:image/jpeg;base64,{t.jpeg_base64}' alt='{e(t.label)}, subject {e(t.subject)}'/>"
+                if t.jpeg_base64
+                else "<div class='noframe'>no frame</div>"
+            )
+            cells.append(
+                f"<td><figure>{picture}<figcaption>{e(t.label)} · {e(t.subject)}</figcaption></figure></td>"
+            )
+        where = f"{e(row.subject)}<br/><small>{e(row.sequence)}<br/>cam {e(row.camera)}, frame {row.frame}</small>"
+        body.append(f"<tr><th>{where}</th>{''.join(cells)}</tr>")
+    return (
+        "<h3>One frame per subject, side by side</h3><p>The middle frame of each subject's first scored "
+        "sequence at its first camera, as scored (composited like the metrics see it).</p>"
+        f"<table class='strip'><tr><th>subject</th>{head}</tr>{''.join(body)}</table>"
+    )
+
+
 def render_html(sections: list[dict]) -> str:
     """One page per leaderboard build: per protocol its table, settings, LPIPS availability and plots."""
     e = html.escape
@@ -123,6 +152,7 @@ def render_html(sections: list[dict]) -> str:
         body.append(_table_html(table, metrics) + f"<p>{e(s['method_note'])}</p>")
         if s.get("unscored"):
             body.append(f"<p class='unscored'>{e(s['unscored'])}</p>")
+        body.append(strip_html(s.get("strip", [])))
         body.append(
             "<h3>Settings</h3><ul>"
             + "".join(f"<li><b>{m.upper()}</b>: {e(s['meta']['describe'][m])}</li>" for m in metrics)
@@ -145,6 +175,10 @@ def render_html(sections: list[dict]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:3px 8px;border:1px solid #ccc}"
         ".warning{color:#a00;font-weight:bold}"
+        f".strip figure{{margin:0;text-align:center}}.strip img{{height:{THUMB_HEIGHT}px;display:block;margin:auto}}"
+        ".strip figcaption{font-size:11px;white-space:nowrap}.strip td,.strip th{vertical-align:top}"
+        f".noframe{{height:{THUMB_HEIGHT}px;width:{THUMB_HEIGHT}px;line-height:{THUMB_HEIGHT}px;background:#eee;"
+        "color:#888;font-size:11px;margin:auto}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"

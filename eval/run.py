@@ -60,6 +60,9 @@ from geodiff4d.eval.settings import (
 SCORING_RULES = 4
 
 
+NO_FRAMES = "produced no frames"  # why a method is not covered, unless the caller says otherwise
+
+
 class EvalError(WorkFailed, RuntimeError):
     """Some units failed; the message lists each with its error."""
 
@@ -301,6 +304,22 @@ def input_fingerprints(
     }
 
 
+def not_covered_reasons(not_covered: tuple[str, ...] | dict[str, str]) -> dict[str, str]:
+    """Method -> why it covers nothing: the caller's reasons, else "produced no frames"."""
+    why = not_covered if isinstance(not_covered, dict) else dict.fromkeys(not_covered, NO_FRAMES)
+    return dict(sorted(why.items()))
+
+
+def frame_sources(methods: dict[str, Path], gt: str | Path, gt_mask: str | Path | None, fps: float) -> dict:
+    """Where the scored frames are, recorded in run.json for the report's side-by-side strip (eval.strip)."""
+    return {
+        "gt": str(Path(gt).resolve()),
+        "gt_mask": str(Path(gt_mask).resolve()) if gt_mask else None,
+        "fps": fps,
+        "methods": {name: str(Path(root).resolve()) for name, root in methods.items()},
+    }
+
+
 def _lpips_weights(meta: dict) -> tuple | None:
     """Whether LPIPS weights were found and which file: scores with and without them never mix."""
     found = meta.get("lpips")
@@ -388,14 +407,14 @@ def evaluate(
     fps: float = 25.0,
     progress: bool = True,
     gt_normal: str | Path | None = None,
-    not_covered: tuple[str, ...] = (),
+    not_covered: tuple[str, ...] | dict[str, str] = (),
     **settings: object,
 ) -> JobReport:
     """Score every method under ``pred`` against ``gt``; resumes a run in ``out``; raises EvalError on failures.
 
     ``gt_normal`` is the ground-truth normal tree mirroring ``gt``: with it the default metrics include normal
     accuracy (``normal_deg``; a method's normals are the ``normal/`` tree beside its ``rgb/``). ``not_covered``
-    names methods that produced no frames at all: the leaderboard lists them as covering nothing.
+    names methods that produced no frames at all (or maps each to why): the board lists them as not covered.
     ``settings`` are :class:`EvalSettings` fields (csim_backend, akd_backend, lpips_net, masked, background,
     device, ...). All is checked before Ray starts; a rerun whose settings or inputs changed is refused."""
     config = _checked_settings(protocol, metrics, gt_normal, identity, settings)
@@ -407,7 +426,8 @@ def evaluate(
     out = Path(out)
     meta = run_metadata(config)
     meta["inputs"] = input_fingerprints(methods, units, gt, gt_mask, identity, fps, gt_normal)
-    meta["units"], meta["not_covered"] = sorted(u.id for u in units), sorted(not_covered)
+    meta["sources"] = frame_sources(methods, gt, gt_mask, fps)
+    meta["units"], meta["not_covered"] = sorted(u.id for u in units), not_covered_reasons(not_covered)
     committed = CommitLog(out / "commits")
     _record_run(out, meta, committed)
     job = EvalJob(

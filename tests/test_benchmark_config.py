@@ -115,7 +115,7 @@ def test_missing_tracking_names_the_file_before_ray(tmp_path):
     result = _run(tmp_path, {"data": {"nersemble": str(tmp_path / "data")}, "methods": METHODS})
     assert result.exit_code == 2
     assert (
-        "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/oracle methods"
+        "001/sequences/FREE/tracking/flame2023_tracking.npz exists; the geodiff4d/vgm/oracle methods"
         in result.output
     )
 
@@ -142,7 +142,19 @@ def test_variants_override_dotted_fields():
 
 def test_demo_config_is_valid():
     config = load_benchmark_config("benchmark-demo")
-    assert {m.kind for m in config.methods} == {"geodiff4d", "oracle", "reference_copy", "gt_noise"}
+    assert {m.kind for m in config.methods} == {"geodiff4d", "vgm", "oracle", "reference_copy", "gt_noise"}
+
+
+def test_the_demo_shows_the_paper_s_columns_and_all_seven_metrics():
+    """Before, the demo's boards had no JOD, no AED and no VGM row."""
+    from geodiff4d.eval.settings import PAPER_METRICS
+
+    config = load_benchmark_config("benchmark-demo")
+    shown = {p: config.eval.metrics_of(p) for p in config.protocols}
+    for protocol, columns in PAPER_METRICS.items():
+        assert set(columns) <= set(shown[protocol])
+    assert set().union(*shown.values()) == {"psnr", "ssim", "lpips", "csim", "jod", "akd", "aed"}
+    assert [m.name for m in config.methods if m.kind == "vgm"] == ["vgm"]
 
 
 def test_demo_samples_from_the_shipped_checkpoint(tmp_path, monkeypatch):

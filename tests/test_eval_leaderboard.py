@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import skimage.data
+import skimage.transform
 
+from geodiff4d.core.io.images import write_png
 from geodiff4d.eval.leaderboard import aggregate, bootstrap_ci, build_leaderboard
 from geodiff4d.eval.settings import EvalSettings
 
@@ -100,7 +103,41 @@ def test_a_method_that_skipped_a_subject_is_ranked_on_common_units(tmp_path):
     assert "WARNING: partial covers 2 of 3 units" in html and "<th>PSNR ↑</th>" in html and "#1" in html
     assert "<td>2/3</td>" in html
     tex = written["latex"].read_text()
-    assert r"\textbf{25.0000$^{1}$}" in tex and r"PSNR$\uparrow$" in tex
+    assert r"\textbf{25.0000 [20.0000, 30.0000]$^{1}$}" in tex and r"PSNR$\uparrow$" in tex
+
+
+def _latex_rows(tex: str) -> dict[str, list[str]]:
+    """The body rows of a LaTeX table: method -> its cells."""
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
+    rows = [line.removesuffix(r" \\").split(" & ") for line in body.strip().splitlines()]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_latex_rows_carry_coverage_intervals_and_miss_rates(tmp_path):
+    """Before, the LaTeX table dropped coverage and intervals: a method covering 2 of 3 units read like one
+    covering all of them."""
+    frames, videos = _rows()
+    frames["csim"] = np.where(frames["akd_miss"], -1.0, frames["psnr"] / 40)
+    frames["csim_miss"] = frames["akd_miss"]
+    run = _write_run(tmp_path, frames, videos)
+    settings = EvalSettings(metrics=("psnr", "csim", "jod"))
+    meta = json.loads((run / "run.json").read_text())
+    meta.update(
+        settings=settings.to_dict(), describe=settings.describe(), not_covered={"blank": "produced no frames"}
+    )
+    (run / "run.json").write_text(json.dumps(meta))
+    tex = build_leaderboard(run)["latex"].read_text()
+    assert "Method & Cov. & PSNR$\\uparrow$ & CSIM$\\uparrow$ & JOD$\\uparrow$ \\\\" in tex
+    rows = _latex_rows(tex)
+    assert [cells[0] for cells in rows.values()] == ["0/3", "3/3", "2/3"]  # blank, full, partial
+    full, partial = rows["full"], rows["partial"]
+    assert full[1] == r"\textbf{25.0000 [20.0000, 30.0000]$^{1}$}"
+    assert partial[1] == "23.5000 [19.0000, 28.0000]$^{2}$"
+    assert re.fullmatch(
+        r".*\[-?[0-9.]+, -?[0-9.]+\]\$\^\{\d\}\$\}?\\,\{\\scriptsize \(25\.0\\% miss\)\}", full[2]
+    )
+    assert rows["blank"] == ["0/3", "n/a", "n/a\\,{\\scriptsize (n/a miss)}", "n/a"]
+    assert "Cov.: units covered of all units scored" in tex
 
 
 def test_no_common_unit_is_refused():
@@ -119,16 +156,43 @@ def test_bootstrap_is_over_clusters_and_seeded():
     assert np.isnan(bootstrap_ci(np.array([5.0]))).all()  # one subject: nothing to resample
 
 
-# Instrumentation appended to a copy of the report: records script errors and what the browser actually rendered.
+# Instrumentation appended to a copy of the report: records script errors and what the browser actually rendered,
+# and where each thumbnail of the side-by-side strip landed on the page.
 PROBE = """<script>
 window.__errors = [];
 window.addEventListener('error', e => window.__errors.push(String(e.message)));
 window.addEventListener('load', () => {
   const decoded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  const strip = [...document.querySelectorAll('.strip figure')].map(f => {
+    const box = f.querySelector('img, .noframe').getBoundingClientRect();
+    return {caption: f.querySelector('figcaption').textContent, top: box.top, left: box.left, height: box.height,
+      decoded: f.querySelector('img') ? f.querySelector('img').naturalWidth > 0 : null};
+  });
   document.body.setAttribute('data-probe', JSON.stringify({errors: window.__errors, images: document.images.length,
-    decoded: decoded, rows: document.querySelectorAll('#leaderboard tr').length}));
+    decoded: decoded, rows: document.querySelectorAll('#leaderboard tr').length, strip: strip}));
 });
 </script>"""
+
+
+def _frame_trees(tmp_path: Path, run: Path) -> None:
+    """Ground truth and both methods' frames (camera cam0) for the units they cover, recorded in run.json as
+    evaluate() records its sources: a real face, shifted or darkened per method so thumbnails differ."""
+    face = skimage.transform.resize(skimage.data.astronaut()[:256, 96:352], (64, 64), anti_aliasing=True)
+    face = (face * 255).astype(np.uint8)
+    looks = {"gt": face, "full": np.roll(face, 4, axis=1), "partial": (face * 0.6).astype(np.uint8)}
+    covers = {"gt": SCORES["full"], "full": SCORES["full"], "partial": SCORES["partial"]}
+    for name, image in looks.items():
+        for subject in covers[name]:
+            for t in range(N_FRAMES):
+                write_png(tmp_path / name / subject / "EXP-1" / "cam0" / f"{t:05d}.png", image)
+    meta = json.loads((run / "run.json").read_text())
+    meta["sources"] = {
+        "gt": str(tmp_path / "gt"),
+        "gt_mask": None,
+        "fps": 25.0,
+        "methods": {m: str(tmp_path / m) for m in ("full", "partial")},
+    }
+    (run / "run.json").write_text(json.dumps(meta))
 
 
 def test_html_report_in_headless_chromium(tmp_path):
@@ -137,7 +201,9 @@ def test_html_report_in_headless_chromium(tmp_path):
     if browser is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
     frames, videos = _rows()
-    html = build_leaderboard(_write_run(tmp_path, frames, videos))["html"]
+    run = _write_run(tmp_path, frames, videos)
+    _frame_trees(tmp_path, run)
+    html = build_leaderboard(run)["html"]
     probed = tmp_path / "probed.html"
     probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
     result = subprocess.run(
@@ -161,5 +227,18 @@ def test_html_report_in_headless_chromium(tmp_path):
     probe = json.loads(re.search(r'data-probe="([^"]*)"', dom).group(1).replace("&quot;", '"'))
     assert probe["errors"] == [] and "Uncaught" not in result.stderr
     assert probe["rows"] == 3  # header + two methods
-    assert probe["images"] >= 7 and probe["decoded"] == probe["images"]  # 3 bars, 3 heatmaps, 2 frame curves
+    # 3 bars, 3 heatmaps, 2 frame curves, and the strip: subjects s1, s2 (the units both methods covered) x
+    # (ground truth, full, partial)
+    assert probe["images"] >= 7 + 6 and probe["decoded"] == probe["images"]
+    strip = probe["strip"]
+    assert [f["caption"] for f in strip] == [
+        f"{m} · {s}" for s in ("s1", "s2") for m in ("ground truth", "full", "partial")
+    ]
+    assert all(f["decoded"] and f["height"] == 96 for f in strip)
+    rows = [strip[:3], strip[3:]]
+    assert all(len({f["top"] for f in row}) == 1 for row in rows)  # a row's thumbnails side by side
+    assert [f["left"] for f in rows[0]] == [f["left"] for f in rows[1]]  # columns aligned
+    assert rows[0][0]["left"] < rows[0][1]["left"] < rows[0][2]["left"]
+    thumbs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", html.read_text())
+    assert len(thumbs) == 6 and max(len(t) * 3 // 4 for t in thumbs) < 8000  # a few KB each
     assert "WARNING: partial covers 2 of 3 units" in dom and "PSNR ↑" in dom

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import skimage.data
 
-from geodiff4d.core.io.images import write_png
+from geodiff4d.core.io.images import read_rgb8, write_png
 from geodiff4d.core.jobs import WorkUnit
 from geodiff4d.eval.inputs import InputError
 from geodiff4d.eval.run import EvalJob, evaluate, read_identity
@@ -63,6 +63,25 @@ def test_cross_protocol_cuts_each_head_with_its_own_alpha(cross_tree):
     job.run(WorkUnit("avatar--a--b-EXP", {"method": "avatar", "subject": "a", "sequence": "b-EXP"}))
     video_jod = pd.read_parquet(cross_tree / "run" / "videos" / "avatar--a--b-EXP.parquet")["jod"].iloc[0]
     assert video_jod < 9.5
+
+
+def test_cross_jod_compares_with_the_driver_s_video(cross_tree):
+    """The documented choice (docs/metrics.md): cross JOD's reference is the driver's ground-truth video, full
+    frames as the benchmark scores them, so a copy of the driver scores the best JOD and another head less; the
+    copy is identity leakage, which CSIM against the avatar's reference reads beside it."""
+    driving = sorted((cross_tree / "drive" / "rgb" / "a" / "b-EXP" / "cam_a").glob("*.png"))
+    other = [np.ascontiguousarray(read_rgb8(p)[:, ::-1] // 2 + 60) for p in driving]  # another head, mirrored
+    _write(cross_tree / "other" / "a" / "b-EXP" / "cam_a", other)
+    settings = EvalSettings(protocol="cross", metrics=("jod",))  # the benchmark's cross: no mask, no backdrop
+    methods = {"copy": str(cross_tree / "drive" / "rgb"), "other": str(cross_tree / "other")}
+    job = EvalJob(methods, str(cross_tree / "drive" / "rgb"), str(cross_tree / "run"), settings)
+    job.setup()
+    jod = {}
+    for method in methods:
+        unit = f"{method}--a--b-EXP"
+        job.run(WorkUnit(unit, {"method": method, "subject": "a", "sequence": "b-EXP"}))
+        jod[method] = pd.read_parquet(cross_tree / "run" / "videos" / f"{unit}.parquet")["jod"].iloc[0]
+    assert jod["copy"] == pytest.approx(10.0, abs=1e-3) and jod["other"] < 9.0
 
 
 def test_cross_protocol_without_the_methods_alpha_is_refused(cross_tree, local_ray):
