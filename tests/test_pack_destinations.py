@@ -64,7 +64,7 @@ def test_a_failing_pipe_command_is_an_error_naming_it(tmp_path):
         out.write_bytes("x.tar", b"data")
 
 
-def test_pack_to_a_file_url_and_through_a_pipe_matches_a_local_pack_and_verifies(data, tmp_path, local_ray):
+def test_pack_to_a_file_url_and_through_a_pipe_matches_a_local_pack_and_verifies(data, tmp_path, local_ray):  # noqa: F811 (the fixture)
     where = _locations(tmp_path)
     assert _pack(Path(where["folder"]), data).ok
     for kind in ("file", "pipe"):
