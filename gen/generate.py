@@ -1,10 +1,12 @@
 """`geodiff4d generate`: mass sampling from a spec on Ray actors that hold the pipeline, into a frame folder.
 
-Work units are (subject, temporal window, camera group). A unit denoises its window plus `overlap` context
-frames on each side, all of its views as one batch, with the sampler's overlapping windows blended as
-always, and writes only the frames it owns; neighbouring units share the context frames' noise, so they
-agree across the seam. Noise is drawn per (seed, subject, camera, frame) and the scheduler's generator per
-(seed, subject, window, camera group), never from a worker: any number of workers gives the same bytes.
+Work units are (subject, temporal window, camera group). A unit denoises its window plus `sample.context`
+context frames on each side (default: `overlap`), all of its views as one batch, with the sampler's
+overlapping windows blended as always, and writes only the frames it owns; neighbouring units share the
+context frames' noise, so they agree across the seam. Noise is drawn per (seed, subject, camera, frame) and
+the scheduler's generator per (seed, subject, window, camera group), never from a worker, and CPU kernels are
+chosen so the thread count (cores / workers) does not change the last bits: any number of workers gives the
+same bytes.
 Units commit through core.jobs, so a killed actor or a rerun redoes only uncommitted units.
 
 The frame folder is what `geodiff4d recon` reads: rgb/normal/mask PNGs, cameras/ JSON, tracking/ npz (the
@@ -90,9 +92,7 @@ class GenerateJob:
         from geodiff4d.recon.run import load_head_model
 
         self.device = torch.device("cuda" if self.use_gpu else "cpu")  # core.jobs checked that torch sees it
-        self.loaded = load_run(self.run_folder)
-        self.loaded.model.to(self.device)
-        self.loaded.codec.to(self.device)
+        self.loaded = load_run(self.run_folder).to(self.device)
         self.head = load_head_model(self.head_model)
         self.subjects: dict[str, SubjectInputs] = {}
 
@@ -110,8 +110,8 @@ class GenerateJob:
 
         started, p = time.time(), unit.payload
         inputs, loaded = self.subject(p["subject"]), self.loaded
-        total, overlap = inputs.tracking.batch_size, loaded.guidance.overlap
-        span = range(max(0, p["start"] - overlap), min(total, p["stop"] + overlap))  # owned frames + context
+        total, context = inputs.tracking.batch_size, loaded.cfg.sample.context_frames
+        span = range(max(0, p["start"] - context), min(total, p["stop"] + context))  # owned frames + context
         cameras = p["cameras"]
         posemaps = torch.stack(
             [
@@ -158,7 +158,17 @@ class GenerateJob:
             "frames": len(frames) * len(cameras),
             "seconds": round(finished - started, 3),
             "unit_window": [started, finished],
+            "peak_memory_bytes": peak_memory_bytes(self.device),  # bench/bench_gpu.py reports it
         }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this actor so far: CUDA memory allocated on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def inputs_path(out: Path, name: str) -> Path:
