@@ -149,8 +149,10 @@ class GenerateJob:
             )
             write_camera_frames(self.out, inputs.name, inputs.sequence, camera, frames, view)
         if p["start"] == 0 and p["group"] == 0:  # the latents depend on the driving frames only: one writer
+            # in the weights' dtype (sample.bf16_weights): this runs outside the sampler's autocast
             with torch.no_grad():
-                latents = loaded.model.expression_encoder.encode(inputs.driving.to(self.device))  # [T, K, d]
+                driving = inputs.driving.to(self.device, loaded.model.dtype)
+                latents = loaded.model.expression_encoder.encode(driving).float()  # [T, K, d]
             write_latents(self.out, inputs.name, inputs.sequence, list(range(total)), latents)
         self.after_write(unit)
         finished = time.time()  # wall clock: windows of units on different actors compare (bench_generate)
