@@ -195,7 +195,9 @@ def test_micro_batches_predict_what_one_batch_does():
         )
         return torch.cat([out.rgb, out.normal])
 
-    torch.testing.assert_close(sample(1), sample(None), rtol=0, atol=1e-5)
+    # float rounding of other batch shapes: up to 1.7e-5 with torch's own CPU convolutions (sampling avoids oneDNN's,
+    # whose results depend on the thread count), 1e-5 with oneDNN's
+    torch.testing.assert_close(sample(1), sample(None), rtol=0, atol=5e-5)
 
 
 def test_frames_do_not_depend_on_the_thread_count():
