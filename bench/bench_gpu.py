@@ -1,27 +1,28 @@
-"""GPU figures: `geodiff4d generate` at 512 px with the paper-size model, the >= 64 px demo checkpoint, and the
-older component figures. Every part also runs on the CPU at tiny size (`--device cpu --tiny`), which proves the
-script end to end without a GPU.
+"""GPU figures: `geodiff4d generate` at 512 px with the paper-size model, the >= 64 px demo checkpoint, and
+the older component figures. Every part also runs on the CPU at tiny size (`--device cpu --tiny`), which proves
+the script end to end without a GPU.
 
 Parts (positional; default: generate):
   generate     the real `geodiff4d generate` CLI (Ray actor, real units) on a spec of 4 views x 36 frames
-               (frames_per_unit 32: one 32-frame unit with 4 context frames, then the last 4 frames): scikit-image's
-               astronaut as the reference (identity fitted by our tracker), random expressions driving the
-               procedural FLAME head, an orbit of cameras; the paper-size model of configs/paper.yaml (random weights,
-               an SD-shaped random VAE) at 512 px. Per setting (`--settings`, default `default,24gb`): frames/s per
-               GPU (written frames over the units' own time; the 32-frame unit alone beside it) and the actor's
-               peak memory (torch.cuda.max_memory_allocated inside the actor, reported back in the unit's stats).
-               Settings: default (configs/paper.yaml's sample block), 24gb (configs/sample-24gb.yaml merged in),
-               fast (UniPC 10 steps, context 2; bench/bench_samplers.py measures what they cost in quality).
+               (frames_per_unit 32: one 32-frame unit with 4 context frames, then the last 4 frames):
+               scikit-image's astronaut as the reference (identity fitted by our tracker), random expressions
+               driving the procedural FLAME head, an orbit of cameras; the paper-size model of
+               configs/paper.yaml (random weights, an SD-shaped random VAE) at 512 px. Per setting
+               (`--settings`, default `default,24gb`): frames/s per GPU (written frames over the units' own
+               time; the 32-frame unit alone beside it) and the actor's peak memory
+               (torch.cuda.max_memory_allocated inside the actor, reported back in the unit's stats).
+               Settings: default (configs/paper.yaml's sample block), 24gb (configs/sample-24gb.yaml merged
+               in), fast (UniPC 10 steps; bench/bench_samplers.py measures what it costs in quality).
                Goals on an H100: >= 3.3 frames/s, peak <= 75 GB by default and <= 22 GB with 24gb.
-  demo64-train scripts/make_demo_checkpoint.py's recipe at 64 px into configs/checkpoints/demo-64px (MADE.json
-               beside it, <= 20 MB), synth + pack + both training stages.
+  demo64-train scripts/make_demo_checkpoint.py's recipe at 64 px into configs/checkpoints/demo-64px
+               (MADE.json beside it, <= 20 MB), synth + pack + both training stages.
   demo64-e2e   bench/benchmark_end_to_end.py on configs/benchmark-demo.yaml with generation.run naming
-               configs/checkpoints/demo-64px: oracle > geodiff4d > reference copy on PSNR and LPIPS, intervals shown.
+               configs/checkpoints/demo-64px: oracle > geodiff4d > reference copy on PSNR and LPIPS.
   sampling, batching, gaussians, denoiser: the component figures of bench/results/gpu-h*.txt (CUDA only).
 
---quick: a sanity pass of `generate` (1 view x 8 frames, 2 steps, both default settings) in about a minute once
-the model is built. --tiny: configs/demo.yaml's model at 32 px (pixel latents), 2 views x 6 frames, 2 steps, and
-a demo64 training of 2 + 2 steps into a scratch folder (never the committed one).
+--quick: a sanity pass of `generate` (1 view x 8 frames, 2 steps, both default settings). --tiny:
+configs/demo.yaml's model at 32 px (pixel latents), 2 views x 6 frames, 2 steps, and a demo64 training of
+2 + 2 steps into a scratch folder (never the committed one).
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] =
 SETTINGS = {
     "default": {},
     "24gb": yaml.safe_load((ROOT / "configs" / "sample-24gb.yaml").read_text())["sample"],
-    "fast": {"scheduler": "unipc", "steps": 10, "context": 2},
+    "fast": {"scheduler": "unipc", "steps": 10},
 }
 
 

@@ -151,7 +151,8 @@ class SampleConfig(StrictConfig):
     channels_last: bool = False  # channels-last memory format for the convolutions
     bf16_weights: bool = False  # bf16 weights on CUDA (half the weights' memory); ignored on the CPU
     # context frames a `generate` unit denoises on each side of the frames it writes, so neighbouring units agree
-    # across the seam (None: `overlap`); fewer context frames, less denoising per written frame
+    # across the seam (None: `overlap`); fewer context frames, less denoising per written frame where the unit's
+    # span then needs fewer windows (bench/results/samplers-cpu-2026-12-06.txt)
     context: int | None = Field(None, ge=0)
 
     @property
