@@ -1,27 +1,48 @@
-"""GPU figures: gsplat vs our PyTorch Gaussian backend, and the paper-sized joint denoiser's training speed.
+"""GPU figures: `geodiff4d generate` at 512 px with the paper-size model, the >= 64 px demo checkpoint, and
+the older component figures. Every part also runs on the CPU at tiny size (`--device cpu --tiny`), which proves
+the script end to end without a GPU.
 
-Needs CUDA; on a machine without it, says so and exits 0 (CPU figures are in the other bench scripts).
-Prints, each against a reference measured in the same run:
-  1. gsplat vs the PyTorch backend on the same scene: largest differences of rgb/alpha/depth/normal;
-  2. render frames/s at 512 px for 100k Gaussians, gsplat vs the PyTorch backend on the same GPU;
-  3. training steps/s of the SD-1.5-shaped joint denoiser at 512 px (64x64 latents, bf16 autocast,
-     batch 1, gradient checkpointing): joint RGB+normal vs RGB-only, i.e. the joint model's cost ratio;
-  4. sampling frames/s per GPU of the SD-1.5-shaped joint model at 512 px (random weights, an SD-shaped
-     random VAE, bf16 autocast, DDIM 25 steps, CFG with 3 branches, a 16-frame window of 4 views denoised as
-     one batch, as one `geodiff4d generate` unit): against the paper's 0.67 frames/s (200 frames x 12 views
-     in 1 h on an H100); goal >= 3.3 frames/s;
-  5. the same unit's views denoised as one batch vs one view at a time, at 256 and 512 px.
+Parts (positional; default: generate):
+  generate     the real `geodiff4d generate` CLI (Ray actor, real units) on a spec of 4 views x 36 frames
+               (frames_per_unit 32: one 32-frame unit with 4 context frames, then the last 4 frames):
+               scikit-image's astronaut as the reference (identity fitted by our tracker), random expressions
+               driving the procedural FLAME head, an orbit of cameras; the paper-size model of
+               configs/paper.yaml (random weights, an SD-shaped random VAE) at 512 px. Per setting
+               (`--settings`, default `default,24gb`): frames/s per GPU (written frames over the units' own
+               time; the 32-frame unit alone beside it) and the actor's peak memory
+               (torch.cuda.max_memory_allocated inside the actor, reported back in the unit's stats).
+               Settings: default (configs/paper.yaml's sample block), 24gb (configs/sample-24gb.yaml merged
+               in), fast (UniPC 10 steps; bench/bench_samplers.py measures what it costs in quality).
+               Goals on an H100: >= 3.3 frames/s, peak <= 75 GB by default and <= 22 GB with 24gb.
+  demo64-train scripts/make_demo_checkpoint.py's recipe at 64 px into configs/checkpoints/demo-64px
+               (MADE.json beside it, <= 20 MB), synth + pack + both training stages.
+  demo64-e2e   bench/benchmark_end_to_end.py on configs/benchmark-demo.yaml with generation.run naming
+               configs/checkpoints/demo-64px: oracle > geodiff4d > reference copy on PSNR and LPIPS.
+  sampling, batching, gaussians, denoiser: the component figures of bench/results/gpu-h*.txt (CUDA only).
+
+--quick: a sanity pass of `generate` (1 view x 8 frames, 2 steps, both default settings). --tiny:
+configs/demo.yaml's model at 32 px (pixel latents), 2 views x 6 frames, 2 steps, and a demo64 training of
+2 + 2 steps into a scratch folder (never the committed one).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _timed(fn, repeats: int) -> float:
@@ -124,25 +145,29 @@ def denoiser_figures() -> None:
 
 def _paper_sampler():
     """The SD-1.5-shaped joint model with random weights and an SD-shaped random VAE, on the GPU, in eval mode."""
-    from diffusers import AutoencoderKL
-
     from geodiff4d.gen.build import model_kwargs
     from geodiff4d.gen.config import load_config
     from geodiff4d.gen.denoiser import JointDenoiser
     from geodiff4d.gen.latents import VaeLatents
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
     torch.manual_seed(0)
     model = JointDenoiser(**model_kwargs(cfg, 2, latent_channels=4, latent_downscale=8)).cuda().eval()
-    blocks = 4  # SD-1.5's VAE: 4 levels (8x downscale), 4 latent channels
-    vae = AutoencoderKL(
+    return cfg, model, VaeLatents(sd_shaped_vae()).cuda()
+
+
+def sd_shaped_vae():
+    """SD-1.5's VAE shape with random weights: 4 levels (8x downscale), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    blocks = 4
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
         latent_channels=4,
         layers_per_block=2,
     )
-    return cfg, model, VaeLatents(vae).cuda()
 
 
 def _unit_inputs(codec, size: int, driving_size: int, views: int, frames: int) -> dict[str, torch.Tensor]:
@@ -250,27 +275,203 @@ def batching_figures(frames: int = 16, steps: int = 10, sizes: tuple[int, ...] =
         )
 
 
-SECTIONS = {
-    "sampling": sampling_figures,
-    "batching": batching_figures,
-    "gaussians": gaussian_figures,
-    "denoiser": denoiser_figures,
+# --- generate through the CLI
+
+SETTINGS = {
+    "default": {},
+    "24gb": yaml.safe_load((ROOT / "configs" / "sample-24gb.yaml").read_text())["sample"],
+    "fast": {"scheduler": "unipc", "steps": 10},
 }
 
 
-def main(names: list[str]) -> None:
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; GPU figures need one")
-        return
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    for name in names or SECTIONS:
+def base_run(work: Path, tiny: bool, steps: int | None) -> Path:
+    """A run folder (config.yaml, scheduler, random EMA weights) of the paper-size model with an SD-shaped random
+    VAE (tiny: configs/demo.yaml's model, pixel latents)."""
+    from geodiff4d.gen.build import build_codec, build_model
+    from geodiff4d.gen.config import GenConfig, load_config
+    from geodiff4d.gen.model_run import write_run_files
+
+    raw = load_config(ROOT / "configs" / ("demo.yaml" if tiny else "paper.yaml")).model_dump(mode="json")
+    if not tiny:
+        sd_shaped_vae().save_pretrained(work / "sd-vae" / "vae")
+        raw["model"].update(pretrained=None, vae=str(work / "sd-vae"))
+    if steps is not None:
+        raw["sample"]["steps"] = steps
+    cfg, run = GenConfig.model_validate(raw), work / "run"
+    torch.manual_seed(0)
+    build_model(cfg, 2, build_codec(cfg)).save_pretrained(run / "checkpoints" / "step_0000000" / "ema")
+    write_run_files(run, cfg)
+    return run
+
+
+def setting_run(base: Path, name: str, steps: int | None) -> Path:
+    """The base run with a setting's sample fields merged in (weights linked, not copied)."""
+    from geodiff4d.gen.config import GenConfig, load_config
+    from geodiff4d.gen.model_run import write_run_files
+
+    raw = load_config(base / "config.yaml").model_dump(mode="json")
+    raw["sample"].update(SETTINGS[name])
+    if steps is not None:
+        raw["sample"]["steps"] = steps
+    run = base.with_name(f"run-{name}")
+    write_run_files(run, GenConfig.model_validate(raw))
+    (run / "checkpoints").symlink_to(base / "checkpoints", target_is_directory=True)
+    return run
+
+
+def generate_cli(spec: Path, out: Path, device: str) -> list[dict]:
+    """`geodiff4d generate SPEC --out OUT` (the console script's own entry point) on one actor; its units' stats."""
+    from geodiff4d.core.io.json_yaml import read_json
+
+    entry = "from geodiff4d.cluster.cli import app; app(prog_name='geodiff4d')"
+    gpus = "1" if device == "cuda" else "0"
+    command = [
+        sys.executable,
+        "-c",
+        entry,
+        "generate",
+        str(spec),
+        "--out",
+        str(out),
+        "--gpus-per-worker",
+        gpus,
+    ]
+    subprocess.run(command, check=True)
+    return [read_json(path) for path in sorted((out / "_generate" / "commits").glob("*.stats.json"))]
+
+
+def generate_figures(args: argparse.Namespace, work: Path) -> None:
+    """Frames/s per GPU and the actor's peak memory of `geodiff4d generate`, per setting."""
+    from bench_generate import make_spec
+
+    views, frames, per_unit, steps = (1, 8, 8, 2) if args.quick else (4, 36, 32, None)
+    if args.tiny:
+        views, frames, per_unit, steps = 2, 6, 4, 2
+    base = base_run(work, args.tiny, steps)
+    spec = yaml.safe_load(make_spec(work, frames, views, views, per_unit).read_text())
+    for name in args.settings.split(","):
+        run = setting_run(base, name, steps)
+        path = work / f"spec-{name}.yaml"
+        path.write_text(yaml.safe_dump({**spec, "run": str(run)}))
+        stats = generate_cli(path, work / f"out-{name}", args.device)
+        sample = yaml.safe_load((run / "config.yaml").read_text())["sample"]
+        written, seconds = sum(s["frames"] for s in stats), sum(s["seconds"] for s in stats)
+        longest = max(stats, key=lambda s: s["frames"])
+        peak = max(s["peak_memory_bytes"] for s in stats) / 2**30
+        memory = "GPU memory allocated" if args.device == "cuda" else "resident set size (CPU)"
+        print(
+            f"generate, setting {name} ({sample}): {views} views x {frames} frames, {per_unit} per unit, "
+            f"{len(stats)} units: {written / seconds:.2f} frames/s per {args.device} (the {longest['frames']}-frame "
+            f"unit alone {longest['frames'] / longest['seconds']:.2f}); actor's peak {memory} {peak:.1f} GiB",
+            flush=True,
+        )
+
+
+# --- the >= 64 px demo checkpoint
+
+DEMO64 = ROOT / "configs" / "checkpoints" / "demo-64px"
+DEMO64_RECIPE = [
+    "--steps1",
+    "2000",
+    "--steps2",
+    "600",
+    "--batch1",
+    "32",
+    "--batch2",
+    "2",
+    "--loader-workers",
+    "8",
+]
+TINY_RECIPE = ["--steps1", "2", "--steps2", "2", "--batch1", "2", "--batch2", "1", "--checkpoint-every", "2"]
+
+
+def demo64_out(args: argparse.Namespace, work: Path) -> Path:
+    return work / "demo-64px" if args.tiny else DEMO64
+
+
+def demo64_train(args: argparse.Namespace, work: Path) -> None:
+    """scripts/make_demo_checkpoint.py at 64 px (resumes from --demo64-work when rerun with the same arguments)."""
+    out, scratch = demo64_out(args, work), Path(args.demo64_work or work / "demo64-work")
+    recipe = TINY_RECIPE + ["--loader-workers", "0"] if args.tiny else DEMO64_RECIPE
+    command = [sys.executable, str(ROOT / "scripts" / "make_demo_checkpoint.py"), "--work", str(scratch)]
+    command += ["--resolution", "64", "--out", str(out), "--device", args.device, *recipe]
+    subprocess.run(command, check=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(
+        f"demo64-train: {out} written, {size:.1f} MB (limit 20 MB); MADE.json: {(out / 'MADE.json').read_text()}"
+    )
+
+
+def demo64_e2e(args: argparse.Namespace, work: Path) -> None:
+    """The end-to-end direction check with the 64 px checkpoint as the benchmark's diffusion model."""
+    config = yaml.safe_load((ROOT / "configs" / "benchmark-demo.yaml").read_text())
+    config["generation"]["run"] = str(demo64_out(args, work).resolve())
+    path = work / "benchmark-demo-64px.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    script = ROOT / "bench" / "benchmark_end_to_end.py"
+    subprocess.run(
+        [sys.executable, str(script), "--config", str(path), "--out", str(work / "e2e")], check=True
+    )
+
+
+PARTS = {
+    "generate": generate_figures,
+    "demo64-train": demo64_train,
+    "demo64-e2e": demo64_e2e,
+    "sampling": lambda args, work: sampling_figures(),
+    "batching": lambda args, work: batching_figures(),
+    "gaussians": lambda args, work: gaussian_figures(),
+    "denoiser": lambda args, work: denoiser_figures(),
+}
+CUDA_ONLY = ("sampling", "batching", "gaussians", "denoiser")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"of {', '.join(PARTS)} (default: generate)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the demo model at 32 px, a few frames and steps")
+    parser.add_argument("--quick", action="store_true", help="generate only: 1 view x 8 frames, 2 steps")
+    parser.add_argument("--settings", default="default,24gb", help=f"generate's, of {', '.join(SETTINGS)}")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
+    parser.add_argument("--demo64-work", type=Path, help="make_demo_checkpoint's --work (keep it to resume)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(0, "bench_gpu: no CUDA device here; run with --device cpu --tiny for the CPU path\n")
+    if args.quick or not args.parts:
+        args.parts = ["generate"]
+    if set(args.parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(args.parts) - set(PARTS))}; known: {', '.join(PARTS)}")
+    unknown = set(args.settings.split(",")) - set(SETTINGS)
+    if unknown:
+        parser.error(f"--settings: unknown {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"device: {device}, torch {torch.__version__}, parts {args.parts}", flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
+    failed = []
+    for name in args.parts:
+        started = time.perf_counter()
         try:
-            SECTIONS[name]()
-        except Exception:  # noqa: BLE001 - one failing section must not hide the other's figures
+            if name in CUDA_ONLY and args.device != "cuda":
+                raise RuntimeError(f"{name} needs CUDA")
+            PARTS[name](args, work)
+        except Exception:  # noqa: BLE001 - one failing part must not hide the others' figures
             traceback.print_exc()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+            failed.append(name)
+        print(f"part {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        sys.exit(f"failed parts: {failed}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])  # section names (default: all): sampling, gaussians, denoiser
+    main()

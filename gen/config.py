@@ -137,7 +137,7 @@ class TrainConfig(StrictConfig):
 
 
 class SampleConfig(StrictConfig):
-    scheduler: Literal["ddim", "dpmsolver++", "ddpm"] = "ddim"
+    scheduler: Literal["ddim", "dpmsolver++", "unipc", "ddpm"] = "ddim"
     steps: int = Field(25, ge=1)
     guidance_reference: float = Field(2.0, ge=0)
     guidance_expression: float = Field(2.0, ge=0)
@@ -146,6 +146,18 @@ class SampleConfig(StrictConfig):
     # (guidance branch x view) windows per denoiser call and images per VAE decode (default: every branch and
     # view of a window at once, a window's frames per decode); smaller fits smaller GPUs, at some speed
     max_batch: int | None = Field(None, ge=1)
+    # speed options (gen.pipeline.speed_options): same frames up to float rounding
+    compile: bool = False  # torch.compile the denoiser (eager, with a warning, where the backend fails)
+    channels_last: bool = False  # channels-last memory format for the convolutions
+    bf16_weights: bool = False  # bf16 weights on CUDA (half the weights' memory); ignored on the CPU
+    # context frames a `generate` unit denoises on each side of the frames it writes, so neighbouring units agree
+    # across the seam (None: `overlap`); fewer context frames, less denoising per written frame where the unit's
+    # span then needs fewer windows (bench/results/samplers-cpu-2026-12-06.txt)
+    context: int | None = Field(None, ge=0)
+
+    @property
+    def context_frames(self) -> int:
+        return self.overlap if self.context is None else self.context
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> SampleConfig:

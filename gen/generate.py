@@ -1,10 +1,12 @@
 """`geodiff4d generate`: mass sampling from a spec on Ray actors that hold the pipeline, into a frame folder.
 
-Work units are (subject, temporal window, camera group). A unit denoises its window plus `overlap` context
-frames on each side, all of its views as one batch, with the sampler's overlapping windows blended as
-always, and writes only the frames it owns; neighbouring units share the context frames' noise, so they
-agree across the seam. Noise is drawn per (seed, subject, camera, frame) and the scheduler's generator per
-(seed, subject, window, camera group), never from a worker: any number of workers gives the same bytes.
+Work units are (subject, temporal window, camera group). A unit denoises its window plus `sample.context`
+context frames on each side (default: `overlap`), all of its views as one batch, with the sampler's
+overlapping windows blended as always, and writes only the frames it owns; neighbouring units share the
+context frames' noise, so they agree across the seam. Noise is drawn per (seed, subject, camera, frame) and
+the scheduler's generator per (seed, subject, window, camera group), never from a worker, and CPU kernels are
+chosen so the thread count (cores / workers) does not change the last bits: any number of workers gives the
+same bytes.
 Units commit through core.jobs, so a killed actor or a rerun redoes only uncommitted units.
 
 The driver holds the plan only (per subject its camera names, frame count and input key; no frame decoded), so
@@ -119,9 +121,7 @@ class GenerateJob:
         from geodiff4d.recon.run import load_head_model
 
         self.device = torch.device("cuda" if self.use_gpu else "cpu")  # core.jobs checked that torch sees it
-        self.loaded = load_run(self.spec.run)
-        self.loaded.model.to(self.device)
-        self.loaded.codec.to(self.device)
+        self.loaded = load_run(self.spec.run).to(self.device)  # with the sample config's speed options
         self.head = load_head_model(self.spec.head_model)
         self.subjects = InputsLRU(int(self.cache_mb * 2**20))
         self.failed: dict[str, InputError] = {}  # subjects whose inputs cannot be resolved: not tried again
@@ -166,8 +166,8 @@ class GenerateJob:
 
         started, p = time.time(), unit.payload
         inputs, loaded = self.subject(p["subject"]), self.loaded
-        total, overlap = inputs.tracking.batch_size, loaded.guidance.overlap
-        span = range(max(0, p["start"] - overlap), min(total, p["stop"] + overlap))  # owned frames + context
+        total, context = inputs.tracking.batch_size, loaded.cfg.sample.context_frames
+        span = range(max(0, p["start"] - context), min(total, p["stop"] + context))  # owned frames + context
         cameras = p["cameras"]
         posemaps = torch.stack(
             [
@@ -207,8 +207,10 @@ class GenerateJob:
         }
         self.write_frames(unit, inputs, frames, views)
         if p["start"] == 0 and p["group"] == 0:  # the latents depend on the driving frames only: one writer
+            # in the weights' dtype (sample.bf16_weights): this runs outside the sampler's autocast
             with torch.no_grad():
-                latents = loaded.model.expression_encoder.encode(inputs.driving.to(self.device))  # [T, K, d]
+                driving = inputs.driving.to(self.device, loaded.model.dtype)
+                latents = loaded.model.expression_encoder.encode(driving).float()  # [T, K, d]
             write_latents(self.out, inputs.name, inputs.sequence, list(range(total)), latents)
         self.after_write(unit)
         finished = time.time()  # wall clock: windows of units on different actors compare (bench_generate)
@@ -216,7 +218,17 @@ class GenerateJob:
             "frames": len(frames) * len(cameras),
             "seconds": round(finished - started, 3),
             "unit_window": [started, finished],
+            "peak_memory_bytes": peak_memory_bytes(self.device),  # bench/bench_gpu.py reports it
         }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this actor so far: CUDA memory allocated on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def inputs_path(out: Path, name: str) -> Path:

@@ -18,7 +18,7 @@ from geodiff4d.gen.build import build_codec
 from geodiff4d.gen.checkpoint import resolve_init
 from geodiff4d.gen.config import GenConfig, load_config
 from geodiff4d.gen.denoiser import JointDenoiser
-from geodiff4d.gen.pipeline import Guidance, make_scheduler
+from geodiff4d.gen.pipeline import Guidance, make_scheduler, speed_options
 
 CONFIG_FILE = "config.yaml"
 SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
@@ -53,6 +53,15 @@ class LoadedRun:
 
     def scheduler(self):
         return sampler_scheduler(self.cfg)
+
+    def to(self, device) -> LoadedRun:
+        """Model and codec on `device`, the model with the sample config's speed options."""
+        s = self.cfg.sample
+        self.model = speed_options(
+            self.model, device, compile=s.compile, channels_last=s.channels_last, bf16_weights=s.bf16_weights
+        )
+        self.codec.to(device)
+        return self
 
 
 def run_config(run: str | Path, config: str | Path | None = None) -> GenConfig:

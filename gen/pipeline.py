@@ -8,11 +8,15 @@ tent weights at every step, so neighbouring windows agree where they overlap.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from geodiff4d.core.io.images import write_png
 from geodiff4d.core.io.tensors import tensor_to_image
@@ -28,6 +32,7 @@ _SCHEDULERS = {
     "dpmsolver++": lambda n: DPMSolverMultistepScheduler(
         num_train_timesteps=n, algorithm_type="dpmsolver++", **_SD_BETAS
     ),
+    "unipc": lambda n: UniPCMultistepScheduler(num_train_timesteps=n, **_SD_BETAS),
 }
 
 
@@ -198,6 +203,62 @@ def _guided_noise(
     return eps / weight.view(1, 1, 1, -1, 1, 1)
 
 
+def _compile_works(device: torch.device) -> str | None:
+    """None when torch.compile's default backend builds and runs a one-line function on `device`, else why not
+    (inductor needs a C++ compiler on the CPU, Triton on a GPU)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as error:  # noqa: BLE001 - any backend failure means: sample uncompiled
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def speed_options(
+    model: JointDenoiser,
+    device: torch.device,
+    *,
+    compile: bool = False,
+    channels_last: bool = False,
+    bf16_weights: bool = False,
+) -> JointDenoiser:
+    """The sampling model on `device` with the sample config's speed options; each changes speed, not what is
+    sampled (tests/test_gen_pipeline.py compares them on the CPU). bf16 weights halve the weights' memory on a
+    GPU, where sampling runs under bf16 autocast anyway; on the CPU (fp32 sampling) they are ignored with a
+    warning. compile falls back to eager with a warning where the backend does not work."""
+    model = model.to(device)
+    if bf16_weights and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    elif bf16_weights:
+        warnings.warn(
+            f"sample.bf16_weights ignored on {device.type}: bf16 weights are for CUDA", stacklevel=2
+        )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        problem = _compile_works(device)
+        if problem is None:
+            model.denoise = torch.compile(model.denoise)  # the per-step call; conditions are encoded once
+        else:
+            warnings.warn(
+                f"sample.compile skipped: torch.compile does not work here ({problem})", stacklevel=2
+            )
+    return model
+
+
+@contextlib.contextmanager
+def thread_count_free_kernels(device: torch.device) -> Iterator[None]:
+    """On the CPU, oneDNN's convolutions split their work by the thread count for some batch shapes (1 and 2
+    threads differ in the last bit at 12 samples), and `generate`'s actors get a node's CPUs shared by the worker
+    count; torch's own convolutions split over the batch only, so frames do not depend on how many workers run
+    (about as fast at the demo's size). No effect on a GPU."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = device.type != "cpu"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 @torch.no_grad()
 def denoise_views(
     model: JointDenoiser,
@@ -217,29 +278,32 @@ def denoise_views(
     [N, C, T, h, w] (shared by both domains) -> SampleOutput with rgb/normal [N, T, 3, H, W]. `scheduler` is
     a diffusers scheduler (its timesteps are set here). bf16 autocast on CUDA, fp32 elsewhere.
     """
-    frames = posemaps.shape[1]
-    if driving.shape[0] != frames:
-        raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {frames}")
-    device = next(model.parameters()).device
-    g = guidance
-    scheduler.set_timesteps(g.steps, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
-        ref_latent = codec.encode(ref_rgb[None].to(device))
-        conds = _cfg_conditions(model, ref_latent, ref_posemap, driving, device)
-    d = model.num_domains
-    with autocast:  # the normal domain's expected mean: the reference pose map's
-        domains = [ref_latent, codec.encode(ref_posemap[None].to(device))] if d == 2 else [ref_latent]
-        means = torch.cat(domains).float().mean(dim=(2, 3))  # [D, C]
-    x = initial_latents(scheduler, noise.to(device).float(), means)  # [N, D, C, T, h, w]
-    windows = temporal_windows(frames, g.window, g.overlap)
-    posemaps = posemaps.to(device)
-    for t in scheduler.timesteps:
-        eps = _guided_noise(model, scheduler, x, t, conds, posemaps, windows, g, autocast)
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
-    with autocast:
-        images = decode_domains(codec, x, g.max_batch or g.window).float()  # [N, D, T, 3, H, W]
-    return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, conds[0].expression[0].float())
+    if driving.shape[0] != posemaps.shape[1]:
+        raise ValueError(f"driving has {driving.shape[0]} frames but posemaps has {posemaps.shape[1]}")
+    device, frames = next(model.parameters()).device, posemaps.shape[1]
+    with thread_count_free_kernels(device):
+        scheduler.set_timesteps(guidance.steps, device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            ref_latent = codec.encode(ref_rgb[None].to(device))
+            conds = _cfg_conditions(model, ref_latent, ref_posemap, driving, device)
+        d = model.num_domains
+        with autocast:  # the normal domain's expected mean: the reference pose map's
+            domains = [ref_latent, codec.encode(ref_posemap[None].to(device))] if d == 2 else [ref_latent]
+            means = torch.cat(domains).float().mean(dim=(2, 3))  # [D, C]
+        x = initial_latents(scheduler, noise.to(device).float(), means)  # [N, D, C, T, h, w]
+        windows = temporal_windows(frames, guidance.window, guidance.overlap)
+        posemaps = posemaps.to(device)
+        # stochastic steps (DDPM) draw from the generator; UniPC's step takes none
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
+        for t in scheduler.timesteps:
+            eps = _guided_noise(model, scheduler, x, t, conds, posemaps, windows, guidance, autocast)
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        with autocast:
+            decode_batch = guidance.max_batch or guidance.window
+            images = decode_domains(codec, x, decode_batch).float()  # [N, D, T, 3, H, W]
+        return SampleOutput(images[:, 0], images[:, 1] if d == 2 else None, conds[0].expression[0].float())
 
 
 def sample_sequence(
