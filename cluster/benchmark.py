@@ -605,20 +605,31 @@ class Benchmark:
         fps = ray.get(renders)
         return {"sequences": len(renders), "frames_per_second": round(float(np.mean(fps)), 2)}
 
-    def baseline(self, method: MethodConfig) -> dict:
+    def baseline(self, method: MethodConfig, subjects: list[Subject]) -> dict:
         """reference_copy (every frame = the subject's reference image) or gt_noise, for every protocol."""
         from geodiff4d.eval.baselines import gt_noise, reference_copy
         from geodiff4d.eval.inputs import open_ground_truth
 
-        references = {path.stem: read_rgb8(path) for path in self.layout.identity.glob("*.png")}
         for protocol in self.config.protocols:
             gt = open_ground_truth(self.layout.gt(protocol) / "rgb")
             out = self.layout.pred(protocol, method.name) / "rgb"
             if method.kind == "gt_noise":
                 gt_noise(gt, out, seed=self.config.seed)
             else:
-                reference_copy(gt, out, references)
+                reference_copy(gt, out, self.split_references(SPLIT_OF[protocol], subjects))
         return {}
+
+    def split_references(self, split: str, subjects: list[Subject]) -> dict[str, np.ndarray]:
+        """Each subject's reference image as GeoDiff4D gets it in ``split``: its input camera's first frame of the
+        training sequence (the mono split's is the identity image; the NVS split's input camera differs, since
+        the NVS hold-outs include the mono train camera)."""
+        if split == "mono":
+            return {path.stem: read_rgb8(path) for path in self.layout.identity.glob("*.png")}
+        camera, frames = self.split_cameras(split)[0], self.layout.frames
+        return {
+            s.id: read_rgb8(sorted((frames / "rgb" / s.id / s.train_sequence / camera).glob("*.png"))[0])
+            for s in subjects
+        }
 
     # -- stages: evaluation -------------------------------------------------------------------------------
     def method_tree(self, protocol: str, method: MethodConfig) -> Path:
@@ -846,7 +857,7 @@ class Benchmark:
         if method.kind in ("reference_copy", "gt_noise"):
             baseline = graph.add(
                 f"baseline:{method.name}",
-                lambda m=method: self.baseline(m),
+                lambda m=method: self.baseline(m, subjects),
                 needs=list(truth.values()),
                 outputs=[layout.pred(p, method.name) / "rgb" for p in protocols],
                 clean=lambda m=method: self.clean_predictions(m),

@@ -264,14 +264,18 @@ def _fingerprint(path: Path) -> list[int]:
 
 
 def _input_keys(spec: GenerateSpec, checkpoint: Path) -> list[str]:
-    """Per subject, what its outputs depend on: its spec entry and the files it names, the weights, the head
-    model, seed, unit plan and output format."""
+    """Per subject, what its outputs depend on: its spec entry and the files it names, the weights, the run's
+    sample settings (scheduler, steps, guidance, context, bf16 weights, ...; not compile and channels_last, which
+    give the same frames), the head model, seed, unit plan and output format."""
+    from geodiff4d.gen.model_run import run_config
+
     files: dict[str, dict[str, list[int]]] = {}
     for field, path in input_files(spec):
         if field.startswith("subjects["):
             files.setdefault(field.split(".", 1)[0], {})[field] = _fingerprint(path)
     shared = {
         "weights": _fingerprint(checkpoint / WEIGHTS),
+        "sample": run_config(spec.run).sample.model_dump(mode="json", exclude={"compile", "channels_last"}),
         "checkpoint": str(checkpoint.resolve()),
         **spec.model_dump(mode="json", include={"head_model", "seed", "frames_per_unit", "cameras_per_unit"}),
         "format": spec.format,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,37 @@ def test_novel_views_uses_the_nvs_benchmarks_split(tmp_path):
         render = graph.stages[f"render:{method.name}:{subjects[0].id}:nvs"]
         assert nvs_avatar in render.needs
         assert [p.parts[-4] for p in render.outputs] == ["novel_views"]
+
+
+def test_reference_copy_of_novel_views_copies_the_nvs_input_camera(tmp_path):
+    """The NVS hold-outs include the mono train camera, whose first frame is the mono reference image: copied
+    into novel_views it would be a scored frame (refused: the demo failed so). The NVS split's reference is
+    its input camera's first frame, the image GeoDiff4D gets there."""
+    from geodiff4d.cluster.benchmark import Benchmark
+    from geodiff4d.core.io.images import read_rgb8, write_png
+
+    _nersemble(tmp_path / "data", tracked_sequences={"EXP-1-head", "FREE"})
+    path = tmp_path / "bench.yaml"
+    methods = [{"name": "copy", "kind": "reference_copy"}]
+    data = {"nersemble": str(tmp_path / "data")}
+    path.write_text(yaml.safe_dump({"data": data, "methods": methods, "protocols": ["self", "novel_views"]}))
+    bench = Benchmark(load_benchmark_config(path), tmp_path / "run")
+    subjects = bench.subjects()
+    rng = np.random.default_rng(0)
+    for subject in subjects:
+        bench.export_subject(subject)
+        for frame in (bench.layout.frames / "rgb" / subject.id).rglob(
+            "*.png"
+        ):  # the fixture's frames are alike
+            write_png(frame, rng.integers(0, 256, read_rgb8(frame).shape, dtype=np.uint8))
+        first = bench.layout.frames / "rgb" / subject.id / subject.train_sequence / bench.config.train_camera
+        shutil.copyfile(sorted(first.glob("*.png"))[0], bench.layout.identity / f"{subject.id}.png")
+    for protocol in bench.config.protocols:
+        bench.ground_truth(protocol, subjects)
+    bench.baseline(bench.config.methods[0], subjects)
+    subject = subjects[0]
+    source = bench.layout.frames / "rgb" / subject.id / subject.train_sequence / bench.config.nvs_train_camera
+    copied = sorted((bench.layout.pred("novel_views", "copy") / "rgb" / subject.id).rglob("*.png"))
+    assert copied and np.array_equal(read_rgb8(copied[0]), read_rgb8(sorted(source.glob("*.png"))[0]))
+    mono = sorted((bench.layout.pred("self", "copy") / "rgb" / subject.id).rglob("*.png"))[0]
+    assert np.array_equal(read_rgb8(mono), read_rgb8(bench.layout.identity / f"{subject.id}.png"))

@@ -322,7 +322,7 @@ def test_exported_pipeline_samples_what_geodiff4d_sample_writes(inputs, shards, 
 @pytest.mark.slow  # Ray actors / procedural data + packing; see the module docstring
 def test_shard_reference_and_driving_with_nersemble_cameras_resolve(inputs, shards, tmp_path):
     packed = {"shards": str(shards), "subject": "001", "sequence": SEQUENCE}
-    tracking = shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking.npz"
+    tracking = shards.parent / "raw/nersemble/001/sequences" / SEQUENCE / "tracking/flame2023_tracking_v2.npz"
     spec = _spec(
         tmp_path,
         inputs,
@@ -407,10 +407,14 @@ def test_cached_inputs_are_no_pickle_and_a_planted_one_is_never_run(tmp_path):
 
 
 def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
+    from geodiff4d.core.io.json_yaml import write_yaml
     from geodiff4d.gen.checkpoint import WEIGHTS
+    from geodiff4d.gen.config import load_config
     from geodiff4d.gen.generate import _input_keys
     from geodiff4d.gen.generate_spec import GenerateSpec
 
+    config = load_config("demo").model_dump(mode="json")
+    write_yaml(tmp_path / "config.yaml", config)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / WEIGHTS).write_bytes(b"w")
     for name in ("face.png", "driving.npz"):
@@ -433,6 +437,12 @@ def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
     [key] = _input_keys(spec, tmp_path / "weights")
     tar = GenerateSpec.model_validate({"run": str(tmp_path), "format": "tar", "subjects": [entry]})
     assert _input_keys(tar, tmp_path / "weights") != [key]  # another output format: its outputs are redone
+    config["sample"]["compile"] = True  # the same frames, faster: nothing to redo
+    write_yaml(tmp_path / "config.yaml", config)
+    assert _input_keys(spec, tmp_path / "weights") == [key]
+    config["sample"]["steps"] += 1  # the run's sample settings changed: its frames are redone
+    write_yaml(tmp_path / "config.yaml", config)
+    assert _input_keys(spec, tmp_path / "weights") != [key]
 
 
 def test_an_actor_s_prepared_subjects_are_evicted_by_size():
