@@ -69,11 +69,11 @@ def read_sequence(
         )
     if frames is not None:
         rows = rows[rows.frame.isin(list(frames))]
-    # a frame's FLAME row is in one camera's json (datasets.packing.resolve_flame): every camera's json of the
-    # wanted frames is read, only the wanted cameras' images decoded
+    # a frame's FLAME row is in one camera's json of the same shard (datasets.packing.resolve_flame): in the
+    # shards holding wanted samples every json of the wanted frames is read, only the wanted images decoded
     listed, metas, found = set(rows.key), {}, {}
     wanted = listed if cameras is None else set(rows.key[rows.camera.isin(list(cameras))])
-    for shard in sorted(set(rows.shard)):
+    for shard in sorted(set(rows.shard[rows.key.isin(wanted)])):
         for sample in iter_shard(join(shards, shard)):
             if sample["__key__"] not in listed:
                 continue
