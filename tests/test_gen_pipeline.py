@@ -169,31 +169,31 @@ def test_sampling_memory_does_not_grow_with_the_frames_of_a_unit():
     assert sixty_four <= 1.2 * sixteen, (sixteen, sixty_four)
 
 
+def _sample_views(model, views: int = 1, frames: int = 4, window: int = 2, max_batch: int | None = None):
+    """rgb and normal of `views` views x `frames` frames, 2 DDIM steps from seed-0 inputs:
+    [2 * views, 3, frames, 16, 16]."""
+    from geodiff4d.gen.pipeline import Guidance, denoise_views, make_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    ref, ref_pose = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
+    driving, posemaps = (
+        torch.rand(frames, 3, 16, 16, generator=g),
+        torch.rand(views, frames, 3, 16, 16, generator=g),
+    )
+    noise = torch.randn(views, 3, frames, 16, 16, generator=g)
+    guidance, generator = Guidance(2, 2.0, 2.0, window, 1, max_batch), torch.Generator().manual_seed(0)
+    args = (ref, ref_pose, driving, posemaps, noise, generator, guidance)
+    out = denoise_views(model, PixelLatents(), make_scheduler("ddim"), *args)
+    return torch.cat([out.rgb, out.normal])
+
+
 def test_micro_batches_predict_what_one_batch_does():
     """max_batch splits guidance branches and views into several denoiser calls (and the decode into several
     VAE calls); samples never attend to each other, so the frames are the same up to float rounding."""
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, make_scheduler
-
-    model, g = tiny(temporal=True, temporal_heads=2), torch.Generator().manual_seed(0)
-    ref, ref_pose = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
-    driving, posemaps = torch.rand(6, 3, 16, 16, generator=g), torch.rand(2, 6, 3, 16, 16, generator=g)
-    noise = torch.randn(2, 3, 6, 16, 16, generator=g)
+    model = tiny(temporal=True, temporal_heads=2)
 
     def sample(max_batch: int | None) -> torch.Tensor:
-        guidance = Guidance(2, 2.0, 2.0, 4, 1, max_batch)
-        out = denoise_views(
-            model,
-            PixelLatents(),
-            make_scheduler("ddim"),
-            ref,
-            ref_pose,
-            driving,
-            posemaps,
-            noise,
-            g,
-            guidance,
-        )
-        return torch.cat([out.rgb, out.normal])
+        return _sample_views(model, views=2, frames=6, window=4, max_batch=max_batch)
 
     # float rounding of other batch shapes: up to 1.7e-5 with torch's own CPU convolutions (sampling avoids oneDNN's,
     # whose results depend on the thread count), 1e-5 with oneDNN's
@@ -204,50 +204,19 @@ def test_frames_do_not_depend_on_the_thread_count():
     """`generate`'s actors share a node's CPUs, so the worker count sets their torch threads; with oneDNN's
     convolutions one view (12 samples per denoiser call) came out with other last bits at 1 and at 2 threads,
     so generate's bytes changed with the worker count."""
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, make_scheduler
-
-    model, g = tiny(temporal=True, temporal_heads=2), torch.Generator().manual_seed(0)
-    ref, ref_pose = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
-    driving, posemaps = torch.rand(4, 3, 16, 16, generator=g), torch.rand(1, 4, 3, 16, 16, generator=g)
-    noise = torch.randn(1, 3, 4, 16, 16, generator=g)
+    model = tiny(temporal=True, temporal_heads=2)
 
     def sample(threads: int) -> torch.Tensor:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            out = denoise_views(
-                model,
-                PixelLatents(),
-                make_scheduler("ddim"),
-                ref,
-                ref_pose,
-                driving,
-                posemaps,
-                noise,
-                torch.Generator().manual_seed(0),
-                Guidance(2, 2.0, 2.0, 2, 1),
-            )
+            return _sample_views(model)
         finally:
             torch.set_num_threads(before)
-        return torch.cat([out.rgb, out.normal])
 
     one = sample(1)
     for threads in (2, 3):
         assert torch.equal(sample(threads), one), threads
-
-
-def _speed_sample(model) -> torch.Tensor:
-    """One view of 4 frames, 2 DDIM steps, with the given sampling model."""
-    from geodiff4d.gen.pipeline import Guidance, denoise_views, make_scheduler
-
-    g = torch.Generator().manual_seed(0)
-    ref, ref_pose = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
-    driving, posemaps = torch.rand(4, 3, 16, 16, generator=g), torch.rand(1, 4, 3, 16, 16, generator=g)
-    noise = torch.randn(1, 3, 4, 16, 16, generator=g)
-    guidance, generator = Guidance(2, 2.0, 2.0, 2, 1), torch.Generator().manual_seed(0)
-    args = (ref, ref_pose, driving, posemaps, noise, generator, guidance)
-    out = denoise_views(model, PixelLatents(), make_scheduler("ddim"), *args)
-    return torch.cat([out.rgb, out.normal])
 
 
 def test_speed_options_sample_the_same_frames_on_the_cpu(monkeypatch):
@@ -259,16 +228,16 @@ def test_speed_options_sample_the_same_frames_on_the_cpu(monkeypatch):
 
     from geodiff4d.gen.pipeline import speed_options
 
-    cpu, plain = torch.device("cpu"), _speed_sample(tiny(temporal=True, temporal_heads=2))
+    cpu, plain = torch.device("cpu"), _sample_views(tiny(temporal=True, temporal_heads=2))
     fast = speed_options(tiny(temporal=True, temporal_heads=2), cpu, channels_last=True)
-    torch.testing.assert_close(_speed_sample(fast), plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_sample_views(fast), plain, rtol=0, atol=1e-5)
     with pytest.warns(UserWarning, match="bf16_weights ignored on cpu"):
         kept = speed_options(tiny(temporal=True, temporal_heads=2), cpu, bf16_weights=True)
-    assert kept.dtype == torch.float32 and torch.equal(_speed_sample(kept), plain)
+    assert kept.dtype == torch.float32 and torch.equal(_sample_views(kept), plain)
     monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
     with pytest.warns(UserWarning, match="sample.compile skipped: torch.compile does not work here"):
         eager = speed_options(tiny(temporal=True, temporal_heads=2), cpu, compile=True)
-    assert torch.equal(_speed_sample(eager), plain)
+    assert torch.equal(_sample_views(eager), plain)
 
 
 def test_the_24gb_setting_merges_into_the_paper_config():
