@@ -104,10 +104,10 @@ def floor_seconds(shards: Path, sources: dict[str, Path]) -> tuple[float, float]
             dataset.alpha_path(subject, sequence, serial),
         ):
             _decode_yuv(path, frame + 1)
-    synthhuman = SynthHumanDataset(sources["synthhuman"])
-    for r in rows:
-        if r["source"] == "synthhuman":
-            synthhuman[int(r["subject"])]
+    synthhuman_rows = [r for r in rows if r["source"] == "synthhuman"]
+    synthhuman = SynthHumanDataset(sources["synthhuman"]) if synthhuman_rows else None
+    for r in synthhuman_rows:
+        synthhuman[int(r["subject"])]
     decode = time.perf_counter() - start
     images = [
         decode_image(sample[member], member)
@@ -221,7 +221,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--subjects", type=int, default=2, help="captures of --frames frames x --cameras each"
     )
-    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument(
+        "--frames", type=int, default=32, help="per capture: 2 x 32 x 16 = 1024 samples, 4 shards"
+    )
     parser.add_argument("--cameras", type=int, default=16)
     parser.add_argument(
         "--capture-size",
@@ -231,8 +233,19 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--resolution", type=int, default=512, help="packed resolution")
     parser.add_argument("--synthetic", type=int, default=8)
-    parser.add_argument("--samples-per-shard", type=int, default=32, help="2 frames of 16 cameras")
-    parser.add_argument("--keyframe-interval", type=int, default=8)
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=256,
+        help="16 frames of 16 cameras (the toolkit's default is 512): 2 shards per capture, 2 per worker, and "
+        "each capture's second shard seeks to frame 16",
+    )
+    parser.add_argument(
+        "--keyframe-interval",
+        type=int,
+        default=12,
+        help="GOP of the re-encoded videos: 12 does not divide 16, so a seek to frame 16 decodes 4 frames more",
+    )
     parser.add_argument("--repeats", type=int, default=0, help="in-process pack and floor runs (0: none)")
     parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[], help="SynthHuman scaling runs")
     parser.add_argument("--synthhuman-resolution", type=int, default=32)

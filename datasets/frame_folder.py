@@ -209,8 +209,8 @@ def export_frame_folder(
                 for frame in dataset.frames(subject, sequence, serial):
                     rel = frame_relpath(subject, sequence, serial, frame.frame)
                     write_png(out / "rgb" / rel, frame.rgb, encoder="pillow")
-                    if frame.alpha is not None:
-                        write_png(out / "mask" / rel, from_float(frame.alpha), encoder="pillow")
+                    if frame.alpha8 is not None:
+                        write_png(out / "mask" / rel, frame.alpha8, encoder="pillow")
                     normal = gt_normal_path(nersemble_root, subject, sequence, serial, frame.frame)
                     if normal.is_file():
                         atomic_write_bytes(out / "normal" / rel, normal.read_bytes())

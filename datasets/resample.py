@@ -3,9 +3,10 @@
 Packing crops a square window around the head (partly outside the frame, which counts as zero) and
 downsamples it to the packed resolution. ``cv2.resize(INTER_AREA)`` at a non-integer scale took ~1.7 ms for
 a 369 px RGB window at 256 px, several times per sample, and needs the zero-padded window copied first. This
-pass reads the image in place (pixels outside it are skipped: they add zero) with OpenCV's weights and its
-float32 accumulation order (horizontal sums per source row, then rows weighted in order), so float results
-match ``cv2.resize`` to float rounding and uint8 results round the same way (half to even).
+pass reads the image in place (pixels outside it are skipped: they add zero) with OpenCV's weights and float32
+accumulation, so float results match ``cv2.resize`` to float rounding and uint8 results round the same way (half
+to even) but for ties that float rounding tips. It sums rows first (OpenCV sums columns first): the window is
+then transposed only after it shrank to the target's height, which halved the time of a full-frame crop.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     """Window ``box`` = (x, y, side) of ``image`` [H, W] or [H, W, C <= 4] (uint8 or float32), zero outside the
     image, area-downsampled to [resolution, resolution(, C)] in the input's dtype; ``side >= resolution``.
 
-    Both passes combine whole rows: the horizontal one runs on the transposed window, so each tap adds an
-    image column at once instead of gathering single pixels.
+    Both passes combine whole rows: the vertical one reads the image's rows in place, the horizontal one runs on
+    the transposed result, so each tap adds a whole line at once instead of gathering single pixels.
     """
     x, y, side = box
     if side < resolution:
@@ -95,13 +96,12 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     x0, y0, x1, y1 = window_in_image(box, height, width)
     if x1 == x0 or y1 == y0:
         return np.zeros((resolution, resolution, *image.shape[2:]), image.dtype)
-    region = planes[y0:y1, x0:x1]  # [h, w, C]: the part of the window inside the image
-    columns = cv2.transpose(region).reshape(
-        x1 - x0, -1
-    )  # [w, h * C] (cv2: numpy's copy of it is ~30x slower)
-    across = _combine_rows(columns, *_area_taps(side, resolution, x - x0, x1 - x0))  # [R, h * C]
-    rows = cv2.transpose(across.reshape(resolution, y1 - y0, channels)).reshape(y1 - y0, -1)  # [h, R * C]
-    out = _combine_rows(rows, *_area_taps(side, resolution, y - y0, y1 - y0))  # [R, R * C]
+    # [h, w * C]: the window's part inside the image, a view (each row's w * C values are contiguous)
+    rows = planes[y0:y1, x0:x1].reshape(y1 - y0, -1)
+    down = _combine_rows(rows, *_area_taps(side, resolution, y - y0, y1 - y0))  # [R, w * C]
+    columns = cv2.transpose(down.reshape(resolution, x1 - x0, channels)).reshape(x1 - x0, -1)  # [w, R * C]
+    across = _combine_rows(columns, *_area_taps(side, resolution, x - x0, x1 - x0))  # [R, R * C]
+    out = cv2.transpose(across.reshape(resolution, resolution, channels))  # [R, R(, C)]: back to rows first
     out = out.reshape(resolution, resolution, channels)
     if image.dtype == np.uint8:
         out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
