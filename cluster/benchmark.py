@@ -453,17 +453,22 @@ class Benchmark:
         return [p for p in self.config.protocols if p in VGM_PROTOCOLS]
 
     def vgm_entry(
-        self, method: MethodConfig, subject: Subject, unit: tuple[str, str, str, str], protocol: str
+        self,
+        method: MethodConfig,
+        subject: Subject,
+        unit: tuple[str, str, str, str],
+        protocol: str,
+        name: str,
     ) -> dict:
-        """The generate spec entry of one scored unit of ``protocol`` (avatar subject, scored name, data subject,
-        data sequence): the reference and identity as :meth:`generate` takes them, the data sequence's hold-out
-        cameras and tracking, as many frames as the unit's ground truth."""
-        avatar, name, data_subject, sequence = unit
+        """The generate spec entry ``name`` of one scored unit of ``protocol`` (avatar subject, scored name, data
+        subject, data sequence): the reference and identity as :meth:`generate` takes them, the data sequence's
+        hold-out cameras and tracking, as many frames as the unit's ground truth."""
+        avatar, scored, data_subject, sequence = unit
         frames, train = self.layout.frames, subject.train_sequence
-        truth = self.layout.gt(protocol) / "rgb" / avatar / name
+        truth = self.layout.gt(protocol) / "rgb" / avatar / scored
         return {
-            "name": avatar,
-            "sequence": name,
+            "name": name,
+            "sequence": scored,
             "reference": {
                 "shards": str(self.shards(method, "inputs")),
                 "subject": avatar,
@@ -482,51 +487,57 @@ class Benchmark:
 
     def generate_vgm(self, method: MethodConfig, subject: Subject, subjects: list[Subject]) -> dict:
         """The diffusion model's own frames of every self/cross unit of ``subject``, at the hold-out cameras:
-        ``geodiff4d generate`` from the subject's reference (as :meth:`generate`), driven by the unit's tracking,
-        then warped into the full hold-out images (grey 0.5 outside the crop) as the method's predictions."""
+        one ``geodiff4d generate`` over all of them (each actor loads the model once per avatar, not once per
+        unit) from the subject's reference (as :meth:`generate`), each driven by its unit's tracking, then warped
+        into the full hold-out images (grey 0.5 outside the crop) as the method's predictions.
+
+        Entries are named ``{subject}_{protocol}_{k}`` (its k-th unit of the protocol): generate's names must be
+        unique and seed the noise, and a unit's own name (a sequence such as ``EMO-1-shout+laugh``) is its entry's
+        sequence."""
         from geodiff4d.cluster.vgm import place_frames
         from geodiff4d.eval.settings import MASKED_BACKGROUND
         from geodiff4d.gen.generate import generate
 
-        c, written = method_config(self.config, method).generation, 0
+        c, out = method_config(self.config, method).generation, self.vgm_folder(method) / subject.id
+        units, entries = [], []
         for protocol in self.vgm_protocols():
-            for unit in self.scored_units(protocol, subjects):
-                avatar, name, data_subject, sequence = unit
-                if avatar != subject.id:
-                    continue
-                out = self.vgm_folder(method) / protocol / name
-                entry = self.vgm_entry(method, subject, unit, protocol)
-                write_yaml(
-                    out / "spec.yaml",
-                    {"run": str(self.model_run(method)), "seed": c.seed, "subjects": [entry]},
+            own = [unit for unit in self.scored_units(protocol, subjects) if unit[0] == subject.id]
+            for k, unit in enumerate(own):
+                entries.append(
+                    self.vgm_entry(method, subject, unit, protocol, f"{subject.id}_{protocol}_{k}")
                 )
-                report = generate(
-                    out / "spec.yaml",
-                    out,
-                    workers=c.workers,
-                    gpus_per_worker=c.gpus_per_worker,
-                    address=self.address,
-                    progress=False,
-                )
-                if not report.ok:
-                    raise RuntimeError(f"generate (vgm) failed:\n{report.summary()}")
-                written += place_frames(
-                    out,
-                    avatar,
-                    name,
-                    self.layout.frames / "cameras" / data_subject / f"{sequence}.json",
-                    self.layout.gt(protocol) / "rgb" / avatar / name,
-                    self.layout.pred(protocol, method.name) / "rgb" / avatar / name,
-                    round(255 * MASKED_BACKGROUND),
-                )
+                units.append((protocol, unit))
+        if not entries:
+            return {"frames": 0}
+        write_yaml(
+            out / "spec.yaml", {"run": str(self.model_run(method)), "seed": c.seed, "subjects": entries}
+        )
+        report = generate(
+            out / "spec.yaml",
+            out,
+            workers=c.workers,
+            gpus_per_worker=c.gpus_per_worker,
+            address=self.address,
+            progress=False,
+        )
+        if not report.ok:
+            raise RuntimeError(f"generate (vgm) failed:\n{report.summary()}")
+        written = 0
+        for entry, (protocol, (avatar, name, data_subject, sequence)) in zip(entries, units, strict=True):
+            written += place_frames(
+                out,
+                entry["name"],
+                name,
+                self.layout.frames / "cameras" / data_subject / f"{sequence}.json",
+                self.layout.gt(protocol) / "rgb" / avatar / name,
+                self.layout.pred(protocol, method.name) / "rgb" / avatar / name,
+                round(255 * MASKED_BACKGROUND),
+            )
         return {"frames": written}
 
     def clean_vgm(self, method: MethodConfig, subject: Subject) -> None:
         """A vgm method's samples and predictions of one avatar subject, and their scores."""
-        for protocol in self.vgm_protocols():
-            for folder in (self.vgm_folder(method) / protocol).glob("*"):
-                if (folder / "rgb" / subject.id).is_dir():
-                    shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.vgm_folder(method) / subject.id, ignore_errors=True)
         self.clean_predictions(method, subject)
 
     def training_views(self, subject: Subject, split: str = "mono") -> list[str]:

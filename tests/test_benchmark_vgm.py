@@ -89,9 +89,19 @@ def test_vgm_shares_the_geodiff4d_model_and_is_not_covered_where_the_paper_has_n
 
 @pytest.mark.slow  # synthesis, packing and 48 sampled view-frames: about 2 min on 2 idle cores
 @pytest.mark.timeout(1800)  # on a loaded machine sampling alone took 11 min
-def test_a_toy_benchmark_scores_the_vgm_row_beside_the_avatar_s_peers(tmp_path):
+def test_a_toy_benchmark_scores_the_vgm_row_beside_the_avatar_s_peers(tmp_path, monkeypatch):
     """End to end at toy size: the vgm method's frames are generated for self and cross at the hold-out
-    cameras' full size, scored on the board, and listed as not covered (with the reason) in novel_views."""
+    cameras' full size, by one generate per avatar (not per unit: each loads the model), scored on the board,
+    and listed as not covered (with the reason) in novel_views."""
+    import geodiff4d.gen.generate as generate_module
+
+    specs, generate = [], generate_module.generate
+
+    def counted(spec, *args, **kwargs):
+        specs.append(yaml.safe_load(Path(spec).read_text()))
+        return generate(spec, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", counted)
     config = load_benchmark_config(
         _config(
             tmp_path,
@@ -121,3 +131,6 @@ def test_a_toy_benchmark_scores_the_vgm_row_beside_the_avatar_s_peers(tmp_path):
         in board
     )
     assert "| vgm | 0/2 | 0 |" in board  # novel_views: listed, not silently absent
+    vgm_specs = [spec for spec in specs if any("_self_" in entry["name"] for entry in spec["subjects"])]
+    assert len(vgm_specs) == 2  # one per avatar subject, each with its self and cross units
+    assert all(len(spec["subjects"]) == 2 for spec in vgm_specs)
