@@ -32,7 +32,7 @@ test-cluster: setup
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/geodiff4d demo --out $(DEMO_OUT)
 
-# The paper's ablations on procedural data, held-out subjects (a few hours on 2 cores; reruns resume):
+# The paper's ablations on procedural data, held-out subjects (about 95 min on 2 idle cores; reruns resume):
 # the table is RUN/ablations/ablations.{md,html}
 ABLATIONS_OUT ?= runs/ablations
 ablations: setup
