@@ -97,8 +97,28 @@ def packed(tmp_path_factory) -> Path:
 
 def test_tracked_frames_with_alpha_convert_only_their_crops(packed):
     """Before, every colour and alpha frame was converted to RGB whole (3208x2200 per camera on the raw release)
-    before the crop kept a few percent of it."""
-    assert json.loads((packed / "full_frames.json").read_text()) == []
+    before the crop kept a few percent of it. A frame is converted whole only when its crop covers it whole
+    (here the head's window is larger than the 96 px frames), and alpha frames never are."""
+    width, height = SPEC.resolution, SPEC.resolution
+    whole = 0
+    for sample in iter_shard(packed / "nersemble-000000.tar"):
+        x, y, side = json.loads(sample["json"])["crop"]
+        whole += x <= 0 and y <= 0 and x + side >= width and y + side >= height
+    assert json.loads((packed / "full_frames.json").read_text()) == [width] * whole
+
+
+def test_a_window_inside_the_frame_converts_no_whole_frame(videos, monkeypatch):
+    converted = []
+    convert = video._frame_array
+    monkeypatch.setattr(
+        video, "_frame_array", lambda frame, *a, **k: converted.append(1) or convert(frame, *a, **k)
+    )
+    for _, lazy in iter_video_range(videos["colour"], 0, 2, pixels="lazy"):
+        lazy.window(10, 10, 60, 50)
+    assert not converted
+    for _, lazy in iter_video_range(videos["colour"], 0, 2, pixels="lazy"):
+        lazy.window(0, 0, 98, 70)  # the whole frame: converted as such, without copying its planes
+    assert len(converted) == 2
 
 
 def test_a_frames_flame_row_is_stored_once_and_resolved_for_every_camera(packed):
