@@ -28,21 +28,18 @@ import itertools
 import json
 import multiprocessing
 import os
-import shlex
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
+from run_info import print_run_header, uptime  # a sibling script
 
 from geodiff4d.core.io.json_yaml import json_bytes, parse_json
 from geodiff4d.core.jobs import CommitLog
@@ -377,14 +374,9 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def main() -> None:
     args = arguments()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("date:", datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "| load before:", _uptime())
+    print_run_header()
     config = LoaderConfig(kind="pair", batch_size=args.batch_size, driving_size=args.resolution // 2)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         tmp = Path(tmp)
@@ -412,7 +404,7 @@ def main() -> None:
                     "cold local", str(served / "tars"), LocalFiles(served / "files"), index, cold=served
                 )
                 report(case.name, workers, run_case(case, workers, args, config))
-    print("load after:", _uptime())
+    print("load after:", uptime())
 
 
 if __name__ == "__main__":

@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
 import torch
+from run_info import print_run_header, uptime  # a sibling script
 
 from geodiff4d.core.io.images import decode_image, encode_png
 from geodiff4d.core.io.json_yaml import read_json
@@ -290,14 +287,9 @@ def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argpars
     return wall
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def main() -> None:
     args = parse_args()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("date:", datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "| load before:", _uptime())
+    print_run_header()
     print("floor:", " ".join(__doc__.split("The floor is ")[1].split("\n\n")[0].split()))
     spec = SynthSpec(
         subjects=args.subjects,
@@ -326,7 +318,7 @@ def main() -> None:
         if args.synthhuman_sizes:
             synthhuman_scaling(tmp, tuple(args.synthhuman_sizes), args.synthhuman_resolution)
         shutdown()
-    print("load after:", _uptime())
+    print("load after:", uptime())
 
 
 if __name__ == "__main__":
