@@ -70,28 +70,41 @@ def _unit_rows(rows: np.ndarray, eps: np.float32) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def normal_code16_numba(x: np.float32, y: np.float32, z: np.float32) -> tuple:
+    """The 16-bit codes of one normal: rint((clip(unit(n), -1, 1) + 1) * 65535 / 2) in float32."""
+    scale, one = np.float32(_U16_MAX / 2.0), np.float32(1.0)
+    n = _unit_row(x, y, z, np.float32(1e-12))
+    return (
+        np.uint16(np.rint((min(max(n[0], -one), one) + one) * scale)),
+        np.uint16(np.rint((min(max(n[1], -one), one) + one) * scale)),
+        np.uint16(np.rint((min(max(n[2], -one), one) + one) * scale)),
+    )
+
+
 @numba.njit(cache=True, nogil=True)
 def _encode_rgb16(rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """rint((clip(unit(n), -1, 1) + 1) * 65535 / 2) in float32 where ``mask``, else 0."""
+    """Each row's codes where ``mask``, else 0: [N, 3] uint16."""
     out = np.zeros((rows.shape[0], 3), np.uint16)
-    scale, one = np.float32(_U16_MAX / 2.0), np.float32(1.0)
     for i in range(rows.shape[0]):
         if mask[i]:
-            n = _unit_row(rows[i, 0], rows[i, 1], rows[i, 2], np.float32(1e-12))
-            for c in range(3):
-                out[i, c] = np.uint16(np.rint((min(max(n[c], -one), one) + one) * scale))
+            out[i, 0], out[i, 1], out[i, 2] = normal_code16_numba(rows[i, 0], rows[i, 1], rows[i, 2])
     return out
 
 
-def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
-    """normal [H, W, 3] or [3, H, W] (our convention), mask [H, W] -> 16-bit RGB PNG bytes."""
+def normal_codes(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """normal [H, W, 3] or [3, H, W] (our convention), mask [H, W] -> the 16-bit PNG's pixels, uint16 [H, W, 3]."""
     normal = _channel_last(normal)
     mask = np.asarray(mask) > 0.5
     if mask.shape != normal.shape[:2]:
         raise NormalMapError(f"mask shape {mask.shape} does not match normal map {normal.shape[:2]}")
     rows = np.ascontiguousarray(normal).reshape(-1, 3)
-    encoded = _encode_rgb16(rows, np.ascontiguousarray(mask).reshape(-1)).reshape(*mask.shape, 3)
-    return encode_png(encoded, name="normal map")
+    return _encode_rgb16(rows, np.ascontiguousarray(mask).reshape(-1)).reshape(*mask.shape, 3)
+
+
+def encode_normal_png(normal: np.ndarray, mask: np.ndarray) -> bytes:
+    """normal [H, W, 3] or [3, H, W] (our convention), mask [H, W] -> 16-bit RGB PNG bytes."""
+    return encode_png(normal_codes(normal, mask), name="normal map")
 
 
 def decode_normal_png(source: bytes | str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

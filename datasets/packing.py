@@ -53,13 +53,13 @@ from geodiff4d.datasets.nersemble import BACKGROUND_SEQUENCE, NersembleDataset, 
 from geodiff4d.datasets.normal_estimator import NormalEstimatorError, OnnxNormalEstimator
 from geodiff4d.datasets.normal_maps import (
     decode_normal_png,
-    encode_normal_png,
     from_mask_weighted,
     mask_weighted,
+    normal_codes,
 )
 from geodiff4d.datasets.procedural import gt_normal_path
 from geodiff4d.datasets.procedural_head import procedural_head_model
-from geodiff4d.datasets.render import render_normals
+from geodiff4d.datasets.render import render_normal_codes
 from geodiff4d.datasets.resample import area_window, window_in_image
 from geodiff4d.datasets.shards import PACK_SETTINGS, shard_name, write_tar
 from geodiff4d.datasets.synthhuman import MEMBERS as SYNTHHUMAN_MEMBERS
@@ -521,10 +521,10 @@ def head_model(settings: PackSettings) -> FlameModel:
 class _Encoded:
     rgb: np.ndarray  # uint8 [R, R, 3]
     mask: np.ndarray  # float32 [R, R] in [0, 1]
-    normal: np.ndarray  # float32 [R, R, 3]
-    normal_mask: np.ndarray  # bool [R, R]
-    posemap: np.ndarray | None  # float32 [R, R, 3]; None: no FLAME fit (SynthHuman), no member written
-    posemap_mask: np.ndarray | None  # bool [R, R]
+    normal: np.ndarray  # uint16 [R, R, 3]: normal.png's pixels (normal_maps.normal_codes)
+    posemap: (
+        np.ndarray | None
+    )  # uint16 [R, R, 3] likewise; None: no FLAME fit (SynthHuman), no member written
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -624,11 +624,11 @@ class PackJob:
                 "__key__": ref.key,
                 "rgb.png": encode_png(enc.rgb),
                 "mask.png": encode_png(mask8),
-                "normal.png": encode_normal_png(enc.normal, enc.normal_mask),
+                "normal.png": encode_png(enc.normal, name="normal map"),
                 "json": json_bytes(meta, indent=None, sort_keys=True),
             }
             if enc.posemap is not None:
-                sample["posemap.png"] = encode_normal_png(enc.posemap, enc.posemap_mask)
+                sample["posemap.png"] = encode_png(enc.posemap, name="pose map")
             return sample
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
@@ -720,12 +720,12 @@ class PackJob:
                 rgb = correct_colour(rgb, frame.color_matrix)
         with self.clock("normal"):
             if gt.is_file():
-                normal, normal_mask = crop_normals(*decode_normal_png(gt), box, res)
+                normal = normal_codes(*crop_normals(*decode_normal_png(gt), box, res))
                 normal_source = "gt"
             else:
-                normal, normal_mask, normal_source = self._estimated_normals(rgb, mask, pose, camera)
+                normal, normal_source = self._estimated_normals(rgb, mask, pose, camera)
         with self.clock("posemap"):
-            posemap, posemap_mask = self._posemap(pose, camera)
+            posemap = self._posemap(pose, camera)
         meta = {
             "camera_params": camera.to_json(),
             "crop": list(box),
@@ -735,27 +735,28 @@ class PackJob:
             "color_calibrated": frame.color_matrix is not None,
             "tracking": frame.tracking_kind,
         }
-        return _Encoded(rgb, mask, normal, normal_mask, posemap, posemap_mask, meta)
+        return _Encoded(rgb, mask, normal, posemap, meta)
 
-    def _estimated_normals(self, rgb: np.ndarray, mask: np.ndarray, pose: _FramePose | None, camera: Camera):
-        inside = (
-            from_float(mask) > 127  # the 8-bit mask.png's foreground
-        )  # the stored mask's foreground, also where the crop's alpha is exactly 0.5
+    def _estimated_normals(
+        self, rgb: np.ndarray, mask: np.ndarray, pose: _FramePose | None, camera: Camera
+    ) -> tuple[np.ndarray, str]:
+        """normal.png's pixels (uint16 [R, R, 3]) and their source: the ONNX estimator's normals inside the
+        stored mask's foreground, else the tracked FLAME mesh rendered, else none (all zero)."""
         if self.estimator is not None:
-            normal = self.estimator(rgb.astype(np.float32) / 255.0)
-            return np.where(inside[..., None], normal, 0.0).astype(np.float32), inside, "onnx"
+            inside = (
+                from_float(mask) > 127
+            )  # the 8-bit mask.png's foreground (also where alpha is exactly 0.5)
+            return normal_codes(self.estimator(rgb.astype(np.float32) / 255.0), inside), "onnx"
         if pose is None:
-            return np.zeros((*mask.shape, 3), np.float32), np.zeros(mask.shape, bool), "none"
-        normal, normal_mask = render_normals(pose.vertices, self.model.faces, camera)
-        return normal.numpy(), normal_mask.numpy(), "flame"
+            return np.zeros((*mask.shape, 3), np.uint16), "none"
+        return render_normal_codes(pose.vertices, self.model.faces, camera)[0], "flame"
 
-    def _posemap(self, pose: _FramePose | None, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-        """Pose map [R, R, 3] and its mask [R, R], rendered at the packed resolution."""
+    def _posemap(self, pose: _FramePose | None, camera: Camera) -> np.ndarray:
+        """posemap.png's pixels (uint16 [R, R, 3]), rendered at the packed resolution; all zero untracked."""
         res = self.settings.resolution
         if pose is None:
-            return np.zeros((res, res, 3), np.float32), np.zeros((res, res), bool)
-        normal, mask = render_normals(pose.pose_vertices, self.model.faces, camera)
-        return normal.numpy(), mask.numpy()
+            return np.zeros((res, res, 3), np.uint16)
+        return render_normal_codes(pose.pose_vertices, self.model.faces, camera)[0]
 
     def _synthhuman_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
         res = self.settings.resolution
@@ -776,7 +777,7 @@ class PackJob:
                 rgb = crop(from_float(item.rgb), box, res)
                 mask = crop(item.alpha, box, res)
             with self.clock("normal"):
-                normal, normal_mask = crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res)
+                normal = normal_codes(*crop_normals(item.normal, item.mask & (item.alpha > 0.5), box, res))
             meta = {
                 "camera_params": camera.to_json(),
                 "crop": list(box),
@@ -786,7 +787,7 @@ class PackJob:
                 "color_calibrated": False,
             }
             # no FLAME fit, so no pose map: the loader gives zeros where a sample has none
-            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, normal_mask, None, None, meta)))
+            samples.append(self._sample(ref, _Encoded(rgb, mask, normal, None, meta)))
         return samples
 
 

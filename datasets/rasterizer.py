@@ -30,6 +30,7 @@ from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _FACE_BITS = 32
+NEAR = 1e-3  # camera-space z below which triangles are culled
 _DEFAULT_MAX_PAIRS = 1 << 21  # candidate pairs per chunk: ~2M pairs, ~250 MB of temporaries
 
 
@@ -46,7 +47,8 @@ class Fragments:
         return self.face_index >= 0  # [H, W] bool
 
 
-def _check_inputs(vertices_cam: Tensor, faces: Tensor, K: Tensor) -> None:
+def check_inputs(vertices_cam: Tensor, faces: Tensor, K: Tensor) -> None:
+    """Shapes and face indices a rasterizer can take; a ValueError naming the bad input otherwise."""
     if vertices_cam.ndim != 2 or vertices_cam.shape[1] != 3:
         raise ValueError(f"rasterize: vertices_cam must be [V, 3], got {tuple(vertices_cam.shape)}")
     if faces.ndim != 2 or faces.shape[1] != 3:
@@ -88,7 +90,7 @@ def rasterize(
     K: Tensor,
     height: int,
     width: int,
-    near: float = 1e-3,
+    near: float = NEAR,
     cull_backfaces: bool = False,
     perspective_correct: bool = True,
     max_pairs: int = _DEFAULT_MAX_PAIRS,
@@ -103,7 +105,7 @@ def rasterize(
     """
     K = torch.as_tensor(K)
     faces = torch.as_tensor(faces, dtype=torch.long, device=vertices_cam.device)
-    _check_inputs(vertices_cam, faces, K)
+    check_inputs(vertices_cam, faces, K)
     if backend not in ("auto", "torch", "numba"):
         raise ValueError(f"rasterize: backend must be 'auto', 'torch' or 'numba', got {backend!r}")
     if backend == "numba" or (backend == "auto" and vertices_cam.device.type == "cpu"):
@@ -308,6 +310,18 @@ def _rasterize_numba(
 @numba.njit(cache=True, nogil=True)
 def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, perspective_correct):
     """The tensor path's arithmetic, one face at a time: -> face_index [H*W], bary [H*W, 3], depth [H*W]."""
+    best_face, best_depth, origin, coeff = visible_faces_numba(
+        vertices, faces, K, height, width, near, cull_backfaces
+    )
+    bary = _final_barycentrics_numba(best_face, origin, coeff, vertices, faces, width, perspective_correct)
+    return best_face, bary, best_depth
+
+
+@numba.njit(cache=True, nogil=True)
+def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces):
+    """The z-buffer pass: -> face_index [H*W] (-1 on background), depth [H*W], and per face its box origin
+    [F, 2] and barycentric coefficients [F, 3, 3] (bary_i = a*dx + b*dy + c from the origin), which
+    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful)."""
     n_faces = faces.shape[0]
     pixels = _project_numba(vertices, K)
     # per face: bary_i = a*dx + b*dy + c from the box origin (float64); written for every face that can win a pixel,
@@ -359,8 +373,7 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
                     p = (y0 + row) * width + x0 + col
                     if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
                         best_depth[p], best_face[p] = depth, f
-    bary = _final_barycentrics_numba(best_face, origin, coeff, vertices, faces, width, perspective_correct)
-    return best_face, bary, best_depth
+    return best_face, best_depth, origin, coeff
 
 
 @numba.njit(cache=True, nogil=True)
@@ -389,6 +402,24 @@ def _project_numba(vertices: np.ndarray, K: np.ndarray) -> np.ndarray:
     return pixels
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def pixel_barycentrics_numba(x, y, f, origin, coeff, vertices, faces, perspective_correct):
+    """Barycentrics (3 float32) of pixel centre (x, y) in face ``f``, computed in float64 from
+    :func:`visible_faces_numba`'s coefficients, clamped at 0 and renormalised."""
+    dx, dy = x - origin[f, 0], y - origin[f, 1]
+    s0 = max(coeff[f, 0, 0] * dx + coeff[f, 0, 1] * dy + coeff[f, 0, 2], 0.0)
+    s1 = max(coeff[f, 1, 0] * dx + coeff[f, 1, 1] * dy + coeff[f, 1, 2], 0.0)
+    s2 = max(coeff[f, 2, 0] * dx + coeff[f, 2, 1] * dy + coeff[f, 2, 2], 0.0)
+    if perspective_correct:
+        s0, s1, s2 = (
+            s0 / vertices[faces[f, 0], 2],
+            s1 / vertices[faces[f, 1], 2],
+            s2 / vertices[faces[f, 2], 2],
+        )
+    total = s0 + s1 + s2
+    return np.float32(s0 / total), np.float32(s1 / total), np.float32(s2 / total)
+
+
 @numba.njit(cache=True, nogil=True)
 def _final_barycentrics_numba(
     best_face: np.ndarray,
@@ -399,23 +430,14 @@ def _final_barycentrics_numba(
     width: int,
     perspective_correct: bool,
 ) -> np.ndarray:
-    """Barycentrics [H*W, 3] float32 of each pixel centre in its winning face (0 on background), in float64."""
+    """Barycentrics [H*W, 3] float32 of each pixel centre in its winning face (0 on background)."""
     bary = np.zeros((best_face.shape[0], 3), np.float32)
-    screen = np.empty(3)
     for p in range(best_face.shape[0]):
         f = best_face[p]
-        if f < 0:
-            continue
-        dx, dy = p % width - origin[f, 0], p // width - origin[f, 1]
-        total = 0.0
-        for i in range(3):
-            s = max(coeff[f, i, 0] * dx + coeff[f, i, 1] * dy + coeff[f, i, 2], 0.0)
-            if perspective_correct:
-                s /= vertices[faces[f, i], 2]
-            screen[i] = s
-            total += s
-        for i in range(3):
-            bary[p, i] = screen[i] / total
+        if f >= 0:
+            bary[p, 0], bary[p, 1], bary[p, 2] = pixel_barycentrics_numba(
+                p % width, p // width, f, origin, coeff, vertices, faces, perspective_correct
+            )
     return bary
 
 

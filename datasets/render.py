@@ -15,12 +15,17 @@ import torch
 from torch import Tensor
 
 from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.normal_maps import normal_code16_numba
 from geodiff4d.datasets.rasterizer import (
+    NEAR,
     Fragments,
+    check_inputs,
     interpolate,
     normals_to_convention,
+    pixel_barycentrics_numba,
     rasterize,
     vertex_normals,
+    visible_faces_numba,
 )
 
 if TYPE_CHECKING:
@@ -97,8 +102,8 @@ def _unit3(vector: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.ndarray, bary: np.ndarray):
-    """Area-weighted unit vertex normals, interpolated, renormalised, y and z flipped: -> [H*W, 3] float32."""
+def _vertex_normals_numba(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [V, 3], summed in the torch reference's order."""
     crosses = np.empty((faces.shape[0], 3), vertices.dtype)  # area-weighted face normals, computed once
     for f in range(faces.shape[0]):
         a, b, c = vertices[faces[f, 0]], vertices[faces[f, 1]], vertices[faces[f, 2]]
@@ -115,17 +120,50 @@ def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.
                 normals[v, k] += crosses[f, k]
     for v in range(normals.shape[0]):
         _unit3(normals[v])
+    return normals
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pixel_normal(normals, faces, f, b0, b1, b2, out) -> None:
+    """In ``out`` [3]: face ``f``'s vertex normals blended by (b0, b1, b2), renormalised, y and z flipped."""
+    for c in range(3):
+        out[c] = np.float32(0.0)
+        out[c] += b0 * normals[faces[f, 0], c]
+        out[c] += b1 * normals[faces[f, 1], c]
+        out[c] += b2 * normals[faces[f, 2], c]
+    _unit3(out)
+    out[1], out[2] = -out[1], -out[2]  # OpenCV (y down, z forward) -> ours
+
+
+@numba.njit(cache=True, nogil=True)
+def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.ndarray, bary: np.ndarray):
+    """Area-weighted unit vertex normals, interpolated, renormalised, y and z flipped: -> [H*W, 3] float32."""
+    normals = _vertex_normals_numba(vertices, faces)
     image = np.zeros((face_index.shape[0], 3), np.float32)
     for p in range(face_index.shape[0]):
         f = face_index[p]
-        if f < 0:
-            continue
-        for k in range(3):
-            for c in range(3):
-                image[p, c] += bary[p, k] * normals[faces[f, k], c]
-        _unit3(image[p])
-        image[p, 1], image[p, 2] = -image[p, 1], -image[p, 2]  # OpenCV (y down, z forward) -> ours
+        if f >= 0:
+            _pixel_normal(normals, faces, f, bary[p, 0], bary[p, 1], bary[p, 2], image[p])
     return image
+
+
+@numba.njit(cache=True, nogil=True)
+def _normal_codes_numba(vertices64, vertices32, faces, K, height, width):
+    """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes in one pass over the image:
+    -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool."""
+    face_index, _, origin, coeff = visible_faces_numba(vertices64, faces, K, height, width, NEAR, False)
+    normals = _vertex_normals_numba(vertices32, faces)
+    codes = np.zeros((height * width, 3), np.uint16)
+    pixel = np.empty(3, np.float32)
+    for y in range(height):
+        for x in range(width):
+            p = y * width + x
+            f = face_index[p]
+            if f >= 0:
+                b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, vertices64, faces, True)
+                _pixel_normal(normals, faces, f, b0, b1, b2, pixel)
+                codes[p, 0], codes[p, 1], codes[p, 2] = normal_code16_numba(pixel[0], pixel[1], pixel[2])
+    return codes, face_index >= 0
 
 
 def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
@@ -178,6 +216,32 @@ def render_normals(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tup
     vertices_cam, fragments = _rasterize_vertices(vertices_world, faces, camera)
     with torch.no_grad():
         return _normal_image(vertices_cam, faces, fragments), fragments.mask
+
+
+def render_normal_codes(
+    vertices_world: Tensor, faces: Tensor, camera: Camera
+) -> tuple[np.ndarray, np.ndarray]:
+    """What ``normal_codes(*render_normals(...))`` gives (the 16-bit normal PNG's pixels, uint16 [H, W, 3], and
+    the mask [H, W]) from one compiled pass on the CPU: no fragment tensors, no float normal image.
+
+    Packing renders two such maps per sample (normals, pose map); the float path's extra passes and
+    tensors were a third of their time.
+    """
+    with torch.no_grad():
+        rotation, translation, K = _camera_tensors(camera, torch.device("cpu"))
+        vertices_cam = (
+            vertices_world.cpu() @ rotation.T + translation
+        )  # [V, 3] float32, as _rasterize_vertices
+    check_inputs(vertices_cam, faces, K)
+    codes, mask = _normal_codes_numba(
+        np.ascontiguousarray(vertices_cam.double().numpy()),
+        np.ascontiguousarray(vertices_cam.float().numpy()),
+        np.ascontiguousarray(faces.cpu().numpy(), np.int64),
+        np.ascontiguousarray(K.numpy()),
+        camera.height,
+        camera.width,
+    )
+    return codes.reshape(camera.height, camera.width, 3), mask.reshape(camera.height, camera.width)
 
 
 def render_pose_map(model: FlameModel, params: FlameParams, camera: Camera) -> Tensor:

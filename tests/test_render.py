@@ -108,15 +108,31 @@ def test_pose_map_is_what_training_reads_from_a_packed_posemap(head):
     """Sampling conditions on render_pose_map; training on the packer's posemap.png as the loader decodes it.
     Both must be one encoding ((n + 1) / 2 on the head, 0 elsewhere): raw normals in [-1, 1] at sampling time
     made every generated frame noisy while the training previews were clean."""
+    from geodiff4d.core.io.images import encode_png
     from geodiff4d.datasets.loader import _decode_png
-    from geodiff4d.datasets.normal_maps import encode_normal_png
-    from geodiff4d.datasets.render import _frame_vertices, render_normals
+    from geodiff4d.datasets.render import _frame_vertices, render_normal_codes
 
     model, params = head
     camera = _frontal()
-    normal, mask = render_normals(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
-    packed = torch.from_numpy(
-        _decode_png(encode_normal_png(normal.numpy(), mask.numpy()), "posemap")
-    )  # [3, H, W]
-    assert mask.float().mean() > 0.05
+    codes, mask = render_normal_codes(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
+    packed = torch.from_numpy(_decode_png(encode_png(codes), "posemap"))  # [3, H, W]
+    assert mask.mean() > 0.05
     torch.testing.assert_close(render_pose_map(model, params, camera), packed.float(), atol=2e-5, rtol=0)
+
+
+def test_normal_codes_in_one_pass_equal_the_float_render_encoded(head):
+    """Packing writes render_normal_codes; it must be bit for bit the float normal map (rasterizer fragments,
+    interpolated normals) encoded as normal.png, including views where the head leaves the image."""
+    from geodiff4d.datasets.normal_maps import normal_codes
+    from geodiff4d.datasets.render import _frame_vertices, render_normal_codes, render_normals
+
+    model, params = head
+    vertices = _frame_vertices(model, params)
+    cameras = list(nersemble_rig(width=SIZE, height=SIZE).values())
+    cameras.append(cameras[0].cropped(SIZE // 3, -SIZE // 4, SIZE, SIZE))  # head partly outside the image
+    for camera in cameras:
+        normal, mask = render_normals(vertices, model.faces, camera)
+        codes, code_mask = render_normal_codes(vertices, model.faces, camera)
+        assert code_mask.any()
+        np.testing.assert_array_equal(code_mask, mask.numpy())
+        np.testing.assert_array_equal(codes, normal_codes(normal.numpy(), mask.numpy()))
