@@ -244,6 +244,47 @@ def _error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class UnitQueue:
+    """Units waiting to run, handed out so that each actor walks a contiguous run of the job's order.
+
+    Neighbouring units share what an actor keeps between them (a video decoder already at the next frame, a
+    loaded model), so a run costs less than the same units scattered over actors. An actor takes the unit
+    after its last one while that waits; otherwise the first unit of the longest waiting run, or the middle
+    of that run when an actor with a unit in flight is about to walk into it. One actor gets plain job order.
+    """
+
+    def __init__(self, units: Sequence[WorkUnit]) -> None:
+        self.index = {unit.id: i for i, unit in enumerate(units)}
+        self.waiting: dict[int, WorkUnit] = dict(enumerate(units))
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def put_back(self, unit: WorkUnit) -> None:
+        """A unit to run again (a failed attempt)."""
+        self.waiting[self.index[unit.id]] = unit
+
+    def take(self, after: WorkUnit | None, in_flight: Sequence[WorkUnit]) -> WorkUnit:
+        """The next unit for an actor whose last unit was ``after`` (None: a fresh actor)."""
+        if after is not None and self.index[after.id] + 1 in self.waiting:
+            return self.waiting.pop(self.index[after.id] + 1)
+        start, length = self._longest_run()
+        walking = {self.index[unit.id] for unit in in_flight}
+        chosen = start + length // 2 if start - 1 in walking else start
+        return self.waiting.pop(chosen)
+
+    def _longest_run(self) -> tuple[int, int]:
+        """(first index, length) of the longest run of consecutive waiting units; the earliest on ties."""
+        best, start, previous = (0, 0), None, None
+        for i in sorted(self.waiting):
+            if previous is None or i != previous + 1:
+                start = i
+            previous = i
+            if i - start + 1 > best[1]:
+                best = (start, i - start + 1)
+        return best
+
+
 class _WorkerPool:
     """Ray actors running one job: idle ones, and those with a unit in flight."""
 
@@ -258,15 +299,18 @@ class _WorkerPool:
         }
         self.idle = [self.new_worker() for _ in range(workers)]
         self.in_flight: dict[Any, tuple[Any, WorkUnit]] = {}
+        self.last: dict[Any, WorkUnit] = {}  # actor -> the unit it ran last
 
     def new_worker(self) -> Any:
         """Start one actor."""
         return _UnitWorker.options(**self.options).remote(self.job, self.cpus)
 
-    def dispatch(self, queue: list[WorkUnit]) -> None:
-        """Hand queued units (popped from the end) to idle actors; release the idle ones once none is left."""
+    def dispatch(self, queue: UnitQueue) -> None:
+        """Hand queued units to idle actors; release the idle ones once none is left."""
         while queue and self.idle:
-            worker, unit = self.idle.pop(), queue.pop()
+            worker = self.idle.pop()
+            unit = queue.take(self.last.get(worker), [unit for _, unit in self.in_flight.values()])
+            self.last[worker] = unit
             self.in_flight[worker.run.remote(unit)] = (worker, unit)
         if not queue:  # nothing left to hand out: idle workers give their CPUs back, which a replacement
             for worker in self.idle:  # for a worker lost with its node may be waiting for (else: a deadlock)
@@ -319,7 +363,7 @@ def run_units(
     if not pending:
         return report
     attempts: dict[str, int] = {}
-    queue = list(reversed(pending))
+    queue = UnitQueue(pending)
     n_workers = min(workers, len(pending))
     pool = _WorkerPool(
         job, n_workers, worker_cpus(n_workers, cpus_per_worker, gpus_per_worker), gpus_per_worker
@@ -341,7 +385,7 @@ def run_units(
                     report.failed[unit.id] = _error_text(error)
                     bar.update(size(unit))
                 else:
-                    queue.append(unit)
+                    queue.put_back(unit)
                 continue
             commits.commit(unit.id, stats)
             report.completed.append(unit.id)

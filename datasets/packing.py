@@ -69,6 +69,7 @@ from geodiff4d.datasets.synthhuman import (
     derive_normal_convention,
     member_path,
 )
+from geodiff4d.datasets.video_cursors import VideoCursors
 
 SOURCES = ("nersemble", "synthhuman")
 CROP_MARGIN = 1.3  # crop side relative to the projected head's larger extent
@@ -584,6 +585,8 @@ class PackJob:
         # kept across units: a sequence's shards share its frame counts, tracking and video sizes, which
         # probing every video again per shard would cost (an open is ~5 ms at 1100x1604)
         self.datasets: dict[str, NersembleDataset] = {}
+        self.decoded = DecodeCount()  # over the actor's life; a unit's stats take the difference
+        self.cursors = VideoCursors(self.decoded, self.decode_threads)
 
     def _dataset(self, root: str) -> NersembleDataset:
         if root not in self.datasets:
@@ -594,7 +597,8 @@ class PackJob:
         """Write the shard; its stats also say how many video frames were decoded for how many packed."""
         plan: ShardPlan = unit.payload["plan"]
         started = time.time()
-        self.clock, self.decoded, self.packed_video_frames = StageClock(), DecodeCount(), 0
+        self.clock, self.packed_video_frames = StageClock(), 0
+        decoded_before = self.decoded.frames
         encode = self._nersemble_samples if plan.source == "nersemble" else self._synthhuman_samples
         samples = encode(plan.samples)
         name = f"{plan.name}.tar"
@@ -603,7 +607,7 @@ class PackJob:
             records = write_tar(stream, samples, self.destination.path(name))
         stats = shard_stats(name, ids, records)
         stats["decoded_video_frames"], stats["packed_video_frames"] = (
-            self.decoded.frames,
+            self.decoded.frames - decoded_before,
             self.packed_video_frames,
         )
         stats["stage_seconds"] = {
@@ -632,7 +636,8 @@ class PackJob:
             return sample
 
     def _nersemble_samples(self, refs: Sequence[SampleRef]) -> list[dict[str, Any]]:
-        """Each camera video of the shard is decoded once, from the shard's first frame; FLAME runs once per frame."""
+        """Each camera video of the shard is decoded once, from the shard's first frame (continuing the last
+        shard's decoder where it stopped there); FLAME runs once per frame."""
         wanted: dict[tuple[str, str, str], dict[str, set[int]]] = {}
         for ref in refs:
             wanted.setdefault((ref.root, ref.subject, ref.sequence), {}).setdefault(ref.camera, set()).add(
@@ -642,20 +647,21 @@ class PackJob:
         carriers: dict[tuple[str, str, str, int], str] = {}  # a frame -> its first camera's key in this shard
         for ref in refs:
             carriers.setdefault((ref.root, ref.subject, ref.sequence, ref.frame), ref.key)
+        self.cursors.keep(
+            {
+                (*video, serial): min(frames)
+                for video, cameras in wanted.items()
+                for serial, frames in cameras.items()
+            }
+        )
         samples = []
         for (root, subject, sequence), cameras in sorted(wanted.items()):
             dataset = self._dataset(root)
             poses = self._poses(dataset.tracking(subject, sequence), set().union(*cameras.values()))
             for serial, frames in sorted(cameras.items()):
                 backdrop = _background(dataset, subject, serial)
-                decoded = dataset.frames(
-                    subject,
-                    sequence,
-                    serial,
-                    start=min(frames),
-                    stop=max(frames) + 1,
-                    threads=self.decode_threads,
-                    count=self.decoded,
+                decoded = self.cursors.frames(
+                    dataset, (root, subject, sequence, serial), min(frames), max(frames) + 1
                 )
                 for frame in self.clock.timed_iter("decode", decoded):
                     if frame.frame not in frames:

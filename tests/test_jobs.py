@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -17,6 +18,7 @@ from geodiff4d.core.jobs import (
     WAIT_FOR_AUTOSCALER,
     CommitLog,
     JobReport,
+    UnitQueue,
     UnmeetableRequest,
     WorkUnit,
     run_units,
@@ -122,6 +124,44 @@ def test_worker_lost_with_its_node_is_replaced_once_others_are_done(local_ray, t
         ray.kill(ray.get_actor("lost-node"))
     assert report.ok and sorted(report.completed) == [u.id for u in _units(4)]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [f"{u.id}.json" for u in _units(4)]
+
+
+def _hand_out(units: list[WorkUnit], actors: int, seed: int, fail: str | None = None) -> dict[int, list[str]]:
+    """Drive a UnitQueue as run_units does, finishing a random in-flight unit each step: actor -> unit ids run."""
+    rng = np.random.default_rng(seed)
+    queue, idle, in_flight, last = UnitQueue(units), list(range(actors)), {}, {}
+    ran: dict[int, list[str]] = {actor: [] for actor in range(actors)}
+    while queue or in_flight:
+        while queue and idle:
+            actor = idle.pop()
+            last[actor] = in_flight[actor] = queue.take(last.get(actor), list(in_flight.values()))
+            ran[actor].append(last[actor].id)
+        actor = list(in_flight)[rng.integers(len(in_flight))]
+        unit = in_flight.pop(actor)
+        if unit.id == fail:
+            fail = None
+            queue.put_back(unit)
+        idle.append(actor)
+    return ran
+
+
+def test_the_unit_queue_hands_each_actor_a_contiguous_run():
+    """Neighbouring units share an actor's state (a decoder at the next frame), so actors walk runs; every
+    unit runs exactly once, a failed one once more; one actor runs them in order."""
+    units = [WorkUnit(f"u{i:02d}") for i in range(40)]
+    assert _hand_out(units, 1, 0)[0] == [u.id for u in units]
+    for seed in range(20):
+        ran = _hand_out(units, 3, seed, fail="u07")
+        ids = sorted(sum(ran.values(), []))
+        assert ids == sorted([u.id for u in units] + ["u07"])
+        breaks = sum(
+            int(b[1:]) != int(a[1:]) + 1
+            for order in ran.values()
+            for a, b in zip(order, order[1:], strict=False)
+        )
+        assert breaks <= 8, ran  # each actor starts a run a few times (halving), not once per unit
+    firsts = sorted(order[0] for order in _hand_out(units[:10], 2, 0).values())
+    assert firsts == ["u00", "u05"]  # the second actor starts halfway, not at the first actor's next unit
 
 
 def test_duplicate_unit_ids_are_refused(tmp_path):

@@ -29,6 +29,7 @@ from geodiff4d.datasets.packing import (
     PackJob,
     PackSettings,
     SampleBlock,
+    ShardPlan,
     background_mask,
     list_inputs,
     listing_digest,
@@ -289,26 +290,33 @@ def _long_sequence(root: Path, frames: int, keyframe_interval: int) -> Path:
 
 
 def test_a_sequence_over_many_shards_decodes_each_frame_about_once(tmp_path):
-    """120 frames in 5 shards: each shard seeks to its first frame instead of decoding from frame 0."""
+    """120 frames in 5 shards. An actor that packed the shard before continues its decoders, so each frame is
+    decoded once; one that did not seeks to the shard's first frame (from the keyframe before it), never from
+    frame 0. Both write the same bytes."""
     root = _long_sequence(tmp_path / "nersemble", frames=120, keyframe_interval=10)
     plans = plan_shards(list_inputs([("nersemble", root)]), 25, 10**9, sample_bytes_bound(16))
     assert [len(p.samples) for p in plans] == [25, 25, 25, 25, 20]
-    job = PackJob(tmp_path / "out", PackSettings(resolution=16))
+    out = tmp_path / "out"
+    out.mkdir()
+    job = PackJob(out, PackSettings(resolution=16))
     job.setup()
-    (tmp_path / "out").mkdir()
-    decoded = packed = 0
-    for plan in plans:
+
+    def pack(plan: ShardPlan) -> dict:
         stats = job.run(WorkUnit(plan.name, {"plan": plan}))
-        first = plan.samples[0].frame
-        # colour + alpha video, each decoded from the keyframe at or before the shard's first frame
-        assert stats["decoded_video_frames"] == 2 * (len(plan.samples) + first % 10)
-        assert stats["packed_video_frames"] == 2 * len(plan.samples)
-        decoded, packed = decoded + stats["decoded_video_frames"], packed + stats["packed_video_frames"]
-        for sample in iter_shard(tmp_path / "out" / f"{plan.name}.tar"):  # the right frames were packed
+        assert stats["packed_video_frames"] == 2 * len(plan.samples)  # colour + alpha
+        for sample in iter_shard(out / f"{plan.name}.tar"):  # the right frames were packed
             frame = json.loads(sample["json"])["frame"]
             rgb = cv2.imdecode(np.frombuffer(sample["rgb.png"], np.uint8), cv2.IMREAD_COLOR)
             assert abs(float(np.median(rgb)) - 2 * frame) <= 2
-    assert packed == 240 and decoded <= 1.2 * packed  # 5 shards x 2 videos: 260 of 240 (1.083x)
+        return stats
+
+    in_order = [pack(plan)["decoded_video_frames"] for plan in plans]
+    assert in_order == [2 * len(plan.samples) for plan in plans]  # 240 decoded for 240 packed
+    written = {plan.name: (out / f"{plan.name}.tar").read_bytes() for plan in plans}
+    for plan in reversed(plans):  # nothing to continue: each shard seeks
+        first = plan.samples[0].frame
+        assert pack(plan)["decoded_video_frames"] == 2 * (len(plan.samples) + first % 10)
+        assert (out / f"{plan.name}.tar").read_bytes() == written[plan.name]
 
 
 def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):

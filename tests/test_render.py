@@ -114,7 +114,9 @@ def test_pose_map_is_what_training_reads_from_a_packed_posemap(head):
 
     model, params = head
     camera = _frontal()
-    codes, mask = render_normal_codes(_frame_vertices(model, params.with_zero_expression()), model.faces, camera)
+    codes, mask = render_normal_codes(
+        _frame_vertices(model, params.with_zero_expression()), model.faces, camera
+    )
     packed = torch.from_numpy(_decode_png(encode_png(codes), "posemap"))  # [3, H, W]
     assert mask.mean() > 0.05
     torch.testing.assert_close(render_pose_map(model, params, camera), packed.float(), atol=2e-5, rtol=0)
