@@ -69,6 +69,16 @@ def _combine_rows(source: np.ndarray, first: np.ndarray, count: np.ndarray, weig
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _round_to_uint8(values: np.ndarray) -> np.ndarray:
+    """float32 [N, L] -> uint8, rounded half to even (as np.rint) and clipped to [0, 255], in one pass."""
+    out = np.empty(values.shape, np.uint8)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            out[i, j] = np.uint8(min(max(np.rint(values[i, j]), np.float32(0.0)), np.float32(255.0)))
+    return out
+
+
 def window_in_image(box: tuple[int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1): the part of the square window ``box`` = (x, y, side) inside a height x width image
     (empty, x1 == x0 or y1 == y0, when they do not overlap)."""
@@ -101,8 +111,7 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     down = _combine_rows(rows, *_area_taps(side, resolution, y - y0, y1 - y0))  # [R, w * C]
     columns = cv2.transpose(down.reshape(resolution, x1 - x0, channels)).reshape(x1 - x0, -1)  # [w, R * C]
     across = _combine_rows(columns, *_area_taps(side, resolution, x - x0, x1 - x0))  # [R, R * C]
+    if image.dtype == np.uint8:  # rounded before the transpose, which then moves a quarter of the bytes
+        across = _round_to_uint8(across)
     out = cv2.transpose(across.reshape(resolution, resolution, channels))  # [R, R(, C)]: back to rows first
-    out = out.reshape(resolution, resolution, channels)
-    if image.dtype == np.uint8:
-        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return out[..., 0] if image.ndim == 2 else out
+    return out.reshape(resolution, resolution, *image.shape[2:])
