@@ -749,9 +749,8 @@ class PackJob:
         """normal.png's pixels (uint16 [R, R, 3]) and their source: the ONNX estimator's normals inside the
         stored mask's foreground, else the tracked FLAME mesh rendered, else none (all zero)."""
         if self.estimator is not None:
-            inside = (
-                from_float(mask) > 127
-            )  # the 8-bit mask.png's foreground (also where alpha is exactly 0.5)
+            # the 8-bit mask.png's foreground (also where alpha is exactly 0.5)
+            inside = from_float(mask) > 127
             return normal_codes(self.estimator(rgb.astype(np.float32) / 255.0), inside), "onnx"
         if pose is None:
             return np.zeros((*mask.shape, 3), np.uint16), "none"

@@ -51,11 +51,17 @@ def _camera_tensors(camera: Camera, device: torch.device) -> tuple[Tensor, Tenso
     return world_to_cam[:3, :3], world_to_cam[:3, 3], K
 
 
-def _rasterize_vertices(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Fragments]:
-    """Camera-space vertices [V, 3] of a posed mesh and its fragments seen by ``camera``."""
+def _camera_space(vertices_world: Tensor, camera: Camera) -> tuple[Tensor, Tensor]:
+    """Camera-space vertices [V, 3] (float32) of a posed mesh and ``camera``'s K (float64)."""
     with torch.no_grad():
         rotation, translation, K = _camera_tensors(camera, vertices_world.device)
-        vertices_cam = vertices_world @ rotation.T + translation
+        return vertices_world @ rotation.T + translation, K
+
+
+def _rasterize_vertices(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Fragments]:
+    """Camera-space vertices [V, 3] of a posed mesh and its fragments seen by ``camera``."""
+    vertices_cam, K = _camera_space(vertices_world, camera)
+    with torch.no_grad():
         return vertices_cam, rasterize(vertices_cam, faces, K, camera.height, camera.width)
 
 
@@ -227,11 +233,7 @@ def render_normal_codes(
     Packing renders two such maps per sample (normals, pose map); the float path's extra passes and
     tensors were a third of their time.
     """
-    with torch.no_grad():
-        rotation, translation, K = _camera_tensors(camera, torch.device("cpu"))
-        vertices_cam = (
-            vertices_world.cpu() @ rotation.T + translation
-        )  # [V, 3] float32, as _rasterize_vertices
+    vertices_cam, K = _camera_space(vertices_world.cpu(), camera)
     check_inputs(vertices_cam, faces, K)
     codes, mask = _normal_codes_numba(
         np.ascontiguousarray(vertices_cam.double().numpy()),

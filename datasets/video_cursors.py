@@ -55,6 +55,3 @@ class VideoCursors:
                 raise NersembleError(f"{dataset.video_path(*key[1:])}: the video ends before frame {index}")
             yield frame
         self.open[key] = (stop, frames)
-
-    def close(self) -> None:
-        self.keep({})
