@@ -31,6 +31,10 @@ from geodiff4d.datasets.normal_maps import OPENCV_TO_OURS
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _FACE_BITS = 32
 NEAR = 1e-3  # camera-space z below which triangles are culled
+TILE = 8  # pixels per side of the z-buffer blocks that hide back faces (compiled path)
+# a back face counts as hidden only behind depths this much (relative) nearer than its nearest corner: its
+# fragments' float32 depths may fall short of that corner's z by float rounding, never by this much
+HIDDEN_MARGIN = 1e-4
 _DEFAULT_MAX_PAIRS = 1 << 21  # candidate pairs per chunk: ~2M pairs, ~250 MB of temporaries
 
 
@@ -321,7 +325,13 @@ def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, pers
 def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces):
     """The z-buffer pass: -> face_index [H*W] (-1 on background), depth [H*W], and per face its box origin
     [F, 2] and barycentric coefficients [F, 3, 3] (bary_i = a*dx + b*dy + c from the origin), which
-    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful)."""
+    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful).
+
+    Front faces are drawn first; a back face is then skipped where the z-buffer already holds something nearer
+    than all of it in every tile its box touches (behind a closed surface, about 40 % of the faces and of the
+    time). The z-buffer keeps the minimum of (depth, face) whatever the order, so this is the result of
+    drawing every face.
+    """
     n_faces = faces.shape[0]
     pixels = _project_numba(vertices, K)
     # per face: bary_i = a*dx + b*dy + c from the box origin (float64); written for every face that can win a pixel,
@@ -331,49 +341,101 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
     best_depth = np.full(height * width, np.inf, np.float32)
     best_face = np.full(height * width, -1, np.int64)
     corners = np.empty((3, 2))
+    back_faces = np.empty(n_faces, np.int64)
+    n_back = 0
     for f in range(n_faces):
-        inside_near = True
-        for i in range(3):
-            corners[i, 0] = pixels[faces[f, i], 0]
-            corners[i, 1] = pixels[faces[f, i], 1]
-            inside_near &= vertices[faces[f, i], 2] > near
-        area2 = (corners[1, 0] - corners[0, 0]) * (corners[2, 1] - corners[0, 1]) - (
-            corners[2, 0] - corners[0, 0]
-        ) * (corners[1, 1] - corners[0, 1])
-        if not inside_near or abs(area2) <= 1e-12 or (cull_backfaces and area2 >= 0):
-            continue
-        x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
-        if box_w <= 0 or box_h <= 0:
-            continue
-        origin[f, 0], origin[f, 1] = x0, y0
-        inv_a = inv_b = inv_c = 0.0
-        for i in range(3):
-            nxt, prv = (i + 1) % 3, (i + 2) % 3
-            a = (corners[nxt, 1] - corners[prv, 1]) / area2
-            b = (corners[prv, 0] - corners[nxt, 0]) / area2
-            c = -(a * (corners[nxt, 0] - x0) + b * (corners[nxt, 1] - y0))
-            coeff[f, i, 0], coeff[f, i, 1], coeff[f, i, 2] = a, b, c
-            inv_z = 1.0 / vertices[faces[f, i], 2]
-            inv_a += a * inv_z
-            inv_b += b * inv_z
-            inv_c += c * inv_z
-        # coverage and depth in float32, as the tensor path evaluates them
-        a1, b1, c1 = np.float32(coeff[f, 1, 0]), np.float32(coeff[f, 1, 1]), np.float32(coeff[f, 1, 2])
-        a2, b2, c2 = np.float32(coeff[f, 2, 0]), np.float32(coeff[f, 2, 1]), np.float32(coeff[f, 2, 2])
-        ia, ib, ic = np.float32(inv_a), np.float32(inv_b), np.float32(inv_c)
-        for row in range(box_h):
-            dy = np.float32(row)
-            for col in range(box_w):
-                dx = np.float32(col)
-                w1 = c1 + a1 * dx + b1 * dy
-                w2 = c2 + a2 * dx + b2 * dy
-                inv_z32 = ic + ia * dx + ib * dy
-                if w1 >= 0 and w2 >= 0 and w1 + w2 <= 1 and inv_z32 > 0:
-                    depth = np.float32(1.0) / inv_z32
-                    p = (y0 + row) * width + x0 + col
-                    if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
-                        best_depth[p], best_face[p] = depth, f
+        area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
+        if area2 < 0:
+            _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width)
+        elif area2 > 0 and not cull_backfaces:
+            back_faces[n_back] = f
+            n_back += 1
+    if n_back == 0:
+        return best_face, best_depth, origin, coeff
+    farthest = _tile_farthest_numba(best_depth, height, width)
+    for i in range(n_back):
+        f = back_faces[i]
+        area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
+        nearest = min(vertices[faces[f, 0], 2], vertices[faces[f, 1], 2], vertices[faces[f, 2], 2])
+        if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), height, width):
+            _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width)
     return best_face, best_depth, origin, coeff
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _face_corners_numba(pixels, vertices, faces, f, near, corners) -> float:
+    """Face ``f``'s pixel corners into ``corners`` [3, 2]; -> twice its signed screen area (negative: front
+    facing), 0.0 for a face not to draw (a corner closer than ``near``, or degenerate)."""
+    inside_near = True
+    for i in range(3):
+        corners[i, 0] = pixels[faces[f, i], 0]
+        corners[i, 1] = pixels[faces[f, i], 1]
+        inside_near &= vertices[faces[f, i], 2] > near
+    area2 = (corners[1, 0] - corners[0, 0]) * (corners[2, 1] - corners[0, 1]) - (corners[2, 0] - corners[0, 0]) * (
+        corners[1, 1] - corners[0, 1]
+    )
+    return area2 if inside_near and abs(area2) > 1e-12 else 0.0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width):
+    """Face ``f``'s coefficients into ``coeff``/``origin`` and its pixel centres into the z-buffer."""
+    x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
+    if box_w <= 0 or box_h <= 0:
+        return
+    origin[f, 0], origin[f, 1] = x0, y0
+    inv_a = inv_b = inv_c = 0.0
+    for i in range(3):
+        nxt, prv = (i + 1) % 3, (i + 2) % 3
+        a = (corners[nxt, 1] - corners[prv, 1]) / area2
+        b = (corners[prv, 0] - corners[nxt, 0]) / area2
+        c = -(a * (corners[nxt, 0] - x0) + b * (corners[nxt, 1] - y0))
+        coeff[f, i, 0], coeff[f, i, 1], coeff[f, i, 2] = a, b, c
+        inv_z = 1.0 / vertices[faces[f, i], 2]
+        inv_a += a * inv_z
+        inv_b += b * inv_z
+        inv_c += c * inv_z
+    # coverage and depth in float32, as the tensor path evaluates them
+    a1, b1, c1 = np.float32(coeff[f, 1, 0]), np.float32(coeff[f, 1, 1]), np.float32(coeff[f, 1, 2])
+    a2, b2, c2 = np.float32(coeff[f, 2, 0]), np.float32(coeff[f, 2, 1]), np.float32(coeff[f, 2, 2])
+    ia, ib, ic = np.float32(inv_a), np.float32(inv_b), np.float32(inv_c)
+    for row in range(box_h):
+        dy = np.float32(row)
+        for col in range(box_w):
+            dx = np.float32(col)
+            w1 = c1 + a1 * dx + b1 * dy
+            w2 = c2 + a2 * dx + b2 * dy
+            inv_z32 = ic + ia * dx + ib * dy
+            if w1 >= 0 and w2 >= 0 and w1 + w2 <= 1 and inv_z32 > 0:
+                depth = np.float32(1.0) / inv_z32
+                p = (y0 + row) * width + x0 + col
+                if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
+                    best_depth[p], best_face[p] = depth, f
+
+
+@numba.njit(cache=True, nogil=True)
+def _tile_farthest_numba(best_depth: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The farthest z-buffer depth of each TILE x TILE block of pixels [ceil(H/TILE), ceil(W/TILE)] (inf where
+    a pixel is empty)."""
+    farthest = np.zeros(((height + TILE - 1) // TILE, (width + TILE - 1) // TILE), np.float32)
+    for y in range(height):
+        row = farthest[y // TILE]
+        for x in range(width):
+            row[x // TILE] = max(row[x // TILE], best_depth[y * width + x])
+    return farthest
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hidden_numba(farthest, corners, depth, height, width) -> bool:
+    """Whether every tile under the pixel box of ``corners`` holds only depths nearer than ``depth``."""
+    x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
+    if box_w <= 0 or box_h <= 0:
+        return True
+    for ty in range(y0 // TILE, (y0 + box_h - 1) // TILE + 1):
+        for tx in range(x0 // TILE, (x0 + box_w - 1) // TILE + 1):
+            if farthest[ty, tx] >= depth:
+                return False
+    return True
 
 
 @numba.njit(cache=True, nogil=True)
