@@ -159,6 +159,7 @@ def _normal_codes_numba(vertices64, vertices32, faces, K, height, width):
     -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool."""
     face_index, _, origin, coeff = visible_faces_numba(vertices64, faces, K, height, width, NEAR, False)
     normals = _vertex_normals_numba(vertices32, faces)
+    inv_depth = 1.0 / vertices64[:, 2]
     codes = np.zeros((height * width, 3), np.uint16)
     pixel = np.empty(3, np.float32)
     for y in range(height):
@@ -166,7 +167,7 @@ def _normal_codes_numba(vertices64, vertices32, faces, K, height, width):
             p = y * width + x
             f = face_index[p]
             if f >= 0:
-                b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, vertices64, faces, True)
+                b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, inv_depth, faces, True)
                 _pixel_normal(normals, faces, f, b0, b1, b2, pixel)
                 codes[p, 0], codes[p, 1], codes[p, 2] = normal_code16_numba(pixel[0], pixel[1], pixel[2])
     return codes, face_index >= 0
