@@ -6,7 +6,8 @@ a 369 px RGB window at 256 px, several times per sample, and needs the zero-padd
 pass reads the image in place (pixels outside it are skipped: they add zero) with OpenCV's weights and float32
 accumulation, so float results match ``cv2.resize`` to float rounding and uint8 results round the same way (half
 to even) but for ties that float rounding tips. It sums rows first (OpenCV sums columns first): the window is
-then transposed only after it shrank to the target's height, which halved the time of a full-frame crop.
+then transposed only after it shrank to the target's height, which halved the time of a full-frame crop, and a
+block of output rows at a time, so the intermediates stay in cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import cv2
 import numba
 import numpy as np
+
+BLOCK_BYTES = 1 << 19  # float32 bytes of one block of vertical-pass rows: a core's L2 cache holds it
 
 
 @numba.njit(cache=True, nogil=True)
@@ -92,7 +95,10 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     image, area-downsampled to [resolution, resolution(, C)] in the input's dtype; ``side >= resolution``.
 
     Both passes combine whole rows: the vertical one reads the image's rows in place, the horizontal one runs on
-    the transposed result, so each tap adds a whole line at once instead of gathering single pixels.
+    its transposed result, so each tap adds a whole line at once instead of gathering single pixels. Output rows
+    go in blocks whose float32 intermediates fit a core's L2 cache (``BLOCK_BYTES``): one pass over the whole
+    window wrote and transposed ~7 MB at a 1100x1604 capture's head crop, and a crop took 4.2 ms a sample in
+    packing instead of 2.8.
     """
     x, y, side = box
     if side < resolution:
@@ -108,10 +114,17 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
         return np.zeros((resolution, resolution, *image.shape[2:]), image.dtype)
     # [h, w * C]: the window's part inside the image, a view (each row's w * C values are contiguous)
     rows = planes[y0:y1, x0:x1].reshape(y1 - y0, -1)
-    down = _combine_rows(rows, *_area_taps(side, resolution, y - y0, y1 - y0))  # [R, w * C]
-    columns = cv2.transpose(down.reshape(resolution, x1 - x0, channels)).reshape(x1 - x0, -1)  # [w, R * C]
-    across = _combine_rows(columns, *_area_taps(side, resolution, x - x0, x1 - x0))  # [R, R * C]
-    if image.dtype == np.uint8:  # rounded before the transpose, which then moves a quarter of the bytes
-        across = _round_to_uint8(across)
-    out = cv2.transpose(across.reshape(resolution, resolution, channels))  # [R, R(, C)]: back to rows first
+    first, count, weight = _area_taps(side, resolution, y - y0, y1 - y0)
+    across_taps = _area_taps(side, resolution, x - x0, x1 - x0)
+    block = max(8, BLOCK_BYTES // (rows.shape[1] * 4))  # output rows a block
+    transposed = np.empty((resolution, resolution, channels), image.dtype)  # [x, y, C]
+    for start in range(0, resolution, block):
+        stop = min(start + block, resolution)
+        down = _combine_rows(rows, first[start:stop], count[start:stop], weight[start:stop])  # [B, w * C]
+        columns = cv2.transpose(down.reshape(stop - start, x1 - x0, channels)).reshape(x1 - x0, -1)  # [w, B * C]
+        across = _combine_rows(columns, *across_taps)  # [R, B * C]
+        if image.dtype == np.uint8:
+            across = _round_to_uint8(across)
+        transposed[:, start:stop] = across.reshape(resolution, stop - start, channels)
+    out = cv2.transpose(transposed)  # [R, R(, C)]: back to rows first
     return out.reshape(resolution, resolution, *image.shape[2:])

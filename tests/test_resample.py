@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from geodiff4d.datasets.normal_maps import unit
+from geodiff4d.datasets import resample
 from geodiff4d.datasets.packing import crop, crop_normals
 from geodiff4d.datasets.resample import area_window
 
@@ -33,10 +34,12 @@ def _windows(rng: np.random.Generator, count: int):
         )
 
 
+@pytest.mark.parametrize("block_bytes", [resample.BLOCK_BYTES, 64])  # 64: blocks of 8 output rows
 @pytest.mark.parametrize(
     "dtype, channels", [(np.uint8, 3), (np.uint8, None), (np.float32, 4), (np.float32, None)]
 )
-def test_area_window_matches_opencv_inter_area(dtype, channels):
+def test_area_window_matches_opencv_inter_area(dtype, channels, block_bytes, monkeypatch):
+    monkeypatch.setattr(resample, "BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     for (height, width), box, resolution in _windows(rng, 40):
         shape = (height, width) if channels is None else (height, width, channels)
