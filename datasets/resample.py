@@ -121,7 +121,8 @@ def area_window(image: np.ndarray, box: tuple[int, int, int], resolution: int) -
     for start in range(0, resolution, block):
         stop = min(start + block, resolution)
         down = _combine_rows(rows, first[start:stop], count[start:stop], weight[start:stop])  # [B, w * C]
-        columns = cv2.transpose(down.reshape(stop - start, x1 - x0, channels)).reshape(x1 - x0, -1)  # [w, B * C]
+        # [w, B * C]: the block's columns as rows
+        columns = cv2.transpose(down.reshape(stop - start, x1 - x0, channels)).reshape(x1 - x0, -1)
         across = _combine_rows(columns, *across_taps)  # [R, B * C]
         if image.dtype == np.uint8:
             across = _round_to_uint8(across)

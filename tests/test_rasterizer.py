@@ -310,7 +310,9 @@ def test_compiled_path_skips_back_faces_only_where_they_lose():
     K = _intrinsics(300.0, 40.0, 36.0)
     wall = torch.tensor([[-1, -1, 0.7], [3, -1, 0.7], [-1, 3, 0.7]], dtype=torch.float64)  # one face: no seam
     wall_faces = torch.tensor([[0, 1, 2]])
-    wall_faces = torch.where((_screen_area2(wall, wall_faces, K) < 0)[:, None], wall_faces, wall_faces.flip(1))
+    wall_faces = torch.where(
+        (_screen_area2(wall, wall_faces, K) < 0)[:, None], wall_faces, wall_faces.flip(1)
+    )
     xy = rng.uniform(-0.06, 0.06, (500, 1, 2)) + rng.normal(0, 0.01, (500, 3, 2))
     z = 0.7 * (1 + rng.uniform(-0.002, 0.002, (500, 3, 1)))
     soup = torch.tensor(np.concatenate([xy * z / 0.7, z], -1).reshape(-1, 3))

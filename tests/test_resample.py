@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from geodiff4d.datasets.normal_maps import unit
 from geodiff4d.datasets import resample
+from geodiff4d.datasets.normal_maps import unit
 from geodiff4d.datasets.packing import crop, crop_normals
 from geodiff4d.datasets.resample import area_window
 
