@@ -11,11 +11,12 @@ resolution), json. The shard stats record decoded vs packed video frames and sec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
@@ -666,7 +667,8 @@ class PackJob:
             dataset = self._dataset(root)
             poses = self._poses(dataset.tracking(subject, sequence), set().union(*cameras.values()))
             for serial, frames in sorted(cameras.items()):
-                backdrop = _background(dataset, subject, serial)
+                # read only for a frame without alpha: a raw release's 3208x2200 JPEG takes ~60 ms per camera
+                backdrop = functools.cache(functools.partial(_background, dataset, subject, serial))
                 decoded = self.cursors.frames(
                     dataset, (root, subject, sequence, serial), min(frames), max(frames) + 1
                 )
@@ -705,14 +707,18 @@ class PackJob:
         return poses
 
     def _encode_nersemble(
-        self, dataset: NersembleDataset, frame: Any, backdrop: np.ndarray | None, pose: _FramePose | None
+        self,
+        dataset: NersembleDataset,
+        frame: Any,
+        backdrop: Callable[[], np.ndarray | None],
+        pose: _FramePose | None,
     ) -> _Encoded:
         res = self.settings.resolution
         if frame.alpha8 is not None:
             alpha, mask_source = frame.alpha8, "alpha"  # uint8: cropped before it becomes float
-        elif backdrop is not None:
+        elif (background := backdrop()) is not None:
             with self.clock("mask"):
-                alpha, mask_source = background_mask(frame.rgb, backdrop), "background"
+                alpha, mask_source = background_mask(frame.rgb, background), "background"
         else:
             raise PackError(
                 f"{dataset.video_path(frame.subject, frame.sequence, frame.serial)}: no alpha_maps video and no "

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 from geodiff4d.core.io.video import write_video
 from geodiff4d.core.jobs import WorkUnit
+from geodiff4d.datasets import packing
 from geodiff4d.datasets.cameras import Camera
 from geodiff4d.datasets.flame import FlameParams
 from geodiff4d.datasets.flame_tracking import write_nersemble_tracking
@@ -317,6 +318,32 @@ def test_a_sequence_over_many_shards_decodes_each_frame_about_once(tmp_path):
         first = plan.samples[0].frame
         assert pack(plan)["decoded_video_frames"] == 2 * (len(plan.samples) + first % 10)
         assert (out / f"{plan.name}.tar").read_bytes() == written[plan.name]
+
+
+def test_background_images_are_read_only_for_frames_without_alpha(tmp_path, monkeypatch):
+    """A capture's BACKGROUND image (a ~60 ms JPEG decode at 3208x2200) is read only where a frame has no alpha
+    map, and then once per camera per shard, not per frame."""
+    root = _long_sequence(tmp_path / "nersemble", frames=12, keyframe_interval=4)
+    background = root / "001" / "sequences" / "BACKGROUND" / "image_222200037.jpg"
+    background.parent.mkdir(parents=True)
+    cv2.imwrite(str(background), np.zeros((32, 32, 3), np.uint8))
+    reads = []
+    monkeypatch.setattr(
+        packing, "read_rgb8", lambda path: reads.append(path) or np.zeros((32, 32, 3), np.uint8)
+    )
+
+    def pack_all(out: Path) -> None:
+        out.mkdir()
+        job = PackJob(out, PackSettings(resolution=16))
+        job.setup()
+        for plan in plan_shards(list_inputs([("nersemble", root)]), 6, 10**9, sample_bytes_bound(16)):
+            job.run(WorkUnit(plan.name, {"plan": plan}))
+
+    pack_all(tmp_path / "with_alpha")
+    assert reads == []
+    shutil.rmtree(root / "001" / "sequences" / "EXP-1-head" / "alpha_maps")
+    pack_all(tmp_path / "without_alpha")
+    assert reads == [background, background]  # 2 shards of 6 frames
 
 
 def test_a_synthhuman_folder_is_listed_once_per_job(tmp_path, monkeypatch):
