@@ -315,19 +315,19 @@ def _rasterize_numba(
 @numba.njit(cache=True, nogil=True)
 def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, perspective_correct):
     """The tensor path's arithmetic, one face at a time: -> face_index [H*W], bary [H*W, 3], depth [H*W]."""
-    best_face, best_depth, origin, coeff = visible_faces_numba(
+    best_face, best_depth, origin, coeff, inv_depth = visible_faces_numba(
         vertices, faces, K, height, width, near, cull_backfaces
     )
-    inv_depth = 1.0 / vertices[:, 2]
     bary = _final_barycentrics_numba(best_face, origin, coeff, inv_depth, faces, width, perspective_correct)
     return best_face, bary, best_depth
 
 
 @numba.njit(cache=True, nogil=True)
 def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces):
-    """The z-buffer pass: -> face_index [H*W] (-1 on background), depth [H*W], and per face its box origin
+    """The z-buffer pass: -> face_index [H*W] (-1 on background), depth [H*W], per face its box origin
     [F, 2] and barycentric coefficients [F, 3, 3] (bary_i = a*dx + b*dy + c from the origin), which
-    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful).
+    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful), and 1 / z per
+    vertex [V].
 
     Front faces are drawn first; a back face is then skipped where the z-buffer already holds something nearer
     than all of it in every tile its box touches (behind a closed surface, about 40 % of the faces and of the
@@ -336,6 +336,7 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
     """
     n_faces = faces.shape[0]
     pixels = _project_numba(vertices, K)
+    inv_depth = 1.0 / vertices[:, 2]  # per vertex, not per face corner: a third of the divisions
     # per face: bary_i = a*dx + b*dy + c from the box origin (float64); written for every face that can win a pixel,
     # and read only for winners, so left unzeroed (~1.4 MB per 16k-face view)
     coeff = np.empty((n_faces, 3, 3))
@@ -348,20 +349,24 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
     for f in range(n_faces):
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         if area2 < 0:
-            _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width)
+            _draw_face_numba(
+                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+            )
         elif area2 > 0 and not cull_backfaces:
             back_faces[n_back] = f
             n_back += 1
     if n_back == 0:
-        return best_face, best_depth, origin, coeff
+        return best_face, best_depth, origin, coeff, inv_depth
     farthest = _tile_farthest_numba(best_depth, height, width)
     for i in range(n_back):
         f = back_faces[i]
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         nearest = min(vertices[faces[f, 0], 2], vertices[faces[f, 1], 2], vertices[faces[f, 2], 2])
         if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), height, width):
-            _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width)
-    return best_face, best_depth, origin, coeff
+            _draw_face_numba(
+                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+            )
+    return best_face, best_depth, origin, coeff, inv_depth
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -373,14 +378,16 @@ def _face_corners_numba(pixels, vertices, faces, f, near, corners) -> float:
         corners[i, 0] = pixels[faces[f, i], 0]
         corners[i, 1] = pixels[faces[f, i], 1]
         inside_near &= vertices[faces[f, i], 2] > near
-    area2 = (corners[1, 0] - corners[0, 0]) * (corners[2, 1] - corners[0, 1]) - (corners[2, 0] - corners[0, 0]) * (
-        corners[1, 1] - corners[0, 1]
-    )
+    area2 = (corners[1, 0] - corners[0, 0]) * (corners[2, 1] - corners[0, 1]) - (
+        corners[2, 0] - corners[0, 0]
+    ) * (corners[1, 1] - corners[0, 1])
     return area2 if inside_near and abs(area2) > 1e-12 else 0.0
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_depth, best_face, height, width):
+def _draw_face_numba(
+    f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+):
     """Face ``f``'s coefficients into ``coeff``/``origin`` and its pixel centres into the z-buffer."""
     x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
     if box_w <= 0 or box_h <= 0:
@@ -393,7 +400,7 @@ def _draw_face_numba(f, corners, area2, vertices, faces, coeff, origin, best_dep
         b = (corners[prv, 0] - corners[nxt, 0]) / area2
         c = -(a * (corners[nxt, 0] - x0) + b * (corners[nxt, 1] - y0))
         coeff[f, i, 0], coeff[f, i, 1], coeff[f, i, 2] = a, b, c
-        inv_z = 1.0 / vertices[faces[f, i], 2]
+        inv_z = inv_depth[faces[f, i]]
         inv_a += a * inv_z
         inv_b += b * inv_z
         inv_c += c * inv_z

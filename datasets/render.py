@@ -157,9 +157,10 @@ def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.
 def _normal_codes_numba(vertices64, vertices32, faces, K, height, width):
     """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes in one pass over the image:
     -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool."""
-    face_index, _, origin, coeff = visible_faces_numba(vertices64, faces, K, height, width, NEAR, False)
+    face_index, _, origin, coeff, inv_depth = visible_faces_numba(
+        vertices64, faces, K, height, width, NEAR, False
+    )
     normals = _vertex_normals_numba(vertices32, faces)
-    inv_depth = 1.0 / vertices64[:, 2]
     codes = np.zeros((height * width, 3), np.uint16)
     pixel = np.empty(3, np.float32)
     for y in range(height):
