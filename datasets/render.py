@@ -55,7 +55,22 @@ def _camera_space(vertices_world: Tensor, camera: Camera) -> tuple[Tensor, Tenso
     """Camera-space vertices [V, 3] (float32) of a posed mesh and ``camera``'s K (float64)."""
     with torch.no_grad():
         rotation, translation, K = _camera_tensors(camera, vertices_world.device)
-        return vertices_world @ rotation.T + translation, K
+        # R p + t as scaled columns summed in order, the float32 arithmetic _camera_space_numba repeats
+        x, y, z = vertices_world[:, 0:1], vertices_world[:, 1:2], vertices_world[:, 2:3]  # [V, 1] each
+        return x * rotation[:, 0] + y * rotation[:, 1] + z * rotation[:, 2] + translation, K
+
+
+@numba.njit(cache=True, nogil=True)
+def _camera_space_numba(vertices_world: np.ndarray, world_to_cam: np.ndarray) -> np.ndarray:
+    """What :func:`_camera_space` computes, bit for bit: float32 [V, 3] from float32 vertices and [4, 4]."""
+    out = np.empty_like(vertices_world)
+    for v in range(vertices_world.shape[0]):
+        x, y, z = vertices_world[v, 0], vertices_world[v, 1], vertices_world[v, 2]
+        for i in range(3):
+            out[v, i] = (
+                x * world_to_cam[i, 0] + y * world_to_cam[i, 1] + z * world_to_cam[i, 2] + world_to_cam[i, 3]
+            )
+    return out
 
 
 def _rasterize_vertices(vertices_world: Tensor, faces: Tensor, camera: Camera) -> tuple[Tensor, Fragments]:
@@ -154,9 +169,11 @@ def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _normal_codes_numba(vertices64, vertices32, faces, K, height, width):
+def _normal_codes_numba(vertices_world, world_to_cam, faces, K, height, width):
     """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes in one pass over the image:
     -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool."""
+    vertices32 = _camera_space_numba(vertices_world, world_to_cam)
+    vertices64 = vertices32.astype(np.float64)
     face_index, _, origin, coeff, inv_depth = visible_faces_numba(
         vertices64, faces, K, height, width, NEAR, False
     )
@@ -235,13 +252,13 @@ def render_normal_codes(
     Packing renders two such maps per sample (normals, pose map); the float path's extra passes and
     tensors were a third of their time.
     """
-    vertices_cam, K = _camera_space(vertices_world.cpu(), camera)
-    check_inputs(vertices_cam, faces, K)
+    K = np.array(camera.K, np.float64)  # a writable copy: torch.from_numpy refuses read-only arrays
+    check_inputs(vertices_world, faces, torch.from_numpy(K))
     codes, mask = _normal_codes_numba(
-        np.ascontiguousarray(vertices_cam.double().numpy()),
-        np.ascontiguousarray(vertices_cam.float().numpy()),
+        np.ascontiguousarray(vertices_world.detach().cpu().numpy(), np.float32),
+        np.ascontiguousarray(camera.world_to_cam, np.float32),
         np.ascontiguousarray(faces.cpu().numpy(), np.int64),
-        np.ascontiguousarray(K.numpy()),
+        K,
         camera.height,
         camera.width,
     )
