@@ -145,15 +145,16 @@ def _vertex_normals_numba(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _pixel_normal(normals, faces, f, b0, b1, b2, out) -> None:
-    """In ``out`` [3]: face ``f``'s vertex normals blended by (b0, b1, b2), renormalised, y and z flipped."""
-    for c in range(3):
-        out[c] = np.float32(0.0)
-        out[c] += b0 * normals[faces[f, 0], c]
-        out[c] += b1 * normals[faces[f, 1], c]
-        out[c] += b2 * normals[faces[f, 2], c]
-    _unit3(out)
-    out[1], out[2] = -out[1], -out[2]  # OpenCV (y down, z forward) -> ours
+def _pixel_normal(normals, faces, f, b0, b1, b2) -> tuple:
+    """Face ``f``'s vertex normals blended by (b0, b1, b2), renormalised as torch's normalize does, y and z
+    flipped: 3 float32 (scalars, not an array: they stay in registers)."""
+    a, b, c = faces[f, 0], faces[f, 1], faces[f, 2]
+    zero = np.float32(0.0)
+    x = zero + b0 * normals[a, 0] + b1 * normals[b, 0] + b2 * normals[c, 0]
+    y = zero + b0 * normals[a, 1] + b1 * normals[b, 1] + b2 * normals[c, 1]
+    z = zero + b0 * normals[a, 2] + b1 * normals[b, 2] + b2 * normals[c, 2]
+    norm = max(np.sqrt(x * x + y * y + z * z), np.float32(1e-12))
+    return x / norm, -(y / norm), -(z / norm)  # OpenCV (y down, z forward) -> ours
 
 
 @numba.njit(cache=True, nogil=True)
@@ -164,7 +165,9 @@ def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.
     for p in range(face_index.shape[0]):
         f = face_index[p]
         if f >= 0:
-            _pixel_normal(normals, faces, f, bary[p, 0], bary[p, 1], bary[p, 2], image[p])
+            image[p, 0], image[p, 1], image[p, 2] = _pixel_normal(
+                normals, faces, f, bary[p, 0], bary[p, 1], bary[p, 2]
+            )
     return image
 
 
@@ -179,15 +182,14 @@ def _normal_codes_numba(vertices_world, world_to_cam, faces, K, height, width):
     )
     normals = _vertex_normals_numba(vertices32, faces)
     codes = np.zeros((height * width, 3), np.uint16)
-    pixel = np.empty(3, np.float32)
     for y in range(height):
         for x in range(width):
             p = y * width + x
             f = face_index[p]
             if f >= 0:
                 b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, inv_depth, faces, True)
-                _pixel_normal(normals, faces, f, b0, b1, b2, pixel)
-                codes[p, 0], codes[p, 1], codes[p, 2] = normal_code16_numba(pixel[0], pixel[1], pixel[2])
+                nx, ny, nz = _pixel_normal(normals, faces, f, b0, b1, b2)
+                codes[p, 0], codes[p, 1], codes[p, 2] = normal_code16_numba(nx, ny, nz)
     return codes, face_index >= 0
 
 
