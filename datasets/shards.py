@@ -10,9 +10,9 @@ member's byte offsets and sha256: the manifest's index and the integrity check.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,21 +88,28 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_tar(stream: BinaryIO, samples: Iterable[Sample], label: str) -> list[MemberRecord]:
     """Write ``samples`` as one tar to ``stream`` (written front to back, so a pipe or an upload can take it)
-    -> the members' records in tar order; ``label`` names the shard in errors."""
+    -> the members' records in tar order; ``label`` names the shard in errors.
+
+    The bytes are ``tarfile``'s (``mode="w|"``, GNU format): each header is ``TarInfo.tobuf``'s, the data and its
+    padding are written as they are. ``TarFile.addfile`` copied every member through its stream buffer in 10 KB
+    slices, about half the time of writing a packed shard.
+    """
     ordered = sorted(samples, key=lambda s: check_key(str(s.get("__key__", ""))))
-    keys = [s["__key__"] for s in ordered]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    duplicates = sorted(k for k, n in Counter(s["__key__"] for s in ordered).items() if n > 1)
     if duplicates:
         raise ShardError(f"{label}: duplicated sample keys {duplicates[:5]}")
-    records = []
-    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for sample in ordered:
-            for name, data in _members(sample):
-                start = tar.offset
-                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                digest = hashlib.sha256(data).hexdigest()
-                records.append(MemberRecord(name, start, tar.offset - padded, len(data), digest))
+    records, offset = [], 0
+    for sample in ordered:
+        for name, data in _members(sample):
+            header = _tarinfo(name, len(data)).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+            padding = -len(data) % tarfile.BLOCKSIZE
+            stream.write(header)
+            stream.write(data)
+            stream.write(tarfile.NUL * padding)
+            digest = hashlib.sha256(data).hexdigest()
+            records.append(MemberRecord(name, offset, offset + len(header), len(data), digest))
+            offset += len(header) + len(data) + padding
+    stream.write(tarfile.NUL * (tar_size(records) - offset))  # two zero blocks, padded to a whole record
     return records
 
 

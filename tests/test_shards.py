@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -96,6 +97,42 @@ def test_shard_is_deterministic_and_offsets_point_at_the_data(tmp_path):
         assert header.name == record.name
     assert tar_size(a_records) == len(data)  # the size a stats marker records without reading the file back
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def _tarfile_reference(samples: list[dict]) -> bytes:
+    """The same members written by the standard library's own tar writer (stream mode, GNU format)."""
+    members = sorted(
+        (f"{s['__key__']}.{ext}", data) for s in samples for ext, data in s.items() if ext != "__key__"
+    )
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                946684800,
+                0o444,
+                0,
+                0,
+                "",
+                "",
+            )
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("count", [0, 1, 12])
+def test_shard_bytes_are_what_tarfile_writes(tmp_path, count):
+    """Headers, padding and the end blocks as ``tarfile`` writes them, long (GNU LongLink) names included."""
+    samples = synthetic_samples(subjects=1, frames=3, cameras=2, synthetic=0)[:count]
+    if count:
+        samples[0] = {
+            **samples[0],
+            "__key__": "k" * 120,
+            "json": b"x" * 513,
+        }  # a LongLink header, odd padding
+    write_shard(tmp_path / "s.tar", samples)
+    assert (tmp_path / "s.tar").read_bytes() == _tarfile_reference(samples)
 
 
 def test_tar_lists_with_stdlib_and_iterates_with_plain_webdataset(tmp_path):
