@@ -440,8 +440,7 @@ def background_mask(
 def _head_box(pose: _FramePose | None, camera: Camera, alpha: np.ndarray, frame: Any) -> tuple[int, int, int]:
     """Square window around the projected FLAME head, else around the uint8 mask's foreground."""
     if pose is not None:
-        xy = camera.project(pose.vertices.double().numpy())  # [V, 2]
-        return square_box(xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
+        return square_box(*camera.projected_bounds(pose.vertices.numpy()))
     box = _mask_box(alpha > 127)
     if box is None:
         raise PackError(

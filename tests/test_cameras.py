@@ -40,6 +40,19 @@ def test_project_known_point():
     np.testing.assert_allclose(camera.center, [-0.1, 0.2, -2.0])
 
 
+def test_projected_bounds_are_the_extent_of_project():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        camera = _camera(rng)
+        points = camera.center + rng.normal(0, 0.2, (500, 3)) + 3.0 * camera.cam_to_world[:3, 2]  # in front
+        xy = camera.project(points)
+        want = (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
+        np.testing.assert_allclose(camera.projected_bounds(points.astype(np.float32)), want, rtol=1e-6)
+        np.testing.assert_allclose(camera.projected_bounds(points), want, rtol=1e-12)
+    with pytest.raises(CameraError, match="N > 0"):
+        camera.projected_bounds(np.zeros((0, 3)))
+
+
 def test_json_round_trip_is_exact():
     camera = _camera(np.random.default_rng(0))
     text = json.dumps(camera.to_json())
