@@ -47,7 +47,9 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(
-    "window", [(0, 0, 98, 70), (11, 21, 61, 53), (1, 1, 2, 2), (40, 3, 97, 69), (96, 0, 98, 9)]
+    # 98x70 frames: the last three stay within the right-hand 64 px grid column, so convert their own planes
+    "window",
+    [(0, 0, 98, 70), (1, 1, 2, 2), (71, 21, 95, 53), (65, 3, 97, 69), (96, 0, 98, 9)],
 )
 def test_a_window_converts_to_the_same_pixels_as_the_whole_frame(videos, window):
     x0, y0, x1, y1 = window
@@ -97,27 +99,34 @@ def packed(tmp_path_factory) -> Path:
 
 def test_tracked_frames_with_alpha_convert_only_their_crops(packed):
     """Before, every colour and alpha frame was converted to RGB whole (3208x2200 per camera on the raw release)
-    before the crop kept a few percent of it. A frame is converted whole only when its crop covers it whole
-    (here the head's window is larger than the 96 px frames), and alpha frames never are."""
-    width, height = SPEC.resolution, SPEC.resolution
+    before the crop kept a few percent of it. A frame is converted whole only when its crop's window (rounded out
+    to the 64 px grid) covers at least half of it (here the head's window is larger than the 96 px frames), and
+    alpha frames never are."""
+    size = SPEC.resolution
     whole = 0
     for sample in iter_shard(packed / "nersemble-000000.tar"):
         x, y, side = json.loads(sample["json"])["crop"]
-        whole += x <= 0 and y <= 0 and x + side >= width and y + side >= height
-    assert json.loads((packed / "full_frames.json").read_text()) == [width] * whole
+        x0, y0, x1, y1 = (min(max(v, 0), size) for v in (x, y, x + side, y + side))
+        grid = video.WINDOW_GRID
+        w, h = (min(-(-hi // grid) * grid, size) - lo // grid * grid for lo, hi in ((x0, x1), (y0, y1)))
+        whole += w * h >= video.WHOLE_FRAME_SHARE * size * size
+    assert whole and json.loads((packed / "full_frames.json").read_text()) == [size] * whole
 
 
-def test_a_window_inside_the_frame_converts_no_whole_frame(videos, monkeypatch):
+def test_a_small_window_converts_no_whole_frame_and_a_large_one_converts_it(videos, monkeypatch):
+    """98x70 frames: a window within one 64 px grid cell (34x64 of them rounded out, a third of the frame)
+    converts its own planes; one whose rounded window is 64x64 (60 %) or the whole frame converts the frame."""
     converted = []
     convert = video._frame_array
     monkeypatch.setattr(
         video, "_frame_array", lambda frame, *a, **k: converted.append(1) or convert(frame, *a, **k)
     )
     for _, lazy in iter_video_range(videos["colour"], 0, 2, pixels="lazy"):
-        lazy.window(10, 10, 60, 50)
+        lazy.window(70, 40, 90, 60)
     assert not converted
     for _, lazy in iter_video_range(videos["colour"], 0, 2, pixels="lazy"):
-        lazy.window(0, 0, 98, 70)  # the whole frame: converted as such, without copying its planes
+        lazy.window(10, 10, 60, 50)
+        lazy.window(0, 0, 98, 70)  # converted once: the frame keeps its conversion
     assert len(converted) == 2
 
 
