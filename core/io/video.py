@@ -123,7 +123,7 @@ class LazyRgb:
     Windows are rounded out to a ``WINDOW_GRID`` px grid, so a moving head's crops repeat a few sizes and the
     video's reformatter keeps its swscale context (a new size rebuilt it: ~1 ms at 1100x1604). A window covering
     ``WHOLE_FRAME_SHARE`` of the frame or more converts the frame whole: the decoder's own frame needs no plane
-    copies and converted ~2x faster per pixel than a copied window.
+    copies and converted 1.6x faster per pixel than a copied window.
     """
 
     def __init__(self, frame: av.VideoFrame, reformatter: VideoReformatter):
