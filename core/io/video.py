@@ -174,7 +174,7 @@ def _alpha_array(frame: av.VideoFrame, reformatter: VideoReformatter, lut: dict)
     luma plane alone: alpha videos are gray, so their chroma is neutral and red is a function of luma (checked on
     every frame; any other chroma takes the full RGB decode)."""
     if _planar(frame):
-        if all(np.all(_plane(frame, i) == 128) for i in (1, 2)):
+        if all(cv2.minMaxLoc(_plane(frame, i))[:2] == (128.0, 128.0) for i in (1, 2)):  # 4x np.all(== 128)
             key = (frame.format.name, frame.colorspace, frame.color_range)
             if key not in lut:
                 lut[key] = _neutral_red(VideoReformatter(), frame)
