@@ -523,9 +523,8 @@ class _Encoded:
     rgb: np.ndarray  # uint8 [R, R, 3]
     mask: np.ndarray  # uint8 [R, R]: mask.png's pixels
     normal: np.ndarray  # uint16 [R, R, 3]: normal.png's pixels (normal_maps.normal_codes)
-    posemap: (
-        np.ndarray | None
-    )  # uint16 [R, R, 3] likewise; None: no FLAME fit (SynthHuman), no member written
+    # uint16 [R, R, 3] likewise; None: no FLAME fit (SynthHuman), no member written
+    posemap: np.ndarray | None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -714,7 +713,7 @@ class PackJob:
     ) -> _Encoded:
         res = self.settings.resolution
         if frame.alpha8 is not None:
-            alpha, mask_source = frame.alpha8, "alpha"  # uint8: cropped before it becomes float
+            alpha, mask_source = frame.alpha8, "alpha"  # uint8, cropped as mask.png stores it
         elif (background := backdrop()) is not None:
             with self.clock("mask"):
                 alpha, mask_source = background_mask(frame.rgb, background), "background"
