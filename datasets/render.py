@@ -145,16 +145,30 @@ def _vertex_normals_numba(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _pixel_normal(normals, faces, f, b0, b1, b2) -> tuple:
-    """Face ``f``'s vertex normals blended by (b0, b1, b2), renormalised as torch's normalize does, y and z
-    flipped: 3 float32 (scalars, not an array: they stay in registers)."""
+def _blended_normal(normals, faces, f, b0, b1, b2) -> tuple:
+    """Face ``f``'s vertex normals blended by (b0, b1, b2), not yet renormalised: 3 float32 (scalars, not an
+    array: they stay in registers)."""
     a, b, c = faces[f, 0], faces[f, 1], faces[f, 2]
     zero = np.float32(0.0)
     x = zero + b0 * normals[a, 0] + b1 * normals[b, 0] + b2 * normals[c, 0]
     y = zero + b0 * normals[a, 1] + b1 * normals[b, 1] + b2 * normals[c, 1]
     z = zero + b0 * normals[a, 2] + b1 * normals[b, 2] + b2 * normals[c, 2]
+    return x, y, z
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit_ours(x, y, z) -> tuple:
+    """A blended normal renormalised as torch's normalize does, y and z flipped: OpenCV (y down, z forward)
+    -> ours."""
     norm = max(np.sqrt(x * x + y * y + z * z), np.float32(1e-12))
-    return x / norm, -(y / norm), -(z / norm)  # OpenCV (y down, z forward) -> ours
+    return x / norm, -(y / norm), -(z / norm)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pixel_normal(normals, faces, f, b0, b1, b2) -> tuple:
+    """Face ``f``'s unit normal in our convention at barycentrics (b0, b1, b2): 3 float32."""
+    x, y, z = _blended_normal(normals, faces, f, b0, b1, b2)
+    return _unit_ours(x, y, z)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -172,9 +186,25 @@ def _normal_image_numba(vertices: np.ndarray, faces: np.ndarray, face_index: np.
 
 
 @numba.njit(cache=True, nogil=True)
+def _encode_blended(blended: np.ndarray, n: int, codes: np.ndarray) -> None:
+    """The first ``n`` blended normals [3, W] (float32, one per row) -> their 16-bit codes [3, W].
+
+    Contiguous arrays, no gathers: the loop compiles to SIMD (a square root and three divisions twice a
+    pixel, the costliest part of a pixel's shading).
+    """
+    for k in range(n):
+        x, y, z = _unit_ours(blended[0, k], blended[1, k], blended[2, k])
+        codes[0, k], codes[1, k], codes[2, k] = normal_code16_numba(x, y, z)
+
+
+@numba.njit(cache=True, nogil=True)
 def _normal_codes_numba(vertices_world, world_to_cam, faces, K, height, width):
-    """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes in one pass over the image:
-    -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool."""
+    """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes, a row at a time:
+    -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool.
+
+    Each row gathers its visible pixels' blended normals first, then renormalises and encodes them in one
+    vectorized pass (:func:`_encode_blended`): 0.5 ms less of a 512 px map's 2.7 ms than pixel by pixel.
+    """
     vertices32 = _camera_space_numba(vertices_world, world_to_cam)
     vertices64 = vertices32.astype(np.float64)
     face_index, _, origin, coeff, inv_depth = visible_faces_numba(
@@ -182,14 +212,23 @@ def _normal_codes_numba(vertices_world, world_to_cam, faces, K, height, width):
     )
     normals = _vertex_normals_numba(vertices32, faces)
     codes = np.zeros((height * width, 3), np.uint16)
+    visible = np.empty(width, np.int64)  # the row's visible pixels (indices into codes)
+    blended = np.empty((3, width), np.float32)  # their blended normals, one component a row
+    row_codes = np.empty((3, width), np.uint16)
     for y in range(height):
+        n = 0
         for x in range(width):
             p = y * width + x
             f = face_index[p]
             if f >= 0:
                 b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, inv_depth, faces, True)
-                nx, ny, nz = _pixel_normal(normals, faces, f, b0, b1, b2)
-                codes[p, 0], codes[p, 1], codes[p, 2] = normal_code16_numba(nx, ny, nz)
+                blended[0, n], blended[1, n], blended[2, n] = _blended_normal(normals, faces, f, b0, b1, b2)
+                visible[n] = p
+                n += 1
+        _encode_blended(blended, n, row_codes)
+        for k in range(n):
+            p = visible[k]
+            codes[p, 0], codes[p, 1], codes[p, 2] = row_codes[0, k], row_codes[1, k], row_codes[2, k]
     return codes, face_index >= 0
 
 
