@@ -25,6 +25,7 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.json_yaml import read_json, write_json
 from geodiff4d.core.io.video import (
     DecodeCount,
+    LazyAlpha,
     LazyRgb,
     VideoError,
     iter_video_range,
@@ -56,15 +57,21 @@ class NersembleFrame:
     frame: int
     serial: str
     image: LazyRgb  # the decoded frame, converted to RGB where asked (a crop converts only its window)
-    alpha8: np.ndarray | None  # uint8 [H, W] as decoded, None without an alpha_maps video
+    alpha_map: LazyAlpha | None  # the decoded alpha map, read where asked (a crop reads only its window)
     camera: Camera
     flame: FlameParams | None  # B = 1 tracking row of this frame, None when the frame is not tracked
     tracking_kind: str | None  # "v2" or "v1": the tracking file the row came from
     color_matrix: np.ndarray | None  # (3, terms) CCM of the camera from color_calibration.json, if any
 
     @property
+    def alpha8(self) -> np.ndarray | None:
+        """uint8 [H, W] as decoded, None without an alpha_maps video."""
+        return None if self.alpha_map is None else self.alpha_map.full()
+
+    @property
     def alpha(self) -> np.ndarray | None:
-        """float32 [H, W] in [0, 1] (a crop takes ``alpha8``: a full-frame float copy is 4x the bytes)."""
+        """float32 [H, W] in [0, 1] (a crop takes ``alpha_map``'s window: a full-frame float copy is 4x the
+        bytes)."""
         return None if self.alpha8 is None else self.alpha8.astype(np.float32) / 255.0
 
     @property
@@ -427,7 +434,7 @@ class NersembleDataset:
                     frame=index,
                     serial=serial,
                     image=image,
-                    alpha8=alpha,
+                    alpha_map=alpha,
                     camera=camera,
                     flame=tracking.params[index] if index < tracked else None,  # row t: frame t
                     tracking_kind=None if tracking is None else tracking.kind,

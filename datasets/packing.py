@@ -31,7 +31,7 @@ from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
 from geodiff4d.core.io.json_yaml import json_bytes, parse_json
-from geodiff4d.core.io.video import DecodeCount, VideoError, video_frame_count
+from geodiff4d.core.io.video import DecodeCount, LazyAlpha, VideoError, video_frame_count
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.core.settings_match import refuse_differences, settings_differences
@@ -437,11 +437,26 @@ def background_mask(
     return filled
 
 
-def _head_box(pose: _FramePose | None, camera: Camera, alpha: np.ndarray, frame: Any) -> tuple[int, int, int]:
+class _InMemory:
+    """An image already in memory, read through the :class:`LazyAlpha` interface (full() and window())."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+
+    def full(self) -> np.ndarray:
+        return self.image
+
+    def window(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self.image[y0:y1, x0:x1]
+
+
+def _head_box(
+    pose: _FramePose | None, camera: Camera, alpha: LazyAlpha | _InMemory, frame: Any
+) -> tuple[int, int, int]:
     """Square window around the projected FLAME head, else around the uint8 mask's foreground."""
     if pose is not None:
         return square_box(*camera.projected_bounds(pose.vertices.numpy()))
-    box = _mask_box(alpha > 127)
+    box = _mask_box(alpha.full() > 127)
     if box is None:
         raise PackError(
             f"{frame.subject}/{frame.sequence}/cam_{frame.serial} frame {frame.frame}: empty mask, no tracking"
@@ -673,7 +688,7 @@ class PackJob:
                 for frame in self.clock.timed_iter("decode", decoded):
                     if frame.frame not in frames:
                         continue
-                    self.packed_video_frames += 1 + (frame.alpha8 is not None)
+                    self.packed_video_frames += 1 + (frame.alpha_map is not None)
                     ref = by_id[(root, subject, sequence, serial, frame.frame)]
                     pose = poses.get(frame.frame)
                     encoded = self._encode_nersemble(dataset, frame, backdrop, pose)
@@ -712,11 +727,14 @@ class PackJob:
         pose: _FramePose | None,
     ) -> _Encoded:
         res = self.settings.resolution
-        if frame.alpha8 is not None:
-            alpha, mask_source = frame.alpha8, "alpha"  # uint8, cropped as mask.png stores it
+        if frame.alpha_map is not None:
+            alpha, mask_source = (
+                frame.alpha_map,
+                "alpha",
+            )  # uint8 as mask.png stores it, read in the crop only
         elif (background := backdrop()) is not None:
             with self.clock("mask"):
-                alpha, mask_source = background_mask(frame.rgb, background), "background"
+                alpha, mask_source = _InMemory(background_mask(frame.rgb, background)), "background"
         else:
             raise PackError(
                 f"{dataset.video_path(frame.subject, frame.sequence, frame.serial)}: no alpha_maps video and no "
@@ -725,12 +743,13 @@ class PackJob:
         with self.clock("crop"):
             box = _head_box(pose, frame.camera, alpha, frame)
             camera = frame.camera.cropped(box[0], box[1], box[2], box[2]).resized(res, res)
-            mask = crop(alpha, box, res)
-        with self.clock("colour"):  # YUV -> RGB of the crop's window only (the full frame when it was needed)
             x0, y0, x1, y1 = window_in_image(box, *frame.image.shape[:2])
+            in_window = (box[0] - x0, box[1] - y0, box[2])  # the crop's box in the window's coordinates
+            mask = crop(alpha.window(x0, y0, x1, y1), in_window, res)
+        with self.clock("colour"):  # YUV -> RGB of the crop's window only (the full frame when it was needed)
             window = frame.image.window(x0, y0, x1, y1)  # [y1 - y0, x1 - x0, 3]
         with self.clock("crop"):
-            rgb = crop(window, (box[0] - x0, box[1] - y0, box[2]), res)
+            rgb = crop(window, in_window, res)
         gt = gt_normal_path(dataset.root, frame.subject, frame.sequence, frame.serial, frame.frame)
         if frame.color_matrix is not None:  # only the crop is corrected, not the full frame
             with self.clock("colour"):

@@ -61,12 +61,21 @@ def test_a_window_converts_to_the_same_pixels_as_the_whole_frame(videos, window)
 
 
 @pytest.mark.parametrize("kind", ["alpha", "colour"])
-def test_alpha_is_the_red_channel_of_the_rgb_decode(videos, kind):
+@pytest.mark.parametrize(
+    "window", [(0, 0, 98, 70), (1, 1, 2, 2), (71, 21, 95, 53), (96, 0, 98, 9), (5, 5, 5, 9)]
+)
+def test_alpha_is_the_red_channel_of_the_rgb_decode(videos, kind, window):
     """As the official data manager reads alpha maps (the first channel of the RGB decode), from luma alone for a
-    gray video, and through the full decode for any other (non-neutral chroma)."""
+    gray video, and through the full decode for any other (non-neutral chroma); a window reads the same pixels
+    as the whole frame, before and after the whole frame was read."""
+    x0, y0, x1, y1 = window
     decoded = [alpha for _, alpha in iter_video_range(videos[kind], 0, 4, pixels="alpha")]
     reference = [rgb[..., 0] for rgb in _pyav_rgb(videos[kind])]
-    assert all(a.ndim == 2 and np.array_equal(a, r) for a, r in zip(decoded, reference, strict=True))
+    for lazy, full in zip(decoded, reference, strict=True):
+        assert lazy.shape == full.shape and np.array_equal(lazy.window(x0, y0, x1, y1), full[y0:y1, x0:x1])
+        assert np.array_equal(lazy.full(), full) and np.array_equal(
+            lazy.window(x0, y0, x1, y1), full[y0:y1, x0:x1]
+        )
 
 
 @pytest.fixture(scope="module")

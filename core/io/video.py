@@ -169,17 +169,40 @@ def _neutral_red(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndar
     return reformatter.reformat(probe, format="rgb24").to_ndarray()[0, ::2, 0]
 
 
-def _alpha_array(frame: av.VideoFrame, reformatter: VideoReformatter, lut: dict) -> np.ndarray:
-    """uint8 [H, W]: the red channel of the RGB decode, as the official data manager reads alpha maps, from the
-    luma plane alone: alpha videos are gray, so their chroma is neutral and red is a function of luma (checked on
-    every frame; any other chroma takes the full RGB decode)."""
-    if _planar(frame):
-        if all(cv2.minMaxLoc(_plane(frame, i))[:2] == (128.0, 128.0) for i in (1, 2)):  # 4x np.all(== 128)
+class LazyAlpha:
+    """A decoded alpha-map frame read only where asked, as the official data manager reads alpha maps: the red
+    channel of the RGB decode. Alpha videos are gray, so their chroma is neutral and red is a function of luma
+    (checked on every frame; any other chroma takes the full RGB decode): a table per luma level gives it, for
+    only the window a head crop needs (the whole 1100x1604 frame's lookup: 0.66 ms).
+
+    ``tables`` is shared by one video's frames: the table for each (format, colour space, range).
+    """
+
+    def __init__(self, frame: av.VideoFrame, reformatter: VideoReformatter, tables: dict):
+        self.frame, self.reformatter, self.tables, self._full = frame, reformatter, tables, None
+        self.shape = (frame.height, frame.width)
+        self._red_of_luma: np.ndarray | None = None
+        if _planar(frame) and all(cv2.minMaxLoc(_plane(frame, i))[:2] == (128.0, 128.0) for i in (1, 2)):
             key = (frame.format.name, frame.colorspace, frame.color_range)
-            if key not in lut:
-                lut[key] = _neutral_red(VideoReformatter(), frame)
-            return cv2.LUT(_plane(frame, 0), lut[key])  # [H, W]: ~10x numpy's fancy indexing
-    return _frame_array(frame, reformatter, gray=False)[..., 0]
+            if key not in tables:
+                tables[key] = _neutral_red(VideoReformatter(), frame)
+            self._red_of_luma = tables[key]
+
+    def full(self) -> np.ndarray:
+        """uint8 [H, W] of the whole frame (read once)."""
+        if self._full is None:
+            self._full = (
+                _frame_array(self.frame, self.reformatter, gray=False)[..., 0]
+                if self._red_of_luma is None
+                else self.window(0, 0, self.shape[1], self.shape[0])
+            )
+        return self._full
+
+    def window(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """uint8 [y1 - y0, x1 - x0]: the frame's alpha of the window (inside the frame)."""
+        if self._full is not None or self._red_of_luma is None:
+            return self.full()[y0:y1, x0:x1]
+        return cv2.LUT(_plane(self.frame, 0)[y0:y1, x0:x1], self._red_of_luma)  # ~10x numpy's fancy indexing
 
 
 def iter_video(path: str | os.PathLike, gray: bool = False) -> Iterator[np.ndarray]:
@@ -233,9 +256,9 @@ def iter_video_range(
 ) -> Iterator[tuple[int, Any]]:
     """Yield (index, uint8 frame) for ``start <= index < stop``, decoding from the keyframe before ``start``.
 
-    ``pixels``: "rgb" [H, W, 3] (the default), "gray" [H, W] (also ``gray=True``), "alpha" [H, W] (an alpha
-    map's red channel as the official reader takes it, from luma alone: :func:`_alpha_array`) or "lazy" (a
-    :class:`LazyRgb` converting only the windows asked for).
+    ``pixels``: "rgb" [H, W, 3] (the default), "gray" [H, W] (also ``gray=True``), "lazy" (a :class:`LazyRgb`
+    converting only the windows asked for) or "alpha" (a :class:`LazyAlpha`: an alpha map's red channel as the
+    official reader takes it, from luma alone, only in the windows asked for).
 
     Decoding from frame 0 for every window would make a sequence split into N windows cost O(N^2) frames, so
     this seeks; timestamps give each frame's index. When they cannot (no pts or frame rate, or a seek that
@@ -256,7 +279,7 @@ def iter_video_range(
 
 def _converter(pixels: str, reformatter: VideoReformatter) -> Callable[[av.VideoFrame], Any]:
     if pixels == "alpha":
-        return functools.partial(_alpha_array, reformatter=reformatter, lut={})
+        return functools.partial(LazyAlpha, reformatter=reformatter, tables={})
     if pixels == "lazy":
         return functools.partial(LazyRgb, reformatter=reformatter)
     return functools.partial(_frame_array, reformatter=reformatter, gray=pixels == "gray")
