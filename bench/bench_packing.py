@@ -205,6 +205,19 @@ def synthhuman_scaling(tmp: Path, sizes: tuple[int, ...], resolution: int) -> No
     )
 
 
+def print_rounds(walls: dict[int, list[float]], ratios: dict[int, list[float]]) -> None:
+    """Each figure's median over the rounds and every round's value: the machine's speed drifts between runs
+    by more than a few per cent, and one round's pack and floor may fall on different sides of a drift."""
+
+    def figure(values: list[float]) -> str:
+        return f"median {np.median(values):.3f}x (rounds: {', '.join(f'{v:.3f}' for v in values)})"
+
+    print(f"over {len(walls[1])} rounds:")
+    for workers in (1, 2):
+        print(f"  throughput per worker, workers={workers}: {figure(ratios[workers])} the floor")
+    print(f"  2 workers vs 1: {figure([one / two for one, two in zip(walls[1], walls[2], strict=True)])}")
+
+
 def capture_size(text: str) -> tuple[int, int]:
     width, _, height = text.partition("x")
     return int(width), int(height)
@@ -243,15 +256,23 @@ def parse_args() -> argparse.Namespace:
         default=12,
         help="GOP of the re-encoded videos: 12 does not divide 16, so a seek to frame 16 decodes 4 frames more",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="Ray packs with 1 and 2 workers, each followed by its floor; the summary gives each figure's median",
+    )
     parser.add_argument("--repeats", type=int, default=0, help="in-process pack and floor runs (0: none)")
     parser.add_argument("--synthhuman-sizes", type=int, nargs="*", default=[], help="SynthHuman scaling runs")
     parser.add_argument("--synthhuman-resolution", type=int, default=32)
     return parser.parse_args()
 
 
-def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace) -> float:
-    """Pack with `workers` Ray workers, print stages and the 1-thread floor; returns the units' wall time."""
-    out = tmp / f"pack{workers}"
+def pack_on_ray(
+    out: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Pack into ``out`` with `workers` Ray workers, print stages and the 1-thread floor; returns the units' wall
+    time and the throughput per worker (x the floor)."""
     start = time.perf_counter()
     report = pack(
         out,
@@ -284,7 +305,7 @@ def pack_on_ray(tmp: Path, sources: dict[str, Path], workers: int, args: argpars
         f"{encode:.2f} s = {floor:.2f} s = {report.samples / floor:.2f} samples/s"
     )
     print(f"  throughput per worker, workers={workers}: {floor / (wall * workers):.3f}x the floor")
-    return wall
+    return wall, floor / (wall * workers)
 
 
 def main() -> None:
@@ -311,8 +332,17 @@ def main() -> None:
             f"re-encoded with a {args.keyframe_interval}-frame GOP, in {time.perf_counter() - started:.0f} s; "
             f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px"
         )
-        wall = {workers: pack_on_ray(tmp, sources, workers, args) for workers in (1, 2)}
-        print(f"2 workers vs 1: {wall[1] / wall[2]:.2f}x")
+        walls, ratios = defaultdict(list), defaultdict(list)
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_} of {args.rounds}:")
+            for workers in (1, 2):
+                out = tmp / f"pack{workers}"
+                shutil.rmtree(out, ignore_errors=True)  # ~0.5 GB a pack at 1100x1604
+                wall, ratio = pack_on_ray(out, sources, workers, args)
+                walls[workers].append(wall)
+                ratios[workers].append(ratio)
+            print(f"2 workers vs 1: {walls[1][-1] / walls[2][-1]:.2f}x")
+        print_rounds(walls, ratios)
         if args.repeats:
             in_process(tmp, sources, tmp / "pack1", args.resolution, args.samples_per_shard, args.repeats)
         if args.synthhuman_sizes:
