@@ -727,11 +727,8 @@ class PackJob:
         pose: _FramePose | None,
     ) -> _Encoded:
         res = self.settings.resolution
-        if frame.alpha_map is not None:
-            alpha, mask_source = (
-                frame.alpha_map,
-                "alpha",
-            )  # uint8 as mask.png stores it, read in the crop only
+        if frame.alpha_map is not None:  # uint8 as mask.png stores it, looked up in the crop's window only
+            alpha, mask_source = frame.alpha_map, "alpha"
         elif (background := backdrop()) is not None:
             with self.clock("mask"):
                 alpha, mask_source = _InMemory(background_mask(frame.rgb, background)), "background"
