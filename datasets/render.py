@@ -112,14 +112,11 @@ def _normal_image(vertices_cam: Tensor, faces: Tensor, fragments: Fragments, bac
     return normals_to_convention(torch.nn.functional.normalize(normals, dim=-1))
 
 
-@numba.njit(cache=True, nogil=True)
-def _unit3(vector: np.ndarray) -> None:
-    """In place: ``vector / max(|vector|, 1e-12)`` as torch's normalize does."""
-    norm = max(
-        np.sqrt(vector[0] * vector[0] + vector[1] * vector[1] + vector[2] * vector[2]), np.float32(1e-12)
-    )
-    for c in range(3):
-        vector[c] /= norm
+@numba.njit(cache=True, nogil=True, inline="always")
+def _normalized(x, y, z) -> tuple:
+    """(x, y, z) / max(|(x, y, z)|, 1e-12), as torch's normalize does: 3 scalars."""
+    norm = max(np.sqrt(x * x + y * y + z * z), np.float32(1e-12))
+    return x / norm, y / norm, z / norm
 
 
 @numba.njit(cache=True, nogil=True)
@@ -140,7 +137,7 @@ def _vertex_normals_numba(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray
             for k in range(3):
                 normals[v, k] += crosses[f, k]
     for v in range(normals.shape[0]):
-        _unit3(normals[v])
+        normals[v, 0], normals[v, 1], normals[v, 2] = _normalized(normals[v, 0], normals[v, 1], normals[v, 2])
     return normals
 
 
@@ -160,8 +157,8 @@ def _blended_normal(normals, faces, f, b0, b1, b2) -> tuple:
 def _unit_ours(x, y, z) -> tuple:
     """A blended normal renormalised as torch's normalize does, y and z flipped: OpenCV (y down, z forward)
     -> ours."""
-    norm = max(np.sqrt(x * x + y * y + z * z), np.float32(1e-12))
-    return x / norm, -(y / norm), -(z / norm)
+    x, y, z = _normalized(x, y, z)
+    return x, -y, -z
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

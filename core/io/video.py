@@ -179,7 +179,7 @@ class LazyAlpha:
     """
 
     def __init__(self, frame: av.VideoFrame, reformatter: VideoReformatter, tables: dict):
-        self.frame, self.reformatter, self.tables, self._full = frame, reformatter, tables, None
+        self.frame, self.reformatter, self._full = frame, reformatter, None
         self.shape = (frame.height, frame.width)
         self._red_of_luma: np.ndarray | None = None
         if _planar(frame) and all(cv2.minMaxLoc(_plane(frame, i))[:2] == (128.0, 128.0) for i in (1, 2)):
