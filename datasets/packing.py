@@ -35,7 +35,7 @@ from geodiff4d.core.io.video import DecodeCount, LazyAlpha, VideoError, video_fr
 from geodiff4d.core.jobs import CommitLog, JobReport, WorkUnit, run_units
 from geodiff4d.core.runtime import connect
 from geodiff4d.core.settings_match import refuse_differences, settings_differences
-from geodiff4d.datasets.cameras import Camera
+from geodiff4d.datasets.cameras import Camera, intrinsics, look_at_camera
 from geodiff4d.datasets.colour_calibration import correct_colour
 from geodiff4d.datasets.destinations import Destination, DestinationCommitLog, destination
 from geodiff4d.datasets.flame import FlameModel, FlameParams
@@ -588,8 +588,35 @@ class StageClock:
 _END: Any = object()
 
 
+def _load_kernels(model: FlameModel) -> None:
+    """Call the compiled kernels a sample runs once each, on tiny inputs of the types and array layouts that
+    packing passes them: numba loads a kernel (from its cache, or compiles it) at its first call, ~0.5 s in all,
+    which is the actor's start-up and not the first shard's work."""
+    camera = look_at_camera(
+        np.array([0.0, 0.0, 1.0]), np.zeros(3), np.array([0.0, 1.0, 0.0]), intrinsics(8, 8, 8), 8, 8
+    )
+    with torch.no_grad():
+        vertices = model(FlameParams.zeros(1, model.n_shape, model.n_expr)).vertices[0]
+    camera.projected_bounds(vertices.numpy())  # the head box
+    render_normal_codes(vertices, model.faces, camera)  # normal and pose maps
+    frame = np.zeros((9, 12, 3), np.uint8)
+    # 9 px to 8 px takes the area kernels: a window's view into a frame, a whole frame, a mask, SynthHuman's alpha
+    for image in (
+        frame[:, :9],
+        frame[:, :9].copy(),
+        frame[:, :9, 0].copy(),
+        frame[:, :9, 0].astype(np.float32),
+    ):
+        crop(image, (0, 0, 9), 8)
+    normal = np.zeros((9, 9, 3), np.float32)
+    normal[..., 2] = 1.0
+    # ground-truth normal maps (procedural captures, SynthHuman): read, cropped, coded
+    decode_normal_png(encode_png(normal_codes(*crop_normals(normal, np.ones((9, 9), bool), (0, 0, 9), 8))))
+
+
 class PackJob:
-    """Ray job: one unit = one shard. ``setup`` loads the FLAME model and the normal estimator once per actor.
+    """Ray job: one unit = one shard. ``setup`` loads the FLAME model, the normal estimator and the compiled
+    kernels once per actor.
 
     ``decode_threads`` only changes speed (decoding is bit-exact with any thread count), so it is not a setting.
     """
@@ -609,6 +636,7 @@ class PackJob:
         self.datasets: dict[str, NersembleDataset] = {}
         self.decoded = DecodeCount()  # over the actor's life; a unit's stats take the difference
         self.cursors = VideoCursors(self.decoded, self.decode_threads)
+        _load_kernels(self.model)
 
     def _dataset(self, root: str) -> NersembleDataset:
         if root not in self.datasets:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,6 +143,51 @@ def test_pack_counts_verify_determinism_and_idle_rerun(data, tmp_path):
     assert (
         meta["mask_source"] == "alpha" and meta["flame"] is not None and meta["camera_params"]["width"] == RES
     )
+
+
+_KERNELS_LOADED_BY_A_SHARD = """
+import sys
+from pathlib import Path
+
+import numba
+
+from geodiff4d.core.jobs import WorkUnit
+from geodiff4d.datasets.packing import PackJob, PackSettings, list_inputs, plan_shards, sample_bytes_bound
+
+
+def loaded():
+    return {
+        (module.__name__, name, signature)
+        for module in list(sys.modules.values())
+        if getattr(module, "__name__", "").startswith("geodiff4d")
+        for name, kernel in vars(module).items()
+        if isinstance(kernel, numba.core.registry.CPUDispatcher)
+        for signature in kernel.signatures
+    }
+
+
+out, root, resolution = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+job = PackJob(out, PackSettings(resolution=resolution))
+job.setup()
+before = loaded()
+plan = plan_shards(list_inputs([("nersemble", root)]), 6, 10**9, sample_bytes_bound(resolution))[0]
+job.run(WorkUnit(plan.name, {"plan": plan}))
+print(len(before), sorted(str(kernel[:2]) for kernel in loaded() - before))
+"""
+
+
+def test_an_actors_first_shard_loads_no_compiled_kernel(data, tmp_path):
+    """setup loads every numba kernel a shard runs (numba loads one at its first call, ~0.5 s in all), so an
+    actor's first shard, where the benchmark's window starts, holds no kernel loading. A fresh process: this
+    one's kernels may be loaded by other tests."""
+    (tmp_path / "out").mkdir()
+    args = [tmp_path / "out", data / "nersemble", RES]
+    result = subprocess.run(
+        [sys.executable, "-c", _KERNELS_LOADED_BY_A_SHARD, *map(str, args)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    loaded_by_setup, loaded_by_the_shard = result.stdout.split(" ", 1)
+    assert int(loaded_by_setup) >= 3 and loaded_by_the_shard.strip() == "[]", result.stdout
 
 
 class _KillOnce(PackJob):
