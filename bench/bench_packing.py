@@ -12,7 +12,9 @@ one thread, with the same libraries: decoding the packed video frames (PyAV/FFmp
 each once from frame 0 to its last packed frame, to the decoder's YUV frames: no colour conversion, which
 packing does only inside the crop), reading the packed SynthHuman samples, and PNG-encoding the packed members
 with the packer's encoders (``core.io.images.encode_png``, OpenCV). Throughput per worker is floor seconds /
-(pack seconds x workers) (1.0 = packing costs nothing beyond decode + encode; each pack worker has one CPU);
+(pack seconds x workers) (1.0 = packing costs nothing beyond decode + encode; each pack worker has one CPU), with
+the mean of the floors measured right before and right after the pack (the first pack: after it), so a drift of
+the machine's speed during a pack moves both sides of the ratio alike;
 pack seconds run from the first unit's start to the last unit's end (from the shard stats), so Ray and actor
 start are excluded. Per stage: decode (video frames), colour (YUV -> RGB of the crop window, colour
 correction), crop, flame (posing), normal and posemap (rendering), encode (PNG + json), write (tar).
@@ -269,10 +271,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def pack_on_ray(
-    out: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace
-) -> tuple[float, float]:
-    """Pack into ``out`` with `workers` Ray workers, print stages and the 1-thread floor; returns the units' wall
-    time and the throughput per worker (x the floor)."""
+    out: Path, sources: dict[str, Path], workers: int, args: argparse.Namespace, floor_before: float | None
+) -> tuple[float, float, float]:
+    """Pack into ``out`` with `workers` Ray workers, print stages and the 1-thread floor measured next; returns
+    the units' wall time, that floor, and the throughput per worker against the mean of ``floor_before`` (the
+    floor measured right before this pack, None for the first) and that floor."""
     start = time.perf_counter()
     report = pack(
         out,
@@ -297,15 +300,22 @@ def pack_on_ray(
         f"packed ({decoded / packed:.3f}x)"
     )
     print_stages(stats, report.samples, wall, workers)
-    # right after each pack, so a change in the machine's load biases the ratio least
     decode, encode = floor_seconds(out, sources)
     floor = decode + encode
     print(
         f"  floor (no Ray, 1 thread, measured next; see the definition above): decode {decode:.2f} s + PNG encode "
         f"{encode:.2f} s = {floor:.2f} s = {report.samples / floor:.2f} samples/s"
     )
-    print(f"  throughput per worker, workers={workers}: {floor / (wall * workers):.3f}x the floor")
-    return wall, floor / (wall * workers)
+    bracket = floor if floor_before is None else (floor_before + floor) / 2
+    which = (
+        "the floor after it"
+        if floor_before is None
+        else f"the floors before and after it: {bracket:.2f} s; the floor after it alone: {floor / (wall * workers):.3f}x"
+    )
+    print(
+        f"  throughput per worker, workers={workers}: {bracket / (wall * workers):.3f}x the floor ({which})"
+    )
+    return wall, floor, bracket / (wall * workers)
 
 
 def main() -> None:
@@ -333,12 +343,13 @@ def main() -> None:
             f"{args.samples_per_shard} samples per shard, packed at {args.resolution} px"
         )
         walls, ratios = defaultdict(list), defaultdict(list)
+        floor = None  # the last floor measured: the next pack's floor before it
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_} of {args.rounds}:")
             for workers in (1, 2):
                 out = tmp / f"pack{workers}"
                 shutil.rmtree(out, ignore_errors=True)  # ~0.5 GB a pack at 1100x1604
-                wall, ratio = pack_on_ray(out, sources, workers, args)
+                wall, floor, ratio = pack_on_ray(out, sources, workers, args, floor)
                 walls[workers].append(wall)
                 ratios[workers].append(ratio)
             print(f"2 workers vs 1: {walls[1][-1] / walls[2][-1]:.2f}x")
