@@ -4,3 +4,7 @@ The repository's top-level folders are installed as ``geodiff4d.<name>`` (see py
 """
 
 __version__ = "0.1.0"
+
+from geodiff4d.core.kernel_cache import use_source_keyed_cache  # noqa: E402
+
+use_source_keyed_cache()  # before any module that compiles kernels is imported
