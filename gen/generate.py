@@ -375,12 +375,14 @@ def generate(
     max_retries: int = 2,
     output_format: str | None = None,
     cache_mb: float | None = None,
+    cpus_per_worker: float | None = None,
 ) -> JobReport:
     """Sample every subject of the spec into the frame folder `out` on `workers` Ray actors; resumable. The
     driver holds the plan only; actors prepare subjects as they reach them. `gpus_per_worker` None: one GPU per
     actor when the cluster has GPUs, else the CPU. `output_format` (png or tar) overrides the spec's `format`;
     `cache_mb` bounds each actor's prepared subjects (default DEFAULT_ACTOR_CACHE_MB). Units of inputs that turn
-    out unusable in an actor fail like others (`input_failures` makes them one message)."""
+    out unusable in an actor fail like others (`input_failures` makes them one message). `cpus_per_worker`
+    None: the cluster's CPUs divided by the workers (:func:`geodiff4d.core.jobs.worker_cpus`)."""
     spec, subjects = plan(spec_path, out, output_format)
     units = [u for s in subjects for u in plan_units(s, spec.frames_per_unit, spec.cameras_per_unit)]
     connect(address)
@@ -398,6 +400,7 @@ def generate(
         CommitLog(Path(out) / STATE / "commits"),
         workers=workers,
         gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
         max_retries=max_retries,
         desc="generate",
         progress=progress,

@@ -304,3 +304,14 @@ def test_reference_copy_of_novel_views_copies_the_nvs_input_camera(tmp_path):
     assert copied and np.array_equal(read_rgb8(copied[0]), read_rgb8(sorted(source.glob("*.png"))[0]))
     mono = sorted((bench.layout.pred("self", "copy") / "rgb" / subject.id).rglob("*.png"))[0]
     assert np.array_equal(read_rgb8(mono), read_rgb8(bench.layout.identity / f"{subject.id}.png"))
+
+
+def test_per_subject_stages_share_the_cluster_with_the_stages_beside_them(tmp_path, local_ray):
+    """An avatar fit or VGM sampling asked for a whole node (2 CPUs here), so the graph's second stage waited for
+    the first instead of running beside it."""
+    from geodiff4d.cluster.benchmark import Benchmark
+
+    bench = Benchmark(load_benchmark_config("benchmark-demo"), tmp_path)
+    assert bench.stage_cpus(1) == 2  # alone (parallel 1): the whole node
+    bench.parallel = 2
+    assert bench.stage_cpus(1) == 1 and bench.stage_cpus(2) == 1 and bench.stage_cpus(1, None) == 1
