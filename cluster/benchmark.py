@@ -109,11 +109,9 @@ class Benchmark:
 
     def stage_cpus(self, workers: int, gpus_per_worker: float | None = 0) -> float:
         """CPUs per worker of a per-subject stage's job: its share of the nodes beside the other stages the graph
-        runs at once. Asking for a whole node made such stages wait for each other: two avatar fits at 1 CPU
-        each side by side took 52 s, at 2 CPUs each one after the other 77 s, on 2 cores (a fit composites on one
-        thread)."""
-        gpus = default_gpus_per_worker(gpus_per_worker) if gpus_per_worker is None else gpus_per_worker
-        return worker_cpus(self.parallel * workers, None, gpus)
+        runs at once. Asking for a whole node made such stages wait for each other instead of running side by
+        side (an avatar fit composites on one thread, so it gains little from a second CPU)."""
+        return worker_cpus(self.parallel * workers, None, default_gpus_per_worker(gpus_per_worker))
 
     # -- inputs -----------------------------------------------------------------------------------------
     @property
