@@ -2,7 +2,8 @@
 
 Files are compared by sha256, following symlinks (the benchmark's gt/ folders are links); a differing
 ``.safetensors`` file is compared tensor by tensor and metadata key by key, so a changed header says what
-changed. Timing records (``*.stats.json``) and TensorBoard event files are listed apart: they differ on every
+changed; a differing image (``.png``) by its PSNR, so a change that moves pixels by rounding (float order, a
+sampler's step count) reads apart from one that changes the picture. Timing records (``*.stats.json``) and TensorBoard event files are listed apart: they differ on every
 run. Folders named by a config digest (``avatars/KEY``) can be paired with ``--pair A_SUB B_SUB``.
 
     python bench/compare_runs.py RUN_A RUN_B [--pair avatars/KEY_A avatars/KEY_B ...]
@@ -15,8 +16,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
+
+from geodiff4d.core.io.images import read_image
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -41,6 +45,26 @@ def safetensors_difference(a: Path, b: Path) -> str:
     return f"tensors {'identical' if tensors_equal else 'DIFFER'}; metadata keys differing: {keys or 'none'}"
 
 
+def image_psnr(a: Path, b: Path) -> float:
+    """PSNR in dB of two images of one shape, peak the dtype's maximum (255, or 65535 for 16-bit normal maps);
+    inf when equal, nan when the shapes or dtypes differ."""
+    x, y = read_image(a), read_image(b)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return float("nan")
+    mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(np.iinfo(x.dtype).max ** 2 / mse)
+
+
+def _difference(a: Path, b: Path) -> tuple[str, float | None]:
+    """A differing file's detail and, for an image, its PSNR."""
+    if a.suffix == ".safetensors":
+        return safetensors_difference(a, b), None
+    if a.suffix == ".png":
+        psnr = image_psnr(a, b)
+        return f"PSNR {psnr:.1f} dB", psnr
+    return "bytes differ", None
+
+
 def is_run_record(path: str) -> bool:
     return path.endswith(".stats.json") or "events.out.tfevents" in path
 
@@ -57,13 +81,18 @@ def compare(a: Path, b: Path, label: str, skip: tuple[str, ...] = ()) -> None:
         f"{len(set(ha) - set(hb))} only in A, {len(set(hb) - set(ha))} only in B; "
         f"{len(records)} of those are timing/TensorBoard records"
     )
+    psnrs = []
     for path in differing:
         if is_run_record(path):
             continue
-        detail = (
-            safetensors_difference(a / path, b / path) if path.endswith(".safetensors") else "bytes differ"
-        )
+        detail, psnr = _difference(a / path, b / path)
+        if psnr is not None:
+            psnrs.append(psnr)
         print(f"  differ: {path} ({detail})")
+    if psnrs:
+        print(
+            f"  {len(psnrs)} differing images: PSNR median {np.median(psnrs):.1f} dB, lowest {min(psnrs):.1f} dB"
+        )
     for side, only in (("A", set(ha) - set(hb)), ("B", set(hb) - set(ha))):
         for path in sorted(p for p in only if not is_run_record(p)):
             print(f"  only in {side}: {path}")
