@@ -368,12 +368,24 @@ class Benchmark:
             return Path(variant.generation.run)
         return self.layout.models / self.model_key(method) / "stage2"
 
+    def sampled_model(self, method: MethodConfig) -> dict[str, Any]:
+        """The model ``method`` samples, as the folders of its samples are keyed: its run folder, whose path holds
+        the training config of a run trained here; a run made elsewhere (``generation.run``) can change in place
+        under the same path, so its weights and sample settings count too (a rerun after they changed samples
+        again instead of keeping the old frames)."""
+        from geodiff4d.gen.generate import sampling_identity
+
+        run = self.model_run(method)
+        if method_config(self.config, method).generation.run is None:
+            return {"model": str(run)}
+        return {"model": str(run), "sampling": sampling_identity(run)}
+
     def generation_key(self, method: MethodConfig, split: str = "mono") -> str:
         variant = method_config(self.config, method)
         generation = variant.generation.model_dump(
             mode="json", exclude={"train_subjects", *RESOURCE_FIELDS}
         )  # in the model's key, or resources
-        return digest({"model": str(self.model_run(method)), "generation": generation, **_split_key(split)})
+        return digest({**self.sampled_model(method), "generation": generation, **_split_key(split)})
 
     def generate(
         self, method: MethodConfig, subjects: list[Subject], split: str = "mono"
@@ -453,7 +465,7 @@ class Benchmark:
         variant = method_config(self.config, method)
         return (
             self.layout.generated
-            / f"vgm-{digest({'model': str(self.model_run(method)), 'seed': variant.generation.seed})}"
+            / f"vgm-{digest({**self.sampled_model(method), 'seed': variant.generation.seed})}"
         )
 
     def vgm_protocols(self) -> list[str]:

@@ -263,20 +263,32 @@ def _fingerprint(path: Path) -> list[int]:
     return [found.st_size, found.st_mtime_ns]
 
 
-def _input_keys(spec: GenerateSpec, checkpoint: Path) -> list[str]:
-    """Per subject, what its outputs depend on: its spec entry and the files it names, the weights, the run's
-    sample settings (scheduler, steps, guidance, context, bf16 weights, ...; not compile and channels_last, which
-    give the same frames), the head model, seed, unit plan and output format."""
+def sampling_identity(run: Path) -> dict[str, Any]:
+    """What a trained run's samples depend on besides their inputs: the checkpoint sampled (its path, and its
+    weights' size and modification time, so weights rewritten in place count) and the run's sample settings
+    (scheduler, steps, guidance, context, bf16 weights, ...; not compile and channels_last, which give the same
+    frames). Raises FileNotFoundError or ValueError for a folder that is no trained run."""
+    from geodiff4d.gen.checkpoint import resolve_init
     from geodiff4d.gen.model_run import run_config
 
+    sample = run_config(run).sample.model_dump(mode="json", exclude={"compile", "channels_last"})
+    checkpoint = resolve_init(run)
+    return {
+        "weights": _fingerprint(checkpoint / WEIGHTS),
+        "sample": sample,
+        "checkpoint": str(checkpoint.resolve()),
+    }
+
+
+def _input_keys(spec: GenerateSpec, sampling: dict[str, Any]) -> list[str]:
+    """Per subject, what its outputs depend on: its spec entry and the files it names, the run's ``sampling``
+    identity (:func:`sampling_identity`), the head model, seed, unit plan and output format."""
     files: dict[str, dict[str, list[int]]] = {}
     for field, path in input_files(spec):
         if field.startswith("subjects["):
             files.setdefault(field.split(".", 1)[0], {})[field] = _fingerprint(path)
     shared = {
-        "weights": _fingerprint(checkpoint / WEIGHTS),
-        "sample": run_config(spec.run).sample.model_dump(mode="json", exclude={"compile", "channels_last"}),
-        "checkpoint": str(checkpoint.resolve()),
+        **sampling,
         **spec.model_dump(mode="json", include={"head_model", "seed", "frames_per_unit", "cameras_per_unit"}),
         "format": spec.format,
     }
@@ -328,21 +340,17 @@ def plan(
 ) -> tuple[GenerateSpec, list[SubjectPlan]]:
     """The driver's part: validate the spec, list each subject's cameras and frames (nothing decoded), and drop
     the outputs of subjects whose inputs changed. Raises ConfigError naming the spec, field and file."""
-    from geodiff4d.gen.checkpoint import resolve_init
-    from geodiff4d.gen.model_run import run_config
-
     spec_path, spec = Path(spec_path), load_spec(spec_path)
     if output_format is not None:
         spec = spec.model_copy(update={"format": output_format})
     try:
-        run_config(spec.run)
-        checkpoint = resolve_init(spec.run)
+        sampling = sampling_identity(spec.run)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"{spec_path}: {exc}") from exc
     _check_head_model(spec_path, spec.head_model)
     subjects = [
         SubjectPlan(i, s.name, s.sequence, tuple(camera_serials(spec_path, i, s)), s.frames, key)
-        for i, (s, key) in enumerate(zip(spec.subjects, _input_keys(spec, checkpoint), strict=True))
+        for i, (s, key) in enumerate(zip(spec.subjects, _input_keys(spec, sampling), strict=True))
     ]
     _discard_stale(Path(out), subjects)
     return spec, subjects

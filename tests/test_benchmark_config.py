@@ -177,6 +177,44 @@ def test_demo_samples_from_the_shipped_checkpoint(tmp_path, monkeypatch):
     assert run_config(run).model == load_config("demo").model, "the checkpoint is configs/demo.yaml's model"
 
 
+def test_a_given_run_changed_in_place_is_sampled_again(tmp_path):
+    """generation.run names a folder whose weights or sample settings can change under the same path: the
+    generated frames' folders (and so the stage names and avatars) are keyed by them too, so a rerun samples
+    again instead of keeping the frames of the old weights or settings."""
+    import os
+
+    from geodiff4d.cluster.benchmark import Benchmark
+    from geodiff4d.core.io.json_yaml import read_yaml, write_yaml
+    from geodiff4d.gen.checkpoint import WEIGHTS, resolve_init
+
+    demo = load_benchmark_config("benchmark-demo")
+    run = tmp_path / "demo-32px"
+    shutil.copytree(demo.generation.run, run)
+    config = demo.model_copy(update={"generation": demo.generation.model_copy(update={"run": run})})
+    methods = {m.kind: m for m in config.methods}
+
+    def keys() -> tuple[str, str]:
+        bench = Benchmark(config, tmp_path / "out")
+        return bench.generation_key(methods["geodiff4d"]), bench.vgm_folder(methods["vgm"]).name
+
+    first = keys()
+    assert keys() == first
+    settings = read_yaml(run / "config.yaml")
+    settings["sample"]["steps"] += 1
+    write_yaml(run / "config.yaml", settings)
+    resampled = keys()
+    assert resampled[0] != first[0] and resampled[1] != first[1]
+    weights = resolve_init(run) / WEIGHTS
+    os.utime(
+        weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9)
+    )  # rewritten in place
+    retrained = keys()
+    assert retrained[0] != resampled[0] and retrained[1] != resampled[1]
+    settings["sample"]["compile"] = True  # the same frames, faster: the same folders
+    write_yaml(run / "config.yaml", settings)
+    assert keys() == retrained
+
+
 def test_a_generation_run_that_is_no_run_is_named(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, "generation": {"run": "not-a-run"}})

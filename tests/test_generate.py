@@ -410,13 +410,12 @@ def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
     from geodiff4d.core.io.json_yaml import write_yaml
     from geodiff4d.gen.checkpoint import WEIGHTS
     from geodiff4d.gen.config import load_config
-    from geodiff4d.gen.generate import _input_keys
+    from geodiff4d.gen.generate import _input_keys, sampling_identity
     from geodiff4d.gen.generate_spec import GenerateSpec
 
     config = load_config("demo").model_dump(mode="json")
     write_yaml(tmp_path / "config.yaml", config)
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / WEIGHTS).write_bytes(b"w")
+    (tmp_path / WEIGHTS).write_bytes(b"w")  # a save_pretrained folder: the run is its own checkpoint
     for name in ("face.png", "driving.npz"):
         (tmp_path / name).write_bytes(b"one")
     entry = {
@@ -427,22 +426,26 @@ def test_an_input_file_rewritten_in_place_is_a_changed_input(tmp_path):
         "frames": 2,
     }
     spec = GenerateSpec.model_validate({"run": str(tmp_path), "subjects": [entry]})
-    [key] = _input_keys(spec, tmp_path / "weights")
-    assert _input_keys(spec, tmp_path / "weights") == [key]
+
+    def keys(spec: GenerateSpec) -> list[str]:
+        return _input_keys(spec, sampling_identity(tmp_path))
+
+    [key] = keys(spec)
+    assert keys(spec) == [key]
     (tmp_path / "driving.npz").write_bytes(b"other motion")  # same path, another file
-    assert _input_keys(spec, tmp_path / "weights") != [key]
-    [key] = _input_keys(spec, tmp_path / "weights")
-    (tmp_path / "weights" / WEIGHTS).write_bytes(b"retrained")
-    assert _input_keys(spec, tmp_path / "weights") != [key]
-    [key] = _input_keys(spec, tmp_path / "weights")
+    assert keys(spec) != [key]
+    [key] = keys(spec)
+    (tmp_path / WEIGHTS).write_bytes(b"retrained")
+    assert keys(spec) != [key]
+    [key] = keys(spec)
     tar = GenerateSpec.model_validate({"run": str(tmp_path), "format": "tar", "subjects": [entry]})
-    assert _input_keys(tar, tmp_path / "weights") != [key]  # another output format: its outputs are redone
+    assert keys(tar) != [key]  # another output format: its outputs are redone
     config["sample"]["compile"] = True  # the same frames, faster: nothing to redo
     write_yaml(tmp_path / "config.yaml", config)
-    assert _input_keys(spec, tmp_path / "weights") == [key]
+    assert keys(spec) == [key]
     config["sample"]["steps"] += 1  # the run's sample settings changed: its frames are redone
     write_yaml(tmp_path / "config.yaml", config)
-    assert _input_keys(spec, tmp_path / "weights") != [key]
+    assert keys(spec) != [key]
 
 
 def test_an_actor_s_prepared_subjects_are_evicted_by_size():
