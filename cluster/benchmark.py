@@ -45,6 +45,7 @@ from geodiff4d.cluster.benchmark_config import (
 from geodiff4d.core.config import validate
 from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_write_bytes
+from geodiff4d.core.io.file_digest import files_digest, files_under
 from geodiff4d.core.io.images import read_rgb8
 from geodiff4d.core.io.json_yaml import read_yaml, write_json, write_yaml
 from geodiff4d.core.jobs import CommitLog, JobReport, default_gpus_per_worker, worker_cpus
@@ -316,23 +317,44 @@ class Benchmark:
         """Pack ``self.shards(method, role)``: everything (no ``generation.train_subjects``), else the training
         subjects with SynthHuman (role "train") or every subject but them ("inputs"), through a folder of links to
         those subjects."""
-        from geodiff4d.datasets.nersemble import NersembleDataset
         from geodiff4d.datasets.packing import pack
 
         out, resolution = self.shards(method, role), self.model_resolution(method)
-        training, root = method_config(self.config, method).generation.train_subjects, self.data_root
-        if training is not None:
-            keep = [s for s in NersembleDataset(root).subjects() if (s in training) == (role == "train")]
+        subjects, synthhuman = self.packed_inputs(method, role)
+        root = self.data_root
+        if method_config(self.config, method).generation.train_subjects is not None:
             root = self.layout.subsets / out.name / "nersemble"
-            for subject in keep:
+            for subject in subjects:
                 _link(self.data_root / subject, root / subject)
-        sources = [("nersemble", root)]
-        if (training is None or role == "train") and (self.layout.data / "synthhuman").is_dir():
-            sources.append(("synthhuman", self.layout.data / "synthhuman"))
+        sources = [("nersemble", root)] + ([("synthhuman", synthhuman)] if synthhuman is not None else [])
         report = pack(out, sources, resolution=resolution, workers=2, address=self.address)
         if not report.ok:
             raise RuntimeError(f"pack failed:\n{report.summary()}")
         return {"resolution": resolution}
+
+    def packed_inputs(self, method: MethodConfig, role: str) -> tuple[list[str], Path | None]:
+        """What ``pack(method, role)`` reads: the NeRSemble subjects (all without ``generation.train_subjects``,
+        else the training ones for role "train" and the others for "inputs") and the SynthHuman folder, if any."""
+        from geodiff4d.datasets.nersemble import NersembleDataset
+
+        training = method_config(self.config, method).generation.train_subjects
+        subjects = NersembleDataset(self.data_root).subjects()
+        if training is not None:
+            subjects = [s for s in subjects if (s in training) == (role == "train")]
+        synthhuman = self.layout.data / "synthhuman"
+        use_synthhuman = (training is None or role == "train") and synthhuman.is_dir()
+        return subjects, synthhuman if use_synthhuman else None
+
+    def packed_files_digest(self, method: MethodConfig, role: str) -> str:
+        """Digest of the files a pack reads (core.io.file_digest): a re-download, a new tracking or calibration
+        file under the same root makes the pack stage run again into a fresh folder."""
+        subjects, synthhuman = self.packed_inputs(method, role)
+        folders = [self.data_root / s for s in subjects] + ([synthhuman] if synthhuman is not None else [])
+        return files_digest(path for folder in folders for path in files_under(folder))
+
+    def subject_files_digest(self, subject: Subject) -> str:
+        """Digest of the subject's capture files (calibration, every sequence) that its frame export reads."""
+        return files_digest(files_under(self.data_root / subject.id))
 
     def train_model(self, method: MethodConfig) -> dict:
         from geodiff4d.gen.checkpoint import latest_checkpoint
@@ -761,6 +783,13 @@ class Benchmark:
                 for path in (unit, root / "frames" / f"{name}.parquet", root / "videos" / f"{name}.parquet"):
                     path.unlink(missing_ok=True)
 
+    def clean_subject_frames(self, subject: Subject) -> None:
+        """A subject's exported frames and reference image, before a re-export from changed captures (a camera or
+        frame gone from them must not stay behind)."""
+        for part in ("rgb", "mask", "normal", "cameras", "tracking"):
+            shutil.rmtree(self.layout.frames / part / subject.id, ignore_errors=True)
+        (self.layout.identity / f"{subject.id}.png").unlink(missing_ok=True)
+
     def clean_generated(self, method: MethodConfig, subject: Subject, split: str = "mono") -> None:
         from geodiff4d.datasets.frame_tars import TARS
         from geodiff4d.gen.generate import STATE
@@ -825,7 +854,11 @@ class Benchmark:
         layout = self.layout
         frames = {
             s.id: graph.add(
-                f"frames:{s.id}", lambda s=s: self.export_subject(s), outputs=[layout.frames / "rgb" / s.id]
+                f"frames:{s.id}",
+                lambda s=s: self.export_subject(s),
+                outputs=[layout.frames / "rgb" / s.id],
+                clean=lambda s=s: self.clean_subject_frames(s),
+                inputs=lambda s=s: self.subject_files_digest(s),
             )
             for s in subjects
         }
@@ -856,7 +889,14 @@ class Benchmark:
                 folder = self.shards(method, role)
                 packs.append(f"pack:{folder.name}")
                 if packs[-1] not in graph.stages:
-                    graph.add(packs[-1], lambda m=method, r=role: self.pack(m, r), outputs=[folder])
+                    # changed inputs: packed again into a fresh folder (a pack refuses to resume over them)
+                    graph.add(
+                        packs[-1],
+                        lambda m=method, r=role: self.pack(m, r),
+                        outputs=[folder],
+                        clean=lambda f=folder: shutil.rmtree(f, ignore_errors=True),
+                        inputs=lambda m=method, r=role: self.packed_files_digest(m, r),
+                    )
             if given:
                 trained[method.name] = packs
                 continue

@@ -5,7 +5,9 @@ graph keeps a cluster busy (subject B's reconstruction does not wait for subject
 commit marker makes a rerun skip it, so a killed run resumes where it stopped. A committed stage whose outputs
 are gone (deleted by hand to recompute them) runs again, and so does everything downstream of a stage that runs:
 deleting one variant's folders recomputes that variant and what reads it, nothing else. The heavy work inside a stage
-runs on Ray (actors, Ray Train); the graph itself only orders and commits, from driver threads.
+runs on Ray (actors, Ray Train); the graph itself only orders and commits, from driver threads. A stage that
+reads files from outside the run (a capture root) keeps their digest in its marker and runs again, with everything
+downstream, when they changed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 from geodiff4d.core.jobs import CommitLog
 
+INPUTS_KEY = "inputs_sha256"  # a marker's digest of the stage's input files
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -30,6 +34,9 @@ class Stage:
     waits_for: tuple[str, ...] = ()  # only ordering: starts after these finished; never reruns with them
     outputs: tuple[Path, ...] = ()  # what it writes: a committed stage with one of them missing runs again
     clean: Callable[[], None] | None = None  # drops its stale outputs before a committed stage runs again
+    # digest of the files it reads from outside the run (core.io.file_digest), kept in its marker: a committed
+    # stage whose inputs changed since it ran runs again
+    inputs: Callable[[], str] | None = None
 
 
 @dataclass
@@ -72,6 +79,7 @@ class StageGraph:
         outputs: tuple[Path, ...] | list[Path] = (),
         clean: Callable[[], None] | None = None,
         waits_for: tuple[str, ...] | list[str] = (),
+        inputs: Callable[[], str] | None = None,
     ) -> str:
         if name in self.stages:
             raise ValueError(f"stage {name!r} added twice")
@@ -79,13 +87,14 @@ class StageGraph:
         if missing:
             raise ValueError(f"stage {name!r} needs stages not added before it: {missing}")
         self.stages[name] = Stage(
-            name, run, tuple(needs), tuple(after), tuple(waits_for), tuple(outputs), clean
+            name, run, tuple(needs), tuple(after), tuple(waits_for), tuple(outputs), clean, inputs
         )
         return name
 
     def stale(self) -> dict[str, str]:
-        """Committed stages that must run again -> why: an output is missing, or a stage they read runs again
-        (stages are added in dependency order, so one pass sees every cause first)."""
+        """Committed stages that must run again -> why: an output is missing, the files they read from outside
+        the run changed, or a stage they read runs again (stages are added in dependency order, so one pass sees
+        every cause first)."""
         reruns: dict[str, str] = {}
         for stage in self.stages.values():
             if not self.commits.is_committed(stage.name):
@@ -97,6 +106,10 @@ class StageGraph:
             )
             if missing is not None:
                 reruns[stage.name] = f"output {missing} is missing"
+            elif stage.inputs is not None and stage.inputs() != self.commits.stats(stage.name).get(
+                INPUTS_KEY
+            ):
+                reruns[stage.name] = "the files it read changed since it ran"
             elif upstream is not None:
                 reruns[stage.name] = f"{upstream} runs again"
         return reruns
@@ -161,9 +174,14 @@ class StageGraph:
 
     @staticmethod
     def _timed(stage: Stage) -> dict[str, Any]:
+        """Run the stage -> its stats, with its seconds and the digest of its inputs as they were before it ran
+        (a file changed while it ran then counts as changed on the next run)."""
+        inputs = stage.inputs() if stage.inputs is not None else None
         start = time.perf_counter()
         stats = dict(stage.run() or {})
         stats["seconds"] = round(time.perf_counter() - start, 1)
+        if inputs is not None:
+            stats[INPUTS_KEY] = inputs
         return stats
 
 

@@ -29,6 +29,7 @@ from pydantic import field_validator
 
 from geodiff4d.core.config import StrictConfig, validate
 from geodiff4d.core.errors import UserError
+from geodiff4d.core.io.file_digest import files_digest, files_under
 from geodiff4d.core.io.images import encode_png, from_float, read_rgb8
 from geodiff4d.core.io.json_yaml import json_bytes, parse_json
 from geodiff4d.core.io.video import DecodeCount, LazyAlpha, VideoError, video_frame_count
@@ -923,10 +924,6 @@ def listing_digest(blocks: Sequence[SampleBlock]) -> str:
     return digest.hexdigest()
 
 
-def _files_under(folder: Path) -> list[Path]:
-    return [Path(dirpath, name) for dirpath, _, names in os.walk(folder, followlinks=True) for name in names]
-
-
 def shard_input_files(plan: ShardPlan) -> list[Path]:
     """Every file a shard is made from, under its resolved root: for NeRSemble the subject's calibration (camera
     parameters, colour correction), the sequence folder (videos, alpha maps, both tracking files, ground truth)
@@ -941,7 +938,7 @@ def shard_input_files(plan: ShardPlan) -> list[Path]:
                 sequences / block.sequence,
                 sequences / BACKGROUND_SEQUENCE,
             )
-            files |= {path for folder in folders for path in _files_under(folder)}
+            files |= {path for folder in folders for path in files_under(folder)}
         else:
             files |= {member_path(root, int(block.subject), member) for member in SYNTHHUMAN_MEMBERS}
     return sorted(files)
@@ -951,12 +948,7 @@ def shard_inputs_digest(plan: ShardPlan) -> str:
     """sha256 over a shard's input files by absolute path, size and mtime (-1 when absent), kept in its commit
     marker: keys alone miss a re-download, a v1 -> v2 tracking switch, a new colour calibration or another root
     with the same keys, and resuming over them would mix old and new samples under one manifest."""
-    digest = hashlib.sha256()
-    for path in shard_input_files(plan):
-        info = path.stat() if path.exists() else None
-        size, mtime = (info.st_size, info.st_mtime_ns) if info else (-1, -1)
-        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
-    return digest.hexdigest()
+    return files_digest(shard_input_files(plan))
 
 
 def check_committed_inputs(plans: Sequence[ShardPlan], commits: CommitLog) -> None:

@@ -215,6 +215,36 @@ def test_a_given_run_changed_in_place_is_sampled_again(tmp_path):
     assert keys() == retrained
 
 
+def test_frame_export_and_packs_rerun_when_a_subject_s_capture_files_change(tmp_path):
+    """A real capture root can change under the same path (a re-download, v2 tracking, a new colour
+    calibration): the frame export and the packs that read a subject's files record their digest, so a rerun
+    redoes them and everything downstream instead of scoring the old frames."""
+    import os
+
+    from geodiff4d.cluster.benchmark import Benchmark, Subject
+
+    root = tmp_path / "nersemble"
+    for subject in ("017", "018"):
+        (root / subject / "sequences" / "EMO-1").mkdir(parents=True)
+        (root / subject / "sequences" / "EMO-1" / "cam_222200037.mp4").write_bytes(b"video")
+    demo = load_benchmark_config("benchmark-demo")
+    config = demo.model_copy(
+        update={"data": demo.data.model_copy(update={"nersemble": root, "procedural": None})}
+    )
+    graph = Benchmark(config, tmp_path / "run").graph([Subject("017", "EMO-1", ("EMO-2",))])
+    packs = [name for name in graph.stages if name.startswith("pack:")]
+    watched = ["frames:017", *packs]
+    assert packs and all(graph.stages[name].inputs is not None for name in watched)
+    before = {name: graph.stages[name].inputs() for name in watched}
+    video = root / "017" / "sequences" / "EMO-1" / "cam_222200037.mp4"
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    assert all(graph.stages[name].inputs() != before[name] for name in watched)
+    (root / "017" / "calibration").mkdir()
+    again = {name: graph.stages[name].inputs() for name in watched}
+    (root / "017" / "calibration" / "color_calibration.json").write_text("{}")  # added beside the old files
+    assert all(graph.stages[name].inputs() != again[name] for name in watched)
+
+
 def test_a_generation_run_that_is_no_run_is_named(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     result = _run(tmp_path, {"data": PROCEDURAL, "methods": METHODS, "generation": {"run": "not-a-run"}})
