@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from geodiff4d.core.jobs import CommitLog
 from geodiff4d.core.stage_graph import StageGraph
@@ -28,6 +30,23 @@ def _graph(tmp_path, calls, fail=()):
         graph.add(f"render:{subject}", stage(f"render:{subject}"), needs=[f"avatar:{subject}"])
     graph.add("eval", stage("eval"), needs=["data"], after=["render:a", "render:b"])
     return graph
+
+
+def _recorder(
+    calls: list[str], outputs: dict[str, Path] | None = None
+) -> Callable[[str], Callable[[], dict]]:
+    """Stage functions that append their stage's name to ``calls`` and create its folder in ``outputs``, if any."""
+
+    def stage(name: str) -> Callable[[], dict]:
+        def run() -> dict:
+            calls.append(name)
+            if outputs and name in outputs:
+                outputs[name].mkdir(parents=True, exist_ok=True)
+            return {}
+
+        return run
+
+    return stage
 
 
 def test_stages_run_after_their_needs_and_once(tmp_path):
@@ -58,16 +77,7 @@ def test_a_deleted_output_reruns_its_stage_and_what_reads_it_only(tmp_path):
 
     def build():
         graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
-
-        def stage(name):
-            def run():
-                calls.append(name)
-                if name in outputs:
-                    outputs[name].mkdir(parents=True, exist_ok=True)
-                return {}
-
-            return run
-
+        stage = _recorder(calls, outputs)
         graph.add("data", stage("data"))
         for subject in ("a", "b"):
             name = f"avatar:{subject}"
@@ -138,14 +148,7 @@ def test_changed_input_files_rerun_their_stage_and_what_reads_it(tmp_path):
 
     def build():
         graph = StageGraph(CommitLog(tmp_path / "state"), echo=lambda _: None)
-
-        def stage(name):
-            def run():
-                calls.append(name)
-                return {}
-
-            return run
-
+        stage = _recorder(calls)
         graph.add(
             "frames:a",
             stage("frames:a"),
