@@ -3,8 +3,9 @@
 Files are compared by sha256, following symlinks (the benchmark's gt/ folders are links); a differing
 ``.safetensors`` file is compared tensor by tensor and metadata key by key, so a changed header says what
 changed; a differing image (``.png``) by its PSNR, so a change that moves pixels by rounding (float order, a
-sampler's step count) reads apart from one that changes the picture. Timing records (``*.stats.json``) and TensorBoard event files are listed apart: they differ on every
-run. Folders named by a config digest (``avatars/KEY``) can be paired with ``--pair A_SUB B_SUB``.
+sampler's step count) reads apart from one that changes the picture. Timing records (``*.stats.json``) and
+TensorBoard event files are listed apart: they differ on every run. Folders named by a config digest
+(``avatars/KEY``) can be paired with ``--pair A_SUB B_SUB``.
 
     python bench/compare_runs.py RUN_A RUN_B [--pair avatars/KEY_A avatars/KEY_B ...]
 """

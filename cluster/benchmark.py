@@ -106,6 +106,8 @@ class Benchmark:
         self.config, self.layout, self.address, self.echo = config, Layout(Path(out).resolve()), address, echo
         self.commits = CommitLog(self.layout.state)
         self._locks_lock, self._generation_locks = threading.Lock(), dict[str, threading.Lock]()
+        # a given run's sampling identity, read once: every key of one run names the same model state
+        self._sampling_identities: dict[Path, dict[str, Any]] = {}
         self.parallel = 1  # stages run side by side (set by run)
 
     def stage_cpus(self, workers: int, gpus_per_worker: float | None = 0) -> float:
@@ -400,7 +402,9 @@ class Benchmark:
         run = self.model_run(method)
         if method_config(self.config, method).generation.run is None:
             return {"model": str(run)}
-        return {"model": str(run), "sampling": sampling_identity(run)}
+        if run not in self._sampling_identities:
+            self._sampling_identities[run] = sampling_identity(run)
+        return {"model": str(run), "sampling": self._sampling_identities[run]}
 
     def generation_key(self, method: MethodConfig, split: str = "mono") -> str:
         variant = method_config(self.config, method)

@@ -106,13 +106,16 @@ class StageGraph:
             )
             if missing is not None:
                 reruns[stage.name] = f"output {missing} is missing"
-            elif stage.inputs is not None and stage.inputs() != self.commits.stats(stage.name).get(
-                INPUTS_KEY
-            ):
+            elif self._inputs_changed(stage):
                 reruns[stage.name] = "the files it read changed since it ran"
             elif upstream is not None:
                 reruns[stage.name] = f"{upstream} runs again"
         return reruns
+
+    def _inputs_changed(self, stage: Stage) -> bool:
+        """Whether a committed stage's input files differ from those its marker recorded (none recorded: they
+        may)."""
+        return stage.inputs is not None and stage.inputs() != self.commits.stats(stage.name).get(INPUTS_KEY)
 
     def run(self, parallel: int = 2) -> GraphReport:
         """Run every uncommitted stage once its needs are committed; a failure blocks only its dependents."""
