@@ -1,6 +1,8 @@
-"""core/io: JSON/YAML files (one error naming the file, atomic layout-preserving writes) and the float <-> image
-conversion, checked against scikit-image's own conversions."""
+"""core/io: JSON/YAML files (one error naming the file, atomic layout-preserving writes), the float <-> image
+conversion, checked against scikit-image's own conversions, and video metadata, checked against OpenCV's reader."""
 
+import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from geodiff4d.core.io.json_yaml import (
     write_yaml,
 )
 from geodiff4d.core.io.tensors import image_to_tensor, tensor_to_image
-from geodiff4d.core.io.video import read_video, video_fps, write_video
+from geodiff4d.core.io.video import read_video, video_fps, video_frame_count, video_size, write_video
 
 
 def test_json_reads_name_the_file_and_take_a_stage_error(tmp_path):
@@ -92,3 +94,40 @@ def test_video_fps_is_read_from_the_container(tmp_path):
     write_video(tmp_path / "clip.mp4", frames, fps=30)
     assert video_fps(tmp_path / "clip.mp4") == 30.0
     assert read_video(tmp_path / "clip.mp4").shape == frames.shape
+
+
+def _write_with_b_frames(path, frames, fps):
+    """An x264 stream with B-frames (reordered: decode order differs from display order), in mp4 or Matroska."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"bframes": "3", "g": "12"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("name", ["ours.mp4", "b_frames.mp4", "b_frames.mkv"])
+def test_video_metadata_read_without_decoding_agrees_with_opencv(tmp_path, name):
+    """Frame count, size and rate come from a header-only open (its probe decodes no frame): OpenCV's own FFmpeg
+    reader, which probes by decoding, must see the same video. Matroska records no frame count (packets are
+    counted)."""
+    frames = np.random.default_rng(5).integers(0, 256, (30, 36, 52, 3), dtype=np.uint8)  # [T, H, W, 3]
+    path = tmp_path / name
+    if name == "ours.mp4":
+        write_video(path, frames, fps=24, keyframe_interval=8)
+    else:
+        _write_with_b_frames(path, frames, fps=24)
+    capture = cv2.VideoCapture(str(path))
+    try:
+        decoded = 0
+        while capture.grab():
+            decoded += 1
+        expected = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            capture.get(cv2.CAP_PROP_FPS),
+        )
+    finally:
+        capture.release()
+    assert decoded == len(frames) == video_frame_count(path)
+    assert (*video_size(path), video_fps(path)) == expected == (52, 36, 24.0)

@@ -24,6 +24,9 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
 
 DEFAULT_CRF = 14  # visually lossless for 8-bit yuv420p, ~40+ dB PSNR on rendered heads
+HEADER_ONLY_PROBE = {
+    "skip_frame": "all"
+}  # the stream probe's decoder option for an open that decodes nothing
 
 
 class VideoError(UserError, ValueError):
@@ -81,12 +84,19 @@ def write_video(
             container.close()
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def _open(path: str | os.PathLike, header_only: bool = False) -> av.container.InputContainer:
+    """The video's container; ``header_only`` for metadata reads that decode nothing (frame count, size, rate).
+
+    Opening probes the streams by decoding their first frames (~10 ms at 1100x1604, and a pack worker reads
+    each capture video's count and size besides decoding it). A header-only open tells the probe's decoder
+    to skip every frame (~1 ms): count, size and rate come from the container and the codec's parameter sets,
+    the same values; the pixel format stays unknown, so decoding opens with the full probe.
+    """
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: video file not found")
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), options=HEADER_ONLY_PROBE if header_only else None)
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{path}: unreadable video: {exc}") from exc
     if not container.streams.video:
@@ -333,7 +343,7 @@ def read_video(path: str | os.PathLike, gray: bool = False) -> np.ndarray:
 
 def video_fps(path: str | os.PathLike) -> float | None:
     """Frames per second from the stream's average rate (no decoding); None when the container does not say."""
-    container = _open(path)
+    container = _open(path, header_only=True)
     try:
         rate = container.streams.video[0].average_rate
         return float(rate) if rate else None
@@ -343,7 +353,7 @@ def video_fps(path: str | os.PathLike) -> float | None:
 
 def video_frame_count(path: str | os.PathLike) -> int:
     """Frame count from the container index (no decoding); counts packets when the index lacks it."""
-    container = _open(path)
+    container = _open(path, header_only=True)
     try:
         stream = container.streams.video[0]
         if stream.frames:
@@ -357,7 +367,7 @@ def video_frame_count(path: str | os.PathLike) -> int:
 
 def video_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of the first video stream."""
-    container = _open(path)
+    container = _open(path, header_only=True)
     try:
         stream = container.streams.video[0]
         return int(stream.width), int(stream.height)
