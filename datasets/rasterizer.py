@@ -59,8 +59,10 @@ def check_inputs(vertices_cam: Tensor, faces: Tensor, K: Tensor) -> None:
         raise ValueError(f"rasterize: faces must be [F, 3], got {tuple(faces.shape)}")
     if K.shape != (3, 3):
         raise ValueError(f"rasterize: K must be [3, 3], got {tuple(K.shape)}")
-    if faces.numel() and (faces.min() < 0 or faces.max() >= vertices_cam.shape[0]):
-        raise ValueError(f"rasterize: face indices out of range [0, {vertices_cam.shape[0]})")
+    if faces.numel():
+        lowest, highest = torch.aminmax(faces)  # one pass (packing checks a mesh twice a sample)
+        if lowest < 0 or highest >= vertices_cam.shape[0]:
+            raise ValueError(f"rasterize: face indices out of range [0, {vertices_cam.shape[0]})")
     if faces.shape[0] >= 1 << 31:
         raise ValueError("rasterize: more than 2^31 faces do not fit the packed z-buffer key")
 
@@ -315,20 +317,35 @@ def _rasterize_numba(
 @numba.njit(cache=True, nogil=True)
 def _zbuffer_numba(vertices, faces, K, height, width, near, cull_backfaces, perspective_correct):
     """The tensor path's arithmetic, one face at a time: -> face_index [H*W], bary [H*W, 3], depth [H*W]."""
-    best_face, best_depth, origin, coeff, inv_depth = visible_faces_numba(
+    window_face, window_depth, origin, coeff, inv_depth, window = visible_faces_numba(
         vertices, faces, K, height, width, near, cull_backfaces
     )
-    bary = _final_barycentrics_numba(best_face, origin, coeff, inv_depth, faces, width, perspective_correct)
-    return best_face, bary, best_depth
+    x0, y0, window_w, window_h = window
+    face_index = np.full(height * width, -1, np.int64)
+    depth = np.full(height * width, np.inf, np.float32)
+    bary = np.zeros((height * width, 3), np.float32)
+    for row in range(window_h):
+        for col in range(window_w):
+            f = window_face[row * window_w + col]
+            if f >= 0:
+                p = (y0 + row) * width + x0 + col
+                face_index[p], depth[p] = f, window_depth[row * window_w + col]
+                bary[p, 0], bary[p, 1], bary[p, 2] = pixel_barycentrics_numba(
+                    x0 + col, y0 + row, f, origin, coeff, inv_depth, faces, perspective_correct
+                )
+    return face_index, bary, depth
 
 
 @numba.njit(cache=True, nogil=True)
 def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces):
-    """The z-buffer pass: -> face_index [H*W] (-1 on background), depth [H*W], per face its box origin
-    [F, 2] and barycentric coefficients [F, 3, 3] (bary_i = a*dx + b*dy + c from the origin), which
-    :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful), and 1 / z per
-    vertex [V].
+    """The z-buffer pass over the window of pixel centres a face may cover (:func:`_vertex_window_numba`):
+    -> face_index [h*w] (-1 on background) and depth [h*w] of the window's pixels, row by row; per face its box
+    origin [F, 2] (image pixels) and barycentric coefficients [F, 3, 3] (bary_i = a*dx + b*dy + c from the
+    origin), which :func:`pixel_barycentrics_numba` reads for the winners (only winners' rows are meaningful);
+    1 / z per vertex [V]; the window (x0, y0, w, h).
 
+    The window spares the z-buffer's fill, its tile pass and the callers' pixel loops the empty part of the
+    image (a head crop's mesh covers a fifth to a half of it); every drawn face's pixel box lies inside it.
     Front faces are drawn first; a back face is then skipped where the z-buffer already holds something nearer
     than all of it in every tile its box touches (behind a closed surface, about 40 % of the faces and of the
     time). The z-buffer keeps the minimum of (depth, face) whatever the order, so this is the result of
@@ -341,8 +358,9 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
     # and read only for winners, so left unzeroed (~1.4 MB per 16k-face view)
     coeff = np.empty((n_faces, 3, 3))
     origin = np.empty((n_faces, 2), np.int64)
-    best_depth = np.full(height * width, np.inf, np.float32)
-    best_face = np.full(height * width, -1, np.int64)
+    window = _vertex_window_numba(pixels, vertices, near, height, width)
+    best_depth = np.full(window[2] * window[3], np.inf, np.float32)
+    best_face = np.full(window[2] * window[3], -1, np.int64)
     corners = np.empty((3, 2))
     back_faces = np.empty(n_faces, np.int64)
     n_back = 0
@@ -350,23 +368,64 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         if area2 < 0:
             _draw_face_numba(
-                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+                f,
+                corners,
+                area2,
+                inv_depth,
+                faces,
+                coeff,
+                origin,
+                best_depth,
+                best_face,
+                height,
+                width,
+                window,
             )
         elif area2 > 0 and not cull_backfaces:
             back_faces[n_back] = f
             n_back += 1
     if n_back == 0:
-        return best_face, best_depth, origin, coeff, inv_depth
-    farthest = _tile_farthest_numba(best_depth, height, width)
+        return best_face, best_depth, origin, coeff, inv_depth, window
+    farthest = _tile_farthest_numba(best_depth, window[3], window[2])
     for i in range(n_back):
         f = back_faces[i]
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         nearest = min(vertices[faces[f, 0], 2], vertices[faces[f, 1], 2], vertices[faces[f, 2], 2])
-        if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), height, width):
+        if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), height, width, window):
             _draw_face_numba(
-                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+                f,
+                corners,
+                area2,
+                inv_depth,
+                faces,
+                coeff,
+                origin,
+                best_depth,
+                best_face,
+                height,
+                width,
+                window,
             )
-    return best_face, best_depth, origin, coeff, inv_depth
+    return best_face, best_depth, origin, coeff, inv_depth, window
+
+
+@numba.njit(cache=True, nogil=True)
+def _vertex_window_numba(pixels, vertices, near, height, width) -> tuple[int, int, int, int]:
+    """(x0, y0, w, h): the image's pixel centres within the box of the vertices in front of ``near`` (a face
+    with a corner nearer is not drawn), rounded as :func:`_face_box_numba` rounds a face's corners, so every
+    drawn face's box lies inside it; w and h are 0 when no pixel centre is inside."""
+    lo_x = lo_y = np.inf
+    hi_x = hi_y = -np.inf
+    for v in range(pixels.shape[0]):
+        if vertices[v, 2] > near:
+            lo_x, hi_x = min(lo_x, pixels[v, 0]), max(hi_x, pixels[v, 0])
+            lo_y, hi_y = min(lo_y, pixels[v, 1]), max(hi_y, pixels[v, 1])
+    if lo_x > hi_x:
+        return 0, 0, 0, 0
+    x0, y0, box_w, box_h = _face_box_numba(
+        np.array(((lo_x, lo_y), (hi_x, hi_y), (hi_x, hi_y))), height, width
+    )
+    return x0, y0, max(box_w, 0), max(box_h, 0)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -386,12 +445,14 @@ def _face_corners_numba(pixels, vertices, faces, f, near, corners) -> float:
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _draw_face_numba(
-    f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width
+    f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width, window
 ):
-    """Face ``f``'s coefficients into ``coeff``/``origin`` and its pixel centres into the z-buffer."""
+    """Face ``f``'s coefficients into ``coeff``/``origin`` and its pixel centres into the z-buffer of
+    ``window`` (x0, y0, w, h), which holds the face's box."""
     x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
     if box_w <= 0 or box_h <= 0:
         return
+    window_x0, window_y0, window_w = window[0], window[1], window[2]
     origin[f, 0], origin[f, 1] = x0, y0
     inv_a = inv_b = inv_c = 0.0
     for i in range(3):
@@ -417,7 +478,7 @@ def _draw_face_numba(
             inv_z32 = ic + ia * dx + ib * dy
             if w1 >= 0 and w2 >= 0 and w1 + w2 <= 1 and inv_z32 > 0:
                 depth = np.float32(1.0) / inv_z32
-                p = (y0 + row) * width + x0 + col
+                p = (y0 - window_y0 + row) * window_w + x0 - window_x0 + col
                 if depth < best_depth[p] or (depth == best_depth[p] and f < best_face[p]):
                     best_depth[p], best_face[p] = depth, f
 
@@ -435,11 +496,13 @@ def _tile_farthest_numba(best_depth: np.ndarray, height: int, width: int) -> np.
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _hidden_numba(farthest, corners, depth, height, width) -> bool:
-    """Whether every tile under the pixel box of ``corners`` holds only depths nearer than ``depth``."""
+def _hidden_numba(farthest, corners, depth, height, width, window) -> bool:
+    """Whether every tile (of ``window``'s z-buffer) under the pixel box of ``corners`` holds only depths nearer
+    than ``depth``."""
     x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
     if box_w <= 0 or box_h <= 0:
         return True
+    x0, y0 = x0 - window[0], y0 - window[1]
     for ty in range(y0 // TILE, (y0 + box_h - 1) // TILE + 1):
         for tx in range(x0 // TILE, (x0 + box_w - 1) // TILE + 1):
             if farthest[ty, tx] >= depth:
@@ -486,27 +549,6 @@ def pixel_barycentrics_numba(x, y, f, origin, coeff, inv_depth, faces, perspecti
         s0, s1, s2 = s0 * inv_depth[faces[f, 0]], s1 * inv_depth[faces[f, 1]], s2 * inv_depth[faces[f, 2]]
     inv_total = 1.0 / (s0 + s1 + s2)
     return np.float32(s0 * inv_total), np.float32(s1 * inv_total), np.float32(s2 * inv_total)
-
-
-@numba.njit(cache=True, nogil=True)
-def _final_barycentrics_numba(
-    best_face: np.ndarray,
-    origin: np.ndarray,
-    coeff: np.ndarray,
-    inv_depth: np.ndarray,
-    faces: np.ndarray,
-    width: int,
-    perspective_correct: bool,
-) -> np.ndarray:
-    """Barycentrics [H*W, 3] float32 of each pixel centre in its winning face (0 on background)."""
-    bary = np.zeros((best_face.shape[0], 3), np.float32)
-    for p in range(best_face.shape[0]):
-        f = best_face[p]
-        if f >= 0:
-            bary[p, 0], bary[p, 1], bary[p, 2] = pixel_barycentrics_numba(
-                p % width, p // width, f, origin, coeff, inv_depth, faces, perspective_correct
-            )
-    return bary
 
 
 def interpolate(vertex_attrs: Tensor, faces: Tensor, fragments: Fragments) -> Tensor:

@@ -196,37 +196,39 @@ def _encode_blended(blended: np.ndarray, n: int, codes: np.ndarray) -> None:
 
 @numba.njit(cache=True, nogil=True)
 def _normal_codes_numba(vertices_world, world_to_cam, faces, K, height, width):
-    """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes, a row at a time:
-    -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool.
+    """The z-buffer, each visible pixel's barycentrics, normal and 16-bit codes, a row of the z-buffer's window
+    at a time: -> codes [H*W, 3] uint16 (0 on background), mask [H*W] bool.
 
     Each row gathers its visible pixels' blended normals first, then renormalises and encodes them in one
     vectorized pass (:func:`_encode_blended`): 0.5 ms less of a 512 px map's 2.7 ms than pixel by pixel.
     """
     vertices32 = _camera_space_numba(vertices_world, world_to_cam)
     vertices64 = vertices32.astype(np.float64)
-    face_index, _, origin, coeff, inv_depth = visible_faces_numba(
+    face_index, _, origin, coeff, inv_depth, (x0, y0, window_w, window_h) = visible_faces_numba(
         vertices64, faces, K, height, width, NEAR, False
     )
     normals = _vertex_normals_numba(vertices32, faces)
     codes = np.zeros((height * width, 3), np.uint16)
-    visible = np.empty(width, np.int64)  # the row's visible pixels (indices into codes)
-    blended = np.empty((3, width), np.float32)  # their blended normals, one component a row
-    row_codes = np.empty((3, width), np.uint16)
-    for y in range(height):
+    mask = np.zeros(height * width, np.bool_)
+    visible = np.empty(window_w, np.int64)  # the row's visible pixels (indices into codes)
+    blended = np.empty((3, window_w), np.float32)  # their blended normals, one component a row
+    row_codes = np.empty((3, window_w), np.uint16)
+    for row in range(window_h):
         n = 0
-        for x in range(width):
-            p = y * width + x
-            f = face_index[p]
+        for col in range(window_w):
+            f = face_index[row * window_w + col]
             if f >= 0:
+                x, y = x0 + col, y0 + row
                 b0, b1, b2 = pixel_barycentrics_numba(x, y, f, origin, coeff, inv_depth, faces, True)
                 blended[0, n], blended[1, n], blended[2, n] = _blended_normal(normals, faces, f, b0, b1, b2)
-                visible[n] = p
+                visible[n] = y * width + x
                 n += 1
         _encode_blended(blended, n, row_codes)
         for k in range(n):
             p = visible[k]
             codes[p, 0], codes[p, 1], codes[p, 2] = row_codes[0, k], row_codes[1, k], row_codes[2, k]
-    return codes, face_index >= 0
+            mask[p] = True
+    return codes, mask
 
 
 def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ import torch
 from torch import Tensor
 
 from geodiff4d.datasets.rasterizer import (
+    NEAR,
+    Fragments,
     face_normals,
     interpolate,
     normals_to_convention,
@@ -268,11 +270,8 @@ def test_zbuffer_nearest_wins_and_ties_pick_smallest_face():
     assert set(fragments.face_index[fragments.mask].tolist()) == {0}
 
 
-@pytest.mark.parametrize("cull_backfaces", [False, True])
-@pytest.mark.parametrize("perspective_correct", [True, False])
-def test_compiled_cpu_path_equals_the_tensor_path_on_a_posed_head(cull_backfaces, perspective_correct):
-    """The numba loop packing uses is the tensor algorithm: same fragments (depth to float32 rounding)."""
-    from geodiff4d.datasets.cameras import nersemble_rig
+def _posed_head() -> tuple[Tensor, Tensor]:
+    """World vertices [V, 3] and faces [F, 3] of the procedural head with an expression, turned aside."""
     from geodiff4d.datasets.flame import FlameParams
     from geodiff4d.datasets.procedural_head import procedural_head_model
 
@@ -280,18 +279,67 @@ def test_compiled_cpu_path_equals_the_tensor_path_on_a_posed_head(cull_backfaces
     params = FlameParams.zeros(1, model.n_shape, model.n_expr)
     params.expression = torch.randn(1, model.n_expr, generator=torch.Generator().manual_seed(1))
     params.rotation = torch.tensor([[0.1, -0.4, 0.05]])
-    vertices = model(params).vertices[0]
+    return model(params).vertices[0], model.faces
+
+
+def _assert_compiled_equals_tensor_path(vertices_cam, faces, K, height, width, **kw) -> Fragments:
+    """Same fragments from the compiled CPU path and the tensor path (depth to float32 rounding)."""
+    ref = rasterize(vertices_cam, faces, K, height, width, backend="torch", **kw)
+    ours = rasterize(vertices_cam, faces, K, height, width, **kw)  # CPU: compiled
+    assert torch.equal(ours.face_index, ref.face_index)
+    torch.testing.assert_close(ours.bary, ref.bary, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.depth, ref.depth, rtol=3e-7, atol=0)
+    return ref
+
+
+@pytest.mark.parametrize("cull_backfaces", [False, True])
+@pytest.mark.parametrize("perspective_correct", [True, False])
+def test_compiled_cpu_path_equals_the_tensor_path_on_a_posed_head(cull_backfaces, perspective_correct):
+    """The numba loop packing uses is the tensor algorithm: same fragments (depth to float32 rounding)."""
+    from geodiff4d.datasets.cameras import nersemble_rig
+
+    vertices, faces = _posed_head()
     for camera in list(nersemble_rig(width=200, height=240).values())[::5]:
         world_to_cam = torch.tensor(camera.world_to_cam, dtype=torch.float32)
         vertices_cam = vertices @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
-        K = torch.tensor(camera.K)
         kw = {"cull_backfaces": cull_backfaces, "perspective_correct": perspective_correct}
-        ref = rasterize(vertices_cam, model.faces, K, 240, 200, backend="torch", **kw)
-        ours = rasterize(vertices_cam, model.faces, K, 240, 200, **kw)  # CPU: compiled
+        ref = _assert_compiled_equals_tensor_path(vertices_cam, faces, torch.tensor(camera.K), 240, 200, **kw)
         assert ref.mask.sum() > 5000
-        assert torch.equal(ours.face_index, ref.face_index)
-        torch.testing.assert_close(ours.bary, ref.bary, atol=1e-6, rtol=0)
-        torch.testing.assert_close(ours.depth, ref.depth, rtol=3e-7, atol=0)
+
+
+def _head_seen_by(camera) -> Tensor:
+    """The posed head's vertices [V, 3] in ``camera``'s frame."""
+    vertices, _ = _posed_head()
+    world_to_cam = torch.tensor(camera.world_to_cam, dtype=torch.float32)
+    return vertices @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+
+
+@pytest.mark.parametrize("principal_point", [(-20.0, 120.0), (100.0, 250.0), (230.0, -15.0)])
+def test_compiled_path_equals_the_tensor_path_where_the_head_leaves_the_image(principal_point):
+    """The compiled z-buffer spans only the box of the projected vertices, clipped to the image: a head cut by
+    an image edge (left, bottom, a corner) gives the tensor path's fragments."""
+    from geodiff4d.datasets.cameras import nersemble_rig
+
+    camera = nersemble_rig(width=200, height=240)["222200037"]
+    vertices_cam, faces = _head_seen_by(camera), _posed_head()[1]
+    whole = _assert_compiled_equals_tensor_path(vertices_cam, faces, torch.tensor(camera.K), 240, 200)
+    K = torch.tensor(camera.K)
+    K[0, 2], K[1, 2] = principal_point
+    cut = _assert_compiled_equals_tensor_path(vertices_cam, faces, K, 240, 200)
+    assert 500 < cut.mask.sum() < 0.8 * whole.mask.sum()
+
+
+def test_compiled_path_equals_the_tensor_path_with_the_camera_inside_the_head():
+    """A camera inside the head, looking at its far side (the faces reaching behind the near plane are culled,
+    and their vertices there project anywhere), gives the tensor path's fragments."""
+    from geodiff4d.datasets.cameras import intrinsics, nersemble_rig
+
+    vertices_cam = _head_seen_by(nersemble_rig(width=200, height=240)["222200037"])
+    z = vertices_cam[:, 2]
+    inside = vertices_cam - torch.tensor([0.0, 0.0, float(z.min() + 0.4 * (z.max() - z.min()))])
+    assert (inside[:, 2] < NEAR).sum() > 100
+    wide = torch.tensor(intrinsics(60.0, 200, 240))
+    assert _assert_compiled_equals_tensor_path(inside, _posed_head()[1], wide, 240, 200).mask.sum() > 500
 
 
 def _screen_area2(vertices: Tensor, faces: Tensor, K: Tensor) -> Tensor:
