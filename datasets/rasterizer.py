@@ -350,9 +350,6 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
     than all of it in every tile its box touches (behind a closed surface, about 40 % of the faces and of the
     time). The z-buffer keeps the minimum of (depth, face) whatever the order, so this is the result of
     drawing every face.
-
-    Long because its two drawing passes share the z-buffer's arrays: handing them to the passes as one tuple
-    made a 512 px map ~5 % slower, and a call with them as arguments takes a dozen formatted lines.
     """
     n_faces = faces.shape[0]
     pixels = _project_numba(vertices, K)
@@ -371,18 +368,7 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         if area2 < 0:
             _draw_face_numba(
-                f,
-                corners,
-                area2,
-                inv_depth,
-                faces,
-                coeff,
-                origin,
-                best_depth,
-                best_face,
-                height,
-                width,
-                window,
+                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, window
             )
         elif area2 > 0 and not cull_backfaces:
             back_faces[n_back] = f
@@ -394,20 +380,9 @@ def visible_faces_numba(vertices, faces, K, height, width, near, cull_backfaces)
         f = back_faces[i]
         area2 = _face_corners_numba(pixels, vertices, faces, f, near, corners)
         nearest = min(vertices[faces[f, 0], 2], vertices[faces[f, 1], 2], vertices[faces[f, 2], 2])
-        if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), height, width, window):
+        if not _hidden_numba(farthest, corners, nearest * (1.0 - HIDDEN_MARGIN), window):
             _draw_face_numba(
-                f,
-                corners,
-                area2,
-                inv_depth,
-                faces,
-                coeff,
-                origin,
-                best_depth,
-                best_face,
-                height,
-                width,
-                window,
+                f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, window
             )
     return best_face, best_depth, origin, coeff, inv_depth, window
 
@@ -425,9 +400,8 @@ def _vertex_window_numba(pixels, vertices, near, height, width) -> tuple[int, in
             lo_y, hi_y = min(lo_y, pixels[v, 1]), max(hi_y, pixels[v, 1])
     if lo_x > hi_x:
         return 0, 0, 0, 0
-    x0, y0, box_w, box_h = _face_box_numba(
-        np.array(((lo_x, lo_y), (hi_x, hi_y), (hi_x, hi_y))), height, width
-    )
+    box = np.array(((lo_x, lo_y), (hi_x, hi_y), (hi_x, hi_y)))
+    x0, y0, box_w, box_h = _face_box_numba(box, (0, 0, width, height))
     return x0, y0, max(box_w, 0), max(box_h, 0)
 
 
@@ -447,12 +421,10 @@ def _face_corners_numba(pixels, vertices, faces, f, near, corners) -> float:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _draw_face_numba(
-    f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, height, width, window
-):
+def _draw_face_numba(f, corners, area2, inv_depth, faces, coeff, origin, best_depth, best_face, window):
     """Face ``f``'s coefficients into ``coeff``/``origin`` and its pixel centres into the z-buffer of
-    ``window`` (x0, y0, w, h), which holds the face's box."""
-    x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
+    ``window`` (x0, y0, w, h)."""
+    x0, y0, box_w, box_h = _face_box_numba(corners, window)
     if box_w <= 0 or box_h <= 0:
         return
     window_x0, window_y0, window_w = window[0], window[1], window[2]
@@ -499,10 +471,10 @@ def _tile_farthest_numba(best_depth: np.ndarray, height: int, width: int) -> np.
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _hidden_numba(farthest, corners, depth, height, width, window) -> bool:
+def _hidden_numba(farthest, corners, depth, window) -> bool:
     """Whether every tile (of ``window``'s z-buffer) under the pixel box of ``corners`` holds only depths nearer
     than ``depth``."""
-    x0, y0, box_w, box_h = _face_box_numba(corners, height, width)
+    x0, y0, box_w, box_h = _face_box_numba(corners, window)
     if box_w <= 0 or box_h <= 0:
         return True
     x0, y0 = x0 - window[0], y0 - window[1]
@@ -514,17 +486,25 @@ def _hidden_numba(farthest, corners, depth, height, width, window) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
-def _face_box_numba(corners: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
-    """(x0, y0, width, height) of the pixel centres corners [3, 2] may cover; <= 0 when none."""
+def _face_box_numba(corners: np.ndarray, area: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, width, height) of the pixel centres corners [3, 2] may cover within ``area`` (x0, y0, w, h);
+    width or height <= 0 when none.
+
+    A face's box clipped to the z-buffer's window is its box clipped to the image: the window is the image's
+    part of the vertices' box, rounded here the same way, and the face's corners lie within the vertices' box.
+    """
+    if area[2] <= 0 or area[3] <= 0:
+        return 0, 0, 0, 0
+    right, bottom = area[0] + area[2] - 1, area[1] + area[3] - 1
     lo_x = np.ceil(min(corners[0, 0], corners[1, 0], corners[2, 0]))
     lo_y = np.ceil(min(corners[0, 1], corners[1, 1], corners[2, 1]))
     hi_x = np.floor(max(corners[0, 0], corners[1, 0], corners[2, 0]))
     hi_y = np.floor(max(corners[0, 1], corners[1, 1], corners[2, 1]))
-    if lo_x > width - 1 or lo_y > height - 1:
+    if lo_x > right or lo_y > bottom:
         return 0, 0, 0, 0
-    x0 = int(min(max(lo_x, 0.0), width - 1))
-    y0 = int(min(max(lo_y, 0.0), height - 1))
-    return x0, y0, int(min(hi_x, width - 1)) - x0 + 1, int(min(hi_y, height - 1)) - y0 + 1
+    x0 = int(min(max(lo_x, area[0]), right))
+    y0 = int(min(max(lo_y, area[1]), bottom))
+    return x0, y0, int(min(hi_x, right)) - x0 + 1, int(min(hi_y, bottom)) - y0 + 1
 
 
 @numba.njit(cache=True, nogil=True)
