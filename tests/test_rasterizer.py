@@ -300,16 +300,14 @@ def test_compiled_cpu_path_equals_the_tensor_path_on_a_posed_head(cull_backfaces
 
     vertices, faces = _posed_head()
     for camera in list(nersemble_rig(width=200, height=240).values())[::5]:
-        world_to_cam = torch.tensor(camera.world_to_cam, dtype=torch.float32)
-        vertices_cam = vertices @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+        vertices_cam = _in_camera(vertices, camera)
         kw = {"cull_backfaces": cull_backfaces, "perspective_correct": perspective_correct}
         ref = _assert_compiled_equals_tensor_path(vertices_cam, faces, torch.tensor(camera.K), 240, 200, **kw)
         assert ref.mask.sum() > 5000
 
 
-def _head_seen_by(camera) -> Tensor:
-    """The posed head's vertices [V, 3] in ``camera``'s frame."""
-    vertices, _ = _posed_head()
+def _in_camera(vertices: Tensor, camera) -> Tensor:
+    """World vertices [V, 3] in ``camera``'s frame."""
     world_to_cam = torch.tensor(camera.world_to_cam, dtype=torch.float32)
     return vertices @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
 
@@ -321,7 +319,8 @@ def test_compiled_path_equals_the_tensor_path_where_the_head_leaves_the_image(pr
     from geodiff4d.datasets.cameras import nersemble_rig
 
     camera = nersemble_rig(width=200, height=240)["222200037"]
-    vertices_cam, faces = _head_seen_by(camera), _posed_head()[1]
+    vertices, faces = _posed_head()
+    vertices_cam = _in_camera(vertices, camera)
     whole = _assert_compiled_equals_tensor_path(vertices_cam, faces, torch.tensor(camera.K), 240, 200)
     K = torch.tensor(camera.K)
     K[0, 2], K[1, 2] = principal_point
@@ -334,12 +333,13 @@ def test_compiled_path_equals_the_tensor_path_with_the_camera_inside_the_head():
     and their vertices there project anywhere), gives the tensor path's fragments."""
     from geodiff4d.datasets.cameras import intrinsics, nersemble_rig
 
-    vertices_cam = _head_seen_by(nersemble_rig(width=200, height=240)["222200037"])
+    vertices, faces = _posed_head()
+    vertices_cam = _in_camera(vertices, nersemble_rig(width=200, height=240)["222200037"])
     z = vertices_cam[:, 2]
     inside = vertices_cam - torch.tensor([0.0, 0.0, float(z.min() + 0.4 * (z.max() - z.min()))])
     assert (inside[:, 2] < NEAR).sum() > 100
     wide = torch.tensor(intrinsics(60.0, 200, 240))
-    assert _assert_compiled_equals_tensor_path(inside, _posed_head()[1], wide, 240, 200).mask.sum() > 500
+    assert _assert_compiled_equals_tensor_path(inside, faces, wide, 240, 200).mask.sum() > 500
 
 
 def _screen_area2(vertices: Tensor, faces: Tensor, K: Tensor) -> Tensor:

@@ -24,9 +24,8 @@ from geodiff4d.core.errors import UserError
 from geodiff4d.core.io.atomic import atomic_output
 
 DEFAULT_CRF = 14  # visually lossless for 8-bit yuv420p, ~40+ dB PSNR on rendered heads
-HEADER_ONLY_PROBE = {
-    "skip_frame": "all"
-}  # the stream probe's decoder option for an open that decodes nothing
+# the stream probe's decoder option for an open that decodes nothing (see _open)
+HEADER_ONLY_PROBE = {"skip_frame": "all"}
 
 
 class VideoError(UserError, ValueError):
